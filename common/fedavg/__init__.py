@@ -1,0 +1,1 @@
+"""FedAvg full fine-tuning baseline."""

@@ -1,0 +1,57 @@
+"""FedAvg full fine-tuning client: receive all weights, train all of them with Adam, send all back.
+
+Wire format (Flower FedAvg's): server -> client "arrays" (ArrayRecord: every parameter, float32) and
+"config" (server-round); client -> server "arrays" (same keys and shapes) and "metrics" (num-examples,
+model-round, train-loss, train-seconds, peak-rss-mb, local-steps).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from common.config import RunConfig
+from common.memory import PeakRSS
+from common.modeling import load_model
+from common.tasks import get_task
+from common.training import client_data, make_optimizer, step_batches, train_steps
+from common.wire import pack_tensors, require, unpack_tensors
+
+
+def train(content: RecordDict, cfg: RunConfig, node_config: dict[str, Any]) -> RecordDict:
+    with PeakRSS() as mem:
+        net = load_model(cfg.model, get_task(cfg.task).num_labels, cfg.seed).model
+        params = dict(net.named_parameters())
+        weights = unpack_tensors(
+            "arrays", require(content, "arrays", ArrayRecord), {n: tuple(p.shape) for n, p in params.items()}
+        )
+        server_round = int(require(content, "config", ConfigRecord)["server-round"])
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(weights.pop(name))
+        del weights
+        encoded, data_key = client_data(cfg, node_config)
+        n = len(encoded["labels"])
+        batches = step_batches(cfg, n, server_round, data_key)
+        start = time.perf_counter()
+        losses = train_steps(net, encoded, batches, [make_optimizer(net.parameters(), cfg.train)])
+        seconds = time.perf_counter() - start
+        reply = RecordDict(
+            {
+                "arrays": pack_tensors(dict(net.named_parameters())),
+                "metrics": MetricRecord(
+                    {
+                        "num-examples": n,
+                        "model-round": server_round - 1,
+                        "train-loss": sum(losses) / len(losses),
+                        "train-seconds": seconds,
+                        "local-steps": len(losses),
+                    }
+                ),
+            }
+        )
+    reply["metrics"]["peak-rss-mb"] = mem.peak_mb
+    return reply

@@ -1,0 +1,1 @@
+"""FedKRSO: federated K-seed random subspace optimization (mathematics, wire format, client)."""

@@ -1,0 +1,102 @@
+"""FedKRSO client: catch up from the update log, train I intervals x J steps in random subspaces, reply.
+
+The client keeps the global model locally (`NodeStore`) and never downloads weights: each round it
+applies the log entries it has not applied yet (normally only the previous round's), saves that global
+state, trains on a copy in memory, and sends only its per-seed accumulators and its head.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from flwr.app import RecordDict
+
+from common.config import RunConfig
+from common.fedkrso.state import KrsoModel, NodeStore, build, fingerprint
+from common.fedkrso.subspace import Accumulators, LogEntry, Subspaces, apply_update
+from common.fedkrso.wire import pack_reply, pack_sync_reply, unpack_instruction
+from common.memory import PeakRSS
+from common.training import Encoded, client_data, make_optimizer, step_batches, train_steps
+
+STATE_DIR_ENV = "FEDSUBSPACE_STATE_DIR"
+
+
+def state_dir(node_config: dict[str, Any], run_id: int, node_id: int) -> str:
+    """Node config `state-dir`, else $FEDSUBSPACE_STATE_DIR, else ~/.cache/fedsubspace; one folder per run and node."""
+    root = (
+        node_config.get("state-dir")
+        or os.environ.get(STATE_DIR_ENV)
+        or os.path.join(os.path.expanduser("~"), ".cache", "fedsubspace")
+    )
+    return os.path.join(str(root), f"run-{run_id}", f"node-{node_id}")
+
+
+def catch_up(km: KrsoModel, log: list[LogEntry], holds: int, rank: int) -> int:
+    """Apply the entries after round `holds`; returns the round reached."""
+    for entry in log:
+        if entry.round == holds + 1:
+            apply_update(km.targets, entry.seeds, entry.bbar, rank)
+            holds = entry.round
+    return holds
+
+
+def local_update(
+    km: KrsoModel, cfg: RunConfig, seeds: list[int], encoded: Encoded, batches: list[list[int]]
+) -> tuple[Accumulators, list[float]]:
+    """I intervals of J steps; interval i trains B in seed i mod K, merges W <- W + B P, A_k += B."""
+    spaces = Subspaces(km.targets, cfg.krso.rank)
+    head_opt = make_optimizer(km.head.values(), cfg.train)  # the head's Adam state spans the round
+    acc: Accumulators = {}
+    losses: list[float] = []
+    j_steps = cfg.interval_steps
+    try:
+        for i in range(cfg.krso.intervals):
+            j = i % len(seeds)
+            bs = spaces.begin(seeds[j])
+            opt = make_optimizer(bs, cfg.train)  # B restarts at 0 each interval, so does its state
+            losses += train_steps(km.loaded.model, encoded, batches[i * j_steps : (i + 1) * j_steps], [opt, head_opt])
+            for name, b in spaces.merge().items():
+                key = (j, name)
+                acc[key] = acc[key] + b if key in acc else b
+    finally:
+        spaces.remove()
+    return acc, losses
+
+
+def train(content: RecordDict, cfg: RunConfig, node_config: dict[str, Any], run_id: int, node_id: int) -> RecordDict:
+    """The whole client side of one FedKRSO round (the ClientApp handler only dispatches here)."""
+    with PeakRSS() as mem:
+        km = build(cfg)
+        instr = unpack_instruction(content, cfg.krso.k, km.shapes, km.head_shapes)
+        store = NodeStore(state_dir(node_config, run_id, node_id), fingerprint(cfg))
+        holds = store.load(km)
+        if holds > instr.server_round - 1:  # a state from the future (the server went back): start over
+            store.clear()
+            return pack_sync_reply(0)
+        first = instr.log[0].round if instr.log else instr.server_round
+        if holds + 1 < first:
+            return pack_sync_reply(holds)  # the server resends the log from `holds` next time
+        reached = catch_up(km, instr.log, holds, cfg.krso.rank)
+        if reached != holds:
+            store.save(km, reached)
+        km.set_head(instr.head)
+        encoded, data_key = client_data(cfg, node_config)
+        n = len(encoded["labels"])
+        batches = step_batches(cfg, n, instr.server_round, data_key)
+        start = time.perf_counter()
+        acc, losses = local_update(km, cfg, instr.seeds, encoded, batches)
+        seconds = time.perf_counter() - start
+    return pack_reply(
+        acc,
+        km.head_state(),
+        {
+            "num-examples": n,
+            "model-round": reached,
+            "train-loss": sum(losses) / len(losses),
+            "train-seconds": seconds,
+            "peak-rss-mb": mem.peak_mb,
+            "local-steps": len(losses),
+        },
+    )

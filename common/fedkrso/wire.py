@@ -1,0 +1,152 @@
+"""FedKRSO wire format: what crosses the network each round, how it is packed, and how it is checked.
+
+Server -> client, message type "train":
+  "config"  ConfigRecord  server-round: int T; seeds: list[int] (the K seeds of round T);
+                          log-first: int (first round carried in "log"; log-first..T-1 are all carried,
+                          log-first = T when nothing is)
+  "log"     ArrayRecord   for each carried round t: "t/seeds" int64 (K,), and for each seed index j and
+                          target matrix n: "t/j/n" float32 (d_out, r) = Bbar of round t
+                          (the rounds the node has not applied yet: normally only T-1)
+  "head"    ArrayRecord   the global classification head, param name -> float32 (dense, tiny)
+Client -> server:
+  "accumulators" ArrayRecord  "j/n" float32 (d_out, r): A_j of every seed index the client used
+  "head"         ArrayRecord  the client's trained head, same keys and shapes as sent
+  "metrics"      MetricRecord num-examples (int > 0), model-round (int: the global round the client trained
+                              from, must be T-1), train-loss, train-seconds, peak-rss-mb
+A client that cannot reach round T-1 from what it holds plus the log sends only "metrics" with
+model-round = the round it holds and sync-only = 1; the server then resends the log from there next time.
+Numbers only: no pickles, no code. Sizes: K * sum_n d_out(n) * r float32 each way, plus the head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from common.fedkrso.subspace import Accumulators, LogEntry
+from common.wire import WireError, checked_tensor, pack_tensors, require, unpack_tensors
+
+
+def pack_instruction(
+    server_round: int, seeds: Sequence[int], log: Sequence[LogEntry], head: Mapping[str, torch.Tensor]
+) -> RecordDict:
+    first = log[0].round if log else server_round
+    arrays: dict[str, Array] = {}
+    for offset, entry in enumerate(log):
+        if entry.round != first + offset:
+            raise ValueError("update log entries must be consecutive rounds")
+        arrays[f"{entry.round}/seeds"] = Array(np.asarray(entry.seeds, dtype=np.int64))
+        for (j, name), b in entry.bbar.items():
+            arrays[f"{entry.round}/{j}/{name}"] = Array(b.detach().to(torch.float32).contiguous().numpy())
+    return RecordDict(
+        {
+            "config": ConfigRecord(
+                {"server-round": int(server_round), "seeds": [int(s) for s in seeds], "log-first": int(first)}
+            ),
+            "log": ArrayRecord(arrays),
+            "head": pack_tensors(head),
+        }
+    )
+
+
+@dataclass
+class Instruction:
+    server_round: int
+    seeds: list[int]
+    log: list[LogEntry]
+    head: dict[str, torch.Tensor]
+
+
+def unpack_instruction(
+    content: RecordDict, k: int, shapes: Mapping[str, tuple[int, int]], head_shapes: Mapping[str, tuple[int, ...]]
+) -> Instruction:
+    cfg = require(content, "config", ConfigRecord)
+    try:
+        server_round, seeds, first = int(cfg["server-round"]), [int(s) for s in cfg["seeds"]], int(cfg["log-first"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise WireError(f"config record: {exc!r}") from exc
+    if len(seeds) != k:
+        raise WireError(f"{len(seeds)} seeds sent, krso.k is {k}: server and client run configs differ")
+    if not 1 <= first <= server_round:
+        raise WireError(f"log-first {first} outside 1..{server_round}")
+    arrays = require(content, "log", ArrayRecord)
+    entries = []
+    for t in range(first, server_round):
+        if f"{t}/seeds" not in arrays:
+            raise WireError(f"log lacks round {t}")
+        seeds_t = checked_tensor(f"log[{t}/seeds]", arrays[f"{t}/seeds"], (k,), "int64")
+        bbar: Accumulators = {}
+        for j in range(k):
+            for name, shape in shapes.items():
+                key = f"{t}/{j}/{name}"
+                if key in arrays:
+                    bbar[(j, name)] = checked_tensor(f"log[{key}]", arrays[key], shape)
+        entries.append(LogEntry(t, tuple(int(s) for s in seeds_t.tolist()), bbar))
+    expected = sum(1 + len(e.bbar) for e in entries)
+    if len(arrays) != expected:
+        raise WireError(f"log has {len(arrays)} arrays, {expected} expected for rounds {first}..{server_round - 1}")
+    head = unpack_tensors("head", require(content, "head", ArrayRecord), head_shapes)
+    return Instruction(server_round, seeds, entries, head)
+
+
+def pack_reply(
+    accumulators: Accumulators, head: Mapping[str, torch.Tensor], metrics: Mapping[str, float | int]
+) -> RecordDict:
+    return RecordDict(
+        {
+            "accumulators": pack_tensors({f"{j}/{name}": b for (j, name), b in accumulators.items()}),
+            "head": pack_tensors(head),
+            "metrics": MetricRecord(dict(metrics)),
+        }
+    )
+
+
+def pack_sync_reply(holds_round: int) -> RecordDict:
+    return RecordDict({"metrics": MetricRecord({"model-round": int(holds_round), "sync-only": 1, "num-examples": 0})})
+
+
+@dataclass
+class Reply:
+    num_examples: int
+    model_round: int
+    accumulators: Accumulators
+    head: dict[str, torch.Tensor]
+    metrics: dict[str, float]
+
+
+def unpack_reply(
+    content: RecordDict,
+    server_round: int,
+    k: int,
+    shapes: Mapping[str, tuple[int, int]],
+    head_shapes: Mapping[str, tuple[int, ...]],
+) -> Reply:
+    """A checked reply; raises WireError for anything malformed (wrong keys, shapes, dtypes, NaN...)."""
+    metrics = require(content, "metrics", MetricRecord)
+    try:
+        model_round = int(metrics["model-round"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise WireError("metrics lack an integer 'model-round'") from exc
+    if metrics.get("sync-only", 0):
+        return Reply(0, model_round, {}, {}, {})
+    n = metrics.get("num-examples")
+    if not isinstance(n, int) or n <= 0:
+        raise WireError(f"num-examples must be a positive int, got {n!r}")
+    if model_round != server_round - 1:
+        raise WireError(f"client trained from round {model_round}, expected {server_round - 1}")
+    rec = require(content, "accumulators", ArrayRecord)
+    acc: Accumulators = {}
+    for key in rec:
+        j_str, _, name = key.partition("/")
+        if not j_str.isdigit() or not 0 <= int(j_str) < k or name not in shapes:
+            raise WireError(f"accumulator key '{key}' is not '<seed index>/<target>' of this run")
+        acc[(int(j_str), name)] = checked_tensor(f"accumulators[{key}]", rec[key], shapes[name])
+    if not acc:
+        raise WireError("reply carries no accumulators")
+    head = unpack_tensors("head", require(content, "head", ArrayRecord), head_shapes)
+    scalars = {k2: float(v) for k2, v in metrics.items() if isinstance(v, (int, float))}
+    return Reply(n, model_round, acc, head, scalars)

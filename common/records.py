@@ -1,0 +1,171 @@
+"""Run records: `<results-dir>/<run name>/rounds.jsonl` (one object per round) and `summary.json`.
+
+Round 0 is the evaluation of the starting model (no traffic). `bytes_down` / `bytes_up` are all bytes of
+the messages' contents in the round, summed over clients; `clients` is the number of replies aggregated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+SUMMARY_COLUMNS = ("round", "accuracy", "loss", "down/client", "up/client", "peak MB", "train s", "round s")
+
+
+def _fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+class RunRecorder:
+    def __init__(self, results_dir: str, run_name: str, config: Mapping[str, Any]) -> None:
+        self.dir = os.path.join(results_dir, run_name)
+        os.makedirs(self.dir, exist_ok=True)
+        self.config = dict(config)
+        self.rounds: list[dict[str, Any]] = []
+        self._path = os.path.join(self.dir, "rounds.jsonl")
+        open(self._path, "w").close()
+        self._open: dict[str, Any] | None = None
+        self._t0 = time.perf_counter()
+
+    def begin_round(self, server_round: int) -> None:
+        self._open = {
+            "round": server_round,
+            "bytes_down": 0,
+            "bytes_up": 0,
+            "clients": 0,
+            "failures": 0,
+            "rejected": 0,
+            "client_peak_rss_mb": None,
+            "client_train_seconds": None,
+            "client_train_loss": None,
+            "seconds_per_local_step": None,
+            "_start": time.perf_counter(),
+        }
+
+    def add_down(self, nbytes: int) -> None:
+        self._current()["bytes_down"] += int(nbytes)
+
+    def add_replies(
+        self, bytes_up: int, client_metrics: Sequence[Mapping[str, float]], failures: int, rejected: int
+    ) -> None:
+        rec = self._current()
+        rec["bytes_up"] += int(bytes_up)
+        rec["clients"] += len(client_metrics)
+        rec["failures"] += failures
+        rec["rejected"] += rejected
+
+        def stat(key: str, fn):
+            values = [m[key] for m in client_metrics if key in m]
+            return fn(values) if values else None
+
+        rec["client_peak_rss_mb"] = stat("peak-rss-mb", max)
+        rec["client_train_seconds"] = stat("train-seconds", lambda v: sum(v) / len(v))
+        rec["client_train_loss"] = stat("train-loss", lambda v: sum(v) / len(v))
+        steps = stat("local-steps", sum)
+        secs = stat("train-seconds", sum)
+        rec["seconds_per_local_step"] = secs / steps if steps and secs is not None else None
+
+    def _current(self) -> dict[str, Any]:
+        if self._open is None:
+            raise RuntimeError("begin_round() first")
+        return self._open
+
+    def end_round(self, server_round: int, evaluation: Mapping[str, float] | None) -> dict[str, Any]:
+        """Close the round (round 0: the initial evaluation) and append it to rounds.jsonl."""
+        if server_round == 0:
+            self.begin_round(0)
+        rec = self._current()
+        start = rec.pop("_start")
+        out = {
+            "round": server_round,
+            "method": self.config.get("method"),
+            "task": self.config.get("task"),
+            "accuracy": None if evaluation is None else evaluation.get("accuracy"),
+            "loss": None if evaluation is None else evaluation.get("loss"),
+            **{k: v for k, v in (evaluation or {}).items() if k not in ("accuracy", "loss")},
+            **{k: v for k, v in rec.items() if k != "round"},
+            "seconds": time.perf_counter() - start,
+        }
+        self.rounds.append(out)
+        with open(self._path, "a") as f:
+            f.write(json.dumps(out) + "\n")
+        self._open = None
+        return out
+
+    def finish(self) -> dict[str, Any]:
+        summary = summarize(self.rounds, self.config)
+        summary["wall_seconds"] = time.perf_counter() - self._t0
+        tmp = os.path.join(self.dir, "summary.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(summary, f, indent=2)
+        os.replace(tmp, os.path.join(self.dir, "summary.json"))
+        return summary
+
+
+def summarize(rounds: Sequence[Mapping[str, Any]], config: Mapping[str, Any]) -> dict[str, Any]:
+    trained = [r for r in rounds if r["round"] > 0]
+    evaluated = [r for r in rounds if r.get("accuracy") is not None]
+    best = max(evaluated, key=lambda r: r["accuracy"], default=None)
+    final = evaluated[-1] if evaluated else None
+    replies = sum(r["clients"] for r in trained)
+
+    def mean(key: str) -> float | None:
+        values = [r[key] for r in trained if r.get(key) is not None]
+        return sum(values) / len(values) if values else None
+
+    return {
+        "method": config.get("method"),
+        "task": config.get("task"),
+        "rounds": len(trained),
+        "final_accuracy": None if final is None else final["accuracy"],
+        "final_round": None if final is None else final["round"],
+        "best_accuracy": None if best is None else best["accuracy"],
+        "best_round": None if best is None else best["round"],
+        "initial_accuracy": next((r["accuracy"] for r in rounds if r["round"] == 0), None),
+        "totals": {
+            "bytes_down": sum(r["bytes_down"] for r in trained),
+            "bytes_up": sum(r["bytes_up"] for r in trained),
+            "client_replies": replies,
+            "failures": sum(r["failures"] for r in trained),
+            "rejected": sum(r["rejected"] for r in trained),
+            "seconds": sum(r["seconds"] for r in trained),
+        },
+        "per_client_per_round": {
+            "bytes_down": sum(r["bytes_down"] for r in trained) / replies if replies else None,
+            "bytes_up": sum(r["bytes_up"] for r in trained) / replies if replies else None,
+            "peak_rss_mb": max((r["client_peak_rss_mb"] for r in trained if r["client_peak_rss_mb"]), default=None),
+            "train_seconds": mean("client_train_seconds"),
+            "seconds_per_local_step": mean("seconds_per_local_step"),
+        },
+        "config": dict(config),
+    }
+
+
+def format_table(rounds: Sequence[Mapping[str, Any]]) -> str:
+    """The end-of-run table: one line per round."""
+    rows = [SUMMARY_COLUMNS]
+    for r in rounds:
+        n = r["clients"] or None
+        rows.append(
+            (
+                str(r["round"]),
+                "-" if r.get("accuracy") is None else f"{100 * r['accuracy']:.2f}",
+                "-" if r.get("loss") is None else f"{r['loss']:.4f}",
+                _fmt_bytes(r["bytes_down"] / n if n else None),
+                _fmt_bytes(r["bytes_up"] / n if n else None),
+                "-" if r.get("client_peak_rss_mb") is None else f"{r['client_peak_rss_mb']:.0f}",
+                "-" if r.get("client_train_seconds") is None else f"{r['client_train_seconds']:.1f}",
+                f"{r['seconds']:.1f}",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(SUMMARY_COLUMNS))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=False)) for row in rows)

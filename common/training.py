@@ -1,0 +1,101 @@
+"""The local training loop both methods share, and the client's data (its partition, tokenized)."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from common.config import RunConfig, TrainConfig
+from common.data import batch_indices, load_partition, load_split, tokenize
+from common.tasks import get_task
+
+Encoded = dict[str, torch.Tensor]
+
+
+def make_optimizer(params: Iterable[torch.Tensor], train: TrainConfig) -> torch.optim.Optimizer:
+    params = list(params)
+    if train.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=train.lr, weight_decay=train.weight_decay)
+    return torch.optim.Adam(params, lr=train.lr, weight_decay=train.weight_decay)
+
+
+def batch(encoded: Encoded, idx: Sequence[int]) -> Encoded:
+    """The rows `idx`, with padding columns that no row of this batch uses cut off (speed on CPU)."""
+    rows = torch.as_tensor(idx, dtype=torch.long)
+    mask = encoded["attention_mask"][rows]
+    width = int(mask.sum(dim=1).max())
+    return {k: (v[rows][:, :width] if v.dim() == 2 else v[rows]) for k, v in encoded.items()}
+
+
+def train_steps(
+    model: nn.Module, encoded: Encoded, batches: Sequence[Sequence[int]], optimizers: Sequence[torch.optim.Optimizer]
+) -> list[float]:
+    """One optimizer step per batch; returns the training losses."""
+    model.train()
+    losses = []
+    for idx in batches:
+        out = model(**batch(encoded, idx))
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        for opt in optimizers:
+            opt.step()
+        losses.append(float(out.loss.detach()))
+    model.eval()
+    return losses
+
+
+def step_batches(cfg: RunConfig, n: int, server_round: int, partition_key: Any) -> list[list[int]]:
+    """This round's minibatches for a client: deterministic in (run seed, round, partition)."""
+    seed = int.from_bytes(hashlib.sha256(f"{cfg.seed}/{server_round}/{partition_key}".encode()).digest()[:4], "little")
+    return batch_indices(n, cfg.train.batch_size, cfg.train.local_steps, seed)
+
+
+@functools.lru_cache(maxsize=16)
+def _client_encoded(cfg: RunConfig, model: str, data_dir: str, num_partitions: int, partition_id: int) -> Encoded:
+    from common.modeling import load_tokenizer
+
+    task = get_task(cfg.task)
+    if num_partitions > 0:
+        ds = load_partition(
+            task, data_dir, num_partitions, partition_id, cfg.partitioning, cfg.dirichlet_alpha, cfg.seed
+        )
+    else:  # the node's own data folder: all of its train split
+        ds = load_split(task, "train", data_dir)
+    return tokenize(ds, load_tokenizer(model), task, cfg.train.max_length)
+
+
+def client_data(cfg: RunConfig, node_config: dict[str, Any]) -> tuple[Encoded, str]:
+    """The node's training data and a key naming it.
+
+    Simulation (and a fleet sharing one dataset) gives `partition-id` / `num-partitions` in the node
+    config: the node takes that partition of the task's train split from the run's `data-dir`. A device
+    can instead be given `data-dir` in its node config: a GLUE-layout folder holding its own data.
+    """
+    if "data-dir" in node_config:
+        data_dir = str(node_config["data-dir"])
+        return _client_encoded(cfg, cfg.model, data_dir, 0, 0), f"dir:{data_dir}"
+    if "partition-id" not in node_config or "num-partitions" not in node_config:
+        raise ValueError(
+            "this node has no data: start the SuperNode with --node-config "
+            "'partition-id=N num-partitions=M' or \"data-dir='/path/to/glue'\""
+        )
+    pid, num = int(node_config["partition-id"]), int(node_config["num-partitions"])
+    return _client_encoded(cfg, cfg.model, cfg.data_dir, num, pid), f"part:{pid}/{num}"
+
+
+@functools.lru_cache(maxsize=4)
+def dev_encoded(cfg: RunConfig) -> Encoded:
+    """The task's dev split (first eval.max-examples rows), tokenized: the server's evaluation set."""
+    from common.modeling import load_tokenizer
+
+    task = get_task(cfg.task)
+    ds = load_split(task, "dev", cfg.data_dir)
+    if cfg.eval.max_examples and cfg.eval.max_examples < len(ds):
+        ds = ds.select(range(cfg.eval.max_examples))
+    return tokenize(ds, load_tokenizer(cfg.model), task, cfg.train.max_length)

@@ -1,0 +1,58 @@
+"""Checks shared by every method's wire format, and the byte count of a message's contents.
+
+Replies come from other machines: every array is checked for its key, dtype, shape and finiteness
+before it touches the global state, and nothing is ever unpickled (Flower's records carry raw numbers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, RecordDict
+
+
+class WireError(ValueError):
+    """A message whose contents do not match the method's wire format; it is rejected, nothing applied."""
+
+
+def content_bytes(content: RecordDict) -> int:
+    """All bytes of a message's contents (every record's serialized size), as counted in the records."""
+    return sum(rec.count_bytes() for rec in content.values())
+
+
+def checked_tensor(where: str, arr: Array, shape: tuple[int, ...], dtype: str = "float32") -> torch.Tensor:
+    """The array as a tensor, if it has this dtype and shape and only finite values."""
+    if not isinstance(arr, Array):
+        raise WireError(f"{where}: expected an Array, got {type(arr).__name__}")
+    if arr.dtype != dtype:
+        raise WireError(f"{where}: dtype {arr.dtype}, expected {dtype}")
+    if tuple(arr.shape) != tuple(shape):
+        raise WireError(f"{where}: shape {tuple(arr.shape)}, expected {tuple(shape)}")
+    nd = arr.numpy()
+    if nd.dtype.kind == "f" and not np.isfinite(nd).all():
+        raise WireError(f"{where}: contains NaN or Inf")
+    return torch.from_numpy(np.array(nd, copy=True))
+
+
+def require(content: RecordDict, key: str, kind: type):
+    """content[key], which must be a record of type `kind`."""
+    if key not in content:
+        raise WireError(f"message lacks the '{key}' record (has: {sorted(content.keys())})")
+    rec = content[key]
+    if not isinstance(rec, kind):
+        raise WireError(f"record '{key}' is a {type(rec).__name__}, expected {kind.__name__}")
+    return rec
+
+
+def pack_tensors(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    return ArrayRecord({k: Array(v.detach().to("cpu", torch.float32).contiguous().numpy()) for k, v in tensors.items()})
+
+
+def unpack_tensors(where: str, rec: ArrayRecord, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """Exactly the keys of `shapes`, each checked."""
+    if set(rec.keys()) != set(shapes):
+        missing, extra = sorted(set(shapes) - set(rec.keys())), sorted(set(rec.keys()) - set(shapes))
+        raise WireError(f"{where}: keys differ from the expected ones (missing {missing[:3]}, unexpected {extra[:3]})")
+    return {k: checked_tensor(f"{where}[{k}]", rec[k], shapes[k]) for k in shapes}

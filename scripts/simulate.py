@@ -1,0 +1,189 @@
+"""Run one federated simulation through `flwr run .` and report it the way a user needs.
+
+`flwr run` exits 0 even when the run failed and leaves a local SuperLink running in the background, so
+this driver: validates the configuration before anything starts (clear errors, no training), runs the
+app with N simulated SuperNodes, reads the run's final status with `flwr ls`, prints the records' table,
+and stops the local SuperLink it started (every process that carries this project's FLWR_HOME).
+
+    python scripts/simulate.py --clients 10 -c "method='fedkrso' task='sst2' num-server-rounds=3"
+
+Exit status: 0 when the run finished:completed and wrote its summary, 1 otherwise, 2 for a bad config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+
+import psutil
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import contextlib
+
+from common.config import ConfigError, parse_run_config
+from common.records import format_table
+
+
+def app_defaults() -> dict:
+    from flwr.common.config import flatten_dict
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        return flatten_dict(tomllib.load(f)["tool"]["flwr"]["app"]["config"])
+
+
+def toml_value(value) -> str:
+    return (
+        json.dumps(value) if isinstance(value, str) else repr(value).lower() if isinstance(value, bool) else repr(value)
+    )
+
+
+def flwr_env(flwr_home: str, state_dir: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        FLWR_HOME=flwr_home,
+        # The project's dependencies are installed in this environment (CPU torch among them); Flower's
+        # per-run `uv sync` would try to install them again from the network and pull a CUDA torch.
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        FLWR_TELEMETRY_ENABLED="0",
+        FEDSUBSPACE_STATE_DIR=state_dir,
+        TOKENIZERS_PARALLELISM="false",
+        RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0",
+    )
+    return env
+
+
+def stop_local_superlink(flwr_home: str) -> int:
+    """Terminate every process started with this FLWR_HOME (the managed local SuperLink and its children)."""
+    mine = []
+    for proc in psutil.process_iter(["pid"]):
+        if proc.pid == os.getpid():
+            continue
+        try:
+            if proc.environ().get("FLWR_HOME") == flwr_home:
+                mine.append(proc)
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    for proc in mine:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.terminate()
+    _, alive = psutil.wait_procs(mine, timeout=10)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    return len(mine)
+
+
+def run_status(run_id: str, env: dict[str, str]) -> str:
+    out = subprocess.run(
+        ["flwr", "ls", "--run-id", run_id, "--format", "json"], env=env, cwd=ROOT, capture_output=True, text=True
+    )
+    try:
+        return json.loads(out.stdout)["runs"][0]["status"]
+    except (json.JSONDecodeError, KeyError, IndexError):
+        return f"unknown ({out.stdout.strip()[-300:]} {out.stderr.strip()[-300:]})"
+
+
+def simulate(overrides: dict, clients: int, quiet: bool = False, timeout: float = 7200) -> dict:
+    """Run one simulation; returns {"status", "run_id", "records", "summary"}. Raises ConfigError early."""
+    flat = {**app_defaults(), **overrides}
+    if not flat.get("data-dir") and os.environ.get("GLUE_DIR"):
+        flat["data-dir"] = os.environ["GLUE_DIR"]
+    for key in ("data-dir", "results-dir"):
+        if flat.get(key):
+            flat[key] = os.path.abspath(os.path.expanduser(flat[key]))  # the app runs in another folder
+    if flat.get("data-dir") and not os.path.isdir(flat["data-dir"]):
+        raise ConfigError(f"data-dir '{flat['data-dir']}' is not a folder (set GLUE_DIR or data-dir)")
+    if not flat.get("run-name"):
+        flat["run-name"] = f"{flat['method']}-{flat['task']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    cfg = parse_run_config(flat)
+    if clients < cfg.min_clients:
+        raise ConfigError(f"--clients {clients} is below min-clients={cfg.min_clients}")
+    records = os.path.join(cfg.results_dir, cfg.run_name)
+    if os.path.exists(os.path.join(records, "summary.json")):
+        raise ConfigError(f"results for run-name '{cfg.run_name}' already exist in {records}: choose another name")
+
+    flwr_home = os.environ.get("FEDSUBSPACE_FLWR_HOME", os.path.join(ROOT, ".flwr"))
+    state_dir = tempfile.mkdtemp(prefix="fedsubspace-nodes-")
+    env = flwr_env(flwr_home, state_dir)
+    run_config = " ".join(
+        f"{k}={toml_value(v)}"
+        for k, v in flat.items()
+        if k in overrides or k in ("data-dir", "results-dir", "run-name")
+    )
+    cmd = [
+        "flwr", "run", ".", "--stream",
+        "--federation-config", f"num-supernodes={clients} client-resources-num-cpus=1",
+        "--run-config", run_config,
+    ]  # fmt: skip
+    run_id = None
+    try:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + timeout
+        for line in proc.stdout:
+            if run_id is None and "Successfully started run" in line:
+                run_id = line.strip().split()[-1]
+            if not quiet:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+            if time.monotonic() > deadline:
+                proc.kill()
+                break
+        proc.wait()
+        status = run_status(run_id, env) if run_id else "not started"
+    finally:
+        stop_local_superlink(flwr_home)
+        shutil.rmtree(state_dir, ignore_errors=True)
+    result = {"status": status, "run_id": run_id, "records": records, "summary": None}
+    summary_path = os.path.join(records, "summary.json")
+    if os.path.exists(summary_path):
+        with open(summary_path) as f:
+            result["summary"] = json.load(f)
+    return result
+
+
+def read_rounds(records: str) -> list[dict]:
+    with open(os.path.join(records, "rounds.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--clients", type=int, default=10, help="simulated SuperNodes (default 10)")
+    ap.add_argument(
+        "-c", "--run-config", default="", help="run-config overrides, e.g. \"method='fedavg' num-server-rounds=5\""
+    )
+    ap.add_argument("--quiet", action="store_true", help="do not stream the run's log")
+    args = ap.parse_args(argv)
+    from flwr.common.config import parse_config_args
+
+    try:
+        result = simulate(parse_config_args([args.run_config]) if args.run_config else {}, args.clients, args.quiet)
+    except (ConfigError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    ok = result["status"] == "finished:completed" and result["summary"] is not None
+    print(f"\nrun {result['run_id']}: {result['status']}; records in {result['records']}")
+    if result["summary"] is not None:
+        print(format_table(read_rounds(result["records"])))
+        s = result["summary"]
+        pc = s["per_client_per_round"]
+        print(
+            f"final accuracy {s['final_accuracy']}, best {s['best_accuracy']} (round {s['best_round']}); "
+            f"per client per round: {pc['bytes_down']:.0f} B down, {pc['bytes_up']:.0f} B up, "
+            f"peak RSS {pc['peak_rss_mb']:.0f} MB"
+        )
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

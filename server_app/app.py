@@ -1,0 +1,81 @@
+"""ServerApp: validate the run config, build the method's strategy, run it, write the records."""
+
+from __future__ import annotations
+
+import os
+import time
+from logging import INFO
+
+from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.common import log
+from flwr.serverapp import Grid, ServerApp
+
+from common.config import ConfigError, RunConfig, parse_run_config
+from common.evaluation import evaluate
+from common.records import RunRecorder, format_table
+from common.tasks import get_task
+from common.training import dev_encoded
+
+app = ServerApp()
+
+
+def run_name(cfg: RunConfig) -> str:
+    return cfg.run_name or f"{cfg.method}-{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run(grid: Grid, cfg: RunConfig) -> dict:
+    """One federated run; returns its summary. Everything that can be refused is refused before round 1."""
+    if cfg.data_dir and not os.path.isdir(cfg.data_dir):
+        raise ConfigError(
+            f"data-dir '{cfg.data_dir}' is not a folder: point it at a GLUE-layout folder, or leave it empty for the Hub"
+        )
+    task = get_task(cfg.task)
+    dev = dev_encoded(cfg)  # missing files fail here, before any training
+    recorder = RunRecorder(cfg.results_dir, run_name(cfg), cfg.to_flat())
+    if cfg.method == "fedkrso":
+        from common.fedkrso.state import build
+        from server_app.strategies import FedKRSO
+
+        km = build(cfg)
+        model, strategy, initial = km.loaded.model, FedKRSO(cfg, km, recorder), ArrayRecord()
+    else:
+        from common.modeling import load_model
+        from server_app.strategies import RecordedFedAvg, params_record
+
+        model = load_model(cfg.model, task.num_labels, cfg.seed).model
+        strategy, initial = RecordedFedAvg(cfg, recorder), params_record(model)
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        due = server_round % cfg.eval.every == 0 or server_round == cfg.num_server_rounds
+        result = None
+        if due:
+            if cfg.method == "fedavg" and server_round > 0:
+                model.load_state_dict(arrays.to_torch_state_dict(), strict=False)
+            result = evaluate(model, dev, task, cfg.eval.batch_size)
+        rec = recorder.end_round(server_round, result)
+        log(
+            INFO,
+            "round %d: accuracy %s, %d bytes down, %d up, %d clients",
+            server_round,
+            rec["accuracy"],
+            rec["bytes_down"],
+            rec["bytes_up"],
+            rec["clients"],
+        )
+        return MetricRecord(result) if result else None
+
+    strategy.start(
+        grid=grid,
+        initial_arrays=initial,
+        num_rounds=cfg.num_server_rounds,
+        timeout=cfg.round_timeout,
+        evaluate_fn=evaluate_fn,
+    )
+    summary = recorder.finish()
+    log(INFO, "records in %s\n%s", recorder.dir, format_table(recorder.rounds))
+    return summary
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run(grid, parse_run_config(context.run_config))

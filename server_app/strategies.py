@@ -1,0 +1,186 @@
+"""Server strategies: FedKRSO (seed broadcast, accumulator aggregation, update log) and FedAvg with records.
+
+Both stay thin: the mathematics is in common.fedkrso.subspace, the wire format in common.fedkrso.wire.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterable
+from logging import INFO, WARNING
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, Strategy
+
+from common.config import RunConfig
+from common.fedkrso.state import KrsoModel
+from common.fedkrso.subspace import LogEntry, aggregate, apply_update, round_seeds
+from common.fedkrso.wire import pack_instruction, unpack_reply
+from common.records import RunRecorder
+from common.wire import WireError, checked_tensor, content_bytes
+
+
+def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while len(nodes := sorted(grid.get_node_ids())) < minimum:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(nodes)} of min-clients={minimum} nodes connected after {timeout:.0f} s")
+        log(INFO, "Waiting for nodes: %d connected, %d needed", len(nodes), minimum)
+        time.sleep(1)
+    return nodes
+
+
+class FedKRSO(Strategy):
+    """Round t: send K fresh seeds + the log entries each node lacks; average accumulators; apply; log."""
+
+    def __init__(self, cfg: RunConfig, km: KrsoModel, recorder: RunRecorder) -> None:
+        self.cfg, self.km, self.recorder = cfg, km, recorder
+        self.log: list[LogEntry] = []
+        self.node_round: dict[int, int] = {}  # global round each node is known to hold (absent: 0)
+        self.seeds: dict[int, list[int]] = {}
+        self._rng = random.Random(cfg.seed)
+
+    def summary(self) -> None:
+        k = self.cfg.krso
+        log(
+            INFO,
+            "FedKRSO: K=%d seeds/round, rank r=%d, I=%d intervals x J=%d steps, %d target matrices",
+            k.k,
+            k.rank,
+            k.intervals,
+            self.cfg.interval_steps,
+            len(self.km.targets),
+        )
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.recorder.begin_round(server_round)
+        nodes = wait_for_nodes(grid, self.cfg.min_clients, self.cfg.round_timeout)
+        chosen = sorted(self._rng.sample(nodes, max(self.cfg.min_clients, int(len(nodes) * self.cfg.fraction_train))))
+        seeds = self.seeds[server_round] = round_seeds(self.cfg.seed, server_round, self.cfg.krso.k)
+        head = self.km.head_state()
+        messages = []
+        for node in chosen:
+            holds = self.node_round.get(node, 0)
+            content = pack_instruction(server_round, seeds, self.log[holds:], head)  # log[i] is round i + 1
+            self.recorder.add_down(content_bytes(content))
+            messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        accepted, metrics, failures, rejected, bytes_up = [], [], 0, 0, 0
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                failures += 1
+                log(WARNING, "node %d failed in round %d: %s", node, server_round, msg.error.reason[-500:])
+                continue
+            bytes_up += content_bytes(msg.content)
+            try:
+                reply = unpack_reply(msg.content, server_round, self.cfg.krso.k, self.km.shapes, self.km.head_shapes)
+            except WireError as exc:
+                rejected += 1
+                log(WARNING, "reply of node %d rejected in round %d: %s", node, server_round, exc)
+                continue
+            if reply.num_examples == 0:  # sync-only: the node holds an older round than we believed
+                self.node_round[node] = reply.model_round
+                log(INFO, "node %d holds round %d; it gets the log from there next time", node, reply.model_round)
+                continue
+            self.node_round[node] = server_round - 1
+            accepted.append(reply)
+            metrics.append(reply.metrics)
+        self.recorder.add_replies(bytes_up, metrics, failures, rejected)
+        if not accepted:
+            log(WARNING, "round %d: no valid reply, the global model is unchanged", server_round)
+            self.log.append(LogEntry(server_round, tuple(self.seeds[server_round]), {}))
+            return None, None
+        weights = [float(r.num_examples) for r in accepted]
+        bbar = aggregate(
+            list(zip(weights, (r.accumulators for r in accepted), strict=False)), self.km.shapes, self.cfg.krso.k
+        )
+        seeds = self.seeds[server_round]
+        apply_update(self.km.targets, seeds, bbar, self.cfg.krso.rank)  # W <- W + sum_k Bbar_k P_k
+        total = sum(weights)
+        self.km.set_head(
+            {n: sum(w / total * r.head[n] for w, r in zip(weights, accepted, strict=False)) for n in self.km.head}
+        )
+        self.log.append(LogEntry(server_round, tuple(seeds), bbar))
+        mean_loss = sum(w * r.metrics.get("train-loss", 0.0) for w, r in zip(weights, accepted, strict=False)) / total
+        return ArrayRecord(), MetricRecord({"train-loss": mean_loss, "clients": len(accepted)})
+
+    def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
+        return []  # evaluation is server-side, on the dev split
+
+    def aggregate_evaluate(self, server_round, replies) -> MetricRecord | None:
+        return None
+
+
+def _finite_like(msg: Message, reference: ArrayRecord) -> None:
+    """A FedAvg train reply must carry exactly the global arrays' keys and shapes, all finite."""
+    arrays = [r for r in msg.content.values() if isinstance(r, ArrayRecord)]
+    if len(arrays) != 1:
+        raise WireError("expected exactly one ArrayRecord")
+    rec = arrays[0]
+    if set(rec.keys()) != set(reference.keys()):
+        raise WireError("array keys differ from the global model's")
+    for key, ref in reference.items():
+        checked_tensor(f"arrays[{key}]", rec[key], tuple(ref.shape), ref.dtype)
+    metrics = [r for r in msg.content.values() if isinstance(r, MetricRecord)]
+    if len(metrics) != 1 or not isinstance(metrics[0].get("num-examples"), int) or metrics[0]["num-examples"] <= 0:
+        raise WireError("expected one MetricRecord with a positive int num-examples")
+
+
+class RecordedFedAvg(FedAvg):
+    """Flower's own FedAvg, with the round's bytes and client metrics recorded and malformed replies dropped."""
+
+    def __init__(self, cfg: RunConfig, recorder: RunRecorder, **kwargs) -> None:
+        super().__init__(
+            fraction_train=cfg.fraction_train,
+            fraction_evaluate=0.0,
+            min_train_nodes=cfg.min_clients,
+            min_available_nodes=cfg.min_clients,
+            **kwargs,
+        )
+        self.recorder = recorder
+        self._global: ArrayRecord | None = None
+
+    def configure_train(self, server_round, arrays, config, grid):
+        self.recorder.begin_round(server_round)
+        self._global = arrays
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        for m in messages:
+            self.recorder.add_down(content_bytes(m.content))
+        return messages
+
+    def aggregate_train(self, server_round, replies):
+        valid, metrics, failures, rejected, bytes_up = [], [], 0, 0, 0
+        for msg in replies:
+            if msg.has_error():
+                failures += 1
+                log(WARNING, "node %d failed: %s", msg.metadata.src_node_id, msg.error.reason[-500:])
+                continue
+            bytes_up += content_bytes(msg.content)
+            try:
+                _finite_like(msg, self._global)
+            except WireError as exc:
+                rejected += 1
+                log(WARNING, "reply of node %d rejected: %s", msg.metadata.src_node_id, exc)
+                continue
+            valid.append(msg)
+            metrics.append({k: float(v) for k, v in next(iter(msg.content.metric_records.values())).items()})
+        self.recorder.add_replies(bytes_up, metrics, failures, rejected)
+        if not valid:
+            return None, None
+        return super().aggregate_train(server_round, valid)
+
+
+def params_record(model: torch.nn.Module) -> ArrayRecord:
+    """Every parameter of the model (full fine-tuning sends all of them)."""
+    return ArrayRecord({n: p.detach() for n, p in model.named_parameters()})

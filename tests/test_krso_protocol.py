@@ -1,0 +1,160 @@
+"""FedKRSO protocol: server strategy and real clients over several rounds, with dropped nodes.
+
+The strategy runs unchanged; messages are built with Flower's own Message class and handed from
+`configure_train` to the client function and back, which is what the runtime does with them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from common.config import parse_run_config
+from common.fedkrso import client as kc
+from common.fedkrso.state import NodeStore, build, fingerprint
+from common.fedkrso.wire import unpack_instruction
+from common.records import RunRecorder
+from server_app.strategies import FedKRSO
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    from flwr.supercore.task_identity import TaskIdentity  # lets tests build Messages outside a runtime
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+
+
+class NodeList:
+    """The one Grid call configure_train makes: which nodes are connected."""
+
+    def __init__(self, nodes):
+        self.nodes = nodes
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+
+NODES = {101: 0, 102: 1, 103: 2}  # node id -> partition id
+
+
+def make_cfg(tiny_bert, glue_dir, tmp_path, **extra):
+    return parse_run_config(
+        {
+            "model": tiny_bert, "task": "rte", "data-dir": glue_dir, "results-dir": str(tmp_path / "results"),
+            "run-name": "protocol", "train.local-steps": 4, "train.batch-size": 4, "train.max-length": 32,
+            "train.lr": 1e-2, "krso.k": 2, "krso.rank": 4, "krso.intervals": 2, **extra,
+        }
+    )  # fmt: skip
+
+
+def client_round(cfg, msg, run_id=1):
+    node = msg.metadata.dst_node_id
+    content = kc.train(msg.content, cfg, {"partition-id": NODES[node], "num-partitions": 3}, run_id, node)
+    return Message(content, reply_to=msg)
+
+
+def held_weights(cfg, km_like, node, run_id=1):
+    km = build(cfg)
+    store = NodeStore(kc.state_dir({}, run_id, node), fingerprint(cfg))
+    return store.load(km), {n: m.weight.detach().clone() for n, m in km.targets.items()}
+
+
+def test_server_and_clients_agree_after_dropouts_and_catch_up(tiny_bert, glue_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv(kc.STATE_DIR_ENV, str(tmp_path / "nodes"))
+    cfg = make_cfg(tiny_bert, glue_dir, tmp_path)
+    km = build(cfg)
+    pretrained = {n: m.weight.detach().clone() for n, m in km.targets.items()}
+    strategy = FedKRSO(cfg, km, RunRecorder(cfg.results_dir, cfg.run_name, cfg.to_flat()))
+    grid = NodeList(NODES)
+    for rnd in (1, 2, 3):
+        msgs = list(strategy.configure_train(rnd, ArrayRecord(), ConfigRecord(), grid))
+        replies = [client_round(cfg, m) for m in msgs if not (rnd in (2, 3) and m.metadata.dst_node_id == 102)]
+        strategy.aggregate_train(rnd, replies)
+        strategy.recorder.end_round(rnd, None)
+    assert any(not torch.equal(m.weight, pretrained[n]) for n, m in km.targets.items())
+    # Round 4: node 102 trained in round 1 from round 0 (it never keeps its own local training), so it
+    # gets rounds 1-3 of the log; the others trained in round 3 from round 2 and get only round 3.
+    msgs = {m.metadata.dst_node_id: m for m in strategy.configure_train(4, ArrayRecord(), ConfigRecord(), grid)}
+    logs = {n: unpack_instruction(m.content, 2, km.shapes, km.head_shapes).log for n, m in msgs.items()}
+    assert [e.round for e in logs[102]] == [1, 2, 3] and [e.round for e in logs[101]] == [3]
+    for node, msg in msgs.items():
+        client_round(cfg, msg)  # catches up, saves the global state of round 3, trains
+        reached, weights = held_weights(cfg, km, node)
+        assert reached == 3
+        for name, mod in km.targets.items():
+            torch.testing.assert_close(weights[name], mod.weight.detach(), rtol=0, atol=1e-6)
+    rounds = strategy.recorder.rounds
+    assert [r["clients"] for r in rounds] == [3, 2, 2]
+    assert rounds[1]["bytes_up"] < rounds[0]["bytes_up"]  # two replies instead of three
+
+
+def test_node_that_lost_its_state_is_resynced_from_the_full_log(tiny_bert, glue_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv(kc.STATE_DIR_ENV, str(tmp_path / "nodes"))
+    cfg = make_cfg(tiny_bert, glue_dir, tmp_path)
+    km = build(cfg)
+    strategy = FedKRSO(cfg, km, RunRecorder(cfg.results_dir, cfg.run_name, cfg.to_flat()))
+    grid = NodeList(NODES)
+    for rnd in (1, 2):
+        strategy.aggregate_train(rnd, [client_round(cfg, m) for m in strategy.configure_train(rnd, None, None, grid)])
+        strategy.recorder.end_round(rnd, None)
+    os.remove(NodeStore(kc.state_dir({}, 1, 103), fingerprint(cfg)).path)  # node 103's disk was wiped
+    replies = [client_round(cfg, m) for m in strategy.configure_train(3, None, None, grid)]
+    strategy.aggregate_train(3, replies)
+    assert (
+        strategy.node_round[103] == 0 and strategy.recorder.rounds[-1]["clients"] if strategy.recorder.rounds else True
+    )
+    strategy.recorder.end_round(3, None)
+    msg = next(m for m in strategy.configure_train(4, None, None, grid) if m.metadata.dst_node_id == 103)
+    assert [e.round for e in unpack_instruction(msg.content, 2, km.shapes, km.head_shapes).log] == [1, 2, 3]
+    client_round(cfg, msg)
+    reached, weights = held_weights(cfg, km, 103)
+    assert reached == 3
+    for name, mod in km.targets.items():
+        torch.testing.assert_close(weights[name], mod.weight.detach(), rtol=0, atol=1e-6)
+
+
+def _corrupt(content: RecordDict, how: str) -> RecordDict:
+    acc = content["accumulators"]
+    key = next(iter(acc.keys()))
+    good = acc[key].numpy()
+    if how == "nan":
+        bad = good.copy()
+        bad[0, 0] = np.nan
+        acc[key] = Array(bad)
+    elif how == "shape":
+        acc[key] = Array(np.zeros((good.shape[0] + 1, good.shape[1]), np.float32))
+    elif how == "dtype":
+        acc[key] = Array(good.astype(np.float64))
+    elif how == "key":
+        acc["9/not.a.target"] = Array(good)
+    elif how == "examples":
+        content["metrics"]["num-examples"] = -5
+    elif how == "head":
+        content["head"] = ArrayRecord({"classifier.weight": Array(np.zeros((1, 1), np.float32))})
+    return content
+
+
+def test_malformed_replies_are_rejected_and_the_round_goes_on(tiny_bert, glue_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv(kc.STATE_DIR_ENV, str(tmp_path / "nodes"))
+    cfg = make_cfg(tiny_bert, glue_dir, tmp_path)
+    km = build(cfg)
+    strategy = FedKRSO(cfg, km, RunRecorder(cfg.results_dir, cfg.run_name, cfg.to_flat()))
+    msgs = list(strategy.configure_train(1, None, None, NodeList(NODES)))
+    good = client_round(cfg, msgs[0])
+    bad_kinds = ["nan", "shape", "dtype", "key", "examples", "head"]
+    bad = []
+    for how in bad_kinds:
+        reply = client_round(cfg, msgs[1])
+        bad.append(Message(_corrupt(reply.content, how), reply_to=msgs[1]))
+    empty = Message(RecordDict({"metrics": MetricRecord({"num-examples": 3})}), reply_to=msgs[2])
+    before = {n: m.weight.detach().clone() for n, m in km.targets.items()}
+    strategy.aggregate_train(1, [good, *bad, empty])
+    rec = strategy.recorder.end_round(1, None)
+    assert rec["clients"] == 1 and rec["rejected"] == len(bad_kinds) + 1
+    assert torch.isfinite(torch.cat([m.weight.flatten() for m in km.targets.values()])).all()
+    assert any(not torch.equal(m.weight, before[n]) for n, m in km.targets.items())  # the good reply applied
+    assert len(strategy.log) == 1 and strategy.node_round == {msgs[0].metadata.dst_node_id: 0}
