@@ -93,7 +93,7 @@ def run_status(run_id: str, env: dict[str, str]) -> str:
         return f"unknown ({out.stdout.strip()[-300:]} {out.stderr.strip()[-300:]})"
 
 
-def simulate(overrides: dict, clients: int, quiet: bool = False, timeout: float = 7200) -> dict:
+def simulate(overrides: dict, clients: int, quiet: bool = False, timeout: float = 7200, progress: bool = False) -> dict:
     """Run one simulation; returns {"status", "run_id", "records", "summary"}. Raises ConfigError early."""
     flat = {**app_defaults(), **overrides}
     if not flat.get("data-dir") and os.environ.get("GLUE_DIR"):
@@ -132,7 +132,7 @@ def simulate(overrides: dict, clients: int, quiet: bool = False, timeout: float 
         for line in proc.stdout:
             if run_id is None and "Successfully started run" in line:
                 run_id = line.strip().split()[-1]
-            if not quiet:
+            if not quiet or (progress and "accuracy" in line and "bytes down" in line):
                 sys.stdout.write(line)
                 sys.stdout.flush()
             if time.monotonic() > deadline:

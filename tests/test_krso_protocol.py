@@ -158,3 +158,16 @@ def test_malformed_replies_are_rejected_and_the_round_goes_on(tiny_bert, glue_di
     assert torch.isfinite(torch.cat([m.weight.flatten() for m in km.targets.values()])).all()
     assert any(not torch.equal(m.weight, before[n]) for n, m in km.targets.items())  # the good reply applied
     assert len(strategy.log) == 1 and strategy.node_round == {msgs[0].metadata.dst_node_id: 0}
+
+
+def test_decoder_model_trains_in_subspaces(tiny_llama, glue_dir, tmp_path, monkeypatch):
+    """LLaMA-family decoders: q/k/v/o and the MLP projections are targets, `score` is the head."""
+    monkeypatch.setenv(kc.STATE_DIR_ENV, str(tmp_path / "nodes"))
+    cfg = make_cfg(tiny_llama, glue_dir, tmp_path)
+    km = build(cfg)
+    assert set(km.head) == {"score.weight"}
+    assert any(n.endswith("q_proj") for n in km.targets) and any(n.endswith("down_proj") for n in km.targets)
+    strategy = FedKRSO(cfg, km, RunRecorder(cfg.results_dir, cfg.run_name, cfg.to_flat()))
+    msgs = list(strategy.configure_train(1, None, None, NodeList(NODES)))
+    strategy.aggregate_train(1, [client_round(cfg, m) for m in msgs])
+    assert strategy.recorder.end_round(1, None)["clients"] == 3

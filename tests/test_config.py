@@ -1,0 +1,70 @@
+"""Run-config validation: every impossible setting stops the run with a message that says what to fix."""
+
+from __future__ import annotations
+
+import tomllib
+
+import pytest
+
+from common.config import ConfigError, RunConfig, parse_run_config
+from common.modeling import ModelError, resolve
+
+
+def test_defaults_match_pyproject():
+    from flwr.common.config import flatten_dict
+
+    with open("pyproject.toml", "rb") as f:
+        flat = flatten_dict(tomllib.load(f)["tool"]["flwr"]["app"]["config"])
+    cfg = parse_run_config(flat)
+    assert cfg == RunConfig()  # the dataclass defaults and the shipped config are one and the same
+    assert set(flat) == set(cfg.to_flat())
+
+
+def test_types_are_coerced_and_checked():
+    cfg = parse_run_config({"train.lr": 1, "krso.rank": 4.0, "method": "fedavg"})
+    assert cfg.train.lr == 1.0 and isinstance(cfg.krso.rank, int) and cfg.method == "fedavg"
+    with pytest.raises(ConfigError, match="krso.rank.*must be int"):
+        parse_run_config({"krso.rank": "eight"})
+    with pytest.raises(ConfigError, match="krso.rank.*must be int"):
+        parse_run_config({"krso.rank": 2.5})
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        ({"method": "fedsgd"}, "method 'fedsgd' is unknown; choose one of: fedkrso, fedavg"),
+        ({"task": "mnli"}, "task 'mnli' is unknown"),
+        ({"krso.k": 0}, "krso.k"),
+        ({"krso.rank": 0}, "krso.rank must be >= 1"),
+        ({"dirichlet-alpha": 0.0}, "dirichlet-alpha must be > 0"),
+        ({"dirichlet-alpha": -1}, "dirichlet-alpha must be > 0"),
+        ({"partitioning": "shards"}, "partitioning 'shards' is unknown"),
+        ({"num-server-rounds": 0}, "num-server-rounds"),
+        ({"train.lr": 0}, "train.lr must be > 0"),
+        ({"train.optimizer": "lion"}, "train.optimizer"),
+        ({"train.local-steps": 10, "krso.intervals": 4}, "multiple of krso.intervals"),
+        ({"fraction-train": 1.5}, "fraction-train"),
+        ({"run-name": "../escape"}, "run-name"),
+        ({"krso.ranks": 8}, "unknown run-config key"),
+    ],
+)
+def test_impossible_settings_are_refused(overrides, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        parse_run_config(overrides)
+
+
+def test_fedavg_does_not_need_krso_divisibility():
+    assert parse_run_config({"method": "fedavg", "train.local-steps": 10, "krso.intervals": 4}).train.local_steps == 10
+
+
+def test_model_settings(tmp_path):
+    path, gguf = resolve("")
+    assert gguf is None and path.endswith("model")
+    with pytest.raises(ModelError, match="no such folder"):
+        resolve(str(tmp_path / "missing-model"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="without config.json"):
+        resolve(str(tmp_path / "empty"))
+    with pytest.raises(ModelError, match="no such GGUF file"):
+        resolve(str(tmp_path / "x.gguf"))
+    assert resolve("HuggingFaceTB/SmolLM2-135M") == ("HuggingFaceTB/SmolLM2-135M", None)
