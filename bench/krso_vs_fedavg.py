@@ -53,8 +53,8 @@ def plot(runs: dict[str, list[dict]], path_round: str, path_bytes: str) -> None:
         for r in rounds:
             if r["clients"]:
                 total += (r["bytes_down"] + r["bytes_up"]) / r["clients"]
-            if r["accuracy"] is not None:
-                pts.append((max(total, 1.0) / 2**20, 100 * r["accuracy"]))
+            if r["accuracy"] is not None and total > 0:  # round 0 has sent nothing: no place on a log axis
+                pts.append((total / 2**20, 100 * r["accuracy"]))
         ax.plot(*zip(*pts, strict=True), marker="o", label=name)
     ax.set_xscale("log")
     ax.set_xlabel("cumulative MB per client (down + up)")
@@ -68,11 +68,11 @@ def plot(runs: dict[str, list[dict]], path_round: str, path_bytes: str) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--clients", type=int, default=10)
     ap.add_argument("--local-steps", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--krso-lr", type=float, default=1e-3)
+    ap.add_argument("--krso-lr", type=float, default=5e-4)
     ap.add_argument("--fedavg-lr", type=float, default=5e-5)
     ap.add_argument("--results-dir", default=os.path.join(ROOT, "results", "bench"))
     args = ap.parse_args()

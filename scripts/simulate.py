@@ -62,6 +62,14 @@ def flwr_env(flwr_home: str, state_dir: str) -> dict[str, str]:
     return env
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def stop_local_superlink(flwr_home: str) -> int:
     """Terminate every process started with this FLWR_HOME (the managed local SuperLink and its children)."""
     mine = []
@@ -112,9 +120,13 @@ def simulate(overrides: dict, clients: int, quiet: bool = False, timeout: float 
     if os.path.exists(os.path.join(records, "summary.json")):
         raise ConfigError(f"results for run-name '{cfg.run_name}' already exist in {records}: choose another name")
 
-    flwr_home = os.environ.get("FEDSUBSPACE_FLWR_HOME", os.path.join(ROOT, ".flwr"))
+    # A Flower home and a SuperLink port of its own: concurrent runs cannot capture each other's runs
+    # (a stale local SuperLink on the default port would be reused silently), and the cleanup below
+    # stops exactly the processes this run started.
+    flwr_home = tempfile.mkdtemp(prefix="fedsubspace-flwr-")
     state_dir = tempfile.mkdtemp(prefix="fedsubspace-nodes-")
     env = flwr_env(flwr_home, state_dir)
+    env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(free_port())
     run_config = " ".join(
         f"{k}={toml_value(v)}"
         for k, v in flat.items()
@@ -143,6 +155,10 @@ def simulate(overrides: dict, clients: int, quiet: bool = False, timeout: float 
     finally:
         stop_local_superlink(flwr_home)
         shutil.rmtree(state_dir, ignore_errors=True)
+    if status == "finished:completed":
+        shutil.rmtree(flwr_home, ignore_errors=True)
+    else:
+        print(f"run {run_id} ended {status}; the SuperLink's log is kept in {flwr_home}", file=sys.stderr)
     result = {"status": status, "run_id": run_id, "records": records, "summary": None}
     summary_path = os.path.join(records, "summary.json")
     if os.path.exists(summary_path):
