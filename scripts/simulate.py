@@ -32,6 +32,8 @@ import contextlib
 from common.config import ConfigError, parse_run_config
 from common.records import format_table
 
+FLWR = os.path.join(os.path.dirname(sys.executable), "flwr")
+
 
 def app_defaults() -> dict:
     from flwr.common.config import flatten_dict
@@ -48,6 +50,9 @@ def toml_value(value) -> str:
 
 def flwr_env(flwr_home: str, state_dir: str) -> dict[str, str]:
     env = dict(os.environ)
+    # `flwr` and the `flower-superlink` it spawns live beside this interpreter (.venv/bin), which need
+    # not be on the PATH of whoever runs `make`.
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
     env.update(
         FLWR_HOME=flwr_home,
         # The project's dependencies are installed in this environment (CPU torch among them); Flower's
@@ -93,7 +98,7 @@ def stop_local_superlink(flwr_home: str) -> int:
 
 def run_status(run_id: str, env: dict[str, str]) -> str:
     out = subprocess.run(
-        ["flwr", "ls", "--run-id", run_id, "--format", "json"], env=env, cwd=ROOT, capture_output=True, text=True
+        [FLWR, "ls", "--run-id", run_id, "--format", "json"], env=env, cwd=ROOT, capture_output=True, text=True
     )
     try:
         return json.loads(out.stdout)["runs"][0]["status"]
@@ -133,7 +138,7 @@ def simulate(overrides: dict, clients: int, quiet: bool = False, timeout: float 
         if k in overrides or k in ("data-dir", "results-dir", "run-name")
     )
     cmd = [
-        "flwr", "run", ".", "--stream",
+        FLWR, "run", ".", "--stream",
         "--federation-config", f"num-supernodes={clients} client-resources-num-cpus=1",
         "--run-config", run_config,
     ]  # fmt: skip
