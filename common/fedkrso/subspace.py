@@ -121,7 +121,6 @@ class Subspaces:
         self.targets = dict(targets)
         self.rank = rank
         self._active: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._seed: int | None = None
         self._handles = [mod.register_forward_hook(self._hook(name)) for name, mod in self.targets.items()]
 
     def _hook(self, name: str):
@@ -138,7 +137,6 @@ class Subspaces:
         """Open an interval in seed `seed`'s subspace; returns the trainable B tensors (zeros)."""
         if self._active:
             raise RuntimeError("merge() the open interval before beginning another")
-        self._seed = seed
         bs = []
         for name, mod in self.targets.items():
             w = mod.weight
@@ -156,7 +154,6 @@ class Subspaces:
             self.targets[name].weight.addmm_(b, p)
             merged[name] = b.detach().clone()
         self._active.clear()
-        self._seed = None
         return merged
 
     def remove(self) -> None:
