@@ -21,7 +21,7 @@ from common.fedkrso.state import KrsoModel
 from common.fedkrso.subspace import LogEntry, aggregate, apply_update, round_seeds
 from common.fedkrso.wire import pack_instruction, unpack_reply
 from common.records import RunRecorder
-from common.wire import WireError, checked_tensor, content_bytes
+from common.wire import WireError, content_bytes, unpack_tensors
 
 
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
@@ -127,11 +127,8 @@ def _finite_like(msg: Message, reference: ArrayRecord) -> None:
     arrays = [r for r in msg.content.values() if isinstance(r, ArrayRecord)]
     if len(arrays) != 1:
         raise WireError("expected exactly one ArrayRecord")
-    rec = arrays[0]
-    if set(rec.keys()) != set(reference.keys()):
-        raise WireError("array keys differ from the global model's")
-    for key, ref in reference.items():
-        checked_tensor(f"arrays[{key}]", rec[key], tuple(ref.shape), ref.dtype)
+    # The global arrays are the fp32 model's parameters, so the float32 check of unpack_tensors applies.
+    unpack_tensors("arrays", arrays[0], {key: tuple(ref.shape) for key, ref in reference.items()})
     metrics = [r for r in msg.content.values() if isinstance(r, MetricRecord)]
     if len(metrics) != 1 or not isinstance(metrics[0].get("num-examples"), int) or metrics[0]["num-examples"] <= 0:
         raise WireError("expected one MetricRecord with a positive int num-examples")
