@@ -37,4 +37,4 @@ lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 clean:
-	rm -rf .flwr results .pytest_cache
+	rm -rf results .pytest_cache

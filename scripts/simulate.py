@@ -61,6 +61,7 @@ def flwr_env(flwr_home: str, state_dir: str) -> dict[str, str]:
         FLWR_DISABLE_UPDATE_CHECK="1",
         FLWR_TELEMETRY_ENABLED="0",
         FEDSUBSPACE_STATE_DIR=state_dir,
+        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
         TOKENIZERS_PARALLELISM="false",
         RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0",
     )
@@ -131,7 +132,6 @@ def simulate(overrides: dict, clients: int, quiet: bool = False, timeout: float 
     flwr_home = tempfile.mkdtemp(prefix="fedsubspace-flwr-")
     state_dir = tempfile.mkdtemp(prefix="fedsubspace-nodes-")
     env = flwr_env(flwr_home, state_dir)
-    env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(free_port())
     run_config = " ".join(
         f"{k}={toml_value(v)}"
         for k, v in flat.items()
