@@ -129,17 +129,16 @@ def parse_run_config(run_config: dict[str, Any]) -> RunConfig:
     if unknown:
         raise ConfigError(f"unknown run-config key(s) {unknown}; known keys: {', '.join(sorted(expected))}")
     top: dict[str, Any] = {}
-    sections: dict[str, dict[str, Any]] = {"train": {}, "eval": {}, "krso": {}}
+    sections: dict[str, dict[str, Any]] = {}
     for key, value in run_config.items():
         attr, section, default = expected[key]
         coerced = _coerce(key, value, default)
-        (sections[section] if section else top)[attr] = coerced
-    cfg = RunConfig(
-        **top,
-        train=TrainConfig(**sections["train"]),
-        eval=EvalConfig(**sections["eval"]),
-        krso=KrsoConfig(**sections["krso"]),
-    )
+        (sections.setdefault(section, {}) if section else top)[attr] = coerced
+    # Each section (train, eval, krso, ...) is a dataclass field of RunConfig: build it from its keys.
+    for f in dataclasses.fields(RunConfig):
+        if f.name in sections:
+            top[f.name] = type(getattr(RunConfig(), f.name))(**sections[f.name])
+    cfg = RunConfig(**top)
     validate(cfg)
     return cfg
 

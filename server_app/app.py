@@ -1,14 +1,22 @@
-"""ServerApp: validate the run config, build the method's strategy, run it, write the records."""
+"""ServerApp: validate the run config, build the method's strategy, run it, write the records.
+
+Each method registers one `setup` function in SETUPS: it builds the server's model and strategy. The
+ServerApp itself knows nothing of any method.
+"""
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from logging import INFO
 
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
+from torch import nn
 
 from common.config import ConfigError, RunConfig, parse_run_config
 from common.evaluation import evaluate
@@ -17,6 +25,40 @@ from common.tasks import get_task
 from common.training import dev_encoded
 
 app = ServerApp()
+
+
+@dataclass
+class ServerSetup:
+    model: nn.Module  # the global model, evaluated on the dev split
+    strategy: Strategy
+    initial: ArrayRecord  # what Strategy.start gets (empty for methods whose strategy holds the model)
+    load: Callable[[ArrayRecord], None] | None = None  # puts a round's global arrays into `model`, if needed
+
+
+def _fedkrso(cfg: RunConfig, recorder: RunRecorder) -> ServerSetup:
+    from common.fedkrso.state import build
+    from server_app.strategies import FedKRSO
+
+    km = build(cfg)
+    return ServerSetup(km.loaded.model, FedKRSO(cfg, km, recorder), ArrayRecord())
+
+
+def _fedavg(cfg: RunConfig, recorder: RunRecorder) -> ServerSetup:
+    from common.modeling import load_model
+    from server_app.strategies import RecordedFedAvg, params_record
+
+    model = load_model(cfg.model, get_task(cfg.task).num_labels, cfg.seed).model
+
+    def load(arrays: ArrayRecord) -> None:
+        model.load_state_dict(arrays.to_torch_state_dict(), strict=False)
+
+    return ServerSetup(model, RecordedFedAvg(cfg, recorder), params_record(model), load)
+
+
+SETUPS: dict[str, Callable[[RunConfig, RunRecorder], ServerSetup]] = {
+    "fedkrso": _fedkrso,
+    "fedavg": _fedavg,
+}
 
 
 def run_name(cfg: RunConfig) -> str:
@@ -32,26 +74,15 @@ def run(grid: Grid, cfg: RunConfig) -> dict:
     task = get_task(cfg.task)
     dev = dev_encoded(cfg)  # missing files fail here, before any training
     recorder = RunRecorder(cfg.results_dir, run_name(cfg), cfg.to_flat())
-    if cfg.method == "fedkrso":
-        from common.fedkrso.state import build
-        from server_app.strategies import FedKRSO
-
-        km = build(cfg)
-        model, strategy, initial = km.loaded.model, FedKRSO(cfg, km, recorder), ArrayRecord()
-    else:
-        from common.modeling import load_model
-        from server_app.strategies import RecordedFedAvg, params_record
-
-        model = load_model(cfg.model, task.num_labels, cfg.seed).model
-        strategy, initial = RecordedFedAvg(cfg, recorder), params_record(model)
+    setup = SETUPS[cfg.method](cfg, recorder)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         due = server_round % cfg.eval.every == 0 or server_round == cfg.num_server_rounds
         result = None
         if due:
-            if cfg.method == "fedavg" and server_round > 0:
-                model.load_state_dict(arrays.to_torch_state_dict(), strict=False)
-            result = evaluate(model, dev, task, cfg.eval.batch_size)
+            if setup.load is not None and server_round > 0:
+                setup.load(arrays)
+            result = evaluate(setup.model, dev, task, cfg.eval.batch_size)
         rec = recorder.end_round(server_round, result)
         log(
             INFO,
@@ -64,9 +95,9 @@ def run(grid: Grid, cfg: RunConfig) -> dict:
         )
         return MetricRecord(result) if result else None
 
-    strategy.start(
+    setup.strategy.start(
         grid=grid,
-        initial_arrays=initial,
+        initial_arrays=setup.initial,
         num_rounds=cfg.num_server_rounds,
         timeout=cfg.round_timeout,
         evaluate_fn=evaluate_fn,

@@ -68,3 +68,11 @@ def test_model_settings(tmp_path):
     with pytest.raises(ModelError, match="no such GGUF file"):
         resolve(str(tmp_path / "x.gguf"))
     assert resolve("HuggingFaceTB/SmolLM2-135M") == ("HuggingFaceTB/SmolLM2-135M", None)
+
+
+def test_every_method_has_a_server_and_a_client():
+    from client_app.app import CLIENTS
+    from common.config import METHODS
+    from server_app.app import SETUPS
+
+    assert set(METHODS) == set(SETUPS) == set(CLIENTS)

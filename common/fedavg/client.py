@@ -21,7 +21,9 @@ from common.training import client_data, make_optimizer, step_batches, train_ste
 from common.wire import pack_tensors, require, unpack_tensors
 
 
-def train(content: RecordDict, cfg: RunConfig, node_config: dict[str, Any]) -> RecordDict:
+def train(
+    content: RecordDict, cfg: RunConfig, node_config: dict[str, Any], run_id: int = 0, node_id: int = 0
+) -> RecordDict:
     with PeakRSS() as mem:
         net = load_model(cfg.model, get_task(cfg.task).num_labels, cfg.seed).model
         params = dict(net.named_parameters())
