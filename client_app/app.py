@@ -19,6 +19,9 @@ app = ClientApp()
 CLIENTS = {
     "fedkrso": "common.fedkrso.client",
     "fedavg": "common.fedavg.client",
+    "fedtt": "common.fedtt.client",
+    "fedtt-plus": "common.fedtt.client",
+    "fedavg-lora": "common.lora.client",
 }
 
 

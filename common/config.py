@@ -46,6 +46,28 @@ class KrsoConfig:
     targets: str = "all-linear"  # or a comma list of module-name suffixes, e.g. "query,value"
 
 
+METHODS += ("fedtt", "fedtt-plus", "fedavg-lora")  # tensor-train adapters and the LoRA reference
+TT_PLUS_RULES = ("gradient", "cyclic")
+
+
+@dataclass(frozen=True)
+class TTConfig:
+    rank: int = 4  # inner TT rank r of every core (r_0 = r_L = 1)
+    bottleneck: int = 64  # b: the adapter maps d -> b -> d
+    scale: float = 1.0  # s in y + s * Up(act(Down(y)))
+    max_mode: int = 4  # mode sizes: factors of d and of b of about this size (384 x 64 -> 6,4,4,4 x 4,4,4)
+    plus_rule: str = "gradient"  # FedTT+: which cores train each round (gradient | cyclic)
+    plus_cores: int = 1  # FedTT+: cores trained (and sent) per TT matrix per round; 1 keeps averaging exact
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 8
+    alpha: float = 16.0  # peft's lora_alpha: the update is scaled by alpha / rank
+    targets: str = "query,value"  # module-name suffixes; LLaMA family: "q_proj,v_proj"
+    dropout: float = 0.05
+
+
 @dataclass(frozen=True)
 class RunConfig:
     method: str = "fedkrso"
@@ -64,6 +86,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     krso: KrsoConfig = field(default_factory=KrsoConfig)
+    tt: TTConfig = field(default_factory=TTConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     @property
     def interval_steps(self) -> int:
@@ -194,3 +218,15 @@ def validate(cfg: RunConfig) -> None:
             f"train.local-steps ({t.local_steps}) must be a multiple of krso.intervals "
             f"({k.intervals}): each of the I intervals runs J = local-steps / I steps",
         )
+    tt = cfg.tt
+    need(tt.rank >= 1, f"tt.rank must be >= 1, got {tt.rank}")
+    need(tt.bottleneck >= 1, f"tt.bottleneck must be >= 1, got {tt.bottleneck}")
+    need(tt.scale > 0, f"tt.scale must be > 0, got {tt.scale}")
+    need(tt.max_mode >= 2, f"tt.max-mode must be >= 2 (the size the matrix's modes are cut to), got {tt.max_mode}")
+    need(tt.plus_rule in TT_PLUS_RULES, f"tt.plus-rule must be one of {', '.join(TT_PLUS_RULES)}")
+    need(tt.plus_cores >= 1, f"tt.plus-cores (cores trained per TT matrix per round) must be >= 1, got {tt.plus_cores}")
+    lo = cfg.lora
+    need(lo.rank >= 1, f"lora.rank must be >= 1, got {lo.rank}")
+    need(lo.alpha > 0, f"lora.alpha must be > 0, got {lo.alpha}")
+    need(0 <= lo.dropout < 1, f"lora.dropout must be in [0, 1), got {lo.dropout}")
+    need(lo.targets.strip() != "", "lora.targets must be a comma list of module names, e.g. 'query,value'")

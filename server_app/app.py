@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from logging import INFO
 
+import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
@@ -55,9 +56,36 @@ def _fedavg(cfg: RunConfig, recorder: RunRecorder) -> ServerSetup:
     return ServerSetup(model, RecordedFedAvg(cfg, recorder), params_record(model), load)
 
 
+def _fedtt(cfg: RunConfig, recorder: RunRecorder) -> ServerSetup:
+    from common.fedtt.model import build
+    from server_app.fedtt import FedTT
+
+    tm = build(cfg)
+    return ServerSetup(tm.loaded.model, FedTT(cfg, tm, recorder, plus=cfg.method == "fedtt-plus"), ArrayRecord())
+
+
+def _fedavg_lora(cfg: RunConfig, recorder: RunRecorder) -> ServerSetup:
+    from common.lora.model import build
+    from server_app.strategies import RecordedFedAvg
+
+    model, params = build(cfg)
+
+    def load(arrays: ArrayRecord) -> None:
+        with torch.no_grad():
+            for name, value in arrays.to_torch_state_dict().items():
+                params[name].copy_(value)
+
+    return ServerSetup(
+        model, RecordedFedAvg(cfg, recorder), ArrayRecord({n: p.detach() for n, p in params.items()}), load
+    )
+
+
 SETUPS: dict[str, Callable[[RunConfig, RunRecorder], ServerSetup]] = {
     "fedkrso": _fedkrso,
     "fedavg": _fedavg,
+    "fedtt": _fedtt,
+    "fedtt-plus": _fedtt,
+    "fedavg-lora": _fedavg_lora,
 }
 
 

@@ -2,16 +2,19 @@
 
 Wire format (Flower FedAvg's): server -> client "arrays" (ArrayRecord: every parameter, float32) and
 "config" (server-round); client -> server "arrays" (same keys and shapes) and "metrics" (num-examples,
-model-round, train-loss, train-seconds, peak-rss-mb, local-steps).
+model-round, train-loss, train-seconds, peak-rss-mb, local-steps). FedAvg-LoRA (common.lora) uses the same
+exchange on the LoRA parameters and the head only: `train_params` serves both.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from torch import nn
 
 from common.config import RunConfig
 from common.memory import PeakRSS
@@ -21,12 +24,15 @@ from common.training import client_data, make_optimizer, step_batches, train_ste
 from common.wire import pack_tensors, require, unpack_tensors
 
 
-def train(
-    content: RecordDict, cfg: RunConfig, node_config: dict[str, Any], run_id: int = 0, node_id: int = 0
+def train_params(
+    content: RecordDict,
+    cfg: RunConfig,
+    node_config: dict[str, Any],
+    build: Callable[[RunConfig], tuple[nn.Module, dict[str, nn.Parameter]]],
 ) -> RecordDict:
+    """Load the global values of the parameters `build` names, train those, send them back."""
     with PeakRSS() as mem:
-        net = load_model(cfg.model, get_task(cfg.task).num_labels, cfg.seed).model
-        params = dict(net.named_parameters())
+        net, params = build(cfg)
         weights = unpack_tensors(
             "arrays", require(content, "arrays", ArrayRecord), {n: tuple(p.shape) for n, p in params.items()}
         )
@@ -39,11 +45,11 @@ def train(
         n = len(encoded["labels"])
         batches = step_batches(cfg, n, server_round, data_key)
         start = time.perf_counter()
-        losses = train_steps(net, encoded, batches, [make_optimizer(net.parameters(), cfg.train)])
+        losses = train_steps(net, encoded, batches, [make_optimizer(params.values(), cfg.train)])
         seconds = time.perf_counter() - start
         reply = RecordDict(
             {
-                "arrays": pack_tensors(dict(net.named_parameters())),
+                "arrays": pack_tensors(params),
                 "metrics": MetricRecord(
                     {
                         "num-examples": n,
@@ -57,3 +63,14 @@ def train(
         )
     reply["metrics"]["peak-rss-mb"] = mem.peak_mb
     return reply
+
+
+def _full_model(cfg: RunConfig) -> tuple[nn.Module, dict[str, nn.Parameter]]:
+    net = load_model(cfg.model, get_task(cfg.task).num_labels, cfg.seed).model
+    return net, dict(net.named_parameters())
+
+
+def train(
+    content: RecordDict, cfg: RunConfig, node_config: dict[str, Any], run_id: int = 0, node_id: int = 0
+) -> RecordDict:
+    return train_params(content, cfg, node_config, _full_model)

@@ -1,0 +1,59 @@
+"""The TT-adapted model on a node (server or client): the base model, frozen; the adapters; the head.
+
+Trained by FedTT / FedTT+: the TT cores of the adapters (all of them in FedTT; the round's selection in
+FedTT+) and the classification head, which is new and therefore trained and sent densely (2 x 384 + 2
+numbers for MiniLM). Frozen and never sent: every pretrained weight, embeddings, LayerNorms and biases
+included (MiniLM's LayerNorms alone hold 9,984 numbers, as many as all its cores at rank 4: training them
+would double the message for little gain). Both sides build exactly this, so names and shapes agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from common.config import RunConfig
+from common.fedtt.tt import TTAdapters, find_sites
+from common.modeling import LoadedModel, head_parameters, load_model
+from common.tasks import get_task
+
+
+@dataclass
+class TTModel:
+    loaded: LoadedModel
+    adapters: TTAdapters
+    head: dict[str, torch.nn.Parameter]
+
+    @property
+    def head_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {n: tuple(p.shape) for n, p in self.head.items()}
+
+    def head_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.head.items()}
+
+    @torch.no_grad()
+    def set_head(self, values: dict[str, torch.Tensor]) -> None:
+        for n, p in self.head.items():
+            p.copy_(values[n])
+
+    def trainable_counts(self) -> dict[str, int]:
+        """Numbers trained (and sent) per round by FedTT: cores and head."""
+        cores = self.adapters.num_parameters()
+        head = sum(p.numel() for p in self.head.values())
+        return {"cores": cores, "head": head, "total": cores + head}
+
+
+def build(cfg: RunConfig) -> TTModel:
+    loaded = load_model(cfg.model, get_task(cfg.task).num_labels, cfg.seed)
+    net = loaded.model
+    for p in net.parameters():
+        p.requires_grad_(False)
+    head = head_parameters(net, loaded.head)
+    for p in head.values():
+        p.requires_grad_(True)
+    t = cfg.tt
+    adapters = TTAdapters(
+        net, find_sites(net, exclude=loaded.head), t.bottleneck, t.rank, t.scale, cfg.seed, t.max_mode
+    )
+    return TTModel(loaded, adapters, head)

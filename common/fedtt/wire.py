@@ -1,0 +1,200 @@
+"""FedTT / FedTT+ wire format: what crosses the network each round, how it is packed, and how it is checked.
+
+Names: adapter i follows the i-th adapter site of the model (common.fedtt.tt.find_sites order); each
+adapter has two TT matrices, "down" and "up"; matrix "<i>.<down|up>" has cores 0..L-1 of shapes
+(r_{j-1}, n_j, r_j), known to both sides from the run config and the model. One array per TT matrix (not
+one per core): Flower's Array carries a ~130-byte header, which for 168 small cores would be a third of
+the message.
+
+Server -> client, message type "train":
+  "config" ConfigRecord  server-round: int T; masks: list[int], one per TT matrix in canonical order
+                         (adapter 0 down, adapter 0 up, adapter 1 down, ...): bit j set = core j is trained
+                         this round (FedTT: every core; FedTT+: the rule's selection); scores: int (1 = the
+                         client must send gradient scores)
+  "cores"  ArrayRecord   "<i>.<down|up>" float32 1-D: ALL cores of the matrix, flattened row-major and
+                         concatenated in core order (the global adapters; clients keep no state)
+  "head"   ArrayRecord   the global classification head, param name -> float32 (dense)
+Client -> server:
+  "cores"  ArrayRecord   "<i>.<down|up>" float32 1-D for each matrix with a nonzero mask, and only those:
+                         the cores of its mask, flattened and concatenated in core order (frozen cores
+                         never travel up)
+  "head"   ArrayRecord   the client's trained head, same keys and shapes as sent
+  "scores" ArrayRecord   only when asked: "scores" float32 (number of cores,), canonical core order, each
+                         >= 0: mean |dL/dG| of every core on one batch after local training (FedTT+ rule)
+  "metrics" MetricRecord num-examples (int > 0), model-round (int, must be T-1), train-loss, train-seconds,
+                         peak-rss-mb, local-steps
+Numbers only: no pickles, no code. Sizes: FedTT sum of all cores + head each way; FedTT+ up only the round's
+cores (+ head and the scores, 4 bytes per core).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from common.fedtt.tt import MATRICES, CoreKey
+from common.wire import WireError, pack_tensors, require, unpack_tensors
+
+Shapes = Mapping[CoreKey, tuple[int, ...]]
+
+
+def matrices(shapes: Shapes) -> list[tuple[int, str]]:
+    """The TT matrices (adapter, down|up), canonical order."""
+    return sorted({(i, m) for i, m, _ in shapes}, key=lambda im: (im[0], MATRICES.index(im[1])))
+
+
+def masks_of(selected: Sequence[CoreKey], shapes: Shapes) -> list[int]:
+    chosen = set(selected)
+    return [
+        sum(1 << j for (i2, m2, j) in shapes if (i2, m2) == (i, m) and (i, m, j) in chosen) for i, m in matrices(shapes)
+    ]
+
+
+def selected_of(masks: Sequence[int], shapes: Shapes) -> list[CoreKey]:
+    mats = matrices(shapes)
+    if len(masks) != len(mats):
+        raise WireError(f"{len(masks)} core masks sent, the model has {len(mats)} TT matrices: run configs differ")
+    out = []
+    for (i, m), mask in zip(mats, masks, strict=True):
+        count = sum(1 for (i2, m2, _) in shapes if (i2, m2) == (i, m))
+        if not 0 <= mask < (1 << count):
+            raise WireError(f"core mask {mask} of matrix {i}.{m} names cores beyond its {count}")
+        out += [(i, m, j) for j in range(count) if mask >> j & 1]
+    return out
+
+
+def _pack_cores(cores: Mapping[CoreKey, torch.Tensor], shapes: Shapes) -> ArrayRecord:
+    flat: dict[str, torch.Tensor] = {}
+    for i, m in matrices(shapes):
+        parts = [cores[k].reshape(-1) for k in sorted(cores) if k[:2] == (i, m)]
+        if parts:
+            flat[f"{i}.{m}"] = torch.cat(parts)
+    return pack_tensors(flat)
+
+
+def _unpack_cores(
+    where: str, rec: ArrayRecord, wanted: Sequence[CoreKey], shapes: Shapes
+) -> dict[CoreKey, torch.Tensor]:
+    """Exactly one array per TT matrix named in `wanted`, of exactly the length of its wanted cores."""
+    by_matrix: dict[str, list[CoreKey]] = {}
+    for k in sorted(wanted):
+        by_matrix.setdefault(f"{k[0]}.{k[1]}", []).append(k)
+    lengths = {name: (sum(int(torch.Size(shapes[k]).numel()) for k in keys),) for name, keys in by_matrix.items()}
+    flat = unpack_tensors(where, rec, lengths)
+    out: dict[CoreKey, torch.Tensor] = {}
+    for name, keys in by_matrix.items():
+        offset = 0
+        for k in keys:
+            size = int(torch.Size(shapes[k]).numel())
+            out[k] = flat[name][offset : offset + size].reshape(shapes[k])
+            offset += size
+    return out
+
+
+def pack_instruction(
+    server_round: int,
+    selected: Sequence[CoreKey],
+    cores: Mapping[CoreKey, torch.Tensor],
+    head: Mapping[str, torch.Tensor],
+    want_scores: bool,
+) -> RecordDict:
+    shapes = {k: tuple(v.shape) for k, v in cores.items()}
+    return RecordDict(
+        {
+            "config": ConfigRecord(
+                {
+                    "server-round": int(server_round),
+                    "masks": masks_of(selected, shapes),
+                    "scores": int(want_scores),
+                }
+            ),
+            "cores": _pack_cores(cores, shapes),
+            "head": pack_tensors(head),
+        }
+    )
+
+
+@dataclass
+class Instruction:
+    server_round: int
+    selected: list[CoreKey]
+    cores: dict[CoreKey, torch.Tensor]
+    head: dict[str, torch.Tensor]
+    want_scores: bool
+
+
+def unpack_instruction(content: RecordDict, shapes: Shapes, head_shapes: Mapping[str, tuple[int, ...]]) -> Instruction:
+    cfg = require(content, "config", ConfigRecord)
+    try:
+        server_round, masks, want = int(cfg["server-round"]), [int(x) for x in cfg["masks"]], bool(cfg["scores"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise WireError(f"config record: {exc!r}") from exc
+    selected = selected_of(masks, shapes)
+    cores = _unpack_cores("cores", require(content, "cores", ArrayRecord), list(shapes), shapes)
+    head = unpack_tensors("head", require(content, "head", ArrayRecord), head_shapes)
+    return Instruction(server_round, selected, cores, head, want)
+
+
+def pack_reply(
+    cores: Mapping[CoreKey, torch.Tensor],
+    shapes: Shapes,
+    head: Mapping[str, torch.Tensor],
+    scores: Sequence[float] | None,
+    metrics: Mapping[str, float | int],
+) -> RecordDict:
+    content = RecordDict(
+        {
+            "cores": _pack_cores(cores, shapes),
+            "head": pack_tensors(head),
+            "metrics": MetricRecord(dict(metrics)),
+        }
+    )
+    if scores is not None:
+        content["scores"] = pack_tensors({"scores": torch.tensor(list(scores), dtype=torch.float32)})
+    return content
+
+
+@dataclass
+class Reply:
+    num_examples: int
+    cores: dict[CoreKey, torch.Tensor]
+    head: dict[str, torch.Tensor]
+    scores: dict[CoreKey, float] | None
+    metrics: dict[str, float]
+
+
+def unpack_reply(
+    content: RecordDict,
+    server_round: int,
+    selected: Sequence[CoreKey],
+    shapes: Shapes,
+    head_shapes: Mapping[str, tuple[int, ...]],
+    want_scores: bool,
+) -> Reply:
+    """A checked reply; raises WireError for anything malformed (keys, lengths, dtypes, NaN, counts...)."""
+    metrics = require(content, "metrics", MetricRecord)
+    n = metrics.get("num-examples")
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        raise WireError(f"num-examples must be a positive int, got {n!r}")
+    model_round = metrics.get("model-round")
+    if model_round != server_round - 1:
+        raise WireError(f"client trained from round {model_round!r}, expected {server_round - 1}")
+    cores = _unpack_cores("cores", require(content, "cores", ArrayRecord), selected, shapes)
+    head = unpack_tensors("head", require(content, "head", ArrayRecord), head_shapes)
+    scores = None
+    if want_scores:
+        keys = list(shapes)  # canonical order
+        vec = unpack_tensors("scores", require(content, "scores", ArrayRecord), {"scores": (len(keys),)})["scores"]
+        if (vec < 0).any():
+            raise WireError("scores must be >= 0 (mean absolute gradients)")
+        scores = {k: float(v) for k, v in zip(keys, vec.tolist(), strict=True)}
+    elif "scores" in content:
+        raise WireError("reply carries scores that were not asked for")
+    expected = {"cores", "head", "metrics"} | ({"scores"} if want_scores else set())
+    if set(content.keys()) != expected:
+        raise WireError(f"reply records {sorted(content.keys())}, expected {sorted(expected)}")
+    scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    return Reply(n, cores, head, scores, scalars)

@@ -1,0 +1,15 @@
+"""FedAvg-LoRA client: Flower FedAvg's exchange (see common.fedavg.client) on the LoRA matrices and head."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flwr.app import RecordDict
+
+from common.config import RunConfig
+from common.fedavg.client import train_params
+from common.lora.model import build
+
+
+def train(content: RecordDict, cfg: RunConfig, node_config: dict[str, Any], run_id: int, node_id: int) -> RecordDict:
+    return train_params(content, cfg, node_config, build)

@@ -1,0 +1,135 @@
+"""FedTT and FedTT+ strategy: send the global adapters and the round's core selection, average what returns.
+
+Thin: the mathematics (aggregation, FedTT+'s selection rule) is in common.fedtt.tt, the wire format in
+common.fedtt.wire.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Iterable
+from logging import INFO, WARNING
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from common.config import RunConfig
+from common.fedtt.model import TTModel
+from common.fedtt.tt import CoreKey, aggregate, plus_selection
+from common.fedtt.wire import pack_instruction, unpack_reply
+from common.records import RunRecorder
+from common.wire import WireError, content_bytes
+from server_app.strategies import wait_for_nodes
+
+
+class FedTT(Strategy):
+    """FedTT (`plus=False`): every core trains and travels. FedTT+ (`plus=True`): the rule's cores only."""
+
+    def __init__(self, cfg: RunConfig, tm: TTModel, recorder: RunRecorder, plus: bool) -> None:
+        self.cfg, self.tm, self.recorder, self.plus = cfg, tm, recorder, plus
+        self.shapes = tm.adapters.shapes()
+        self.scores: dict[CoreKey, float] | None = None  # FedTT+: the last round's mean gradient scores
+        self.selected: dict[int, list[CoreKey]] = {}  # round -> cores trained in it (kept for the records)
+        self._rng = random.Random(cfg.seed)
+
+    @property
+    def want_scores(self) -> bool:
+        return self.plus and self.cfg.tt.plus_rule == "gradient"
+
+    def summary(self) -> None:
+        counts = self.tm.trainable_counts()
+        log(
+            INFO,
+            "%s: %d adapters, TT rank %d, bottleneck %d; %d core numbers + %d head numbers trainable%s",
+            "FedTT+" if self.plus else "FedTT",
+            len(self.tm.adapters.adapters),
+            self.cfg.tt.rank,
+            self.cfg.tt.bottleneck,
+            counts["cores"],
+            counts["head"],
+            f"; rule {self.cfg.tt.plus_rule}, {self.cfg.tt.plus_cores} core(s) per matrix per round"
+            if self.plus
+            else "",
+        )
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.recorder.begin_round(server_round)
+        nodes = wait_for_nodes(grid, self.cfg.min_clients, self.cfg.round_timeout)
+        chosen = sorted(self._rng.sample(nodes, max(self.cfg.min_clients, int(len(nodes) * self.cfg.fraction_train))))
+        t = self.cfg.tt
+        selected = (
+            plus_selection(self.tm.adapters, server_round, t.plus_rule, t.plus_cores, self.scores)
+            if self.plus
+            else self.tm.adapters.core_keys()
+        )
+        self.selected[server_round] = selected
+        self._record_selection(server_round, selected)
+        content = pack_instruction(
+            server_round, selected, self.tm.adapters.state(), self.tm.head_state(), self.want_scores
+        )
+        messages = []
+        for node in chosen:
+            self.recorder.add_down(content_bytes(content))
+            messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        selected = self.selected[server_round]
+        accepted, metrics, failures, rejected, bytes_up = [], [], 0, 0, 0
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                failures += 1
+                log(WARNING, "node %d failed in round %d: %s", node, server_round, msg.error.reason[-500:])
+                continue
+            bytes_up += content_bytes(msg.content)
+            try:
+                reply = unpack_reply(
+                    msg.content, server_round, selected, self.shapes, self.tm.head_shapes, self.want_scores
+                )
+            except WireError as exc:
+                rejected += 1
+                log(WARNING, "reply of node %d rejected in round %d: %s", node, server_round, exc)
+                continue
+            accepted.append(reply)
+            metrics.append(reply.metrics)
+        self.recorder.add_replies(bytes_up, metrics, failures, rejected)
+        if not accepted:
+            log(WARNING, "round %d: no valid reply, the global adapters are unchanged", server_round)
+            return None, None
+        weights = [float(r.num_examples) for r in accepted]
+        self.tm.adapters.load(aggregate(list(zip(weights, (r.cores for r in accepted), strict=True))))
+        self.tm.set_head(aggregate(list(zip(weights, (r.head for r in accepted), strict=True))))
+        if self.want_scores:
+            scores = [{k: torch.tensor(v) for k, v in r.scores.items()} for r in accepted]
+            self.scores = {k: float(v) for k, v in aggregate(list(zip(weights, scores, strict=True))).items()}
+        total = sum(weights)
+        mean_loss = sum(w * r.metrics.get("train-loss", 0.0) for w, r in zip(weights, accepted, strict=True)) / total
+        return ArrayRecord(), MetricRecord(
+            {"train-loss": mean_loss, "clients": len(accepted), "trained-cores": len(selected)}
+        )
+
+    def _record_selection(self, server_round: int, selected: list[CoreKey]) -> None:
+        """One line per round in <records>/fedtt-selection.jsonl: which cores trained, how many numbers."""
+        line = {
+            "round": server_round,
+            "numbers": self.tm.adapters.num_parameters(selected),
+            "cores": [{"adapter": i, "matrix": m, "core": j} for i, m, j in selected],
+        }
+        with open(os.path.join(self.recorder.dir, "fedtt-selection.jsonl"), "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
+        return []  # evaluation is server-side, on the dev split
+
+    def aggregate_evaluate(self, server_round, replies) -> MetricRecord | None:
+        return None
