@@ -108,3 +108,22 @@ def load_model(model: str, num_labels: int, seed: int) -> LoadedModel:
 def head_parameters(net: nn.Module, head: tuple[str, ...]) -> dict[str, nn.Parameter]:
     """Parameters of the classification head, by full name."""
     return {n: p for n, p in net.named_parameters() if any(n == h or n.startswith(h + ".") for h in head)}
+
+
+class TrainedHead:
+    """For a node's model whose new classification head (`self.head`: name -> Parameter) is trained densely
+    and sent as it is (FedKRSO, FedTT): its shapes, a copy of its values, and loading values into it."""
+
+    head: dict[str, nn.Parameter]
+
+    @property
+    def head_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {n: tuple(p.shape) for n, p in self.head.items()}
+
+    def head_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.head.items()}
+
+    @torch.no_grad()
+    def set_head(self, values: dict[str, torch.Tensor]) -> None:
+        for n, p in self.head.items():
+            p.copy_(values[n])

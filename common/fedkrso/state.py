@@ -17,28 +17,16 @@ from safetensors.torch import load_file, save_file
 
 from common.config import RunConfig
 from common.fedkrso.subspace import find_targets, target_shapes
-from common.modeling import LoadedModel, head_parameters, load_model
+from common.modeling import LoadedModel, TrainedHead, head_parameters, load_model
 from common.tasks import get_task
 
 
 @dataclass
-class KrsoModel:
+class KrsoModel(TrainedHead):
     loaded: LoadedModel
     targets: dict[str, torch.nn.Linear]
     shapes: dict[str, tuple[int, int]]  # accumulator shape (d_out, r) per target
     head: dict[str, torch.nn.Parameter]
-
-    @property
-    def head_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {n: tuple(p.shape) for n, p in self.head.items()}
-
-    def head_state(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().clone() for n, p in self.head.items()}
-
-    @torch.no_grad()
-    def set_head(self, values: dict[str, torch.Tensor]) -> None:
-        for n, p in self.head.items():
-            p.copy_(values[n])
 
 
 def build(cfg: RunConfig) -> KrsoModel:

@@ -15,27 +15,15 @@ import torch
 
 from common.config import RunConfig
 from common.fedtt.tt import TTAdapters, find_sites
-from common.modeling import LoadedModel, head_parameters, load_model
+from common.modeling import LoadedModel, TrainedHead, head_parameters, load_model
 from common.tasks import get_task
 
 
 @dataclass
-class TTModel:
+class TTModel(TrainedHead):
     loaded: LoadedModel
     adapters: TTAdapters
     head: dict[str, torch.nn.Parameter]
-
-    @property
-    def head_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {n: tuple(p.shape) for n, p in self.head.items()}
-
-    def head_state(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().clone() for n, p in self.head.items()}
-
-    @torch.no_grad()
-    def set_head(self, values: dict[str, torch.Tensor]) -> None:
-        for n, p in self.head.items():
-            p.copy_(values[n])
 
     def trainable_counts(self) -> dict[str, int]:
         """Numbers trained (and sent) per round by FedTT: cores and head."""
