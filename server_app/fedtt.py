@@ -23,8 +23,8 @@ from common.fedtt.model import TTModel
 from common.fedtt.tt import CoreKey, aggregate, plus_selection
 from common.fedtt.wire import pack_instruction, unpack_reply
 from common.records import RunRecorder
-from common.wire import WireError, content_bytes
-from server_app.strategies import wait_for_nodes
+from common.wire import content_bytes
+from server_app.strategies import checked_replies, wait_for_nodes
 
 
 class FedTT(Strategy):
@@ -84,24 +84,15 @@ class FedTT(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         selected = self.selected[server_round]
-        accepted, metrics, failures, rejected, bytes_up = [], [], 0, 0, 0
-        for msg in replies:
-            node = msg.metadata.src_node_id
-            if msg.has_error():
-                failures += 1
-                log(WARNING, "node %d failed in round %d: %s", node, server_round, msg.error.reason[-500:])
-                continue
-            bytes_up += content_bytes(msg.content)
-            try:
-                reply = unpack_reply(
-                    msg.content, server_round, selected, self.shapes, self.tm.head_shapes, self.want_scores
-                )
-            except WireError as exc:
-                rejected += 1
-                log(WARNING, "reply of node %d rejected in round %d: %s", node, server_round, exc)
-                continue
-            accepted.append(reply)
-            metrics.append(reply.metrics)
+        checked, failures, rejected, bytes_up = checked_replies(
+            server_round,
+            replies,
+            lambda content: unpack_reply(
+                content, server_round, selected, self.shapes, self.tm.head_shapes, self.want_scores
+            ),
+        )
+        accepted = [reply for _, reply in checked]
+        metrics = [reply.metrics for reply in accepted]
         self.recorder.add_replies(bytes_up, metrics, failures, rejected)
         if not accepted:
             log(WARNING, "round %d: no valid reply, the global adapters are unchanged", server_round)

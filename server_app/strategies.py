@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
+from typing import TypeVar
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
@@ -23,6 +24,8 @@ from common.fedkrso.wire import pack_instruction, unpack_reply
 from common.records import RunRecorder
 from common.wire import WireError, content_bytes, unpack_tensors
 
+T = TypeVar("T")
+
 
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
     deadline = time.monotonic() + timeout
@@ -32,6 +35,30 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
         log(INFO, "Waiting for nodes: %d connected, %d needed", len(nodes), minimum)
         time.sleep(1)
     return nodes
+
+
+def checked_replies(
+    server_round: int, replies: Iterable[Message], unpack: Callable[[RecordDict], T]
+) -> tuple[list[tuple[int, T]], int, int, int]:
+    """(node, unpacked reply) of every reply that unpacks, failures, rejected, bytes up (all replies counted).
+
+    A reply that fails to unpack (WireError) is rejected and logged; the round goes on with the others.
+    """
+    accepted: list[tuple[int, T]] = []
+    failures = rejected = bytes_up = 0
+    for msg in replies:
+        node = msg.metadata.src_node_id
+        if msg.has_error():
+            failures += 1
+            log(WARNING, "node %d failed in round %d: %s", node, server_round, msg.error.reason[-500:])
+            continue
+        bytes_up += content_bytes(msg.content)
+        try:
+            accepted.append((node, unpack(msg.content)))
+        except WireError as exc:
+            rejected += 1
+            log(WARNING, "reply of node %d rejected in round %d: %s", node, server_round, exc)
+    return accepted, failures, rejected, bytes_up
 
 
 class FedKRSO(Strategy):
@@ -75,20 +102,13 @@ class FedKRSO(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        accepted, metrics, failures, rejected, bytes_up = [], [], 0, 0, 0
-        for msg in replies:
-            node = msg.metadata.src_node_id
-            if msg.has_error():
-                failures += 1
-                log(WARNING, "node %d failed in round %d: %s", node, server_round, msg.error.reason[-500:])
-                continue
-            bytes_up += content_bytes(msg.content)
-            try:
-                reply = unpack_reply(msg.content, server_round, self.cfg.krso.k, self.km.shapes, self.km.head_shapes)
-            except WireError as exc:
-                rejected += 1
-                log(WARNING, "reply of node %d rejected in round %d: %s", node, server_round, exc)
-                continue
+        accepted, metrics = [], []
+        checked, failures, rejected, bytes_up = checked_replies(
+            server_round,
+            replies,
+            lambda content: unpack_reply(content, server_round, self.cfg.krso.k, self.km.shapes, self.km.head_shapes),
+        )
+        for node, reply in checked:
             if reply.num_examples == 0:  # sync-only: the node holds an older round than we believed
                 self.node_round[node] = reply.model_round
                 log(INFO, "node %d holds round %d; it gets the log from there next time", node, reply.model_round)
