@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import NodeList
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from common.config import ConfigError, parse_run_config
@@ -27,20 +28,7 @@ from common.records import RunRecorder
 from common.wire import content_bytes
 from server_app.fedtt import FedTT
 
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity  # lets tests build Messages outside a runtime
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-
-
-class NodeList:
-    def __init__(self, nodes):
-        self.nodes = nodes
-
-    def get_node_ids(self):
-        return list(self.nodes)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 NODES = {101: 0, 102: 1, 103: 2}

@@ -11,6 +11,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import NodeList
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from common.config import parse_run_config
@@ -20,22 +21,7 @@ from common.fedkrso.wire import unpack_instruction
 from common.records import RunRecorder
 from server_app.strategies import FedKRSO
 
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity  # lets tests build Messages outside a runtime
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-
-
-class NodeList:
-    """The one Grid call configure_train makes: which nodes are connected."""
-
-    def __init__(self, nodes):
-        self.nodes = nodes
-
-    def get_node_ids(self):
-        return list(self.nodes)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 NODES = {101: 0, 102: 1, 103: 2}  # node id -> partition id
