@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from logging import INFO, WARNING
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
@@ -21,7 +21,7 @@ from common.fedkrso.state import KrsoModel
 from common.fedkrso.subspace import LogEntry, aggregate, apply_update, round_seeds
 from common.fedkrso.wire import pack_instruction, unpack_reply
 from common.records import RunRecorder
-from common.wire import WireError, content_bytes, unpack_tensors
+from common.wire import WireError, content_bytes, sync_only_round, unpack_tensors
 
 
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
@@ -34,27 +34,35 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
     return nodes
 
 
-class FedKRSO(Strategy):
-    """Round t: send K fresh seeds + the log entries each node lacks; average accumulators; apply; log."""
+class LogStrategy(Strategy):
+    """A strategy whose global update is compact and replayed by every node from an update log.
 
-    def __init__(self, cfg: RunConfig, km: KrsoModel, recorder: RunRecorder) -> None:
-        self.cfg, self.km, self.recorder = cfg, km, recorder
-        self.log: list[LogEntry] = []
+    The round trip is the same for FedKRSO, FedSPZO and FedKSeed: send each chosen node this round's
+    instruction plus the log entries it lacks (from the round it is known to hold), check every reply,
+    aggregate the valid ones into one global update, apply it to the server's model and log it. A method
+    supplies the three parts in between: `instruction`, `check_reply`, `update` (and `empty_entry` for a
+    round without valid replies). Malformed replies are rejected and counted; the round goes on.
+    """
+
+    def __init__(self, cfg: RunConfig, recorder: RunRecorder) -> None:
+        self.cfg, self.recorder = cfg, recorder
+        self.log: list = []  # log[i] is the entry of round i + 1
         self.node_round: dict[int, int] = {}  # global round each node is known to hold (absent: 0)
-        self.seeds: dict[int, list[int]] = {}
         self._rng = random.Random(cfg.seed)
 
-    def summary(self) -> None:
-        k = self.cfg.krso
-        log(
-            INFO,
-            "FedKRSO: K=%d seeds/round, rank r=%d, I=%d intervals x J=%d steps, %d target matrices",
-            k.k,
-            k.rank,
-            k.intervals,
-            self.cfg.interval_steps,
-            len(self.km.targets),
-        )
+    def instruction(self, server_round: int, missed: list) -> RecordDict:
+        raise NotImplementedError
+
+    def check_reply(self, content: RecordDict, server_round: int):
+        """The method's checked reply (with `num_examples` and `metrics`); raises WireError if malformed."""
+        raise NotImplementedError
+
+    def update(self, server_round: int, weights: list[float], replies: list):
+        """Aggregate the valid replies (example weights), apply the update to the global model, return its log entry."""
+        raise NotImplementedError
+
+    def empty_entry(self, server_round: int):
+        raise NotImplementedError
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -62,12 +70,9 @@ class FedKRSO(Strategy):
         self.recorder.begin_round(server_round)
         nodes = wait_for_nodes(grid, self.cfg.min_clients, self.cfg.round_timeout)
         chosen = sorted(self._rng.sample(nodes, max(self.cfg.min_clients, int(len(nodes) * self.cfg.fraction_train))))
-        seeds = self.seeds[server_round] = round_seeds(self.cfg.seed, server_round, self.cfg.krso.k)
-        head = self.km.head_state()
         messages = []
         for node in chosen:
-            holds = self.node_round.get(node, 0)
-            content = pack_instruction(server_round, seeds, self.log[holds:], head)  # log[i] is round i + 1
+            content = self.instruction(server_round, self.log[self.node_round.get(node, 0) :])
             self.recorder.add_down(content_bytes(content))
             messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
         return messages
@@ -84,14 +89,15 @@ class FedKRSO(Strategy):
                 continue
             bytes_up += content_bytes(msg.content)
             try:
-                reply = unpack_reply(msg.content, server_round, self.cfg.krso.k, self.km.shapes, self.km.head_shapes)
+                held = sync_only_round(msg.content)
+                if held is not None and held <= server_round - 1:
+                    self.node_round[node] = held
+                    log(INFO, "node %d holds round %d; it gets the log from there next time", node, held)
+                    continue
+                reply = self.check_reply(msg.content, server_round)
             except WireError as exc:
                 rejected += 1
                 log(WARNING, "reply of node %d rejected in round %d: %s", node, server_round, exc)
-                continue
-            if reply.num_examples == 0:  # sync-only: the node holds an older round than we believed
-                self.node_round[node] = reply.model_round
-                log(INFO, "node %d holds round %d; it gets the log from there next time", node, reply.model_round)
                 continue
             self.node_round[node] = server_round - 1
             accepted.append(reply)
@@ -99,20 +105,12 @@ class FedKRSO(Strategy):
         self.recorder.add_replies(bytes_up, metrics, failures, rejected)
         if not accepted:
             log(WARNING, "round %d: no valid reply, the global model is unchanged", server_round)
-            self.log.append(LogEntry(server_round, tuple(self.seeds[server_round]), {}))
+            self.log.append(self.empty_entry(server_round))
             return None, None
         weights = [float(r.num_examples) for r in accepted]
-        bbar = aggregate(
-            list(zip(weights, (r.accumulators for r in accepted), strict=False)), self.km.shapes, self.cfg.krso.k
-        )
-        seeds = self.seeds[server_round]
-        apply_update(self.km.targets, seeds, bbar, self.cfg.krso.rank)  # W <- W + sum_k Bbar_k P_k
+        self.log.append(self.update(server_round, weights, accepted))
         total = sum(weights)
-        self.km.set_head(
-            {n: sum(w / total * r.head[n] for w, r in zip(weights, accepted, strict=False)) for n in self.km.head}
-        )
-        self.log.append(LogEntry(server_round, tuple(seeds), bbar))
-        mean_loss = sum(w * r.metrics.get("train-loss", 0.0) for w, r in zip(weights, accepted, strict=False)) / total
+        mean_loss = sum(w * r.metrics.get("train-loss", 0.0) for w, r in zip(weights, accepted, strict=True)) / total
         return ArrayRecord(), MetricRecord({"train-loss": mean_loss, "clients": len(accepted)})
 
     def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
@@ -120,6 +118,50 @@ class FedKRSO(Strategy):
 
     def aggregate_evaluate(self, server_round, replies) -> MetricRecord | None:
         return None
+
+
+class FedKRSO(LogStrategy):
+    """Round t: send K fresh seeds + the log entries each node lacks; average accumulators; apply; log."""
+
+    def __init__(self, cfg: RunConfig, km: KrsoModel, recorder: RunRecorder) -> None:
+        super().__init__(cfg, recorder)
+        self.km = km
+
+    def summary(self) -> None:
+        k = self.cfg.krso
+        log(
+            INFO,
+            "FedKRSO: K=%d seeds/round, rank r=%d, I=%d intervals x J=%d steps, %d target matrices",
+            k.k,
+            k.rank,
+            k.intervals,
+            self.cfg.interval_steps,
+            len(self.km.targets),
+        )
+
+    def _seeds(self, server_round: int) -> list[int]:
+        return round_seeds(self.cfg.seed, server_round, self.cfg.krso.k)
+
+    def instruction(self, server_round: int, missed: list) -> RecordDict:
+        return pack_instruction(server_round, self._seeds(server_round), missed, self.km.head_state())
+
+    def check_reply(self, content: RecordDict, server_round: int):
+        return unpack_reply(content, server_round, self.cfg.krso.k, self.km.shapes, self.km.head_shapes)
+
+    def empty_entry(self, server_round: int) -> LogEntry:
+        return LogEntry(server_round, tuple(self._seeds(server_round)), {})
+
+    def update(self, server_round: int, weights: list[float], replies: list) -> LogEntry:
+        bbar = aggregate(
+            list(zip(weights, (r.accumulators for r in replies), strict=True)), self.km.shapes, self.cfg.krso.k
+        )
+        seeds = self._seeds(server_round)
+        apply_update(self.km.targets, seeds, bbar, self.cfg.krso.rank)  # W <- W + sum_k Bbar_k P_k
+        total = sum(weights)
+        self.km.set_head(
+            {n: sum(w / total * r.head[n] for w, r in zip(weights, replies, strict=True)) for n in self.km.head}
+        )
+        return LogEntry(server_round, tuple(seeds), bbar)
 
 
 def _finite_like(msg: Message, reference: ArrayRecord) -> None:
