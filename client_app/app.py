@@ -19,6 +19,8 @@ app = ClientApp()
 CLIENTS = {
     "fedkrso": "common.fedkrso.client",
     "fedavg": "common.fedavg.client",
+    "fedspzo": "common.fedspzo.client",
+    "fedkseed": "common.fedkseed.client",
 }
 
 

@@ -81,3 +81,11 @@ def checked_metrics(content: RecordDict, server_round: int) -> tuple[int, dict[s
     if not all(np.isfinite(v) for v in values.values()):
         raise WireError("metrics contain NaN or Inf")
     return n, values
+
+
+def log_first(log, server_round: int) -> int:
+    """The first round of the update-log entries sent with round `server_round` (which must be consecutive)."""
+    first = log[0].round if log else server_round
+    if [e.round for e in log] != list(range(first, first + len(log))):
+        raise ValueError("update log entries must be consecutive rounds")
+    return first

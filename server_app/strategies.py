@@ -1,4 +1,4 @@
-"""Server strategies: FedKRSO (seed broadcast, accumulator aggregation, update log) and FedAvg with records.
+"""Server strategies: FedKRSO, FedSPZO, FedKSeed (update-log methods) and FedAvg with records.
 
 Both stay thin: the mathematics is in common.fedkrso.subspace, the wire format in common.fedkrso.wire.
 """
@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterable
 from logging import INFO, WARNING
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
@@ -20,8 +21,15 @@ from common.config import RunConfig
 from common.fedkrso.state import KrsoModel
 from common.fedkrso.subspace import LogEntry, aggregate, apply_update, round_seeds
 from common.fedkrso.wire import pack_instruction, unpack_reply
+from common.fedkseed import kseed
+from common.fedkseed import wire as kseed_wire
+from common.fedkseed.kseed import KseedModel
+from common.fedspzo import spzo
+from common.fedspzo import wire as spzo_wire
+from common.fedspzo.spzo import SpzoModel
 from common.records import RunRecorder
 from common.wire import WireError, content_bytes, sync_only_round, unpack_tensors
+from common.zeroorder import aggregate_scalars
 
 
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
@@ -162,6 +170,91 @@ class FedKRSO(LogStrategy):
             {n: sum(w / total * r.head[n] for w, r in zip(weights, replies, strict=True)) for n in self.km.head}
         )
         return LogEntry(server_round, tuple(seeds), bbar)
+
+
+class FedSPZO(LogStrategy):
+    """Round t: send the round seed ρ_t (+ the log a node lacks); average the scalars per (step, perturbation); replay."""
+
+    def __init__(self, cfg: RunConfig, sm: SpzoModel, recorder: RunRecorder) -> None:
+        super().__init__(cfg, recorder)
+        self.sm = sm
+
+    def summary(self) -> None:
+        c = self.cfg
+        log(
+            INFO,
+            "FedSPZO: split at block %d (%d + %d perturbed numbers), P1=%d, P2=%d, %d steps, eps=%g, lr=%g",
+            c.spzo.split_layer,
+            self.sm.pert1.numel,
+            self.sm.pert2.numel,
+            c.spzo.p1,
+            c.spzo.p2,
+            c.train.local_steps,
+            c.zo.eps,
+            c.zo.lr,
+        )
+
+    def instruction(self, server_round: int, missed: list) -> RecordDict:
+        return spzo_wire.pack_instruction(
+            server_round, spzo.round_seed(self.cfg.seed, server_round), self.cfg.zo.lr, missed
+        )
+
+    def check_reply(self, content: RecordDict, server_round: int):
+        c = self.cfg
+        return spzo_wire.unpack_reply(content, server_round, c.spzo.p1, c.spzo.p2, c.train.local_steps)
+
+    def empty_entry(self, server_round: int) -> spzo.LogEntry:
+        c = self.cfg
+        rho = spzo.round_seed(c.seed, server_round)
+        return spzo.LogEntry(
+            server_round, rho, c.zo.lr, np.zeros((0, c.spzo.p1), np.float32), np.zeros((0, c.spzo.p2), np.float32)
+        )
+
+    def update(self, server_round: int, weights: list[float], replies: list) -> spzo.LogEntry:
+        entry = spzo.LogEntry(
+            server_round,
+            spzo.round_seed(self.cfg.seed, server_round),
+            self.cfg.zo.lr,
+            aggregate_scalars(weights, [r.g1 for r in replies]),
+            aggregate_scalars(weights, [r.g2 for r in replies]),
+        )
+        spzo.replay(self.sm, entry)
+        return entry
+
+
+class FedKSeed(LogStrategy):
+    """Round t: send the log a node lacks (K candidate seeds are fixed); average G per seed; replay."""
+
+    def __init__(self, cfg: RunConfig, km: KseedModel, recorder: RunRecorder) -> None:
+        super().__init__(cfg, recorder)
+        self.km = km
+
+    def summary(self) -> None:
+        c = self.cfg
+        log(
+            INFO,
+            "FedKSeed: K=%d candidate seeds, %d perturbation(s)/step over %d numbers, %d steps, eps=%g, lr=%g",
+            c.kseed.k,
+            c.kseed.perturbations,
+            self.km.pert.numel,
+            c.train.local_steps,
+            c.zo.eps,
+            c.zo.lr,
+        )
+
+    def instruction(self, server_round: int, missed: list) -> RecordDict:
+        return kseed_wire.pack_instruction(server_round, self.cfg.zo.lr, missed)
+
+    def check_reply(self, content: RecordDict, server_round: int):
+        return kseed_wire.unpack_reply(content, server_round, self.cfg.kseed.k)
+
+    def empty_entry(self, server_round: int) -> kseed.LogEntry:
+        return kseed.LogEntry(server_round, self.cfg.zo.lr, np.zeros(self.cfg.kseed.k, np.float32))
+
+    def update(self, server_round: int, weights: list[float], replies: list) -> kseed.LogEntry:
+        entry = kseed.LogEntry(server_round, self.cfg.zo.lr, aggregate_scalars(weights, [r.scalars for r in replies]))
+        kseed.replay(self.km, entry, self.cfg.kseed.perturbations)
+        return entry
 
 
 def _finite_like(msg: Message, reference: ArrayRecord) -> None:

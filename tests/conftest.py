@@ -54,3 +54,21 @@ def glue_dir() -> str:
     if not os.path.isdir(GLUE):
         pytest.skip(f"GLUE folder not found at {GLUE}: set GLUE_DIR")
     return os.path.abspath(GLUE)
+
+
+@pytest.fixture
+def task_identity():
+    """Lets tests build Flower Messages outside a runtime (the runtime normally sets these)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+
+
+class NodeList:
+    """The one Grid call the strategies' configure_train makes: which nodes are connected."""
+
+    def __init__(self, nodes):
+        self.nodes = nodes
+
+    def get_node_ids(self):
+        return list(self.nodes)

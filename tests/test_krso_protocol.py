@@ -20,23 +20,9 @@ from common.fedkrso.wire import unpack_instruction
 from common.nodestore import STATE_DIR_ENV, NodeStore, state_dir
 from common.records import RunRecorder
 from server_app.strategies import FedKRSO
+from tests.conftest import NodeList
 
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity  # lets tests build Messages outside a runtime
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-
-
-class NodeList:
-    """The one Grid call configure_train makes: which nodes are connected."""
-
-    def __init__(self, nodes):
-        self.nodes = nodes
-
-    def get_node_ids(self):
-        return list(self.nodes)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 NODES = {101: 0, 102: 1, 103: 2}  # node id -> partition id
