@@ -10,7 +10,7 @@ CLIENTS ?= 10
 ROUNDS ?= 3
 RUN_CONFIG ?=
 
-.PHONY: install run test test-fast bench lint clean
+.PHONY: install run test test-fast bench bench-zo lint clean
 
 $(BIN)/.installed: pyproject.toml requirements.txt
 	$(PY) -m venv $(VENV)
@@ -32,6 +32,9 @@ test-fast: install
 
 bench: install
 	GLUE_DIR="$(GLUE_DIR)" $(BIN)/python bench/krso_vs_fedavg.py
+
+bench-zo: install
+	GLUE_DIR="$(GLUE_DIR)" $(BIN)/python bench/zero_order.py $(BENCH_ARGS)
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

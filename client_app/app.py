@@ -22,6 +22,8 @@ CLIENTS = {
     "fedtt": "common.fedtt.client",
     "fedtt-plus": "common.fedtt.client",
     "fedavg-lora": "common.lora.client",
+    "fedspzo": "common.fedspzo.client",
+    "fedkseed": "common.fedkseed.client",
 }
 
 

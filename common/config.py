@@ -12,9 +12,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-METHODS = ("fedkrso", "fedavg")
+METHODS = ("fedkrso", "fedavg", "fedspzo", "fedkseed")
+ZERO_ORDER = ("fedspzo", "fedkseed")  # forward passes only; updates replayed from (seed, scalar)
 PARTITIONINGS = ("iid", "dirichlet")
-OPTIMIZERS = ("adam", "sgd")
+OPTIMIZERS = ("auto", "adam", "sgd")  # auto: Adam for first-order methods, plain SGD for zero-order ones
 
 
 class ConfigError(ValueError):
@@ -26,7 +27,7 @@ class TrainConfig:
     local_steps: int = 20
     batch_size: int = 16
     lr: float = 5e-5
-    optimizer: str = "adam"
+    optimizer: str = "auto"
     weight_decay: float = 0.0
     max_length: int = 128
 
@@ -69,6 +70,29 @@ class LoraConfig:
 
 
 @dataclass(frozen=True)
+class ZoConfig:
+    """Zero-order settings shared by FedSPZO and FedKSeed (see common/zeroorder.py)."""
+
+    lr: float = 1e-4  # η, constant: every node replays θ <- θ - η g z with the η of the update log
+    eps: float = 1e-3  # ε of the two-sided estimate
+    distribution: str = "rademacher"  # or "gaussian"
+    perturb_embeddings: bool = False  # the token/position embedding tables stay frozen by default
+
+
+@dataclass(frozen=True)
+class SpzoConfig:
+    split_layer: int = 4  # block 1 = embeddings + transformer blocks [0, split-layer); block 2 = the rest
+    p1: int = 1  # perturbations of block 1 per step (each runs the whole network twice)
+    p2: int = 8  # perturbations of block 2 per step (each runs only block 2 twice, on cached h0)
+
+
+@dataclass(frozen=True)
+class KseedConfig:
+    k: int = 4096  # candidate seeds, fixed for the run
+    perturbations: int = 1  # whole-model perturbations per local step, each with a seed drawn from the K
+
+
+@dataclass(frozen=True)
 class RunConfig:
     method: str = "fedkrso"
     task: str = "sst2"
@@ -88,6 +112,9 @@ class RunConfig:
     krso: KrsoConfig = field(default_factory=KrsoConfig)
     tt: TTConfig = field(default_factory=TTConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    zo: ZoConfig = field(default_factory=ZoConfig)
+    spzo: SpzoConfig = field(default_factory=SpzoConfig)
+    kseed: KseedConfig = field(default_factory=KseedConfig)
 
     @property
     def interval_steps(self) -> int:
@@ -212,6 +239,30 @@ def validate(cfg: RunConfig) -> None:
     need(k.rank >= 1, f"krso.rank must be >= 1, got {k.rank}")
     need(k.intervals >= 1, f"krso.intervals must be >= 1, got {k.intervals}")
     need(k.targets.strip() != "", "krso.targets must be 'all-linear' or a comma list of names")
+    z = cfg.zo
+    need(z.lr > 0, f"zo.lr must be > 0, got {z.lr}")
+    need(z.eps > 0, f"zo.eps must be > 0, got {z.eps}")
+    need(z.distribution in ("rademacher", "gaussian"), "zo.distribution must be 'rademacher' or 'gaussian'")
+    need(cfg.spzo.split_layer >= 1, f"spzo.split-layer must be >= 1, got {cfg.spzo.split_layer}")
+    need(cfg.spzo.p1 >= 1 and cfg.spzo.p2 >= 1, "spzo.p1 and spzo.p2 must be >= 1 (perturbations per step)")
+    need(cfg.kseed.k >= 1, f"kseed.k (candidate seeds) must be >= 1, got {cfg.kseed.k}")
+    need(cfg.kseed.k <= 2**31 - 1, "kseed.k must fit an int32 seed index")
+    need(cfg.kseed.perturbations >= 1, "kseed.perturbations must be >= 1")
+    if cfg.method in ZERO_ORDER:
+        replay = (
+            f"{cfg.method} sends only scalars: every node rebuilds the model by replaying θ <- θ - η·g·z(seed) "
+            "with the constant η = zo.lr of the update log"
+        )
+        need(
+            t.optimizer in ("auto", "sgd"),
+            f"train.optimizer '{t.optimizer}' breaks replay: {replay}, and an adaptive optimizer's state cannot "
+            "be rebuilt from the scalars. Use train.optimizer = 'auto' (plain SGD for zero-order methods)",
+        )
+        need(
+            t.weight_decay == 0,
+            f"train.weight-decay = {t.weight_decay} breaks replay: {replay}, so a decay applied outside "
+            "the logged update would make the server's model and the clients' differ. Set train.weight-decay = 0",
+        )
     if cfg.method == "fedkrso":
         need(
             t.local_steps % k.intervals == 0,

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
 
 class WireError(ValueError):
@@ -56,3 +56,36 @@ def unpack_tensors(where: str, rec: ArrayRecord, shapes: Mapping[str, tuple[int,
         missing, extra = sorted(set(shapes) - set(rec.keys())), sorted(set(rec.keys()) - set(shapes))
         raise WireError(f"{where}: keys differ from the expected ones (missing {missing[:3]}, unexpected {extra[:3]})")
     return {k: checked_tensor(f"{where}[{k}]", rec[k], shapes[k]) for k in shapes}
+
+
+def sync_only_round(content: RecordDict) -> int | None:
+    """The round a "sync-only" reply says its node holds (see common.nodestore), or None for a normal reply."""
+    metrics = content.get("metrics")
+    if not isinstance(metrics, MetricRecord) or not metrics.get("sync-only", 0):
+        return None
+    held = metrics.get("model-round")
+    if not isinstance(held, int) or held < 0:
+        raise WireError(f"sync-only reply with model-round {held!r}: expected an int >= 0")
+    return held
+
+
+def checked_metrics(content: RecordDict, server_round: int) -> tuple[int, dict[str, float]]:
+    """(num-examples, numeric metrics) of a training reply that trained from global round server_round - 1."""
+    metrics = require(content, "metrics", MetricRecord)
+    n = metrics.get("num-examples")
+    if not isinstance(n, int) or n <= 0:
+        raise WireError(f"num-examples must be a positive int, got {n!r}")
+    if metrics.get("model-round") != server_round - 1:
+        raise WireError(f"client trained from round {metrics.get('model-round')!r}, expected {server_round - 1}")
+    values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    if not all(np.isfinite(v) for v in values.values()):
+        raise WireError("metrics contain NaN or Inf")
+    return n, values
+
+
+def log_first(log, server_round: int) -> int:
+    """The first round of the update-log entries sent with round `server_round` (which must be consecutive)."""
+    first = log[0].round if log else server_round
+    if [e.round for e in log] != list(range(first, first + len(log))):
+        raise ValueError("update log entries must be consecutive rounds")
+    return first

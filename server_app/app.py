@@ -80,12 +80,30 @@ def _fedavg_lora(cfg: RunConfig, recorder: RunRecorder) -> ServerSetup:
     )
 
 
+def _fedspzo(cfg: RunConfig, recorder: RunRecorder) -> ServerSetup:
+    from common.fedspzo.spzo import build
+    from server_app.strategies import FedSPZO
+
+    sm = build(cfg)
+    return ServerSetup(sm.zo.loaded.model, FedSPZO(cfg, sm, recorder), ArrayRecord())
+
+
+def _fedkseed(cfg: RunConfig, recorder: RunRecorder) -> ServerSetup:
+    from common.fedkseed.kseed import build
+    from server_app.strategies import FedKSeed
+
+    km = build(cfg)
+    return ServerSetup(km.zo.loaded.model, FedKSeed(cfg, km, recorder), ArrayRecord())
+
+
 SETUPS: dict[str, Callable[[RunConfig, RunRecorder], ServerSetup]] = {
     "fedkrso": _fedkrso,
     "fedavg": _fedavg,
     "fedtt": _fedtt,
     "fedtt-plus": _fedtt,
     "fedavg-lora": _fedavg_lora,
+    "fedspzo": _fedspzo,
+    "fedkseed": _fedkseed,
 }
 
 

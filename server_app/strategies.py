@@ -1,4 +1,4 @@
-"""Server strategies: FedKRSO (seed broadcast, accumulator aggregation, update log) and FedAvg with records.
+"""Server strategies: FedKRSO, FedSPZO, FedKSeed (update-log methods) and FedAvg with records.
 
 Both stay thin: the mathematics is in common.fedkrso.subspace, the wire format in common.fedkrso.wire.
 """
@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 from typing import TypeVar
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
@@ -21,8 +22,15 @@ from common.config import RunConfig
 from common.fedkrso.state import KrsoModel
 from common.fedkrso.subspace import LogEntry, aggregate, apply_update, round_seeds
 from common.fedkrso.wire import pack_instruction, unpack_reply
+from common.fedkseed import kseed
+from common.fedkseed import wire as kseed_wire
+from common.fedkseed.kseed import KseedModel
+from common.fedspzo import spzo
+from common.fedspzo import wire as spzo_wire
+from common.fedspzo.spzo import SpzoModel
 from common.records import RunRecorder
-from common.wire import WireError, content_bytes, unpack_tensors
+from common.wire import WireError, content_bytes, sync_only_round, unpack_tensors
+from common.zeroorder import aggregate_scalars
 
 T = TypeVar("T")
 
@@ -61,15 +69,92 @@ def checked_replies(
     return accepted, failures, rejected, bytes_up
 
 
-class FedKRSO(Strategy):
+class LogStrategy(Strategy):
+    """A strategy whose global update is compact and replayed by every node from an update log.
+
+    The round trip is the same for FedKRSO, FedSPZO and FedKSeed: send each chosen node this round's
+    instruction plus the log entries it lacks (from the round it is known to hold), check every reply,
+    aggregate the valid ones into one global update, apply it to the server's model and log it. A method
+    supplies the three parts in between: `instruction`, `check_reply`, `update` (and `empty_entry` for a
+    round without valid replies). Malformed replies are rejected and counted; the round goes on.
+    """
+
+    def __init__(self, cfg: RunConfig, recorder: RunRecorder) -> None:
+        self.cfg, self.recorder = cfg, recorder
+        self.log: list = []  # log[i] is the entry of round i + 1
+        self.node_round: dict[int, int] = {}  # global round each node is known to hold (absent: 0)
+        self._rng = random.Random(cfg.seed)
+
+    def instruction(self, server_round: int, missed: list) -> RecordDict:
+        raise NotImplementedError
+
+    def check_reply(self, content: RecordDict, server_round: int):
+        """The method's checked reply (with `num_examples` and `metrics`); raises WireError if malformed."""
+        raise NotImplementedError
+
+    def update(self, server_round: int, weights: list[float], replies: list):
+        """Aggregate the valid replies (example weights), apply the update to the global model, return its log entry."""
+        raise NotImplementedError
+
+    def empty_entry(self, server_round: int):
+        raise NotImplementedError
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.recorder.begin_round(server_round)
+        nodes = wait_for_nodes(grid, self.cfg.min_clients, self.cfg.round_timeout)
+        chosen = sorted(self._rng.sample(nodes, max(self.cfg.min_clients, int(len(nodes) * self.cfg.fraction_train))))
+        messages = []
+        for node in chosen:
+            content = self.instruction(server_round, self.log[self.node_round.get(node, 0) :])
+            self.recorder.add_down(content_bytes(content))
+            messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        def unpack(content: RecordDict):
+            held = sync_only_round(content)
+            if held is not None and held <= server_round - 1:
+                return "sync", held
+            return "reply", self.check_reply(content, server_round)
+
+        checked, failures, rejected, bytes_up = checked_replies(server_round, replies, unpack)
+        accepted, metrics = [], []
+        for node, (kind, reply) in checked:
+            if kind == "sync":  # the node holds an older round than we believed
+                self.node_round[node] = reply
+                log(INFO, "node %d holds round %d; it gets the log from there next time", node, reply)
+                continue
+            self.node_round[node] = server_round - 1
+            accepted.append(reply)
+            metrics.append(reply.metrics)
+        self.recorder.add_replies(bytes_up, metrics, failures, rejected)
+        if not accepted:
+            log(WARNING, "round %d: no valid reply, the global model is unchanged", server_round)
+            self.log.append(self.empty_entry(server_round))
+            return None, None
+        weights = [float(r.num_examples) for r in accepted]
+        self.log.append(self.update(server_round, weights, accepted))
+        total = sum(weights)
+        mean_loss = sum(w * r.metrics.get("train-loss", 0.0) for w, r in zip(weights, accepted, strict=True)) / total
+        return ArrayRecord(), MetricRecord({"train-loss": mean_loss, "clients": len(accepted)})
+
+    def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
+        return []  # evaluation is server-side, on the dev split
+
+    def aggregate_evaluate(self, server_round, replies) -> MetricRecord | None:
+        return None
+
+
+class FedKRSO(LogStrategy):
     """Round t: send K fresh seeds + the log entries each node lacks; average accumulators; apply; log."""
 
     def __init__(self, cfg: RunConfig, km: KrsoModel, recorder: RunRecorder) -> None:
-        self.cfg, self.km, self.recorder = cfg, km, recorder
-        self.log: list[LogEntry] = []
-        self.node_round: dict[int, int] = {}  # global round each node is known to hold (absent: 0)
-        self.seeds: dict[int, list[int]] = {}
-        self._rng = random.Random(cfg.seed)
+        super().__init__(cfg, recorder)
+        self.km = km
 
     def summary(self) -> None:
         k = self.cfg.krso
@@ -83,63 +168,114 @@ class FedKRSO(Strategy):
             len(self.km.targets),
         )
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        self.recorder.begin_round(server_round)
-        nodes = wait_for_nodes(grid, self.cfg.min_clients, self.cfg.round_timeout)
-        chosen = sorted(self._rng.sample(nodes, max(self.cfg.min_clients, int(len(nodes) * self.cfg.fraction_train))))
-        seeds = self.seeds[server_round] = round_seeds(self.cfg.seed, server_round, self.cfg.krso.k)
-        head = self.km.head_state()
-        messages = []
-        for node in chosen:
-            holds = self.node_round.get(node, 0)
-            content = pack_instruction(server_round, seeds, self.log[holds:], head)  # log[i] is round i + 1
-            self.recorder.add_down(content_bytes(content))
-            messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
-        return messages
+    def _seeds(self, server_round: int) -> list[int]:
+        return round_seeds(self.cfg.seed, server_round, self.cfg.krso.k)
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        accepted, metrics = [], []
-        checked, failures, rejected, bytes_up = checked_replies(
-            server_round,
-            replies,
-            lambda content: unpack_reply(content, server_round, self.cfg.krso.k, self.km.shapes, self.km.head_shapes),
-        )
-        for node, reply in checked:
-            if reply.num_examples == 0:  # sync-only: the node holds an older round than we believed
-                self.node_round[node] = reply.model_round
-                log(INFO, "node %d holds round %d; it gets the log from there next time", node, reply.model_round)
-                continue
-            self.node_round[node] = server_round - 1
-            accepted.append(reply)
-            metrics.append(reply.metrics)
-        self.recorder.add_replies(bytes_up, metrics, failures, rejected)
-        if not accepted:
-            log(WARNING, "round %d: no valid reply, the global model is unchanged", server_round)
-            self.log.append(LogEntry(server_round, tuple(self.seeds[server_round]), {}))
-            return None, None
-        weights = [float(r.num_examples) for r in accepted]
+    def instruction(self, server_round: int, missed: list) -> RecordDict:
+        return pack_instruction(server_round, self._seeds(server_round), missed, self.km.head_state())
+
+    def check_reply(self, content: RecordDict, server_round: int):
+        return unpack_reply(content, server_round, self.cfg.krso.k, self.km.shapes, self.km.head_shapes)
+
+    def empty_entry(self, server_round: int) -> LogEntry:
+        return LogEntry(server_round, tuple(self._seeds(server_round)), {})
+
+    def update(self, server_round: int, weights: list[float], replies: list) -> LogEntry:
         bbar = aggregate(
-            list(zip(weights, (r.accumulators for r in accepted), strict=False)), self.km.shapes, self.cfg.krso.k
+            list(zip(weights, (r.accumulators for r in replies), strict=True)), self.km.shapes, self.cfg.krso.k
         )
-        seeds = self.seeds[server_round]
+        seeds = self._seeds(server_round)
         apply_update(self.km.targets, seeds, bbar, self.cfg.krso.rank)  # W <- W + sum_k Bbar_k P_k
         total = sum(weights)
         self.km.set_head(
-            {n: sum(w / total * r.head[n] for w, r in zip(weights, accepted, strict=False)) for n in self.km.head}
+            {n: sum(w / total * r.head[n] for w, r in zip(weights, replies, strict=True)) for n in self.km.head}
         )
-        self.log.append(LogEntry(server_round, tuple(seeds), bbar))
-        mean_loss = sum(w * r.metrics.get("train-loss", 0.0) for w, r in zip(weights, accepted, strict=False)) / total
-        return ArrayRecord(), MetricRecord({"train-loss": mean_loss, "clients": len(accepted)})
+        return LogEntry(server_round, tuple(seeds), bbar)
 
-    def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
-        return []  # evaluation is server-side, on the dev split
 
-    def aggregate_evaluate(self, server_round, replies) -> MetricRecord | None:
-        return None
+class FedSPZO(LogStrategy):
+    """Round t: send the round seed ρ_t (+ the log a node lacks); average the scalars per (step, perturbation); replay."""
+
+    def __init__(self, cfg: RunConfig, sm: SpzoModel, recorder: RunRecorder) -> None:
+        super().__init__(cfg, recorder)
+        self.sm = sm
+
+    def summary(self) -> None:
+        c = self.cfg
+        log(
+            INFO,
+            "FedSPZO: split at block %d (%d + %d perturbed numbers), P1=%d, P2=%d, %d steps, eps=%g, lr=%g",
+            c.spzo.split_layer,
+            self.sm.pert1.numel,
+            self.sm.pert2.numel,
+            c.spzo.p1,
+            c.spzo.p2,
+            c.train.local_steps,
+            c.zo.eps,
+            c.zo.lr,
+        )
+
+    def instruction(self, server_round: int, missed: list) -> RecordDict:
+        return spzo_wire.pack_instruction(
+            server_round, spzo.round_seed(self.cfg.seed, server_round), self.cfg.zo.lr, missed
+        )
+
+    def check_reply(self, content: RecordDict, server_round: int):
+        c = self.cfg
+        return spzo_wire.unpack_reply(content, server_round, c.spzo.p1, c.spzo.p2, c.train.local_steps)
+
+    def empty_entry(self, server_round: int) -> spzo.LogEntry:
+        c = self.cfg
+        rho = spzo.round_seed(c.seed, server_round)
+        return spzo.LogEntry(
+            server_round, rho, c.zo.lr, np.zeros((0, c.spzo.p1), np.float32), np.zeros((0, c.spzo.p2), np.float32)
+        )
+
+    def update(self, server_round: int, weights: list[float], replies: list) -> spzo.LogEntry:
+        entry = spzo.LogEntry(
+            server_round,
+            spzo.round_seed(self.cfg.seed, server_round),
+            self.cfg.zo.lr,
+            aggregate_scalars(weights, [r.g1 for r in replies]),
+            aggregate_scalars(weights, [r.g2 for r in replies]),
+        )
+        spzo.replay(self.sm, entry)
+        return entry
+
+
+class FedKSeed(LogStrategy):
+    """Round t: send the log a node lacks (K candidate seeds are fixed); average G per seed; replay."""
+
+    def __init__(self, cfg: RunConfig, km: KseedModel, recorder: RunRecorder) -> None:
+        super().__init__(cfg, recorder)
+        self.km = km
+
+    def summary(self) -> None:
+        c = self.cfg
+        log(
+            INFO,
+            "FedKSeed: K=%d candidate seeds, %d perturbation(s)/step over %d numbers, %d steps, eps=%g, lr=%g",
+            c.kseed.k,
+            c.kseed.perturbations,
+            self.km.pert.numel,
+            c.train.local_steps,
+            c.zo.eps,
+            c.zo.lr,
+        )
+
+    def instruction(self, server_round: int, missed: list) -> RecordDict:
+        return kseed_wire.pack_instruction(server_round, self.cfg.zo.lr, missed)
+
+    def check_reply(self, content: RecordDict, server_round: int):
+        return kseed_wire.unpack_reply(content, server_round, self.cfg.kseed.k)
+
+    def empty_entry(self, server_round: int) -> kseed.LogEntry:
+        return kseed.LogEntry(server_round, self.cfg.zo.lr, np.zeros(self.cfg.kseed.k, np.float32))
+
+    def update(self, server_round: int, weights: list[float], replies: list) -> kseed.LogEntry:
+        entry = kseed.LogEntry(server_round, self.cfg.zo.lr, aggregate_scalars(weights, [r.scalars for r in replies]))
+        kseed.replay(self.km, entry, self.cfg.kseed.perturbations)
+        return entry
 
 
 def _finite_like(msg: Message, reference: ArrayRecord) -> None:

@@ -58,14 +58,14 @@ def glue_dir() -> str:
 
 @pytest.fixture
 def task_identity():
-    """Lets tests build Flower Messages outside a runtime (what the runtime's TaskIdentity would hold)."""
+    """Lets tests build Flower Messages outside a runtime (the runtime normally sets these)."""
     from flwr.supercore.task_identity import TaskIdentity
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
 
 
 class NodeList:
-    """The one Grid call a strategy's configure_train makes: which nodes are connected."""
+    """The one Grid call the strategies' configure_train makes: which nodes are connected."""
 
     def __init__(self, nodes):
         self.nodes = nodes

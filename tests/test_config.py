@@ -32,7 +32,7 @@ def test_types_are_coerced_and_checked():
 @pytest.mark.parametrize(
     "overrides, fragment",
     [
-        ({"method": "fedsgd"}, "method 'fedsgd' is unknown; choose one of: fedkrso, fedavg"),
+        ({"method": "fedsgd"}, "method 'fedsgd' is unknown; choose one of: fedkrso, fedavg, fedspzo, fedkseed"),
         ({"task": "mnli"}, "task 'mnli' is unknown"),
         ({"krso.k": 0}, "krso.k"),
         ({"krso.rank": 0}, "krso.rank must be >= 1"),
@@ -76,3 +76,32 @@ def test_every_method_has_a_server_and_a_client():
     from server_app.app import SETUPS
 
     assert set(METHODS) == set(SETUPS) == set(CLIENTS)
+
+
+@pytest.mark.parametrize("method", ["fedspzo", "fedkseed"])
+def test_zero_order_methods_refuse_what_breaks_replay(method):
+    assert parse_run_config({"method": method}).train.optimizer == "auto"  # plain SGD for zero-order
+    assert parse_run_config({"method": method, "train.optimizer": "sgd"}).method == method
+    with pytest.raises(ConfigError, match="train.optimizer 'adam' breaks replay.*constant η = zo.lr"):
+        parse_run_config({"method": method, "train.optimizer": "adam"})
+    with pytest.raises(ConfigError, match="train.weight-decay = 0.01 breaks replay"):
+        parse_run_config({"method": method, "train.weight-decay": 0.01})
+    # First-order methods keep their optimizer state locally: Adam and weight decay are theirs to use.
+    assert parse_run_config({"method": "fedkrso", "train.optimizer": "adam", "train.weight-decay": 0.01})
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        ({"zo.lr": 0}, "zo.lr must be > 0"),
+        ({"zo.eps": -1e-3}, "zo.eps must be > 0"),
+        ({"zo.distribution": "uniform"}, "zo.distribution must be"),
+        ({"spzo.p2": 0}, "spzo.p1 and spzo.p2 must be >= 1"),
+        ({"spzo.split-layer": 0}, "spzo.split-layer must be >= 1"),
+        ({"kseed.k": 0}, "kseed.k"),
+        ({"kseed.perturbations": 0}, "kseed.perturbations must be >= 1"),
+    ],
+)
+def test_impossible_zero_order_settings_are_refused(overrides, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        parse_run_config({"method": "fedspzo", **overrides})

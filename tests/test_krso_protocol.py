@@ -11,15 +11,16 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import NodeList
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from common.config import parse_run_config
 from common.fedkrso import client as kc
-from common.fedkrso.state import NodeStore, build, fingerprint
+from common.fedkrso.state import build, fingerprint
 from common.fedkrso.wire import unpack_instruction
+from common.nodestore import STATE_DIR_ENV, NodeStore, state_dir
 from common.records import RunRecorder
 from server_app.strategies import FedKRSO
+from tests.conftest import NodeList
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -45,12 +46,12 @@ def client_round(cfg, msg, run_id=1):
 
 def held_weights(cfg, node, run_id=1):
     km = build(cfg)
-    store = NodeStore(kc.state_dir({}, run_id, node), fingerprint(cfg))
-    return store.load(km), {n: m.weight.detach().clone() for n, m in km.targets.items()}
+    store = NodeStore(state_dir({}, run_id, node), "fedkrso-state", fingerprint(cfg))
+    return store.load(km.target_weights()), {n: m.weight.detach().clone() for n, m in km.targets.items()}
 
 
 def test_server_and_clients_agree_after_dropouts_and_catch_up(tiny_bert, glue_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv(kc.STATE_DIR_ENV, str(tmp_path / "nodes"))
+    monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path / "nodes"))
     cfg = make_cfg(tiny_bert, glue_dir, tmp_path)
     km = build(cfg)
     pretrained = {n: m.weight.detach().clone() for n, m in km.targets.items()}
@@ -79,7 +80,7 @@ def test_server_and_clients_agree_after_dropouts_and_catch_up(tiny_bert, glue_di
 
 
 def test_node_that_lost_its_state_is_resynced_from_the_full_log(tiny_bert, glue_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv(kc.STATE_DIR_ENV, str(tmp_path / "nodes"))
+    monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path / "nodes"))
     cfg = make_cfg(tiny_bert, glue_dir, tmp_path)
     km = build(cfg)
     strategy = FedKRSO(cfg, km, RunRecorder(cfg.results_dir, cfg.run_name, cfg.to_flat()))
@@ -87,7 +88,7 @@ def test_node_that_lost_its_state_is_resynced_from_the_full_log(tiny_bert, glue_
     for rnd in (1, 2):
         strategy.aggregate_train(rnd, [client_round(cfg, m) for m in strategy.configure_train(rnd, None, None, grid)])
         strategy.recorder.end_round(rnd, None)
-    os.remove(NodeStore(kc.state_dir({}, 1, 103), fingerprint(cfg)).path)  # node 103's disk was wiped
+    os.remove(NodeStore(state_dir({}, 1, 103), "fedkrso-state", fingerprint(cfg)).path)  # node 103's disk was wiped
     replies = [client_round(cfg, m) for m in strategy.configure_train(3, None, None, grid)]
     strategy.aggregate_train(3, replies)
     assert strategy.node_round[103] == 0  # it said it holds nothing: the next log starts at round 1
@@ -123,7 +124,7 @@ def _corrupt(content: RecordDict, how: str) -> RecordDict:
 
 
 def test_malformed_replies_are_rejected_and_the_round_goes_on(tiny_bert, glue_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv(kc.STATE_DIR_ENV, str(tmp_path / "nodes"))
+    monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path / "nodes"))
     cfg = make_cfg(tiny_bert, glue_dir, tmp_path)
     km = build(cfg)
     strategy = FedKRSO(cfg, km, RunRecorder(cfg.results_dir, cfg.run_name, cfg.to_flat()))
@@ -146,7 +147,7 @@ def test_malformed_replies_are_rejected_and_the_round_goes_on(tiny_bert, glue_di
 
 def test_decoder_model_trains_in_subspaces(tiny_llama, glue_dir, tmp_path, monkeypatch):
     """LLaMA-family decoders: q/k/v/o and the MLP projections are targets, `score` is the head."""
-    monkeypatch.setenv(kc.STATE_DIR_ENV, str(tmp_path / "nodes"))
+    monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path / "nodes"))
     cfg = make_cfg(tiny_llama, glue_dir, tmp_path)
     km = build(cfg)
     assert set(km.head) == {"score.weight"}

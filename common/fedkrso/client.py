@@ -7,39 +7,18 @@ state, trains on a copy in memory, and sends only its per-seed accumulators and 
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
 from flwr.app import RecordDict
 
 from common.config import RunConfig
-from common.fedkrso.state import KrsoModel, NodeStore, build, fingerprint
-from common.fedkrso.subspace import Accumulators, LogEntry, Subspaces, apply_update
-from common.fedkrso.wire import pack_reply, pack_sync_reply, unpack_instruction
+from common.fedkrso.state import KrsoModel, build, fingerprint
+from common.fedkrso.subspace import Accumulators, Subspaces, apply_update
+from common.fedkrso.wire import pack_reply, unpack_instruction
 from common.memory import PeakRSS
+from common.nodestore import NodeStore, reach_round, state_dir, sync_reply
 from common.training import Encoded, client_data, make_optimizer, step_batches, train_steps
-
-STATE_DIR_ENV = "FEDSUBSPACE_STATE_DIR"
-
-
-def state_dir(node_config: dict[str, Any], run_id: int, node_id: int) -> str:
-    """Node config `state-dir`, else $FEDSUBSPACE_STATE_DIR, else ~/.cache/fedsubspace; one folder per run and node."""
-    root = (
-        node_config.get("state-dir")
-        or os.environ.get(STATE_DIR_ENV)
-        or os.path.join(os.path.expanduser("~"), ".cache", "fedsubspace")
-    )
-    return os.path.join(str(root), f"run-{run_id}", f"node-{node_id}")
-
-
-def catch_up(km: KrsoModel, log: list[LogEntry], holds: int, rank: int) -> int:
-    """Apply the entries after round `holds`; returns the round reached."""
-    for entry in log:
-        if entry.round == holds + 1:
-            apply_update(km.targets, entry.seeds, entry.bbar, rank)
-            holds = entry.round
-    return holds
 
 
 def local_update(
@@ -70,17 +49,16 @@ def train(content: RecordDict, cfg: RunConfig, node_config: dict[str, Any], run_
     with PeakRSS() as mem:
         km = build(cfg)
         instr = unpack_instruction(content, cfg.krso.k, km.shapes, km.head_shapes)
-        store = NodeStore(state_dir(node_config, run_id, node_id), fingerprint(cfg))
-        holds = store.load(km)
-        if holds > instr.server_round - 1:  # a state from the future (the server went back): start over
-            store.clear()
-            return pack_sync_reply(0)
-        first = instr.log[0].round if instr.log else instr.server_round
-        if holds + 1 < first:
-            return pack_sync_reply(holds)  # the server resends the log from `holds` next time
-        reached = catch_up(km, instr.log, holds, cfg.krso.rank)
-        if reached != holds:
-            store.save(km, reached)
+        store = NodeStore(state_dir(node_config, run_id, node_id), "fedkrso-state", fingerprint(cfg))
+        ok, reached = reach_round(
+            store,
+            km.target_weights(),
+            instr.server_round,
+            instr.log,
+            lambda e: apply_update(km.targets, e.seeds, e.bbar, cfg.krso.rank),
+        )
+        if not ok:
+            return sync_reply(reached)  # the server resends the log from `reached` next time
         km.set_head(instr.head)
         encoded, data_key = client_data(cfg, node_config)
         n = len(encoded["labels"])

@@ -16,7 +16,6 @@ FedKRSO aggregation equals FedAvg of the clients' (subspace) updates.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,14 +24,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from common.seeds import derive_seed
+
 # (seed index j within the round, target name) -> tensor of shape (d_out, r)
 Accumulators = dict[tuple[int, str], torch.Tensor]
 
 
 def projection_seed(seed: int, name: str) -> int:
-    """A stable 63-bit generator seed for (seed, parameter name); Python's hash() is salted per process."""
-    digest = hashlib.sha256(f"{int(seed)}/{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    """The generator seed of P for (seed, parameter name)."""
+    return derive_seed(int(seed), name)
 
 
 def projection(seed: int, name: str, rank: int, d_in: int) -> torch.Tensor:
@@ -174,6 +174,5 @@ class LogEntry:
 
 def round_seeds(run_seed: int, server_round: int, k: int) -> list[int]:
     """The K seeds of a round, derived from the run seed so that a resumed run draws the same ones."""
-    digest = hashlib.sha256(f"fedkrso-seeds/{run_seed}/{server_round}".encode()).digest()
-    gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    gen = torch.Generator().manual_seed(derive_seed("fedkrso-seeds", run_seed, server_round))
     return [int(s) for s in torch.randint(0, 2**31 - 1, (k,), generator=gen)]

@@ -13,8 +13,8 @@ Client -> server:
   "head"         ArrayRecord  the client's trained head, same keys and shapes as sent
   "metrics"      MetricRecord num-examples (int > 0), model-round (int: the global round the client trained
                               from, must be T-1), train-loss, train-seconds, peak-rss-mb
-A client that cannot reach round T-1 from what it holds plus the log sends only "metrics" with
-model-round = the round it holds and sync-only = 1; the server then resends the log from there next time.
+A client that cannot reach round T-1 from what it holds plus the log sends the sync-only reply of
+common.nodestore ("metrics": model-round = the round it holds, sync-only = 1, num-examples = 0).
 Numbers only: no pickles, no code. Sizes: K * sum_n d_out(n) * r float32 each way, plus the head.
 """
 
@@ -28,7 +28,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from common.fedkrso.subspace import Accumulators, LogEntry
-from common.wire import WireError, checked_tensor, pack_tensors, require, unpack_tensors
+from common.wire import WireError, checked_metrics, checked_tensor, pack_tensors, require, unpack_tensors
 
 
 def pack_instruction(
@@ -105,10 +105,6 @@ def pack_reply(
     )
 
 
-def pack_sync_reply(holds_round: int) -> RecordDict:
-    return RecordDict({"metrics": MetricRecord({"model-round": int(holds_round), "sync-only": 1, "num-examples": 0})})
-
-
 @dataclass
 class Reply:
     num_examples: int
@@ -126,18 +122,7 @@ def unpack_reply(
     head_shapes: Mapping[str, tuple[int, ...]],
 ) -> Reply:
     """A checked reply; raises WireError for anything malformed (wrong keys, shapes, dtypes, NaN...)."""
-    metrics = require(content, "metrics", MetricRecord)
-    try:
-        model_round = int(metrics["model-round"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise WireError("metrics lack an integer 'model-round'") from exc
-    if metrics.get("sync-only", 0):
-        return Reply(0, model_round, {}, {}, {})
-    n = metrics.get("num-examples")
-    if not isinstance(n, int) or n <= 0:
-        raise WireError(f"num-examples must be a positive int, got {n!r}")
-    if model_round != server_round - 1:
-        raise WireError(f"client trained from round {model_round}, expected {server_round - 1}")
+    n, scalars = checked_metrics(content, server_round)
     rec = require(content, "accumulators", ArrayRecord)
     acc: Accumulators = {}
     for key in rec:
@@ -148,5 +133,4 @@ def unpack_reply(
     if not acc:
         raise WireError("reply carries no accumulators")
     head = unpack_tensors("head", require(content, "head", ArrayRecord), head_shapes)
-    scalars = {k2: float(v) for k2, v in metrics.items() if isinstance(v, (int, float))}
-    return Reply(n, model_round, acc, head, scalars)
+    return Reply(n, server_round - 1, acc, head, scalars)

@@ -1,0 +1,1 @@
+"""FedKSeed: zero-order federated fine-tuning over K candidate seeds (the reference for FedSPZO)."""

@@ -1,0 +1,121 @@
+"""FedKSeed wire format: at most K scalars each way. Numbers only, checked on arrival; nothing is unpickled.
+
+The K candidate seeds derive from the run seed and never travel. Per-seed scalars travel as a "scalar
+vector": either dense, "<p>scalars" float32 (K,), or sparse, "<p>index" int32 (m,) strictly increasing
+in [0, K) + "<p>scalars" float32 (m,), whichever is smaller (sparse when 2m < K). A client that ran S steps
+with P perturbations used at most S·P seeds, so its reply is sparse unless S·P is close to K.
+
+Server -> client, message type "train":
+  "config"  ConfigRecord  server-round: int T; lr: float η_T; log-first: int (first round carried in "log";
+                          log-first..T-1 are all carried, log-first = T when nothing is)
+  "log"     ArrayRecord   for each carried round t: "t/lr" float64 (1,) and the scalar vector Ḡ_t with
+                          prefix "t/" (the aggregated per-seed scalars of round t)
+Client -> server:
+  "scalars" ArrayRecord   the scalar vector G (prefix ""): the sum of the client's g per candidate seed
+  "metrics" MetricRecord  num-examples (int > 0), model-round (int, must be T-1), train-loss, train-seconds,
+                          peak-rss-mb, local-steps, forward-passes, perturb-seconds
+A client that cannot reach round T-1 sends the sync-only reply of common.nodestore.
+Sizes at K = 4096: down at most 16 KB + 4 B per carried round; up 8 B per seed used (20 steps: 160 B).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from common.fedkseed.kseed import LogEntry
+from common.wire import WireError, checked_metrics, checked_tensor, log_first, require
+
+
+def pack_scalars(prefix: str, dense: np.ndarray) -> dict[str, Array]:
+    nonzero = np.flatnonzero(dense)
+    if 2 * len(nonzero) < len(dense):
+        return {
+            f"{prefix}index": Array(nonzero.astype(np.int32)),
+            f"{prefix}scalars": Array(np.ascontiguousarray(dense[nonzero], dtype=np.float32)),
+        }
+    return {f"{prefix}scalars": Array(np.ascontiguousarray(dense, dtype=np.float32))}
+
+
+def unpack_scalars(where: str, arrays: ArrayRecord, prefix: str, k: int) -> tuple[np.ndarray, int]:
+    """The dense (K,) float32 vector, and the number of arrays it took (1 dense, 2 sparse)."""
+    values = arrays.get(f"{prefix}scalars")
+    if values is None:
+        raise WireError(f"{where}: lacks '{prefix}scalars'")
+    if f"{prefix}index" not in arrays:
+        return checked_tensor(f"{where}[{prefix}scalars]", values, (k,)).numpy(), 1
+    m = tuple(getattr(arrays[f"{prefix}index"], "shape", ()))
+    if len(m) != 1 or not 0 <= m[0] <= k:
+        raise WireError(f"{where}: index shape {m}, expected (m,) with m <= {k}")
+    index = checked_tensor(f"{where}[{prefix}index]", arrays[f"{prefix}index"], m, "int32").numpy()
+    vals = checked_tensor(f"{where}[{prefix}scalars]", values, m).numpy()
+    if len(index) and (index[0] < 0 or index[-1] >= k or np.any(np.diff(index) <= 0)):
+        raise WireError(f"{where}: index must be strictly increasing seed indices in [0, {k})")
+    dense = np.zeros(k, dtype=np.float32)
+    dense[index] = vals
+    return dense, 2
+
+
+def pack_instruction(server_round: int, lr: float, log: Sequence[LogEntry]) -> RecordDict:
+    first = log_first(log, server_round)
+    arrays: dict[str, Array] = {}
+    for e in log:
+        arrays[f"{e.round}/lr"] = Array(np.asarray([e.lr], dtype=np.float64))
+        arrays.update(pack_scalars(f"{e.round}/", e.scalars))
+    config = {"server-round": int(server_round), "lr": float(lr), "log-first": int(first)}
+    return RecordDict({"config": ConfigRecord(config), "log": ArrayRecord(arrays)})
+
+
+@dataclass
+class Instruction:
+    server_round: int
+    lr: float
+    log: list[LogEntry]
+
+
+def unpack_instruction(content: RecordDict, k: int) -> Instruction:
+    cfg = require(content, "config", ConfigRecord)
+    try:
+        server_round, lr, first = int(cfg["server-round"]), float(cfg["lr"]), int(cfg["log-first"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise WireError(f"config record: {exc!r}") from exc
+    if not 1 <= first <= server_round:
+        raise WireError(f"log-first {first} outside 1..{server_round}")
+    if not (np.isfinite(lr) and lr > 0):
+        raise WireError(f"lr {lr} must be finite and > 0")
+    arrays = require(content, "log", ArrayRecord)
+    entries, used = [], 0
+    for t in range(first, server_round):
+        if f"{t}/lr" not in arrays:
+            raise WireError(f"log lacks round {t}")
+        lr_t = float(checked_tensor(f"log[{t}/lr]", arrays[f"{t}/lr"], (1,), "float64")[0])
+        dense, n = unpack_scalars("log", arrays, f"{t}/", k)
+        entries.append(LogEntry(t, lr_t, dense))
+        used += 1 + n
+    if len(arrays) != used:
+        raise WireError(f"log has {len(arrays)} arrays, {used} expected for rounds {first}..{server_round - 1}")
+    return Instruction(server_round, lr, entries)
+
+
+def pack_reply(scalars: np.ndarray, metrics: dict[str, float | int]) -> RecordDict:
+    return RecordDict({"scalars": ArrayRecord(pack_scalars("", scalars)), "metrics": MetricRecord(dict(metrics))})
+
+
+@dataclass
+class Reply:
+    num_examples: int
+    scalars: np.ndarray  # dense (K,)
+    metrics: dict[str, float]
+
+
+def unpack_reply(content: RecordDict, server_round: int, k: int) -> Reply:
+    """A checked reply; raises WireError for anything malformed (keys, shapes, dtypes, NaN, indices)."""
+    n, metrics = checked_metrics(content, server_round)
+    rec = require(content, "scalars", ArrayRecord)
+    dense, used = unpack_scalars("scalars", rec, "", k)
+    if len(rec) != used:
+        raise WireError(f"scalars record has keys {sorted(rec.keys())}: expected 'scalars' (+ 'index')")
+    return Reply(n, dense, metrics)

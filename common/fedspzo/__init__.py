@@ -1,0 +1,1 @@
+"""FedSPZO: split-perturbation zero-order federated fine-tuning."""

@@ -1,0 +1,118 @@
+"""The network as two consecutive blocks, for FedSPZO's split perturbations.
+
+Block 1 is everything that runs before transformer block `split_layer` (embeddings, the first
+`split_layer` blocks); block 2 is the rest (the remaining blocks, final norm, pooler, classification head).
+Which parameter belongs to which block is found by running the model once and noting which modules run
+before block `split_layer` starts, so encoders (BERT, RoBERTa) and decoders (LLaMA family) split alike.
+
+    h0 = block1(x)                  one clean pass, stopped at the input of block `split_layer`
+    loss_block2(h0) = L(block2(h0))  the model with its block list cut to [split_layer:], fed h0 there
+                                     (the embedding lookup still runs: it is a table read, no compute)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once block 1's output is known."""
+
+
+def transformer_blocks(model: nn.Module) -> tuple[nn.Module, str]:
+    """(module holding the block list, attribute name): the ModuleList of config.num_hidden_layers blocks."""
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for _, module in model.named_modules():
+        for attr, child in module.named_children():
+            if isinstance(child, nn.ModuleList) and len(child) == n and n:
+                return module, attr
+    raise ValueError("cannot find the model's transformer blocks (a ModuleList of config.num_hidden_layers)")
+
+
+class SplitModel:
+    def __init__(self, model: nn.Module, split_layer: int, params: Mapping[str, torch.Tensor]) -> None:
+        self.model = model
+        self.owner, self.attr = transformer_blocks(model)
+        self.blocks: nn.ModuleList = getattr(self.owner, self.attr)
+        if not 1 <= split_layer < len(self.blocks):
+            raise ValueError(
+                f"spzo.split-layer must be in 1..{len(self.blocks) - 1} for this model "
+                f"({len(self.blocks)} transformer blocks), got {split_layer}"
+            )
+        self.split_layer = split_layer
+        self.block1, self.block2 = self._partition(params)
+
+    def _partition(self, params: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Split `params` by whether their module runs before block `split_layer` in a forward pass."""
+        early: set[int] = set()
+        seen = {"split": False}
+
+        def note(module, args):
+            if not seen["split"]:
+                early.update(id(p) for p in module.parameters(recurse=False))
+
+        def mark(module, args):
+            seen["split"] = True
+
+        handles = [m.register_forward_pre_hook(note) for m in self.model.modules()]
+        handles.append(self.blocks[self.split_layer].register_forward_pre_hook(mark))
+        try:
+            ids = torch.zeros((1, 4), dtype=torch.long)
+            with torch.no_grad():
+                self.model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        finally:
+            for h in handles:
+                h.remove()
+        block1 = {n: p for n, p in params.items() if id(p) in early}
+        block2 = {n: p for n, p in params.items() if id(p) not in early}
+        if not block1 or not block2:
+            raise ValueError(f"spzo.split-layer {self.split_layer} leaves a block without parameters to perturb")
+        return block1, block2
+
+    @torch.no_grad()
+    def hidden(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """h0: the input of block `split_layer` (block 1's output), from one clean pass through block 1."""
+        captured: dict[str, torch.Tensor] = {}
+
+        def grab(module, args, kwargs):
+            captured["h"] = args[0] if args else kwargs["hidden_states"]
+            raise _Stop
+
+        handle = self.blocks[self.split_layer].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            self.model(**batch)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        return captured["h"]
+
+    @contextlib.contextmanager
+    def _block2_only(self, h0: torch.Tensor):
+        """The model runs blocks [split_layer:] only, with h0 in place of their input."""
+
+        def feed(module, args, kwargs):
+            if args:
+                return (h0, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": h0}
+
+        handle = self.blocks[self.split_layer].register_forward_pre_hook(feed, with_kwargs=True)
+        setattr(self.owner, self.attr, nn.ModuleList(list(self.blocks)[self.split_layer :]))
+        try:
+            yield
+        finally:
+            setattr(self.owner, self.attr, self.blocks)
+            handle.remove()
+
+    @torch.no_grad()
+    def loss_block2(self, batch: Mapping[str, torch.Tensor], h0: torch.Tensor) -> float:
+        with self._block2_only(h0):
+            return float(self.model(**batch).loss)
+
+    @torch.no_grad()
+    def loss(self, batch: Mapping[str, torch.Tensor]) -> float:
+        return float(self.model(**batch).loss)

@@ -1,0 +1,115 @@
+"""FedSPZO wire format: seeds down, scalars up. Numbers only, checked on arrival; nothing is unpickled.
+
+Server -> client, message type "train":
+  "config"  ConfigRecord  server-round: int T; round-seed: int ρ_T (the seeds of every step derive from it);
+                          lr: float η_T; log-first: int (first round carried in "log"; log-first..T-1 are
+                          all carried, log-first = T when nothing is)
+  "log"     ArrayRecord   for each carried round t: "t/seed" int64 (1,) ρ_t, "t/lr" float64 (1,) η_t,
+                          "t/g1" float32 (S, P1) and "t/g2" float32 (S, P2): the aggregated scalars of
+                          round t (S = 0 rows for a round without valid replies)
+Client -> server:
+  "scalars" ArrayRecord   "g1" float32 (S, P1), "g2" float32 (S, P2): the projected gradients of every
+                          local step, in order (S = train.local-steps)
+  "metrics" MetricRecord  num-examples (int > 0), model-round (int, must be T-1), train-loss, train-seconds,
+                          peak-rss-mb, local-steps, forward-passes, perturb-seconds
+A client that cannot reach round T-1 sends the sync-only reply of common.nodestore.
+Sizes: up 4·S·(P1 + P2) bytes of scalars (20 x 9 x 4 = 720 B at the defaults); down 4·S·(P1 + P2) + 16 B
+per carried round (normally one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from common.fedspzo.spzo import LogEntry
+from common.wire import WireError, checked_metrics, checked_tensor, log_first, require
+
+
+def pack_instruction(server_round: int, rho: int, lr: float, log: Sequence[LogEntry]) -> RecordDict:
+    first = log_first(log, server_round)
+    arrays: dict[str, Array] = {}
+    for e in log:
+        arrays[f"{e.round}/seed"] = Array(np.asarray([e.seed], dtype=np.int64))
+        arrays[f"{e.round}/lr"] = Array(np.asarray([e.lr], dtype=np.float64))
+        arrays[f"{e.round}/g1"] = Array(np.ascontiguousarray(e.g1, dtype=np.float32))
+        arrays[f"{e.round}/g2"] = Array(np.ascontiguousarray(e.g2, dtype=np.float32))
+    config = {"server-round": int(server_round), "round-seed": int(rho), "lr": float(lr), "log-first": int(first)}
+    return RecordDict({"config": ConfigRecord(config), "log": ArrayRecord(arrays)})
+
+
+@dataclass
+class Instruction:
+    server_round: int
+    rho: int
+    lr: float
+    log: list[LogEntry]
+
+
+def _scalars(where: str, arr, p: int, steps: tuple[int, ...]) -> np.ndarray:
+    """A float32 (S, p) array of finite scalars, S one of `steps`."""
+    shape = tuple(getattr(arr, "shape", ()))
+    if len(shape) != 2 or shape[1] != p or shape[0] not in steps:
+        raise WireError(f"{where}: shape {shape}, expected (S, {p}) with S in {steps}")
+    return checked_tensor(where, arr, shape).numpy()
+
+
+def unpack_instruction(content: RecordDict, p1: int, p2: int, steps: int) -> Instruction:
+    cfg = require(content, "config", ConfigRecord)
+    try:
+        server_round, rho, lr, first = (
+            int(cfg["server-round"]),
+            int(cfg["round-seed"]),
+            float(cfg["lr"]),
+            int(cfg["log-first"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise WireError(f"config record: {exc!r}") from exc
+    if not 1 <= first <= server_round:
+        raise WireError(f"log-first {first} outside 1..{server_round}")
+    if not (np.isfinite(lr) and lr > 0):
+        raise WireError(f"lr {lr} must be finite and > 0")
+    arrays = require(content, "log", ArrayRecord)
+    entries = []
+    for t in range(first, server_round):
+        if f"{t}/seed" not in arrays or f"{t}/lr" not in arrays:
+            raise WireError(f"log lacks round {t}")
+        seed = int(checked_tensor(f"log[{t}/seed]", arrays[f"{t}/seed"], (1,), "int64")[0])
+        lr_t = float(checked_tensor(f"log[{t}/lr]", arrays[f"{t}/lr"], (1,), "float64")[0])
+        g1 = _scalars(f"log[{t}/g1]", arrays.get(f"{t}/g1"), p1, (0, steps))
+        g2 = _scalars(f"log[{t}/g2]", arrays.get(f"{t}/g2"), p2, (g1.shape[0],))
+        entries.append(LogEntry(t, seed, lr_t, g1, g2))
+    if len(arrays) != 4 * len(entries):
+        raise WireError(
+            f"log has {len(arrays)} arrays, {4 * len(entries)} expected for rounds {first}..{server_round - 1}"
+        )
+    return Instruction(server_round, rho, lr, entries)
+
+
+def pack_reply(g1: np.ndarray, g2: np.ndarray, metrics: dict[str, float | int]) -> RecordDict:
+    scalars = ArrayRecord(
+        {"g1": Array(np.ascontiguousarray(g1, np.float32)), "g2": Array(np.ascontiguousarray(g2, np.float32))}
+    )
+    return RecordDict({"scalars": scalars, "metrics": MetricRecord(dict(metrics))})
+
+
+@dataclass
+class Reply:
+    num_examples: int
+    g1: np.ndarray
+    g2: np.ndarray
+    metrics: dict[str, float]
+
+
+def unpack_reply(content: RecordDict, server_round: int, p1: int, p2: int, steps: int) -> Reply:
+    """A checked reply; raises WireError for anything malformed (keys, shapes, dtypes, NaN, counts)."""
+    n, metrics = checked_metrics(content, server_round)
+    rec = require(content, "scalars", ArrayRecord)
+    if set(rec.keys()) != {"g1", "g2"}:
+        raise WireError(f"scalars record has keys {sorted(rec.keys())}, expected ['g1', 'g2']")
+    return Reply(
+        n, _scalars("scalars[g1]", rec["g1"], p1, (steps,)), _scalars("scalars[g2]", rec["g2"], p2, (steps,)), metrics
+    )

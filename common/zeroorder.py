@@ -1,0 +1,156 @@
+"""Zero-order (SPSA / MeZO) mathematics shared by FedSPZO and FedKSeed: seeded perturbations, in place.
+
+The two-sided estimate of the directional derivative along a perturbation z drawn from a seed:
+
+    g = [L(θ + εz) − L(θ − εz)] / (2ε),        update  θ ← θ − η·g·z
+
+runs in place in fp32, without a copy of the parameters and without autograd:
+
+    θ += εz;  L+ = L(θ);  θ −= 2εz;  L− = L(θ);  θ += (ε − η·g)·z     (restore and update in one pass)
+
+z is regenerated from its seed at each use, one tensor at a time (memory: one buffer the size of the
+largest tensor), from a CPU generator seeded by (seed, parameter name), so every node draws the same z
+whatever its hardware or thread count. A node that replays the update θ ← θ − η·g·z needs only (seed, g).
+
+Distributions (`zo.distribution`): "rademacher" (default; z_i = ±1 with probability 1/2) or "gaussian"
+(z_i ~ N(0, 1)). Both have E[z zᵀ] = I, so E[g·z] is the gradient (of the ε-smoothed loss for Gaussian,
+to O(ε²) for Rademacher): the estimator stays unbiased. Rademacher signs cost one random byte per 8
+parameters (a table lookup turns each byte into 8 signs), about 7x cheaper to draw than Gaussians on this
+machine (bench/zo_step.py measures both), which keeps drawing well under a third of a step's time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.modeling import LoadedModel, load_model
+from common.seeds import derive_seed
+from common.tasks import get_task
+
+DISTRIBUTIONS = ("rademacher", "gaussian")
+
+# Row b holds the 8 signs encoded by the bits of byte b (bit i -> +1 if set, else -1).
+_SIGNS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).to(torch.float32).mul_(2).sub_(1)
+
+
+def zo_parameters(model: nn.Module, perturb_embeddings: bool) -> dict[str, torch.Tensor]:
+    """The parameters zero-order training perturbs: all of them, except the embedding tables unless asked.
+
+    Embedding tables (token, position, token-type) are half of MiniLM's 22.7M numbers, and a batch touches a
+    few rows of them: perturbing them adds variance to every estimate for little signal.
+    """
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    params: dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters():
+        if perturb_embeddings or id(p) not in tables:
+            params[name] = p
+    return params
+
+
+class Perturbation:
+    """θ ← θ + α·z(seed) over a fixed set of named parameters, z drawn per tensor from (seed, name)."""
+
+    def __init__(self, params: Mapping[str, torch.Tensor], distribution: str = "rademacher") -> None:
+        if distribution not in DISTRIBUTIONS:
+            raise ValueError(f"zo.distribution '{distribution}' is unknown; choose one of: {', '.join(DISTRIBUTIONS)}")
+        if not params:
+            raise ValueError("nothing to perturb: the parameter set is empty")
+        self.params = dict(params)
+        self.distribution = distribution
+        largest = max(p.numel() for p in self.params.values())
+        self._z = torch.empty(largest + 8, dtype=torch.float32)  # +8: Rademacher fills whole bytes
+        self._bytes = torch.empty(largest // 8 + 1, dtype=torch.uint8)
+        self._gen = torch.Generator(device="cpu")
+        self.seconds = 0.0  # time spent drawing and applying perturbations (for the benchmark)
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.params.values())
+
+    def z(self, seed: int, name: str) -> torch.Tensor:
+        """z for one parameter (a view of an internal buffer: valid until the next call)."""
+        p = self.params[name]
+        m = p.numel()
+        self._gen.manual_seed(derive_seed(int(seed), name))
+        if self.distribution == "gaussian":
+            z = self._z[:m].normal_(generator=self._gen)
+        else:
+            k = (m + 7) // 8
+            by = self._bytes[:k].random_(0, 256, generator=self._gen)
+            torch.index_select(_SIGNS, 0, by.long(), out=self._z[: 8 * k].view(k, 8))
+            z = self._z[:m]
+        return z.view(p.shape)
+
+    @torch.no_grad()
+    def add(self, seed: int, alpha: float) -> None:
+        """θ += α·z(seed), tensor by tensor."""
+        start = time.perf_counter()
+        for name, p in self.params.items():
+            z = self.z(seed, name)
+            p.add_(z if p.device.type == "cpu" else z.to(p.device), alpha=alpha)
+        self.seconds += time.perf_counter() - start
+
+
+@torch.no_grad()
+def spsa_step(pert: Perturbation, seed: int, eps: float, step: float, loss) -> tuple[float, float]:
+    """One two-sided estimate along z(seed) and its update θ ← θ − step·g·z, in place; returns (g, mean loss).
+
+    `loss()` evaluates the current parameters. `step` is η (divided by the number of perturbations that
+    share a step). Replay of this update is `pert.add(seed, -step * g)` with the same g.
+    """
+    pert.add(seed, eps)
+    plus = loss()
+    pert.add(seed, -2.0 * eps)
+    minus = loss()
+    g = float(np.float32((plus - minus) / (2.0 * eps)))  # the fp32 value that goes on the wire and is replayed
+    if not math.isfinite(g):  # a diverged loss: restore and skip this estimate rather than corrupt θ
+        pert.add(seed, eps)
+        return 0.0, float("nan")
+    pert.add(seed, eps - step * g)
+    return g, (plus + minus) / 2.0
+
+
+def aggregate_scalars(weights: Sequence[float], scalars: Sequence[np.ndarray]) -> np.ndarray:
+    """Example-weighted mean of the clients' scalar arrays (same shape), in float64, returned as float32:
+    the float32 values are what the log holds, so server and clients replay the same numbers."""
+    total = float(sum(weights))
+    mean = sum(w / total * s.astype(np.float64) for w, s in zip(weights, scalars, strict=True))
+    return np.asarray(mean, dtype=np.float32)
+
+
+def mean_loss(losses: list[float]) -> float:
+    """Mean training loss of the estimates that were applied (skipped, diverged ones are NaN)."""
+    kept = [x for x in losses if math.isfinite(x)]
+    return sum(kept) / len(kept) if kept else float("nan")
+
+
+def fingerprint(cfg, method: str) -> str:
+    """What a node's stored zero-order state depends on: a state saved under another setting is not reused."""
+    key = json.dumps([method, cfg.model, cfg.task, cfg.seed, cfg.zo.perturb_embeddings])
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+@dataclass
+class ZoModel:
+    """A model prepared for zero-order training: eval mode (no dropout: both passes of an estimate must see
+    the same function), no gradients, and the parameters it perturbs."""
+
+    loaded: LoadedModel
+    params: dict[str, torch.Tensor]
+
+
+def load_zo_model(cfg) -> ZoModel:
+    loaded = load_model(cfg.model, get_task(cfg.task).num_labels, cfg.seed)
+    loaded.model.eval()
+    for p in loaded.model.parameters():
+        p.requires_grad_(False)
+    return ZoModel(loaded, zo_parameters(loaded.model, cfg.zo.perturb_embeddings))
