@@ -127,3 +127,15 @@ class TrainedHead:
     def set_head(self, values: dict[str, torch.Tensor]) -> None:
         for n, p in self.head.items():
             p.copy_(values[n])
+
+
+def load_with_trainable_head(model: str, num_labels: int, seed: int) -> tuple[LoadedModel, dict[str, nn.Parameter]]:
+    """The model with every pretrained parameter frozen and its new classification head trainable (FedKRSO,
+    FedTT: the head is trained densely and sent); returns the head's parameters by name."""
+    loaded = load_model(model, num_labels, seed)
+    for p in loaded.model.parameters():
+        p.requires_grad_(False)
+    head = head_parameters(loaded.model, loaded.head)
+    for p in head.values():
+        p.requires_grad_(True)
+    return loaded, head

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 
 class WireError(ValueError):
@@ -89,3 +89,17 @@ def log_first(log, server_round: int) -> int:
     if [e.round for e in log] != list(range(first, first + len(log))):
         raise ValueError("update log entries must be consecutive rounds")
     return first
+
+
+def checked_log_config(content: RecordDict) -> tuple[ConfigRecord, int, float, int]:
+    """The "config" record of a zero-order instruction: (record, server-round, lr, log-first), checked."""
+    cfg = require(content, "config", ConfigRecord)
+    try:
+        server_round, lr, first = int(cfg["server-round"]), float(cfg["lr"]), int(cfg["log-first"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise WireError(f"config record: {exc!r}") from exc
+    if not 1 <= first <= server_round:
+        raise WireError(f"log-first {first} outside 1..{server_round}")
+    if not (np.isfinite(lr) and lr > 0):
+        raise WireError(f"lr {lr} must be finite and > 0")
+    return cfg, server_round, lr, first

@@ -15,7 +15,7 @@ import torch
 
 from common.config import RunConfig
 from common.fedkrso.subspace import find_targets, target_shapes
-from common.modeling import LoadedModel, TrainedHead, head_parameters, load_model
+from common.modeling import LoadedModel, TrainedHead, load_with_trainable_head
 from common.tasks import get_task
 
 
@@ -32,13 +32,8 @@ class KrsoModel(TrainedHead):
 
 
 def build(cfg: RunConfig) -> KrsoModel:
-    loaded = load_model(cfg.model, get_task(cfg.task).num_labels, cfg.seed)
+    loaded, head = load_with_trainable_head(cfg.model, get_task(cfg.task).num_labels, cfg.seed)
     net = loaded.model
-    for p in net.parameters():
-        p.requires_grad_(False)
-    head = head_parameters(net, loaded.head)
-    for p in head.values():
-        p.requires_grad_(True)
     targets = find_targets(net, cfg.krso.targets, exclude=loaded.head)
     return KrsoModel(loaded, targets, target_shapes(targets, cfg.krso.rank), head)
 

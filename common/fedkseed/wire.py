@@ -27,7 +27,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from common.fedkseed.kseed import LogEntry
-from common.wire import WireError, checked_metrics, checked_tensor, log_first, require
+from common.wire import WireError, checked_log_config, checked_metrics, checked_tensor, log_first, require
 
 
 def pack_scalars(prefix: str, dense: np.ndarray) -> dict[str, Array]:
@@ -77,15 +77,7 @@ class Instruction:
 
 
 def unpack_instruction(content: RecordDict, k: int) -> Instruction:
-    cfg = require(content, "config", ConfigRecord)
-    try:
-        server_round, lr, first = int(cfg["server-round"]), float(cfg["lr"]), int(cfg["log-first"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise WireError(f"config record: {exc!r}") from exc
-    if not 1 <= first <= server_round:
-        raise WireError(f"log-first {first} outside 1..{server_round}")
-    if not (np.isfinite(lr) and lr > 0):
-        raise WireError(f"lr {lr} must be finite and > 0")
+    _, server_round, lr, first = checked_log_config(content)
     arrays = require(content, "log", ArrayRecord)
     entries, used = [], 0
     for t in range(first, server_round):

@@ -26,7 +26,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from common.fedspzo.spzo import LogEntry
-from common.wire import WireError, checked_metrics, checked_tensor, log_first, require
+from common.wire import WireError, checked_log_config, checked_metrics, checked_tensor, log_first, require
 
 
 def pack_instruction(server_round: int, rho: int, lr: float, log: Sequence[LogEntry]) -> RecordDict:
@@ -58,20 +58,11 @@ def _scalars(where: str, arr, p: int, steps: tuple[int, ...]) -> np.ndarray:
 
 
 def unpack_instruction(content: RecordDict, p1: int, p2: int, steps: int) -> Instruction:
-    cfg = require(content, "config", ConfigRecord)
+    cfg, server_round, lr, first = checked_log_config(content)
     try:
-        server_round, rho, lr, first = (
-            int(cfg["server-round"]),
-            int(cfg["round-seed"]),
-            float(cfg["lr"]),
-            int(cfg["log-first"]),
-        )
+        rho = int(cfg["round-seed"])
     except (KeyError, TypeError, ValueError) as exc:
         raise WireError(f"config record: {exc!r}") from exc
-    if not 1 <= first <= server_round:
-        raise WireError(f"log-first {first} outside 1..{server_round}")
-    if not (np.isfinite(lr) and lr > 0):
-        raise WireError(f"lr {lr} must be finite and > 0")
     arrays = require(content, "log", ArrayRecord)
     entries = []
     for t in range(first, server_round):

@@ -15,7 +15,7 @@ import torch
 
 from common.config import RunConfig
 from common.fedtt.tt import TTAdapters, find_sites
-from common.modeling import LoadedModel, TrainedHead, head_parameters, load_model
+from common.modeling import LoadedModel, TrainedHead, load_with_trainable_head
 from common.tasks import get_task
 
 
@@ -33,13 +33,8 @@ class TTModel(TrainedHead):
 
 
 def build(cfg: RunConfig) -> TTModel:
-    loaded = load_model(cfg.model, get_task(cfg.task).num_labels, cfg.seed)
+    loaded, head = load_with_trainable_head(cfg.model, get_task(cfg.task).num_labels, cfg.seed)
     net = loaded.model
-    for p in net.parameters():
-        p.requires_grad_(False)
-    head = head_parameters(net, loaded.head)
-    for p in head.values():
-        p.requires_grad_(True)
     t = cfg.tt
     adapters = TTAdapters(
         net, find_sites(net, exclude=loaded.head), t.bottleneck, t.rank, t.scale, cfg.seed, t.max_mode
