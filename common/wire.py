@@ -2,15 +2,38 @@
 
 Replies come from other machines: every array is checked for its key, dtype, shape and finiteness
 before it touches the global state, and nothing is ever unpickled (Flower's records carry raw numbers).
+
+What is checked is what the bytes ARE, not what the Array's metadata says: an Array is (dtype, shape,
+stype, data) where data is a .npy file (magic, header, raw numbers), and the metadata and the header are
+both written by the sender. `decode_array` accepts only stype "numpy.ndarray", metadata equal to the
+expected dtype and shape, a .npy header (read by numpy's own header parser, never `np.load`) stating
+exactly that dtype (byte order included), C order and that shape, and exactly prod(shape) * itemsize
+bytes after the header; only then are the numbers read (`np.frombuffer`, no allocation a header could
+inflate), and float arrays must be finite and, where the method gives one, within a bound.
 """
 
 from __future__ import annotations
 
+import io
+import math
 from collections.abc import Mapping
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from numpy.lib import format as npy
+
+# A .npy header is 128 bytes for the arrays we send (numpy pads it to a multiple of 64); 4 KiB allows any
+# honest header and keeps the header parser's work bounded.
+MAX_NPY_HEADER = 4096
+
+# Bound on every number of a model-like array a client sends (FedKRSO accumulators, FedTT cores, FedAvg
+# and FedAvg-LoRA weights, classification heads). The largest weight of the pretrained MiniLM is 7.9 and
+# honest local training moves a weight by about train.lr per step; a value above 1e3 cannot come from
+# a working client, and would saturate softmax / overflow float32 activations in the global model (the
+# issue's 1e30 made the dev loss NaN). Such replies are rejected, not clipped: a client that sends them is
+# broken or lying, and nothing it sent can be trusted.
+VALUE_BOUND = 1e3
 
 
 class WireError(ValueError):
@@ -22,18 +45,58 @@ def content_bytes(content: RecordDict) -> int:
     return sum(rec.count_bytes() for rec in content.values())
 
 
-def checked_tensor(where: str, arr: Array, shape: tuple[int, ...], dtype: str = "float32") -> torch.Tensor:
-    """The array as a tensor, if it has this dtype and shape and only finite values."""
+def decode_array(
+    where: str, arr: Array, shape: tuple[int, ...], dtype: str = "float32", bound: float | None = None
+) -> np.ndarray:
+    """The numbers of `arr`, read from its bytes, if they are exactly `shape` of `dtype` (finite and within
+    +-bound for floats); raises WireError otherwise (see the module docstring for what is checked)."""
     if not isinstance(arr, Array):
         raise WireError(f"{where}: expected an Array, got {type(arr).__name__}")
+    shape = tuple(int(s) for s in shape)
+    if arr.stype != "numpy.ndarray":
+        raise WireError(f"{where}: storage type {str(arr.stype)[:40]!r}, expected 'numpy.ndarray'")
     if arr.dtype != dtype:
-        raise WireError(f"{where}: dtype {arr.dtype}, expected {dtype}")
-    if tuple(arr.shape) != tuple(shape):
-        raise WireError(f"{where}: shape {tuple(arr.shape)}, expected {tuple(shape)}")
-    nd = arr.numpy()
-    if nd.dtype.kind == "f" and not np.isfinite(nd).all():
-        raise WireError(f"{where}: contains NaN or Inf")
-    return torch.from_numpy(np.array(nd, copy=True))
+        raise WireError(f"{where}: dtype {str(arr.dtype)[:40]}, expected {dtype}")
+    if not isinstance(arr.shape, (tuple, list)) or tuple(arr.shape) != shape:
+        raise WireError(f"{where}: shape {str(arr.shape)[:60]}, expected {shape}")
+    want = np.dtype(dtype)
+    payload = math.prod(shape) * want.itemsize
+    data = arr.data
+    if not isinstance(data, bytes):
+        raise WireError(f"{where}: data is a {type(data).__name__}, expected bytes")
+    if len(data) > payload + MAX_NPY_HEADER:  # before parsing anything
+        raise WireError(f"{where}: {len(data)} bytes for {payload} bytes of numbers")
+    fp = io.BytesIO(data)
+    try:
+        version = npy.read_magic(fp)
+        read_header = {(1, 0): npy.read_array_header_1_0, (2, 0): npy.read_array_header_2_0}.get(version)
+        if read_header is None:
+            raise WireError(f"{where}: .npy version {version} not accepted")
+        header_shape, fortran, header_dtype = read_header(fp, max_header_size=MAX_NPY_HEADER)
+    except WireError:
+        raise
+    except Exception as exc:  # numpy raises ValueError, or others for a damaged header: all mean the same
+        raise WireError(f"{where}: bytes are not a .npy array ({type(exc).__name__}: {str(exc)[:100]})") from exc
+    if header_dtype != want:
+        raise WireError(f"{where}: bytes hold {header_dtype.str}, metadata says {dtype}")
+    if fortran or tuple(header_shape) != shape:
+        raise WireError(f"{where}: bytes hold shape {tuple(header_shape)[:8]} (fortran={fortran}), expected {shape}")
+    if len(data) - fp.tell() != payload:
+        raise WireError(f"{where}: {len(data) - fp.tell()} bytes of numbers, {payload} expected for {shape} {dtype}")
+    nd = np.frombuffer(data, dtype=want, count=math.prod(shape), offset=fp.tell()).reshape(shape)
+    if want.kind == "f":
+        if not np.isfinite(nd).all():
+            raise WireError(f"{where}: contains NaN or Inf")
+        if bound is not None and nd.size and float(np.abs(nd).max()) > bound:
+            raise WireError(f"{where}: |value| {float(np.abs(nd).max()):.3g} above the bound {bound:g}")
+    return np.array(nd, copy=True)  # writable, owned: frombuffer's view is read-only
+
+
+def checked_tensor(
+    where: str, arr: Array, shape: tuple[int, ...], dtype: str = "float32", bound: float | None = None
+) -> torch.Tensor:
+    """The array as a tensor, if its bytes hold this dtype and shape, only finite values (within +-bound)."""
+    return torch.from_numpy(decode_array(where, arr, shape, dtype, bound))
 
 
 def require(content: RecordDict, key: str, kind: type):
@@ -50,12 +113,16 @@ def pack_tensors(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
     return ArrayRecord({k: Array(v.detach().to("cpu", torch.float32).contiguous().numpy()) for k, v in tensors.items()})
 
 
-def unpack_tensors(where: str, rec: ArrayRecord, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    """Exactly the keys of `shapes`, each checked."""
+def unpack_tensors(
+    where: str, rec: ArrayRecord, shapes: Mapping[str, tuple[int, ...]], bound: float | None = None
+) -> dict[str, torch.Tensor]:
+    """Exactly the keys of `shapes`, each checked (float32, finite, within +-bound)."""
+    if not isinstance(rec, ArrayRecord):
+        raise WireError(f"{where}: expected an ArrayRecord, got {type(rec).__name__}")
     if set(rec.keys()) != set(shapes):
         missing, extra = sorted(set(shapes) - set(rec.keys())), sorted(set(rec.keys()) - set(shapes))
         raise WireError(f"{where}: keys differ from the expected ones (missing {missing[:3]}, unexpected {extra[:3]})")
-    return {k: checked_tensor(f"{where}[{k}]", rec[k], shapes[k]) for k in shapes}
+    return {k: checked_tensor(f"{where}[{k}]", rec[k], shapes[k], bound=bound) for k in shapes}
 
 
 def sync_only_round(content: RecordDict) -> int | None:
@@ -69,18 +136,78 @@ def sync_only_round(content: RecordDict) -> int | None:
     return held
 
 
+# The metrics a training reply may carry, each a finite number within these bounds (anything else in the
+# record is ignored: a newer client may add keys). They only feed the records and the round's mean train
+# loss, but a 3e38 train-loss would make that mean inf, and the records are read by people and scripts.
+# train-loss: cross-entropy of a classifier, >= 0; 1e4 nats is far past any model that still learns.
+# Times, memory and counts: non-negative and below what a week-long round could produce.
+METRIC_BOUNDS: dict[str, tuple[float, float]] = {
+    "train-loss": (0.0, 1e4),
+    "train-seconds": (0.0, 1e7),
+    "perturb-seconds": (0.0, 1e7),
+    "peak-rss-mb": (0.0, 1e8),
+    "local-steps": (0.0, 1e9),
+    "forward-passes": (0.0, 1e12),
+}
+
+
 def checked_metrics(content: RecordDict, server_round: int) -> tuple[int, dict[str, float]]:
-    """(num-examples, numeric metrics) of a training reply that trained from global round server_round - 1."""
+    """(num-examples, known metrics) of a training reply that trained from global round server_round - 1.
+
+    The round check rejects a stale reply (trained from an older global model) and a future one alike.
+    num-examples is only checked to be a positive int here; what it may weigh is capped at aggregation
+    (common.robust.capped_weights)."""
     metrics = require(content, "metrics", MetricRecord)
     n = metrics.get("num-examples")
-    if not isinstance(n, int) or n <= 0:
-        raise WireError(f"num-examples must be a positive int, got {n!r}")
-    if metrics.get("model-round") != server_round - 1:
-        raise WireError(f"client trained from round {metrics.get('model-round')!r}, expected {server_round - 1}")
-    values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-    if not all(np.isfinite(v) for v in values.values()):
-        raise WireError("metrics contain NaN or Inf")
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        raise WireError(f"num-examples must be a positive int, got {str(n)[:40]}")
+    held = metrics.get("model-round")
+    if not isinstance(held, int) or isinstance(held, bool) or held != server_round - 1:
+        raise WireError(f"client trained from round {str(held)[:40]}, expected {server_round - 1}")
+    values: dict[str, float] = {}
+    for key, (low, high) in METRIC_BOUNDS.items():
+        if key not in metrics:
+            continue
+        v = metrics[key]
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            raise WireError(f"metric {key} is a {type(v).__name__}, expected a number")
+        if not (math.isfinite(v) and low <= v <= high):
+            raise WireError(f"metric {key} = {v!r} outside [{low:g}, {high:g}] or not finite")
+        values[key] = float(v)
     return n, values
+
+
+def check_size(content: RecordDict, limit: int) -> int:
+    """The reply's content bytes (as counted in the records), if at most `limit`; raises WireError otherwise.
+
+    Called before anything in the reply is decoded: the limit is the method's expected payload plus
+    REPLY_SLACK, so a reply cannot make the server decode (or hold copies of) more than that."""
+    size = content_bytes(content)
+    if size > limit:
+        raise WireError(f"reply of {size} bytes exceeds the limit of {limit} bytes for this method and round")
+    return size
+
+
+# Allowance above the expected numbers of a reply: .npy headers (128 B per array), keys, metrics.
+REPLY_SLACK = 64 * 1024
+
+
+def reply_limit(payload_bytes: int, arrays: int) -> int:
+    """The size limit of a reply carrying `payload_bytes` bytes of numbers in `arrays` arrays."""
+    return int(payload_bytes) + 256 * int(arrays) + REPLY_SLACK
+
+
+# Zero-order scalars: g = [L(θ + εz) − L(θ − εz)] / 2ε is a difference of two losses. A model whose loss
+# moves by more than ZO_LOSS_SPREAD nats between θ ± εz has diverged (chance level is ln 2 = 0.69 on SST-2),
+# so |g| <= ZO_LOSS_SPREAD / 2ε for one estimate, and a sum of m estimates (FedKSeed's per-seed G) at most m
+# times that. Replies beyond it are rejected: no honest client computes them, and the update θ −= η g z
+# they would cause has no bound of its own (g multiplies every coordinate of z).
+ZO_LOSS_SPREAD = 100.0
+
+
+def zo_scalar_bound(eps: float, estimates: int = 1) -> float:
+    """The largest |scalar| an honest zero-order client can send: `estimates` two-sided estimates at ε."""
+    return estimates * ZO_LOSS_SPREAD / (2.0 * eps)
 
 
 def log_first(log, server_round: int) -> int:

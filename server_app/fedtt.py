@@ -21,9 +21,9 @@ from flwr.serverapp.strategy import Strategy
 from common.config import RunConfig
 from common.fedtt.model import TTModel
 from common.fedtt.tt import CoreKey, aggregate, plus_selection
-from common.fedtt.wire import pack_instruction, unpack_reply
+from common.fedtt.wire import pack_instruction, reply_payload, unpack_reply
 from common.records import RunRecorder
-from common.wire import content_bytes
+from common.wire import content_bytes, reply_limit
 from server_app.strategies import checked_replies, wait_for_nodes
 
 
@@ -90,6 +90,7 @@ class FedTT(Strategy):
             lambda content: unpack_reply(
                 content, server_round, selected, self.shapes, self.tm.head_shapes, self.want_scores
             ),
+            reply_limit(*reply_payload(selected, self.shapes, self.tm.head_shapes, self.want_scores)),
         )
         accepted = [reply for _, reply in checked]
         metrics = [reply.metrics for reply in accepted]

@@ -5,6 +5,7 @@ Both stay thin: the mathematics is in common.fedkrso.subspace, the wire format i
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -13,7 +14,7 @@ from typing import TypeVar
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
@@ -29,7 +30,16 @@ from common.fedspzo import spzo
 from common.fedspzo import wire as spzo_wire
 from common.fedspzo.spzo import SpzoModel
 from common.records import RunRecorder
-from common.wire import WireError, content_bytes, sync_only_round, unpack_tensors
+from common.wire import (
+    VALUE_BOUND,
+    check_size,
+    checked_metrics,
+    content_bytes,
+    reply_limit,
+    require,
+    sync_only_round,
+    unpack_tensors,
+)
 from common.zeroorder import aggregate_scalars
 
 T = TypeVar("T")
@@ -46,11 +56,14 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
 
 
 def checked_replies(
-    server_round: int, replies: Iterable[Message], unpack: Callable[[RecordDict], T]
+    server_round: int, replies: Iterable[Message], unpack: Callable[[RecordDict], T], max_bytes: int
 ) -> tuple[list[tuple[int, T]], int, int, int]:
-    """(node, unpacked reply) of every reply that unpacks, failures, rejected, bytes up (all replies counted).
+    """(node, unpacked reply) of every reply that passes, failures, rejected, bytes up (all replies counted).
 
-    A reply that fails to unpack (WireError) is rejected and logged; the round goes on with the others.
+    The one checked path of every method's replies: a reply larger than `max_bytes` (content bytes) is
+    rejected before anything in it is decoded; then `unpack` decodes and checks it. ANY exception while
+    checking one reply (WireError for what the wire formats refuse, but also whatever a crafted reply
+    might provoke in numpy or Flower) rejects that reply only, is logged, and the round goes on.
     """
     accepted: list[tuple[int, T]] = []
     failures = rejected = bytes_up = 0
@@ -58,14 +71,15 @@ def checked_replies(
         node = msg.metadata.src_node_id
         if msg.has_error():
             failures += 1
-            log(WARNING, "node %d failed in round %d: %s", node, server_round, msg.error.reason[-500:])
+            log(WARNING, "node %d failed in round %d: %s", node, server_round, str(msg.error.reason)[-500:])
             continue
-        bytes_up += content_bytes(msg.content)
         try:
+            bytes_up += content_bytes(msg.content)
+            check_size(msg.content, max_bytes)
             accepted.append((node, unpack(msg.content)))
-        except WireError as exc:
+        except Exception as exc:  # noqa: BLE001 - see the docstring: one bad reply never ends the round
             rejected += 1
-            log(WARNING, "reply of node %d rejected in round %d: %s", node, server_round, exc)
+            log(WARNING, "reply of node %d rejected in round %d: %s", node, server_round, str(exc)[:500])
     return accepted, failures, rejected, bytes_up
 
 
@@ -99,6 +113,10 @@ class LogStrategy(Strategy):
     def empty_entry(self, server_round: int):
         raise NotImplementedError
 
+    def max_reply_bytes(self) -> int:
+        """The size limit of one reply (common.wire.reply_limit of what an honest reply carries)."""
+        raise NotImplementedError
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
@@ -121,7 +139,7 @@ class LogStrategy(Strategy):
                 return "sync", held
             return "reply", self.check_reply(content, server_round)
 
-        checked, failures, rejected, bytes_up = checked_replies(server_round, replies, unpack)
+        checked, failures, rejected, bytes_up = checked_replies(server_round, replies, unpack, self.max_reply_bytes())
         accepted, metrics = [], []
         for node, (kind, reply) in checked:
             if kind == "sync":  # the node holds an older round than we believed
@@ -177,6 +195,12 @@ class FedKRSO(LogStrategy):
     def check_reply(self, content: RecordDict, server_round: int):
         return unpack_reply(content, server_round, self.cfg.krso.k, self.km.shapes, self.km.head_shapes)
 
+    def max_reply_bytes(self) -> int:
+        k = self.cfg.krso.k
+        numbers = k * sum(math.prod(s) for s in self.km.shapes.values())
+        numbers += sum(math.prod(s) for s in self.km.head_shapes.values())
+        return reply_limit(4 * numbers, k * len(self.km.shapes) + len(self.km.head_shapes))
+
     def empty_entry(self, server_round: int) -> LogEntry:
         return LogEntry(server_round, tuple(self._seeds(server_round)), {})
 
@@ -222,7 +246,11 @@ class FedSPZO(LogStrategy):
 
     def check_reply(self, content: RecordDict, server_round: int):
         c = self.cfg
-        return spzo_wire.unpack_reply(content, server_round, c.spzo.p1, c.spzo.p2, c.train.local_steps)
+        return spzo_wire.unpack_reply(content, server_round, c.spzo.p1, c.spzo.p2, c.train.local_steps, c.zo.eps)
+
+    def max_reply_bytes(self) -> int:
+        c = self.cfg
+        return reply_limit(4 * c.train.local_steps * (c.spzo.p1 + c.spzo.p2), 2)
 
     def empty_entry(self, server_round: int) -> spzo.LogEntry:
         c = self.cfg
@@ -267,7 +295,12 @@ class FedKSeed(LogStrategy):
         return kseed_wire.pack_instruction(server_round, self.cfg.zo.lr, missed)
 
     def check_reply(self, content: RecordDict, server_round: int):
-        return kseed_wire.unpack_reply(content, server_round, self.cfg.kseed.k)
+        c = self.cfg
+        estimates = c.train.local_steps * c.kseed.perturbations
+        return kseed_wire.unpack_reply(content, server_round, c.kseed.k, c.zo.eps, estimates)
+
+    def max_reply_bytes(self) -> int:
+        return reply_limit(4 * self.cfg.kseed.k, 2)  # dense; sparse is smaller (8 B per seed used, < K/2 used)
 
     def empty_entry(self, server_round: int) -> kseed.LogEntry:
         return kseed.LogEntry(server_round, self.cfg.zo.lr, np.zeros(self.cfg.kseed.k, np.float32))
@@ -278,20 +311,15 @@ class FedKSeed(LogStrategy):
         return entry
 
 
-def _finite_like(msg: Message, reference: ArrayRecord) -> None:
-    """A FedAvg train reply must carry exactly the global arrays' keys and shapes, all finite."""
-    arrays = [r for r in msg.content.values() if isinstance(r, ArrayRecord)]
-    if len(arrays) != 1:
-        raise WireError("expected exactly one ArrayRecord")
-    # The global arrays are the fp32 model's parameters, so the float32 check of unpack_tensors applies.
-    unpack_tensors("arrays", arrays[0], {key: tuple(ref.shape) for key, ref in reference.items()})
-    metrics = [r for r in msg.content.values() if isinstance(r, MetricRecord)]
-    if len(metrics) != 1 or not isinstance(metrics[0].get("num-examples"), int) or metrics[0]["num-examples"] <= 0:
-        raise WireError("expected one MetricRecord with a positive int num-examples")
-
-
 class RecordedFedAvg(FedAvg):
-    """Flower's own FedAvg, with the round's bytes and client metrics recorded and malformed replies dropped."""
+    """Flower's own FedAvg, with the round's bytes and client metrics recorded and every reply checked first.
+
+    Replies go through checked_replies like every other method's: size, then each array decoded from its
+    bytes against the global arrays' keys and shapes (float32, finite, within VALUE_BOUND), then the metrics
+    (round, num-examples). Flower's aggregation then sees only clean messages built from the checked arrays
+    and one metric, num-examples: an extra metric key, a renamed record or a list-valued metric in a reply
+    cannot reach it.
+    """
 
     def __init__(self, cfg: RunConfig, recorder: RunRecorder, **kwargs) -> None:
         super().__init__(
@@ -312,26 +340,40 @@ class RecordedFedAvg(FedAvg):
             self.recorder.add_down(content_bytes(m.content))
         return messages
 
+    def _check(self, content: RecordDict, server_round: int, shapes: dict[str, tuple[int, ...]]):
+        n, metrics = checked_metrics(content, server_round)
+        arrays = unpack_tensors("arrays", require(content, "arrays", ArrayRecord), shapes, VALUE_BOUND)
+        return n, metrics, {k: v.numpy() for k, v in arrays.items()}
+
     def aggregate_train(self, server_round, replies):
-        valid, metrics, failures, rejected, bytes_up = [], [], 0, 0, 0
-        for msg in replies:
-            if msg.has_error():
-                failures += 1
-                log(WARNING, "node %d failed: %s", msg.metadata.src_node_id, msg.error.reason[-500:])
-                continue
-            bytes_up += content_bytes(msg.content)
-            try:
-                _finite_like(msg, self._global)
-            except WireError as exc:
-                rejected += 1
-                log(WARNING, "reply of node %d rejected: %s", msg.metadata.src_node_id, exc)
-                continue
-            valid.append(msg)
-            metrics.append({k: float(v) for k, v in next(iter(msg.content.metric_records.values())).items()})
-        self.recorder.add_replies(bytes_up, metrics, failures, rejected)
-        if not valid:
+        shapes = {key: tuple(int(d) for d in ref.shape) for key, ref in self._global.items()}
+        limit = reply_limit(4 * sum(math.prod(s) for s in shapes.values()), len(shapes))
+        checked, failures, rejected, bytes_up = checked_replies(
+            server_round, replies, lambda content: self._check(content, server_round, shapes), limit
+        )
+        self.recorder.add_replies(bytes_up, [metrics for _, (_, metrics, _) in checked], failures, rejected)
+        if not checked:
             return None, None
-        return super().aggregate_train(server_round, valid)
+        clean = [
+            Message(
+                RecordDict(
+                    {
+                        "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                        "metrics": MetricRecord({"num-examples": n}),
+                    }
+                ),
+                dst_node_id=node,
+                message_type=MessageType.TRAIN,
+            )
+            for node, (n, _, arrays) in checked
+        ]
+        aggregated, _ = super().aggregate_train(server_round, clean)
+        weights = [float(n) for _, (n, _, _) in checked]
+        total = sum(weights)
+        mean_loss = (
+            sum(w * m.get("train-loss", 0.0) for w, (_, (_, m, _)) in zip(weights, checked, strict=True)) / total
+        )
+        return aggregated, MetricRecord({"train-loss": mean_loss, "clients": len(checked)})
 
 
 def params_record(model: torch.nn.Module) -> ArrayRecord:

@@ -31,7 +31,9 @@ def test_malformed_fedavg_replies_are_rejected_and_the_round_goes_on(tmp_path):
     by_node = {m.metadata.dst_node_id: m for m in msgs}
 
     def reply(node, arr, n=4, key="w"):
-        content = RecordDict({"arrays": ArrayRecord({key: Array(arr)}), "metrics": MetricRecord({"num-examples": n})})
+        content = RecordDict(
+            {"arrays": ArrayRecord({key: Array(arr)}), "metrics": MetricRecord({"num-examples": n, "model-round": 0})}
+        )
         return Message(content, reply_to=by_node[node])
 
     nan = np.zeros((2, 3), np.float32)

@@ -13,6 +13,9 @@ Client -> server:
   "head"         ArrayRecord  the client's trained head, same keys and shapes as sent
   "metrics"      MetricRecord num-examples (int > 0), model-round (int: the global round the client trained
                               from, must be T-1), train-loss, train-seconds, peak-rss-mb
+Reply checks (server): the bytes of every array are decoded as float32 of the stated shape (common.wire),
+finite and within +-VALUE_BOUND; accumulator keys are canonical ("1/n", never "01/n": two spellings of
+one key would let one overwrite the other); common.wire.checked_metrics for the metrics.
 A client that cannot reach round T-1 from what it holds plus the log sends the sync-only reply of
 common.nodestore ("metrics": model-round = the round it holds, sync-only = 1, num-examples = 0).
 Numbers only: no pickles, no code. Sizes: K * sum_n d_out(n) * r float32 each way, plus the head.
@@ -28,7 +31,15 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from common.fedkrso.subspace import Accumulators, LogEntry
-from common.wire import WireError, checked_metrics, checked_tensor, pack_tensors, require, unpack_tensors
+from common.wire import (
+    VALUE_BOUND,
+    WireError,
+    checked_metrics,
+    checked_tensor,
+    pack_tensors,
+    require,
+    unpack_tensors,
+)
 
 
 def pack_instruction(
@@ -121,16 +132,18 @@ def unpack_reply(
     shapes: Mapping[str, tuple[int, int]],
     head_shapes: Mapping[str, tuple[int, ...]],
 ) -> Reply:
-    """A checked reply; raises WireError for anything malformed (wrong keys, shapes, dtypes, NaN...)."""
+    """A checked reply; raises WireError for anything malformed (wrong keys, shapes, dtypes, NaN, bounds...)."""
     n, scalars = checked_metrics(content, server_round)
     rec = require(content, "accumulators", ArrayRecord)
     acc: Accumulators = {}
     for key in rec:
         j_str, _, name = key.partition("/")
-        if not j_str.isdigit() or not 0 <= int(j_str) < k or name not in shapes:
-            raise WireError(f"accumulator key '{key}' is not '<seed index>/<target>' of this run")
-        acc[(int(j_str), name)] = checked_tensor(f"accumulators[{key}]", rec[key], shapes[name])
+        if not (j_str.isdigit() and j_str == str(int(j_str))) or not 0 <= int(j_str) < k or name not in shapes:
+            raise WireError(f"accumulator key '{key[:80]}' is not '<seed index>/<target>' of this run")
+        if (int(j_str), name) in acc:
+            raise WireError(f"accumulator key '{key[:80]}' given twice")
+        acc[(int(j_str), name)] = checked_tensor(f"accumulators[{key}]", rec[key], shapes[name], bound=VALUE_BOUND)
     if not acc:
         raise WireError("reply carries no accumulators")
-    head = unpack_tensors("head", require(content, "head", ArrayRecord), head_shapes)
+    head = unpack_tensors("head", require(content, "head", ArrayRecord), head_shapes, bound=VALUE_BOUND)
     return Reply(n, server_round - 1, acc, head, scalars)

@@ -15,6 +15,9 @@ Client -> server:
   "metrics" MetricRecord  num-examples (int > 0), model-round (int, must be T-1), train-loss, train-seconds,
                           peak-rss-mb, local-steps, forward-passes, perturb-seconds
 A client that cannot reach round T-1 sends the sync-only reply of common.nodestore.
+Reply checks (server): index and scalars decoded from their bytes (int32 / float32 of the stated length,
+common.wire), indices strictly increasing in [0, K), scalars finite and |G[j]| <=
+common.wire.zo_scalar_bound(zo.eps, S·P) (G[j] sums at most S·P estimates); common.wire.checked_metrics.
 Sizes at K = 4096: down at most 16 KB + 4 B per carried round; up 8 B per seed used (20 steps: 160 B).
 """
 
@@ -27,7 +30,15 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from common.fedkseed.kseed import LogEntry
-from common.wire import WireError, checked_log_config, checked_metrics, checked_tensor, log_first, require
+from common.wire import (
+    WireError,
+    checked_log_config,
+    checked_metrics,
+    checked_tensor,
+    log_first,
+    require,
+    zo_scalar_bound,
+)
 
 
 def pack_scalars(prefix: str, dense: np.ndarray) -> dict[str, Array]:
@@ -40,18 +51,20 @@ def pack_scalars(prefix: str, dense: np.ndarray) -> dict[str, Array]:
     return {f"{prefix}scalars": Array(np.ascontiguousarray(dense, dtype=np.float32))}
 
 
-def unpack_scalars(where: str, arrays: ArrayRecord, prefix: str, k: int) -> tuple[np.ndarray, int]:
-    """The dense (K,) float32 vector, and the number of arrays it took (1 dense, 2 sparse)."""
+def unpack_scalars(
+    where: str, arrays: ArrayRecord, prefix: str, k: int, bound: float | None = None
+) -> tuple[np.ndarray, int]:
+    """The dense (K,) float32 vector (values within +-bound), and the number of arrays it took (1 dense, 2 sparse)."""
     values = arrays.get(f"{prefix}scalars")
     if values is None:
         raise WireError(f"{where}: lacks '{prefix}scalars'")
     if f"{prefix}index" not in arrays:
-        return checked_tensor(f"{where}[{prefix}scalars]", values, (k,)).numpy(), 1
+        return checked_tensor(f"{where}[{prefix}scalars]", values, (k,), bound=bound).numpy(), 1
     m = tuple(getattr(arrays[f"{prefix}index"], "shape", ()))
     if len(m) != 1 or not 0 <= m[0] <= k:
-        raise WireError(f"{where}: index shape {m}, expected (m,) with m <= {k}")
+        raise WireError(f"{where}: index shape {str(m)[:60]}, expected (m,) with m <= {k}")
     index = checked_tensor(f"{where}[{prefix}index]", arrays[f"{prefix}index"], m, "int32").numpy()
-    vals = checked_tensor(f"{where}[{prefix}scalars]", values, m).numpy()
+    vals = checked_tensor(f"{where}[{prefix}scalars]", values, m, bound=bound).numpy()
     if len(index) and (index[0] < 0 or index[-1] >= k or np.any(np.diff(index) <= 0)):
         raise WireError(f"{where}: index must be strictly increasing seed indices in [0, {k})")
     dense = np.zeros(k, dtype=np.float32)
@@ -103,11 +116,13 @@ class Reply:
     metrics: dict[str, float]
 
 
-def unpack_reply(content: RecordDict, server_round: int, k: int) -> Reply:
-    """A checked reply; raises WireError for anything malformed (keys, shapes, dtypes, NaN, indices)."""
+def unpack_reply(content: RecordDict, server_round: int, k: int, eps: float, estimates: int) -> Reply:
+    """A checked reply; raises WireError for anything malformed (keys, shapes, dtypes, NaN, bounds, indices).
+
+    `estimates`: the most two-sided estimates one client makes in a round (S·P), which bounds each G[j]."""
     n, metrics = checked_metrics(content, server_round)
     rec = require(content, "scalars", ArrayRecord)
-    dense, used = unpack_scalars("scalars", rec, "", k)
+    dense, used = unpack_scalars("scalars", rec, "", k, zo_scalar_bound(eps, estimates))
     if len(rec) != used:
-        raise WireError(f"scalars record has keys {sorted(rec.keys())}: expected 'scalars' (+ 'index')")
+        raise WireError(f"scalars record has keys {sorted(rec.keys())[:5]}: expected 'scalars' (+ 'index')")
     return Reply(n, dense, metrics)

@@ -13,6 +13,8 @@ Client -> server:
   "metrics" MetricRecord  num-examples (int > 0), model-round (int, must be T-1), train-loss, train-seconds,
                           peak-rss-mb, local-steps, forward-passes, perturb-seconds
 A client that cannot reach round T-1 sends the sync-only reply of common.nodestore.
+Reply checks (server): g1 and g2 decoded from their bytes as float32 (S, P) (common.wire), finite and
+|g| <= common.wire.zo_scalar_bound(zo.eps) (one estimate each); common.wire.checked_metrics for the metrics.
 Sizes: up 4·S·(P1 + P2) bytes of scalars (20 x 9 x 4 = 720 B at the defaults); down 4·S·(P1 + P2) + 16 B
 per carried round (normally one).
 """
@@ -26,7 +28,15 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from common.fedspzo.spzo import LogEntry
-from common.wire import WireError, checked_log_config, checked_metrics, checked_tensor, log_first, require
+from common.wire import (
+    WireError,
+    checked_log_config,
+    checked_metrics,
+    checked_tensor,
+    log_first,
+    require,
+    zo_scalar_bound,
+)
 
 
 def pack_instruction(server_round: int, rho: int, lr: float, log: Sequence[LogEntry]) -> RecordDict:
@@ -49,12 +59,12 @@ class Instruction:
     log: list[LogEntry]
 
 
-def _scalars(where: str, arr, p: int, steps: tuple[int, ...]) -> np.ndarray:
-    """A float32 (S, p) array of finite scalars, S one of `steps`."""
+def _scalars(where: str, arr, p: int, steps: tuple[int, ...], bound: float | None = None) -> np.ndarray:
+    """A float32 (S, p) array of finite scalars (within +-bound), S one of `steps`."""
     shape = tuple(getattr(arr, "shape", ()))
     if len(shape) != 2 or shape[1] != p or shape[0] not in steps:
-        raise WireError(f"{where}: shape {shape}, expected (S, {p}) with S in {steps}")
-    return checked_tensor(where, arr, shape).numpy()
+        raise WireError(f"{where}: shape {str(shape)[:60]}, expected (S, {p}) with S in {steps}")
+    return checked_tensor(where, arr, shape, bound=bound).numpy()
 
 
 def unpack_instruction(content: RecordDict, p1: int, p2: int, steps: int) -> Instruction:
@@ -95,12 +105,16 @@ class Reply:
     metrics: dict[str, float]
 
 
-def unpack_reply(content: RecordDict, server_round: int, p1: int, p2: int, steps: int) -> Reply:
-    """A checked reply; raises WireError for anything malformed (keys, shapes, dtypes, NaN, counts)."""
+def unpack_reply(content: RecordDict, server_round: int, p1: int, p2: int, steps: int, eps: float) -> Reply:
+    """A checked reply; raises WireError for anything malformed (keys, shapes, dtypes, NaN, bounds, counts)."""
     n, metrics = checked_metrics(content, server_round)
     rec = require(content, "scalars", ArrayRecord)
     if set(rec.keys()) != {"g1", "g2"}:
-        raise WireError(f"scalars record has keys {sorted(rec.keys())}, expected ['g1', 'g2']")
+        raise WireError(f"scalars record has keys {sorted(rec.keys())[:5]}, expected ['g1', 'g2']")
+    bound = zo_scalar_bound(eps)
     return Reply(
-        n, _scalars("scalars[g1]", rec["g1"], p1, (steps,)), _scalars("scalars[g2]", rec["g2"], p2, (steps,)), metrics
+        n,
+        _scalars("scalars[g1]", rec["g1"], p1, (steps,), bound),
+        _scalars("scalars[g2]", rec["g2"], p2, (steps,), bound),
+        metrics,
     )

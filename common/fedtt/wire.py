@@ -23,6 +23,9 @@ Client -> server:
                          >= 0: mean |dL/dG| of every core on one batch after local training (FedTT+ rule)
   "metrics" MetricRecord num-examples (int > 0), model-round (int, must be T-1), train-loss, train-seconds,
                          peak-rss-mb, local-steps
+Reply checks (server): every array decoded from its bytes as float32 of the expected length (common.wire);
+cores and head finite and within +-common.wire.VALUE_BOUND, scores in [0, SCORE_BOUND];
+common.wire.checked_metrics for the metrics (round, num-examples, bounded finite values).
 Numbers only: no pickles, no code. Sizes: FedTT sum of all cores + head each way; FedTT+ up only the round's
 cores (+ head and the scores, 4 bytes per core).
 """
@@ -36,9 +39,15 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from common.fedtt.tt import MATRICES, CoreKey
-from common.wire import WireError, pack_tensors, require, unpack_tensors
+from common.wire import VALUE_BOUND, WireError, checked_metrics, pack_tensors, require, unpack_tensors
 
 Shapes = Mapping[CoreKey, tuple[int, ...]]
+
+# FedTT+ gradient scores are mean |dL/dG| of a core on one batch: a cross-entropy loss of O(1) and cores of
+# O(1) give scores far below 1 (the tiny test models: ~1e-2). 1e4 leaves any honest client a wide margin;
+# a larger score (the issue's 3e38 made the averaged score inf) rejects the reply. The aggregation also
+# normalises each client's scores within a TT matrix (server_app.fedtt), so no client can outvote the others.
+SCORE_BOUND = 1e4
 
 
 def matrices(shapes: Shapes) -> list[tuple[int, str]]:
@@ -76,14 +85,14 @@ def _pack_cores(cores: Mapping[CoreKey, torch.Tensor], shapes: Shapes) -> ArrayR
 
 
 def _unpack_cores(
-    where: str, rec: ArrayRecord, wanted: Sequence[CoreKey], shapes: Shapes
+    where: str, rec: ArrayRecord, wanted: Sequence[CoreKey], shapes: Shapes, bound: float | None = None
 ) -> dict[CoreKey, torch.Tensor]:
     """Exactly one array per TT matrix named in `wanted`, of exactly the length of its wanted cores."""
     by_matrix: dict[str, list[CoreKey]] = {}
     for k in sorted(wanted):
         by_matrix.setdefault(f"{k[0]}.{k[1]}", []).append(k)
     lengths = {name: (sum(int(torch.Size(shapes[k]).numel()) for k in keys),) for name, keys in by_matrix.items()}
-    flat = unpack_tensors(where, rec, lengths)
+    flat = unpack_tensors(where, rec, lengths, bound)
     out: dict[CoreKey, torch.Tensor] = {}
     for name, keys in by_matrix.items():
         offset = 0
@@ -174,27 +183,28 @@ def unpack_reply(
     head_shapes: Mapping[str, tuple[int, ...]],
     want_scores: bool,
 ) -> Reply:
-    """A checked reply; raises WireError for anything malformed (keys, lengths, dtypes, NaN, counts...)."""
-    metrics = require(content, "metrics", MetricRecord)
-    n = metrics.get("num-examples")
-    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
-        raise WireError(f"num-examples must be a positive int, got {n!r}")
-    model_round = metrics.get("model-round")
-    if model_round != server_round - 1:
-        raise WireError(f"client trained from round {model_round!r}, expected {server_round - 1}")
-    cores = _unpack_cores("cores", require(content, "cores", ArrayRecord), selected, shapes)
-    head = unpack_tensors("head", require(content, "head", ArrayRecord), head_shapes)
+    """A checked reply; raises WireError for anything malformed (keys, lengths, dtypes, NaN, bounds, counts...)."""
+    n, scalars = checked_metrics(content, server_round)
+    expected = {"cores", "head", "metrics"} | ({"scores"} if want_scores else set())
+    if set(content.keys()) != expected:
+        raise WireError(f"reply records {sorted(content.keys())[:6]}, expected {sorted(expected)}")
+    cores = _unpack_cores("cores", require(content, "cores", ArrayRecord), selected, shapes, VALUE_BOUND)
+    head = unpack_tensors("head", require(content, "head", ArrayRecord), head_shapes, VALUE_BOUND)
     scores = None
     if want_scores:
         keys = list(shapes)  # canonical order
-        vec = unpack_tensors("scores", require(content, "scores", ArrayRecord), {"scores": (len(keys),)})["scores"]
-        if (vec < 0).any():
+        vec = unpack_tensors("scores", require(content, "scores", ArrayRecord), {"scores": (len(keys),)}, SCORE_BOUND)
+        if (vec["scores"] < 0).any():
             raise WireError("scores must be >= 0 (mean absolute gradients)")
-        scores = {k: float(v) for k, v in zip(keys, vec.tolist(), strict=True)}
-    elif "scores" in content:
-        raise WireError("reply carries scores that were not asked for")
-    expected = {"cores", "head", "metrics"} | ({"scores"} if want_scores else set())
-    if set(content.keys()) != expected:
-        raise WireError(f"reply records {sorted(content.keys())}, expected {sorted(expected)}")
-    scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        scores = {k: float(v) for k, v in zip(keys, vec["scores"].tolist(), strict=True)}
     return Reply(n, cores, head, scores, scalars)
+
+
+def reply_payload(
+    selected: Sequence[CoreKey], shapes: Shapes, head_shapes: Mapping, want_scores: bool
+) -> tuple[int, int]:
+    """(bytes of numbers, arrays) of an honest reply: the selected cores, the head, the scores if asked."""
+    numbers = sum(int(torch.Size(shapes[k]).numel()) for k in selected)
+    numbers += sum(int(torch.Size(s).numel()) for s in head_shapes.values())
+    numbers += len(shapes) if want_scores else 0
+    return 4 * numbers, len({k[:2] for k in selected}) + len(head_shapes) + int(want_scores)

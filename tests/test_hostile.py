@@ -1,0 +1,279 @@
+"""Hostile replies (issue 10, server side): one hostile node among honest ones, through the real strategies.
+
+Every method's server runs as in a deployment (common SETUPS, the strategy's configure_train and
+aggregate_train); the honest nodes are the real client code on the tiny models of conftest.py; the hostile
+node 103 starts from its own honest reply and breaks one thing in it. A run "without the attacker" is the
+same run in which node 103 never answers. Stated distances: a rejected reply leaves the global model
+EXACTLY (bit for bit) where the run without the attacker puts it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ConfigRecord, Message, MetricRecord, RecordDict
+from numpy.lib import format as npy
+
+from client_app.app import CLIENTS
+from common.config import parse_run_config
+from common.nodestore import STATE_DIR_ENV
+from common.records import RunRecorder
+from common.wire import WireError, decode_array
+from server_app.app import SETUPS
+from tests.conftest import NodeList
+
+pytestmark = pytest.mark.usefixtures("task_identity")
+
+HONEST = {101: 0, 102: 1}
+HOSTILE = 103
+NODES = {**HONEST, HOSTILE: 2}
+METHODS = ["fedkrso", "fedspzo", "fedkseed", "fedtt", "fedtt-plus", "fedavg", "fedavg-lora"]
+MAIN_RECORD = {  # the record holding each method's update
+    "fedkrso": "accumulators",
+    "fedspzo": "scalars",
+    "fedkseed": "scalars",
+    "fedtt": "cores",
+    "fedtt-plus": "cores",
+    "fedavg": "arrays",
+    "fedavg-lora": "arrays",
+}
+
+
+def make_cfg(method, model, glue_dir, tmp_path, name, **extra):
+    return parse_run_config(
+        {
+            "method": method, "model": model, "task": "rte", "data-dir": glue_dir,
+            "results-dir": str(tmp_path / "results"), "run-name": name, "train.local-steps": 2,
+            "train.batch-size": 4, "train.max-length": 32, "train.lr": 1e-2, "krso.k": 2, "krso.rank": 4,
+            "krso.intervals": 2, "zo.lr": 1e-2, "zo.eps": 1e-2, "spzo.split-layer": 1, "spzo.p1": 1, "spzo.p2": 2,
+            "kseed.k": 64, "tt.bottleneck": 8, "tt.rank": 3, "min-clients": 1, **extra,
+        }
+    )  # fmt: skip
+
+
+class Run:
+    """One method's server (its real strategy) and real clients; `run_id` keeps each run's node state apart."""
+
+    runs = 0
+
+    def __init__(self, method, model, glue_dir, tmp_path, **extra):
+        Run.runs += 1
+        self.run_id = Run.runs
+        self.cfg = make_cfg(method, model, glue_dir, tmp_path, f"{method}-{self.run_id}", **extra)
+        self.recorder = RunRecorder(self.cfg.results_dir, self.cfg.run_name, self.cfg.to_flat())
+        self.setup = SETUPS[method](self.cfg, self.recorder)
+        self.arrays = self.setup.initial
+        self.client = importlib.import_module(CLIENTS[method]).train
+
+    def instructions(self, rnd):
+        msgs = self.setup.strategy.configure_train(rnd, self.arrays, ConfigRecord(), NodeList(NODES))
+        return {m.metadata.dst_node_id: m for m in msgs}
+
+    def reply(self, msg):
+        node = msg.metadata.dst_node_id
+        content = self.client(
+            msg.content, self.cfg, {"partition-id": NODES[node], "num-partitions": 3}, self.run_id, node
+        )
+        return Message(content, reply_to=msg)
+
+    def aggregate(self, rnd, replies):
+        arrays, _ = self.setup.strategy.aggregate_train(rnd, replies)
+        if arrays is not None and self.setup.load is not None:
+            self.arrays = arrays
+            self.setup.load(arrays)
+        return self.recorder.end_round(rnd, None)
+
+    def weights(self) -> torch.Tensor:
+        """The whole global model, flattened (what the server would evaluate)."""
+        return torch.cat([p.detach().reshape(-1).float() for p in self.setup.model.state_dict().values()])
+
+
+def npy_bytes(descr: str, shape: tuple, payload: bytes, fortran: bool = False) -> bytes:
+    buf = io.BytesIO()
+    npy.write_array_header_1_0(buf, {"descr": descr, "fortran_order": fortran, "shape": shape})
+    return buf.getvalue() + payload
+
+
+def _floats(arr: Array) -> np.ndarray:
+    return np.frombuffer(arr.data[-4 * math.prod(arr.shape) :], np.float32).reshape(arr.shape)
+
+
+# Each kind replaces an Array by one whose metadata says "float32 of the right shape" and whose bytes do not.
+MALFORMED = {
+    "garbage": lambda a: os.urandom(len(a.data)),
+    "float64 1e300": lambda a: npy_bytes("<f8", tuple(a.shape), np.full(a.shape, 1e300).tobytes()),
+    "float16": lambda a: npy_bytes("<f2", tuple(a.shape), np.zeros(a.shape, np.float16).tobytes()),
+    "int32 bytes": lambda a: npy_bytes("<i4", tuple(a.shape), np.ones(a.shape, np.int32).tobytes()),
+    "big-endian": lambda a: npy_bytes(">f4", tuple(a.shape), _floats(a).astype(">f4").tobytes()),
+    "object dtype": lambda a: npy_bytes("|O", tuple(a.shape), b"\0" * 8 * math.prod(a.shape)),
+    "fewer elements": lambda a: npy_bytes("<f4", (math.prod(a.shape) - 1,), _floats(a).tobytes()[4:]),
+    "truncated": lambda a: a.data[:-4],
+    "fortran": lambda a: npy_bytes("<f4", tuple(a.shape), _floats(a).tobytes(), fortran=True),
+    "terabyte header": lambda a: npy_bytes("<f4", (10**12,), _floats(a).tobytes()),
+    "header of nonsense": lambda a: b"\x93NUMPY\x01\x00" + (120).to_bytes(2, "little") + b"{" * 120,
+}
+
+
+def _with_data(a: Array, data: bytes, stype: str = "numpy.ndarray") -> Array:
+    return Array(dtype=a.dtype, shape=tuple(a.shape), stype=stype, data=data)
+
+
+@pytest.mark.parametrize("kind", sorted(MALFORMED))
+def test_decode_array_reads_what_the_bytes_are(kind):
+    good = Array(np.arange(6, dtype=np.float32).reshape(2, 3))
+    np.testing.assert_array_equal(decode_array("a", good, (2, 3)), np.arange(6).reshape(2, 3))
+    with pytest.raises(WireError):
+        decode_array("a", _with_data(good, MALFORMED[kind](good)), (2, 3))
+
+
+def test_decode_array_refuses_metadata_and_storage_lies_and_bounds():
+    good = Array(np.ones((2, 3), np.float32))
+    for bad in (
+        _with_data(good, good.data, stype="torch.Tensor"),
+        Array(dtype="float32", shape=(10**6, 10**6), stype="numpy.ndarray", data=good.data),  # a terabyte shape
+        Array(dtype="float64", shape=(2, 3), stype="numpy.ndarray", data=good.data),
+    ):
+        with pytest.raises(WireError):
+            decode_array("a", bad, (2, 3))
+    with pytest.raises(WireError, match="bound"):
+        decode_array("a", Array(np.full((2, 3), 1e30, np.float32)), (2, 3), bound=1e3)
+    index = Array(np.arange(4, dtype=np.int32))  # an index array whose bytes hold int64
+    lie = _with_data(index, npy_bytes("<i8", (4,), np.arange(4, dtype=np.int64).tobytes()))
+    with pytest.raises(WireError, match="bytes hold"):
+        decode_array("index", lie, (4,), "int32")
+    with pytest.raises(WireError, match="bytes"):  # more bytes than the shape can hold: refused before parsing
+        decode_array("a", _with_data(good, good.data + b"\0" * 10**6), (2, 3))
+
+
+def _first_float_array(content: RecordDict, method: str) -> str:
+    rec = content[MAIN_RECORD[method]]
+    return next(k for k in rec if rec[k].dtype == "float32" and math.prod(rec[k].shape) > 1)
+
+
+def _attack_malformed(kind):
+    def attack(content, method):
+        rec = content[MAIN_RECORD[method]]
+        key = _first_float_array(content, method)
+        rec[key] = _with_data(rec[key], MALFORMED[kind](rec[key]))
+        return content
+
+    return attack
+
+
+def _attack_index_bytes(content, method):  # FedKSeed's sparse index: metadata int32, bytes int64
+    rec = content["scalars"]
+    index = rec["index"]
+    rec["index"] = _with_data(index, npy_bytes("<i8", tuple(index.shape), index.numpy().astype(np.int64).tobytes()))
+    return content
+
+
+def _attack_other_stype(content, method):
+    rec = content[MAIN_RECORD[method]]
+    key = _first_float_array(content, method)
+    rec[key] = _with_data(rec[key], rec[key].data, stype="torch.Tensor")
+    return content
+
+
+def _attack_oversize(content, method):  # one more array, larger than anything the method sends
+    content[MAIN_RECORD[method]]["padding"] = Array(np.zeros(2_000_000, np.float32))
+    return content
+
+
+def _attack_renamed_record(content, method):
+    content["renamed"] = content.pop(MAIN_RECORD[method])
+    return content
+
+
+def _attack_list_metric(content, method):
+    content["metrics"]["train-loss"] = [0.1, 0.2]
+    return content
+
+
+def _attack_round(delta):
+    def attack(content, method):
+        content["metrics"]["model-round"] = content["metrics"]["model-round"] + delta
+        return content
+
+    return attack
+
+
+ATTACKS = {
+    **{f"bytes: {k}": _attack_malformed(k) for k in MALFORMED},
+    "other storage type": _attack_other_stype,
+    "oversize": _attack_oversize,
+    "renamed record": _attack_renamed_record,
+    "list-valued metric": _attack_list_metric,
+    "stale round": _attack_round(-1),
+    "future round": _attack_round(+1),
+}
+
+
+@pytest.fixture
+def state_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path / "nodes"))
+
+
+@pytest.mark.usefixtures("state_dir")
+@pytest.mark.parametrize("method", METHODS)
+def test_one_hostile_node_sending_malformed_replies_changes_nothing(method, tiny_bert, glue_dir, tmp_path):
+    """Each attack: a fresh server, the two honest replies plus the attacker's. The reply is rejected,
+    the round goes on, and the global model is bit for bit that of the run without the attacker."""
+    clean = Run(method, tiny_bert, glue_dir, tmp_path)
+    msgs = clean.instructions(1)
+    honest = [clean.reply(msgs[n]) for n in HONEST]
+    assert clean.aggregate(1, honest)["clients"] == 2
+    expected = clean.weights()
+    attacks = dict(ATTACKS)
+    if method == "fedkseed":
+        attacks["index bytes"] = _attack_index_bytes
+    for name, attack in attacks.items():
+        run = Run(method, tiny_bert, glue_dir, tmp_path)
+        msgs = run.instructions(1)
+        hostile = Message(attack(run.reply(msgs[HOSTILE]).content, method), reply_to=msgs[HOSTILE])
+        rec = run.aggregate(
+            1, [*[Message(h.content, reply_to=msgs[n]) for n, h in zip(HONEST, honest, strict=True)], hostile]
+        )
+        assert (rec["clients"], rec["rejected"]) == (2, 1), name
+        assert torch.equal(run.weights(), expected), name
+
+
+@pytest.mark.usefixtures("state_dir")
+@pytest.mark.parametrize("method", ["fedavg", "fedkrso"])
+def test_an_extra_metric_key_is_ignored_not_fatal(method, tiny_bert, glue_dir, tmp_path):
+    """A newer client may add a metric: the reply is accepted and the key (even list-valued) ignored."""
+    runs = [Run(method, tiny_bert, glue_dir, tmp_path) for _ in range(2)]
+    msgs = runs[0].instructions(1)
+    replies = [runs[0].reply(msgs[n]) for n in NODES]
+    results = []
+    for i, run in enumerate(runs):
+        mine = run.instructions(1)
+        contents = []
+        for node, r in zip(NODES, replies, strict=True):
+            content = RecordDict({k: v for k, v in r.content.items()})
+            if i == 1 and node == HOSTILE:
+                content["metrics"] = MetricRecord({**r.content["metrics"], "new-metric": [1.0, 2.0], "extra": 3})
+            contents.append(Message(content, reply_to=mine[node]))
+        assert run.aggregate(1, contents)["clients"] == 3
+        results.append(run.weights())
+    assert torch.equal(results[0], results[1])
+
+
+def test_fedkrso_refuses_aliased_accumulator_keys():
+    from common.fedkrso.wire import pack_reply, unpack_reply
+
+    shapes = {"a.w": (3, 2)}
+    reply = pack_reply({(1, "a.w"): torch.ones(3, 2)}, {}, {"num-examples": 4, "model-round": 0})
+    reply["accumulators"]["01/a.w"] = Array(np.full((3, 2), 5.0, np.float32))
+    with pytest.raises(WireError, match="01/a.w"):
+        unpack_reply(reply, 1, 2, shapes, {})
+    del reply["accumulators"]["01/a.w"]
+    assert unpack_reply(reply, 1, 2, shapes, {}).accumulators[(1, "a.w")].sum() == 6
+    reply["accumulators"]["+1/a.w"] = Array(np.ones((3, 2), np.float32))
+    with pytest.raises(WireError):
+        unpack_reply(reply, 1, 2, shapes, {})
