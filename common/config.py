@@ -104,6 +104,7 @@ class RunConfig:
     data_dir: str = ""  # "" = download from the Hugging Face Hub
     results_dir: str = "results"
     run_name: str = ""  # "" = "<method>-<task>-<timestamp>"
+    resume_from: str = ""  # a run's checkpoint file or records folder: continue it (server_app/checkpoint.py)
     fraction_train: float = 1.0
     min_clients: int = 2
     round_timeout: float = 3600.0
@@ -281,3 +282,30 @@ def validate(cfg: RunConfig) -> None:
     need(lo.alpha > 0, f"lora.alpha must be > 0, got {lo.alpha}")
     need(0 <= lo.dropout < 1, f"lora.dropout must be in [0, 1), got {lo.dropout}")
     need(lo.targets.strip() != "", "lora.targets must be a comma list of module names, e.g. 'query,value'")
+
+
+# Resuming (`resume-from`): the keys a resumed run may set differently from the run that wrote the
+# checkpoint. They change where records go, how long to wait or how many rounds to run, never what a
+# round computes; every other key must be the same, or the continuation would not be the same run.
+RESUME_MAY_CHANGE = (
+    "num-server-rounds", "run-name", "results-dir", "resume-from", "round-timeout", "data-dir", "min-clients",
+    "eval.every", "eval.batch-size",
+)  # fmt: skip
+
+
+def check_resume(cfg: RunConfig, saved: dict[str, Any], done: int) -> None:
+    """Refuse to resume from a checkpoint of another configuration, or one with nothing left to run."""
+    now = cfg.to_flat()
+    differ = sorted(k for k in set(now) | set(saved) if k not in RESUME_MAY_CHANGE and now.get(k) != saved.get(k))
+    if differ:
+        shown = ", ".join(f"{k} = {saved.get(k)!r} there, {now.get(k)!r} here" for k in differ[:6])
+        raise ConfigError(
+            f"resume-from '{cfg.resume_from}' holds a {saved.get('method')} run with another configuration ({shown}"
+            f"{', ...' if len(differ) > 6 else ''}): resume with the settings it was started with (only "
+            f'{", ".join(RESUME_MAY_CHANGE)} may change), or start a fresh run with resume-from = ""'
+        )
+    if cfg.num_server_rounds <= done:
+        raise ConfigError(
+            f"resume-from '{cfg.resume_from}' already holds round {done} and num-server-rounds is "
+            f"{cfg.num_server_rounds}: set num-server-rounds above {done} to train further"
+        )

@@ -2,6 +2,8 @@
 
 Round 0 is the evaluation of the starting model (no traffic). `bytes_down` / `bytes_up` are all bytes of
 the messages' contents in the round, summed over clients; `clients` is the number of replies aggregated.
+A method may keep more per-round records beside them (`add_record`: `<name>.jsonl`). A resumed run starts
+from the records so far (`previous`, from the server checkpoint) and appends to them.
 """
 
 from __future__ import annotations
@@ -25,14 +27,34 @@ def _fmt_bytes(n: float | None) -> str:
     return f"{n:.1f} GB"
 
 
+def _write_jsonl(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(tmp, path)
+
+
 class RunRecorder:
-    def __init__(self, results_dir: str, run_name: str, config: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        results_dir: str,
+        run_name: str,
+        config: Mapping[str, Any],
+        previous: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+    ) -> None:
+        """`previous`: the records so far of a resumed run ({"rounds": rows, "<name>": rows of <name>.jsonl})."""
         self.dir = os.path.join(results_dir, run_name)
         os.makedirs(self.dir, exist_ok=True)
         self.config = dict(config)
-        self.rounds: list[dict[str, Any]] = []
+        previous = previous or {}
+        self.rounds: list[dict[str, Any]] = [dict(r) for r in previous.get("rounds", ())]
+        self.extra: dict[str, list[dict[str, Any]]] = {
+            name: [dict(r) for r in rows] for name, rows in previous.items() if name != "rounds"
+        }
         self._path = os.path.join(self.dir, "rounds.jsonl")
-        open(self._path, "w").close()
+        _write_jsonl(self._path, self.rounds)
+        for name, rows in self.extra.items():
+            _write_jsonl(os.path.join(self.dir, f"{name}.jsonl"), rows)
         self._open: dict[str, Any] | None = None
         self._t0 = time.perf_counter()
 
@@ -100,6 +122,16 @@ class RunRecorder:
             f.write(json.dumps(out) + "\n")
         self._open = None
         return out
+
+    def add_record(self, name: str, row: Mapping[str, Any]) -> None:
+        """Append one row to the method's own record `<name>.jsonl` (kept in the server checkpoint too)."""
+        self.extra.setdefault(name, []).append(dict(row))
+        with open(os.path.join(self.dir, f"{name}.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def records(self) -> dict[str, list[dict[str, Any]]]:
+        """The records so far, as a resumed run's `previous`."""
+        return {"rounds": list(self.rounds), **{name: list(rows) for name, rows in self.extra.items()}}
 
     def finish(self) -> dict[str, Any]:
         summary = summarize(self.rounds, self.config)

@@ -112,7 +112,7 @@ def simulate(overrides: dict, clients: int, quiet: bool = False, timeout: float 
     flat = {**app_defaults(), **overrides}
     if not flat.get("data-dir") and os.environ.get("GLUE_DIR"):
         flat["data-dir"] = os.environ["GLUE_DIR"]
-    for key in ("data-dir", "results-dir"):
+    for key in ("data-dir", "results-dir", "resume-from"):
         if flat.get(key):
             flat[key] = os.path.abspath(os.path.expanduser(flat[key]))  # the app runs in another folder
     if flat.get("data-dir") and not os.path.isdir(flat["data-dir"]):

@@ -19,11 +19,12 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 from torch import nn
 
-from common.config import ConfigError, RunConfig, parse_run_config
+from common.config import ConfigError, RunConfig, check_resume, parse_run_config
 from common.evaluation import evaluate
 from common.records import RunRecorder, format_table
 from common.tasks import get_task
 from common.training import dev_encoded
+from server_app import checkpoint
 
 app = ServerApp()
 
@@ -111,18 +112,46 @@ def run_name(cfg: RunConfig) -> str:
     return cfg.run_name or f"{cfg.method}-{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def run(grid: Grid, cfg: RunConfig) -> dict:
-    """One federated run; returns its summary. Everything that can be refused is refused before round 1."""
+def resume(setup: ServerSetup, saved: checkpoint.ServerState, run_id: int) -> ArrayRecord:
+    """Put a checkpoint's state into a freshly built setup; returns the arrays Strategy.start starts from."""
+    setup.strategy.load_state_dict(saved.tensors, saved.strategy, saved.round, same_run=saved.run_id == run_id)
+    initial = checkpoint.carried_arrays(saved, setup.initial)
+    if setup.load is not None:
+        setup.load(initial)
+    return initial
+
+
+def run(grid: Grid, cfg: RunConfig, run_id: int = 0) -> dict:
+    """One federated run; returns its summary. Everything that can be refused is refused before round 1.
+
+    After every completed round the server state goes to `<records>/checkpoint.safetensors`
+    (server_app/checkpoint.py); with `resume-from` the run starts from such a state instead and runs the
+    rounds after it.
+    """
     if cfg.data_dir and not os.path.isdir(cfg.data_dir):
         raise ConfigError(
             f"data-dir '{cfg.data_dir}' is not a folder: point it at a GLUE-layout folder, or leave it empty for the Hub"
         )
     task = get_task(cfg.task)
+    saved = None
+    if cfg.resume_from:  # read and checked before anything is written (it may live in this run's folder)
+        saved = checkpoint.read(cfg.resume_from)
+        check_resume(cfg, saved.config, saved.round)
     dev = dev_encoded(cfg)  # missing files fail here, before any training
-    recorder = RunRecorder(cfg.results_dir, run_name(cfg), cfg.to_flat())
+    recorder = RunRecorder(cfg.results_dir, run_name(cfg), cfg.to_flat(), saved.records if saved else None)
     setup = SETUPS[cfg.method](cfg, recorder)
+    done, strategy, initial = 0, setup.strategy, setup.initial
+    if saved is not None:
+        initial = resume(setup, saved, run_id)
+        done, strategy = saved.round, checkpoint.Continued(setup.strategy, saved.round)
+        log(INFO, "resuming from %s: round %d done, rounds %d..%d to run", cfg.resume_from, done, done + 1,
+            cfg.num_server_rounds)  # fmt: skip
+    state_path = os.path.join(recorder.dir, checkpoint.FILENAME)
 
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+    def evaluate_fn(flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if flower_round == 0 and done:
+            return None  # round `done` was evaluated and recorded by the run that wrote the checkpoint
+        server_round = flower_round + done
         due = server_round % cfg.eval.every == 0 or server_round == cfg.num_server_rounds
         result = None
         if due:
@@ -130,6 +159,15 @@ def run(grid: Grid, cfg: RunConfig) -> dict:
                 setup.load(arrays)
             result = evaluate(setup.model, dev, task, cfg.eval.batch_size)
         rec = recorder.end_round(server_round, result)
+        if server_round > 0:
+            tensors, state = setup.strategy.state_dict()
+            checkpoint.write(
+                state_path,
+                checkpoint.ServerState(
+                    server_round, cfg.to_flat(), tensors, state, recorder.records(),
+                    arrays={k: a.numpy() for k, a in arrays.items()}, run_id=run_id,
+                ),
+            )  # fmt: skip
         log(
             INFO,
             "round %d: accuracy %s, %d bytes down, %d up, %d clients",
@@ -141,10 +179,10 @@ def run(grid: Grid, cfg: RunConfig) -> dict:
         )
         return MetricRecord(result) if result else None
 
-    setup.strategy.start(
+    strategy.start(
         grid=grid,
-        initial_arrays=setup.initial,
-        num_rounds=cfg.num_server_rounds,
+        initial_arrays=initial,
+        num_rounds=cfg.num_server_rounds - done,
         timeout=cfg.round_timeout,
         evaluate_fn=evaluate_fn,
     )
@@ -155,4 +193,4 @@ def run(grid: Grid, cfg: RunConfig) -> dict:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    run(grid, parse_run_config(context.run_config))
+    run(grid, parse_run_config(context.run_config), context.run_id)

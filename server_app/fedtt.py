@@ -6,8 +6,6 @@ common.fedtt.wire.
 
 from __future__ import annotations
 
-import json
-import os
 import random
 from collections.abc import Iterable
 from logging import INFO, WARNING
@@ -24,6 +22,7 @@ from common.fedtt.tt import CoreKey, aggregate, plus_selection
 from common.fedtt.wire import pack_instruction, reply_payload, unpack_reply
 from common.records import RunRecorder
 from common.wire import content_bytes, reply_limit
+from server_app import checkpoint
 from server_app.strategies import checked_replies, wait_for_nodes
 
 
@@ -117,8 +116,23 @@ class FedTT(Strategy):
             "numbers": self.tm.adapters.num_parameters(selected),
             "cores": [{"adapter": i, "matrix": m, "core": j} for i, m, j in selected],
         }
-        with open(os.path.join(self.recorder.dir, "fedtt-selection.jsonl"), "a") as f:
-            f.write(json.dumps(line) + "\n")
+        self.recorder.add_record("fedtt-selection", line)
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """The global cores and head, FedTT+'s last scores and the sampling RNG (server_app/checkpoint.py)."""
+        tensors = {f"cores/{i}.{m}.{j}": v for (i, m, j), v in self.tm.adapters.state().items()}
+        tensors.update({f"head/{n}": v for n, v in self.tm.head_state().items()})
+        scores = None if self.scores is None else [[i, m, j, v] for (i, m, j), v in self.scores.items()]
+        return tensors, {"scores": scores, "rng": checkpoint.rng_state(self._rng)}
+
+    def load_state_dict(self, tensors, state: dict, done: int, same_run: bool) -> None:
+        shapes = {f"cores/{i}.{m}.{j}": s for (i, m, j), s in self.shapes.items()}
+        shapes.update({f"head/{n}": s for n, s in self.tm.head_shapes.items()})
+        values = checkpoint.checked_tensors(tensors, shapes)
+        self.tm.adapters.load({k: values[f"cores/{k[0]}.{k[1]}.{k[2]}"] for k in self.shapes})
+        self.tm.set_head({n: values[f"head/{n}"] for n in self.tm.head_shapes})
+        self.scores = None if state["scores"] is None else {(i, m, j): float(v) for i, m, j, v in state["scores"]}
+        checkpoint.set_rng_state(self._rng, state["rng"])
 
     def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
         return []  # evaluation is server-side, on the dev split

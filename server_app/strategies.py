@@ -22,7 +22,7 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from common.config import RunConfig
 from common.fedkrso.state import KrsoModel
 from common.fedkrso.subspace import LogEntry, aggregate, apply_update, round_seeds
-from common.fedkrso.wire import pack_instruction, unpack_reply
+from common.fedkrso.wire import pack_instruction, unpack_instruction, unpack_reply
 from common.fedkseed import kseed
 from common.fedkseed import wire as kseed_wire
 from common.fedkseed.kseed import KseedModel
@@ -32,6 +32,7 @@ from common.fedspzo.spzo import SpzoModel
 from common.records import RunRecorder
 from common.wire import (
     VALUE_BOUND,
+    WireError,
     check_size,
     checked_metrics,
     content_bytes,
@@ -41,6 +42,7 @@ from common.wire import (
     unpack_tensors,
 )
 from common.zeroorder import aggregate_scalars
+from server_app import checkpoint
 
 T = TypeVar("T")
 
@@ -116,6 +118,43 @@ class LogStrategy(Strategy):
     def max_reply_bytes(self) -> int:
         """The size limit of one reply (common.wire.reply_limit of what an honest reply carries)."""
         raise NotImplementedError
+
+    def restore(self, content: RecordDict) -> list:
+        """Unpack (checked) an instruction carrying the whole log (see state_dict), replay that log onto the
+        freshly built global model (and set whatever else the instruction carries); return the log."""
+        raise NotImplementedError
+
+    def global_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors of the global model the method changes."""
+        raise NotImplementedError
+
+    def state_dict(self) -> tuple[dict[str, np.ndarray], dict]:
+        """The whole update log (as the instruction of the next round, in the method's wire format), the
+        node_round map, the sampling RNG and a digest of the global model (server_app/checkpoint.py)."""
+        tensors, configs = checkpoint.records_to_state(self.instruction(len(self.log) + 1, self.log))
+        return tensors, {
+            "instruction": configs,
+            "node-round": {str(n): r for n, r in self.node_round.items()},
+            "rng": checkpoint.rng_state(self._rng),
+            "digest": checkpoint.model_digest(self.global_tensors()),
+        }
+
+    def load_state_dict(self, tensors, state: dict, done: int, same_run: bool) -> None:
+        """Rebuild the global model of round `done` by replaying the log. Nodes keep their copy per Flower run
+        (common.nodestore.state_dir), so under a new run the node_round map starts empty: every node gets the
+        whole log with its first instruction and catches up, instead of answering sync-only first."""
+        if self.log:
+            raise RuntimeError("load_state_dict needs a freshly built strategy")
+        try:
+            entries = self.restore(checkpoint.state_to_records(tensors, state["instruction"]))
+        except WireError as exc:
+            raise checkpoint.CheckpointError(f"the checkpoint's update log does not fit this run: {exc}") from exc
+        if [e.round for e in entries] != list(range(1, done + 1)):
+            raise checkpoint.CheckpointError(f"the checkpoint's update log does not hold rounds 1..{done}")
+        checkpoint.check_model_digest(state["digest"], self.global_tensors())
+        self.log = entries
+        self.node_round = {int(n): int(r) for n, r in state["node-round"].items()} if same_run else {}
+        checkpoint.set_rng_state(self._rng, state["rng"])
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -204,6 +243,16 @@ class FedKRSO(LogStrategy):
     def empty_entry(self, server_round: int) -> LogEntry:
         return LogEntry(server_round, tuple(self._seeds(server_round)), {})
 
+    def restore(self, content: RecordDict) -> list[LogEntry]:
+        ins = unpack_instruction(content, self.cfg.krso.k, self.km.shapes, self.km.head_shapes)
+        for entry in ins.log:
+            apply_update(self.km.targets, entry.seeds, entry.bbar, self.cfg.krso.rank)
+        self.km.set_head(ins.head)
+        return ins.log
+
+    def global_tensors(self) -> dict[str, torch.Tensor]:
+        return {**self.km.target_weights(), **self.km.head}
+
     def update(self, server_round: int, weights: list[float], replies: list) -> LogEntry:
         bbar = aggregate(
             list(zip(weights, (r.accumulators for r in replies), strict=True)), self.km.shapes, self.cfg.krso.k
@@ -259,6 +308,16 @@ class FedSPZO(LogStrategy):
             server_round, rho, c.zo.lr, np.zeros((0, c.spzo.p1), np.float32), np.zeros((0, c.spzo.p2), np.float32)
         )
 
+    def restore(self, content: RecordDict) -> list[spzo.LogEntry]:
+        c = self.cfg
+        entries = spzo_wire.unpack_instruction(content, c.spzo.p1, c.spzo.p2, c.train.local_steps).log
+        for entry in entries:
+            spzo.replay(self.sm, entry)
+        return entries
+
+    def global_tensors(self) -> dict[str, torch.Tensor]:
+        return self.sm.params
+
     def update(self, server_round: int, weights: list[float], replies: list) -> spzo.LogEntry:
         entry = spzo.LogEntry(
             server_round,
@@ -304,6 +363,15 @@ class FedKSeed(LogStrategy):
 
     def empty_entry(self, server_round: int) -> kseed.LogEntry:
         return kseed.LogEntry(server_round, self.cfg.zo.lr, np.zeros(self.cfg.kseed.k, np.float32))
+
+    def restore(self, content: RecordDict) -> list[kseed.LogEntry]:
+        entries = kseed_wire.unpack_instruction(content, self.cfg.kseed.k).log
+        for entry in entries:
+            kseed.replay(self.km, entry, self.cfg.kseed.perturbations)
+        return entries
+
+    def global_tensors(self) -> dict[str, torch.Tensor]:
+        return self.km.params
 
     def update(self, server_round: int, weights: list[float], replies: list) -> kseed.LogEntry:
         entry = kseed.LogEntry(server_round, self.cfg.zo.lr, aggregate_scalars(weights, [r.scalars for r in replies]))
@@ -374,6 +442,16 @@ class RecordedFedAvg(FedAvg):
             sum(w * m.get("train-loss", 0.0) for w, (_, (_, m, _)) in zip(weights, checked, strict=True)) / total
         )
         return aggregated, MetricRecord({"train-loss": mean_loss, "clients": len(checked)})
+
+    def state_dict(self) -> tuple[dict, dict]:
+        """Nothing beyond the global arrays, which Strategy.start carries and the checkpoint keeps beside.
+        Client sampling is Flower's FedAvg's own (unseeded `random`): a resumed run continues exactly only
+        where every node trains each round (fraction-train = 1)."""
+        return {}, {}
+
+    def load_state_dict(self, tensors, state: dict, done: int, same_run: bool) -> None:
+        if tensors or state:
+            raise checkpoint.CheckpointError("the checkpoint holds a strategy state FedAvg does not have")
 
 
 def params_record(model: torch.nn.Module) -> ArrayRecord:

@@ -1,0 +1,297 @@
+"""The server's checkpoint: everything a run needs to continue after its last completed round.
+
+Written by the ServerApp after every completed round to `<results-dir>/<run-name>/checkpoint.safetensors`
+and read back by a run whose `resume-from` names that file (or its folder). One file, so that one rename
+replaces it whole.
+
+Format (version 1): a safetensors file (numbers only: never a pickle, nothing executed on load).
+  tensors   "arrays/<name>"   the ArrayRecord Strategy.start carries from round to round: the global model
+                              of FedAvg and FedAvg-LoRA (every parameter they train); nothing for the others
+            "<strategy key>"  the method's own tensors (its strategy's `state_dict()`):
+                              FedKRSO, FedSPZO, FedKSeed: the method's instruction for round T+1 carrying the
+                                whole update log, in its wire format (common/<method>/wire.py), each record's
+                                arrays under "<record>/<key>" (FedKRSO: "log/...", "head/..."); read back with
+                                the wire's own checked unpacking and replayed from the pretrained model
+                              FedTT, FedTT+: "cores/<adapter>.<down|up>.<core>" and "head/<name>", float32
+  metadata  "format"   "fedsubspace-server-checkpoint"
+            "version"  "1"
+            "state"    JSON: {"round": T (the last completed round), "flower-run-id": the run that wrote it,
+                              "config": the run config as flat run-config keys,
+                              "strategy": the strategy's JSON state (RNG state of client sampling, node_round
+                                map, FedTT+ scores, the model digest of log methods, the ConfigRecords of an
+                                instruction), "records": {"rounds": rounds.jsonl rows 0..T, "<name>": the rows
+                                of <name>.jsonl beside it}}
+            "sha256"   hex SHA-256 over the format name, the version, the "state" text and every tensor
+                       (name, dtype, shape, bytes) in name order
+Reading refuses, with a CheckpointError that says what is wrong: a missing file, anything that is not a
+complete safetensors file (torn), another format or version, a checksum that does not match (a flipped
+byte, an edited round), or records that do not run 0..T. Whether the run config allows resuming from it is
+checked by common.config.check_resume.
+
+Writing is atomic: the bytes go to `<file>.tmp`, which is fsynced, renamed over the file, and the folder is
+fsynced; a crash at any point leaves the previous checkpoint whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.serverapp.strategy import Strategy
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from common.config import ConfigError
+
+FORMAT = "fedsubspace-server-checkpoint"
+VERSION = 1
+FILENAME = "checkpoint.safetensors"
+ARRAYS = "arrays/"  # prefix of the ArrayRecord that Strategy.start carries
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be resumed from; the message says which file and what is wrong with it."""
+
+
+@dataclass
+class ServerState:
+    round: int  # the last completed round T
+    config: dict[str, Any]  # the run config that wrote it (flat run-config keys)
+    tensors: dict[str, np.ndarray]  # the strategy's tensors
+    strategy: dict[str, Any]  # the strategy's JSON state
+    records: dict[str, list[dict[str, Any]]]  # "rounds": rounds.jsonl rows 0..T, and other .jsonl records
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)  # Strategy.start's ArrayRecord
+    run_id: int = 0  # the Flower run that wrote it
+
+
+def checkpoint_path(path: str) -> str:
+    """A `resume-from` value: the checkpoint file itself, or the run's records folder holding it."""
+    return os.path.join(path, FILENAME) if os.path.isdir(path) else path
+
+
+def _digest(state_text: str, tensors: Mapping[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    h.update(f"{FORMAT}\0{VERSION}\0".encode())
+    h.update(state_text.encode())
+    for name in sorted(tensors):
+        t = np.ascontiguousarray(tensors[name])
+        h.update(f"\0{name}\0{t.dtype.str}\0{list(t.shape)}\0".encode())
+        h.update(t.tobytes())
+    return h.hexdigest()
+
+
+def _numpy(value: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().to("cpu").contiguous().numpy()
+    return np.ascontiguousarray(value)
+
+
+def write(path: str, state: ServerState) -> None:
+    """Write `state` to `path` atomically (temporary file, fsync, rename, fsync of the folder)."""
+    tensors = {k: _numpy(v) for k, v in state.tensors.items()}
+    clash = [k for k in state.arrays if ARRAYS + k in tensors]
+    if clash:
+        raise ValueError(f"strategy tensor names clash with the carried arrays: {clash[:3]}")
+    tensors.update({ARRAYS + k: _numpy(v) for k, v in state.arrays.items()})
+    text = json.dumps(
+        {
+            "round": state.round,
+            "flower-run-id": state.run_id,
+            "config": state.config,
+            "strategy": state.strategy,
+            "records": state.records,
+        },
+        allow_nan=True,
+    )
+    meta = {"format": FORMAT, "version": str(VERSION), "state": text, "sha256": _digest(text, tensors)}
+    data = st_save(tensors, metadata=meta)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read(resume_from: str) -> ServerState:
+    """The checkpoint named by `resume-from`, checked whole; raises CheckpointError naming what is wrong."""
+    path = checkpoint_path(resume_from)
+    if not os.path.isfile(path):
+        where = f"no {FILENAME} in folder '{resume_from}'" if os.path.isdir(resume_from) else f"'{path}' does not exist"
+        raise CheckpointError(
+            f"resume-from: {where}; point it at a run's checkpoint file or its records folder "
+            f"(<results-dir>/<run-name>/{FILENAME}, written after each completed round)"
+        )
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        tensors = st_load(data)
+        header_len = int.from_bytes(data[:8], "little")
+        meta = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
+    except Exception as exc:  # safetensors refuses anything short, overlong or malformed
+        raise CheckpointError(f"resume-from: '{path}' is torn or not a checkpoint ({exc})") from exc
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(
+            f"resume-from: '{path}' is not a fedsubspace server checkpoint (format {meta.get('format')!r})"
+        )
+    if meta.get("version") != str(VERSION):
+        raise CheckpointError(
+            f"resume-from: '{path}' has checkpoint format version {meta.get('version')!r}; this code reads version "
+            f"{VERSION}: resume it with the code that wrote it"
+        )
+    text = meta.get("state", "")
+    if meta.get("sha256") != _digest(text, tensors):
+        raise CheckpointError(
+            f"resume-from: '{path}' fails its SHA-256 check: the file was altered or damaged after it was written; "
+            "resume from another copy or start a fresh run"
+        )
+    try:
+        state = json.loads(text)
+        done = state["round"]
+        rows = state["records"]["rounds"]
+        result = ServerState(
+            round=done,
+            config=state["config"],
+            tensors={k: v for k, v in tensors.items() if not k.startswith(ARRAYS)},
+            strategy=state["strategy"],
+            records=state["records"],
+            arrays={k.removeprefix(ARRAYS): v for k, v in tensors.items() if k.startswith(ARRAYS)},
+            run_id=int(state["flower-run-id"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"resume-from: '{path}' has an incomplete state ({exc!r})") from exc
+    if not isinstance(done, int) or done < 1 or [r.get("round") for r in rows] != list(range(done + 1)):
+        raise CheckpointError(f"resume-from: '{path}' says round {done!r} but holds the records of rounds "
+                              f"{[r.get('round') for r in rows]}; it is inconsistent")  # fmt: skip
+    return result
+
+
+def records_to_state(content: RecordDict) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]]]:
+    """A Flower RecordDict as tensors ("<record>/<key>") and JSON (its ConfigRecords)."""
+    tensors: dict[str, np.ndarray] = {}
+    configs: dict[str, dict[str, Any]] = {}
+    for name, rec in content.items():
+        if isinstance(rec, ArrayRecord):
+            tensors.update({f"{name}/{k}": np.ascontiguousarray(a.numpy()) for k, a in rec.items()})
+        elif isinstance(rec, ConfigRecord):
+            configs[name] = dict(rec)
+        else:
+            raise TypeError(f"record '{name}' ({type(rec).__name__}) has no checkpoint form")
+    return tensors, configs
+
+
+def state_to_records(tensors: Mapping[str, np.ndarray], configs: Mapping[str, Mapping[str, Any]]) -> RecordDict:
+    """The inverse of `records_to_state`."""
+    arrays: dict[str, dict[str, Array]] = {}
+    for key, value in tensors.items():
+        name, sep, sub = key.partition("/")
+        if not sep:
+            raise CheckpointError(f"checkpoint tensor '{key}' is not '<record>/<key>'")
+        arrays.setdefault(name, {})[sub] = Array(np.ascontiguousarray(value))
+    content = RecordDict({name: ArrayRecord(a) for name, a in arrays.items()})
+    for name, cfg in configs.items():
+        content[name] = ConfigRecord(dict(cfg))
+    return content
+
+
+def checked_tensors(
+    tensors: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]
+) -> dict[str, torch.Tensor]:
+    """Exactly the tensors of `shapes`, float32 and finite (a checkpoint of this model), as torch tensors."""
+    if set(tensors) != set(shapes):
+        missing, extra = sorted(set(shapes) - set(tensors)), sorted(set(tensors) - set(shapes))
+        raise CheckpointError(
+            f"the checkpoint's tensors are not this model's (missing {missing[:3]}, unexpected {extra[:3]}): "
+            "it was written for another model or method"
+        )
+    out = {}
+    for name, shape in shapes.items():
+        t = tensors[name]
+        if t.dtype != np.float32 or tuple(t.shape) != tuple(shape) or not np.isfinite(t).all():
+            raise CheckpointError(
+                f"checkpoint tensor '{name}' is {t.dtype} {tuple(t.shape)}, expected finite float32 {tuple(shape)}"
+            )
+        out[name] = torch.from_numpy(np.array(t, copy=True))
+    return out
+
+
+def carried_arrays(state: ServerState, reference: ArrayRecord) -> ArrayRecord:
+    """The checkpoint's global arrays for Strategy.start, checked against the fresh run's (`reference`)."""
+    values = checked_tensors(state.arrays, {k: tuple(a.shape) for k, a in reference.items()})
+    return ArrayRecord({k: Array(v.numpy()) for k, v in values.items()})
+
+
+def rng_state(rng: random.Random) -> list:
+    """A random.Random's state as JSON."""
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+def set_rng_state(rng: random.Random, state: list) -> None:
+    version, internal, gauss = state
+    rng.setstate((version, tuple(internal), gauss))
+
+
+def model_digest(tensors: Mapping[str, torch.Tensor]) -> dict[str, list[float]]:
+    """Per tensor [sum, sum of squares] in float64: what a replay from the pretrained model must reproduce."""
+    out = {}
+    for name, t in tensors.items():
+        d = t.detach().to(torch.float64)
+        out[name] = [float(d.sum()), float((d * d).sum())]
+    return out
+
+
+def check_model_digest(expected: Mapping[str, list[float]], tensors: Mapping[str, torch.Tensor]) -> None:
+    """Refuse a replayed model that is not the one the checkpoint was written from (other model files)."""
+    got = model_digest(tensors)
+    if set(got) != set(expected):
+        raise CheckpointError("the checkpoint's model digest names other tensors than this model has: other model")
+    for name, (s, q) in expected.items():
+        gs, gq = got[name]
+        if not (np.isclose(gs, s, rtol=1e-4, atol=1e-3) and np.isclose(gq, q, rtol=1e-4, atol=1e-3)):
+            raise CheckpointError(
+                f"replaying the checkpoint's update log from the pretrained model does not give the model it was "
+                f"written from ({name}: sum {gs:.6g} vs {s:.6g}): the files at 'model' differ from the run's"
+            )
+
+
+class Continued(Strategy):
+    """The method's strategy for rounds T+1..N of a resumed run, under Flower's own Strategy.start.
+
+    Strategy.start numbers the rounds it runs 1..num_rounds; a resumed run passes num_rounds = N - T and
+    this wrapper hands the method's strategy round T + r for Flower's round r, so seeds, data order, the
+    update log and the records carry on exactly as in a run that was never stopped.
+    """
+
+    def __init__(self, inner: Strategy, done: int) -> None:
+        self.inner, self.done = inner, done
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def configure_train(self, server_round, arrays, config, grid):
+        return self.inner.configure_train(server_round + self.done, arrays, config, grid)
+
+    def aggregate_train(self, server_round, replies):
+        return self.inner.aggregate_train(server_round + self.done, replies)
+
+    def configure_evaluate(self, server_round, arrays, config, grid):
+        return self.inner.configure_evaluate(server_round + self.done, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round, replies):
+        return self.inner.aggregate_evaluate(server_round + self.done, replies)

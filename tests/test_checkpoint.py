@@ -1,0 +1,310 @@
+"""Server checkpoint and resume: for every method a run of N rounds equals a run of k rounds resumed for N - k;
+torn, altered, foreign and stale checkpoints are refused with a clear error; the write is atomic.
+
+The whole ServerApp run (server_app.app.run) goes through Flower's Strategy.start with a grid that hands
+each message to the method's real client function in this process, as the runtime does, and returns the
+replies in node order. The tiny model here has no dropout (nor LoRA dropout): dropout draws from each
+client process's own torch RNG, which no server state holds, and would make even two uninterrupted runs
+differ; without it every round is a deterministic function of the server state, so equality is exact.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Message
+from safetensors.numpy import save as st_save
+
+from client_app.app import CLIENTS
+from common.config import ConfigError, parse_run_config
+from common.nodestore import STATE_DIR_ENV
+from common.records import RunRecorder
+from server_app import checkpoint
+from server_app.app import SETUPS, resume, run
+from tests.conftest import NodeList
+
+pytestmark = pytest.mark.usefixtures("task_identity")
+
+NODES = {101: 0, 102: 1, 103: 2}  # node id -> partition id
+METHODS = ["fedkrso", "fedavg", "fedspzo", "fedkseed", "fedtt", "fedtt-plus", "fedavg-lora"]
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tiny_bert, tmp_path_factory):
+    """conftest's tiny BERT without dropout."""
+    path = tmp_path_factory.mktemp("tiny-bert-no-dropout") / "model"
+    shutil.copytree(tiny_bert, path)
+    config = json.loads((path / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (path / "config.json").write_text(json.dumps(config))
+    return str(path)
+
+
+class InProcessGrid(NodeList):
+    """The Grid calls Strategy.start and the strategies make: each message goes to its node's client."""
+
+    def __init__(self, cfg, run_id):
+        super().__init__(NODES)
+        self.cfg, self.run_id = cfg, run_id
+        self.client = importlib.import_module(CLIENTS[cfg.method])
+        self.sampled = []  # the nodes of each training round, in order
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        if messages:
+            self.sampled.append(sorted(m.metadata.dst_node_id for m in messages))
+        replies = []
+        for msg in sorted(messages, key=lambda m: m.metadata.dst_node_id):
+            node = msg.metadata.dst_node_id
+            node_config = {"partition-id": NODES[node], "num-partitions": len(NODES)}
+            replies.append(
+                Message(self.client.train(msg.content, self.cfg, node_config, self.run_id, node), reply_to=msg)
+            )
+        return replies
+
+
+def make_cfg(method, tiny_bert, glue_dir, tmp_path, **extra):
+    sampled = method not in ("fedavg", "fedavg-lora")  # Flower's FedAvg samples with unseeded `random`
+    return parse_run_config(
+        {
+            "method": method, "task": "rte", "model": tiny_bert, "data-dir": glue_dir, "seed": 1,
+            "results-dir": str(tmp_path / "results"), "train.local-steps": 2, "train.batch-size": 4,
+            "train.max-length": 32, "train.lr": 1e-2, "eval.max-examples": 16, "eval.batch-size": 16,
+            "fraction-train": 0.6 if sampled else 1.0, "min-clients": 2, "krso.k": 2, "krso.rank": 4,
+            "krso.intervals": 2, "zo.lr": 1e-2, "zo.eps": 1e-2, "spzo.split-layer": 1, "spzo.p1": 1, "spzo.p2": 2,
+            "kseed.k": 64, "tt.bottleneck": 8, "tt.rank": 3, "lora.rank": 2, "lora.dropout": 0.0, **extra,
+        }
+    )  # fmt: skip
+
+
+def run_to(method, tiny_bert, glue_dir, tmp_path, run_id, rounds, name, **extra):
+    cfg = make_cfg(method, tiny_bert, glue_dir, tmp_path, **{"num-server-rounds": rounds, "run-name": name, **extra})
+    grid = InProcessGrid(cfg, run_id)
+    run(grid, cfg, run_id)
+    return os.path.join(cfg.results_dir, name), grid.sampled
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def server_model(method, tiny_bert, glue_dir, tmp_path, records):
+    """The global model of a run's last checkpoint, rebuilt as a resumed run rebuilds it."""
+    cfg = make_cfg(method, tiny_bert, glue_dir, tmp_path, **{"run-name": "inspect"})
+    setup = SETUPS[method](cfg, RunRecorder(str(tmp_path / "inspect"), method, cfg.to_flat()))
+    resume(setup, checkpoint.read(records), run_id=0)
+    return {n: t.detach().clone() for n, t in setup.model.state_dict().items()}
+
+
+def server_model_initial(method, tiny_bert, glue_dir, tmp_path):
+    cfg = make_cfg(method, tiny_bert, glue_dir, tmp_path, **{"run-name": "initial"})
+    setup = SETUPS[method](cfg, RunRecorder(str(tmp_path / "inspect"), "initial", cfg.to_flat()))
+    return {n: t.detach().clone() for n, t in setup.model.state_dict().items()}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_run_of_n_rounds_equals_k_rounds_resumed(method, tiny_bert, glue_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path / "nodes"))
+    full, sampled_full = run_to(method, tiny_bert, glue_dir, tmp_path, 1, 3, "full")
+    part, sampled_part = run_to(method, tiny_bert, glue_dir, tmp_path, 2, 2, "part")  # "stopped" after round 2
+    resumed, sampled = run_to(method, tiny_bert, glue_dir, tmp_path, 3, 3, "resumed", **{"resume-from": part})
+    assert sampled_part + sampled == sampled_full  # client sampling continues where it stopped
+    if not method.startswith("fedavg"):  # 2 of 3 nodes a round: a sampler restarted from the seed would differ
+        assert sampled_full[2] != sampled_full[0]
+
+    a = server_model(method, tiny_bert, glue_dir, tmp_path, full)
+    b = server_model(method, tiny_bert, glue_dir, tmp_path, resumed)
+    initial = server_model_initial(method, tiny_bert, glue_dir, tmp_path)
+    assert a.keys() == b.keys() == initial.keys()
+    for name, t in a.items():
+        torch.testing.assert_close(b[name], t, rtol=0, atol=1e-6, msg=name)
+    assert any(not torch.equal(t, initial[name]) for name, t in a.items())  # training moved the model
+
+    rows_full = read_jsonl(os.path.join(full, "rounds.jsonl"))
+    rows_part = read_jsonl(os.path.join(part, "rounds.jsonl"))
+    rows = read_jsonl(os.path.join(resumed, "rounds.jsonl"))
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    assert rows[:3] == rows_part  # the records so far, carried over unchanged
+    assert rows[3]["clients"] == rows_full[3]["clients"] == (3 if method.startswith("fedavg") else 2)
+    assert rows[3]["accuracy"] == pytest.approx(rows_full[3]["accuracy"], abs=1e-6)
+    assert rows[3]["loss"] == pytest.approx(rows_full[3]["loss"], abs=1e-5)
+    with open(os.path.join(resumed, "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["rounds"] == 3 and summary["totals"]["client_replies"] == sum(r["clients"] for r in rows)
+    assert checkpoint.read(resumed).round == 3
+    if method.startswith("fedtt"):
+        sel_full = read_jsonl(os.path.join(full, "fedtt-selection.jsonl"))
+        assert read_jsonl(os.path.join(resumed, "fedtt-selection.jsonl")) == sel_full
+
+
+# --- refusals ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_run(tiny_bert, glue_dir, tmp_path_factory):
+    """A FedKSeed run stopped after 2 rounds (cheap, and its checkpoint has a log, an RNG and records)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    tmp = tmp_path_factory.mktemp("saved")
+    os.environ[STATE_DIR_ENV] = str(tmp / "nodes")
+    try:
+        records, _ = run_to("fedkseed", tiny_bert, glue_dir, tmp, 1, 2, "saved")
+    finally:
+        del os.environ[STATE_DIR_ENV]
+    with open(os.path.join(records, checkpoint.FILENAME), "rb") as f:
+        return tmp, f.read()
+
+
+def copy_to(tmp_path, data: bytes) -> str:
+    path = tmp_path / "copy" / checkpoint.FILENAME
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(data)
+    return str(path)
+
+
+def rewritten(data: bytes, edit) -> bytes:
+    """The same tensors with the metadata changed by `edit` (its SHA-256 left as it was)."""
+    from safetensors.numpy import load
+
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    meta = header["__metadata__"]
+    edit(meta)
+    return st_save(load(data), metadata=meta)
+
+
+def test_a_valid_checkpoint_reads_back(saved_run, tmp_path):
+    tmp, data = saved_run
+    state = checkpoint.read(copy_to(tmp_path, data))
+    assert state.round == 2 and [r["round"] for r in state.records["rounds"]] == [0, 1, 2]
+    assert state.config["method"] == "fedkseed" and state.arrays == {}
+    assert os.path.getsize(copy_to(tmp_path, data)) < 64 * 1024  # a log method keeps its log, not its weights
+
+
+def test_missing_checkpoint_is_refused(tmp_path):
+    with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
+        checkpoint.read(str(tmp_path / "nope.safetensors"))
+    with pytest.raises(checkpoint.CheckpointError, match=f"no {checkpoint.FILENAME} in folder"):
+        checkpoint.read(str(tmp_path))
+
+
+def test_truncated_checkpoint_is_refused(saved_run, tmp_path):
+    _, data = saved_run
+    for cut in (0, 5, 100, len(data) // 2, len(data) - 1):
+        with pytest.raises(checkpoint.CheckpointError, match="torn or not a checkpoint"):
+            checkpoint.read(copy_to(tmp_path, data[:cut]))
+
+
+def test_every_flipped_byte_is_refused(saved_run, tmp_path):
+    _, data = saved_run
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    positions = sorted(
+        {9, 40, header_end // 2, header_end - 3, header_end + 3, (header_end + len(data)) // 2, len(data) - 1}
+    )
+    for pos in positions:
+        bad = bytearray(data)
+        bad[pos] ^= 0x01
+        with pytest.raises(checkpoint.CheckpointError, match="torn|SHA-256|not a fedsubspace|version"):
+            checkpoint.read(copy_to(tmp_path, bytes(bad)))
+
+
+def test_edited_round_number_is_refused(saved_run, tmp_path):
+    _, data = saved_run
+
+    def edit(meta):
+        assert '"round": 2' in meta["state"]
+        meta["state"] = meta["state"].replace('"round": 2', '"round": 1', 1)
+
+    with pytest.raises(checkpoint.CheckpointError, match="SHA-256"):
+        checkpoint.read(copy_to(tmp_path, rewritten(data, edit)))
+
+
+def test_other_format_version_is_refused(saved_run, tmp_path):
+    _, data = saved_run
+    with pytest.raises(checkpoint.CheckpointError, match="format version '2'; this code reads version 1"):
+        checkpoint.read(copy_to(tmp_path, rewritten(data, lambda m: m.update(version="2"))))
+    with pytest.raises(checkpoint.CheckpointError, match="not a fedsubspace server checkpoint"):
+        checkpoint.read(copy_to(tmp_path, rewritten(data, lambda m: m.update(format="other"))))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"method": "fedkrso"}, "method = 'fedkseed' there, 'fedkrso' here"),
+        ({"seed": 2}, "seed = 1 there, 2 here"),
+        ({"task": "mrpc"}, "task = 'rte' there, 'mrpc' here"),
+        ({"kseed.k": 128}, "kseed.k = 64 there, 128 here"),
+        ({"num-server-rounds": 2}, "already holds round 2 and num-server-rounds is 2"),
+    ],
+)
+def test_checkpoint_of_another_configuration_is_refused(
+    saved_run, tiny_bert, glue_dir, tmp_path, change, message, monkeypatch
+):
+    tmp, data = saved_run
+    path = copy_to(tmp_path, data)
+    extra = {"method": "fedkseed", "num-server-rounds": 3, "run-name": "again", "resume-from": path, **change}
+    cfg = make_cfg(extra.pop("method"), tiny_bert, glue_dir, tmp_path, **extra)
+    with pytest.raises(ConfigError, match=message):
+        run(InProcessGrid(cfg, 2), cfg, 2)
+    assert not os.path.exists(os.path.join(cfg.results_dir, "again"))  # refused before anything was written
+
+
+def test_log_that_does_not_rebuild_the_model_is_refused(saved_run, tiny_bert, glue_dir, tmp_path):
+    """A checkpoint consistent in itself whose log, replayed on this model, does not give its model digest
+    (as when the files at `model` changed between the runs)."""
+    _, data = saved_run
+    state = checkpoint.read(copy_to(tmp_path, data))
+    name = next(iter(state.strategy["digest"]))
+    state.strategy["digest"][name][0] += 1.0
+    path = str(tmp_path / "digest" / checkpoint.FILENAME)
+    checkpoint.write(path, state)
+    cfg = make_cfg("fedkseed", tiny_bert, glue_dir, tmp_path, **{"num-server-rounds": 3, "resume-from": path})
+    with pytest.raises(checkpoint.CheckpointError, match="does not give the model it was written from"):
+        run(InProcessGrid(cfg, 2), cfg, 2)
+
+
+def test_crash_between_write_and_rename_leaves_the_previous_checkpoint(saved_run, tmp_path, monkeypatch):
+    _, data = saved_run
+    path = copy_to(tmp_path, data)
+    state = checkpoint.read(path)
+    later = checkpoint.ServerState(
+        3, state.config, state.tensors, state.strategy, {"rounds": [*state.records["rounds"], {"round": 3}]}
+    )
+
+    def crash(src, dst):
+        raise OSError("power lost")
+
+    monkeypatch.setattr(checkpoint.os, "replace", crash)
+    with pytest.raises(OSError, match="power lost"):
+        checkpoint.write(path, later)
+    monkeypatch.undo()
+    assert os.path.exists(path + ".tmp")  # the new state was written in full, never renamed
+    assert checkpoint.read(path).round == 2  # the previous checkpoint is whole and valid
+    with open(path, "rb") as f:
+        assert f.read() == data
+    checkpoint.write(path, later)  # the next write replaces the stale temporary file
+    assert checkpoint.read(path).round == 3 and not os.path.exists(path + ".tmp")
+
+
+def test_written_state_round_trips_exactly(tmp_path):
+    tensors = {
+        "log/1/seeds": np.arange(4, dtype=np.int64),
+        "log/1/0/w": np.random.default_rng(0).random((3, 2), np.float32),
+    }
+    state = checkpoint.ServerState(
+        1, {"method": "fedkrso"}, tensors, {"x": [0.1, 2**40]}, {"rounds": [{"round": 0}, {"round": 1}]},
+        arrays={"w": np.ones((2, 2), np.float32)}, run_id=7,
+    )  # fmt: skip
+    path = str(tmp_path / "c.safetensors")
+    checkpoint.write(path, state)
+    back = checkpoint.read(path)
+    assert back.round == 1 and back.run_id == 7 and back.strategy == {"x": [0.1, 2**40]}
+    assert back.tensors.keys() == tensors.keys() and all(np.array_equal(back.tensors[k], v) for k, v in tensors.items())
+    assert np.array_equal(back.arrays["w"], np.ones((2, 2), np.float32))
