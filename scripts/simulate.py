@@ -125,6 +125,12 @@ def simulate(overrides: dict, clients: int, quiet: bool = False, timeout: float 
     records = os.path.join(cfg.results_dir, cfg.run_name)
     if os.path.exists(os.path.join(records, "summary.json")):
         raise ConfigError(f"results for run-name '{cfg.run_name}' already exist in {records}: choose another name")
+    if cfg.resume_from:  # the ServerApp checks it again; here a bad checkpoint stops before anything starts
+        from common.config import check_resume
+        from server_app import checkpoint
+
+        saved = checkpoint.read(cfg.resume_from)
+        check_resume(cfg, saved.config, saved.round)
 
     # A Flower home and a SuperLink port of its own: concurrent runs cannot capture each other's runs
     # (a stale local SuperLink on the default port would be reused silently), and the cleanup below

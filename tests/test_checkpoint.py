@@ -270,6 +270,18 @@ def test_log_that_does_not_rebuild_the_model_is_refused(saved_run, tiny_bert, gl
         run(InProcessGrid(cfg, 2), cfg, 2)
 
 
+def test_node_rounds_are_kept_only_within_the_same_flower_run(saved_run, tiny_bert, glue_dir, tmp_path):
+    """Nodes keep their copy per Flower run: under a new run every node is sent the whole log."""
+    _, data = saved_run
+    state = checkpoint.read(copy_to(tmp_path, data))
+    assert state.strategy["node-round"]  # the nodes of round 2 hold round 1
+    cfg = make_cfg("fedkseed", tiny_bert, glue_dir, tmp_path, **{"num-server-rounds": 3, "run-name": "n"})
+    for same_run, expected in ((True, {int(n): r for n, r in state.strategy["node-round"].items()}), (False, {})):
+        setup = SETUPS["fedkseed"](cfg, RunRecorder(str(tmp_path / "n"), str(same_run), cfg.to_flat()))
+        resume(setup, state, run_id=state.run_id if same_run else state.run_id + 1)
+        assert setup.strategy.node_round == expected and len(setup.strategy.log) == 2
+
+
 def test_crash_between_write_and_rename_leaves_the_previous_checkpoint(saved_run, tmp_path, monkeypatch):
     _, data = saved_run
     path = copy_to(tmp_path, data)
