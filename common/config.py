@@ -8,6 +8,7 @@ cannot work: unknown keys, methods or tasks, wrong types, impossible values. Eac
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,6 +93,19 @@ class KseedConfig:
     perturbations: int = 1  # whole-model perturbations per local step, each with a seed drawn from the K
 
 
+AGGREGATION_RULES = ("mean", "trimmed-mean", "median")  # common.robust.RULES (kept import-free here)
+
+
+@dataclass(frozen=True)
+class AggregationConfig:
+    """How the server combines the replies of a round, for every method (common/robust.py)."""
+
+    rule: str = "mean"  # mean (example-weighted) | trimmed-mean | median (per coordinate, unweighted)
+    trim_fraction: float = 0.2  # trimmed-mean: int(trim-fraction x n) replies cut at each end, per coordinate
+    clip_norm: float = 0.0  # > 0: each reply's update is scaled to an L2 norm of at most this; 0 = off
+    weight_cap: float = 4.0  # a reply weighs at most weight-cap x the round's median num-examples
+
+
 @dataclass(frozen=True)
 class RunConfig:
     method: str = "fedkrso"
@@ -116,6 +130,7 @@ class RunConfig:
     zo: ZoConfig = field(default_factory=ZoConfig)
     spzo: SpzoConfig = field(default_factory=SpzoConfig)
     kseed: KseedConfig = field(default_factory=KseedConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
 
     @property
     def interval_steps(self) -> int:
@@ -282,6 +297,23 @@ def validate(cfg: RunConfig) -> None:
     need(lo.alpha > 0, f"lora.alpha must be > 0, got {lo.alpha}")
     need(0 <= lo.dropout < 1, f"lora.dropout must be in [0, 1), got {lo.dropout}")
     need(lo.targets.strip() != "", "lora.targets must be a comma list of module names, e.g. 'query,value'")
+    ag = cfg.aggregation
+    need(
+        ag.rule in AGGREGATION_RULES,
+        f"aggregation.rule '{ag.rule}' is unknown; choose one of: {', '.join(AGGREGATION_RULES)}",
+    )
+    need(
+        0 <= ag.trim_fraction < 0.5,
+        f"aggregation.trim-fraction must be in [0, 0.5) (the share cut at EACH end), got {ag.trim_fraction}",
+    )
+    need(
+        math.isfinite(ag.clip_norm) and ag.clip_norm >= 0,
+        f"aggregation.clip-norm must be >= 0 (0 = no clipping), got {ag.clip_norm}",
+    )
+    need(
+        math.isfinite(ag.weight_cap) and ag.weight_cap >= 1,
+        f"aggregation.weight-cap must be >= 1 (a multiple of the round's median num-examples), got {ag.weight_cap}",
+    )
 
 
 # Resuming (`resume-from`): the keys a resumed run may set differently from the run that wrote the

@@ -121,10 +121,11 @@ def spsa_step(pert: Perturbation, seed: int, eps: float, step: float, loss) -> t
 
 def aggregate_scalars(weights: Sequence[float], scalars: Sequence[np.ndarray]) -> np.ndarray:
     """Example-weighted mean of the clients' scalar arrays (same shape), in float64, returned as float32:
-    the float32 values are what the log holds, so server and clients replay the same numbers."""
-    total = float(sum(weights))
-    mean = sum(w / total * s.astype(np.float64) for w, s in zip(weights, scalars, strict=True))
-    return np.asarray(mean, dtype=np.float32)
+    the float32 values are what the log holds, so server and clients replay the same numbers. (common.robust's
+    mean; the server calls common.robust.aggregate with the run's rule and clipping.)"""
+    from common.robust import combine
+
+    return combine([np.asarray(s, np.float32) for s in scalars], list(weights))
 
 
 def mean_loss(losses: list[float]) -> float:

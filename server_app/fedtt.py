@@ -10,17 +10,20 @@ import random
 from collections.abc import Iterable
 from logging import INFO, WARNING
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from common import robust
 from common.config import RunConfig
 from common.fedtt.model import TTModel
-from common.fedtt.tt import CoreKey, aggregate, plus_selection
+from common.fedtt.tt import CoreKey, plus_selection, score_votes
 from common.fedtt.wire import pack_instruction, reply_payload, unpack_reply
 from common.records import RunRecorder
+from common.robust import capped_weights
 from common.wire import content_bytes, reply_limit
 from server_app import checkpoint
 from server_app.strategies import checked_replies, wait_for_nodes
@@ -97,12 +100,26 @@ class FedTT(Strategy):
         if not accepted:
             log(WARNING, "round %d: no valid reply, the global adapters are unchanged", server_round)
             return None, None
-        weights = [float(r.num_examples) for r in accepted]
-        self.tm.adapters.load(aggregate(list(zip(weights, (r.cores for r in accepted), strict=True))))
-        self.tm.set_head(aggregate(list(zip(weights, (r.head for r in accepted), strict=True))))
+        weights = capped_weights([r.num_examples for r in accepted], self.cfg.aggregation.weight_cap)
+        ag = robust.settings(self.cfg.aggregation)
+        # One update per reply: its trained cores and its head, against the global ones, clipped together.
+        state = self.tm.adapters.state()
+        reference = {**{k: state[k] for k in selected}, **{("head", n): v for n, v in self.tm.head_state().items()}}
+        merged = robust.aggregate(
+            [{**r.cores, **{("head", n): v for n, v in r.head.items()}} for r in accepted],
+            weights,
+            **ag,
+            reference=reference,
+        )
+        self.tm.adapters.load({k: v for k, v in merged.items() if k[0] != "head"})
+        self.tm.set_head({n: merged[("head", n)] for n in self.tm.head})
         if self.want_scores:
-            scores = [{k: torch.tensor(v) for k, v in r.scores.items()} for r in accepted]
-            self.scores = {k: float(v) for k, v in aggregate(list(zip(weights, scores, strict=True))).items()}
+            # Each client's scores become a distribution over the cores of each TT matrix (they only rank
+            # cores within a matrix), then combine by the run's rule without clipping: one client moves a
+            # core's score by at most its weight share (mean), or not past the honest ones (robust rules).
+            votes = [{k: np.float64(v) for k, v in score_votes(r.scores).items()} for r in accepted]
+            combined = robust.aggregate(votes, weights, ag["rule"], ag["trim_fraction"])
+            self.scores = {k: float(v) for k, v in combined.items()}
         total = sum(weights)
         mean_loss = sum(w * r.metrics.get("train-loss", 0.0) for w, r in zip(weights, accepted, strict=True)) / total
         return ArrayRecord(), MetricRecord(

@@ -17,11 +17,12 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Strategy
 
+from common import robust
 from common.config import RunConfig
 from common.fedkrso.state import KrsoModel
-from common.fedkrso.subspace import LogEntry, aggregate, apply_update, round_seeds
+from common.fedkrso.subspace import LogEntry, apply_update, round_seeds
 from common.fedkrso.wire import pack_instruction, unpack_instruction, unpack_reply
 from common.fedkseed import kseed
 from common.fedkseed import wire as kseed_wire
@@ -30,6 +31,7 @@ from common.fedspzo import spzo
 from common.fedspzo import wire as spzo_wire
 from common.fedspzo.spzo import SpzoModel
 from common.records import RunRecorder
+from common.robust import capped_weights, clip
 from common.wire import (
     VALUE_BOUND,
     WireError,
@@ -41,7 +43,6 @@ from common.wire import (
     sync_only_round,
     unpack_tensors,
 )
-from common.zeroorder import aggregate_scalars
 from server_app import checkpoint
 
 T = TypeVar("T")
@@ -109,8 +110,12 @@ class LogStrategy(Strategy):
         raise NotImplementedError
 
     def update(self, server_round: int, weights: list[float], replies: list):
-        """Aggregate the valid replies (example weights), apply the update to the global model, return its log entry."""
+        """Aggregate the valid replies (capped example weights, common.robust, by the run's aggregation.*),
+        apply the update to the global model, return its log entry (what every node replays)."""
         raise NotImplementedError
+
+    def combine(self, weights: list[float], replies: list[dict], reference: dict | None = None) -> dict:
+        return robust.aggregate(replies, weights, **robust.settings(self.cfg.aggregation), reference=reference)
 
     def empty_entry(self, server_round: int):
         raise NotImplementedError
@@ -193,7 +198,7 @@ class LogStrategy(Strategy):
             log(WARNING, "round %d: no valid reply, the global model is unchanged", server_round)
             self.log.append(self.empty_entry(server_round))
             return None, None
-        weights = [float(r.num_examples) for r in accepted]
+        weights = capped_weights([r.num_examples for r in accepted], self.cfg.aggregation.weight_cap)
         self.log.append(self.update(server_round, weights, accepted))
         total = sum(weights)
         mean_loss = sum(w * r.metrics.get("train-loss", 0.0) for w, r in zip(weights, accepted, strict=True)) / total
@@ -254,15 +259,16 @@ class FedKRSO(LogStrategy):
         return {**self.km.target_weights(), **self.km.head}
 
     def update(self, server_round: int, weights: list[float], replies: list) -> LogEntry:
-        bbar = aggregate(
-            list(zip(weights, (r.accumulators for r in replies), strict=True)), self.km.shapes, self.cfg.krso.k
+        # One update per reply: its accumulators (differences already) and its head (against the global head),
+        # clipped together; absent accumulators are zero updates (common.robust).
+        head = {("head", n): v for n, v in self.km.head_state().items()}
+        merged = self.combine(
+            weights, [{**r.accumulators, **{("head", n): v for n, v in r.head.items()}} for r in replies], head
         )
+        bbar = {k: v for k, v in merged.items() if k[0] != "head"}
         seeds = self._seeds(server_round)
         apply_update(self.km.targets, seeds, bbar, self.cfg.krso.rank)  # W <- W + sum_k Bbar_k P_k
-        total = sum(weights)
-        self.km.set_head(
-            {n: sum(w / total * r.head[n] for w, r in zip(weights, replies, strict=True)) for n in self.km.head}
-        )
+        self.km.set_head({n: merged[("head", n)] for n in self.km.head})
         return LogEntry(server_round, tuple(seeds), bbar)
 
 
@@ -319,12 +325,9 @@ class FedSPZO(LogStrategy):
         return self.sm.params
 
     def update(self, server_round: int, weights: list[float], replies: list) -> spzo.LogEntry:
+        g = self.combine(weights, [{"g1": r.g1, "g2": r.g2} for r in replies])  # per (step, perturbation)
         entry = spzo.LogEntry(
-            server_round,
-            spzo.round_seed(self.cfg.seed, server_round),
-            self.cfg.zo.lr,
-            aggregate_scalars(weights, [r.g1 for r in replies]),
-            aggregate_scalars(weights, [r.g2 for r in replies]),
+            server_round, spzo.round_seed(self.cfg.seed, server_round), self.cfg.zo.lr, g["g1"], g["g2"]
         )
         spzo.replay(self.sm, entry)
         return entry
@@ -374,7 +377,8 @@ class FedKSeed(LogStrategy):
         return self.km.params
 
     def update(self, server_round: int, weights: list[float], replies: list) -> kseed.LogEntry:
-        entry = kseed.LogEntry(server_round, self.cfg.zo.lr, aggregate_scalars(weights, [r.scalars for r in replies]))
+        g = self.combine(weights, [{"G": r.scalars} for r in replies])["G"]  # per candidate seed, absent = 0
+        entry = kseed.LogEntry(server_round, self.cfg.zo.lr, g)
         kseed.replay(self.km, entry, self.cfg.kseed.perturbations)
         return entry
 
@@ -385,8 +389,10 @@ class RecordedFedAvg(FedAvg):
     Replies go through checked_replies like every other method's: size, then each array decoded from its
     bytes against the global arrays' keys and shapes (float32, finite, within VALUE_BOUND), then the metrics
     (round, num-examples). Flower's aggregation then sees only clean messages built from the checked arrays
-    and one metric, num-examples: an extra metric key, a renamed record or a list-valued metric in a reply
-    cannot reach it.
+    (clipped to aggregation.clip-norm around the global arrays) and one metric, the capped num-examples: an
+    extra metric key, a renamed record or a list-valued metric in a reply cannot reach it. The rule is
+    Flower's own strategy: FedAvg (mean), FedTrimmedAvg (trimmed-mean, beta = aggregation.trim-fraction) or
+    FedMedian (median), per tensor and coordinate.
     """
 
     def __init__(self, cfg: RunConfig, recorder: RunRecorder, **kwargs) -> None:
@@ -397,8 +403,16 @@ class RecordedFedAvg(FedAvg):
             min_available_nodes=cfg.min_clients,
             **kwargs,
         )
-        self.recorder = recorder
+        self.recorder, self.aggregation = recorder, cfg.aggregation
         self._global: ArrayRecord | None = None
+        rule = cfg.aggregation.rule
+        self._robust: Strategy | None = (
+            FedTrimmedAvg(beta=cfg.aggregation.trim_fraction)
+            if rule == "trimmed-mean"
+            else FedMedian()
+            if rule == "median"
+            else None  # mean: this FedAvg itself
+        )
 
     def configure_train(self, server_round, arrays, config, grid):
         self.recorder.begin_round(server_round)
@@ -422,21 +436,27 @@ class RecordedFedAvg(FedAvg):
         self.recorder.add_replies(bytes_up, [metrics for _, (_, metrics, _) in checked], failures, rejected)
         if not checked:
             return None, None
+        weights = capped_weights([n for _, (n, _, _) in checked], self.aggregation.weight_cap)
+        reference = {k: v.numpy() for k, v in self._global.items()}
         clean = [
             Message(
                 RecordDict(
                     {
-                        "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-                        "metrics": MetricRecord({"num-examples": n}),
+                        "arrays": ArrayRecord(
+                            {k: Array(v) for k, v in clip(arrays, self.aggregation.clip_norm, reference).items()}
+                        ),
+                        "metrics": MetricRecord({"num-examples": w}),
                     }
                 ),
                 dst_node_id=node,
                 message_type=MessageType.TRAIN,
             )
-            for node, (n, _, arrays) in checked
+            for w, (node, (_, _, arrays)) in zip(weights, checked, strict=True)
         ]
-        aggregated, _ = super().aggregate_train(server_round, clean)
-        weights = [float(n) for _, (n, _, _) in checked]
+        if self._robust is None:
+            aggregated, _ = super().aggregate_train(server_round, clean)
+        else:
+            aggregated, _ = self._robust.aggregate_train(server_round, clean)
         total = sum(weights)
         mean_loss = (
             sum(w * m.get("train-loss", 0.0) for w, (_, (_, m, _)) in zip(weights, checked, strict=True)) / total

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from common import robust
 from common.seeds import derive_seed
 
 # (seed index j within the round, target name) -> tensor of shape (d_out, r)
@@ -92,22 +93,15 @@ def apply_update(
 def aggregate(
     replies: Sequence[tuple[float, Accumulators]], shapes: Mapping[str, tuple[int, int]], k: int
 ) -> Accumulators:
-    """Bbar_k per (seed, target): the example-weighted mean of the clients' accumulators (absent = 0)."""
-    total = float(sum(w for w, _ in replies))
-    if total <= 0:
+    """Bbar_k per (seed, target): the example-weighted mean of the clients' accumulators (absent = 0), which
+    is common.robust's mean (the server calls common.robust.aggregate with the run's rule and clipping)."""
+    if float(sum(w for w, _ in replies)) <= 0:
         raise ValueError("aggregate needs at least one reply with a positive example count")
-    out: Accumulators = {}
-    for weight, acc in replies:
-        for key, value in acc.items():
-            j, name = key
+    for _, acc in replies:
+        for j, name in acc:
             if not (0 <= j < k) or name not in shapes:
-                raise ValueError(f"accumulator {key} is not part of this round")
-            scaled = value.to(torch.float32) * (weight / total)
-            if key in out:
-                out[key] += scaled
-            else:
-                out[key] = scaled
-    return out
+                raise ValueError(f"accumulator {(j, name)} is not part of this round")
+    return robust.aggregate([acc for _, acc in replies], [w for w, _ in replies])
 
 
 class Subspaces:

@@ -30,6 +30,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from common import robust
+
 # Module-name suffixes of the projections an adapter follows: attention output and feed-forward output.
 # BERT / RoBERTa / MiniLM: <layer>.attention.output.dense and <layer>.output.dense; LLaMA family:
 # self_attn.o_proj and mlp.down_proj.
@@ -231,19 +233,24 @@ class TTAdapters:
 
 
 def aggregate(replies: Sequence[tuple[float, Mapping[K, torch.Tensor]]]) -> dict[K, torch.Tensor]:
-    """Per key (a core, a head parameter): the example-weighted mean over the replies that carry it.
+    """Per key (a core, a head parameter): the example-weighted mean over the replies (common.robust's mean;
+    the server uses common.robust.aggregate directly, with the run's rule and clipping).
 
     FedTT averages every core; FedTT+ only the round's cores, which every reply carries.
     """
-    sums: dict[K, torch.Tensor] = {}
-    weights: dict[K, float] = {}
-    for w, values in replies:
-        if w <= 0:
-            raise ValueError("aggregate needs positive example counts")
-        for k, v in values.items():
-            sums[k] = sums[k] + w * v.to(torch.float32) if k in sums else w * v.to(torch.float32)
-            weights[k] = weights.get(k, 0.0) + w
-    return {k: s / weights[k] for k, s in sums.items()}
+    if any(w <= 0 for w, _ in replies):
+        raise ValueError("aggregate needs positive example counts")
+    return robust.aggregate([values for _, values in replies], [w for w, _ in replies])
+
+
+def score_votes(scores: Mapping[CoreKey, float]) -> dict[CoreKey, float]:
+    """A client's FedTT+ gradient scores as a distribution over the cores of each TT matrix (each matrix's
+    scores divided by their sum; all 0 if the sum is 0). The rule compares cores within a matrix only, and
+    this bounds what one client's scores can weigh, whatever their scale."""
+    sums: dict[tuple[int, str], float] = {}
+    for (i, m, _), v in scores.items():
+        sums[(i, m)] = sums.get((i, m), 0.0) + v
+    return {k: (v / sums[k[:2]] if sums[k[:2]] > 0 else 0.0) for k, v in scores.items()}
 
 
 # ---- FedTT+: which cores are trainable in a round -------------------------------------------------------
