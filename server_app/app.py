@@ -160,6 +160,7 @@ def run(grid: Grid, cfg: RunConfig, run_id: int = 0) -> dict:
             result = evaluate(setup.model, dev, task, cfg.eval.batch_size)
         rec = recorder.end_round(server_round, result)
         if server_round > 0:
+            start = time.perf_counter()
             tensors, state = setup.strategy.state_dict()
             checkpoint.write(
                 state_path,
@@ -168,6 +169,8 @@ def run(grid: Grid, cfg: RunConfig, run_id: int = 0) -> dict:
                     arrays={k: a.numpy() for k, a in arrays.items()}, run_id=run_id,
                 ),
             )  # fmt: skip
+            log(INFO, "round %d: checkpoint %s (%.1f MB) written in %.2f s", server_round, state_path,
+                os.path.getsize(state_path) / 2**20, time.perf_counter() - start)  # fmt: skip
         log(
             INFO,
             "round %d: accuracy %s, %d bytes down, %d up, %d clients",

@@ -30,6 +30,9 @@ checked by common.config.check_resume.
 
 Writing is atomic: the bytes go to `<file>.tmp`, which is fsynced, renamed over the file, and the folder is
 fsynced; a crash at any point leaves the previous checkpoint whole.
+
+Check and describe a checkpoint (exit status 0 when it is whole, 1 with the reason when it is not):
+    python -m server_app.checkpoint results/<run-name>
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import hashlib
 import json
 import os
 import random
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -295,3 +299,38 @@ class Continued(Strategy):
 
     def aggregate_evaluate(self, server_round, replies):
         return self.inner.aggregate_evaluate(server_round + self.done, replies)
+
+
+def describe(state: ServerState) -> str:
+    """A few lines on a checkpoint: the run, its progress, what it holds."""
+    c = state.config
+    last = state.records["rounds"][-1]
+    sizes = {
+        "the method's tensors": sum(t.nbytes for t in state.tensors.values()),
+        "global arrays": sum(t.nbytes for t in state.arrays.values()),
+    }
+    held = ", ".join(f"{n / 2**20:.2f} MB {what}" for what, n in sizes.items() if n) or "no tensors"
+    return (
+        f"{c.get('method')} on {c.get('task')} (model {c.get('model') or 'embedded MiniLM'}, seed {c.get('seed')}): "
+        f"round {state.round} of {c.get('num-server-rounds')} done, written by Flower run {state.run_id}\n"
+        f"holds {held}; records of rounds 0..{state.round}, last accuracy {last.get('accuracy')}\n"
+        f"resume with: resume-from='<this path>' num-server-rounds=N (N > {state.round}) and the same settings"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m server_app.checkpoint <checkpoint file or run records folder>", file=sys.stderr)
+        return 2
+    try:
+        state = read(args[0])
+    except CheckpointError as exc:
+        print(f"not usable: {exc}", file=sys.stderr)
+        return 1
+    print(f"{checkpoint_path(args[0])}: whole (SHA-256 checked)\n{describe(state)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -72,3 +72,33 @@ class NodeList:
 
     def get_node_ids(self):
         return list(self.nodes)
+
+
+class InProcessGrid(NodeList):
+    """The Grid calls that Strategy.start and the strategies make, served in this process: each message goes
+    to the method's real client function for its node (`nodes`: node id -> partition id), as the runtime
+    would deliver it, and the replies come back in node order. `sampled`: the nodes of each training round."""
+
+    def __init__(self, cfg, run_id: int, nodes: dict[int, int]):
+        import importlib
+
+        from client_app.app import CLIENTS
+
+        super().__init__(nodes)
+        self.partitions, self.cfg, self.run_id = dict(nodes), cfg, run_id
+        self.client = importlib.import_module(CLIENTS[cfg.method])
+        self.sampled: list[list[int]] = []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from flwr.app import Message
+
+        messages = sorted(messages, key=lambda m: m.metadata.dst_node_id)
+        if messages:
+            self.sampled.append([m.metadata.dst_node_id for m in messages])
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            node_config = {"partition-id": self.partitions[node], "num-partitions": len(self.partitions)}
+            content = self.client.train(msg.content, self.cfg, node_config, self.run_id, node)
+            replies.append(Message(content, reply_to=msg))
+        return replies

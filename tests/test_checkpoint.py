@@ -10,7 +10,6 @@ differ; without it every round is a deterministic function of the server state, 
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import shutil
@@ -18,16 +17,14 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from flwr.app import Message
 from safetensors.numpy import save as st_save
 
-from client_app.app import CLIENTS
 from common.config import ConfigError, parse_run_config
 from common.nodestore import STATE_DIR_ENV
 from common.records import RunRecorder
 from server_app import checkpoint
 from server_app.app import SETUPS, resume, run
-from tests.conftest import NodeList
+from tests.conftest import InProcessGrid
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -46,29 +43,6 @@ def tiny_bert(tiny_bert, tmp_path_factory):
     return str(path)
 
 
-class InProcessGrid(NodeList):
-    """The Grid calls Strategy.start and the strategies make: each message goes to its node's client."""
-
-    def __init__(self, cfg, run_id):
-        super().__init__(NODES)
-        self.cfg, self.run_id = cfg, run_id
-        self.client = importlib.import_module(CLIENTS[cfg.method])
-        self.sampled = []  # the nodes of each training round, in order
-
-    def send_and_receive(self, messages, *, timeout=None):
-        messages = list(messages)
-        if messages:
-            self.sampled.append(sorted(m.metadata.dst_node_id for m in messages))
-        replies = []
-        for msg in sorted(messages, key=lambda m: m.metadata.dst_node_id):
-            node = msg.metadata.dst_node_id
-            node_config = {"partition-id": NODES[node], "num-partitions": len(NODES)}
-            replies.append(
-                Message(self.client.train(msg.content, self.cfg, node_config, self.run_id, node), reply_to=msg)
-            )
-        return replies
-
-
 def make_cfg(method, tiny_bert, glue_dir, tmp_path, **extra):
     sampled = method not in ("fedavg", "fedavg-lora")  # Flower's FedAvg samples with unseeded `random`
     return parse_run_config(
@@ -85,7 +59,7 @@ def make_cfg(method, tiny_bert, glue_dir, tmp_path, **extra):
 
 def run_to(method, tiny_bert, glue_dir, tmp_path, run_id, rounds, name, **extra):
     cfg = make_cfg(method, tiny_bert, glue_dir, tmp_path, **{"num-server-rounds": rounds, "run-name": name, **extra})
-    grid = InProcessGrid(cfg, run_id)
+    grid = InProcessGrid(cfg, run_id, NODES)
     run(grid, cfg, run_id)
     return os.path.join(cfg.results_dir, name), grid.sampled
 
@@ -188,6 +162,16 @@ def test_a_valid_checkpoint_reads_back(saved_run, tmp_path):
     assert os.path.getsize(copy_to(tmp_path, data)) < 64 * 1024  # a log method keeps its log, not its weights
 
 
+def test_checkpoint_command_checks_and_describes(saved_run, tmp_path, capsys):
+    _, data = saved_run
+    path = copy_to(tmp_path, data)
+    assert checkpoint.main([os.path.dirname(path)]) == 0
+    out = capsys.readouterr().out
+    assert "whole (SHA-256 checked)" in out and "fedkseed on rte" in out and "round 2 of 2 done" in out
+    assert checkpoint.main([copy_to(tmp_path, data[:-1])]) == 1
+    assert "torn" in capsys.readouterr().err
+
+
 def test_missing_checkpoint_is_refused(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
         checkpoint.read(str(tmp_path / "nope.safetensors"))
@@ -252,7 +236,7 @@ def test_checkpoint_of_another_configuration_is_refused(
     extra = {"method": "fedkseed", "num-server-rounds": 3, "run-name": "again", "resume-from": path, **change}
     cfg = make_cfg(extra.pop("method"), tiny_bert, glue_dir, tmp_path, **extra)
     with pytest.raises(ConfigError, match=message):
-        run(InProcessGrid(cfg, 2), cfg, 2)
+        run(InProcessGrid(cfg, 2, NODES), cfg, 2)
     assert not os.path.exists(os.path.join(cfg.results_dir, "again"))  # refused before anything was written
 
 
@@ -267,7 +251,7 @@ def test_log_that_does_not_rebuild_the_model_is_refused(saved_run, tiny_bert, gl
     checkpoint.write(path, state)
     cfg = make_cfg("fedkseed", tiny_bert, glue_dir, tmp_path, **{"num-server-rounds": 3, "resume-from": path})
     with pytest.raises(checkpoint.CheckpointError, match="does not give the model it was written from"):
-        run(InProcessGrid(cfg, 2), cfg, 2)
+        run(InProcessGrid(cfg, 2, NODES), cfg, 2)
 
 
 def test_node_rounds_are_kept_only_within_the_same_flower_run(saved_run, tiny_bert, glue_dir, tmp_path):

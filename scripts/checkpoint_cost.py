@@ -1,0 +1,86 @@
+"""What the server checkpoint costs per method with the real model (all-MiniLM-L6-v2 by default).
+
+Runs each method for a few rounds in this process (the ServerApp's own `run`, every client message served
+by the method's real client code, as tests/test_checkpoint.py does), then reports the checkpoint's size after
+those rounds, its growth per round, the time to write it (fsync included) and the time a resumed run takes to
+read, check and rebuild the global model from it:
+
+    python scripts/checkpoint_cost.py --rounds 3 [--methods fedkrso,fedavg] [--model PATH]
+
+Local training is kept short (2 steps, 64 dev examples): the checkpoint does not depend on how long clients
+train, only on what the method keeps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+METHODS = ("fedkrso", "fedspzo", "fedkseed", "fedtt", "fedtt-plus", "fedavg-lora", "fedavg")
+
+
+def measure(method: str, rounds: int, model: str, data_dir: str, work: str) -> dict:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from common.config import parse_run_config
+    from common.records import RunRecorder
+    from server_app import checkpoint
+    from server_app.app import SETUPS, resume, run
+    from tests.conftest import InProcessGrid
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1  # Messages outside a runtime
+    cfg = parse_run_config(
+        {
+            "method": method, "task": "rte", "model": model, "data-dir": data_dir, "results-dir": work,
+            "run-name": method, "num-server-rounds": rounds, "train.local-steps": 2, "krso.intervals": 2,
+            "train.batch-size": 8, "train.max-length": 64, "eval.max-examples": 64,
+        }
+    )  # fmt: skip
+    path = os.path.join(work, method, checkpoint.FILENAME)
+    run(InProcessGrid(cfg, 1, {1: 0, 2: 1}), cfg, 1)
+    state = checkpoint.read(path)
+    start = time.perf_counter()
+    checkpoint.write(os.path.join(work, f"{method}-copy.safetensors"), state)
+    write_s = time.perf_counter() - start
+    setup = SETUPS[method](cfg, RunRecorder(work, f"{method}-resume", cfg.to_flat()))
+    start = time.perf_counter()
+    resume(setup, checkpoint.read(path), run_id=2)
+    resume_s = time.perf_counter() - start
+    return {"bytes": os.path.getsize(path), "write_s": write_s, "resume_s": resume_s}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--model", default="", help='"" = the embedded all-MiniLM-L6-v2')
+    ap.add_argument(
+        "--data-dir", default=os.environ.get("GLUE_DIR", os.path.join(ROOT, "..", "shared", "data", "glue"))
+    )
+    args = ap.parse_args(argv)
+    import logging
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)  # the rounds' own log lines
+    os.environ.setdefault("FEDSUBSPACE_STATE_DIR", tempfile.mkdtemp(prefix="fedsubspace-nodes-"))
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="checkpoint-cost-") as work:
+        for method in args.methods.split(","):
+            one = measure(method, 1, args.model, os.path.abspath(args.data_dir), os.path.join(work, "r1"))
+            more = measure(method, args.rounds, args.model, os.path.abspath(args.data_dir), os.path.join(work, "rn"))
+            growth = (more["bytes"] - one["bytes"]) / max(1, args.rounds - 1)
+            rows.append((method, more["bytes"], growth, more["write_s"], more["resume_s"]))
+    print(f"| method | checkpoint after {args.rounds} rounds | growth per round | write (fsync) | read + rebuild |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for method, size, growth, write_s, resume_s in rows:
+        print(f"| {method} | {size / 1024:,.1f} KB | {growth / 1024:,.1f} KB | {write_s:.3f} s | {resume_s:.2f} s |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
