@@ -174,6 +174,13 @@ def _attack_index_bytes(content, method):  # FedKSeed's sparse index: metadata i
     return content
 
 
+def _attack_alias(content, method):  # "01/n" next to "1/n": one would silently overwrite the other
+    rec = content["accumulators"]
+    key = next(k for k in rec if k.startswith("1/"))
+    rec["0" + key] = Array(np.full(tuple(rec[key].shape), 0.5, np.float32))
+    return content
+
+
 def _attack_other_stype(content, method):
     rec = content[MAIN_RECORD[method]]
     key = _first_float_array(content, method)
@@ -271,6 +278,8 @@ def test_one_hostile_node_sending_malformed_replies_changes_nothing(method, tiny
     attacks = dict(ATTACKS)
     if method == "fedkseed":
         attacks["index bytes"] = _attack_index_bytes
+    if method == "fedkrso":
+        attacks["aliased keys"] = _attack_alias
     if method == "fedtt-plus":
         attacks["score 3e38"] = _attack_scores(3e38)
     for name, attack in attacks.items():
