@@ -68,6 +68,7 @@ class RunRecorder:
             "rejected": 0,
             "client_peak_rss_mb": None,
             "client_train_seconds": None,
+            "client_train_seconds_max": None,
             "client_train_loss": None,
             "seconds_per_local_step": None,
             "_start": time.perf_counter(),
@@ -91,6 +92,7 @@ class RunRecorder:
 
         rec["client_peak_rss_mb"] = stat("peak-rss-mb", max)
         rec["client_train_seconds"] = stat("train-seconds", lambda v: sum(v) / len(v))
+        rec["client_train_seconds_max"] = stat("train-seconds", max)  # the slowest client: round overhead = seconds - it
         rec["client_train_loss"] = stat("train-loss", lambda v: sum(v) / len(v))
         steps = stat("local-steps", sum)
         secs = stat("train-seconds", sum)
