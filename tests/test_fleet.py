@@ -94,7 +94,7 @@ def test_commands_come_from_docker_compose(fleet):
 
 
 def test_unregistered_key_is_refused(fleet):
-    """A SuperNode whose key was never registered is refused by the SuperLink: exit code 305."""
+    """A SuperNode whose key was never registered is refused by the SuperLink: Flower's exit code 305."""
     from scripts.fleet import BIN, ROOT, flwr_env, sh_env, translate
 
     keys = os.path.join(fleet.workdir, "intruder")
@@ -109,7 +109,9 @@ def test_unregistered_key_is_refused(fleet):
         ["ip", "netns", "exec", fleet.ns["superlink"], os.path.join(BIN, "flower-supernode"), *args, "--max-retries", "2"],
         env=flwr_env(home), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    assert res.returncode == 305, res.stdout[-2000:] + res.stderr[-2000:]
+    out = res.stdout + res.stderr
+    # Flower logs exit code 305 (the process itself ends with 1 after its HTTP server shuts down)
+    assert res.returncode != 0 and "Exit Code: 305" in out and "Failed to activate SuperNode" in out, out[-3000:]
     nodes = fleet.flwr("supernode", "list", "fleet", "--format", "json")
     assert "intruder" not in nodes.stdout and nodes.stdout.count("supernode-") >= 3, nodes.stdout[-2000:]
 
