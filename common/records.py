@@ -92,7 +92,8 @@ class RunRecorder:
 
         rec["client_peak_rss_mb"] = stat("peak-rss-mb", max)
         rec["client_train_seconds"] = stat("train-seconds", lambda v: sum(v) / len(v))
-        rec["client_train_seconds_max"] = stat("train-seconds", max)  # the slowest client: round overhead = seconds - it
+        # the slowest client: a round's overhead = seconds - client_train_seconds_max
+        rec["client_train_seconds_max"] = stat("train-seconds", max)
         rec["client_train_loss"] = stat("train-loss", lambda v: sum(v) / len(v))
         steps = stat("local-steps", sum)
         secs = stat("train-seconds", sum)

@@ -6,7 +6,7 @@ SuperExec and every ClientApp process they start) is pinned to one core with `ta
 cgroup limited to --memory-mb (cgroup v1 memory.limit_in_bytes + memsw, or v2 memory.max). Per method it
 reports the cgroup's peak (v1 memory.max_usage_in_bytes / v2 memory.peak: every process of the pod together,
 page cache included), the round time and the client's training time, and whether the run completed under the
-limit. Embedded all-MiniLM-L6-v2 on SST-2 with the shipped training defaults unless -c says otherwise.
+limit, and the bytes on the wire per round against the messages (scripts/fleet.py's wire.jsonl). Embedded all-MiniLM-L6-v2 on SST-2 with the shipped training defaults unless -c says otherwise.
 
     flock ~/.cpu.lock .venv/bin/python scripts/edge_profile.py --glue-dir /path/to/glue [--methods fedkrso,fedavg]
 
@@ -26,7 +26,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from scripts.fleet import Edge, Fleet  # noqa: E402
+from scripts.fleet import Edge, Fleet, measure_idle, report_table, wire_summary  # noqa: E402
 
 METHODS = ["fedkrso", "fedavg", "fedspzo", "fedkseed", "fedtt", "fedtt-plus", "fedavg-lora"]
 
@@ -41,8 +41,13 @@ def profile(method: str, glue: str, memory_mb: int, rounds: int, extra: dict, wo
     t0 = time.monotonic()
     with Fleet(os.path.join(workdir, f"fleet-{method}"), glue_dir=glue, nodes=1, edge=edge) as fleet:
         fleet.up()
+        time.sleep(3)
+        idle = measure_idle(fleet, 5)
+        t_submit = time.monotonic()
         run_id = fleet.submit(cfg)
-        status = fleet.watch(run_id, os.path.join(results, method), timeout=3600)
+        first: dict[int, float] = {}
+        status = fleet.watch(run_id, os.path.join(results, method), timeout=3600,
+                             on_round=lambda row: first.setdefault(row["round"], time.monotonic() - t_submit))  # fmt: skip
         peak = fleet.edge_peak_mb()
         oom = _oom_kills(edge.cgroup)
     rows = []
@@ -51,6 +56,10 @@ def profile(method: str, glue: str, memory_mb: int, rounds: int, extra: dict, wo
         with open(path) as f:
             rows = [json.loads(line) for line in f if line.strip()]
     trained = [r for r in rows if r["round"] > 0 and r["clients"]]
+    wire = []
+    if os.path.exists(os.path.join(results, method, "wire.jsonl")):
+        with open(os.path.join(results, method, "wire.jsonl")) as f:
+            wire = [json.loads(line) for line in f if line.strip()]
     return {
         "method": method,
         "status": status,
@@ -63,6 +72,7 @@ def profile(method: str, glue: str, memory_mb: int, rounds: int, extra: dict, wo
         "bytes_down": trained[-1]["bytes_down"] if trained else None,
         "bytes_up": trained[-1]["bytes_up"] if trained else None,
         "wall_seconds": time.monotonic() - t0,
+        "wire": wire_summary(method, wire, first.get(0, float("nan")), idle),
     }
 
 
@@ -121,6 +131,8 @@ def main(argv=None) -> int:
     with open(args.out, "w") as f:
         json.dump(rows, f, indent=2)
     print(table(rows, args.memory_mb))
+    print("\nOn the wire (TLS and node authentication on; the edge SuperNode alone):")
+    print(report_table([r["wire"] for r in rows]))
     return 0 if all(r["fits"] for r in rows) else 1
 
 

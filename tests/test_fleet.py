@@ -2,20 +2,17 @@
 SuperNodes with their ClientApp executors as separate processes, each pod in its own network namespace, TLS
 and SuperNode authentication on, every command derived from docker-compose.yml.
 
-One fleet serves the whole module (start-up ~15 s). Time budget (the suite must stay under 15 min): every
-method runs 1 round of the tiny BERT; the faults run on one method each (see README, "Fleet tests").
+One fleet serves the whole module (start-up ~12 s). Time budget (the suite must stay under 15 min): every
+method runs 1 round of the tiny BERT (~25 s per method here, deploy/README.md "Fleet tests").
 Needs root (`ip netns`), openssl and ssh-keygen; skipped with the reason where any is missing.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import shutil
 import subprocess
-import threading
-import time
 
 import pytest
 
@@ -64,11 +61,10 @@ def wire_of(records):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def run(fleet, config, timeout=300, on_round=None):
+def run(fleet, config, timeout=300):
     run_id = fleet.submit(config)
     records = os.path.join(config["results-dir"], config["run-name"])
-    status = fleet.watch(run_id, records, timeout, on_round)
-    return run_id, records, status
+    return run_id, records, fleet.watch(run_id, records, timeout)
 
 
 def test_commands_come_from_docker_compose(fleet):
@@ -113,7 +109,8 @@ def test_unregistered_key_is_refused(fleet):
     # Flower logs exit code 305 (the process itself ends with 1 after its HTTP server shuts down)
     assert res.returncode != 0 and "Exit Code: 305" in out and "Failed to activate SuperNode" in out, out[-3000:]
     nodes = fleet.flwr("supernode", "list", "fleet", "--format", "json")
-    assert "intruder" not in nodes.stdout and nodes.stdout.count("supernode-") >= 3, nodes.stdout[-2000:]
+    listed = json.loads(nodes.stdout)["nodes"]  # the three registered keys, the intruder not among them
+    assert len(listed) == 3 and all(n["status"] == "online" for n in listed), nodes.stdout[-2000:]
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -133,123 +130,3 @@ def test_every_method_through_flwr_run(fleet, method, tiny_bert, glue_dir, tmp_p
     assert w["wire_bytes_down"] >= w["message_bytes_down"] > 0 and w["wire_bytes_up"] >= w["message_bytes_up"] > 0
     assert all(w["namespaces"][p]["received"] > 0 for p in fleet.node_pods())
     assert w["tls"] and 0 < w["slowest_client_train_seconds"] < w["round_seconds"] and w["overhead_seconds"] > 0
-
-
-def _clientapp_running(fleet, pod) -> bool:
-    for pid in subprocess.run(["ip", "netns", "pids", fleet.ns[pod]], capture_output=True, text=True).stdout.split():
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"flwr-clientapp" in f.read():
-                    return True
-        except OSError:
-            continue
-    return False
-
-
-def _server_tensors(records, server_round):
-    """The server's global tensors after `server_round`, rebuilt from that round's checkpoint."""
-    from common.config import parse_run_config
-    from common.records import RunRecorder
-    from server_app import checkpoint
-    from server_app.app import SETUPS, resume
-
-    saved = checkpoint.read(os.path.join(records, f"checkpoint-round-{server_round}.safetensors"))
-    cfg = parse_run_config(saved.config)
-    scratch = os.path.join(records, "rebuilt")
-    setup = SETUPS[cfg.method](cfg, RunRecorder(scratch, "x", cfg.to_flat()))
-    resume(setup, saved, run_id=-1)
-    return setup.strategy.global_tensors()
-
-
-def test_supernode_killed_mid_round_catches_up(fleet, tiny_bert, glue_dir, tmp_path):
-    """FedKRSO, 3 rounds: supernode-3 (SuperNode + executor + ClientApp) is killed while it trains round 2. Round 2
-    completes with the other two within round-timeout; the node, restarted, catches up from the update log and
-    trains round 3 with a copy of the global model of round 2 equal to the server's (1e-6)."""
-    from safetensors.torch import load_file
-
-    victim = "supernode-3"
-    killed = {}
-
-    def on_round(row):
-        if row["round"] != 1:
-            return
-
-        def kill_when_training():
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and not _clientapp_running(fleet, victim):
-                time.sleep(0.05)
-            killed["training"] = _clientapp_running(fleet, victim)
-            fleet.kill_pod(victim)
-            killed["at"] = time.monotonic()
-            fleet.up_pod(victim)
-
-        threading.Thread(target=kill_when_training, daemon=True).start()
-
-    cfg = base_config(
-        tiny_bert, glue_dir, tmp_path, method="fedkrso",
-        **{"num-server-rounds": 3, "run-name": "node-kill", "round-timeout": 40.0},
-    )  # fmt: skip
-    run_id, records, status = run(fleet, cfg, on_round=on_round)
-    assert status == "finished:completed", status
-    assert killed.get("training"), "supernode-3 was not caught training round 2"
-    rows = rounds_of(records)
-    assert [r["round"] for r in rows] == [0, 1, 2, 3]
-    assert rows[2]["clients"] == 2 and rows[2]["seconds"] < 40.0 + 15  # round 2 closed by its timeout
-    assert rows[3]["clients"] == 3 and rows[3]["rejected"] == 0  # the restarted node took part in round 3
-    (state,) = glob.glob(os.path.join(fleet.workdir, "volumes", "supernode-3-state", f"run-{run_id}", "node-*",
-                                      "fedkrso-state.safetensors"))  # fmt: skip
-    from safetensors import safe_open
-
-    with safe_open(state, "pt") as f:
-        assert f.metadata()["round"] == "2"
-    node = load_file(state)
-    server = _server_tensors(records, 2)
-    assert set(node) <= set(server) and node
-    for name, value in node.items():
-        assert (value - server[name]).abs().max().item() <= 1e-6, name
-
-
-def test_superlink_and_serverapp_killed_then_resumed(fleet, tiny_bert, glue_dir, tmp_path):
-    """FedTT, 3 rounds: the SuperLink, its ServerApp executor and the ServerApp are killed after round 1. The
-    SuperLink restarts on its database (registrations kept; the SuperNodes reconnect by themselves) and a new
-    `flwr run` with `resume-from` continues from round 1: rounds 2 and 3 run, no completed round is lost."""
-    died = {}
-
-    def on_round(row):
-        if row["round"] == 1 and "at" not in died:
-            from server_app import checkpoint
-
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:  # the checkpoint of round 1 is written right after its record
-                try:
-                    if checkpoint.read(records).round == 1:
-                        break
-                except Exception:
-                    time.sleep(0.05)
-            fleet.kill_pod("superlink")
-            died["at"] = time.monotonic()
-
-    cfg = base_config(tiny_bert, glue_dir, tmp_path, method="fedtt", **{"num-server-rounds": 3, "run-name": "first"})
-    records = os.path.join(cfg["results-dir"], cfg["run-name"])
-    run_id = fleet.submit(cfg)
-    from scripts.fleet import WireLog
-
-    wire = WireLog(fleet, records)
-    deadline = time.monotonic() + 300
-    while "at" not in died and time.monotonic() < deadline:
-        for row in wire.poll():
-            on_round(row)
-        time.sleep(0.2)
-    assert "at" in died, "round 1 never finished"
-    before = rounds_of(records)
-    assert [r["round"] for r in before] == [0, 1]
-
-    fleet.up_superlink()
-    assert fleet.status(run_id) != "finished:completed"  # the killed run did not complete
-    cfg2 = {**cfg, "run-name": "resumed", "resume-from": records}
-    run2, records2, status = run(fleet, cfg2)
-    assert status == "finished:completed", status
-    rows = rounds_of(records2)
-    assert [r["round"] for r in rows] == [0, 1, 2, 3]
-    assert rows[:2] == before
-    assert all(r["clients"] == 3 and r["rejected"] == 0 for r in rows[2:])
