@@ -302,6 +302,8 @@ class Fleet:
         self.ns: dict[str, str] = {}
         self.veth: dict[str, str] = {}
         self.procs: dict[str, subprocess.Popen] = {}
+        self.node_ids: dict[str, int] = {}
+        self.resumed: dict[int, int] = {}  # run id -> the round its resume-from checkpoint had completed
         self.edge = edge
         self.supernode_env = dict(supernode_env or {})
         self.bridge = f"{BR_PREFIX}{self.token}"
@@ -380,9 +382,51 @@ class Fleet:
             )
 
     def register(self, public_keys: Sequence[str] | None = None) -> None:
-        """`flwr supernode register` every SuperNode's public key (deploy/register-keys.sh)."""
+        """`flwr supernode register` every SuperNode's public key (deploy/register-keys.sh); remembers the node
+        id the SuperLink gave each key (`node_ids`, by key name = service name)."""
         keys = public_keys or [os.path.join(self.keys, f"{s.name}.pub") for s in self.by_kind("supernode")]
-        sh_env(["bash", os.path.join(ROOT, "deploy", "register-keys.sh"), "fleet", *keys], self.cli_env(), cwd=ROOT)
+        out = sh_env(
+            ["bash", os.path.join(ROOT, "deploy", "register-keys.sh"), "fleet", *keys], self.cli_env(), cwd=ROOT
+        )
+        ids = [int(i) for i in re.findall(r"SuperNode (\d+) registered", out)]
+        if len(ids) != len(keys):
+            raise FleetError(f"expected {len(keys)} registrations, the SuperLink answered: {out[-1500:]}")
+        self.node_ids.update({os.path.basename(k).removesuffix(".pub"): i for k, i in zip(keys, ids, strict=True)})
+
+    def node_status(self, name: str) -> str:
+        """The SuperLink's status of a SuperNode (online, offline, registered...) from `flwr supernode list`."""
+        res = self.flwr("supernode", "list", "fleet", "--format", "json")
+        try:
+            nodes = json.loads(res.stdout)["nodes"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise FleetError(f"flwr supernode list: {res.stdout[-500:]} {res.stderr[-500:]}") from exc
+        return next((n["status"] for n in nodes if int(n["node-id"]) == self.node_ids[name]), "absent")
+
+    def restart_pod_when_offline(self, pod: str, timeout: float = 120) -> float:
+        """Start a killed SuperNode pod again once the SuperLink counts its node offline; returns the wait (s).
+
+        The SuperLink refuses to activate a node it still counts online (Flower exits the SuperNode with 305):
+        a killed node stays online until it misses its heartbeats (patience 2 x the 30 s interval, so 36-60 s
+        after its last heartbeat). Compose's `restart: unless-stopped` gets there by retrying; this waits for it.
+        """
+        t0 = time.monotonic()
+        while self.node_status(pod) == "online":
+            if time.monotonic() - t0 > timeout:
+                raise FleetError(f"{pod} still online {timeout:.0f} s after it was killed")
+            time.sleep(1)
+        self.up_pod(pod)
+        return time.monotonic() - t0
+
+    def clientapp_running(self, pod: str) -> bool:
+        """Whether a ClientApp process (flwr-clientapp) runs in the pod's namespace now."""
+        for pid in sh("ip", "netns", "pids", self.ns[pod], check=False).stdout.split():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if b"flwr-clientapp" in f.read():
+                        return True
+            except OSError:
+                continue
+        return False
 
     def cli_env(self) -> dict[str, str]:
         return flwr_env(self.home)
@@ -538,11 +582,16 @@ class Fleet:
         """`flwr run . fleet` with the given run config; returns the run id."""
         res = self.flwr("run", ".", "fleet", "--run-config", run_config_arg(run_config), "--format", "json")
         try:
-            return int(json.loads(res.stdout)["run-id"])
+            run_id = int(json.loads(res.stdout)["run-id"])
         except (json.JSONDecodeError, KeyError, ValueError) as exc:
             raise FleetError(
                 f"flwr run failed (rc {res.returncode}): {res.stdout[-1500:]} {res.stderr[-1500:]}"
             ) from exc
+        if run_config.get("resume-from"):
+            from server_app import checkpoint
+
+            self.resumed[run_id] = checkpoint.read(str(run_config["resume-from"])).round
+        return run_id
 
     def status(self, run_id: int) -> str:
         res = self.flwr("ls", "fleet", "--run-id", str(run_id), "--format", "json")
@@ -558,7 +607,7 @@ class Fleet:
         status from `flwr ls`.
         """
         deadline = time.monotonic() + timeout
-        wire = WireLog(self, records)
+        wire = WireLog(self, records, self.resumed.get(run_id, -1))
         status, last_ls = "unknown", 0.0
         while time.monotonic() < deadline:
             for row in wire.poll():
@@ -579,8 +628,9 @@ class Fleet:
 class WireLog:
     """Per-round wire bytes of every namespace, beside the records' message-level counts: <records>/wire.jsonl."""
 
-    def __init__(self, fleet: Fleet, records: str) -> None:
+    def __init__(self, fleet: Fleet, records: str, resumed_round: int = -1) -> None:
         self.fleet, self.records = fleet, records
+        self.resumed_round = resumed_round  # rows up to it come from the checkpoint a resumed run started from
         self.seen = 0
         self.start = fleet.counters()
         self.last = self.start
@@ -599,6 +649,7 @@ class WireLog:
             return []
         now, t = self.fleet.counters(), time.monotonic()
         self.seen = len(rows)
+        new = [row for row in new if row["round"] > self.resumed_round]  # not run here: no wire row
         for row in new:
             self.write(row, now, t)
         self.last, self.t_last = now, t
