@@ -42,6 +42,7 @@ def profile(method: str, glue: str, memory_mb: int, rounds: int, extra: dict, wo
     with Fleet(os.path.join(workdir, f"fleet-{method}"), glue_dir=glue, nodes=1, edge=edge) as fleet:
         fleet.up()
         time.sleep(3)
+        cpus = fleet.pod_affinity(edge.pod)
         idle = measure_idle(fleet, 5)
         t_submit = time.monotonic()
         run_id = fleet.submit(cfg)
@@ -66,6 +67,7 @@ def profile(method: str, glue: str, memory_mb: int, rounds: int, extra: dict, wo
         "fits": status == "finished:completed" and len(trained) == rounds and not oom,
         "cgroup_peak_mb": peak,
         "oom_kills": oom,
+        "cpus_allowed": cpus,
         "client_peak_rss_mb": max((r["client_peak_rss_mb"] or 0 for r in trained), default=None),
         "round_seconds": sum(r["seconds"] for r in trained) / len(trained) if trained else None,
         "client_train_seconds": sum(r["client_train_seconds"] for r in trained) / len(trained) if trained else None,

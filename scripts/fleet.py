@@ -417,6 +417,14 @@ class Fleet:
         self.up_pod(pod)
         return time.monotonic() - t0
 
+    def pod_affinity(self, pod: str) -> list[str]:
+        """The CPU sets (Cpus_allowed_list) of the processes running in the pod's namespace now."""
+        out = set()
+        for pid in sh("ip", "netns", "pids", self.ns[pod], check=False).stdout.split():
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
+                out.update(line.split(":", 1)[1].strip() for line in f if line.startswith("Cpus_allowed_list:"))
+        return sorted(out)
+
     def clientapp_running(self, pod: str) -> bool:
         """Whether a ClientApp process (flwr-clientapp) runs in the pod's namespace now."""
         for pid in sh("ip", "netns", "pids", self.ns[pod], check=False).stdout.split():

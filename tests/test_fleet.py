@@ -260,3 +260,21 @@ def test_superlink_and_serverapp_killed_then_resumed(fleet, method, tiny_bert, g
     w = wire_of(records2)
     assert [r["round"] for r in w] == [2]  # only round 2 ran on this fleet in the resumed run
     assert w[0]["wire_bytes_down"] >= w[0]["message_bytes_down"] > 0 and w[0]["overhead_seconds"] > 0
+
+
+def test_edge_profile_one_core_4gb(tiny_bert, glue_dir, tmp_path):
+    """The edge profile of scripts/edge_profile.py on its own fleet (one SuperNode): the SuperNode's pod is pinned
+    to one core and held in a 4096 MB memory cgroup; a FedAvg round (the method that carries the whole model)
+    completes inside it without an OOM kill, and the cgroup's peak is measured. The MiniLM figures in
+    deploy/README.md come from the same function over every method."""
+    if why := _missing():
+        pytest.skip(why)
+    from scripts.edge_profile import profile
+
+    extra = base_config(tiny_bert, glue_dir, tmp_path, **{"min-clients": 1})
+    for key in ("data-dir", "results-dir"):  # the profile's own
+        extra.pop(key)
+    row = profile("fedavg", glue_dir, 4096, 1, extra, str(tmp_path))
+    assert row["status"] == "finished:completed" and row["fits"] and row["oom_kills"] == 0, row
+    assert row["cpus_allowed"] == ["0"]  # SuperNode, executor (and the ClientApps they start): one core
+    assert 0 < row["cgroup_peak_mb"] < 4096 and row["round_seconds"] > row["client_train_seconds"] > 0
