@@ -4,13 +4,16 @@ Methods whose global update is compact (FedKRSO, FedSPZO, FedKSeed) never send w
 the tensors the method changes at the global round it last reached, and applies the log entries it lacks.
 The protocol is the same for all of them:
 - the server sends the entries after the round it believes the node holds (normally only round T-1);
-- a node whose stored state is newer than T-1 (the server went back) wipes it and asks for the whole log;
+- a node whose stored state is newer than T-1 (the server went back) ignores it and asks for the whole log;
+- a node whose stored state does not verify (NodeStore) treats it as absent and asks for the whole log;
 - a node whose state is older than the first entry sent (it lost its disk) replies "sync-only" with the
   round it holds, and the server sends the log from there next time.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
@@ -20,7 +23,38 @@ from flwr.app import MetricRecord, RecordDict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from common.wire import WireError
+
 STATE_DIR_ENV = "FEDSUBSPACE_STATE_DIR"
+
+log = logging.getLogger(__name__)
+
+
+class DamagedState(Exception):
+    """The stored state does not verify; the message says why."""
+
+
+def state_checksum(tensors: Mapping[str, torch.Tensor], server_round: int, fingerprint: str) -> str:
+    """SHA-256 over the round, the fingerprint and every tensor's name, dtype, shape and bytes (sorted by name).
+
+    The round and fingerprint are inside the hash, so a round label changed in the file's header does not
+    verify even though the header itself is plain JSON.
+    """
+    h = hashlib.sha256(f"fedsubspace-nodestore-v1\0{int(server_round)}\0{fingerprint}\0".encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def fsync_dir(directory: str) -> None:
+    """Make a rename inside `directory` durable (POSIX: the entry lives in the directory, not the file)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def state_dir(node_config: Mapping[str, Any], run_id: int, node_id: int) -> str:
@@ -36,34 +70,60 @@ def state_dir(node_config: Mapping[str, Any], run_id: int, node_id: int) -> str:
 class NodeStore:
     """Named tensors at a global round, in `<directory>/<name>.safetensors`.
 
-    Written atomically (temporary file, fsync, rename): a crash mid-write leaves the previous state. A file
-    written under another setting (`fingerprint`), with other names or shapes, or unreadable, counts as
-    absent: the node starts again from the pretrained weights.
+    Written atomically (temporary file, fsync, rename, fsync of the directory): a crash mid-write leaves the
+    previous state. The header carries the round, the fingerprint and a SHA-256 (`state_checksum`) over both
+    and the tensors' bytes. A file written under another setting (`fingerprint`), with other names or shapes,
+    unreadable or truncated, whose checksum does not verify (flipped bits, a round label changed), or holding
+    a non-finite value counts as absent: the node starts again from the pretrained weights and asks for the
+    whole log; it never trains on such a state. A warning says why it was discarded.
     """
 
     def __init__(self, directory: str, name: str, fingerprint: str) -> None:
         self.path = os.path.join(directory, f"{name}.safetensors")
         self.fingerprint = fingerprint
 
-    def load(self, tensors: Mapping[str, torch.Tensor]) -> int:
-        """Copy the stored values into `tensors`; returns the global round they are at (0 = pretrained)."""
+    def load(self, tensors: Mapping[str, torch.Tensor], newest: int | None = None) -> int:
+        """Copy the stored values into `tensors`; returns the global round they are at (0 = pretrained).
+
+        A state past round `newest` is not copied (0 is returned) and the file is kept: it is replaced only when
+        the node has rebuilt a state from the whole log."""
         if not os.path.exists(self.path):
             return 0
         try:
-            with safe_open(self.path, "pt") as f:
-                meta = f.metadata() or {}
-            if meta.get("fingerprint") != self.fingerprint:
-                return 0
-            stored = load_file(self.path)
-            if set(stored) != set(tensors) or any(stored[n].shape != t.shape for n, t in tensors.items()):
-                return 0
-            reached = int(meta["round"])
-        except Exception:  # unreadable or truncated: start again from the pretrained weights
+            stored, reached = self._verified(tensors)
+        except Exception as e:  # anything that does not verify is absent: the node resyncs from the whole log
+            reason = str(e) if isinstance(e, DamagedState) else f"unreadable ({type(e).__name__}: {e})"
+            log.warning(
+                "Node state %s discarded, %s; starting from the pretrained weights and the whole log", self.path, reason
+            )
+            return 0
+        if newest is not None and reached > newest:
+            log.warning(
+                "Node state %s holds round %d, past round %d: starting from the whole log", self.path, reached, newest
+            )
             return 0
         with torch.no_grad():
             for name, t in tensors.items():
                 t.copy_(stored[name])
         return reached
+
+    def _verified(self, tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+        with safe_open(self.path, "pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("fingerprint") != self.fingerprint:
+            raise DamagedState("it was written under another setting (fingerprint differs)")
+        stored = load_file(self.path)
+        if set(stored) != set(tensors) or any(stored[n].shape != t.shape for n, t in tensors.items()):
+            raise DamagedState("its tensor names or shapes differ from the model's")
+        reached = int(meta["round"])
+        if reached < 0:
+            raise DamagedState(f"its round {reached} is negative")
+        if meta.get("sha256") != state_checksum(stored, reached, self.fingerprint):
+            raise DamagedState("its SHA-256 does not verify (damaged data or a changed round label)")
+        bad = [n for n, t in stored.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:
+            raise DamagedState(f"it holds non-finite values in {bad[0]}")
+        return stored, reached
 
     def clear(self) -> None:
         if os.path.exists(self.path):
@@ -72,14 +132,17 @@ class NodeStore:
     def save(self, tensors: Mapping[str, torch.Tensor], server_round: int) -> None:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         tmp = self.path + ".tmp"
-        save_file(
-            {n: t.detach().contiguous() for n, t in tensors.items()},
-            tmp,
-            metadata={"round": str(server_round), "fingerprint": self.fingerprint},
-        )
+        plain = {n: t.detach().contiguous() for n, t in tensors.items()}
+        meta = {
+            "round": str(server_round),
+            "fingerprint": self.fingerprint,
+            "sha256": state_checksum(plain, server_round, self.fingerprint),
+        }
+        save_file(plain, tmp, metadata=meta)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
+        fsync_dir(os.path.dirname(self.path))
 
 
 class LogEntry(Protocol):
@@ -96,12 +159,12 @@ def reach_round(
     """Bring `tensors` to global round `server_round - 1`: load the stored state, apply the entries after it.
 
     Returns (True, server_round - 1), or (False, the round the node holds) when it cannot get there from
-    its state and the entries sent; the caller then answers `sync_reply(that round)`.
+    its state and the entries sent; the caller then answers `sync_reply(that round)`. Raises WireError (the
+    instruction is refused) if the entries would make the model non-finite; nothing is saved then.
     """
-    holds = store.load(tensors)
-    if holds > server_round - 1:  # a state from the future (the server went back): start over
-        store.clear()
-        return False, 0
+    # A state past T-1 (the server went back: a restart without resume-from, or an instruction that lies about
+    # the round) counts as absent but is not deleted: an instruction can make a node ignore its state, not lose it.
+    holds = store.load(tensors, newest=server_round - 1)
     first = log[0].round if log else server_round
     if holds + 1 < first:
         return False, holds
@@ -111,6 +174,9 @@ def reach_round(
             apply(entry)
             holds = entry.round
     if holds != start:
+        bad = [n for n, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:  # the bounds of common.wire make this unreachable for a checked log; never store such a state
+            raise WireError(f"the update log makes {bad[0]} non-finite at round {holds}: refused, state not saved")
         store.save(tensors, holds)
     return holds == server_round - 1, holds
 

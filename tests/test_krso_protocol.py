@@ -21,6 +21,7 @@ from common.nodestore import STATE_DIR_ENV, NodeStore, state_dir
 from common.records import RunRecorder
 from server_app.strategies import FedKRSO
 from tests.conftest import NodeList
+from tests.test_nodestore import DAMAGE, damage
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -79,7 +80,10 @@ def test_server_and_clients_agree_after_dropouts_and_catch_up(tiny_bert, glue_di
     assert rounds[1]["bytes_up"] < rounds[0]["bytes_up"]  # two replies instead of three
 
 
-def test_node_that_lost_its_state_is_resynced_from_the_full_log(tiny_bert, glue_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("how", ["wiped", *DAMAGE])
+def test_node_that_lost_its_state_is_resynced_from_the_full_log(how, tiny_bert, glue_dir, tmp_path, monkeypatch):
+    """Node 103's state is wiped, or damaged (tests/test_nodestore.py: a flipped bit, the round label off by one,
+    a NaN under a recomputed checksum, truncated): it says it holds nothing, gets the whole log, equals the server."""
     monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path / "nodes"))
     cfg = make_cfg(tiny_bert, glue_dir, tmp_path)
     km = build(cfg)
@@ -88,7 +92,11 @@ def test_node_that_lost_its_state_is_resynced_from_the_full_log(tiny_bert, glue_
     for rnd in (1, 2):
         strategy.aggregate_train(rnd, [client_round(cfg, m) for m in strategy.configure_train(rnd, None, None, grid)])
         strategy.recorder.end_round(rnd, None)
-    os.remove(NodeStore(state_dir({}, 1, 103), "fedkrso-state", fingerprint(cfg)).path)  # node 103's disk was wiped
+    path = NodeStore(state_dir({}, 1, 103), "fedkrso-state", fingerprint(cfg)).path
+    if how == "wiped":
+        os.remove(path)
+    else:
+        damage(path, how)
     replies = [client_round(cfg, m) for m in strategy.configure_train(3, None, None, grid)]
     strategy.aggregate_train(3, replies)
     assert strategy.node_round[103] == 0  # it said it holds nothing: the next log starts at round 1

@@ -1,0 +1,145 @@
+"""The node's state file verifies or counts as absent: flipped bits, a round label changed, a NaN under a
+recomputed checksum, a truncated file. Unit tests on NodeStore, then the whole protocol: a node whose state is
+damaged answers sync-only, gets the whole log and ends equal to the server (FedSPZO, FedKSeed here; FedKRSO in
+tests/test_krso_protocol.py, with a wiped disk)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from common.nodestore import STATE_DIR_ENV, NodeStore, reach_round, state_checksum, state_dir
+from common.wire import WireError
+
+DAMAGE = ["bit", "round", "nan", "truncate"]
+
+
+def damage(path: str, how: str) -> None:
+    """Damage a state file the way a disk, a hand or a hostile process might."""
+    if how == "bit":  # one flipped bit in the last tensor's data
+        with open(path, "rb+") as f:
+            data = bytearray(f.read())
+            data[-3] ^= 0x10
+            f.seek(0)
+            f.write(bytes(data))
+        return
+    if how == "truncate":
+        size = os.path.getsize(path)
+        with open(path, "rb+") as f:
+            f.truncate(size // 2)
+        return
+    with safe_open(path, "pt") as f:
+        meta = dict(f.metadata())
+    tensors = load_file(path)
+    if how == "round":  # the round label off by one, the old checksum kept
+        meta["round"] = str(int(meta["round"]) - 1)
+    elif how == "nan":  # a NaN with a header recomputed to match it
+        name = sorted(tensors)[0]
+        tensors[name].view(-1)[0] = float("nan")
+        meta["sha256"] = state_checksum(tensors, int(meta["round"]), meta["fingerprint"])
+    save_file(tensors, path, metadata=meta)
+
+
+def _tensors(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"a.weight": torch.randn(4, 3, generator=g), "b.weight": torch.randn(5, generator=g)}
+
+
+def test_state_round_trips_with_its_checksum(tmp_path):
+    store = NodeStore(str(tmp_path), "s", "fp")
+    saved = _tensors(0)
+    store.save(saved, 7)
+    loaded = _tensors(1)
+    assert store.load(loaded) == 7
+    for n, t in saved.items():
+        assert torch.equal(loaded[n], t)
+    with safe_open(store.path, "pt") as f:
+        assert f.metadata()["sha256"] == state_checksum(saved, 7, "fp")
+    assert state_checksum(saved, 6, "fp") != state_checksum(saved, 7, "fp")
+    assert state_checksum(saved, 7, "fp") != state_checksum(saved, 7, "other")
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_damaged_state_counts_as_absent_and_is_never_used(how, tmp_path, caplog):
+    store = NodeStore(str(tmp_path), "s", "fp")
+    store.save(_tensors(0), 3)
+    damage(store.path, how)
+    fresh = _tensors(1)
+    before = {n: t.clone() for n, t in fresh.items()}
+    with caplog.at_level(logging.WARNING, logger="common.nodestore"):
+        assert store.load(fresh) == 0
+    assert all(torch.equal(fresh[n], before[n]) for n in fresh)  # nothing copied from the damaged file
+    assert "discarded" in caplog.text and store.path in caplog.text
+
+
+def test_damaged_state_makes_the_node_ask_for_the_whole_log(tmp_path):
+    store = NodeStore(str(tmp_path), "s", "fp")
+    store.save(_tensors(0), 2)
+    damage(store.path, "bit")
+    applied = []
+    assert reach_round(store, _tensors(1), 3, [Entry(3)], applied.append) == (False, 0)  # sync-only, round 0
+    assert applied == []
+    ok, reached = reach_round(store, _tensors(1), 4, [Entry(1), Entry(2), Entry(3)], lambda e: applied.append(e.round))
+    assert (ok, reached, applied) == (True, 3, [1, 2, 3])
+    assert store.load(_tensors(2)) == 3
+
+
+class Entry:
+    def __init__(self, r):
+        self.round = r
+
+
+def test_a_state_past_the_servers_round_is_ignored_and_kept_until_the_whole_log_replaces_it(tmp_path):
+    """The server went back (or an instruction lies about the round): the node asks for the whole log, and an
+    instruction alone never deletes its state; the file changes only when the log rebuilds round T-1."""
+    store = NodeStore(str(tmp_path), "s", "fp")
+    store.save(_tensors(0), 5)
+    saved = Path(store.path).read_bytes()
+    assert reach_round(store, _tensors(1), 3, [Entry(2)], lambda e: None) == (False, 0)
+    assert Path(store.path).read_bytes() == saved
+    assert reach_round(store, _tensors(1), 3, [Entry(1), Entry(2)], lambda e: None) == (True, 2)
+    assert store.load(_tensors(1)) == 2
+    assert os.listdir(tmp_path) == ["s.safetensors"]  # no temporary file left behind
+
+
+def test_a_log_that_makes_the_model_non_finite_is_refused_and_nothing_is_saved(tmp_path):
+    store = NodeStore(str(tmp_path), "s", "fp")
+    store.save(_tensors(0), 1)
+    saved = Path(store.path).read_bytes()
+
+    def poison(entry):
+        if entry.round == 3:
+            tensors["b.weight"].mul_(float("inf"))
+
+    tensors = _tensors(1)
+    with pytest.raises(WireError, match="non-finite"):
+        reach_round(store, tensors, 4, [Entry(2), Entry(3)], poison)
+    assert Path(store.path).read_bytes() == saved
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+@pytest.mark.parametrize("method", ["fedspzo", "fedkseed"])
+def test_zero_order_node_with_damaged_state_resyncs_to_the_server(
+    method, how, tiny_bert, glue_dir, tmp_path, monkeypatch
+):
+    from common.zeroorder import fingerprint
+    from tests.test_zo_protocol import assert_same, make, run_round, stored
+
+    monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path / "nodes"))
+    cfg, model, strategy = make(method, tiny_bert, glue_dir, tmp_path)
+    run_round(strategy, cfg, 1, [101, 102])
+    run_round(strategy, cfg, 2, [101, 102])
+    damage(NodeStore(state_dir({}, 1, 102), f"{method}-state", fingerprint(cfg, method)).path, how)
+    assert run_round(strategy, cfg, 3, [101, 102])["clients"] == 1
+    assert strategy.node_round[102] == 0
+    server_at_3 = {n: p.clone() for n, p in model.params.items()}
+    assert run_round(strategy, cfg, 4, [102])["clients"] == 1  # 102 rebuilt round 3 from the whole log, trained
+    reached, params = stored(cfg, 102)
+    assert reached == 3
+    assert_same(params, server_at_3)
