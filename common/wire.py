@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -218,15 +218,96 @@ def log_first(log, server_round: int) -> int:
     return first
 
 
-def checked_log_config(content: RecordDict) -> tuple[ConfigRecord, int, float, int]:
-    """The "config" record of a zero-order instruction: (record, server-round, lr, log-first), checked."""
+# ---------------------------------------------------------------------------------------------------------
+# Instructions (server -> client): what every client refuses, checked here for all seven methods.
+#
+# An instruction is refused (WireError) before the node's stored state is read or written, so a refused
+# instruction leaves that state byte for byte as it was; client_app.app turns the refusal into an error reply
+# (code INSTRUCTION_REFUSED) that the server counts as a failure of that node, and the ClientApp goes on.
+# - Rounds: server-round an int >= 1; log-first an int in 1..server-round (the log's rounds follow).
+# - Values: finite, and within INSTRUCTION_SLACK x the bound the server enforces on the replies it
+#   aggregates (VALUE_BOUND for model-like numbers, zo_scalar_bound for zero-order scalars). Whatever rule the
+#   server aggregates with (mean, trimmed mean, median, clipping) the result lies within the replies' bound,
+#   up to float rounding; the slack keeps rounding from ever refusing an honest server, and 1e30 is refused.
+# - Learning rates (zero-order η, sent with the round and with each log entry): finite, in (0, ZO_LR_MAX],
+#   and equal to the node's own zo.lr. η is constant for a run (replay needs it; common.config) and zo.lr
+#   cannot change on resume (common.config.check_resume), so any other η is not the server's.
+# - Seeds (FedKRSO's K seeds of a round, FedSPZO's round seed ρ_t): equal to what the node derives itself
+#   from the run seed and the round (common.fedkrso.subspace.round_seeds, common.fedspzo.spzo.round_seed). A
+#   replaced seed would make the node apply an update in another subspace than the server did, and drift.
+# - After a node applies the log entries it lacks, its model must be finite (common.nodestore.reach_round),
+#   else nothing is saved and the instruction is refused.
+# ---------------------------------------------------------------------------------------------------------
+
+INSTRUCTION_SLACK = 2.0
+
+# Error code of the reply to a refused instruction (client_app.app). Flower's own codes
+# (flwr.common.constant.ErrorCode) are 0..8; this one is ours, so the server tells a refusal from a crash.
+INSTRUCTION_REFUSED = 100
+
+# η above 1 moves every perturbed number by about |g| per step (Rademacher z is +-1): a pretrained weight is
+# O(0.1), so no such run trains. Honest zero-order η: 1e-7..1e-3 in the papers, 1e-4 by default here.
+ZO_LR_MAX = 1.0
+
+
+def instruction_bound(reply_bound: float) -> float:
+    """The largest |value| a client accepts where the server accepts replies within +-reply_bound."""
+    return INSTRUCTION_SLACK * reply_bound
+
+
+def config_int(cfg: ConfigRecord, key: str, low: int = 0) -> int:
+    """cfg[key], which must be an int (not a bool, not a float) >= low."""
+    if key not in cfg:
+        raise WireError(f"config record lacks '{key}'")
+    v = cfg[key]
+    if not isinstance(v, int) or isinstance(v, bool) or v < low:
+        raise WireError(f"config {key} = {str(v)[:40]!r}: expected an int >= {low}")
+    return v
+
+
+def config_ints(cfg: ConfigRecord, key: str) -> list[int]:
+    """cfg[key], which must be a list of ints (no bools)."""
+    v = cfg.get(key)
+    if not isinstance(v, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+        raise WireError(f"config {key} = {str(v)[:60]}: expected a list of ints")
+    return v
+
+
+def checked_round_config(content: RecordDict, with_log: bool) -> tuple[ConfigRecord, int, int]:
+    """The "config" record of an instruction: (record, server-round T >= 1, log-first in 1..T (T if no log))."""
     cfg = require(content, "config", ConfigRecord)
-    try:
-        server_round, lr, first = int(cfg["server-round"]), float(cfg["lr"]), int(cfg["log-first"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise WireError(f"config record: {exc!r}") from exc
-    if not 1 <= first <= server_round:
-        raise WireError(f"log-first {first} outside 1..{server_round}")
-    if not (np.isfinite(lr) and lr > 0):
-        raise WireError(f"lr {lr} must be finite and > 0")
+    server_round = config_int(cfg, "server-round", 1)
+    first = config_int(cfg, "log-first", 1) if with_log else server_round
+    if first > server_round:
+        raise WireError(f"log-first {first} after server-round {server_round}")
+    return cfg, server_round, first
+
+
+def check_lr(where: str, lr: object, own: float) -> float:
+    """A zero-order η from the server: finite, in (0, ZO_LR_MAX] and the node's own zo.lr (see above)."""
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool):
+        raise WireError(f"{where}: lr is a {type(lr).__name__}, expected a float")
+    lr = float(lr)
+    if not (math.isfinite(lr) and 0 < lr <= ZO_LR_MAX):
+        raise WireError(f"{where}: lr {lr!r} outside (0, {ZO_LR_MAX:g}]")
+    if lr != own:
+        raise WireError(f"{where}: lr {lr!r} differs from this node's zo.lr {own!r} (it is constant for a run)")
+    return lr
+
+
+def check_seeds(where: str, sent: Sequence[int], derived: Sequence[int]) -> None:
+    """Seeds from the server must be those the node derives itself from the run seed and the round."""
+    if [int(s) for s in sent] != [int(s) for s in derived]:
+        raise WireError(f"{where}: seeds differ from those this node derives from the run seed (replaced seeds)")
+
+
+def checked_log_lr(arrays: ArrayRecord, t: int, own_lr: float) -> float:
+    """η_t of log round t ("t/lr", float64 (1,)), checked like the round's η."""
+    return check_lr(f"log[{t}/lr]", float(decode_array(f"log[{t}/lr]", arrays[f"{t}/lr"], (1,), "float64")[0]), own_lr)
+
+
+def checked_log_config(content: RecordDict, own_lr: float) -> tuple[ConfigRecord, int, float, int]:
+    """The "config" record of a zero-order instruction: (record, server-round, lr, log-first), checked."""
+    cfg, server_round, first = checked_round_config(content, with_log=True)
+    lr = check_lr("config", cfg.get("lr"), own_lr)
     return cfg, server_round, lr, first

@@ -33,6 +33,7 @@ from common.fedspzo.spzo import SpzoModel
 from common.records import RunRecorder
 from common.robust import capped_weights, clip
 from common.wire import (
+    INSTRUCTION_REFUSED,
     VALUE_BOUND,
     WireError,
     check_size,
@@ -74,7 +75,8 @@ def checked_replies(
         node = msg.metadata.src_node_id
         if msg.has_error():
             failures += 1
-            log(WARNING, "node %d failed in round %d: %s", node, server_round, str(msg.error.reason)[-500:])
+            what = "refused the instruction" if msg.error.code == INSTRUCTION_REFUSED else "failed"
+            log(WARNING, "node %d %s in round %d: %s", node, what, server_round, str(msg.error.reason)[-500:])
             continue
         try:
             bytes_up += content_bytes(msg.content)
@@ -249,7 +251,7 @@ class FedKRSO(LogStrategy):
         return LogEntry(server_round, tuple(self._seeds(server_round)), {})
 
     def restore(self, content: RecordDict) -> list[LogEntry]:
-        ins = unpack_instruction(content, self.cfg.krso.k, self.km.shapes, self.km.head_shapes)
+        ins = unpack_instruction(content, self.cfg.krso.k, self.km.shapes, self.km.head_shapes, self.cfg.seed)
         for entry in ins.log:
             apply_update(self.km.targets, entry.seeds, entry.bbar, self.cfg.krso.rank)
         self.km.set_head(ins.head)
@@ -316,7 +318,7 @@ class FedSPZO(LogStrategy):
 
     def restore(self, content: RecordDict) -> list[spzo.LogEntry]:
         c = self.cfg
-        entries = spzo_wire.unpack_instruction(content, c.spzo.p1, c.spzo.p2, c.train.local_steps).log
+        entries = spzo_wire.unpack_instruction(content, c).log
         for entry in entries:
             spzo.replay(self.sm, entry)
         return entries
@@ -368,7 +370,7 @@ class FedKSeed(LogStrategy):
         return kseed.LogEntry(server_round, self.cfg.zo.lr, np.zeros(self.cfg.kseed.k, np.float32))
 
     def restore(self, content: RecordDict) -> list[kseed.LogEntry]:
-        entries = kseed_wire.unpack_instruction(content, self.cfg.kseed.k).log
+        entries = kseed_wire.unpack_instruction(content, self.cfg).log
         for entry in entries:
             kseed.replay(self.km, entry, self.cfg.kseed.perturbations)
         return entries

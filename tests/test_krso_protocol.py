@@ -67,7 +67,7 @@ def test_server_and_clients_agree_after_dropouts_and_catch_up(tiny_bert, glue_di
     # Round 4: node 102 trained in round 1 from round 0 (it never keeps its own local training), so it
     # gets rounds 1-3 of the log; the others trained in round 3 from round 2 and get only round 3.
     msgs = {m.metadata.dst_node_id: m for m in strategy.configure_train(4, ArrayRecord(), ConfigRecord(), grid)}
-    logs = {n: unpack_instruction(m.content, 2, km.shapes, km.head_shapes).log for n, m in msgs.items()}
+    logs = {n: unpack_instruction(m.content, 2, km.shapes, km.head_shapes, cfg.seed).log for n, m in msgs.items()}
     assert [e.round for e in logs[102]] == [1, 2, 3] and [e.round for e in logs[101]] == [3]
     for node, msg in msgs.items():
         client_round(cfg, msg)  # catches up, saves the global state of round 3, trains
@@ -102,7 +102,7 @@ def test_node_that_lost_its_state_is_resynced_from_the_full_log(how, tiny_bert, 
     assert strategy.node_round[103] == 0  # it said it holds nothing: the next log starts at round 1
     assert strategy.recorder.end_round(3, None)["clients"] == 2  # the other two nodes trained as usual
     msg = next(m for m in strategy.configure_train(4, None, None, grid) if m.metadata.dst_node_id == 103)
-    assert [e.round for e in unpack_instruction(msg.content, 2, km.shapes, km.head_shapes).log] == [1, 2, 3]
+    assert [e.round for e in unpack_instruction(msg.content, 2, km.shapes, km.head_shapes, cfg.seed).log] == [1, 2, 3]
     client_round(cfg, msg)
     reached, weights = held_weights(cfg, 103)
     assert reached == 3

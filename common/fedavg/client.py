@@ -2,7 +2,9 @@
 
 Wire format (Flower FedAvg's): server -> client "arrays" (ArrayRecord: every parameter, float32) and
 "config" (server-round); client -> server "arrays" (same keys and shapes) and "metrics" (num-examples,
-model-round, train-loss, train-seconds, peak-rss-mb, local-steps). FedAvg-LoRA (common.lora) uses the same
+model-round, train-loss, train-seconds, peak-rss-mb, local-steps). The client refuses (common.wire,
+"Instructions") a server-round that is not an int >= 1 and weights that are not finite or exceed 2 x
+VALUE_BOUND; it keeps no state, so a refusal changes nothing on the node. FedAvg-LoRA (common.lora) uses the same
 exchange on the LoRA parameters and the head only: `train_params` serves both.
 """
 
@@ -13,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from torch import nn
 
 from common.config import RunConfig
@@ -21,7 +23,7 @@ from common.memory import PeakRSS
 from common.modeling import load_model
 from common.tasks import get_task
 from common.training import client_data, make_optimizer, step_batches, train_steps
-from common.wire import pack_tensors, require, unpack_tensors
+from common.wire import VALUE_BOUND, checked_round_config, instruction_bound, pack_tensors, require, unpack_tensors
 
 
 def train_params(
@@ -33,10 +35,11 @@ def train_params(
     """Load the global values of the parameters `build` names, train those, send them back."""
     with PeakRSS() as mem:
         net, params = build(cfg)
+        _, server_round, _ = checked_round_config(content, with_log=False)
+        shapes = {n: tuple(p.shape) for n, p in params.items()}
         weights = unpack_tensors(
-            "arrays", require(content, "arrays", ArrayRecord), {n: tuple(p.shape) for n, p in params.items()}
+            "arrays", require(content, "arrays", ArrayRecord), shapes, instruction_bound(VALUE_BOUND)
         )
-        server_round = int(require(content, "config", ConfigRecord)["server-round"])
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(weights.pop(name))

@@ -48,7 +48,7 @@ def train(content: RecordDict, cfg: RunConfig, node_config: dict[str, Any], run_
     """The whole client side of one FedKRSO round (the ClientApp handler only dispatches here)."""
     with PeakRSS() as mem:
         km = build(cfg)
-        instr = unpack_instruction(content, cfg.krso.k, km.shapes, km.head_shapes)
+        instr = unpack_instruction(content, cfg.krso.k, km.shapes, km.head_shapes, cfg.seed)
         store = NodeStore(state_dir(node_config, run_id, node_id), "fedkrso-state", fingerprint(cfg))
         ok, reached = reach_round(
             store,

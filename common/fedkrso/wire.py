@@ -13,6 +13,9 @@ Client -> server:
   "head"         ArrayRecord  the client's trained head, same keys and shapes as sent
   "metrics"      MetricRecord num-examples (int > 0), model-round (int: the global round the client trained
                               from, must be T-1), train-loss, train-seconds, peak-rss-mb
+Instruction checks (client, common.wire "Instructions"): server-round >= 1, log-first in 1..T; the seeds of
+round T and of every log round equal round_seeds(run seed, t, K), derived by the node itself; log and head
+values finite and within 2 x VALUE_BOUND; a refused instruction leaves the node's state untouched.
 Reply checks (server): the bytes of every array are decoded as float32 of the stated shape (common.wire),
 finite and within +-VALUE_BOUND; accumulator keys are canonical ("1/n", never "01/n": two spellings of
 one key would let one overwrite the other); common.wire.checked_metrics for the metrics.
@@ -30,12 +33,16 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from common.fedkrso.subspace import Accumulators, LogEntry
+from common.fedkrso.subspace import Accumulators, LogEntry, round_seeds
 from common.wire import (
     VALUE_BOUND,
     WireError,
+    check_seeds,
     checked_metrics,
+    checked_round_config,
     checked_tensor,
+    config_ints,
+    instruction_bound,
     pack_tensors,
     require,
     unpack_tensors,
@@ -73,35 +80,39 @@ class Instruction:
 
 
 def unpack_instruction(
-    content: RecordDict, k: int, shapes: Mapping[str, tuple[int, int]], head_shapes: Mapping[str, tuple[int, ...]]
+    content: RecordDict,
+    k: int,
+    shapes: Mapping[str, tuple[int, int]],
+    head_shapes: Mapping[str, tuple[int, ...]],
+    run_seed: int,
 ) -> Instruction:
-    cfg = require(content, "config", ConfigRecord)
-    try:
-        server_round, seeds, first = int(cfg["server-round"]), [int(s) for s in cfg["seeds"]], int(cfg["log-first"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise WireError(f"config record: {exc!r}") from exc
+    """A checked instruction; raises WireError for anything a node must refuse (common.wire, "Instructions"):
+    malformed records, seeds other than round_seeds(run_seed, t, K), values beyond the instruction bound."""
+    cfg, server_round, first = checked_round_config(content, with_log=True)
+    seeds = config_ints(cfg, "seeds")
     if len(seeds) != k:
         raise WireError(f"{len(seeds)} seeds sent, krso.k is {k}: server and client run configs differ")
-    if not 1 <= first <= server_round:
-        raise WireError(f"log-first {first} outside 1..{server_round}")
+    check_seeds(f"config seeds of round {server_round}", seeds, round_seeds(run_seed, server_round, k))
+    bound = instruction_bound(VALUE_BOUND)
     arrays = require(content, "log", ArrayRecord)
     entries = []
     for t in range(first, server_round):
         if f"{t}/seeds" not in arrays:
             raise WireError(f"log lacks round {t}")
-        seeds_t = checked_tensor(f"log[{t}/seeds]", arrays[f"{t}/seeds"], (k,), "int64")
+        seeds_t = checked_tensor(f"log[{t}/seeds]", arrays[f"{t}/seeds"], (k,), "int64").tolist()
+        check_seeds(f"log[{t}/seeds]", seeds_t, round_seeds(run_seed, t, k))
         bbar: Accumulators = {}
         for j in range(k):
             for name, shape in shapes.items():
                 key = f"{t}/{j}/{name}"
                 if key in arrays:
-                    bbar[(j, name)] = checked_tensor(f"log[{key}]", arrays[key], shape)
-        entries.append(LogEntry(t, tuple(int(s) for s in seeds_t.tolist()), bbar))
+                    bbar[(j, name)] = checked_tensor(f"log[{key}]", arrays[key], shape, bound=bound)
+        entries.append(LogEntry(t, tuple(int(s) for s in seeds_t), bbar))
     expected = sum(1 + len(e.bbar) for e in entries)
     if len(arrays) != expected:
         raise WireError(f"log has {len(arrays)} arrays, {expected} expected for rounds {first}..{server_round - 1}")
-    head = unpack_tensors("head", require(content, "head", ArrayRecord), head_shapes)
-    return Instruction(server_round, seeds, entries, head)
+    head = unpack_tensors("head", require(content, "head", ArrayRecord), head_shapes, bound)
+    return Instruction(server_round, [int(s) for s in seeds], entries, head)
 
 
 def pack_reply(

@@ -24,7 +24,7 @@ def train(content: RecordDict, cfg: RunConfig, node_config: dict[str, Any], run_
     """The whole client side of one FedKSeed round (the ClientApp handler only dispatches here)."""
     with PeakRSS() as mem:
         km = build(cfg)
-        instr = unpack_instruction(content, cfg.kseed.k)
+        instr = unpack_instruction(content, cfg)
         store = NodeStore(state_dir(node_config, run_id, node_id), "fedkseed-state", fingerprint(cfg, "fedkseed"))
         p = cfg.kseed.perturbations
         ok, reached = reach_round(store, km.params, instr.server_round, instr.log, lambda e: replay(km, e, p))

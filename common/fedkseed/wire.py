@@ -15,6 +15,10 @@ Client -> server:
   "metrics" MetricRecord  num-examples (int > 0), model-round (int, must be T-1), train-loss, train-seconds,
                           peak-rss-mb, local-steps, forward-passes, perturb-seconds
 A client that cannot reach round T-1 sends the sync-only reply of common.nodestore.
+Instruction checks (client, common.wire "Instructions"): server-round >= 1, log-first in 1..T; η_T and every
+logged η_t equal the node's zo.lr and lie in (0, ZO_LR_MAX]; logged Ḡ finite, within 2 x
+zo_scalar_bound(zo.eps, S·P). The candidate seeds never travel. A refused instruction leaves the node's
+state untouched.
 Reply checks (server): index and scalars decoded from their bytes (int32 / float32 of the stated length,
 common.wire), indices strictly increasing in [0, K), scalars finite and |G[j]| <=
 common.wire.zo_scalar_bound(zo.eps, S·P) (G[j] sums at most S·P estimates); common.wire.checked_metrics.
@@ -29,12 +33,15 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from common.config import RunConfig
 from common.fedkseed.kseed import LogEntry
 from common.wire import (
     WireError,
     checked_log_config,
+    checked_log_lr,
     checked_metrics,
     checked_tensor,
+    instruction_bound,
     log_first,
     require,
     zo_scalar_bound,
@@ -89,15 +96,19 @@ class Instruction:
     log: list[LogEntry]
 
 
-def unpack_instruction(content: RecordDict, k: int) -> Instruction:
-    _, server_round, lr, first = checked_log_config(content)
+def unpack_instruction(content: RecordDict, cfg: RunConfig) -> Instruction:
+    """A checked instruction; raises WireError for anything a node must refuse (common.wire, "Instructions"):
+    malformed records, an η other than the node's zo.lr, scalars beyond the instruction bound."""
+    k = cfg.kseed.k
+    _, server_round, lr, first = checked_log_config(content, cfg.zo.lr)
+    bound = instruction_bound(zo_scalar_bound(cfg.zo.eps, cfg.train.local_steps * cfg.kseed.perturbations))
     arrays = require(content, "log", ArrayRecord)
     entries, used = [], 0
     for t in range(first, server_round):
         if f"{t}/lr" not in arrays:
             raise WireError(f"log lacks round {t}")
-        lr_t = float(checked_tensor(f"log[{t}/lr]", arrays[f"{t}/lr"], (1,), "float64")[0])
-        dense, n = unpack_scalars("log", arrays, f"{t}/", k)
+        lr_t = checked_log_lr(arrays, t, lr)
+        dense, n = unpack_scalars("log", arrays, f"{t}/", k, bound)
         entries.append(LogEntry(t, lr_t, dense))
         used += 1 + n
     if len(arrays) != used:

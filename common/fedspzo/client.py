@@ -24,7 +24,7 @@ def train(content: RecordDict, cfg: RunConfig, node_config: dict[str, Any], run_
     """The whole client side of one FedSPZO round (the ClientApp handler only dispatches here)."""
     with PeakRSS() as mem:
         sm = build(cfg)
-        instr = unpack_instruction(content, cfg.spzo.p1, cfg.spzo.p2, cfg.train.local_steps)
+        instr = unpack_instruction(content, cfg)
         store = NodeStore(state_dir(node_config, run_id, node_id), "fedspzo-state", fingerprint(cfg, "fedspzo"))
         ok, reached = reach_round(store, sm.params, instr.server_round, instr.log, lambda e: replay(sm, e))
         if not ok:

@@ -13,6 +13,10 @@ Client -> server:
   "metrics" MetricRecord  num-examples (int > 0), model-round (int, must be T-1), train-loss, train-seconds,
                           peak-rss-mb, local-steps, forward-passes, perturb-seconds
 A client that cannot reach round T-1 sends the sync-only reply of common.nodestore.
+Instruction checks (client, common.wire "Instructions"): server-round >= 1, log-first in 1..T; ρ_T and every
+logged ρ_t equal round_seed(run seed, t), derived by the node itself; η_T and every logged η_t equal the
+node's zo.lr and lie in (0, ZO_LR_MAX]; logged scalars finite, |g| <= 2 x zo_scalar_bound(zo.eps). A refused
+instruction leaves the node's state untouched.
 Reply checks (server): g1 and g2 decoded from their bytes as float32 (S, P) (common.wire), finite and
 |g| <= common.wire.zo_scalar_bound(zo.eps) (one estimate each); common.wire.checked_metrics for the metrics.
 Sizes: up 4·S·(P1 + P2) bytes of scalars (20 x 9 x 4 = 720 B at the defaults); down 4·S·(P1 + P2) + 16 B
@@ -27,12 +31,17 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from common.fedspzo.spzo import LogEntry
+from common.config import RunConfig
+from common.fedspzo.spzo import LogEntry, round_seed
 from common.wire import (
     WireError,
+    check_seeds,
     checked_log_config,
+    checked_log_lr,
     checked_metrics,
     checked_tensor,
+    config_int,
+    instruction_bound,
     log_first,
     require,
     zo_scalar_bound,
@@ -67,21 +76,25 @@ def _scalars(where: str, arr, p: int, steps: tuple[int, ...], bound: float | Non
     return checked_tensor(where, arr, shape, bound=bound).numpy()
 
 
-def unpack_instruction(content: RecordDict, p1: int, p2: int, steps: int) -> Instruction:
-    cfg, server_round, lr, first = checked_log_config(content)
-    try:
-        rho = int(cfg["round-seed"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise WireError(f"config record: {exc!r}") from exc
+def unpack_instruction(content: RecordDict, cfg: RunConfig) -> Instruction:
+    """A checked instruction; raises WireError for anything a node must refuse (common.wire, "Instructions"):
+    malformed records, a round seed other than round_seed(run seed, t), an η other than the node's zo.lr,
+    scalars beyond the instruction bound."""
+    p1, p2, steps = cfg.spzo.p1, cfg.spzo.p2, cfg.train.local_steps
+    config, server_round, lr, first = checked_log_config(content, cfg.zo.lr)
+    rho = config_int(config, "round-seed")
+    check_seeds(f"config round-seed of round {server_round}", [rho], [round_seed(cfg.seed, server_round)])
+    bound = instruction_bound(zo_scalar_bound(cfg.zo.eps))
     arrays = require(content, "log", ArrayRecord)
     entries = []
     for t in range(first, server_round):
         if f"{t}/seed" not in arrays or f"{t}/lr" not in arrays:
             raise WireError(f"log lacks round {t}")
         seed = int(checked_tensor(f"log[{t}/seed]", arrays[f"{t}/seed"], (1,), "int64")[0])
-        lr_t = float(checked_tensor(f"log[{t}/lr]", arrays[f"{t}/lr"], (1,), "float64")[0])
-        g1 = _scalars(f"log[{t}/g1]", arrays.get(f"{t}/g1"), p1, (0, steps))
-        g2 = _scalars(f"log[{t}/g2]", arrays.get(f"{t}/g2"), p2, (g1.shape[0],))
+        check_seeds(f"log[{t}/seed]", [seed], [round_seed(cfg.seed, t)])
+        lr_t = checked_log_lr(arrays, t, lr)
+        g1 = _scalars(f"log[{t}/g1]", arrays.get(f"{t}/g1"), p1, (0, steps), bound)
+        g2 = _scalars(f"log[{t}/g2]", arrays.get(f"{t}/g2"), p2, (g1.shape[0],), bound)
         entries.append(LogEntry(t, seed, lr_t, g1, g2))
     if len(arrays) != 4 * len(entries):
         raise WireError(

@@ -23,6 +23,9 @@ Client -> server:
                          >= 0: mean |dL/dG| of every core on one batch after local training (FedTT+ rule)
   "metrics" MetricRecord num-examples (int > 0), model-round (int, must be T-1), train-loss, train-seconds,
                          peak-rss-mb, local-steps
+Instruction checks (client, common.wire "Instructions"): server-round >= 1; masks within each matrix's cores;
+cores and head finite and within 2 x VALUE_BOUND. Clients keep no state, so a refused instruction changes
+nothing on the node.
 Reply checks (server): every array decoded from its bytes as float32 of the expected length (common.wire);
 cores and head finite and within +-common.wire.VALUE_BOUND, scores in [0, SCORE_BOUND];
 common.wire.checked_metrics for the metrics (round, num-examples, bounded finite values).
@@ -39,7 +42,18 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from common.fedtt.tt import MATRICES, CoreKey
-from common.wire import VALUE_BOUND, WireError, checked_metrics, pack_tensors, require, unpack_tensors
+from common.wire import (
+    VALUE_BOUND,
+    WireError,
+    checked_metrics,
+    checked_round_config,
+    config_int,
+    config_ints,
+    instruction_bound,
+    pack_tensors,
+    require,
+    unpack_tensors,
+)
 
 Shapes = Mapping[CoreKey, tuple[int, ...]]
 
@@ -136,15 +150,18 @@ class Instruction:
 
 
 def unpack_instruction(content: RecordDict, shapes: Shapes, head_shapes: Mapping[str, tuple[int, ...]]) -> Instruction:
-    cfg = require(content, "config", ConfigRecord)
-    try:
-        server_round, masks, want = int(cfg["server-round"]), [int(x) for x in cfg["masks"]], bool(cfg["scores"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise WireError(f"config record: {exc!r}") from exc
+    """A checked instruction; raises WireError for anything a node must refuse (common.wire, "Instructions"):
+    malformed records, masks naming cores the model lacks, cores or head beyond the instruction bound."""
+    cfg, server_round, _ = checked_round_config(content, with_log=False)
+    masks = config_ints(cfg, "masks")
+    want = config_int(cfg, "scores")
+    if want > 1:
+        raise WireError(f"config scores = {want}: expected 0 or 1")
     selected = selected_of(masks, shapes)
-    cores = _unpack_cores("cores", require(content, "cores", ArrayRecord), list(shapes), shapes)
-    head = unpack_tensors("head", require(content, "head", ArrayRecord), head_shapes)
-    return Instruction(server_round, selected, cores, head, want)
+    bound = instruction_bound(VALUE_BOUND)
+    cores = _unpack_cores("cores", require(content, "cores", ArrayRecord), list(shapes), shapes, bound)
+    head = unpack_tensors("head", require(content, "head", ArrayRecord), head_shapes, bound)
+    return Instruction(server_round, selected, cores, head, bool(want))
 
 
 def pack_reply(
