@@ -1,10 +1,21 @@
 # Two commands do all the set-up: `make run` and `make test` (see README.md).
 # Everything is installed into .venv; torch comes first, pinned to the CPU wheel 2.13.0, so that nothing
 # below can pull a newer (multi-GB CUDA) torch. GPU hosts and Jetson: see README.md, "Other hosts".
+# aarch64 (Raspberry Pi): PyPI's torch 2.11-2.13 for aarch64 are CUDA 13 builds (GBs of CUDA, and they do not
+# import without it); 2.10.0 is PyPI's newest CPU build for aarch64. tests/test_arm64_install.py checks both
+# against the index; tests/test_arm64.py runs the ClientApp on it under emulation.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+TORCH_AARCH64 ?= torch==2.10.0
+# another index for torch only, e.g. https://download.pytorch.org/whl/cpu (CPU builds of current versions for
+# aarch64 too) or .../whl/cu126 (GPU hosts)
+TORCH_INDEX ?=
+ifeq ($(shell uname -m),aarch64)
+TORCH ?= $(TORCH_AARCH64)
+else
 TORCH ?= torch==2.13.0
+endif
 GLUE_DIR ?= ../shared/data/glue
 CLIENTS ?= 10
 ROUNDS ?= 3
@@ -14,7 +25,7 @@ RUN_CONFIG ?=
 
 $(BIN)/.installed: pyproject.toml requirements.txt
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet "$(TORCH)" $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)")
 	$(BIN)/pip install --quiet -r requirements.txt
 	touch $@
 

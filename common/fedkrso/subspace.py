@@ -1,7 +1,7 @@
 """FedKRSO mathematics: K-seed random subspaces, shared by the server strategy and the client trainer.
 
 Per target weight W (d_out x d_in) and seed s a projection P_s (r x d_in), entries N(0, 1/r), is drawn
-from a CPU generator seeded by (s, parameter name). Training in the subspace trains B (d_out x r,
+from a CPU generator seeded by (s, parameter name), through common.rng (bit-identical on every CPU). Training in the subspace trains B (d_out x r,
 starting at 0) on the loss of W + B P_s; the forward is y = x W^T + (x P_s^T) B^T, so autograd forms
 the gradient of B (= dL/dW P_s^T) and never a d_out x d_in weight gradient.
 
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from common import robust
+from common import rng, robust
 from common.seeds import derive_seed
 
 # (seed index j within the round, target name) -> tensor of shape (d_out, r)
@@ -37,9 +37,10 @@ def projection_seed(seed: int, name: str) -> int:
 
 
 def projection(seed: int, name: str, rank: int, d_in: int) -> torch.Tensor:
-    """P_s for one target: (rank x d_in), N(0, 1/rank), fp32, drawn on the CPU so every node agrees."""
+    """P_s for one target: (rank x d_in), N(0, 1/rank), fp32, the same bits on every node whatever its CPU
+    (common.rng: torch.randn's last bit depends on the CPU's SIMD capability)."""
     gen = torch.Generator(device="cpu").manual_seed(projection_seed(seed, name))
-    return torch.randn(rank, d_in, generator=gen, dtype=torch.float32).div_(math.sqrt(rank))
+    return rng.normal((rank, d_in), gen).div_(math.sqrt(rank))
 
 
 def find_targets(model: nn.Module, spec: str, exclude: Iterable[str] = ()) -> dict[str, nn.Linear]:

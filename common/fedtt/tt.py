@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from common import robust
+from common import rng, robust
 
 # Module-name suffixes of the projections an adapter follows: attention output and feed-forward output.
 # BERT / RoBERTa / MiniLM: <layer>.attention.output.dense and <layer>.output.dense; LLaMA family:
@@ -105,7 +105,7 @@ def init_cores(shapes: Sequence[tuple[int, int, int]], variance: float, gen: tor
     through the train is a product of L draws, so var(W) = prod(r_i) * sigma^(2L)."""
     paths = math.prod(s[2] for s in shapes[:-1])
     sigma = (variance / paths) ** (1.0 / (2 * len(shapes)))
-    return [torch.randn(*s, generator=gen, dtype=torch.float32) * sigma for s in shapes]
+    return [rng.normal(s, gen).mul_(sigma) for s in shapes]  # common.rng: the same bits on every CPU
 
 
 class TTMatrix(nn.Module):

@@ -7,9 +7,12 @@ names without the "base_model.model." prefix every one of them shares.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
+from common import rng
 from common.config import RunConfig
 from common.modeling import load_model
 from common.tasks import get_task
@@ -39,7 +42,18 @@ def build(cfg: RunConfig) -> tuple[nn.Module, dict[str, nn.Parameter]]:
         modules_to_save=list(loaded.head),
     )
     with torch.random.fork_rng():
-        torch.manual_seed(cfg.seed)  # LoRA A draws: the same on every node
+        torch.manual_seed(cfg.seed)
         net = get_peft_model(loaded.model, config)
     params = {n.removeprefix(PREFIX): p for n, p in net.named_parameters() if p.requires_grad}
+    init_lora_a(params, cfg.seed)
     return net, params
+
+
+@torch.no_grad()
+def init_lora_a(params: dict[str, nn.Parameter], seed: int) -> None:
+    """LoRA A drawn again through common.rng, so that any node or server draws the same bits whatever its CPU:
+    peft's law, kaiming_uniform_(a=sqrt(5)), i.e. U(-1/sqrt(d_in), 1/sqrt(d_in)); B stays 0."""
+    for name, p in params.items():
+        if ".lora_A." in name:
+            bound = 1.0 / math.sqrt(p.shape[1])
+            p.copy_(rng.uniform(p.shape, rng.generator("lora-A", seed, name), -bound, bound))
