@@ -78,10 +78,15 @@ def main() -> None:
         return run
 
     def add_before(d):
-        def run():
+        def run():  # the code before common/rng.py: torch's normal_ (or the same signs) and a fused add
             with torch.no_grad():
                 for name, p in params.items():
-                    p.add_(pert[d].z(1, name), alpha=1e-3)
+                    if d == "gaussian":
+                        gen.manual_seed(derive_seed(1, name))
+                        z = buf[: p.numel()].normal_(generator=gen).view(p.shape)
+                    else:
+                        z = pert[d].z(1, name)
+                    p.add_(z, alpha=1e-3)
 
         return run
 

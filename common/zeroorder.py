@@ -16,8 +16,9 @@ draws the same z, bit for bit, whatever its CPU (x86_64 or aarch64, any SIMD cap
 Distributions (`zo.distribution`): "rademacher" (default; z_i = ±1 with probability 1/2) or "gaussian"
 (z_i ~ N(0, 1)). Both have E[z zᵀ] = I, so E[g·z] is the gradient (of the ε-smoothed loss for Gaussian,
 to O(ε²) for Rademacher): the estimator stays unbiased. Rademacher signs cost one random byte per 8
-parameters (a table lookup turns each byte into 8 signs), about 7x cheaper to draw than Gaussians on this
-machine (bench/zo_step.py measures both), which keeps drawing well under a third of a step's time.
+parameters (a table lookup turns each byte into 8 signs), about 30x cheaper to draw than common.rng's
+CPU-independent Gaussians (docs/results-rng.md, `python -m bench.rng`), which keeps drawing a small part of a
+step's time.
 """
 
 from __future__ import annotations
