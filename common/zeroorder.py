@@ -11,14 +11,15 @@ runs in place in fp32, without a copy of the parameters and without autograd:
 z is regenerated from its seed at each use, one tensor at a time (memory: one buffer the size of the
 largest tensor), from a CPU generator seeded by (seed, parameter name), through common.rng, so every node
 draws the same z, bit for bit, whatever its CPU (x86_64 or aarch64, any SIMD capability) or thread count;
-θ + α·z is a multiply then an add (never a fused multiply-add), so replayed parameters agree bit for bit too. A node that replays the update θ ← θ − η·g·z needs only (seed, g).
+θ + α·z is a multiply then an add (never a fused multiply-add), so replayed parameters agree bit for bit too.
+A node that replays the update θ ← θ − η·g·z needs only (seed, g).
 
 Distributions (`zo.distribution`): "rademacher" (default; z_i = ±1 with probability 1/2) or "gaussian"
 (z_i ~ N(0, 1)). Both have E[z zᵀ] = I, so E[g·z] is the gradient (of the ε-smoothed loss for Gaussian,
 to O(ε²) for Rademacher): the estimator stays unbiased. Rademacher signs cost one random byte per 8
 parameters (a table lookup turns each byte into 8 signs), about 30x cheaper to draw than common.rng's
-CPU-independent Gaussians (docs/results-rng.md, `python -m bench.rng`), which keeps drawing a small part of a
-step's time.
+CPU-independent Gaussians (docs/results-rng.md, `python -m scripts.rng_report`), which keeps drawing a small
+part of a step's time.
 """
 
 from __future__ import annotations

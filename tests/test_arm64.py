@@ -7,8 +7,10 @@
   for bit for the zero-order methods (z is the same bits, θ + α·z two correctly rounded operations), to 1e-6 for
   FedKRSO (W + B P is a matrix product, whose summation order is the BLAS library's).
 
-The emulation is built on first use (about 250 MB of Debian and PyPI packages, cached outside the repository);
-the tests skip, saying why, only where it cannot be built (not x86_64, no root, no apt or no qemu).
+All of it runs in ONE emulated process (scripts/client_jobs.py --draws): starting Python and importing torch and
+transformers under qemu takes most of a minute. The emulation is built on first use (about 250 MB of Debian and
+PyPI packages, cached outside the repository); the tests skip, saying why, only where it cannot be built (not
+x86_64, no root, no apt or no qemu). Both tests are `e2e`: the emulated process takes about 1.5 minutes.
 """
 
 from __future__ import annotations
@@ -16,53 +18,19 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 
 import pytest
 import torch
 from flwr.app import ConfigRecord
+from flwr.supercore.task_identity import TaskIdentity
 
 from common.config import parse_run_config
 from common.nodestore import NodeStore, state_dir
 from common.records import RunRecorder
-from scripts.client_jobs import load_message, save_message
+from scripts.arm64_emulation import ROOT, EmulationUnavailable, emulated_python, run_arm64
+from scripts.client_jobs import load_message, run_job, save_message
 from scripts.rng_draws import draws
 from tests.conftest import NodeList
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV_SCRIPT = os.path.join(ROOT, "scripts", "arm64_env.sh")
-
-pytestmark = pytest.mark.usefixtures("task_identity")
-
-
-@pytest.fixture(scope="session")
-def arm64_python() -> str:
-    """The emulated aarch64 Python (built once, then reused)."""
-    proc = subprocess.run([ENV_SCRIPT], capture_output=True, text=True, timeout=1800)
-    if proc.returncode == 3:  # the script's "cannot be built here", with the reason
-        pytest.skip(proc.stderr.strip().splitlines()[-1])
-    assert proc.returncode == 0, f"scripts/arm64_env.sh failed:\n{proc.stderr[-3000:]}"
-    return proc.stdout.strip().splitlines()[-1]
-
-
-def run_arm64(python: str, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "ATEN_CPU_CAPABILITY")}
-    return subprocess.run(
-        [python, *args], cwd=ROOT, env={**env, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=timeout
-    )
-
-
-def test_seeded_draws_are_bit_identical_on_aarch64(arm64_python, tiny_bert):
-    proc = run_arm64(arm64_python, "-m", "scripts.rng_draws", tiny_bert)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    there, here = json.loads(proc.stdout), draws(tiny_bert)
-    assert set(there) == set(here)
-    diff = [k for k in here if not k.startswith("control:") and here[k] != there[k]]
-    assert not diff, f"draws differ between x86_64 and aarch64: {diff}"
-    # the control: torch's own Gaussian kernel on aarch64 is not the one this x86_64 process uses
-    if torch.backends.cpu.get_cpu_capability() != "DEFAULT":
-        assert here["control:torch.randn"] != there["control:torch.randn"]
-
 
 # One local step of every method on a tiny model; the zero-order methods cover both laws of z.
 COMMON = {
@@ -114,10 +82,16 @@ def _held(cfg, node_config, node):
     return reached, {n: t.detach().clone() for n, t in tensors.items()}
 
 
-@pytest.mark.e2e
-def test_every_method_trains_on_aarch64_and_replays_like_x86(arm64_python, tiny_bert, glue_dir, tmp_path):
-    from scripts.client_jobs import run_job
-
+@pytest.fixture(scope="module")
+def aarch64_run(tiny_bert, glue_dir, tmp_path_factory) -> dict:
+    """Builds every method's instructions here (x86_64), runs the ClientApp on them and hashes the seeded draws
+    in one emulated aarch64 process; returns what the tests check."""
+    try:
+        python = emulated_python()
+    except EmulationUnavailable as exc:
+        pytest.skip(str(exc))
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1  # build Messages outside a runtime
+    tmp_path = tmp_path_factory.mktemp("arm64")
     jobs, checks, replays = [], {}, {}
     arm_nodes = {"partition-id": 0, "num-partitions": 2, "state-dir": str(tmp_path / "arm64-nodes")}
     x86_nodes = {"partition-id": 0, "num-partitions": 2, "state-dir": str(tmp_path / "x86-nodes")}
@@ -152,15 +126,33 @@ def test_every_method_trains_on_aarch64_and_replays_like_x86(arm64_python, tiny_
 
     with open(tmp_path / "jobs.json", "w") as f:
         json.dump(jobs, f)
-    proc = run_arm64(arm64_python, "-m", "scripts.client_jobs", str(tmp_path / "jobs.json"))
+    proc = run_arm64(python, "-m", "scripts.client_jobs", str(tmp_path / "jobs.json"), "--draws", tiny_bert)
     assert proc.returncode == 0, proc.stderr[-5000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
+    print(f"aarch64 (emulated) seconds per ClientApp call: {summary['seconds']}")
+    return {"summary": summary, "checks": checks, "replays": replays, "arm": arm_nodes, "x86": x86_nodes}
+
+
+@pytest.mark.e2e
+def test_seeded_draws_are_bit_identical_on_aarch64(aarch64_run, tiny_bert):
+    there, here = aarch64_run["summary"]["draws"], draws(tiny_bert)
+    assert set(there) == set(here)
+    diff = [k for k in here if not k.startswith("control:") and here[k] != there[k]]
+    assert not diff, f"draws differ between x86_64 and aarch64: {diff}"
+    # the control: torch's own Gaussian kernel on aarch64 is not the one this x86_64 process uses
+    if torch.backends.cpu.get_cpu_capability() != "DEFAULT":
+        assert here["control:torch.randn"] != there["control:torch.randn"]
+
+
+@pytest.mark.e2e
+def test_every_method_trains_on_aarch64_and_replays_like_x86(aarch64_run):
+    summary, arm_nodes, x86_nodes = aarch64_run["summary"], aarch64_run["arm"], aarch64_run["x86"]
     with open(os.path.join(ROOT, "Makefile")) as f:  # the torch a Raspberry Pi gets from `make install`
         pi_torch = re.search(r"^TORCH_AARCH64 \?= torch==(\S+)", f.read(), re.M).group(1)
     assert summary["machine"] == "aarch64" and summary["torch"].split("+")[0] == pi_torch, summary
-    print(f"aarch64 (emulated) seconds per ClientApp call: {summary['seconds']}")
+    assert set(summary["seconds"]) == {f"{m} round 1" for m in METHODS} | {f"{m} replay" for m in REPLAYED}
 
-    for method, (setup, reply_path) in checks.items():
+    for method, (setup, reply_path) in aarch64_run["checks"].items():
         reply = load_message(reply_path)
         assert not reply.has_error(), f"{method}: {reply.error.reason}"
         setup.strategy.aggregate_train(1, [reply])
@@ -168,7 +160,7 @@ def test_every_method_trains_on_aarch64_and_replays_like_x86(arm64_python, tiny_
         assert (rec["clients"], rec["rejected"], rec["failures"]) == (1, 0, 0), f"{method}: {rec}"
         assert rec["bytes_up"] > 0
 
-    for method, cfg in replays.items():
+    for method, cfg in aarch64_run["replays"].items():
         reached_arm, arm = _held(cfg, arm_nodes, 103)
         reached_x86, x86 = _held(cfg, x86_nodes, 103)
         assert reached_arm == reached_x86 == 1, method

@@ -1,9 +1,10 @@
 """FedKRSO mathematics: K-seed random subspaces, shared by the server strategy and the client trainer.
 
 Per target weight W (d_out x d_in) and seed s a projection P_s (r x d_in), entries N(0, 1/r), is drawn
-from a CPU generator seeded by (s, parameter name), through common.rng (bit-identical on every CPU). Training in the subspace trains B (d_out x r,
-starting at 0) on the loss of W + B P_s; the forward is y = x W^T + (x P_s^T) B^T, so autograd forms
-the gradient of B (= dL/dW P_s^T) and never a d_out x d_in weight gradient.
+from a CPU generator seeded by (s, parameter name), through common.rng (bit-identical on every CPU). Training
+in the subspace trains B (d_out x r, starting at 0) on the loss of W + B P_s; the forward is
+y = x W^T + (x P_s^T) B^T, so autograd forms the gradient of B (= dL/dW P_s^T) and never a d_out x d_in
+weight gradient.
 
 Round t (../shared/docs/methods.md, FedKRSO):
     client:  I intervals of J steps; interval i trains B in seed k = i mod K, then W <- W + B P_k and

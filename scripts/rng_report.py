@@ -1,8 +1,12 @@
-"""Cost of the CPU-independent draws (common/rng.py) against torch's own, on MiniLM's shapes; writes
-docs/results-rng.md.
+"""docs/results-rng.md: the seeded draws that nodes reproduce are the same bits on every CPU, and what they cost.
 
-    python -m bench.rng [--threads 1] [--repeats 5]
+    flock "$HOME/.cpu.lock" .venv/bin/python -m scripts.rng_report [--threads 1] [--repeats 5]
 
+1. The same bits: scripts/rng_draws.py (SHA-256 of FedKRSO's P, z of both laws and θ after a replay, TT init,
+   LoRA A and MiniLM's new head) run with this CPU's kernels, under ATEN_CPU_CAPABILITY=avx2 and =default, and on
+   aarch64 under qemu user-mode emulation (scripts/arm64_env.sh: the torch a Raspberry Pi installs). torch.randn
+   is hashed too, as the control that does differ.
+2. The cost, against torch's own draws, on MiniLM's shapes:
 - FedKRSO: the projections P of one seed for all 37 target matrices (r = 8), as `projection` draws them.
 - Zero-order: z for every perturbed parameter of MiniLM (embedding tables excluded, the default), Gaussian and
   Rademacher, and one whole perturbation θ += α·z as `Perturbation.add` does it.
@@ -13,19 +17,78 @@ docs/results-rng.md.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
+import re
+import subprocess
+import sys
 import time
 
 import torch
 
 from common.fedkrso.subspace import find_targets, projection, projection_seed
-from common.modeling import load_model
+from common.modeling import default_model_path, load_model
 from common.seeds import derive_seed
 from common.zeroorder import Perturbation, zo_parameters
+from scripts.arm64_emulation import ROOT, EmulationUnavailable, emulated_python, run_arm64
 
-OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "results-rng.md")
+OUT = os.path.join(ROOT, "docs", "results-rng.md")
+
+
+def draw_hashes(model_dir: str) -> list[str]:
+    """The markdown of part 1: one column per CPU (kernel set), one row per kind of draw."""
+    columns: list[tuple[str, dict[str, str] | None]] = []
+    for cap in (None, "avx2", "default"):
+        env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"} | (
+            {"ATEN_CPU_CAPABILITY": cap} if cap else {}
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+            env=env, capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, "-m", "scripts.rng_draws", model_dir], cwd=ROOT, env=env, capture_output=True, text=True
+        )
+        if proc.returncode != 0:
+            raise SystemExit(f"scripts.rng_draws failed:\n{proc.stderr[-3000:]}")
+        label = f"{platform.machine()}, {out} kernels" + (f" (`ATEN_CPU_CAPABILITY={cap}`)" if cap else "")
+        columns.append((label, json.loads(proc.stdout)))
+    with open(os.path.join(ROOT, "Makefile")) as f:
+        pi_torch = re.search(r"^TORCH_AARCH64 \?= (\S+)", f.read(), re.M).group(1)
+    label = f"aarch64 (qemu user-mode, {pi_torch})"
+    try:
+        proc = run_arm64(emulated_python(), "-m", "scripts.rng_draws", model_dir)
+        if proc.returncode != 0:
+            raise SystemExit(f"scripts.rng_draws failed under aarch64 emulation:\n{proc.stderr[-3000:]}")
+        columns.append((label, json.loads(proc.stdout)))
+    except EmulationUnavailable as exc:
+        columns.append((f"{label}: not available here ({exc})", None))
+    present = [h for _, h in columns if h is not None]
+    keys = sorted(present[0], key=lambda k: (k.startswith("control:"), k))
+    same = [k for k in keys if not k.startswith("control:") and all(h[k] == present[0][k] for h in present)]
+    lines = [
+        "## 1. The same bits on every CPU",
+        "",
+        "SHA-256 (first 16 hex digits) of each draw, `python -m scripts.rng_draws MODEL_DIR` with all-MiniLM-L6-v2's",
+        "folder (for the head) in each column's setting. `control:torch.randn` is torch's own Gaussian kernel, which",
+        "no seeded draw uses any more: it shows that the columns do come from different kernels.",
+        "",
+        "| draw | " + " | ".join(label for label, _ in columns) + " | identical |",
+        "| --- | " + " | ".join("---" for _ in columns) + " | --- |",
+    ]
+    for k in keys:
+        cells = [h[k][:16] if h is not None else "—" for _, h in columns]
+        verdict = "yes" if len({h[k] for h in present}) == 1 else "**no**"
+        lines.append(f"| `{k}` | " + " | ".join(f"`{c}`" for c in cells) + f" | {verdict} |")
+    lines += [
+        "",
+        f"{len(same)} of {len([k for k in keys if not k.startswith('control:')])} seeded draws are identical in all "
+        f"{len(present)} columns.",
+        "",
+    ]
+    return lines
 
 
 def best_of(fn, repeats: int) -> float:
@@ -101,9 +164,15 @@ def main() -> None:
         ("θ += α·z, Rademacher", numel, best_of(add_before("rademacher"), args.repeats), best_of(add_after("rademacher"), args.repeats)),
     ]  # fmt: skip
     lines = [
-        "# Cost of CPU-independent random draws (common/rng.py)",
+        "# Seeded draws on every CPU (common/rng.py): the proof and the cost",
         "",
-        f"`python -m bench.rng --threads {args.threads}` on {platform.machine()}, torch {torch.__version__} "
+        'Written by `flock "$HOME/.cpu.lock" .venv/bin/python -m scripts.rng_report'
+        f" --threads {args.threads} --repeats {args.repeats}` (scripts/rng_report.py).",
+        "",
+        *draw_hashes(default_model_path()),
+        "## 2. The cost",
+        "",
+        f"On {platform.machine()}, torch {torch.__version__} "
         f"({torch.backends.cpu.get_cpu_capability()} kernels), {args.threads} thread(s), best of {args.repeats}; "
         f"MiniLM (all-MiniLM-L6-v2): {len(targets)} FedKRSO targets (rank {rank}), {numel:,} zero-order parameters.",
         "'before': torch.randn / normal_ (last bit depends on the CPU) and θ.add_(z, alpha=α) (a fused multiply-add",
