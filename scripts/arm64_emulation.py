@@ -29,10 +29,27 @@ def emulated_python() -> str:
     return proc.stdout.strip().splitlines()[-1]
 
 
-def run_arm64(python: str, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    """Run `python *args` (the emulated Python) in the repository root with this checkout on its path; the host's
-    PYTHONPATH and ATEN_CPU_CAPABILITY are not passed on."""
+def _env() -> dict[str, str]:
+    """This checkout on the path; the host's PYTHONPATH and ATEN_CPU_CAPABILITY are not passed on."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "ATEN_CPU_CAPABILITY")}
-    return subprocess.run(
-        [python, *args], cwd=ROOT, env={**env, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=timeout
-    )
+    return {**env, "PYTHONPATH": ROOT}
+
+
+def run_arm64(python: str, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    """Run `python *args` (the emulated Python) in the repository root and wait for it."""
+    return subprocess.run([python, *args], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def start_arm64(python: str, *args: str, log: str) -> subprocess.Popen:
+    """Start `python *args` (the emulated Python) in the repository root, stdin a pipe, stdout and stderr into the
+    file `log`: the caller feeds it while it starts up."""
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            [python, *args],
+            cwd=ROOT,
+            env=_env(),
+            stdin=subprocess.PIPE,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
