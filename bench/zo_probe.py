@@ -25,6 +25,15 @@ from common.tasks import get_task
 from common.training import batch_indices, client_data, dev_encoded
 
 
+def _value(text: str) -> int | float | str:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--method", choices=["fedspzo", "fedkseed"], default="fedspzo")
@@ -32,11 +41,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--every", type=int, default=50)
     ap.add_argument("--task", default="sst2")
-    ap.add_argument("--set", nargs="*", default=[], help="extra run-config key=value pairs (numbers)")
+    ap.add_argument("--set", nargs="*", default=[], help="extra run-config key=value pairs")
     ap.add_argument("--glue", default=os.environ.get("GLUE_DIR", "../shared/data/glue"))
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("PROBE_THREADS", "2")))
-    extra = {k: float(v) if "." in v or "e" in v else int(v) for k, v in (kv.split("=") for kv in args.set)}
+    extra = {k: _value(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     for lr in args.lr:
         cfg = parse_run_config(
             {"method": args.method, "task": args.task, "data-dir": os.path.abspath(args.glue), "zo.lr": lr,

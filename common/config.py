@@ -78,6 +78,7 @@ class ZoConfig:
     eps: float = 1e-3  # ε of the two-sided estimate
     distribution: str = "rademacher"  # or "gaussian"
     perturb_embeddings: bool = False  # the token/position embedding tables stay frozen by default
+    params: str = "all"  # which parameters are perturbed: all | bitfit | head (common/zeroorder.py)
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,18 @@ class AggregationConfig:
     weight_cap: float = 4.0  # a reply weighs at most weight-cap x the round's median num-examples
 
 
+HEAD_POOLINGS = ("auto", "model", "mean")
+HEAD_INITS = ("auto", "random", "label-words")
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """How the classification head reads the model and starts (common/modeling.py: prepare_head)."""
+
+    pooling: str = "auto"  # auto: the checkpoint's own sentence pooling where it declares one (mean), else model
+    init: str = "auto"  # auto: label-words for zero-order methods, random for first-order ones
+
+
 @dataclass(frozen=True)
 class RunConfig:
     method: str = "fedkrso"
@@ -131,6 +144,7 @@ class RunConfig:
     spzo: SpzoConfig = field(default_factory=SpzoConfig)
     kseed: KseedConfig = field(default_factory=KseedConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
 
     @property
     def interval_steps(self) -> int:
@@ -255,10 +269,16 @@ def validate(cfg: RunConfig) -> None:
     need(k.rank >= 1, f"krso.rank must be >= 1, got {k.rank}")
     need(k.intervals >= 1, f"krso.intervals must be >= 1, got {k.intervals}")
     need(k.targets.strip() != "", "krso.targets must be 'all-linear' or a comma list of names")
+    need(
+        cfg.head.pooling in HEAD_POOLINGS,
+        f"head.pooling '{cfg.head.pooling}' is unknown; choose one of: {', '.join(HEAD_POOLINGS)}",
+    )
+    need(cfg.head.init in HEAD_INITS, f"head.init '{cfg.head.init}' is unknown; choose one of: {', '.join(HEAD_INITS)}")
     z = cfg.zo
     need(z.lr > 0, f"zo.lr must be > 0, got {z.lr}")
     need(z.eps > 0, f"zo.eps must be > 0, got {z.eps}")
     need(z.distribution in ("rademacher", "gaussian"), "zo.distribution must be 'rademacher' or 'gaussian'")
+    need(z.params in ("all", "bitfit", "head"), f"zo.params '{z.params}' is unknown; choose one of: all, bitfit, head")
     need(cfg.spzo.split_layer >= 1, f"spzo.split-layer must be >= 1, got {cfg.spzo.split_layer}")
     need(cfg.spzo.p1 >= 1 and cfg.spzo.p2 >= 1, "spzo.p1 and spzo.p2 must be >= 1 (perturbations per step)")
     need(cfg.kseed.k >= 1, f"kseed.k (candidate seeds) must be >= 1, got {cfg.kseed.k}")

@@ -46,10 +46,10 @@ def _fedkrso(cfg: RunConfig, recorder: RunRecorder) -> ServerSetup:
 
 
 def _fedavg(cfg: RunConfig, recorder: RunRecorder) -> ServerSetup:
-    from common.modeling import load_model
+    from common.modeling import load_run_model
     from server_app.strategies import RecordedFedAvg, params_record
 
-    model = load_model(cfg.model, get_task(cfg.task).num_labels, cfg.seed).model
+    model = load_run_model(cfg).model
 
     def load(arrays: ArrayRecord) -> None:
         model.load_state_dict(arrays.to_torch_state_dict(), strict=False)

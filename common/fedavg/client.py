@@ -20,8 +20,7 @@ from torch import nn
 
 from common.config import RunConfig
 from common.memory import PeakRSS
-from common.modeling import load_model
-from common.tasks import get_task
+from common.modeling import load_run_model
 from common.training import client_data, make_optimizer, step_batches, train_steps
 from common.wire import VALUE_BOUND, checked_round_config, instruction_bound, pack_tensors, require, unpack_tensors
 
@@ -69,7 +68,7 @@ def train_params(
 
 
 def _full_model(cfg: RunConfig) -> tuple[nn.Module, dict[str, nn.Parameter]]:
-    net = load_model(cfg.model, get_task(cfg.task).num_labels, cfg.seed).model
+    net = load_run_model(cfg).model
     return net, dict(net.named_parameters())
 
 

@@ -16,7 +16,6 @@ import torch
 from common.config import RunConfig
 from common.fedkrso.subspace import find_targets, target_shapes
 from common.modeling import LoadedModel, TrainedHead, load_with_trainable_head
-from common.tasks import get_task
 
 
 @dataclass
@@ -32,7 +31,7 @@ class KrsoModel(TrainedHead):
 
 
 def build(cfg: RunConfig) -> KrsoModel:
-    loaded, head = load_with_trainable_head(cfg.model, get_task(cfg.task).num_labels, cfg.seed)
+    loaded, head = load_with_trainable_head(cfg)
     net = loaded.model
     targets = find_targets(net, cfg.krso.targets, exclude=loaded.head)
     return KrsoModel(loaded, targets, target_shapes(targets, cfg.krso.rank), head)
@@ -40,5 +39,5 @@ def build(cfg: RunConfig) -> KrsoModel:
 
 def fingerprint(cfg: RunConfig) -> str:
     """What a stored model depends on: a state saved under another setting must not be reused."""
-    key = json.dumps([cfg.model, cfg.task, cfg.seed, cfg.krso.targets, cfg.krso.rank, cfg.krso.k])
+    key = json.dumps([cfg.model, cfg.task, cfg.seed, cfg.krso.targets, cfg.krso.rank, cfg.krso.k, cfg.head.pooling])
     return hashlib.sha256(key.encode()).hexdigest()[:16]

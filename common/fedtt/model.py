@@ -16,7 +16,6 @@ import torch
 from common.config import RunConfig
 from common.fedtt.tt import TTAdapters, find_sites
 from common.modeling import LoadedModel, TrainedHead, load_with_trainable_head
-from common.tasks import get_task
 
 
 @dataclass
@@ -33,7 +32,7 @@ class TTModel(TrainedHead):
 
 
 def build(cfg: RunConfig) -> TTModel:
-    loaded, head = load_with_trainable_head(cfg.model, get_task(cfg.task).num_labels, cfg.seed)
+    loaded, head = load_with_trainable_head(cfg)
     net = loaded.model
     t = cfg.tt
     adapters = TTAdapters(

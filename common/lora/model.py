@@ -14,8 +14,7 @@ from torch import nn
 
 from common import rng
 from common.config import RunConfig
-from common.modeling import load_model
-from common.tasks import get_task
+from common.modeling import load_run_model
 
 PREFIX = "base_model.model."
 
@@ -24,7 +23,7 @@ def build(cfg: RunConfig) -> tuple[nn.Module, dict[str, nn.Parameter]]:
     """(peft model, its trainable parameters by wire name); identical on every node for a given seed."""
     from peft import LoraConfig, get_peft_model
 
-    loaded = load_model(cfg.model, get_task(cfg.task).num_labels, cfg.seed)
+    loaded = load_run_model(cfg)
     targets = [t.strip() for t in cfg.lora.targets.split(",") if t.strip()]
     names = [n for n, m in loaded.model.named_modules() if isinstance(m, nn.Linear)]
     unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
