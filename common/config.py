@@ -74,24 +74,24 @@ class LoraConfig:
 class ZoConfig:
     """Zero-order settings shared by FedSPZO and FedKSeed (see common/zeroorder.py)."""
 
-    lr: float = 1e-4  # η, constant: every node replays θ <- θ - η g z with the η of the update log
+    lr: float = 2e-2  # η, constant: every node replays θ <- θ - η g z with the η of the update log
     eps: float = 1e-3  # ε of the two-sided estimate
     distribution: str = "rademacher"  # or "gaussian"
     perturb_embeddings: bool = False  # the token/position embedding tables stay frozen by default
-    params: str = "all"  # which parameters are perturbed: all | bitfit | head (common/zeroorder.py)
+    params: str = "head"  # which parameters are perturbed: all | bitfit | head (common/zeroorder.py)
 
 
 @dataclass(frozen=True)
 class SpzoConfig:
-    split_layer: int = 4  # block 1 = embeddings + transformer blocks [0, split-layer); block 2 = the rest
-    p1: int = 1  # perturbations of block 1 per step (each runs the whole network twice)
-    p2: int = 8  # perturbations of block 2 per step (each runs only block 2 twice, on cached h0)
+    split_layer: int = 5  # block 1 = embeddings + transformer blocks [0, split-layer); block 2 = the rest
+    p1: int = 0  # perturbations of block 1 per step (each runs the whole network twice); 0 with zo.params=head
+    p2: int = 16  # perturbations of block 2 per step (each runs only block 2 twice, on cached h0)
 
 
 @dataclass(frozen=True)
 class KseedConfig:
     k: int = 4096  # candidate seeds, fixed for the run
-    perturbations: int = 1  # whole-model perturbations per local step, each with a seed drawn from the K
+    perturbations: int = 4  # whole-model perturbations per local step, each with a seed drawn from the K
 
 
 AGGREGATION_RULES = ("mean", "trimmed-mean", "median")  # common.robust.RULES (kept import-free here)
@@ -280,7 +280,7 @@ def validate(cfg: RunConfig) -> None:
     need(z.distribution in ("rademacher", "gaussian"), "zo.distribution must be 'rademacher' or 'gaussian'")
     need(z.params in ("all", "bitfit", "head"), f"zo.params '{z.params}' is unknown; choose one of: all, bitfit, head")
     need(cfg.spzo.split_layer >= 1, f"spzo.split-layer must be >= 1, got {cfg.spzo.split_layer}")
-    need(cfg.spzo.p1 >= 1 and cfg.spzo.p2 >= 1, "spzo.p1 and spzo.p2 must be >= 1 (perturbations per step)")
+    need(cfg.spzo.p1 >= 0 and cfg.spzo.p2 >= 1, "spzo.p1 must be >= 0 and spzo.p2 >= 1 (perturbations per step)")
     need(cfg.kseed.k >= 1, f"kseed.k (candidate seeds) must be >= 1, got {cfg.kseed.k}")
     need(cfg.kseed.k <= 2**31 - 1, "kseed.k must fit an int32 seed index")
     need(cfg.kseed.perturbations >= 1, "kseed.perturbations must be >= 1")

@@ -237,9 +237,15 @@ def label_word_head(loaded: LoadedModel, label_words: tuple[str, ...], scale: fl
     enc = loaded.tokenizer(list(label_words), padding=True, return_tensors="pt")
     was_training = net.training
     net.eval()
-    pooled = net.base_model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).pooler_output
+    out = net.base_model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
     net.train(was_training)
-    if pooled is None or pooled.shape[-1] != head.in_features:
+    pooled = getattr(out, "pooler_output", None)
+    if pooled is None:
+        # Decoder classifiers (LLaMA family) feed the head the last real token's final hidden state.
+        mask = enc["attention_mask"]
+        last = (mask * torch.arange(mask.shape[1])).argmax(dim=1)
+        pooled = out.last_hidden_state[torch.arange(mask.shape[0]), last]
+    if pooled.shape[-1] != head.in_features:
         raise ModelError("head.init = 'label-words' needs the model's pooled output to feed the head directly")
     norms = pooled.norm(dim=1, keepdim=True)
     head.weight.copy_(scale * pooled / norms / norms.mean())

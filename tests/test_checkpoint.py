@@ -51,7 +51,7 @@ def make_cfg(method, tiny_bert, glue_dir, tmp_path, **extra):
             "results-dir": str(tmp_path / "results"), "train.local-steps": 2, "train.batch-size": 4,
             "train.max-length": 32, "train.lr": 1e-2, "eval.max-examples": 16, "eval.batch-size": 16,
             "fraction-train": 0.6 if sampled else 1.0, "min-clients": 2, "krso.k": 2, "krso.rank": 4,
-            "krso.intervals": 2, "zo.lr": 1e-2, "zo.eps": 1e-2, "spzo.split-layer": 1, "spzo.p1": 1, "spzo.p2": 2,
+            "krso.intervals": 2, "zo.lr": 1e-2, "zo.eps": 1e-2, "spzo.split-layer": 1, "spzo.p1": 1, "spzo.p2": 2, "zo.params": "all",
             "kseed.k": 64, "tt.bottleneck": 8, "tt.rank": 3, "lora.rank": 2, "lora.dropout": 0.0, **extra,
         }
     )  # fmt: skip

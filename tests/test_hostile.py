@@ -51,7 +51,7 @@ def make_cfg(method, model, glue_dir, tmp_path, name, **extra):
             "method": method, "model": model, "task": "rte", "data-dir": glue_dir,
             "results-dir": str(tmp_path / "results"), "run-name": name, "train.local-steps": 2,
             "train.batch-size": 4, "train.max-length": 32, "train.lr": 1e-2, "krso.k": 2, "krso.rank": 4,
-            "krso.intervals": 2, "zo.lr": 1e-2, "zo.eps": 1e-2, "spzo.split-layer": 1, "spzo.p1": 1, "spzo.p2": 2,
+            "krso.intervals": 2, "zo.lr": 1e-2, "zo.eps": 1e-2, "spzo.split-layer": 1, "spzo.p1": 1, "spzo.p2": 2, "zo.params": "all",
             "kseed.k": 64, "tt.bottleneck": 8, "tt.rank": 3, "min-clients": 1, **extra,
         }
     )  # fmt: skip

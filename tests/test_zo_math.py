@@ -90,7 +90,7 @@ def _cfg(model, glue_dir, tmp_path, **extra):
         {
             "model": model, "task": "rte", "data-dir": glue_dir, "results-dir": str(tmp_path),
             "method": "fedspzo", "train.local-steps": 3, "train.batch-size": 4, "train.max-length": 32,
-            "spzo.split-layer": 1, "spzo.p1": 1, "spzo.p2": 3, "zo.lr": 1e-2, "zo.eps": 1e-2, "kseed.k": 16,
+            "spzo.split-layer": 1, "spzo.p1": 1, "spzo.p2": 3, "zo.lr": 1e-2, "zo.eps": 1e-2, "kseed.k": 16, "zo.params": "all",
             **extra,
         }
     )  # fmt: skip
@@ -140,7 +140,9 @@ def test_fedspzo_replay_of_the_scalars_rebuilds_the_trained_model(tiny_bert, glu
     spzo.replay(server, spzo.LogEntry(1, rho, cfg.zo.lr, result.g1, result.g2))
     moved = 0
     for n, p in server.params.items():
-        torch.testing.assert_close(p, client.params[n], rtol=0, atol=1e-6)
+        # Float rounding of the client's perturb-and-restore only: relative to the weights' size (the
+        # label-word head's weights are of order 10).
+        torch.testing.assert_close(p, client.params[n], rtol=1e-6, atol=1e-6)
         moved += int(not torch.equal(p, start[n]))
     assert moved == len(start)  # every perturbed tensor moved
 
@@ -155,7 +157,9 @@ def test_fedkseed_replay_of_the_scalars_rebuilds_the_trained_model(tiny_bert, gl
     assert result.forward_passes == 2 * 2 * 2
     kseed.replay(server, kseed.LogEntry(1, cfg.zo.lr, result.scalars), perturbations=2)
     for n, p in server.params.items():
-        torch.testing.assert_close(p, client.params[n], rtol=0, atol=1e-6)
+        # Float rounding of the client's perturb-and-restore only: relative to the weights' size (the
+        # label-word head's weights are of order 10).
+        torch.testing.assert_close(p, client.params[n], rtol=1e-6, atol=1e-6)
 
 
 def test_zero_order_training_lowers_the_loss_of_a_fixed_batch(tiny_bert, glue_dir, tmp_path):

@@ -37,7 +37,7 @@ def make(method, tiny_bert, glue_dir, tmp_path):
             "method": method, "model": tiny_bert, "task": "rte", "data-dir": glue_dir,
             "results-dir": str(tmp_path / "results"), "run-name": method, "train.local-steps": 3,
             "train.batch-size": 4, "train.max-length": 32, "zo.lr": 1e-2, "zo.eps": 1e-2,
-            "spzo.split-layer": 1, "spzo.p1": 1, "spzo.p2": 2, "kseed.k": 64, "kseed.perturbations": 2, "min-clients": 1,
+            "spzo.split-layer": 1, "spzo.p1": 0, "spzo.p2": 2, "kseed.k": 64, "kseed.perturbations": 2, "min-clients": 1,
         }
     )  # fmt: skip
     build, strategy_cls, _ = METHODS[method]

@@ -32,7 +32,8 @@ def train(content: RecordDict, cfg: RunConfig, node_config: dict[str, Any], run_
         encoded, data_key = client_data(cfg, node_config)
         n = len(encoded["labels"])
         batches = step_batches(cfg, n, instr.server_round, data_key)
-        sm.pert1.seconds = sm.pert2.seconds = 0.0
+        for pert in sm.perturbations:
+            pert.seconds = 0.0
         start = time.perf_counter()
         result = local_update(sm, cfg, instr.rho, instr.lr, encoded, batches)
         seconds = time.perf_counter() - start
@@ -47,6 +48,6 @@ def train(content: RecordDict, cfg: RunConfig, node_config: dict[str, Any], run_
             "peak-rss-mb": mem.peak_mb,
             "local-steps": len(batches),
             "forward-passes": result.forward_passes,
-            "perturb-seconds": sm.pert1.seconds + sm.pert2.seconds,
+            "perturb-seconds": sum(pert.seconds for pert in sm.perturbations),
         },
     )

@@ -2,6 +2,7 @@
 
 Block 1 is everything that runs before transformer block `split_layer` (embeddings, the first
 `split_layer` blocks); block 2 is the rest (the remaining blocks, final norm, pooler, classification head).
+Block 1 may hold no perturbed parameter (zo.params = "head"): then only block 2 is trained (spzo.p1 = 0).
 Which parameter belongs to which block is found by running the model once and noting which modules run
 before block `split_layer` starts, so encoders (BERT, RoBERTa) and decoders (LLaMA family) split alike.
 
@@ -69,8 +70,8 @@ class SplitModel:
                 h.remove()
         block1 = {n: p for n, p in params.items() if id(p) in early}
         block2 = {n: p for n, p in params.items() if id(p) not in early}
-        if not block1 or not block2:
-            raise ValueError(f"spzo.split-layer {self.split_layer} leaves a block without parameters to perturb")
+        if not block2:
+            raise ValueError(f"spzo.split-layer {self.split_layer} leaves block 2 without parameters to perturb")
         return block1, block2
 
     @torch.no_grad()

@@ -61,20 +61,28 @@ class LogEntry:
 class SpzoModel:
     zo: ZoModel
     split: SplitModel
-    pert1: Perturbation  # over block 1's parameters
+    pert1: Perturbation | None  # over block 1's parameters (None: block 1 holds none, spzo.p1 = 0)
     pert2: Perturbation  # over block 2's parameters
 
     @property
     def params(self) -> dict[str, torch.Tensor]:
         return self.zo.params
 
+    @property
+    def perturbations(self) -> list[Perturbation]:
+        return [p for p in (self.pert1, self.pert2) if p is not None]
+
 
 def build(cfg) -> SpzoModel:
     zm = load_zo_model(cfg)
     split = SplitModel(zm.loaded.model, cfg.spzo.split_layer, zm.params)
-    return SpzoModel(
-        zm, split, Perturbation(split.block1, cfg.zo.distribution), Perturbation(split.block2, cfg.zo.distribution)
-    )
+    if not split.block1 and cfg.spzo.p1:
+        raise ValueError(
+            f"zo.params = '{cfg.zo.params}' perturbs nothing before spzo.split-layer {cfg.spzo.split_layer}: "
+            "set spzo.p1 = 0 (block 2 only) or perturb more parameters"
+        )
+    pert1 = Perturbation(split.block1, cfg.zo.distribution) if split.block1 else None
+    return SpzoModel(zm, split, pert1, Perturbation(split.block2, cfg.zo.distribution))
 
 
 @dataclass
@@ -97,9 +105,11 @@ def local_update(
         x = batch(encoded, idx)
         h0 = sm.split.hidden(x)
         for j in range(p2):
-            g2[s, j], _ = spsa_step(
+            g2[s, j], loss = spsa_step(
                 sm.pert2, step_seed(rho, s, 2, j), eps, lr / p2, partial(sm.split.loss_block2, x, h0)
             )
+            if not p1:  # block 2's loss is the whole network's (block 1 is unperturbed, h0 exact)
+                losses.append(loss)
         for i in range(p1):
             g1[s, i], loss = spsa_step(sm.pert1, step_seed(rho, s, 1, i), eps, lr / p1, partial(sm.split.loss, x))
             losses.append(loss)
