@@ -54,7 +54,7 @@ def base_config(tiny_bert, glue_dir, results, **extra):
     return {
         "task": "rte", "model": tiny_bert, "data-dir": glue_dir, "results-dir": str(results),
         "train.local-steps": 2, "krso.intervals": 2, "train.batch-size": 8, "train.max-length": 32,
-        "eval.max-examples": 32, "tt.bottleneck": 8, "spzo.split-layer": 1, "spzo.p1": 1, "spzo.p2": 2,
+        "eval.max-examples": 32, "tt.bottleneck": 8, "spzo.split-layer": 1, "spzo.p1": 0, "spzo.p2": 2,
         "zo.lr": 1e-3, "min-clients": 3, "round-timeout": 120.0, **extra,
     }  # fmt: skip
 
