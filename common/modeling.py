@@ -235,10 +235,18 @@ def label_word_head(loaded: LoadedModel, label_words: tuple[str, ...], scale: fl
     if len(label_words) != head.out_features:
         raise ModelError(f"head.init = 'label-words': {len(label_words)} label texts for {head.out_features} labels")
     enc = loaded.tokenizer(list(label_words), padding=True, return_tensors="pt")
-    was_training = net.training
+    # Zero-order nodes never receive the head, so every node must compute the same one whatever its CPU: in
+    # float32 the forward pass differs in the last bits between x86_64 and aarch64 kernels (tests/test_arm64.py
+    # saw 1e-6); in float64 the kernels differ by about 1e-16, far below the float32 rounding of the result.
+    # fp32 -> fp64 -> fp32 is exact, so the model is given back unchanged.
+    was_training, dtype = net.training, next(net.parameters()).dtype
     net.eval()
-    out = net.base_model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
-    net.train(was_training)
+    net.to(torch.float64)
+    try:
+        out = net.base_model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    finally:
+        net.to(dtype)
+        net.train(was_training)
     pooled = getattr(out, "pooler_output", None)
     if pooled is None:
         # Decoder classifiers (LLaMA family) feed the head the last real token's final hidden state.

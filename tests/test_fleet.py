@@ -178,7 +178,7 @@ def test_supernode_killed_mid_round_catches_up(fleet, method, tiny_bert, glue_di
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    victim, timeout = "supernode-3", 150.0
+    victim, timeout = "supernode-3", 200.0
     events: dict = {}
 
     def kill_and_restart():
@@ -201,7 +201,7 @@ def test_supernode_killed_mid_round_catches_up(fleet, method, tiny_bert, glue_di
         tiny_bert, glue_dir, tmp_path, method=method,
         **{"num-server-rounds": 2, "run-name": "node-kill", "round-timeout": timeout},
     )  # fmt: skip
-    run_id, records, status = run(fleet, cfg, timeout=400, on_round=on_round)
+    run_id, records, status = run(fleet, cfg, timeout=480, on_round=on_round)
     events["thread"].join(timeout=130)
     assert_completed(fleet, run_id, status)
     assert events.get("caught"), f"{victim}'s ClientApp was not caught running round 1"

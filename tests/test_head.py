@@ -44,7 +44,10 @@ def test_mean_pooling_is_what_the_model_feeds_its_head(tiny_bert):
 def test_label_word_head_classifies_its_own_label_texts(tiny_bert):
     loaded = load_model(tiny_bert, 3, 0)
     words = ("It was bad.", "It was good.", "It was fine.")
-    label_word_head(loaded, words)
+    before = {n: p.clone() for n, p in loaded.model.named_parameters() if not n.startswith("classifier")}
+    label_word_head(loaded, words)  # computed in float64 (the same on every CPU), the model given back as it was
+    assert all(p.dtype == torch.float32 for p in loaded.model.parameters())
+    assert all(torch.equal(p, before[n]) for n, p in loaded.model.named_parameters() if n in before)
     enc = loaded.tokenizer(list(words), padding=True, return_tensors="pt")
     with torch.no_grad():
         logits = loaded.model(**enc).logits
