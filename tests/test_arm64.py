@@ -40,8 +40,14 @@ COMMON = {
 METHODS = {
     "fedkrso": {"krso.k": 2, "krso.rank": 4, "krso.intervals": 1},
     "fedavg": {},
-    "fedspzo": {"spzo.split-layer": 1, "spzo.p1": 1, "spzo.p2": 2, "zo.distribution": "gaussian", "zo.lr": 1e-2,
-                "zo.params": "all"},  # both blocks perturbed: the two-block path
+    "fedspzo": {
+        "spzo.split-layer": 1,
+        "spzo.p1": 1,
+        "spzo.p2": 2,
+        "zo.distribution": "gaussian",
+        "zo.lr": 1e-2,
+        "zo.params": "all",
+    },  # both blocks perturbed: the two-block path
     "fedkseed": {"kseed.k": 16, "zo.lr": 1e-2},
     "fedtt": {"tt.bottleneck": 8, "tt.rank": 3},
     "fedtt-plus": {"tt.bottleneck": 8, "tt.rank": 3},
