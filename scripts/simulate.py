@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 import tomllib
+from collections.abc import Callable
 
 import psutil
 
@@ -107,8 +108,17 @@ def run_status(run_id: str, env: dict[str, str]) -> str:
         return f"unknown ({out.stdout.strip()[-300:]} {out.stderr.strip()[-300:]})"
 
 
-def simulate(overrides: dict, clients: int, quiet: bool = False, timeout: float = 7200, progress: bool = False) -> dict:
-    """Run one simulation; returns {"status", "run_id", "records", "summary"}. Raises ConfigError early."""
+def simulate(
+    overrides: dict,
+    clients: int,
+    quiet: bool = False,
+    timeout: float = 7200,
+    progress: bool = False,
+    on_line: Callable[[str], None] | None = None,
+) -> dict:
+    """Run one simulation; returns {"status", "run_id", "records", "summary"}. Raises ConfigError early.
+
+    `on_line`: called with every line of the run's log as it arrives (a caller's own progress display)."""
     flat = {**app_defaults(), **overrides}
     if not flat.get("data-dir") and os.environ.get("GLUE_DIR"):
         flat["data-dir"] = os.environ["GLUE_DIR"]
@@ -155,6 +165,8 @@ def simulate(overrides: dict, clients: int, quiet: bool = False, timeout: float 
         for line in proc.stdout:
             if run_id is None and "Successfully started run" in line:
                 run_id = line.strip().split()[-1]
+            if on_line is not None:
+                on_line(line)
             if not quiet or (progress and "accuracy" in line and "bytes down" in line):
                 sys.stdout.write(line)
                 sys.stdout.flush()

@@ -92,7 +92,7 @@ def tt_to_matrix(cores: Sequence[torch.Tensor], rows: int, cols: int) -> torch.T
 
     Each step is one (prod n_1..n_i, r_i) x (r_i, n_{i+1} r_{i+1}) matrix product; the row-major reshape
     puts the modes back in order. About 2 rows*cols*r multiply-adds, far below one forward through the
-    adapter (measured against tensorly's tt_to_tensor in bench/tt_vs_lora.py).
+    adapter (timed against tensorly's tt_to_tensor by `make bench-extras`, bench/run.py).
     """
     out = cores[0].reshape(cores[0].shape[1], cores[0].shape[2])
     for g in cores[1:]:

