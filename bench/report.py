@@ -19,7 +19,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.run import METHODS, NAMES, Run, Settings, plan_runs, read_json
+from bench.run import METHODS, NAMES, Run, Settings, plan_runs, read_json, task_name
 
 ZO_TARGET = 0.632  # 10 points above the starting model of the zero-order methods before issue 11 (53.2%)
 
@@ -156,7 +156,7 @@ def claims(s: Settings, runs: dict, probes: dict) -> Claims:
         return run[name] if run else None
 
     for task in s.tasks:
-        T = task.upper()
+        T = task_name(task)
         k, a = get(task, "fedkrso"), get(task, "fedavg")
         for way in ("down", "up"):
             name = f"FedKRSO vs FedAvg, {T}: bytes per client per round, {way}"
@@ -166,10 +166,10 @@ def claims(s: Settings, runs: dict, probes: dict) -> Claims:
         name = f"FedKRSO vs FedAvg, {T}: client peak memory in the simulation worker"
         memory_ratio(c, name, field(k, "peak_mb"), field(a, "peak_mb"), 0.6)
     pk, pa = probes.get("fedkrso"), probes.get("fedavg")
-    name = f"FedKRSO vs FedAvg: client peak memory, one client round in a fresh process ({s.tasks[0].upper()})"
+    name = f"FedKRSO vs FedAvg: client peak memory, one client round in a fresh process ({task_name(s.tasks[0])})"
     memory_ratio(c, name, field(pk, "peak_rss_mb"), field(pa, "peak_rss_mb"), 0.6)
     for task in s.tasks:
-        T = task.upper()
+        T = task_name(task)
         t, lo = get(task, "fedtt"), get(task, "fedavg-lora")
         name = f"FedTT vs FedAvg-LoRA, {T}: bytes per client per round (down + up)"
         fewer_bytes(c, name, t and t["down"] + t["up"], lo and lo["down"] + lo["up"], 7)
@@ -183,7 +183,7 @@ def claims(s: Settings, runs: dict, probes: dict) -> Claims:
     complete = all(len(v) == len(s.skew_seeds) for v in finals.values())
     diff = 100 * (statistics.mean(finals["fedtt-plus"]) - statistics.mean(finals["fedtt"])) if complete else None
     c.add(
-        f"FedTT+ vs FedTT, {s.skew_task.upper()} at alpha {s.skew_alpha:g}, {len(s.skew_seeds)} seeds: final accuracy",
+        f"FedTT+ vs FedTT, {task_name(s.skew_task)} at alpha {s.skew_alpha:g}, {len(s.skew_seeds)} seeds: final accuracy",
         f"{mean_sd(finals['fedtt-plus'])} vs {mean_sd(finals['fedtt'])} ({diff:+.2f} points in the mean)"
         if diff is not None
         else "-",
@@ -199,7 +199,7 @@ def claims(s: Settings, runs: dict, probes: dict) -> Claims:
         verdict(r, 2.0, True, "x"),
     )
     for task in s.tasks:
-        T = task.upper()
+        T = task_name(task)
         sp, ks = get(task, "fedspzo"), get(task, "fedkseed")
         if sp and ks:
             budget = min(sp["curve"][-1]["compute"], ks["curve"][-1]["compute"])
@@ -280,12 +280,12 @@ def plot_task(s: Settings, runs: dict, task: str, path: str) -> None:
     labels = ("round", "cumulative MB per client (down + up)", "cumulative client training seconds per client")
     for ax, label in zip(axes, labels, strict=True):
         ax.set_xlabel(label)
-        ax.set_ylabel(f"{task.upper()} dev accuracy (%)")
+        ax.set_ylabel(f"{task_name(task)} dev accuracy (%)")
         ax.grid(alpha=0.3, which="both")
     axes[1].set_xscale("log")
     axes[2].set_xscale("symlog", linthresh=1.0)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"{task.upper()}, Dirichlet alpha {s.alpha:g}, {s.clients} clients")
+    fig.suptitle(f"{task_name(task)}, Dirichlet alpha {s.alpha:g}, {s.clients} clients")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -310,7 +310,7 @@ def plot_skew(s: Settings, runs: dict, path: str) -> None:
             mean = [statistics.mean(100 * c[i]["accuracy"] for c in curves) for i in range(n)]
             ax.plot([p["round"] for p in curves[0][:n]], mean, color=color, marker="o", label=f"{NAMES[m]} (mean)")
     ax.set_xlabel("round")
-    ax.set_ylabel(f"{s.skew_task.upper()} dev accuracy (%)")
+    ax.set_ylabel(f"{task_name(s.skew_task)} dev accuracy (%)")
     ax.set_title(f"alpha {s.skew_alpha:g}: {len(s.skew_seeds)} seeds (thin) and their mean", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -348,7 +348,8 @@ def write_report(records: str, page: str) -> str:
     lines = [
         "# Results: the seven methods on the same work",
         "",
-        f"Produced by `{'`, then `'.join(commands) or '?'}` (`make bench`; the page alone again: `make bench-report`) "
+        f"Produced by `{'`, then `'.join(commands) or '?'}` (the page alone again, from the records: `python "
+        f"bench/report.py --records {os.path.relpath(records, ROOT)} --page {os.path.relpath(page, ROOT)}`) "
         f"on {describe_machine(plan, runs)}; runs finished between {finished[0] if finished else '-'} and "
         f"{finished[-1] if finished else '-'} (UTC), {wall / 60:.0f} minutes of federated runs in all, load average "
         f"before each run {min(loads, default=0):.2f} to {max(loads, default=0):.2f}. "
@@ -364,13 +365,13 @@ def write_report(records: str, page: str) -> str:
         f"The work, the same for every method: the model {'all-MiniLM-L6-v2 (embedded)' if not s.model else s.model}; "
         f"{s.clients} simulated clients through `flwr run` (all of them every round, {min(s.clients, cores)} "
         f"client processes at a time, one thread each); Dirichlet alpha {s.alpha:g} over labels, seed {s.seed} "
-        f"(the same partitions and batches for all); {s.rounds} rounds of {s.local_steps} local steps "
+        f"(the same partitions and batches for all); {s.rounds} round(s) of {s.local_steps} local steps "
         f"of batch {s.batch_size}, max length {s.max_length}; accuracy on the "
         f"{'whole dev split' if not s.eval_max else f'first {s.eval_max} examples of the dev split'}, evaluated by the "
         f"server after every round. Only the learning rate is each method's own: "
         + ", ".join(f"{NAMES[m]} {v:g}" for m, v in lr.items())
         + " (Adam); FedSPZO and FedKSeed run their shipped zero-order defaults (below). "
-        f"Then FedTT and FedTT+ on {s.skew_task.upper()} at alpha {s.skew_alpha:g} with seeds "
+        f"Then FedTT and FedTT+ on {task_name(s.skew_task)} at alpha {s.skew_alpha:g} with seeds "
         f"{', '.join(map(str, s.skew_seeds))} (the seed changes the partition, initialisation and batches).",
         "",
     ]
@@ -386,7 +387,7 @@ def write_report(records: str, page: str) -> str:
     for task in s.tasks:
         plot_task(s, runs, task, os.path.join(folder, f"{prefix}-{task}.png"))
         lines += [
-            f"## {task.upper()}, Dirichlet alpha {s.alpha:g}",
+            f"## {task_name(task)}, Dirichlet alpha {s.alpha:g}",
             "",
             f"![{task} accuracy against round, cumulative bytes and client compute]({prefix}-{task}.png)",
             "",
@@ -416,7 +417,7 @@ def write_report(records: str, page: str) -> str:
         lines.append("")
     plot_skew(s, runs, os.path.join(folder, f"{prefix}-skew.png"))
     lines += [
-        f"## FedTT and FedTT+ on {s.skew_task.upper()}, Dirichlet alpha {s.skew_alpha:g}",
+        f"## FedTT and FedTT+ on {task_name(s.skew_task)}, Dirichlet alpha {s.skew_alpha:g}",
         "",
         f"![alpha {s.skew_alpha:g} accuracy per round]({prefix}-skew.png)",
         "",
@@ -443,7 +444,7 @@ def write_report(records: str, page: str) -> str:
 def probe_section(s: Settings, probes: dict) -> list[str]:
     inf = probes.get(f"inference-{s.tasks[0]}")
     lines = [
-        f"## One client round in a fresh process ({s.tasks[0].upper()}, partition 0 of {s.clients}, {s.local_steps} "
+        f"## One client round in a fresh process ({task_name(s.tasks[0])}, partition 0 of {s.clients}, {s.local_steps} "
         f"steps of batch {s.batch_size}, one thread)",
         "",
         "Peak memory without the simulation worker's baseline (Ray, the other partitions it has cached) and step "

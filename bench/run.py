@@ -51,6 +51,13 @@ NAMES = {
     "fedkrso": "FedKRSO", "fedavg": "FedAvg", "fedspzo": "FedSPZO", "fedkseed": "FedKSeed", "fedtt": "FedTT",
     "fedtt-plus": "FedTT+", "fedavg-lora": "FedAvg-LoRA",
 }  # fmt: skip
+
+
+def task_name(task: str) -> str:
+    """The task as the papers write it (SST-2, RTE, MRPC, ...)."""
+    return {"sst2": "SST-2", "cola": "CoLA", "boolq": "BoolQ", "wic": "WiC"}.get(task, task.upper())
+
+
 # Each first-order method's own learning rate (Adam), chosen by short single-client probes (FedKRSO and FedAvg:
 # the first benchmark; FedTT and LoRA: README, FedTT). The zero-order methods run their shipped zo.lr.
 LEARNING_RATES = {"fedkrso": 5e-4, "fedavg": 5e-5, "fedtt": 1e-2, "fedtt-plus": 1e-2, "fedavg-lora": 2e-3}
@@ -66,7 +73,7 @@ SMOLLM = {  # the optional SmolLM2-135M (GGUF) section: one short round each, sh
 class Settings:
     clients: int = 10
     rounds: int = 6
-    local_steps: int = 20
+    local_steps: int = 8  # sized so that the default plan fits 150 minutes on 2 cores (make bench-estimate)
     batch_size: int = 16
     max_length: int = 128
     tasks: tuple[str, ...] = ("sst2", "rte")
@@ -82,8 +89,8 @@ class Settings:
 
 
 DEFAULT = Settings()
-QUICK = Settings(
-    clients=3, rounds=1, local_steps=4, batch_size=8, max_length=64, tasks=("sst2",), skew_seeds=(0, 1), eval_max=48
+QUICK = Settings(  # every part of the harness at toy size: 9 runs of about 35 s and 9 probes of about 12 s
+    clients=2, rounds=1, local_steps=4, batch_size=8, max_length=64, tasks=("sst2",), skew_seeds=(0,), eval_max=48
 )
 
 
@@ -102,7 +109,7 @@ class Run:
     @property
     def label(self) -> str:
         extra = ", SmolLM2-135M" if self.smollm else ""
-        return f"{NAMES[self.method]} on {self.task.upper()}, alpha {self.alpha:g}, seed {self.seed}{extra}"
+        return f"{NAMES[self.method]} on {task_name(self.task)}, alpha {self.alpha:g}, seed {self.seed}{extra}"
 
 
 def plan_runs(s: Settings) -> list[Run]:
@@ -367,27 +374,31 @@ def run_probes(s: Settings, records: str) -> dict[str, dict]:
 # ---------------------------------------------------------------- time estimate and progress
 
 DEV_EXAMPLES = {"sst2": 872, "rte": 277}  # dev split sizes (GLUE), for the estimate only
-RUN_OVERHEAD_S = 30.0  # starting the local SuperLink, Ray and the apps, loading the model (measured: 20-35 s)
+# Calibration from the first benchmark on this machine (6 rounds x 20 steps x 10 clients, SST-2): a step in
+# a simulation worker took 1.15x (FedKRSO, 0.436 s) and 1.19x (FedAvg, 0.678 s) the probes' 0.380 and 0.572 s,
+# two workers sharing the memory bus; the rest of the runs' 350 and 507 s, about 50 s, was starting the
+# SuperLink, Ray and the apps and loading the model.
+SIMULATION_SLOWDOWN = 1.17
+RUN_OVERHEAD_S = 50.0
 
 
 def estimate_run(s: Settings, run: Run, probes: dict) -> float:
     """Seconds a run should take: its client steps over the parallel simulation workers, plus evaluations.
 
     From the probes: seconds per local step of the method on the first task (one thread, as a worker has),
-    scaled by how much slower inference is on this run's task; evaluation of the dev split as inference time
-    per example (the server's forward passes)."""
+    scaled by how much slower inference is on this run's task; evaluation of the dev split as the server's
+    forward passes at the probes' inference time per example."""
     if run.smollm:
         return 240.0  # two clients, two steps, one round of a 135M decoder (measured: about 3-4 minutes)
     parallel = max(1, min(s.clients, os.cpu_count() or 1))
     base = probes[f"inference-{s.tasks[0]}"]["result"]["seconds_per_step"]
     here = probes.get(f"inference-{run.task}", probes[f"inference-{s.tasks[0]}"])["result"]["seconds_per_step"]
-    step = probes[run.method]["result"]["seconds_per_step"] * here / base
+    step = SIMULATION_SLOWDOWN * probes[run.method]["result"]["seconds_per_step"] * here / base
     dev = DEV_EXAMPLES.get(run.task, 1000)
     dev = min(dev, s.eval_max) if s.eval_max else dev
-    evaluation = dev * here / s.batch_size / parallel
-    return (
-        RUN_OVERHEAD_S + evaluation + s.rounds * (math.ceil(s.clients / parallel) * s.local_steps * step + evaluation)
-    )
+    evaluation = dev * here / s.batch_size
+    rounds = s.rounds * (math.ceil(s.clients / parallel) * s.local_steps * step + evaluation)
+    return RUN_OVERHEAD_S + evaluation + rounds
 
 
 class Progress:

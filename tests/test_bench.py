@@ -24,6 +24,11 @@ def test_verdict_says_met_or_not_and_by_how_much():
     assert report.verdict(None, 2.0, True, "x") == "not measured (records missing)"
 
 
+def test_mean_and_spread_over_seeds():
+    assert report.mean_sd([0.70, 0.72, 0.74]) == "72.00 ± 2.00"
+    assert report.mean_sd([0.7]) == "70.00 (1 seed)" and report.mean_sd([]) == "-"
+
+
 def test_bad_settings_stop_before_anything_runs(tmp_path):
     with pytest.raises(SystemExit, match="task 'nope' is unknown"):
         main(["--quick", "--tasks", "nope", "--records", str(tmp_path)])
