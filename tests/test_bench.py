@@ -70,7 +70,9 @@ def test_quick_benchmark_end_to_end(glue_dir, tmp_path):
     assert f"{len(runs)} of {len(runs)} planned runs have records" in text
     summary = text.split("## Summary")[1].split("\n## ")[0]
     verdicts = [line.rsplit("|", 2)[1].strip() for line in summary.splitlines() if line.startswith("| ")][2:]
-    assert len(verdicts) >= 15 and all(re.match(r"(met|not met), [\d.]+", v) for v in verdicts), verdicts
+    assert len(verdicts) >= 15 and all(
+        re.fullmatch(r"met, [\d.]+(x| B| points) to spare|not met, short by [\d.]+(x| B| points)", v) for v in verdicts
+    ), verdicts
 
     # The summary follows the records: FedAvg's uplink x 10 in its rounds.jsonl gives a 10x larger ratio.
     claim = "FedKRSO vs FedAvg, SST-2: bytes per client per round, up"
