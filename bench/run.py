@@ -28,7 +28,9 @@ deleted.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -38,6 +40,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 
@@ -332,7 +335,7 @@ def probe_plan(s: Settings, records: str) -> dict[str, dict]:
     return probes
 
 
-def run_probes(s: Settings, records: str) -> dict[str, dict]:
+def run_probes(s: Settings, records: str, jobs: int = 1) -> dict[str, dict]:
     plan = probe_plan(s, records)
     results, todo = {}, {}
     for name, probe in plan.items():
@@ -351,7 +354,8 @@ def run_probes(s: Settings, records: str) -> dict[str, dict]:
     with tempfile.TemporaryDirectory(prefix="fedsubspace-probe-") as tmp:
         clients = {n: {**p["config"], "data-dir": GLUE} for n, p in todo.items() if p["kind"] == "client"}
         messages = in_child("messages", {"configs": clients, "folder": tmp}) if clients else {}
-        for name, probe in todo.items():
+
+        def one(name: str, probe: dict) -> None:
             spec = {"kind": probe["kind"], "config": {**probe["config"], "data-dir": GLUE}, "clients": s.clients}
             if probe["kind"] == "client":
                 spec["message"] = messages[name]
@@ -368,6 +372,10 @@ def run_probes(s: Settings, records: str) -> dict[str, dict]:
                 f"({time.time() - start:.0f} s)",
                 flush=True,
             )
+
+        with concurrent.futures.ThreadPoolExecutor(jobs) as pool:  # jobs = 1: one probe at a time
+            for future in [pool.submit(one, name, probe) for name, probe in todo.items()]:
+                future.result()
     return results
 
 
@@ -403,7 +411,8 @@ def estimate_run(s: Settings, run: Run, probes: dict) -> float:
 
 class Progress:
     """Which run, which round, and the time left: estimates from the probes, corrected by how long the runs
-    of this invocation actually took against their estimates."""
+    of this invocation actually took against their estimates. Runs under way at once (--jobs) are each
+    tracked; the time left then counts their work as if one ran at a time."""
 
     ROUND = re.compile(r"round (\d+): accuracy (\S+), (\d+) bytes down, (\d+) up, (\d+) clients")
 
@@ -412,48 +421,56 @@ class Progress:
         self.estimates = {run.name: estimate_run(s, run, probes) for run in todo}
         self.left = list(todo)
         self.actual = self.estimated = 0.0
-        self.current: Run | None = None
+        self.current: dict[str, tuple[int, float]] = {}  # run name -> (its index, its start time)
         self.index, self.total = 0, len(todo)
+        self.lock = threading.Lock()
 
     @property
     def factor(self) -> float:
         return self.actual / self.estimated if self.estimated else 1.0
 
-    def total_left(self, elapsed: float = 0.0) -> float:
-        later = sum(self.estimates[r.name] for r in self.left if r is not self.current)
-        now = max(0.0, self.factor * self.estimates[self.current.name] - elapsed) if self.current else 0.0
-        return self.factor * later + now
-
-    def start(self, run: Run) -> None:
-        self.current, self.t0 = run, time.time()
-        self.index += 1
-        print(
-            f"== [{self.index}/{self.total}] {run.label}: about {self.factor * self.estimates[run.name] / 60:.1f} "
-            f"min; all left about {self.total_left() / 60:.0f} min",
-            flush=True,
+    def total_left(self) -> float:
+        now = time.time()
+        return sum(
+            max(0.0, self.factor * self.estimates[r.name] - (now - self.current[r.name][1]))
+            if r.name in self.current
+            else self.factor * self.estimates[r.name]
+            for r in self.left
         )
 
-    def line(self, text: str) -> None:
+    def start(self, run: Run) -> None:
+        with self.lock:
+            self.index += 1
+            self.current[run.name] = (self.index, time.time())
+            print(
+                f"== [{self.index}/{self.total}] {run.label}: about {self.factor * self.estimates[run.name] / 60:.1f}"
+                f" min; all left about {self.total_left() / 60:.0f} min",
+                flush=True,
+            )
+
+    def line(self, run: Run, text: str) -> None:
         m = self.ROUND.search(text)
-        if not m or self.current is None:
+        if not m or run.name not in self.current:
             return
         rnd, acc = int(m.group(1)), m.group(2)
         acc = "-" if acc == "None" else f"{100 * float(acc):.2f}%"
-        elapsed = time.time() - self.t0
-        rounds = 1 if self.current.smollm else self.s.rounds
-        print(
-            f"   [{self.index}/{self.total}] {NAMES[self.current.method]} {self.current.task} round {rnd}/{rounds}: "
-            f"accuracy {acc}, {int(m.group(3)) // max(1, int(m.group(5)))} B down and "
-            f"{int(m.group(4)) // max(1, int(m.group(5)))} B up per client; {elapsed:.0f} s so far, all left "
-            f"about {self.total_left(elapsed) / 60:.0f} min",
-            flush=True,
-        )
+        with self.lock:
+            index, t0 = self.current[run.name]
+            rounds = 1 if run.smollm else self.s.rounds
+            print(
+                f"   [{index}/{self.total}] {NAMES[run.method]} {run.task} round {rnd}/{rounds}: "
+                f"accuracy {acc}, {int(m.group(3)) // max(1, int(m.group(5)))} B down and "
+                f"{int(m.group(4)) // max(1, int(m.group(5)))} B up per client; {time.time() - t0:.0f} s so far, "
+                f"all left about {self.total_left() / 60:.0f} min",
+                flush=True,
+            )
 
     def finish(self, run: Run, seconds: float) -> None:
-        self.actual += seconds
-        self.estimated += self.estimates[run.name]
-        self.left.remove(run)
-        self.current = None
+        with self.lock:
+            self.actual += seconds
+            self.estimated += self.estimates[run.name]
+            self.left.remove(run)
+            del self.current[run.name]
 
 
 # ---------------------------------------------------------------- federated runs
@@ -483,7 +500,7 @@ def run_state(records: str, run: Run, want: dict) -> str:
     return "new"
 
 
-def federated(s: Settings, records: str, probes: dict, runs: list[Run]) -> None:
+def federated(s: Settings, records: str, probes: dict, runs: list[Run], jobs: int = 1) -> None:
     from scripts.simulate import simulate
 
     plan = {run.name: (run, run_overrides(s, run, records)) for run in runs}
@@ -494,7 +511,8 @@ def federated(s: Settings, records: str, probes: dict, runs: list[Run]) -> None:
         print(f"== {len(done)} of {len(runs)} runs already finished (records read): {', '.join(done)}", flush=True)
     progress = Progress(s, todo, probes)
     print(f"== {len(todo)} runs to go, estimated {progress.total_left() / 60:.0f} min", flush=True)
-    for run in todo:
+
+    def one(run: Run) -> None:
         overrides = plan[run.name][1]
         folder = os.path.join(records, "runs", run.name)
         resumed = states[run.name] == "resume"
@@ -504,7 +522,11 @@ def federated(s: Settings, records: str, probes: dict, runs: list[Run]) -> None:
         progress.start(run)
         load, start = os.getloadavg()[0], time.time()
         result = simulate(
-            overrides, 2 if run.smollm else s.clients, quiet=True, timeout=6 * 3600, on_line=progress.line
+            overrides,
+            2 if run.smollm else s.clients,
+            quiet=True,
+            timeout=6 * 3600,
+            on_line=functools.partial(progress.line, run),
         )
         seconds = time.time() - start
         if result["status"] != "finished:completed" or result["summary"] is None:
@@ -520,7 +542,15 @@ def federated(s: Settings, records: str, probes: dict, runs: list[Run]) -> None:
         write_json(os.path.join(folder, "bench.json"), bench)
         progress.finish(run, seconds)
         acc = result["summary"]["final_accuracy"]
-        print(f"   done in {seconds:.0f} s, final accuracy {100 * acc:.2f}%", flush=True)
+        print(f"   {run.name} done in {seconds:.0f} s, final accuracy {100 * acc:.2f}%", flush=True)
+
+    if jobs == 1:
+        for run in todo:
+            one(run)
+    else:  # --quick checks only: runs at once share the cores, so their timings mean nothing
+        with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+            for future in [pool.submit(one, run) for run in todo]:
+                future.result()
 
 
 # ---------------------------------------------------------------- main
@@ -584,6 +614,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", help="comma list, e.g. sst2,rte")
     ap.add_argument("--skew-seeds", type=int, help="seeds of the alpha 0.1 runs")
     ap.add_argument("--model", help="model for every run (default: the embedded MiniLM)")
+    ap.add_argument(
+        "--jobs", type=int, default=1, help="--quick only: probes and runs at once (checks the harness; timings void)"
+    )
     args = ap.parse_args(argv)
     if args.child:
         kind, spec = args.child
@@ -591,6 +624,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(children[kind](json.loads(spec))))
         return 0
     s = settings_from(args)
+    if args.jobs != 1 and not (args.quick and args.jobs > 1):
+        raise SystemExit("error: --jobs N (N > 1) is for --quick only: the benchmark's timings need one run at a time")
     records = os.path.abspath(args.records or os.path.join(ROOT, "results", "bench-quick" if args.quick else "bench"))
     if not args.records and not args.quick:
         records = os.path.join(ROOT, "bench", "records")
@@ -607,7 +642,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     if not args.estimate:
         note_invocation(records, s, command, "start")
-    probes = run_probes(s, records)
+    probes = run_probes(s, records, args.jobs)
     if args.estimate:
         total = sum(estimate_run(s, r, probes) for r in runs)
         for r in runs:
@@ -619,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
             os.path.join(records, "probes", "tt-contraction.json"),
             {"result": in_child("contraction", {"repeats": 200})},
         )
-    federated(s, records, probes, runs)
+    federated(s, records, probes, runs, args.jobs)
     note_invocation(records, s, command, "finish")
     from bench.report import write_report
 

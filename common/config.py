@@ -83,7 +83,8 @@ class ZoConfig:
 
 @dataclass(frozen=True)
 class SpzoConfig:
-    split_layer: int = 5  # block 1 = embeddings + transformer blocks [0, split-layer); block 2 = the rest
+    split_layer: int = -1  # block 1 = embeddings + transformer blocks [0, split-layer); block 2 = the rest;
+    # negative counts from the end: -1 = block 2 is the last transformer block and the head, on any model
     p1: int = 0  # perturbations of block 1 per step (each runs the whole network twice); 0 with zo.params=head
     p2: int = 16  # perturbations of block 2 per step (each runs only block 2 twice, on cached h0)
 
@@ -279,7 +280,9 @@ def validate(cfg: RunConfig) -> None:
     need(z.eps > 0, f"zo.eps must be > 0, got {z.eps}")
     need(z.distribution in ("rademacher", "gaussian"), "zo.distribution must be 'rademacher' or 'gaussian'")
     need(z.params in ("all", "bitfit", "head"), f"zo.params '{z.params}' is unknown; choose one of: all, bitfit, head")
-    need(cfg.spzo.split_layer >= 1, f"spzo.split-layer must be >= 1, got {cfg.spzo.split_layer}")
+    need(
+        cfg.spzo.split_layer != 0, "spzo.split-layer must not be 0 (block 1 would be empty): 1.. or -1 (the last block)"
+    )
     need(cfg.spzo.p1 >= 0 and cfg.spzo.p2 >= 1, "spzo.p1 must be >= 0 and spzo.p2 >= 1 (perturbations per step)")
     need(cfg.kseed.k >= 1, f"kseed.k (candidate seeds) must be >= 1, got {cfg.kseed.k}")
     need(cfg.kseed.k <= 2**31 - 1, "kseed.k must fit an int32 seed index")

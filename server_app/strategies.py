@@ -286,7 +286,7 @@ class FedSPZO(LogStrategy):
         log(
             INFO,
             "FedSPZO: split at block %d (%d + %d perturbed numbers), P1=%d, P2=%d, %d steps, eps=%g, lr=%g",
-            c.spzo.split_layer,
+            self.sm.split.split_layer,
             self.sm.pert1.numel if self.sm.pert1 else 0,
             self.sm.pert2.numel,
             c.spzo.p1,

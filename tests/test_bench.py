@@ -49,19 +49,61 @@ def up_per_client(records: str, name: str) -> float:
     return sum(r["bytes_up"] for r in trained) / sum(r["clients"] for r in trained)
 
 
+ROUND_KEYS = {
+    "round", "method", "task", "accuracy", "loss", "bytes_down", "bytes_up", "clients",
+    "client_peak_rss_mb", "client_train_seconds", "seconds",
+}  # fmt: skip
+
+
+def check_run(records: str, run) -> list[dict]:
+    """What every run's records must hold (the end-to-end checks of `flwr run`, formerly tests/test_e2e.py)."""
+    folder = os.path.join(records, "runs", run.name)
+    with open(os.path.join(folder, "rounds.jsonl")) as f:
+        rounds = [json.loads(line) for line in f]
+    assert [r["round"] for r in rounds] == [0, 1, 2], run.name
+    for r in rounds:
+        assert set(r) >= ROUND_KEYS and r["method"] == run.method and r["task"] == run.task
+        assert 0.0 <= r["accuracy"] <= 1.0
+    for r in rounds[1:]:
+        assert r["clients"] == QUICK.clients and r["rejected"] == 0 and r["failures"] == 0, (run.name, r)
+        assert r["bytes_down"] > 0 and r["bytes_up"] > 0
+        assert r["client_peak_rss_mb"] > 50 and r["client_train_seconds"] > 0
+    summary = read_json(os.path.join(folder, "summary.json"))
+    assert summary["rounds"] == 2 and summary["config"]["method"] == run.method
+    assert summary["totals"]["bytes_up"] == sum(r["bytes_up"] for r in rounds)
+    return rounds
+
+
 @pytest.mark.e2e
-def test_quick_benchmark_end_to_end(glue_dir, tmp_path):
+def test_quick_benchmark_end_to_end(tiny_bert, glue_dir, tmp_path):
+    """The harness's --quick plan (every method, the alpha 0.1 runs) through `flwr run`, with the tiny model and
+    2 rounds so that it is also the suite's end-to-end run of every method in simulation (formerly
+    tests/test_e2e.py and tests/test_e2e_tt.py); five runs at once (--jobs 5) to keep the suite short."""
     records, page = str(tmp_path / "records"), str(tmp_path / "page" / "results.md")
-    cmd = [sys.executable, "bench/run.py", "--quick", "--records", records, "--page", page]
+    cmd = [sys.executable, "bench/run.py", "--quick", "--model", tiny_bert, "--rounds", "2", "--jobs", "5"]
+    cmd += ["--records", records, "--page", page]
     env = {**os.environ, "GLUE_DIR": glue_dir}
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     runs = plan_runs(QUICK)
-    assert f"[{len(runs)}/{len(runs)}]" in out.stdout and "round 1/1: accuracy" in out.stdout
+    assert f"[{len(runs)}/{len(runs)}]" in out.stdout and "round 2/2: accuracy" in out.stdout
     assert "all left about" in out.stdout
     for run in runs:
         for name in ("rounds.jsonl", "summary.json", "bench.json"):
             assert os.path.exists(os.path.join(records, "runs", run.name, name)), (run.name, name)
+    rows = {run.method: check_run(records, run) for run in runs if run.alpha == QUICK.alpha}
+    for rnd in (1, 2):  # FedKRSO sends accumulators (K * r * sum d_out numbers), never the weights
+        assert rows["fedkrso"][rnd]["bytes_up"] * 5 < rows["fedavg"][rnd]["bytes_up"]
+    assert rows["fedkrso"][2]["bytes_down"] * 5 < rows["fedavg"][2]["bytes_down"]
+    assert rows["fedkrso"][1]["bytes_down"] < rows["fedkrso"][2]["bytes_down"]  # round 1 carries no log yet
+    for method in ("fedspzo", "fedkseed"):  # scalars up, the model rebuilt from seeds by replay
+        assert all(r["bytes_up"] / r["clients"] < 2048 for r in rows[method][1:]), method
+    assert all(0 < r["bytes_up"] < r["bytes_down"] for r in rows["fedtt-plus"][1:])  # the round's cores (+ head) up
+    with open(os.path.join(records, "runs", f"sst2-a{QUICK.alpha:g}-s0-fedtt-plus", "fedtt-selection.jsonl")) as f:
+        selection = [json.loads(line) for line in f]
+    assert [s["round"] for s in selection] == [1, 2]
+    assert all(s["matrix"] == "up" for s in selection[0]["cores"])  # round 1: the zero-initialised W_up cores
+    assert any(s["matrix"] == "down" for s in selection[1]["cores"])  # then the gradient scores decide
     for png in ("results-sst2.png", "results-skew.png"):
         assert os.path.getsize(os.path.join(tmp_path, "page", png)) > 10_000
     with open(page) as f:
@@ -92,5 +134,5 @@ def test_quick_benchmark_end_to_end(glue_dir, tmp_path):
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert f"{len(runs)} of {len(runs)} runs already finished" in again.stdout
-    assert "probes: all" in again.stdout and "round 1/1" not in again.stdout
+    assert "probes: all" in again.stdout and "round 2/2" not in again.stdout
     assert len(read_json(os.path.join(records, "plan.json"))["invocations"]) == 2

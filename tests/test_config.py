@@ -98,7 +98,7 @@ def test_zero_order_methods_refuse_what_breaks_replay(method):
         ({"zo.distribution": "uniform"}, "zo.distribution must be"),
         ({"spzo.p2": 0}, "spzo.p1 must be >= 0 and spzo.p2 >= 1"),
         ({"spzo.p1": -1}, "spzo.p1 must be >= 0"),
-        ({"spzo.split-layer": 0}, "spzo.split-layer must be >= 1"),
+        ({"spzo.split-layer": 0}, "spzo.split-layer must not be 0"),
         ({"kseed.k": 0}, "kseed.k"),
         ({"kseed.perturbations": 0}, "kseed.perturbations must be >= 1"),
     ],

@@ -1,5 +1,6 @@
 """Stop and resume through `flwr run .`: a run that ends after round 1 is continued by a new run with
-`resume-from` to round 2, for a log method (FedKRSO) and FedTT, and the records run on unbroken."""
+`resume-from` to round 2, for a log method (FedKRSO), and the records run on unbroken. FedTT's resume, with the
+SuperLink and the ServerApp killed, is in tests/test_fleet.py."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from server_app import checkpoint
 pytestmark = pytest.mark.e2e
 
 
-@pytest.mark.parametrize("method", ["fedkrso", "fedtt"])
+@pytest.mark.parametrize("method", ["fedkrso"])
 def test_stopped_run_is_resumed_by_a_new_flwr_run(method, tiny_bert, glue_dir, tmp_path):
     base = {
         "method": method, "task": "rte", "model": tiny_bert, "data-dir": glue_dir, "results-dir": str(tmp_path),

@@ -117,11 +117,13 @@ def test_split_forward_equals_whole_forward(kind, request, glue_dir, tmp_path):
 
 
 def test_split_layer_must_leave_two_blocks(tiny_bert, glue_dir, tmp_path):
-    for bad in (0, 2, 5):
-        cfg = _cfg(tiny_bert, glue_dir, tmp_path)
-        model = spzo.build(cfg).zo
+    cfg = _cfg(tiny_bert, glue_dir, tmp_path)
+    model = spzo.build(cfg).zo
+    for bad in (0, 2, 5, -2):
         with pytest.raises(ValueError, match="split-layer must be in 1..1"):
             SplitModel(model.loaded.model, bad, model.params)
+    # negative counts from the end: -1 is the last block on any depth (the shipped default)
+    assert SplitModel(model.loaded.model, -1, model.params).split_layer == 1
 
 
 def _snapshot(params):

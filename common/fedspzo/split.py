@@ -1,7 +1,7 @@
 """The network as two consecutive blocks, for FedSPZO's split perturbations.
 
 Block 1 is everything that runs before transformer block `split_layer` (embeddings, the first
-`split_layer` blocks); block 2 is the rest (the remaining blocks, final norm, pooler, classification head).
+`split_layer` blocks; a negative `split_layer` counts from the end, -1 = the last block); block 2 is the rest (the remaining blocks, final norm, pooler, classification head).
 Block 1 may hold no perturbed parameter (zo.params = "head"): then only block 2 is trained (spzo.p1 = 0).
 Which parameter belongs to which block is found by running the model once and noting which modules run
 before block `split_layer` starts, so encoders (BERT, RoBERTa) and decoders (LLaMA family) split alike.
@@ -39,12 +39,14 @@ class SplitModel:
         self.model = model
         self.owner, self.attr = transformer_blocks(model)
         self.blocks: nn.ModuleList = getattr(self.owner, self.attr)
-        if not 1 <= split_layer < len(self.blocks):
+        n = len(self.blocks)
+        at = split_layer + n if split_layer < 0 else split_layer  # negative: counted from the last block
+        if not 1 <= at < n:
             raise ValueError(
-                f"spzo.split-layer must be in 1..{len(self.blocks) - 1} for this model "
-                f"({len(self.blocks)} transformer blocks), got {split_layer}"
+                f"spzo.split-layer must be in 1..{n - 1} (or -{n - 1}..-1, counted from the end) for this model "
+                f"({n} transformer blocks), got {split_layer}"
             )
-        self.split_layer = split_layer
+        self.split_layer = at
         self.block1, self.block2 = self._partition(params)
 
     def _partition(self, params: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -78,7 +78,7 @@ def build(cfg) -> SpzoModel:
     split = SplitModel(zm.loaded.model, cfg.spzo.split_layer, zm.params)
     if not split.block1 and cfg.spzo.p1:
         raise ValueError(
-            f"zo.params = '{cfg.zo.params}' perturbs nothing before spzo.split-layer {cfg.spzo.split_layer}: "
+            f"zo.params = '{cfg.zo.params}' perturbs nothing before spzo.split-layer {split.split_layer}: "
             "set spzo.p1 = 0 (block 2 only) or perturb more parameters"
         )
     pert1 = Perturbation(split.block1, cfg.zo.distribution) if split.block1 else None
