@@ -136,7 +136,7 @@ def fewer_bytes(c: Claims, claim: str, ours: float | None, theirs: float | None,
 
 def close_accuracy(c: Claims, claim: str, ours: float | None, theirs: float | None, ref: str, points: float) -> None:
     gap = 100 * (theirs - ours) if ours is not None and theirs is not None else None
-    measured = f"{pct(ours)} vs {pct(theirs)} ({gap:+.2f} points)" if gap is not None else "-"
+    measured = f"{pct(ours)} vs {pct(theirs)} ({-gap:+.2f} points)" if gap is not None else "-"
     c.add(claim, measured, f"at most {points:g} point(s) below {ref}", verdict(gap, points, False, " points"))
 
 
@@ -180,7 +180,7 @@ def claims(s: Settings, runs: dict, probes: dict) -> Claims:
             if key(s, s.skew_task, m, s.skew_alpha, seed) in runs]
         for m in ("fedtt", "fedtt-plus")
     }  # fmt: skip
-    complete = all(len(v) == len(s.skew_seeds) for v in finals.values())
+    complete = bool(s.skew_seeds) and all(len(v) == len(s.skew_seeds) for v in finals.values())
     diff = 100 * (statistics.mean(finals["fedtt-plus"]) - statistics.mean(finals["fedtt"])) if complete else None
     c.add(
         f"FedTT+ vs FedTT, {task_name(s.skew_task)} at alpha {s.skew_alpha:g}, {len(s.skew_seeds)} seeds: final accuracy",

@@ -3,6 +3,7 @@ reuse of finished runs, and a summary table that follows the records."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -76,16 +77,17 @@ def check_run(records: str, run) -> list[dict]:
 
 @pytest.mark.e2e
 def test_quick_benchmark_end_to_end(tiny_bert, glue_dir, tmp_path):
-    """The harness's --quick plan (every method, the alpha 0.1 runs) through `flwr run`, with the tiny model and
-    2 rounds so that it is also the suite's end-to-end run of every method in simulation (formerly
-    tests/test_e2e.py and tests/test_e2e_tt.py); five runs at once (--jobs 5) to keep the suite short."""
+    """The harness's --quick plan (every method; the alpha 0.1 runs left out) through `flwr run`, with the tiny
+    model and 2 rounds so that it is also the suite's end-to-end run of every method in simulation (formerly
+    tests/test_e2e.py and tests/test_e2e_tt.py); three runs at once (--jobs 3) to keep the suite short."""
     records, page = str(tmp_path / "records"), str(tmp_path / "page" / "results.md")
-    cmd = [sys.executable, "bench/run.py", "--quick", "--model", tiny_bert, "--rounds", "2", "--jobs", "5"]
+    cmd = [sys.executable, "bench/run.py", "--quick", "--model", tiny_bert, "--rounds", "2", "--jobs", "3"]
+    cmd += ["--skew-seeds", "0"]  # the alpha 0.1 runs are FedTT and FedTT+ again: left out to save 2 runs
     cmd += ["--records", records, "--page", page]
     env = {**os.environ, "GLUE_DIR": glue_dir}
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    runs = plan_runs(QUICK)
+    runs = plan_runs(dataclasses.replace(QUICK, skew_seeds=()))
     assert f"[{len(runs)}/{len(runs)}]" in out.stdout and "round 2/2: accuracy" in out.stdout
     assert "all left about" in out.stdout
     for run in runs:
@@ -104,15 +106,18 @@ def test_quick_benchmark_end_to_end(tiny_bert, glue_dir, tmp_path):
     assert [s["round"] for s in selection] == [1, 2]
     assert all(s["matrix"] == "up" for s in selection[0]["cores"])  # round 1: the zero-initialised W_up cores
     assert any(s["matrix"] == "down" for s in selection[1]["cores"])  # then the gradient scores decide
-    for png in ("results-sst2.png", "results-skew.png"):
-        assert os.path.getsize(os.path.join(tmp_path, "page", png)) > 10_000
+    assert os.path.getsize(os.path.join(tmp_path, "page", "results-sst2.png")) > 10_000
     with open(page) as f:
         text = f.read()
     assert "## Summary" in text and "python bench/run.py --quick" in text
     assert f"{len(runs)} of {len(runs)} planned runs have records" in text
     summary = text.split("## Summary")[1].split("\n## ")[0]
-    verdicts = [line.rsplit("|", 2)[1].strip() for line in summary.splitlines() if line.startswith("| ")][2:]
-    assert len(verdicts) >= 15 and all(
+    rows_ = [line for line in summary.splitlines() if line.startswith("| ")][2:]
+    assert all(
+        line.rsplit("|", 2)[1].strip() == "not measured (records missing)" for line in rows_ if "alpha 0.1" in line
+    )
+    verdicts = [line.rsplit("|", 2)[1].strip() for line in rows_ if "alpha 0.1" not in line]
+    assert len(verdicts) >= 13 and all(
         re.fullmatch(r"met, [\d.]+(x| B| points) to spare|not met, short by [\d.]+(x| B| points)", v) for v in verdicts
     ), verdicts
 
