@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/zo_probe.py --method fedspzo --lr 1e-4 3e-4 --steps 200
 
-Used to choose zo.lr (docs/results-zo.md says which values were tried); prints one JSON line per lr.
+Prints one JSON line per evaluation and one per lr. The shipped zero-order defaults and why: README, "Why
+they learn"; their effect at the benchmark's settings: docs/results.md.
 """
 
 from __future__ import annotations
