@@ -414,3 +414,24 @@ def test_robust_rules_keep_a_plausible_attacker_close_to_the_honest_run(method, 
         distance[rule] = float((run.weights() - clean.weights()).norm() / moved)
     assert distance["mean"] > 10, distance
     assert distance["median"] <= 3.0 and distance["trimmed-mean"] <= 3.0, distance
+
+
+@pytest.mark.usefixtures("state_dir")
+def test_clip_norm_cuts_a_plausible_attacker_down_to_an_honest_size(tiny_bert, glue_dir, tmp_path):
+    """Mean + aggregation.clip-norm (FedKRSO): each reply's update (accumulators and head change, together) is
+    scaled to at most the clip norm, set here to the norm of an honest update of round 1. The attacker of
+    test_robust_rules_... (x300) then weighs like one more honest update: d <= 3 as for the robust rules,
+    against d > 10 without clipping, and every honest reply is still accepted."""
+    probe = Run("fedkrso", tiny_bert, glue_dir, tmp_path)
+    head = probe.setup.strategy.km.head_state()
+    reply = probe.reply(probe.instructions(1)[101]).content
+    squares = sum(float((a.numpy().astype(np.float64) ** 2).sum()) for a in reply["accumulators"].values())
+    squares += sum(float(((a.numpy() - head[n].numpy()) ** 2).sum()) for n, a in reply["head"].items())
+    w0 = Run("fedkrso", tiny_bert, glue_dir, tmp_path).weights()
+    clean = Run("fedkrso", tiny_bert, glue_dir, tmp_path, **{"aggregation.clip-norm": math.sqrt(squares)})
+    play(clean, 2)
+    attacked = Run("fedkrso", tiny_bert, glue_dir, tmp_path, **{"aggregation.clip-norm": math.sqrt(squares)})
+    records = play(attacked, 2, _scaled(300.0))
+    assert [r["clients"] for r in records] == [3, 3]
+    d = float((attacked.weights() - clean.weights()).norm() / (clean.weights() - w0).norm())
+    assert torch.isfinite(attacked.weights()).all() and d <= 3.0, d
