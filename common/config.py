@@ -108,13 +108,14 @@ class AggregationConfig:
     weight_cap: float = 4.0  # a reply weighs at most weight-cap x the round's median num-examples
 
 
+ZO_PARAMS = ("all", "bitfit", "head")  # common.zeroorder.zo_parameters
 HEAD_POOLINGS = ("auto", "model", "mean")
 HEAD_INITS = ("auto", "random", "label-words")
 
 
 @dataclass(frozen=True)
 class HeadConfig:
-    """How the classification head reads the model and starts (common/modeling.py: prepare_head)."""
+    """How the classification head reads the model and starts (common/modeling.py: load_run_model)."""
 
     pooling: str = "auto"  # auto: the checkpoint's own sentence pooling where it declares one (mean), else model
     init: str = "auto"  # auto: label-words for zero-order methods, random for first-order ones
@@ -279,7 +280,7 @@ def validate(cfg: RunConfig) -> None:
     need(z.lr > 0, f"zo.lr must be > 0, got {z.lr}")
     need(z.eps > 0, f"zo.eps must be > 0, got {z.eps}")
     need(z.distribution in ("rademacher", "gaussian"), "zo.distribution must be 'rademacher' or 'gaussian'")
-    need(z.params in ("all", "bitfit", "head"), f"zo.params '{z.params}' is unknown; choose one of: all, bitfit, head")
+    need(z.params in ZO_PARAMS, f"zo.params '{z.params}' is unknown; choose one of: {', '.join(ZO_PARAMS)}")
     need(
         cfg.spzo.split_layer != 0, "spzo.split-layer must not be 0 (block 1 would be empty): 1.. or -1 (the last block)"
     )

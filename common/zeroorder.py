@@ -36,13 +36,11 @@ import torch
 from torch import nn
 
 from common import rng
+from common.config import ZO_PARAMS
 from common.modeling import LoadedModel, load_run_model
 from common.seeds import derive_seed
 
 DISTRIBUTIONS = ("rademacher", "gaussian")
-
-
-ZO_PARAMS = ("all", "bitfit", "head")
 
 
 def zo_parameters(

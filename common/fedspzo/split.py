@@ -1,7 +1,8 @@
 """The network as two consecutive blocks, for FedSPZO's split perturbations.
 
 Block 1 is everything that runs before transformer block `split_layer` (embeddings, the first
-`split_layer` blocks; a negative `split_layer` counts from the end, -1 = the last block); block 2 is the rest (the remaining blocks, final norm, pooler, classification head).
+`split_layer` blocks; a negative `split_layer` counts from the end, -1 = the last block); block 2 is the
+rest (the remaining blocks, final norm, pooler, classification head).
 Block 1 may hold no perturbed parameter (zo.params = "head"): then only block 2 is trained (spzo.p1 = 0).
 Which parameter belongs to which block is found by running the model once and noting which modules run
 before block `split_layer` starts, so encoders (BERT, RoBERTa) and decoders (LLaMA family) split alike.
