@@ -432,13 +432,18 @@ def write_report(records: str, page: str) -> str:
             f"| {NAMES[m]} | "
             + " | ".join(pct(r and r["final"]) for r in rs)
             + f" | {mean_sd([r['final'] for r in done])} | "
-            f"{size(statistics.mean(r['down'] for r in done)) if done else '-'} | "
-            f"{size(statistics.mean(r['up'] for r in done)) if done else '-'} |"
+            f"{mean_size([r['down'] for r in done])} | {mean_size([r['up'] for r in done])} |"
         )
     lines += ["", *probe_section(s, probes), *extras_section(s, runs, probes), *notes(s)]
     with open(page, "w") as f:
         f.write("\n".join(lines) + "\n")
     return page
+
+
+def mean_size(values: list) -> str:
+    """The mean of the runs' bytes, '-' where no run has any (a run whose clients never replied has None)."""
+    known = [v for v in values if v is not None]
+    return size(statistics.mean(known)) if known else "-"
 
 
 def probe_section(s: Settings, probes: dict) -> list[str]:

@@ -84,7 +84,9 @@ class Settings:
     seed: int = 0
     skew_task: str = "sst2"
     skew_alpha: float = 0.1
-    skew_seeds: tuple[int, ...] = (0, 1, 2)
+    # Seed 1 cannot be drawn: Dirichlet 0.1 over SST-2's two labels leaves a client under 10 examples in all of
+    # flwr-datasets' attempts (common.data says so), every client fails; the three seeds are 0, 2 and 3.
+    skew_seeds: tuple[int, ...] = (0, 2, 3)
     skew_methods: tuple[str, ...] = ("fedtt", "fedtt-plus")
     eval_max: int = 0  # 0 = the whole dev split
     model: str = ""  # "" = the embedded all-MiniLM-L6-v2
@@ -529,6 +531,12 @@ def federated(s: Settings, records: str, probes: dict, runs: list[Run], jobs: in
             on_line=functools.partial(progress.line, run),
         )
         seconds = time.time() - start
+        if result["summary"] is not None and not result["summary"]["totals"]["client_replies"]:
+            raise SystemExit(
+                f"{run.label}: no client replied in any round ({result['summary']['totals']['failures']} failures; "
+                f"the clients' errors are in run {result['run_id']}'s log, e.g. a partition that cannot be drawn); "
+                f"its records in {folder} are not counted as finished"
+            )
         if result["status"] != "finished:completed" or result["summary"] is None:
             raise SystemExit(
                 f"{run.label} failed: {result['status']} (run {result['run_id']}); its records stay in {folder}; "
@@ -581,7 +589,7 @@ def settings_from(args) -> Settings:
             "rounds": args.rounds, "local_steps": args.local_steps, "clients": args.clients, "model": args.model,
             "extras": True if args.extras else None,
             "tasks": tuple(args.tasks.split(",")) if args.tasks else None,
-            "skew_seeds": tuple(range(args.skew_seeds)) if args.skew_seeds is not None else None,
+            "skew_seeds": tuple(int(x) for x in args.skew_seeds.split(",") if x) if args.skew_seeds is not None else None,
         }.items()
         if v is not None
     }  # fmt: skip
@@ -612,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--local-steps", type=int)
     ap.add_argument("--clients", type=int)
     ap.add_argument("--tasks", help="comma list, e.g. sst2,rte")
-    ap.add_argument("--skew-seeds", type=int, help="seeds of the alpha 0.1 runs")
+    ap.add_argument("--skew-seeds", help="comma-separated seeds of the alpha 0.1 runs (default 0,2,3; '' = none)")
     ap.add_argument("--model", help="model for every run (default: the embedded MiniLM)")
     ap.add_argument(
         "--jobs", type=int, default=1, help="--quick only: probes and runs at once (checks the harness; timings void)"

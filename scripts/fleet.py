@@ -773,6 +773,17 @@ def report_table(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def exit_on_sigterm() -> None:
+    """Make SIGTERM (kill, systemd, a CI timeout) unwind like Ctrl-C, so `Fleet.__exit__` stops every process
+    and removes the namespaces, bridge and links instead of leaving them behind. Exit status 143 (128 + 15)."""
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one unwind: a second TERM must not cut the clean-up short
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-c", "--run-config", default="", help="run-config overrides (as for flwr run -c)")
@@ -783,6 +794,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--workdir", default="", help="keep certificates, logs and volumes here (default: a temp dir)")
     ap.add_argument("--timeout", type=float, default=1800)
     args = ap.parse_args(argv)
+    exit_on_sigterm()
     from flwr.common.config import parse_config_args
 
     rc = parse_config_args([args.run_config]) if args.run_config else {}

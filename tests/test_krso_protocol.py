@@ -164,3 +164,13 @@ def test_decoder_model_trains_in_subspaces(tiny_llama, glue_dir, tmp_path, monke
     msgs = list(strategy.configure_train(1, None, None, NodeList(NODES)))
     strategy.aggregate_train(1, [client_round(cfg, m) for m in msgs])
     assert strategy.recorder.end_round(1, None)["clients"] == 3
+
+
+@pytest.mark.parametrize(
+    "setting", [{"krso.rank": 8}, {"krso.k": 3}, {"head.pooling": "mean"}, {"head.init": "label-words"}]
+)
+def test_node_state_fingerprint_covers_what_the_model_depends_on(tiny_bert, glue_dir, tmp_path, setting):
+    """A node's stored model built under another head or subspace must be refused, not silently reused."""
+    assert fingerprint(make_cfg(tiny_bert, glue_dir, tmp_path)) != fingerprint(
+        make_cfg(tiny_bert, glue_dir, tmp_path, **setting)
+    )

@@ -21,7 +21,7 @@ from torch import nn
 from common.config import RunConfig
 from common.memory import PeakRSS
 from common.modeling import load_run_model
-from common.training import client_data, make_optimizer, step_batches, train_steps
+from common.training import client_data, dropout_seed, make_optimizer, step_batches, train_steps
 from common.wire import VALUE_BOUND, checked_round_config, instruction_bound, pack_tensors, require, unpack_tensors
 
 
@@ -47,7 +47,8 @@ def train_params(
         n = len(encoded["labels"])
         batches = step_batches(cfg, n, server_round, data_key)
         start = time.perf_counter()
-        losses = train_steps(net, encoded, batches, [make_optimizer(params.values(), cfg.train)])
+        optimizer = make_optimizer(params.values(), cfg.train)
+        losses = train_steps(net, encoded, batches, [optimizer], dropout_seed(cfg, server_round, data_key))
         seconds = time.perf_counter() - start
         reply = RecordDict(
             {

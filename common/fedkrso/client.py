@@ -18,13 +18,16 @@ from common.fedkrso.subspace import Accumulators, Subspaces, apply_update
 from common.fedkrso.wire import pack_reply, unpack_instruction
 from common.memory import PeakRSS
 from common.nodestore import NodeStore, reach_round, state_dir, sync_reply
-from common.training import Encoded, client_data, make_optimizer, step_batches, train_steps
+from common.seeds import derive_seed
+from common.training import Encoded, client_data, dropout_seed, make_optimizer, step_batches, train_steps
 
 
 def local_update(
-    km: KrsoModel, cfg: RunConfig, seeds: list[int], encoded: Encoded, batches: list[list[int]]
+    km: KrsoModel, cfg: RunConfig, seeds: list[int], encoded: Encoded, batches: list[list[int]], dropout: int = 0
 ) -> tuple[Accumulators, list[float]]:
-    """I intervals of J steps; interval i trains B in seed i mod K, merges W <- W + B P, A_k += B."""
+    """I intervals of J steps; interval i trains B in seed i mod K, merges W <- W + B P, A_k += B.
+
+    `dropout`: the round's dropout seed (`common.training.dropout_seed`); interval i draws from its own."""
     spaces = Subspaces(km.targets, cfg.krso.rank)
     head_opt = make_optimizer(km.head.values(), cfg.train)  # the head's Adam state spans the round
     acc: Accumulators = {}
@@ -35,7 +38,8 @@ def local_update(
             j = i % len(seeds)
             bs = spaces.begin(seeds[j])
             opt = make_optimizer(bs, cfg.train)  # B restarts at 0 each interval, so does its state
-            losses += train_steps(km.loaded.model, encoded, batches[i * j_steps : (i + 1) * j_steps], [opt, head_opt])
+            part = batches[i * j_steps : (i + 1) * j_steps]
+            losses += train_steps(km.loaded.model, encoded, part, [opt, head_opt], derive_seed(dropout, i))
             for name, b in spaces.merge().items():
                 key = (j, name)
                 acc[key] = acc[key] + b if key in acc else b
@@ -64,7 +68,8 @@ def train(content: RecordDict, cfg: RunConfig, node_config: dict[str, Any], run_
         n = len(encoded["labels"])
         batches = step_batches(cfg, n, instr.server_round, data_key)
         start = time.perf_counter()
-        acc, losses = local_update(km, cfg, instr.seeds, encoded, batches)
+        dropout = dropout_seed(cfg, instr.server_round, data_key)
+        acc, losses = local_update(km, cfg, instr.seeds, encoded, batches, dropout)
         seconds = time.perf_counter() - start
     return pack_reply(
         acc,

@@ -39,5 +39,7 @@ def build(cfg: RunConfig) -> KrsoModel:
 
 def fingerprint(cfg: RunConfig) -> str:
     """What a stored model depends on: a state saved under another setting must not be reused."""
-    key = json.dumps([cfg.model, cfg.task, cfg.seed, cfg.krso.targets, cfg.krso.rank, cfg.krso.k, cfg.head.pooling])
+    key = json.dumps(
+        [cfg.model, cfg.task, cfg.seed, cfg.krso.targets, cfg.krso.rank, cfg.krso.k, cfg.head.pooling, cfg.head.init]
+    )
     return hashlib.sha256(key.encode()).hexdigest()[:16]

@@ -16,7 +16,7 @@ from common.fedtt.model import build
 from common.fedtt.tt import gradient_scores
 from common.fedtt.wire import pack_reply, unpack_instruction
 from common.memory import PeakRSS
-from common.training import batch, client_data, make_optimizer, step_batches, train_steps
+from common.training import batch, client_data, dropout_seed, make_optimizer, step_batches, train_steps
 
 
 def train(content: RecordDict, cfg: RunConfig, node_config: dict[str, Any], run_id: int, node_id: int) -> RecordDict:
@@ -33,7 +33,7 @@ def train(content: RecordDict, cfg: RunConfig, node_config: dict[str, Any], run_
         trainable = tm.adapters.set_trainable(instr.selected)  # FedTT+: the others stay frozen, no grads
         opt = make_optimizer([*trainable, *tm.head.values()], cfg.train)
         start = time.perf_counter()
-        losses = train_steps(tm.loaded.model, encoded, batches, [opt])
+        losses = train_steps(tm.loaded.model, encoded, batches, [opt], dropout_seed(cfg, instr.server_round, data_key))
         seconds = time.perf_counter() - start
         scores = None
         if instr.want_scores:
