@@ -17,7 +17,7 @@ What runs:
    differs (LEARNING_RATES; the zero-order methods run their shipped zo.* defaults).
 3. bench/report.py writes the page (summary table, per-run tables, plots) from the records.
 
-Records (`--records`, default bench/records, committed except server checkpoints and stale/):
+Records (`--records`, default bench/records, ignored by git: data; kept in ../shared/bench-records here):
 plan.json (settings, invocations, machine), probes/<name>.json, runs/<name>/ (the run's rounds.jsonl,
 summary.json, method records, and bench.json: wall time and load average). A probe or run whose records
 hold the configuration the plan asks for is read, not run again; a run stopped part-way continues from its
