@@ -402,19 +402,20 @@ class Fleet:
             raise FleetError(f"flwr supernode list: {res.stdout[-500:]} {res.stderr[-500:]}") from exc
         return next((n["status"] for n in nodes if int(n["node-id"]) == self.node_ids[name]), "absent")
 
-    def restart_pod_when_offline(self, pod: str, timeout: float = 120) -> float:
-        """Start a killed SuperNode pod again once the SuperLink counts its node offline; returns the wait (s).
+    def wait_offline(self, pod: str, timeout: float = 120) -> float:
+        """Wait until the SuperLink counts a killed SuperNode pod's node offline; returns the wait (s).
 
-        The SuperLink refuses to activate a node it still counts online (Flower exits the SuperNode with 305):
-        a killed node stays online until it misses its heartbeats (patience 2 x the 30 s interval, so 36-60 s
-        after its last heartbeat). Compose's `restart: unless-stopped` gets there by retrying; this waits for it.
+        A killed node stays online until it misses its heartbeats (patience 2 x the 30 s interval, so 36-60 s
+        after its last heartbeat). Only then does the SuperLink answer for the messages the node was sent (an
+        error reply, NODE_UNAVAILABLE, made when the ServerApp pulls replies) and let the node in again (while it
+        still counts the node online, Flower exits the SuperNode with 305). Compose's `restart: unless-stopped`
+        gets there by retrying.
         """
         t0 = time.monotonic()
         while self.node_status(pod) == "online":
             if time.monotonic() - t0 > timeout:
                 raise FleetError(f"{pod} still online {timeout:.0f} s after it was killed")
             time.sleep(1)
-        self.up_pod(pod)
         return time.monotonic() - t0
 
     def pod_affinity(self, pod: str) -> list[str]:
