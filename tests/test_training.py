@@ -67,13 +67,13 @@ def test_the_global_generator_is_left_as_it_was():
     assert not torch.equal(expected, after)  # the comparison above is not vacuous: init did draw
 
 
-@pytest.mark.parametrize("change", [{"seed": 2}, {"server_round": 3}, {"partition_key": "p1"}, {"part": 1}])
-def test_dropout_seed_depends_on_run_seed_round_partition_and_part(change):
-    base = {"seed": 1, "server_round": 2, "partition_key": "p0", "part": 0}
+@pytest.mark.parametrize("change", [{"seed": 2}, {"server_round": 3}, {"partition_key": "p1"}])
+def test_dropout_seed_depends_on_run_seed_round_and_partition(change):
+    base = {"seed": 1, "server_round": 2, "partition_key": "p0"}
     args = {**base, **change}
 
     def seed_of(a):
-        return dropout_seed(parse_run_config({"seed": a["seed"]}), a["server_round"], a["partition_key"], a["part"])
+        return dropout_seed(parse_run_config({"seed": a["seed"]}), a["server_round"], a["partition_key"])
 
     assert seed_of(args) != seed_of(base)
     assert seed_of(base) == seed_of(dict(base))
