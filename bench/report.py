@@ -313,7 +313,10 @@ def plot_skew(s: Settings, runs: dict, path: str) -> None:
     ax.set_ylabel(f"{task_name(s.skew_task)} dev accuracy (%)")
     ax.set_title(f"alpha {s.skew_alpha:g}: {len(s.skew_seeds)} seeds (thin) and their mean", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no records of these runs yet", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -415,25 +418,29 @@ def write_report(records: str, page: str) -> str:
         if failed:
             lines += ["", f"Rounds with failed or rejected replies: {', '.join(failed)} (see their rounds.jsonl)."]
         lines.append("")
-    plot_skew(s, runs, os.path.join(folder, f"{prefix}-skew.png"))
-    lines += [
-        f"## FedTT and FedTT+ on {task_name(s.skew_task)}, Dirichlet alpha {s.skew_alpha:g}",
-        "",
-        f"![alpha {s.skew_alpha:g} accuracy per round]({prefix}-skew.png)",
-        "",
-        "| method | " + " | ".join(f"seed {seed}" for seed in s.skew_seeds) + " | mean ± sd | down / client / round | "
-        "up / client / round |",
-        "| --- | " + " | ".join("---:" for _ in s.skew_seeds) + " | ---: | ---: | ---: |",
-    ]
-    for m in s.skew_methods:
-        rs = [runs.get(key(s, s.skew_task, m, s.skew_alpha, seed)) for seed in s.skew_seeds]
-        done = [r for r in rs if r]
-        lines.append(
-            f"| {NAMES[m]} | "
-            + " | ".join(pct(r and r["final"]) for r in rs)
-            + f" | {mean_sd([r['final'] for r in done])} | "
-            f"{mean_size([r['down'] for r in done])} | {mean_size([r['up'] for r in done])} |"
-        )
+    lines += [f"## FedTT and FedTT+ on {task_name(s.skew_task)}, Dirichlet alpha {s.skew_alpha:g}", ""]
+    if not s.skew_seeds:
+        lines.append("No runs planned (`--skew-seeds ''`).")
+    else:
+        plot_skew(s, runs, os.path.join(folder, f"{prefix}-skew.png"))
+        lines += [
+            f"![alpha {s.skew_alpha:g} accuracy per round]({prefix}-skew.png)",
+            "",
+            "| method | "
+            + " | ".join(f"seed {seed}" for seed in s.skew_seeds)
+            + " | mean ± sd | down / client / round | "
+            "up / client / round |",
+            "| --- | " + " | ".join("---:" for _ in s.skew_seeds) + " | ---: | ---: | ---: |",
+        ]
+        for m in s.skew_methods:
+            rs = [runs.get(key(s, s.skew_task, m, s.skew_alpha, seed)) for seed in s.skew_seeds]
+            done = [r for r in rs if r]
+            lines.append(
+                f"| {NAMES[m]} | "
+                + " | ".join(pct(r and r["final"]) for r in rs)
+                + f" | {mean_sd([r['final'] for r in done])} | "
+                f"{mean_size([r['down'] for r in done])} | {mean_size([r['up'] for r in done])} |"
+            )
     lines += ["", *probe_section(s, probes), *extras_section(s, runs, probes), *notes(s)]
     with open(page, "w") as f:
         f.write("\n".join(lines) + "\n")

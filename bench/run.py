@@ -17,7 +17,7 @@ What runs:
    differs (LEARNING_RATES; the zero-order methods run their shipped zo.* defaults).
 3. bench/report.py writes the page (summary table, per-run tables, plots) from the records.
 
-Records (`--records`, default bench/records, ignored by git: data; kept in ../shared/bench-records here):
+Records (`--records`, default bench/records, ignored by git: data, kept where the benchmark ran):
 plan.json (settings, invocations, machine), probes/<name>.json, runs/<name>/ (the run's rounds.jsonl,
 summary.json, method records, and bench.json: wall time and load average). A probe or run whose records
 hold the configuration the plan asks for is read, not run again; a run stopped part-way continues from its
@@ -601,7 +601,7 @@ def settings_from(args) -> Settings:
             effective(run_overrides(s, run, "/nonexistent"))
     except (ConfigError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from exc
-    if s.skew_task not in s.tasks:
+    if s.skew_seeds and s.skew_task not in s.tasks:
         raise SystemExit(f"error: the alpha {s.skew_alpha:g} runs are on {s.skew_task}: keep it in --tasks")
     if not os.path.isdir(GLUE):
         raise SystemExit(f"error: GLUE folder {GLUE} not found: set GLUE_DIR")
