@@ -26,7 +26,7 @@ from common.records import RunRecorder
 from common.robust import capped_weights
 from common.wire import content_bytes, reply_limit
 from server_app import checkpoint
-from server_app.strategies import checked_replies, wait_for_nodes
+from server_app.strategies import checked_replies, choose_nodes
 
 
 class FedTT(Strategy):
@@ -63,8 +63,7 @@ class FedTT(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.recorder.begin_round(server_round)
-        nodes = wait_for_nodes(grid, self.cfg.min_clients, self.cfg.round_timeout)
-        chosen = sorted(self._rng.sample(nodes, max(self.cfg.min_clients, int(len(nodes) * self.cfg.fraction_train))))
+        chosen = choose_nodes(self._rng, grid, self.cfg)
         t = self.cfg.tt
         selected = (
             plus_selection(self.tm.adapters, server_round, t.plus_rule, t.plus_cores, self.scores)

@@ -59,6 +59,14 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
     return nodes
 
 
+def choose_nodes(rng: random.Random, grid: Grid, cfg: RunConfig) -> list[int]:
+    """This round's nodes: fraction-train of the connected ones (at least min-clients), drawn with the strategy's
+    seeded `rng`, whose state the checkpoint keeps. Every method draws the same way, so with the same seed and
+    the same nodes every method trains the same nodes in the same rounds, and a resumed run continues the draws."""
+    nodes = wait_for_nodes(grid, cfg.min_clients, cfg.round_timeout)
+    return sorted(rng.sample(nodes, max(cfg.min_clients, int(len(nodes) * cfg.fraction_train))))
+
+
 def checked_replies(
     server_round: int, replies: Iterable[Message], unpack: Callable[[RecordDict], T], max_bytes: int
 ) -> tuple[list[tuple[int, T]], int, int, int]:
@@ -167,8 +175,7 @@ class LogStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.recorder.begin_round(server_round)
-        nodes = wait_for_nodes(grid, self.cfg.min_clients, self.cfg.round_timeout)
-        chosen = sorted(self._rng.sample(nodes, max(self.cfg.min_clients, int(len(nodes) * self.cfg.fraction_train))))
+        chosen = choose_nodes(self._rng, grid, self.cfg)
         messages = []
         for node in chosen:
             content = self.instruction(server_round, self.log[self.node_round.get(node, 0) :])
@@ -405,7 +412,8 @@ class RecordedFedAvg(FedAvg):
             min_available_nodes=cfg.min_clients,
             **kwargs,
         )
-        self.recorder, self.aggregation = recorder, cfg.aggregation
+        self.cfg, self.recorder, self.aggregation = cfg, recorder, cfg.aggregation
+        self._rng = random.Random(cfg.seed)  # client sampling: choose_nodes, as every method
         self._global: ArrayRecord | None = None
         rule = cfg.aggregation.rule
         self._robust: Strategy | None = (
@@ -417,9 +425,14 @@ class RecordedFedAvg(FedAvg):
         )
 
     def configure_train(self, server_round, arrays, config, grid):
+        """Flower's FedAvg.configure_train, with the nodes drawn by choose_nodes (seeded, checkpointed) instead of
+        Flower's sample_nodes (the unseeded global `random`)."""
         self.recorder.begin_round(server_round)
         self._global = arrays
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        chosen = choose_nodes(self._rng, grid, self.cfg)
+        config["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        messages = list(self._construct_messages(record, chosen, MessageType.TRAIN))
         for m in messages:
             self.recorder.add_down(content_bytes(m.content))
         return messages
@@ -466,14 +479,20 @@ class RecordedFedAvg(FedAvg):
         return aggregated, MetricRecord({"train-loss": mean_loss, "clients": len(checked)})
 
     def state_dict(self) -> tuple[dict, dict]:
-        """Nothing beyond the global arrays, which Strategy.start carries and the checkpoint keeps beside.
-        Client sampling is Flower's FedAvg's own (unseeded `random`): a resumed run continues exactly only
-        where every node trains each round (fraction-train = 1)."""
-        return {}, {}
+        """The sampling RNG; the global arrays are Strategy.start's, which the checkpoint keeps beside."""
+        return {}, {"rng": checkpoint.rng_state(self._rng)}
 
     def load_state_dict(self, tensors, state: dict, done: int, same_run: bool) -> None:
-        if tensors or state:
+        if tensors or set(state) - {"rng"}:
             raise checkpoint.CheckpointError("the checkpoint holds a strategy state FedAvg does not have")
+        if "rng" in state:
+            checkpoint.set_rng_state(self._rng, state["rng"])
+        else:  # written before FedAvg drew its nodes with a seeded RNG (it used Flower's unseeded sampling)
+            log(
+                WARNING,
+                "the checkpoint holds no client-sampling state: sampling starts again from seed %d",
+                self.cfg.seed,
+            )
 
 
 def params_record(model: torch.nn.Module) -> ArrayRecord:

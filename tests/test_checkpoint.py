@@ -44,13 +44,12 @@ def tiny_bert(tiny_bert, tmp_path_factory):
 
 
 def make_cfg(method, tiny_bert, glue_dir, tmp_path, **extra):
-    sampled = method not in ("fedavg", "fedavg-lora")  # Flower's FedAvg samples with unseeded `random`
     return parse_run_config(
         {
             "method": method, "task": "rte", "model": tiny_bert, "data-dir": glue_dir, "seed": 1,
             "results-dir": str(tmp_path / "results"), "train.local-steps": 2, "train.batch-size": 4,
             "train.max-length": 32, "train.lr": 1e-2, "eval.max-examples": 16, "eval.batch-size": 16,
-            "fraction-train": 0.6 if sampled else 1.0, "min-clients": 2, "krso.k": 2, "krso.rank": 4,
+            "fraction-train": 0.6, "min-clients": 2, "krso.k": 2, "krso.rank": 4,
             "krso.intervals": 2, "zo.lr": 1e-2, "zo.eps": 1e-2, "spzo.split-layer": 1, "spzo.p1": 1, "spzo.p2": 2, "zo.params": "all",
             "kseed.k": 64, "tt.bottleneck": 8, "tt.rank": 3, "lora.rank": 2, "lora.dropout": 0.0, **extra,
         }
@@ -90,8 +89,7 @@ def test_run_of_n_rounds_equals_k_rounds_resumed(method, tiny_bert, glue_dir, tm
     part, sampled_part = run_to(method, tiny_bert, glue_dir, tmp_path, 2, 2, "part")  # "stopped" after round 2
     resumed, sampled = run_to(method, tiny_bert, glue_dir, tmp_path, 3, 3, "resumed", **{"resume-from": part})
     assert sampled_part + sampled == sampled_full  # client sampling continues where it stopped
-    if not method.startswith("fedavg"):  # 2 of 3 nodes a round: a sampler restarted from the seed would differ
-        assert sampled_full[2] != sampled_full[0]
+    assert sampled_full[2] != sampled_full[0]  # 2 of 3 nodes a round: a sampler restarted from the seed would differ
 
     a = server_model(method, tiny_bert, glue_dir, tmp_path, full)
     b = server_model(method, tiny_bert, glue_dir, tmp_path, resumed)
@@ -106,7 +104,7 @@ def test_run_of_n_rounds_equals_k_rounds_resumed(method, tiny_bert, glue_dir, tm
     rows = read_jsonl(os.path.join(resumed, "rounds.jsonl"))
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     assert rows[:3] == rows_part  # the records so far, carried over unchanged
-    assert rows[3]["clients"] == rows_full[3]["clients"] == (3 if method.startswith("fedavg") else 2)
+    assert rows[3]["clients"] == rows_full[3]["clients"] == 2
     assert rows[3]["accuracy"] == pytest.approx(rows_full[3]["accuracy"], abs=1e-6)
     assert rows[3]["loss"] == pytest.approx(rows_full[3]["loss"], abs=1e-5)
     with open(os.path.join(resumed, "summary.json")) as f:
@@ -119,6 +117,28 @@ def test_run_of_n_rounds_equals_k_rounds_resumed(method, tiny_bert, glue_dir, tm
 
 
 # --- refusals ---------------------------------------------------------------------------------------------
+
+
+def test_every_method_trains_the_same_nodes_each_round(tiny_bert, glue_dir, tmp_path, monkeypatch):
+    """Side by side means the same clients: with the same seed and nodes, every strategy draws the same nodes
+    in the same rounds (server_app.strategies.choose_nodes), FedAvg's included (Flower's own sampling is the
+    unseeded global `random`)."""
+    monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path / "nodes"))
+    drawn = {m: run_to(m, tiny_bert, glue_dir, tmp_path / m, 1, 3, "draws")[1] for m in ("fedavg", "fedkseed")}
+    assert drawn["fedavg"] == drawn["fedkseed"] and len({tuple(d) for d in drawn["fedavg"]}) > 1
+
+
+def test_fedavg_reads_a_checkpoint_from_before_its_seeded_sampling(tiny_bert, glue_dir, tmp_path, caplog):
+    """A FedAvg checkpoint written before its strategy had a sampling RNG (state {}) still resumes, saying that
+    sampling starts again from the seed; a state key FedAvg does not know is refused."""
+    cfg = make_cfg("fedavg", tiny_bert, glue_dir, tmp_path, **{"run-name": "old"})
+    setup = SETUPS["fedavg"](cfg, RunRecorder(cfg.results_dir, cfg.run_name, cfg.to_flat()))
+    fresh = setup.strategy._rng.getstate()
+    setup.strategy.load_state_dict({}, {}, 2, True)
+    assert setup.strategy._rng.getstate() == fresh
+    assert "no client-sampling state" in caplog.text
+    with pytest.raises(checkpoint.CheckpointError, match="FedAvg does not have"):
+        setup.strategy.load_state_dict({}, {"log": []}, 2, True)
 
 
 @pytest.fixture(scope="module")
