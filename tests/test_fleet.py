@@ -3,7 +3,7 @@ SuperNodes with their ClientApp executors as separate processes, each pod in its
 and SuperNode authentication on, every command derived from docker-compose.yml.
 
 One fleet serves the whole module (start-up ~12 s). Time budget (the suite must stay under 15 min): every
-method runs 1 round of the tiny BERT (~25 s per method here, deploy/README.md "Fleet tests").
+method runs 1 round of the tiny BERT (~35 s per method here, deploy/README.md "Fleet tests").
 Needs root (`ip netns`), openssl and ssh-keygen; skipped with the reason where any is missing.
 """
 
