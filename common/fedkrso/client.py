@@ -23,7 +23,7 @@ from common.training import Encoded, client_data, dropout_seed, make_optimizer, 
 
 
 def local_update(
-    km: KrsoModel, cfg: RunConfig, seeds: list[int], encoded: Encoded, batches: list[list[int]], dropout: int = 0
+    km: KrsoModel, cfg: RunConfig, seeds: list[int], encoded: Encoded, batches: list[list[int]], dropout: int
 ) -> tuple[Accumulators, list[float]]:
     """I intervals of J steps; interval i trains B in seed i mod K, merges W <- W + B P, A_k += B.
 
