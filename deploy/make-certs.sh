@@ -13,6 +13,7 @@ set -euo pipefail
 OUT="${1:-$(cd "$(dirname "$0")" && pwd)/certs}"
 DAYS="${CERT_DAYS:-365}"
 mkdir -p "$OUT"
+chmod 700 "$OUT"  # ca.key and server.key: owner-only, down to the folder
 if [ -f "$OUT/ca.crt" ] && [ -f "$OUT/server.pem" ]; then
   echo "certificates exist in $OUT (delete them to make new ones)"
   exit 0
@@ -53,6 +54,14 @@ openssl req -new -key "$OUT/server.key" -out "$OUT/server.csr" -config "$CONF"
 openssl x509 -req -in "$OUT/server.csr" -CA "$OUT/ca.crt" -CAkey "$OUT/ca.key" -CAcreateserial \
   -out "$OUT/server.pem" -days "$DAYS" -sha256 -extfile "$CONF" -extensions req_ext 2>/dev/null
 chmod 644 "$OUT/ca.crt" "$OUT/server.pem"
-# The SuperLink container runs as uid 49999 (user `app` of the flwr images): it must read server.key.
-if [ "$(id -u)" = 0 ] && [ -n "${CERT_OWNER:-49999}" ]; then chown "${CERT_OWNER:-49999}" "$OUT/server.key"; fi
+chmod 600 "$OUT/ca.key" "$OUT/server.key" "$OUT/server.csr"
+rm -f "$OUT/server.conf"
+# The SuperLink container runs as uid 49999 (user `app` of the flwr images) and must read server.key, which
+# stays owner-only: its owner becomes 49999. compose mounts the three files it needs one by one, so the
+# folder's 700 does not stand in the container's way, and ca.key never enters a container.
+if [ "$(id -u)" = 0 ]; then
+  chown "${CERT_OWNER:-49999}" "$OUT/server.key"
+else
+  echo "note: run as root (sudo) or 'sudo chown 49999 $OUT/server.key' so the SuperLink container can read its key" >&2
+fi
 echo "CA and SuperLink certificate in $OUT (SAN: superlink, localhost, 127.0.0.1, ::1${SUPERLINK_IP:+, $SUPERLINK_IP}${SUPERLINK_DNS:+, $SUPERLINK_DNS})"

@@ -12,10 +12,17 @@ if [ "${1:-}" = "--name" ]; then NAMES=("$2"); shift 2; else N="${1:?usage: make
   NAMES=(); for i in $(seq 1 "$N"); do NAMES+=("supernode-$i"); done; fi
 OUT="${1:-$(cd "$(dirname "$0")" && pwd)/keys}"
 mkdir -p "$OUT"
+chmod 700 "$OUT"  # private keys: owner-only, down to the folder (compose mounts each key file on its own)
 for name in "${NAMES[@]}"; do
   if [ -f "$OUT/$name" ]; then echo "key $OUT/$name exists"; continue; fi
   ssh-keygen -q -t ecdsa -b 384 -N "" -C "$name" -f "$OUT/$name"
-  # The SuperNode container runs as uid 49999 (user `app` of the flwr images): it must read its key.
-  if [ "$(id -u)" = 0 ] && [ -n "${KEY_OWNER:-49999}" ]; then chown "${KEY_OWNER:-49999}" "$OUT/$name"; fi
+  chmod 600 "$OUT/$name"
+  # The SuperNode container runs as uid 49999 (user `app` of the flwr images) and must read its key, which
+  # stays owner-only: its owner becomes 49999 (KEY_OWNER= another uid for a SuperNode run outside Docker).
+  if [ "$(id -u)" = 0 ]; then
+    chown "${KEY_OWNER:-49999}" "$OUT/$name"
+  else
+    echo "note: run as root (sudo) or 'sudo chown 49999 $OUT/$name' so a SuperNode container can read it" >&2
+  fi
   echo "$OUT/$name (+ .pub)"
 done

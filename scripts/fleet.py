@@ -5,9 +5,16 @@ No Docker engine is needed. The harness reads docker-compose.yml itself and deri
 - the arguments from its `command`, with `${VAR:-default}` interpolated, service host names replaced by the
   namespace addresses (`superlink:8000` -> `10.213.N.2:8000`) and container paths under a volume replaced by
   the host folder behind it (named volumes: folders in the fleet's work directory);
-- one network namespace per service, joined to a bridge by a veth pair, with its own address; a service with
-  `network_mode: service:X` runs in X's namespace (a SuperNode and its ClientApp executor, the SuperLink and
-  its ServerApp executor), as in compose;
+- one network namespace per pod, joined to a bridge by a veth pair, with its own address; a service with
+  `network_mode: service:X` runs in X's namespace, as in compose. X is a holder (`sleep infinity`, no Flower
+  binary): the harness makes its namespace and starts no process for it; the SuperNode and its ClientApp
+  executor, and the SuperLink and its ServerApp executor, are the members of such pods. A holder's network
+  aliases (`superlink`) name its address too. A service that is neither Flower's nor a holder (the one-shot
+  `volumes-init`, which hands Docker's fresh volumes to uid 49999) has nothing to do here: the harness makes
+  the volume folders itself;
+- where Docker runs on the host, its iptables FORWARD policy is DROP: the harness accepts forwarding on its
+  own bridge for as long as the fleet lives (one rule, tagged with the fleet's token, removed by `down` or by
+  the next run's clean-up when its owner crashed);
 - its `environment`, plus a FLWR_HOME of its own (what the container's /app/.flwr is).
 
 So the compose file cannot drift from what tests/test_fleet.py runs. The harness only starts, watches and
@@ -98,10 +105,23 @@ class Service:
     volumes: list[Volume]
     pod: str  # the service whose network namespace it runs in (itself unless network_mode: service:X)
     depends_on: list[str] = field(default_factory=list)
+    aliases: list[str] = field(default_factory=list)  # other names of its address (compose network aliases)
+    holder: bool = False  # holds a namespace for its members, runs nothing of its own
 
     @property
     def kind(self) -> str:
         return self.binary.removeprefix("flower-")
+
+
+class _ComposeLoader(yaml.SafeLoader):
+    """YAML with compose's merge tags: `!override X` is X; `!reset` empties the key (here: the key's value is
+    replaced as a whole anyway, as override files merge by key)."""
+
+
+_ComposeLoader.add_constructor("!override", lambda loader, node: (
+    loader.construct_sequence(node) if isinstance(node, yaml.SequenceNode)
+    else loader.construct_mapping(node) if isinstance(node, yaml.MappingNode) else loader.construct_scalar(node)))  # fmt: skip
+_ComposeLoader.add_constructor("!reset", lambda loader, node: None)
 
 
 def load_compose(path: str, env: Mapping[str, str], volumes_dir: str, files: Sequence[str] = ()) -> dict[str, Service]:
@@ -109,12 +129,13 @@ def load_compose(path: str, env: Mapping[str, str], volumes_dir: str, files: Seq
     docs = []
     for p in [path, *files]:
         with open(p) as f:
-            docs.append(interpolate(yaml.safe_load(f), env))
+            docs.append(interpolate(yaml.load(f, Loader=_ComposeLoader), env))  # noqa: S506 (a SafeLoader)
     services: dict[str, dict] = {}
     for doc in docs:
         for name, spec in (doc.get("services") or {}).items():
             services.setdefault(name, {}).update(spec)
     base = os.path.dirname(os.path.abspath(path))
+    joined = {m.removeprefix("service:") for m in (sp.get("network_mode", "") for sp in services.values())}
     out = {}
     for name, spec in services.items():
         if spec.get("entrypoint"):
@@ -125,6 +146,11 @@ def load_compose(path: str, env: Mapping[str, str], volumes_dir: str, files: Seq
             if not m:
                 raise FleetError(f"service {name}: neither an entrypoint nor a flwr/<component> image")
             binary = f"flower-{m.group(1)}"
+        holder = not binary.startswith("flower-")
+        if holder and name not in joined:
+            continue  # a one-shot helper of Docker's (volumes-init): nothing to run as a host process
+        networks = spec.get("networks") or {}
+        aliases = [a for net in networks.values() if isinstance(net, dict) for a in net.get("aliases") or []]
         mode = spec.get("network_mode", "")
         pod = mode.removeprefix("service:") if mode.startswith("service:") else name
         vols = []
@@ -145,6 +171,8 @@ def load_compose(path: str, env: Mapping[str, str], volumes_dir: str, files: Seq
             volumes=vols,
             pod=pod,
             depends_on=list(deps) if isinstance(deps, list) else list(deps.keys()),
+            aliases=aliases,
+            holder=holder,
         )
     for s in out.values():
         if s.pod not in out:
@@ -209,6 +237,12 @@ def clean_stale() -> list[str]:
         if name.startswith(BR_PREFIX) and name[len(BR_PREFIX) :] not in live_tokens:
             sh("ip", "link", "del", name, check=False)
             removed.append(name)
+    if shutil.which("iptables"):
+        for rule in sh("iptables", "-S", "FORWARD", check=False).stdout.splitlines():
+            m = re.search(rf'--comment "?{NS_PREFIX}([0-9a-f]+)"?', rule)
+            if m and m.group(1) not in live_tokens and rule.startswith("-A "):
+                sh("iptables", "-D", *rule.split()[1:], check=False)
+                removed.append(f"iptables rule {m.group(1)}")
     return removed
 
 
@@ -296,6 +330,8 @@ class Fleet:
             keep = {s.name for s in self.by_kind("supernode")[:nodes]}
             self.services = {n: s for n, s in self.services.items() if s.kind != "supernode" or n in keep}
             self.services = {n: s for n, s in self.services.items() if s.pod in self.services}
+            members = {s.pod for s in self.services.values() if not s.holder}
+            self.services = {n: s for n, s in self.services.items() if not s.holder or n in members}
         self.pods = sorted({s.pod for s in self.services.values()}, key=lambda p: list(self.services).index(p))
         self.subnet = 0
         self.addr: dict[str, str] = {}
@@ -324,6 +360,19 @@ class Fleet:
 
     def node_pods(self) -> list[str]:
         return [s.pod for s in self.by_kind("supernode")]
+
+    def pod_of(self, name: str) -> str:
+        """The pod a service runs in (a pod's own name is returned as it is)."""
+        return self.services[name].pod if name in self.services else name
+
+    def hosts(self) -> dict[str, str]:
+        """Every name a command may use for a pod's address: its services' names and the holders' aliases."""
+        out = {}
+        for s in self.services.values():
+            if s.pod in self.addr:
+                out[s.name] = self.addr[s.pod]
+                out.update((a, self.addr[s.pod]) for a in s.aliases)
+        return out
 
     def pod_volumes(self, pod: str) -> list[Volume]:
         return [v for s in self.services.values() if s.pod == pod for v in s.volumes]
@@ -358,6 +407,8 @@ class Fleet:
             sh("ip", "-n", ns, "link", "set", peer, "up")
             sh("ip", "-n", ns, "link", "set", "lo", "up")
             sh("ip", "-n", ns, "route", "add", "default", "via", f"10.213.{self.subnet}.1")
+        if shutil.which("iptables"):
+            sh("iptables", *self.forward_rule("-I"))
         for s in self.services.values():
             for v in s.volumes:
                 if v.named:
@@ -411,8 +462,10 @@ class Fleet:
         still counts the node online, Flower exits the SuperNode with 305). Compose's `restart: unless-stopped`
         gets there by retrying.
         """
+        pod = self.pod_of(pod)
+        node = next(s.name for s in self.by_kind("supernode") if s.pod == pod)
         t0 = time.monotonic()
-        while self.node_status(pod) == "online":
+        while self.node_status(node) == "online":
             if time.monotonic() - t0 > timeout:
                 raise FleetError(f"{pod} still online {timeout:.0f} s after it was killed")
             time.sleep(1)
@@ -421,14 +474,14 @@ class Fleet:
     def pod_affinity(self, pod: str) -> list[str]:
         """The CPU sets (Cpus_allowed_list) of the processes running in the pod's namespace now."""
         out = set()
-        for pid in sh("ip", "netns", "pids", self.ns[pod], check=False).stdout.split():
+        for pid in sh("ip", "netns", "pids", self.ns[self.pod_of(pod)], check=False).stdout.split():
             with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
                 out.update(line.split(":", 1)[1].strip() for line in f if line.startswith("Cpus_allowed_list:"))
         return sorted(out)
 
     def clientapp_running(self, pod: str) -> bool:
         """Whether a ClientApp process (flwr-clientapp) runs in the pod's namespace now."""
-        for pid in sh("ip", "netns", "pids", self.ns[pod], check=False).stdout.split():
+        for pid in sh("ip", "netns", "pids", self.ns[self.pod_of(pod)], check=False).stdout.split():
             try:
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
                     if b"flwr-clientapp" in f.read():
@@ -443,9 +496,8 @@ class Fleet:
     # -- processes -------------------------------------------------------------------------------------
     def command(self, name: str) -> list[str]:
         s = self.services[name]
-        hosts = dict(self.addr)
         vols = self.pod_volumes(s.pod)
-        args = [translate(a, hosts, vols) for a in s.command]
+        args = [translate(a, self.hosts(), vols) for a in s.command]
         return [os.path.join(BIN, s.binary), *args]
 
     def start(self, name: str) -> subprocess.Popen:
@@ -456,7 +508,7 @@ class Fleet:
         if s.kind == "supernode":
             env.update(self.supernode_env)
         cmd = ["ip", "netns", "exec", self.ns[s.pod], *self.command(name)]
-        if self.edge is not None and s.pod == self.edge.pod:
+        if self.edge is not None and s.pod == self.pod_of(self.edge.pod):
             cmd = self._edge_wrap(cmd)
         log = open(os.path.join(self.logs, f"{name}.log"), "ab")  # noqa: SIM115 (kept open by the child)
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=home)
@@ -509,15 +561,14 @@ class Fleet:
 
     def kill_pod(self, pod: str) -> None:
         """Kill every process of a pod (its services' process groups and anything left in its namespace)."""
+        pod = self.pod_of(pod)
         for s in list(self.services.values()):
             if s.pod == pod:
                 self.stop(s.name)
         _kill_ns_pids(self.ns[pod])
 
     def up_superlink(self, timeout: float = 60) -> None:
-        for s in self.services.values():
-            if s.pod == self.superlink.pod:
-                self.start(s.name)
+        self.up_pod(self.superlink.pod)
         self.wait_superlink(timeout)
 
     def wait_superlink(self, timeout: float) -> None:
@@ -535,8 +586,9 @@ class Fleet:
         raise FleetError(f"the SuperLink did not answer within {timeout:.0f} s: {self.tail(self.superlink.name)}")
 
     def up_pod(self, pod: str) -> None:
+        pod = self.pod_of(pod)
         for s in self.services.values():
-            if s.pod == pod:
+            if s.pod == pod and not s.holder:
                 self.start(s.name)
 
     def up(self, timeout: float = 60) -> None:
@@ -555,9 +607,17 @@ class Fleet:
         with open(p, "rb") as f:
             return f.read()[-n:].decode(errors="replace")
 
+    def forward_rule(self, op: str) -> list[str]:
+        """The rule that lets the bridge forward between its namespaces where FORWARD's policy is DROP (Docker)."""
+        where = ["FORWARD", "1"] if op == "-I" else ["FORWARD"]
+        return [op, *where, "-i", self.bridge, "-o", self.bridge, "-m", "comment", "--comment", f"{NS_PREFIX}{self.token}",
+                "-j", "ACCEPT"]  # fmt: skip
+
     def down(self) -> None:
         for name in list(self.procs):
             self.stop(name)
+        if self.subnet and shutil.which("iptables"):
+            sh("iptables", *self.forward_rule("-D"), check=False)
         for ns in self.ns.values():
             _kill_ns_pids(ns)
             sh("ip", "netns", "del", ns, check=False)
@@ -599,8 +659,12 @@ class Fleet:
         if run_config.get("resume-from"):
             from server_app import checkpoint
 
-            self.resumed[run_id] = checkpoint.read(str(run_config["resume-from"])).round
+            self.resumed[run_id] = checkpoint.read(self.local_path(str(run_config["resume-from"]))).round
         return run_id
+
+    def local_path(self, path: str) -> str:
+        """A path of the run config as this process reads it (the namespace fleet runs on the host's paths)."""
+        return path
 
     def status(self, run_id: int) -> str:
         res = self.flwr("ls", "fleet", "--run-id", str(run_id), "--format", "json")

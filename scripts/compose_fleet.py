@@ -1,0 +1,288 @@
+"""The fleet of docker-compose.yml on a real Docker engine, driven through deploy/README.md's own commands.
+
+    python scripts/docker_engine.py up                      # engine, Compose v2, flwr/* images (stand-ins)
+    python scripts/compose_fleet.py --glue-dir /abs/glue -c "method='fedkrso' task='rte' num-server-rounds=2"
+
+`ComposeFleet(workdir)` copies the repository's tracked files into `workdir/app` (the user's deploy/certs and
+deploy/keys are never touched), then does what the README says, in that copy:
+
+    deploy/make-certs.sh ; deploy/make-keys.sh 3
+    docker compose build
+    docker compose up -d superlink superexec-serverapp
+    deploy/register-keys.sh fleet deploy/keys/supernode-*.pub
+    docker compose up -d
+
+with a compose project of its own (`-p`), the SuperLink published on a free host port, and a private
+FLWR_HOME whose config.toml names the SuperLink with the CA as root-certificates. Runs go through
+`flwr run . fleet`; their final status comes from `flwr ls` (flwr run exits 0 on failed runs). The records are
+read from the `results` volume (its folder on the host, `docker volume inspect`), and `records_copy` takes
+them out with `docker compose cp` as the README does.
+
+Wire bytes: each pod's network namespace belongs to its holder container (`*-net`); its eth0 counters, read
+from /proc/<holder pid>/net/dev on the host, are what the pod sent and received on the compose network
+(the Runtime API between a SuperNode and its executor stays on loopback and is not counted). `watch` writes
+`<records>/wire.jsonl` per round as scripts/fleet.py does for the namespace fleet (same rows).
+
+Needs root (or a user in the docker group), a running engine and the images (scripts/docker_engine.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from scripts.fleet import BIN, Fleet, FleetError, flwr_env  # noqa: E402
+
+NODES = 3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ComposeFleet:
+    """docker-compose.yml brought up in a copy of the repository under its own compose project."""
+
+    status = Fleet.status
+    watch = Fleet.watch
+    submit = Fleet.submit
+
+    def __init__(self, workdir: str, *, glue_dir: str, torch_index: str = "", project: str = "") -> None:
+        self.workdir = os.path.abspath(workdir)
+        self.app = os.path.join(self.workdir, "app")
+        self.home = os.path.join(self.workdir, "cli-home")
+        self.project = project or f"fstest{os.getpid()}"
+        self.port = free_port()
+        self.insecure = False
+        self.resumed: dict[int, int] = {}
+        self.env = {
+            **os.environ,
+            "GLUE_DIR": os.path.abspath(glue_dir),
+            "SUPERLINK_PORT": str(self.port),
+            "COMPOSE_PROJECT_NAME": self.project,
+        }
+        if torch_index:
+            self.env["TORCH_INDEX"] = torch_index
+        self.timings: dict[str, float] = {}
+
+    # -- set-up, the README's commands ---------------------------------------------------------------------
+    def copy_repo(self) -> None:
+        files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                               text=True, check=True).stdout.split("\n")  # fmt: skip
+        for rel in filter(None, files):
+            src = os.path.join(ROOT, rel)
+            if not os.path.isfile(src):
+                continue
+            dst = os.path.join(self.app, rel)
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            shutil.copy2(src, dst)
+
+    def sh(self, *cmd: str, check: bool = True, timeout: float = 900, env: Mapping[str, str] | None = None):
+        res = subprocess.run(cmd, cwd=self.app, env=dict(env or self.env), capture_output=True, text=True,
+                             timeout=timeout)  # fmt: skip
+        if check and res.returncode != 0:
+            raise FleetError(f"{' '.join(cmd)} exited {res.returncode}:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+        return res
+
+    def compose(self, *args: str, check: bool = True, timeout: float = 900):
+        return self.sh("docker", "compose", *args, check=check, timeout=timeout)
+
+    def timed(self, label: str, *cmd: str, timeout: float = 900):
+        t0 = time.monotonic()
+        res = self.sh(*cmd, timeout=timeout)
+        self.timings[label] = time.monotonic() - t0
+        return res
+
+    def write_cli_config(self) -> None:
+        os.makedirs(self.home, exist_ok=True)
+        ca = os.path.join(self.app, "deploy", "certs", "ca.crt")
+        with open(os.path.join(self.home, "config.toml"), "w") as f:
+            f.write(f'[superlink.fleet]\naddress = "127.0.0.1:{self.port}"\nroot-certificates = "{ca}"\n')
+
+    def cli_env(self) -> dict[str, str]:
+        return flwr_env(self.home)
+
+    def up(self) -> None:
+        self.copy_repo()
+        self.timed("certs and keys", "bash", "-c", f"deploy/make-certs.sh && deploy/make-keys.sh {NODES}")
+        self.timed("docker compose build", "docker", "compose", "build", timeout=1800)
+        self.timed("up superlink", "docker", "compose", "up", "-d", "superlink", "superexec-serverapp")
+        self.write_cli_config()
+        self.wait_superlink(120)
+        t0 = time.monotonic()
+        keys = [os.path.join("deploy", "keys", f"supernode-{i}.pub") for i in range(1, NODES + 1)]
+        out = self.sh("deploy/register-keys.sh", "fleet", *keys, env={**self.cli_env(), **self._path_env()}).stdout
+        self.timings["register keys"] = time.monotonic() - t0
+        self.node_ids = {}
+        for name, node_id in zip([f"supernode-{i}" for i in range(1, NODES + 1)],
+                                 re.findall(r"SuperNode (\d+) registered", out), strict=True):  # fmt: skip
+            self.node_ids[name] = int(node_id)
+        self.timed("up supernodes", "docker", "compose", "up", "-d")
+        t0 = time.monotonic()
+        self.wait_online(list(self.node_ids), 180)
+        self.timings["nodes online"] = time.monotonic() - t0
+
+    def _path_env(self) -> dict[str, str]:
+        return {"PATH": os.pathsep.join([BIN, os.environ.get("PATH", "")]), "FLWR": os.path.join(BIN, "flwr")}
+
+    def down(self) -> None:
+        self.compose("down", "-v", "--remove-orphans", "-t", "5", check=False, timeout=300)
+
+    def __enter__(self) -> ComposeFleet:
+        try:
+            self.up()
+        except BaseException:
+            self.logs_to(os.path.join(self.workdir, "logs"))
+            self.down()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.logs_to(os.path.join(self.workdir, "logs"))
+        self.down()
+
+    def logs_to(self, folder: str) -> None:
+        os.makedirs(folder, exist_ok=True)
+        for svc in self.compose("config", "--services", check=False).stdout.split():
+            with open(os.path.join(folder, f"{svc}.log"), "w") as f:
+                f.write(self.compose("logs", "--no-color", svc, check=False).stdout)
+
+    # -- the fleet as it runs --------------------------------------------------------------------------
+    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([os.path.join(BIN, "flwr"), *args], env=self.cli_env(), cwd=self.app,
+                              capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+    def wait_superlink(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            res = self.flwr("ls", "fleet", "--format", "json")
+            try:
+                if json.loads(res.stdout).get("success") is not False:
+                    return
+            except json.JSONDecodeError:
+                pass
+            time.sleep(1)
+        raise FleetError(
+            f"the SuperLink did not answer within {timeout:.0f} s: {self.compose('logs', 'superlink', check=False).stdout[-2000:]}"
+        )
+
+    def node_statuses(self) -> dict[str, str]:
+        res = self.flwr("supernode", "list", "fleet", "--format", "json")
+        try:
+            nodes = {int(n["node-id"]): n["status"] for n in json.loads(res.stdout)["nodes"]}
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise FleetError(f"flwr supernode list: {res.stdout[-500:]} {res.stderr[-500:]}") from exc
+        return {name: nodes.get(i, "absent") for name, i in self.node_ids.items()}
+
+    def wait_online(self, names: Sequence[str], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            statuses = self.node_statuses()
+            if all(statuses[n] == "online" for n in names):
+                return
+            time.sleep(2)
+        raise FleetError(f"SuperNodes not online within {timeout:.0f} s: {self.node_statuses()}")
+
+    def container(self, service: str) -> str:
+        return self.compose("ps", "-q", "--all", service).stdout.strip()
+
+    def main_pid(self, service: str) -> int:
+        """The host pid of a service's main process (its container's pid 1)."""
+        res = self.sh("docker", "inspect", "-f", "{{.State.Pid}}", self.container(service))
+        return int(res.stdout.strip())
+
+    def restarts(self, service: str) -> int:
+        res = self.sh("docker", "inspect", "-f", "{{.RestartCount}}", self.container(service))
+        return int(res.stdout.strip())
+
+    def processes(self, service: str) -> str:
+        """The command lines running in a service's container (read from the host's /proc, by pid namespace)."""
+        pid = self.main_pid(service)
+        if pid <= 0:
+            return ""
+        ns = os.readlink(f"/proc/{pid}/ns/pid")
+        out = []
+        for p in os.listdir("/proc"):
+            if not p.isdigit():
+                continue
+            try:
+                if os.readlink(f"/proc/{p}/ns/pid") == ns:
+                    with open(f"/proc/{p}/cmdline", "rb") as f:
+                        out.append(f.read().replace(b"\0", b" ").decode(errors="replace"))
+            except OSError:
+                continue
+        return "\n".join(out)
+
+    def node_pods(self) -> list[str]:
+        return [f"supernode-{i}-net" for i in range(1, NODES + 1)]
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        """Bytes each pod sent and received on the compose network (its holder's eth0, read from the host)."""
+        out = {}
+        for pod in ["superlink-net", *self.node_pods()]:
+            with open(f"/proc/{self.main_pid(pod)}/net/dev") as f:
+                for line in f:
+                    name, _, rest = line.partition(":")
+                    if name.strip() == "eth0":
+                        v = rest.split()
+                        out[pod] = {"received": int(v[0]), "sent": int(v[8])}
+        return out
+
+    def volume_dir(self, volume: str) -> str:
+        res = self.sh("docker", "volume", "inspect", "-f", "{{.Mountpoint}}", f"{self.project}_{volume}")
+        return res.stdout.strip()
+
+    def records(self, run_name: str) -> str:
+        """A run's records folder, read on the host from the `results` volume."""
+        return os.path.join(self.volume_dir("results"), run_name)
+
+    def records_copy(self, run_name: str, dest: str) -> str:
+        """`docker compose cp superexec-serverapp:/app/results/<run> DEST`, as deploy/README.md says."""
+        self.compose("cp", f"superexec-serverapp:/app/results/{run_name}", dest)
+        return dest
+
+    def local_path(self, path: str) -> str:
+        """A container path under /app/results as the host reads it: in the results volume's folder."""
+        if path == "/app/results" or path.startswith("/app/results/"):
+            return self.volume_dir("results") + path.removeprefix("/app/results")
+        return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--glue-dir", required=True)
+    ap.add_argument("--workdir", default="")
+    ap.add_argument("--torch-index", default=os.environ.get("TORCH_INDEX", ""))
+    ap.add_argument("-c", "--run-config", default="", help="extra run config, e.g. \"method='fedkrso'\"")
+    args = ap.parse_args(argv)
+    import tempfile
+
+    from flwr.common.config import parse_config_args
+
+    workdir = args.workdir or tempfile.mkdtemp(prefix="compose-fleet-")
+    cfg = {"results-dir": "/app/results", "data-dir": "/app/data/glue", "run-name": "compose-run",
+           **(parse_config_args([args.run_config]) if args.run_config else {})}  # fmt: skip
+    with ComposeFleet(workdir, glue_dir=args.glue_dir, torch_index=args.torch_index) as fleet:
+        print(json.dumps(fleet.timings))
+        run_id = fleet.submit(cfg)
+        status = fleet.watch(run_id, fleet.records(cfg["run-name"]), 3600)
+        fleet.records_copy(cfg["run-name"], os.path.join(workdir, cfg["run-name"]))
+        print(status, os.path.join(workdir, cfg["run-name"]))
+        return 0 if status == "finished:completed" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
