@@ -394,8 +394,8 @@ def test_robust_rules_keep_a_plausible_attacker_close_to_the_honest_run(method, 
     (w: the whole global model; clean: the same run without the attacker). The coordinate-wise median of two
     honest values and an outlier lies between the honest ones, so each round's aggregated update differs from
     the honest mean by at most half the honest spread per coordinate, about one honest update: d <= 3 over two
-    rounds for median and trimmed-mean (trim 0.34 of 3 replies = the median); measured 1.0 to 1.9. Without a
-    defence (mean) the same attacker makes d > 10 (measured 1e3 to 1e5)."""
+    rounds for median and trimmed-mean (one cut at each end of 3 replies = the median); measured 1.0 to 1.9.
+    Without a defence (mean, norm-cap 0) the same attacker makes d > 10 (measured 1e3 to 1e5)."""
     w0 = Run(method, tiny_bert, glue_dir, tmp_path).weights()
     clean = Run(method, tiny_bert, glue_dir, tmp_path)
     play(clean, 2)
@@ -403,9 +403,9 @@ def test_robust_rules_keep_a_plausible_attacker_close_to_the_honest_run(method, 
     assert moved > 0
     distance = {}
     for rule, extra in {
-        "mean": {},
+        "mean": {"aggregation.norm-cap": 0.0},  # the plain mean, no defence but the weight cap
         "median": {"aggregation.rule": "median"},
-        "trimmed-mean": {"aggregation.rule": "trimmed-mean", "aggregation.trim-fraction": 0.34},
+        "trimmed-mean": {"aggregation.rule": "trimmed-mean", "aggregation.attackers": 1},
     }.items():
         run = Run(method, tiny_bert, glue_dir, tmp_path, **extra)
         records = play(run, 2, _scaled(300.0))
@@ -418,7 +418,7 @@ def test_robust_rules_keep_a_plausible_attacker_close_to_the_honest_run(method, 
 
 @pytest.mark.usefixtures("state_dir")
 def test_clip_norm_cuts_a_plausible_attacker_down_to_an_honest_size(tiny_bert, glue_dir, tmp_path):
-    """Mean + aggregation.clip-norm (FedKRSO): each reply's update (accumulators and head change, together) is
+    """Mean + aggregation.clip-norm alone (norm-cap 0; FedKRSO): each reply's update (accumulators and head change, together) is
     scaled to at most the clip norm, set here to the norm of an honest update of round 1. The attacker of
     test_robust_rules_... (x300) then weighs like one more honest update: d <= 3 as for the robust rules,
     against d > 10 without clipping, and every honest reply is still accepted."""
@@ -428,9 +428,10 @@ def test_clip_norm_cuts_a_plausible_attacker_down_to_an_honest_size(tiny_bert, g
     squares = sum(float((a.numpy().astype(np.float64) ** 2).sum()) for a in reply["accumulators"].values())
     squares += sum(float(((a.numpy() - head[n].numpy()) ** 2).sum()) for n, a in reply["head"].items())
     w0 = Run("fedkrso", tiny_bert, glue_dir, tmp_path).weights()
-    clean = Run("fedkrso", tiny_bert, glue_dir, tmp_path, **{"aggregation.clip-norm": math.sqrt(squares)})
+    clip_only = {"aggregation.clip-norm": math.sqrt(squares), "aggregation.norm-cap": 0.0}
+    clean = Run("fedkrso", tiny_bert, glue_dir, tmp_path, **clip_only)
     play(clean, 2)
-    attacked = Run("fedkrso", tiny_bert, glue_dir, tmp_path, **{"aggregation.clip-norm": math.sqrt(squares)})
+    attacked = Run("fedkrso", tiny_bert, glue_dir, tmp_path, **clip_only)
     records = play(attacked, 2, _scaled(300.0))
     assert [r["clients"] for r in records] == [3, 3]
     d = float((attacked.weights() - clean.weights()).norm() / (clean.weights() - w0).norm())
