@@ -1,16 +1,22 @@
-"""Benchmark: what robust aggregation costs (honest clients) and buys (one hostile client of ten); writes
-docs/results-robust.md.
+"""Benchmark: what the shipped aggregation defaults cost (honest clients) and hold (hostile ones), for all seven
+methods; writes docs/results-robust.md.
 
 Each run drives the method's real server strategy (server_app.app.SETUPS) and the real client code
 (client_app.app.CLIENTS) in one process, the way tests/test_hostile.py does, on SST-2 with the embedded
-MiniLM, 10 clients (Dirichlet alpha 0.5 over labels), the same seed and steps for every run; only
-`aggregation.rule` changes. The server evaluates the global model on the whole SST-2 dev split after the
-last round. In the hostile runs, client 9 does not train: each round it takes client 0's reply, turns its
-update around and blows it up (x -100 around the global values, clipped just inside the value bound the
-server checks) and claims num-examples = 1e12, so its reply passes every wire check and weighs as much as
-the weight cap allows.
+MiniLM, Dirichlet alpha 0.5 over labels, the same seed and steps for every run, every `aggregation.*` key at
+its shipped default (`--rules` adds other rules). The server evaluates the global model on the whole SST-2
+dev split after the last round. Scenarios: 10 honest clients, 5 honest clients, and each attack at 1 hostile
+client of 10 and 2 of 5. A hostile client trains its honest reply, then sends what passes every wire check
+and hurts most (`attack`): every value at the bound, away from the global value; its update turned around and
+scaled until its largest value reaches the bound; or the first, claiming num-examples = 1e12. Two hostile
+clients send the same (they collude). Measured: the norm of the first round's global update over that of the
+honest run with as many clients, the dev loss and accuracy after the last round, and whether the model is
+finite.
 
-    .venv/bin/python bench/robust.py [--rounds 3] [--local-steps 8] [--methods fedkrso,fedavg]
+    .venv/bin/python bench/robust.py [--rounds 3] [--local-steps 8] [--methods fedkrso,fedavg] [--rules mean]
+
+Seven methods x 8 scenarios of 3 rounds is about 56 runs: well over an hour on 2 cores (the two-method,
+three-rule version took 20 minutes); `--methods` and `--scenarios` cut it down.
 """
 
 from __future__ import annotations
@@ -25,62 +31,110 @@ import time
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ConfigRecord, Message
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench.run import LEARNING_RATES  # noqa: E402
 from client_app.app import CLIENTS  # noqa: E402
 from common.config import parse_run_config  # noqa: E402
 from common.evaluation import evaluate  # noqa: E402
+from common.fedtt.wire import _pack_cores  # noqa: E402
 from common.nodestore import STATE_DIR_ENV  # noqa: E402
 from common.records import RunRecorder  # noqa: E402
 from common.tasks import get_task  # noqa: E402
 from common.training import dev_encoded  # noqa: E402
-from common.wire import VALUE_BOUND  # noqa: E402
+from common.wire import VALUE_BOUND, zo_scalar_bound  # noqa: E402
 from server_app.app import SETUPS  # noqa: E402
 
 DOCS = os.path.join(ROOT, "docs")
-CLIENTS_N = 10
-HOSTILE = CLIENTS_N - 1
-LR = {"fedkrso": 5e-4, "fedavg": 5e-5}  # each method's own, as in docs/results.md
-RULES = {"mean": {}, "trimmed-mean": {"aggregation.trim-fraction": 0.1}, "median": {}}
-FACTOR = -100.0
+METHODS = ("fedkrso", "fedavg", "fedspzo", "fedkseed", "fedtt", "fedtt-plus", "fedavg-lora")
+MAIN_RECORD = {  # the reply record holding each method's update
+    "fedkrso": "accumulators", "fedspzo": "scalars", "fedkseed": "scalars", "fedtt": "cores",
+    "fedtt-plus": "cores", "fedavg": "arrays", "fedavg-lora": "arrays",
+}  # fmt: skip
+ATTACKS = ("bound", "sign flip", "bound + 1e12")
+SCENARIOS = {  # name -> (clients, hostile, attack)
+    "honest, 10": (10, 0, None),
+    "honest, 5": (5, 0, None),
+    **{f"{a}, 1 of 10": (10, 1, a) for a in ATTACKS},
+    **{f"{a}, 2 of 5": (5, 2, a) for a in ATTACKS},
+}
 
 
 class NodeList:
+    def __init__(self, n: int) -> None:
+        self.n = n
+
     def get_node_ids(self):
-        return list(range(1, CLIENTS_N + 1))
+        return list(range(1, self.n + 1))
 
 
-def hostile_reply(good: RecordDict, method: str, strategy, arrays: ArrayRecord) -> RecordDict:
-    """Client 0's reply turned around and blown up, within the server's value bound, claiming 1e12 examples."""
-    bound = 0.9 * VALUE_BOUND
-
-    def flip(values: np.ndarray, reference: np.ndarray | None) -> Array:
-        ref = 0.0 if reference is None else reference
-        return Array(np.clip(ref + FACTOR * (values - ref), -bound, bound).astype(np.float32))
-
-    out = RecordDict()
-    if method == "fedkrso":
-        head = {n: v.numpy() for n, v in strategy.km.head_state().items()}
-        out["accumulators"] = ArrayRecord({k: flip(a.numpy(), None) for k, a in good["accumulators"].items()})
-        out["head"] = ArrayRecord({k: flip(a.numpy(), head[k]) for k, a in good["head"].items()})
-    else:  # fedavg: the weights themselves, around the global ones
-        out["arrays"] = ArrayRecord({k: flip(a.numpy(), arrays[k].numpy()) for k, a in good["arrays"].items()})
-    out["metrics"] = MetricRecord(dict(good["metrics"]))
-    out["metrics"]["num-examples"] = 10**12
-    return out
+def value_bound(cfg, record: str) -> float:
+    """The largest |value| the server accepts in this record of this method's replies (common.wire)."""
+    if record == "scalars" and cfg.method == "fedspzo":
+        return zo_scalar_bound(cfg.zo.eps)
+    if record == "scalars" and cfg.method == "fedkseed":
+        return zo_scalar_bound(cfg.zo.eps, cfg.train.local_steps * cfg.kseed.perturbations)
+    return VALUE_BOUND
 
 
-def run(method: str, rule: str, hostile: bool, args, dev) -> dict:
-    name = f"robust-{method}-{rule}-{'hostile' if hostile else 'honest'}"
+def references(cfg, strategy, arrays, server_round: int) -> dict[str, dict[str, np.ndarray]]:
+    """Per reply record, the global values its arrays replace (absent: 0, the arrays are updates already)."""
+    if cfg.method in ("fedavg", "fedavg-lora"):
+        return {"arrays": {k: a.numpy() for k, a in arrays.items()}}
+    if cfg.method == "fedkrso":
+        return {"head": {n: v.numpy() for n, v in strategy.km.head_state().items()}}
+    if cfg.method in ("fedtt", "fedtt-plus"):
+        state = strategy.tm.adapters.state()
+        cores = _pack_cores({k: state[k] for k in strategy.selected[server_round]}, strategy.shapes)
+        head = {n: v.numpy() for n, v in strategy.tm.head_state().items()}
+        return {"cores": {k: a.numpy() for k, a in cores.items()}, "head": head}
+    return {}
+
+
+def attack(content, kind: str, cfg, refs: dict[str, dict[str, np.ndarray]]):
+    """An honest reply's every float turned into what passes the checks and hurts most: "bound": every value
+    at the bound, away from the global value; "sign flip": the update turned around and scaled until its
+    largest value reaches the bound; "high": every value at +bound; "bound + 1e12": "bound", claiming 10^12
+    examples. Changes `content` in place and returns it."""
+    for name in (MAIN_RECORD[cfg.method], "head"):
+        if name not in content:
+            continue
+        bound = 0.999 * value_bound(cfg, name)
+        rec = content[name]
+        for key in list(rec.keys()):
+            if rec[key].dtype != "float32":
+                continue
+            ref = refs.get(name, {}).get(key, np.float64(0.0))
+            update = rec[key].numpy().astype(np.float64) - ref
+            if kind == "sign flip":
+                new = ref - (bound - np.max(np.abs(ref))) / max(float(np.max(np.abs(update))), 1e-30) * update
+            elif kind == "high":
+                new = np.full(update.shape, bound)
+            else:
+                new = np.where(update >= 0, bound, -bound)
+            rec[key] = Array(np.asarray(new, np.float32))
+    if kind == "bound + 1e12":
+        content["metrics"]["num-examples"] = 10**12
+    return content
+
+
+def flat_weights(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1).double() for p in model.state_dict().values()])
+
+
+def run(method: str, rule: str, scenario: str, args, dev) -> dict:
+    clients, hostile, kind = SCENARIOS[scenario]
+    name = f"robust-{method}-{rule}-{scenario.replace(' ', '').replace(',', '-')}"
+    lr = {"train.lr": LEARNING_RATES[method]} if method in LEARNING_RATES else {}
     cfg = parse_run_config(
         {
             "method": method, "task": "sst2", "data-dir": args.glue, "results-dir": args.results, "run-name": name,
             "partitioning": "dirichlet", "dirichlet-alpha": 0.5, "seed": 0, "train.local-steps": args.local_steps,
-            "train.batch-size": 16, "train.max-length": args.max_length, "train.lr": LR[method],
-            "min-clients": CLIENTS_N, "aggregation.rule": rule, **RULES[rule],
+            "train.batch-size": 16, "train.max-length": args.max_length, "min-clients": clients,
+            "aggregation.rule": rule, **lr,
         }
     )  # fmt: skip
     os.environ[STATE_DIR_ENV] = tempfile.mkdtemp(prefix="robust-nodes-")
@@ -88,76 +142,66 @@ def run(method: str, rule: str, hostile: bool, args, dev) -> dict:
     setup = SETUPS[method](cfg, recorder)
     client = importlib.import_module(CLIENTS[method]).train
     arrays = setup.initial
+    w0 = flat_weights(setup.model)
+    first_update = None
     start = time.perf_counter()
     for rnd in range(1, args.rounds + 1):
         msgs = {
-            m.metadata.dst_node_id: m for m in setup.strategy.configure_train(rnd, arrays, ConfigRecord(), NodeList())
+            m.metadata.dst_node_id: m
+            for m in setup.strategy.configure_train(rnd, arrays, ConfigRecord(), NodeList(clients))
         }
+        refs = references(cfg, setup.strategy, arrays, rnd)
         replies = []
         for node, msg in sorted(msgs.items()):
             part = node - 1
-            if hostile and part == HOSTILE:
-                continue
             torch.manual_seed(1000 * rnd + part)
-            content = client(msg.content, cfg, {"partition-id": part, "num-partitions": CLIENTS_N}, 1, node)
+            content = client(msg.content, cfg, {"partition-id": part, "num-partitions": clients}, 1, node)
+            if part >= clients - hostile:
+                content = attack(content, kind, cfg, refs)
             replies.append(Message(content, reply_to=msg))
-        if hostile:
-            node = HOSTILE + 1
-            evil = hostile_reply(replies[0].content, method, setup.strategy, arrays)
-            replies.append(Message(evil, reply_to=msgs[node]))
         new, _ = setup.strategy.aggregate_train(rnd, replies)
         if new is not None and setup.load is not None:
             arrays = new
             setup.load(new)
+        if rnd == 1:
+            first_update = float((flat_weights(setup.model) - w0).norm())
         rec = recorder.end_round(rnd, None)
-        print(f"{name} round {rnd}: {rec['clients']} replies, {rec['rejected']} rejected", flush=True)
+        print(f"{name} round {rnd}: {rec['clients']} replies, {rec['clipped']} clipped, failed {rec['failed']}")
     result = evaluate(setup.model, dev, get_task("sst2"), 64)
     seconds = time.perf_counter() - start
     finite = all(torch.isfinite(p).all() for p in setup.model.parameters())
     print(f"{name}: accuracy {100 * result['accuracy']:.2f}, loss {result['loss']:.3f}, {seconds:.0f} s", flush=True)
-    return {"accuracy": result["accuracy"], "loss": result["loss"], "seconds": seconds, "finite": finite}
+    return {**result, "seconds": seconds, "finite": finite, "first_update": first_update}
 
 
 def write_page(results: dict, args, command: str, wall: float) -> str:
     lines = [
-        "# Robust aggregation: what it costs and what it buys",
+        "# Robust aggregation at the shipped defaults: what it costs and what it holds",
         "",
         f"Produced by `{command}` on {time.strftime('%Y-%m-%d', time.gmtime())} ({platform.machine()}, "
         f"{os.cpu_count()} cores, CPU only, torch {torch.__version__} with {torch.get_num_threads()} threads; "
-        f"{wall / 60:.1f} min in all). Setting: SST-2, embedded all-MiniLM-L6-v2, {CLIENTS_N} clients "
-        f"(Dirichlet alpha 0.5 over labels), seed 0, {args.rounds} rounds of {args.local_steps} local steps of "
-        f"batch 16 (max length {args.max_length}), Adam, lr 5e-4 (FedKRSO) / 5e-5 (FedAvg); the whole dev split "
-        "(872 examples) evaluated after the last round. Every run drives the real strategy and client code in "
-        "one process (bench/robust.py); only `aggregation.rule` differs (trimmed-mean with trim-fraction 0.1: "
-        "one value cut at each end of ten).",
+        f"{wall / 60:.1f} min in all). Setting: SST-2, embedded all-MiniLM-L6-v2, Dirichlet alpha 0.5 over labels, "
+        f"seed 0, {args.rounds} rounds of {args.local_steps} local steps of batch 16 (max length {args.max_length}), "
+        "each method's benchmark learning rate (bench/run.py); every `aggregation.*` key at its default unless the "
+        "rule column says otherwise; the whole dev split (872 examples) evaluated after the last round.",
         "",
-        "Hostile runs: client 9 of 10 trains nothing; each round it sends client 0's reply turned around and "
-        f"scaled by {FACTOR:g} around the global values, clipped to 0.9 x the server's value bound (so it "
-        "passes every wire check), and claims num-examples = 1e12 (capped by `aggregation.weight-cap` = 4 x "
-        "the median).",
+        "Attacks (bench/robust.py `attack`): every value at the server's bound away from the global value; the "
+        "update turned around and scaled to the bound; the first with num-examples = 1e12. Update ratio: the norm "
+        "of round 1's global update over that of the honest run with as many clients.",
         "",
-        "| method | rule | accuracy, 10 honest | accuracy, 9 honest + 1 hostile | dev loss, hostile | model finite |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| method | rule | scenario | update ratio | accuracy | dev loss | model finite |",
+        "| --- | --- | --- | ---: | ---: | ---: | --- |",
     ]
-    for (method, rule), r in results.items():
-        honest, hostile = r.get("honest"), r.get("hostile")
-        lines.append(
-            f"| {method} | {rule} | {100 * honest['accuracy']:.2f} | {100 * hostile['accuracy']:.2f} | "
-            f"{hostile['loss']:.3g} | {'yes' if hostile['finite'] else 'no'} |"
-        )
-    lines += [
-        "",
-        "Reading: the first column is the price of the rule when every client is honest (the coordinate-wise "
-        "median and trimmed mean discard information the weighted mean uses, and they ignore example counts); "
-        "the second is what it buys against one client of ten that lies within the bounds. Chance is about "
-        "50% on SST-2. The untrained model scores 53.21% (docs/results.md, round 0). A few rounds of a few "
-        "local steps on a CPU is a short budget: the honest figures are early points of a rising curve, and "
-        "each is one run of one seed, so differences of a few points between rules on honest clients are not "
-        "established effects; the gap between the mean and the robust rules under attack is.",
-        "",
-        f"Raw records: `{os.path.relpath(args.results, ROOT)}/robust-*/rounds.jsonl`.",
-        "",
-    ]
+    for (method, rule), by_scenario in results.items():
+        for scenario, r in by_scenario.items():
+            clients = SCENARIOS[scenario][0]
+            honest = by_scenario.get(f"honest, {clients}")
+            ratio = r["first_update"] / honest["first_update"] if honest and honest["first_update"] else None
+            lines.append(
+                f"| {method} | {rule} | {scenario} | {'-' if ratio is None else f'{ratio:.2f}x'} | "
+                f"{100 * r['accuracy']:.2f} | {r['loss']:.3g} | {'yes' if r['finite'] else 'no'} |"
+            )
+    lines += ["", f"Raw records: `{os.path.relpath(args.results, ROOT)}/robust-*/rounds.jsonl`.", ""]
     return "\n".join(lines)
 
 
@@ -166,8 +210,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--local-steps", type=int, default=8)
     p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--methods", default="fedkrso,fedavg")
-    p.add_argument("--rules", default=",".join(RULES))
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--rules", default="mean")
+    p.add_argument("--scenarios", default=";".join(SCENARIOS), help="';'-separated names of SCENARIOS")
     p.add_argument("--glue", default=os.environ.get("GLUE_DIR", os.path.join(ROOT, "..", "shared", "data", "glue")))
     p.add_argument("--results", default=os.path.join(ROOT, "results", "bench"))
     p.add_argument("--out", default=os.path.join(DOCS, "results-robust.md"))
@@ -178,17 +223,11 @@ def main() -> None:
     command = "python bench/robust.py " + " ".join(sys.argv[1:])
     start = time.perf_counter()
     results: dict = {}
-    dev = None
+    dev = dev_encoded(parse_run_config({"task": "sst2", "data-dir": args.glue, "train.max-length": args.max_length}))
     for method in args.methods.split(","):
         for rule in args.rules.split(","):
-            for hostile in (False, True):
-                if dev is None:
-                    dev = dev_encoded(
-                        parse_run_config({"task": "sst2", "data-dir": args.glue, "train.max-length": args.max_length})
-                    )
-                results.setdefault((method, rule), {})["hostile" if hostile else "honest"] = run(
-                    method, rule, hostile, args, dev
-                )
+            for scenario in args.scenarios.split(";"):
+                results.setdefault((method, rule), {})[scenario] = run(method, rule, scenario, args, dev)
     page = write_page(results, args, command.strip(), time.perf_counter() - start)
     with open(args.out, "w") as f:
         f.write(page)

@@ -103,7 +103,8 @@ class AggregationConfig:
     """How the server combines the replies of a round, for every method (common/robust.py)."""
 
     rule: str = "mean"  # mean (example-weighted) | trimmed-mean | median (per coordinate, unweighted)
-    trim_fraction: float = 0.2  # trimmed-mean: int(trim-fraction x n) replies cut at each end, per coordinate
+    attackers: int = 2  # b: trimmed-mean cuts b values at each end; robust rules warn below 2b + 1 replies
+    norm_cap: float = 2.0  # each reply's update scaled to at most this x the round's median update norm; 0 = off
     clip_norm: float = 0.0  # > 0: each reply's update is scaled to an L2 norm of at most this; 0 = off
     weight_cap: float = 4.0  # a reply weighs at most weight-cap x the round's median num-examples
 
@@ -327,8 +328,13 @@ def validate(cfg: RunConfig) -> None:
         f"aggregation.rule '{ag.rule}' is unknown; choose one of: {', '.join(AGGREGATION_RULES)}",
     )
     need(
-        0 <= ag.trim_fraction < 0.5,
-        f"aggregation.trim-fraction must be in [0, 0.5) (the share cut at EACH end), got {ag.trim_fraction}",
+        ag.attackers >= 0,
+        f"aggregation.attackers must be >= 0 (hostile replies trimmed-mean cuts at each end), got {ag.attackers}",
+    )
+    need(
+        math.isfinite(ag.norm_cap) and (ag.norm_cap == 0 or ag.norm_cap >= 1),
+        f"aggregation.norm-cap must be 0 (off) or >= 1 (a multiple of the round's median update norm; below 1 "
+        f"it would clip the median honest reply too), got {ag.norm_cap}",
     )
     need(
         math.isfinite(ag.clip_norm) and ag.clip_norm >= 0,

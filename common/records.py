@@ -1,7 +1,9 @@
 """Run records: `<results-dir>/<run name>/rounds.jsonl` (one object per round) and `summary.json`.
 
 Round 0 is the evaluation of the starting model (no traffic). `bytes_down` / `bytes_up` are all bytes of
-the messages' contents in the round, summed over clients; `clients` is the number of replies aggregated.
+the messages' contents in the round, summed over clients; `clients` is the number of replies aggregated,
+`clipped` how many of them the aggregation scaled down, `failed` why the round's aggregate was not applied
+(None: it was), `warnings` what else the round's reader should know (common.robust).
 A method may keep more per-round records beside them (`add_record`: `<name>.jsonl`). A resumed run starts
 from the records so far (`previous`, from the server checkpoint) and appends to them.
 """
@@ -66,6 +68,9 @@ class RunRecorder:
             "clients": 0,
             "failures": 0,
             "rejected": 0,
+            "clipped": 0,
+            "failed": None,
+            "warnings": [],
             "client_peak_rss_mb": None,
             "client_train_seconds": None,
             "client_train_seconds_max": None,
@@ -98,6 +103,18 @@ class RunRecorder:
         steps = stat("local-steps", sum)
         secs = stat("train-seconds", sum)
         rec["seconds_per_local_step"] = secs / steps if steps and secs is not None else None
+
+    def add_clipped(self, n: int) -> None:
+        """Replies whose update the aggregation scaled down (common.robust: norm-cap, clip-norm)."""
+        self._current()["clipped"] += int(n)
+
+    def warn(self, message: str) -> None:
+        """Something the round's reader should know (kept in the round's `warnings`)."""
+        self._current()["warnings"].append(message)
+
+    def fail_round(self, reason: str) -> None:
+        """The round's aggregate was not applied (`failed`: why); the global model stays that of the round before."""
+        self._current()["failed"] = reason
 
     def _current(self) -> dict[str, Any]:
         if self._open is None:

@@ -26,7 +26,7 @@ from common.records import RunRecorder
 from common.robust import capped_weights
 from common.wire import content_bytes, reply_limit
 from server_app import checkpoint
-from server_app.strategies import checked_replies, choose_nodes
+from server_app.strategies import RoundFailed, checked_replies, choose_nodes, fail_round, robust_aggregate
 
 
 class FedTT(Strategy):
@@ -100,24 +100,30 @@ class FedTT(Strategy):
             log(WARNING, "round %d: no valid reply, the global adapters are unchanged", server_round)
             return None, None
         weights = capped_weights([r.num_examples for r in accepted], self.cfg.aggregation.weight_cap)
-        ag = robust.settings(self.cfg.aggregation)
-        # One update per reply: its trained cores and its head, against the global ones, clipped together.
+        # One update per reply: its trained cores and its head, against the global ones, bounded together.
         state = self.tm.adapters.state()
         reference = {**{k: state[k] for k in selected}, **{("head", n): v for n, v in self.tm.head_state().items()}}
-        merged = robust.aggregate(
-            [{**r.cores, **{("head", n): v for n, v in r.head.items()}} for r in accepted],
-            weights,
-            **ag,
-            reference=reference,
-        )
+        try:  # the aggregate is the new global cores and head themselves: finite aggregate, finite model
+            merged = robust_aggregate(
+                self.cfg,
+                self.recorder,
+                server_round,
+                [{**r.cores, **{("head", n): v for n, v in r.head.items()}} for r in accepted],
+                weights,
+                reference,
+            )
+        except RoundFailed as exc:
+            fail_round(self.recorder, server_round, str(exc))
+            return None, None
         self.tm.adapters.load({k: v for k, v in merged.items() if k[0] != "head"})
         self.tm.set_head({n: merged[("head", n)] for n in self.tm.head})
         if self.want_scores:
             # Each client's scores become a distribution over the cores of each TT matrix (they only rank
-            # cores within a matrix), then combine by the run's rule without clipping: one client moves a
+            # cores within a matrix), then combine by the run's rule without norm bounding: one client moves a
             # core's score by at most its weight share (mean), or not past the honest ones (robust rules).
+            ag = self.cfg.aggregation
             votes = [{k: np.float64(v) for k, v in score_votes(r.scores).items()} for r in accepted]
-            combined = robust.aggregate(votes, weights, ag["rule"], ag["trim_fraction"])
+            combined = robust.aggregate(votes, weights, rule=ag.rule, attackers=ag.attackers)
             self.scores = {k: float(v) for k, v in combined.items()}
         total = sum(weights)
         mean_loss = sum(w * r.metrics.get("train-loss", 0.0) for w, r in zip(weights, accepted, strict=True)) / total

@@ -17,7 +17,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Strategy
+from flwr.serverapp.strategy import FedAvg, Strategy
 
 from common import robust
 from common.config import RunConfig
@@ -31,7 +31,7 @@ from common.fedspzo import spzo
 from common.fedspzo import wire as spzo_wire
 from common.fedspzo.spzo import SpzoModel
 from common.records import RunRecorder
-from common.robust import capped_weights, clip
+from common.robust import capped_weights
 from common.wire import (
     INSTRUCTION_REFUSED,
     VALUE_BOUND,
@@ -96,6 +96,43 @@ def checked_replies(
     return accepted, failures, rejected, bytes_up
 
 
+class RoundFailed(Exception):
+    """The round's aggregate cannot be applied; the message is the reason the records keep."""
+
+
+def robust_aggregate(
+    cfg: RunConfig,
+    recorder: RunRecorder,
+    server_round: int,
+    replies: list[dict],
+    weights: list[float],
+    reference: dict | None = None,
+) -> dict:
+    """common.robust.aggregate_round by the run's aggregation.*, the one aggregation of every method, with
+    what it did recorded: the replies it clipped, and a warning when the round has too few replies for its
+    rule to absorb aggregation.attackers hostile ones. Raises RoundFailed when the aggregate is not finite."""
+    ag = cfg.aggregation
+    result = robust.aggregate_round(replies, weights, **robust.settings(ag), reference=reference)
+    recorder.add_clipped(result.clipped)
+    if ag.rule != "mean" and result.absorbed < ag.attackers:
+        message = (
+            f"round {server_round}: {ag.rule} of {len(replies)} replies absorbs {result.absorbed} hostile one(s), "
+            f"fewer than aggregation.attackers = {ag.attackers} (that needs {2 * ag.attackers + 1} replies)"
+        )
+        log(WARNING, "%s", message)
+        recorder.warn(message)
+    reason = robust.non_finite(result.values)
+    if reason is not None:
+        raise RoundFailed(reason)
+    return result.values
+
+
+def fail_round(recorder: RunRecorder, server_round: int, reason: str) -> None:
+    """Record a round whose aggregate was not applied; the run goes on from the previous global model."""
+    log(WARNING, "round %d failed, the global model is unchanged: %s", server_round, reason)
+    recorder.fail_round(reason)
+
+
 class LogStrategy(Strategy):
     """A strategy whose global update is compact and replayed by every node from an update log.
 
@@ -120,12 +157,13 @@ class LogStrategy(Strategy):
         raise NotImplementedError
 
     def update(self, server_round: int, weights: list[float], replies: list):
-        """Aggregate the valid replies (capped example weights, common.robust, by the run's aggregation.*),
-        apply the update to the global model, return its log entry (what every node replays)."""
+        """Aggregate the valid replies (capped example weights, `combine`, which raises RoundFailed for a
+        non-finite aggregate), apply the update to the global model, return its log entry (what every node
+        replays)."""
         raise NotImplementedError
 
-    def combine(self, weights: list[float], replies: list[dict], reference: dict | None = None) -> dict:
-        return robust.aggregate(replies, weights, **robust.settings(self.cfg.aggregation), reference=reference)
+    def combine(self, server_round: int, weights: list[float], replies: list[dict], reference: dict | None = None):
+        return robust_aggregate(self.cfg, self.recorder, server_round, replies, weights, reference)
 
     def empty_entry(self, server_round: int):
         raise NotImplementedError
@@ -208,7 +246,20 @@ class LogStrategy(Strategy):
             self.log.append(self.empty_entry(server_round))
             return None, None
         weights = capped_weights([r.num_examples for r in accepted], self.cfg.aggregation.weight_cap)
-        self.log.append(self.update(server_round, weights, accepted))
+        before = {k: v.detach().clone() for k, v in self.global_tensors().items()}
+        try:
+            entry = self.update(server_round, weights, accepted)
+            reason = robust.non_finite(self.global_tensors())
+            if reason is not None:  # a finite update can still overflow the model it is applied to
+                raise RoundFailed(f"applied, {reason}")
+        except RoundFailed as exc:
+            with torch.no_grad():
+                for k, v in self.global_tensors().items():
+                    v.copy_(before[k])
+            fail_round(self.recorder, server_round, str(exc))
+            self.log.append(self.empty_entry(server_round))
+            return None, None
+        self.log.append(entry)
         total = sum(weights)
         mean_loss = sum(w * r.metrics.get("train-loss", 0.0) for w, r in zip(weights, accepted, strict=True)) / total
         return ArrayRecord(), MetricRecord({"train-loss": mean_loss, "clients": len(accepted)})
@@ -272,7 +323,10 @@ class FedKRSO(LogStrategy):
         # clipped together; absent accumulators are zero updates (common.robust).
         head = {("head", n): v for n, v in self.km.head_state().items()}
         merged = self.combine(
-            weights, [{**r.accumulators, **{("head", n): v for n, v in r.head.items()}} for r in replies], head
+            server_round,
+            weights,
+            [{**r.accumulators, **{("head", n): v for n, v in r.head.items()}} for r in replies],
+            head,
         )
         bbar = {k: v for k, v in merged.items() if k[0] != "head"}
         seeds = self._seeds(server_round)
@@ -334,7 +388,7 @@ class FedSPZO(LogStrategy):
         return self.sm.params
 
     def update(self, server_round: int, weights: list[float], replies: list) -> spzo.LogEntry:
-        g = self.combine(weights, [{"g1": r.g1, "g2": r.g2} for r in replies])  # per (step, perturbation)
+        g = self.combine(server_round, weights, [{"g1": r.g1, "g2": r.g2} for r in replies])  # per (step, pert.)
         entry = spzo.LogEntry(
             server_round, spzo.round_seed(self.cfg.seed, server_round), self.cfg.zo.lr, g["g1"], g["g2"]
         )
@@ -386,7 +440,8 @@ class FedKSeed(LogStrategy):
         return self.km.params
 
     def update(self, server_round: int, weights: list[float], replies: list) -> kseed.LogEntry:
-        g = self.combine(weights, [{"G": r.scalars} for r in replies])["G"]  # per candidate seed, absent = 0
+        # per candidate seed, absent = 0
+        g = self.combine(server_round, weights, [{"G": r.scalars} for r in replies])["G"]
         entry = kseed.LogEntry(server_round, self.cfg.zo.lr, g)
         kseed.replay(self.km, entry, self.cfg.kseed.perturbations)
         return entry
@@ -397,11 +452,10 @@ class RecordedFedAvg(FedAvg):
 
     Replies go through checked_replies like every other method's: size, then each array decoded from its
     bytes against the global arrays' keys and shapes (float32, finite, within VALUE_BOUND), then the metrics
-    (round, num-examples). Flower's aggregation then sees only clean messages built from the checked arrays
-    (clipped to aggregation.clip-norm around the global arrays) and one metric, the capped num-examples: an
-    extra metric key, a renamed record or a list-valued metric in a reply cannot reach it. The rule is
-    Flower's own strategy: FedAvg (mean), FedTrimmedAvg (trimmed-mean, beta = aggregation.trim-fraction) or
-    FedMedian (median), per tensor and coordinate.
+    (round, num-examples). The checked arrays are then aggregated like every other method's replies
+    (robust_aggregate: each reply's update around the global arrays bounded, the run's rule per tensor and
+    coordinate, the example weights capped), so an extra metric key, a renamed record or a list-valued metric
+    in a reply cannot reach the aggregation. Flower's FedAvg still draws up the messages.
     """
 
     def __init__(self, cfg: RunConfig, recorder: RunRecorder, **kwargs) -> None:
@@ -415,14 +469,6 @@ class RecordedFedAvg(FedAvg):
         self.cfg, self.recorder, self.aggregation = cfg, recorder, cfg.aggregation
         self._rng = random.Random(cfg.seed)  # client sampling: choose_nodes, as every method
         self._global: ArrayRecord | None = None
-        rule = cfg.aggregation.rule
-        self._robust: Strategy | None = (
-            FedTrimmedAvg(beta=cfg.aggregation.trim_fraction)
-            if rule == "trimmed-mean"
-            else FedMedian()
-            if rule == "median"
-            else None  # mean: this FedAvg itself
-        )
 
     def configure_train(self, server_round, arrays, config, grid):
         """Flower's FedAvg.configure_train, with the nodes drawn by choose_nodes (seeded, checkpointed) instead of
@@ -453,25 +499,14 @@ class RecordedFedAvg(FedAvg):
             return None, None
         weights = capped_weights([n for _, (n, _, _) in checked], self.aggregation.weight_cap)
         reference = {k: v.numpy() for k, v in self._global.items()}
-        clean = [
-            Message(
-                RecordDict(
-                    {
-                        "arrays": ArrayRecord(
-                            {k: Array(v) for k, v in clip(arrays, self.aggregation.clip_norm, reference).items()}
-                        ),
-                        "metrics": MetricRecord({"num-examples": w}),
-                    }
-                ),
-                dst_node_id=node,
-                message_type=MessageType.TRAIN,
+        try:  # the aggregate is the new global model itself: finite aggregate, finite model
+            merged = robust_aggregate(
+                self.cfg, self.recorder, server_round, [arrays for _, (_, _, arrays) in checked], weights, reference
             )
-            for w, (node, (_, _, arrays)) in zip(weights, checked, strict=True)
-        ]
-        if self._robust is None:
-            aggregated, _ = super().aggregate_train(server_round, clean)
-        else:
-            aggregated, _ = self._robust.aggregate_train(server_round, clean)
+        except RoundFailed as exc:
+            fail_round(self.recorder, server_round, str(exc))
+            return None, None
+        aggregated = ArrayRecord({k: Array(v) for k, v in merged.items()})
         total = sum(weights)
         mean_loss = (
             sum(w * m.get("train-loss", 0.0) for w, (_, (_, m, _)) in zip(weights, checked, strict=True)) / total

@@ -1,14 +1,28 @@
-"""common.robust: the mean is the methods' old aggregation, the robust rules on known inputs, weights, clipping."""
+"""common.robust: the mean is the methods' old aggregation, the robust rules on known inputs, how many attackers
+each rule absorbs, weights, norm bounding relative to the round, and the finiteness check (numpy, milliseconds)."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
 import torch
-from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 
-from common.config import ConfigError, parse_run_config
-from common.robust import aggregate, capped_weights, clip, clip_factor, combine
+from common.config import AggregationConfig, ConfigError, parse_run_config
+from common.robust import (
+    absorbed,
+    aggregate,
+    aggregate_round,
+    capped_weights,
+    clip,
+    clip_factor,
+    combine,
+    non_finite,
+    norm_bound,
+    settings,
+    update_norm,
+)
 
 
 def test_mean_is_exactly_the_old_weighted_mean():
@@ -26,20 +40,36 @@ def test_weights_matter_for_the_mean_only():
     a, b = np.array([0.0, 10.0]), np.array([4.0, 2.0])
     np.testing.assert_allclose(combine([a, b], [3, 1]), [1.0, 8.0])
     np.testing.assert_allclose(combine([a, b], [3, 1], "median"), [2.0, 6.0])  # unweighted, as Flower's FedMedian
-    np.testing.assert_allclose(combine([a, b], [3, 1], "trimmed-mean", 0.2), [2.0, 6.0])  # cuts nothing of 2
+    np.testing.assert_allclose(combine([a, b], [3, 1], "trimmed-mean", 2), [2.0, 6.0])  # of 2, nothing can be cut
 
 
 def test_trimmed_mean_and_median_on_known_inputs():
     values = [np.array([1.0, -7.0]), np.array([2.0, 0.0]), np.array([3.0, 1.0]), np.array([100.0, 2.0])]
     w = [1.0] * 4
-    np.testing.assert_allclose(combine(values, w, "trimmed-mean", 0.25), [2.5, 0.5])  # cut 1 each end
-    np.testing.assert_allclose(combine(values, w, "trimmed-mean", 0.0), [26.5, -1.0])  # cut nothing: the mean
+    np.testing.assert_allclose(combine(values, w, "trimmed-mean", 1), [2.5, 0.5])  # cut 1 each end
+    np.testing.assert_allclose(combine(values, w, "trimmed-mean", 0), [26.5, -1.0])  # cut nothing: the mean
+    np.testing.assert_allclose(combine(values, w, "trimmed-mean", 2), [2.5, 0.5])  # of 4, at most 1 each end
     np.testing.assert_allclose(combine(values, w, "median"), [2.5, 0.5])
     np.testing.assert_allclose(combine(values[:3], w[:3], "median"), [2.0, 0.0])
-    stack = np.stack(values)
-    np.testing.assert_allclose(combine(values, w, "trimmed-mean", 0.3), trim_mean(stack, 0.3))  # Flower's own
+    np.testing.assert_allclose(combine(values, w, "median"), np.median(np.stack(values), axis=0))
     with pytest.raises(ValueError, match="unknown"):
         combine(values, w, "mode")
+
+
+def test_how_many_attackers_each_rule_absorbs():
+    assert [absorbed(n, "trimmed-mean", 2) for n in (1, 2, 3, 4, 5, 10)] == [0, 0, 1, 1, 2, 2]
+    assert [absorbed(n, "median", 2) for n in (1, 2, 3, 4, 5, 10)] == [0, 0, 1, 1, 2, 4]
+    assert absorbed(10, "mean", 2) == 0
+
+
+@pytest.mark.parametrize("rule", ["trimmed-mean", "median"])
+def test_two_colluders_of_five_stay_within_the_honest_values_at_the_defaults(rule):
+    defaults = AggregationConfig()
+    rng = np.random.default_rng(1)
+    honest = [rng.standard_normal(50).astype(np.float32) for _ in range(3)]
+    for colluder in (np.full(50, 1e3, np.float32), np.full(50, -1e3, np.float32)):
+        out = combine([*honest, colluder, colluder], [1.0] * 5, rule, defaults.attackers)
+        assert np.all(out >= np.min(honest, axis=0)) and np.all(out <= np.max(honest, axis=0))
 
 
 def test_weight_cap_is_a_multiple_of_the_lower_median():
@@ -50,33 +80,87 @@ def test_weight_cap_is_a_multiple_of_the_lower_median():
         capped_weights([3, 0], 4.0)
 
 
+def test_norm_bound_is_a_multiple_of_the_lower_median_norm():
+    assert norm_bound([1.0, 2.0, 1e9], 2.0) == 4.0  # one hostile of three: the lower median is honest
+    assert norm_bound([3.0, 1e9], 2.0) == 6.0  # of two, the smaller
+    assert norm_bound([1.0, 2.0, 1e9], 2.0, clip_norm=3.0) == 3.0  # both set: the tighter
+    assert norm_bound([1.0, 2.0], 0.0, 5.0) == 5.0 and norm_bound([1.0, 2.0], 0.0, 0.0) == math.inf
+    assert norm_bound([0.0, 0.0, 1e9], 2.0) == 0.0  # honest updates of zero: the hostile one is cut to zero
+
+
 def test_clipping_scales_the_update_not_the_values():
-    assert clip_factor(5.0, 0.0) == 1.0 and clip_factor(0.5, 1.0) == 1.0 and clip_factor(5.0, 1.0) == 0.2
+    assert clip_factor(5.0, math.inf) == 1.0 and clip_factor(0.5, 1.0) == 1.0 and clip_factor(5.0, 1.0) == 0.2
+    assert clip_factor(5.0, 0.0) == 0.0
     ref = {"w": np.array([10.0, 10.0])}
     out = clip({"w": np.array([13.0, 14.0]), "acc": np.array([0.0])}, 1.0, ref)  # update (3, 4, 0): norm 5
     np.testing.assert_allclose(out["w"], [10.6, 10.8])
     np.testing.assert_allclose(out["acc"], [0.0])
     same = {"w": np.array([10.5, 10.0])}
     assert clip(same, 1.0, ref)["w"] is same["w"]
+    assert update_norm({"w": np.array([13.0, 14.0]), "acc": np.array([12.0])}, ref) == 13.0
+
+
+def _round(n_honest, rng, scale=1.0):
+    return [{"a": (scale * rng.standard_normal(200)).astype(np.float32)} for _ in range(n_honest)]
+
+
+def test_all_honest_the_default_is_the_weighted_mean_bit_for_bit():
+    rng = np.random.default_rng(2)
+    replies, weights = _round(10, rng), [float(w) for w in rng.integers(500, 900, 10)]
+    result = aggregate_round(replies, weights, **settings(AggregationConfig()))
+    assert result.clipped == 0
+    np.testing.assert_array_equal(result.values["a"], combine([r["a"] for r in replies], weights))
+
+
+@pytest.mark.parametrize("n", [3, 10])
+@pytest.mark.parametrize("attack", ["bound", "sign flip"])
+def test_one_hostile_reply_moves_the_default_mean_by_its_capped_share_of_norm_cap_median_norms(n, attack):
+    """Honest updates of norm ~m (independent directions); the hostile one at the value bound, or an honest one
+    turned around and scaled to it, claiming 1e12 examples. At the defaults it counts norm-cap x m at most,
+    with weight-cap / (weight-cap + n - 1) of the weight; stated: the aggregate differs from the honest part by
+    at most that share x norm-cap x m, and its norm is at most ~2x an honest round's."""
+    defaults = AggregationConfig()
+    rng = np.random.default_rng(n)
+    honest = _round(n - 1, rng)
+    counts = [700] * (n - 1)
+    hostile = {"a": np.full(200, 1e3, np.float32)} if attack == "bound" else {"a": -1e3 * honest[0]["a"]}
+    weights = capped_weights([*counts, 10**12], defaults.weight_cap)
+    result = aggregate_round([*honest, hostile], weights, **settings(defaults))
+    m = sorted(update_norm(r, {}) for r in [*honest, hostile])[(n - 1) // 2]
+    share = weights[-1] / sum(weights)
+    assert share == pytest.approx(defaults.weight_cap / (defaults.weight_cap + n - 1))
+    honest_part = sum(w / sum(weights) * r["a"].astype(np.float64) for w, r in zip(weights, honest, strict=False))
+    assert np.linalg.norm(result.values["a"] - honest_part) <= share * defaults.norm_cap * m * (1 + 1e-6)
+    honest_round = np.linalg.norm(combine([r["a"] for r in honest], counts))
+    assert np.linalg.norm(result.values["a"]) <= 2.5 * honest_round
+    assert result.clipped == 1
 
 
 def test_aggregate_absent_is_a_zero_update_and_kinds_are_kept():
     replies = [{"a": np.array([1.0], np.float32)}, {"a": np.array([2.0], np.float32)}, {}]
     np.testing.assert_allclose(aggregate(replies, [1, 1, 1])["a"], [1.0])  # mean of 1, 2, 0
-    np.testing.assert_allclose(aggregate(replies, [1, 1, 1], "median")["a"], [1.0])  # median of 1, 2, 0
+    np.testing.assert_allclose(aggregate(replies, [1, 1, 1], rule="median")["a"], [1.0])  # median of 1, 2, 0
     ref = {"a": np.array([5.0], np.float32)}
-    np.testing.assert_allclose(aggregate(replies, [1, 1, 1], "median", reference=ref)["a"], [2.0])  # 1, 2, 5
+    np.testing.assert_allclose(aggregate(replies, [1, 1, 1], rule="median", reference=ref)["a"], [2.0])  # 1, 2, 5
     out = aggregate([{"t": torch.ones(2)}, {"t": torch.full((2,), 3.0)}], [1, 1], clip_norm=1.0)
     assert isinstance(out["t"], torch.Tensor) and out["t"].dtype == torch.float32
     np.testing.assert_allclose(out["t"].numpy(), np.full(2, 2**-0.5))  # both clipped to norm 1 first
 
 
+def test_non_finite_names_the_key():
+    assert non_finite({"a": np.ones(3), "b": torch.zeros(2)}) is None
+    assert "b" in non_finite({"a": np.ones(3), "b": np.array([1.0, np.inf])})
+    assert "t" in non_finite({"t": torch.tensor([float("nan")])})
+
+
 def test_aggregation_config_errors_name_the_key():
     assert parse_run_config({"aggregation.rule": "median"}).aggregation.rule == "median"
+    assert parse_run_config({"aggregation.norm-cap": 0.0}).aggregation.norm_cap == 0.0  # the plain mean
     for key, value in [
         ("aggregation.rule", "krum"),
-        ("aggregation.trim-fraction", 0.5),
-        ("aggregation.trim-fraction", -0.1),
+        ("aggregation.attackers", -1),
+        ("aggregation.norm-cap", 0.5),
+        ("aggregation.norm-cap", math.inf),
         ("aggregation.clip-norm", -1.0),
         ("aggregation.weight-cap", 0.5),
     ]:
