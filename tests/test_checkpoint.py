@@ -24,7 +24,7 @@ from common.nodestore import STATE_DIR_ENV
 from common.records import RunRecorder
 from server_app import checkpoint
 from server_app.app import SETUPS, resume, run
-from tests.conftest import InProcessGrid
+from tests.fakes import InProcessGrid
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 

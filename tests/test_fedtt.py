@@ -8,7 +8,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import NodeList
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from common.config import ConfigError, parse_run_config
@@ -27,6 +26,7 @@ from common.modeling import load_model
 from common.records import RunRecorder
 from common.wire import content_bytes
 from server_app.fedtt import FedTT
+from tests.fakes import NodeList, client_reply
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -46,10 +46,7 @@ def make_cfg(model, glue_dir, tmp_path, method="fedtt-plus", **extra):
 
 
 def client_round(cfg, msg):
-    node = msg.metadata.dst_node_id
-    return Message(
-        tc.train(msg.content, cfg, {"partition-id": NODES[node], "num-partitions": 3}, 1, node), reply_to=msg
-    )
+    return client_reply(tc.train, cfg, msg, NODES)
 
 
 def strategy_for(cfg):

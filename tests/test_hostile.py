@@ -26,7 +26,7 @@ from common.nodestore import STATE_DIR_ENV
 from common.records import RunRecorder
 from common.wire import WireError, decode_array
 from server_app.app import SETUPS
-from tests.conftest import NodeList
+from tests.fakes import NodeList, client_reply
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -78,10 +78,7 @@ class Run:
     def reply(self, msg):
         node = msg.metadata.dst_node_id
         torch.manual_seed(node)  # dropout draws from torch's global generator: same instruction, same reply
-        content = self.client(
-            msg.content, self.cfg, {"partition-id": NODES[node], "num-partitions": 3}, self.run_id, node
-        )
-        return Message(content, reply_to=msg)
+        return client_reply(self.client, self.cfg, msg, NODES, self.run_id)
 
     def aggregate(self, rnd, replies):
         arrays, _ = self.setup.strategy.aggregate_train(rnd, replies)
