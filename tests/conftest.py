@@ -1,7 +1,10 @@
-"""Shared fixtures: tiny real models (random weights, real tokenizer) and the task data.
+"""Shared fixtures: tiny real models (random weights, real tokenizer) and the task data; the test tiers.
 
 Task data: the folder named by GLUE_DIR when it exists, else the synthetic fixture in tests/fixtures/glue
 (same layout, a few hundred rows per split), so that a fresh clone runs every test without the real files.
+
+Tiers: every test carries exactly one of the markers `unit`, `integration`, `system` (registered in
+pyproject.toml); collection stops with the list of tests that have none or several.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE_GLUE = os.path.join(ROOT, "tests", "fixtures", "glue")
+TIERS = ("unit", "integration", "system")
 
 
 def given_glue() -> str | None:
@@ -29,6 +33,22 @@ def pytest_report_header(config):
         return f"task data: {GLUE} (GLUE_DIR)"
     why = "GLUE_DIR not set" if not os.environ.get("GLUE_DIR") else f"GLUE_DIR={os.environ['GLUE_DIR']} not found"
     return f"task data: {GLUE} (the synthetic fixture; {why})"
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects: a test without a tier must not vanish from every tier
+def pytest_collection_modifyitems(config, items):
+    wrong = []
+    for item in items:
+        tiers = sorted({m.name for m in item.iter_markers() if m.name in TIERS})
+        if len(tiers) != 1:
+            wrong.append(f"{item.nodeid}: {', '.join(tiers) or 'no tier'}")
+        elif item.get_closest_marker("e2e") and tiers != ["system"]:
+            wrong.append(f"{item.nodeid}: e2e but {tiers[0]}")
+    if wrong:
+        raise pytest.UsageError(
+            "every test needs exactly one tier marker (unit, integration or system; e2e tests are system):\n  "
+            + "\n  ".join(wrong)
+        )
 
 
 def _save_tiny(path: str, kind: str) -> str:

@@ -32,6 +32,8 @@ from scripts.client_jobs import load_message, run_job, save_message
 from scripts.rng_draws import draws
 from tests.fakes import NodeList
 
+pytestmark = pytest.mark.system
+
 # One local step of every method on a tiny model; the zero-order methods cover both laws of z.
 COMMON = {
     "task": "rte", "train.local-steps": 1, "train.batch-size": 4, "train.max-length": 32, "train.lr": 1e-3,

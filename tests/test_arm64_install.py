@@ -17,6 +17,8 @@ import urllib.request
 
 import pytest
 
+pytestmark = pytest.mark.system
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UV = os.path.join(os.path.dirname(sys.executable), "uv")
 CUDA = re.compile(r"^(nvidia-|cuda-|triton\b)")

@@ -75,6 +75,7 @@ def source(request) -> tuple[str, str]:
 # --- registry and metrics -------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_registry_names_and_fields():
     assert set(TASKS) == {"sst2", "rte", "mrpc", "cola", "wic", "boolq", "cb"}
     for name, task in TASKS.items():
@@ -88,6 +89,7 @@ def test_registry_names_and_fields():
     assert TASKS["wic"].hub == ("aps/super_glue", "wic")
 
 
+@pytest.mark.unit
 def test_get_task_unknown_lists_known_names():
     assert get_task("rte") is TASKS["rte"]
     with pytest.raises(ValueError, match="Unknown task 'qnli'") as err:
@@ -96,11 +98,13 @@ def test_get_task_unknown_lists_known_names():
         assert name in str(err.value)
 
 
+@pytest.mark.unit
 def test_accuracy():
     assert compute_metrics(TASKS["sst2"], [1, 0, 1, 1], [1, 1, 1, 0]) == {"accuracy": 0.5}
     assert compute_metrics(TASKS["cb"], [0, 1, 2], [0, 1, 1]) == {"accuracy": pytest.approx(2 / 3)}
 
 
+@pytest.mark.unit
 def test_mcc_hand_computed():
     # tp=2 tn=1 fp=1 fn=1 -> (2*1 - 1*1) / sqrt(3*3*2*2) = 1/6
     m = compute_metrics(TASKS["cola"], [1, 1, 0, 1, 0], [1, 1, 0, 0, 1])
@@ -113,6 +117,7 @@ def test_mcc_hand_computed():
     assert compute_metrics(TASKS["cola"], [0, 0], [0, 0])["mcc"] == 0.0
 
 
+@pytest.mark.unit
 def test_f1_hand_computed():
     # tp=2 fp=1 fn=1 -> 2*2 / (4 + 1 + 1) = 2/3
     m = compute_metrics(TASKS["mrpc"], [1, 1, 0, 1, 0], [1, 1, 0, 0, 1])
@@ -124,6 +129,7 @@ def test_f1_hand_computed():
     assert compute_metrics(TASKS["mrpc"], [1, 1], [1, 1])["f1"] == 1.0
 
 
+@pytest.mark.unit
 def test_metrics_reject_bad_input():
     with pytest.raises(ValueError, match="predictions"):
         compute_metrics(TASKS["sst2"], [1, 0], [1])
@@ -189,6 +195,7 @@ def test_boolq_split_is_deterministic_and_disjoint(monkeypatch, source):
     assert rows(train) + rows(dev) == in_file  # an exact split of the one file
 
 
+@pytest.mark.unit
 def test_missing_folder_names_expected_path(tmp_path):
     missing = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError) as err:
@@ -201,11 +208,13 @@ def test_missing_folder_names_expected_path(tmp_path):
         load_split(TASKS["wic"], "dev", str(tmp_path))
 
 
+@pytest.mark.unit
 def test_unknown_split():
     with pytest.raises(ValueError, match="Unknown split"):
         load_split(TASKS["rte"], "test", "/nonexistent")
 
 
+@pytest.mark.unit
 def test_malformed_tsv_rows_name_file_and_line(tmp_path):
     folder = tmp_path / "SST-2"
     folder.mkdir()
@@ -221,6 +230,7 @@ def test_malformed_tsv_rows_name_file_and_line(tmp_path):
         load_split(TASKS["sst2"], "train", str(tmp_path))
 
 
+@pytest.mark.unit
 def test_malformed_jsonl_rows_name_file_and_line(tmp_path):
     folder = tmp_path / "CB"
     folder.mkdir()
@@ -234,6 +244,7 @@ def test_malformed_jsonl_rows_name_file_and_line(tmp_path):
         load_split(TASKS["cb"], "train", str(tmp_path))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("data_dir", [None, ""])
 def test_hub_path_calls_load_dataset_and_maps_columns(monkeypatch, data_dir):
     calls = []
@@ -260,6 +271,7 @@ def test_hub_path_calls_load_dataset_and_maps_columns(monkeypatch, data_dir):
     assert list(ds["label"]) == [0, 1]
 
 
+@pytest.mark.unit
 def test_hub_path_single_sentence_task(monkeypatch):
     calls = []
 
@@ -287,6 +299,7 @@ def _all(labels, num, scheme, alpha, seed):
     return [partition_indices(labels, num, p, scheme, alpha, seed) for p in range(num)]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("scheme", ["iid", "dirichlet"])
 def test_partitions_disjoint_covering_deterministic(rte_labels, scheme):
     n = len(rte_labels)
@@ -300,6 +313,7 @@ def test_partitions_disjoint_covering_deterministic(rte_labels, scheme):
         assert max(map(len, parts)) - min(map(len, parts)) <= 1
 
 
+@pytest.mark.integration
 def test_dirichlet_small_alpha_is_skewed(rte_labels):
     def majority_share(parts):
         return max(Counter(rte_labels[i] for i in p).most_common(1)[0][1] / len(p) for p in parts)
@@ -310,6 +324,7 @@ def test_dirichlet_small_alpha_is_skewed(rte_labels):
     assert skewed > 0.8
 
 
+@pytest.mark.unit
 def test_partition_argument_errors():
     labels = [0, 1] * 10
     with pytest.raises(ValueError, match="num_partitions must be >= 1"):
@@ -326,6 +341,7 @@ def test_partition_argument_errors():
         partition_indices(labels, 21, 0, "iid", 1.0, 0)
 
 
+@pytest.mark.unit
 def test_dirichlet_failure_is_a_clear_error():
     labels = [0, 1] * 100
     with pytest.raises(ValueError, match="Use a larger alpha"):
@@ -346,6 +362,7 @@ def test_load_partition_is_train_subset_and_cached(glue_dir):
 # --- batching and tokenisation --------------------------------------------------
 
 
+@pytest.mark.unit
 def test_batch_indices_deterministic_and_covering():
     batches = batch_indices(10, 4, 5, seed=3)
     assert batches == batch_indices(10, 4, 5, seed=3)
@@ -358,6 +375,7 @@ def test_batch_indices_deterministic_and_covering():
     assert batch_indices(10, 4, 0, seed=3) == []
 
 
+@pytest.mark.unit
 def test_batch_indices_small_set_is_whole_set():
     batches = batch_indices(3, 8, 4, seed=0)
     assert len(batches) == 4

@@ -11,7 +11,7 @@ from common.records import RunRecorder
 from server_app.strategies import RecordedFedAvg
 from tests.fakes import NodeList
 
-pytestmark = pytest.mark.usefixtures("task_identity")
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("task_identity")]
 
 
 def test_malformed_fedavg_replies_are_rejected_and_the_round_goes_on(tmp_path):

@@ -122,6 +122,7 @@ def _with_data(a: Array, data: bytes, stype: str = "numpy.ndarray") -> Array:
     return Array(dtype=a.dtype, shape=tuple(a.shape), stype=stype, data=data)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("kind", sorted(MALFORMED))
 def test_decode_array_reads_what_the_bytes_are(kind):
     good = Array(np.arange(6, dtype=np.float32).reshape(2, 3))
@@ -130,6 +131,7 @@ def test_decode_array_reads_what_the_bytes_are(kind):
         decode_array("a", _with_data(good, MALFORMED[kind](good)), (2, 3))
 
 
+@pytest.mark.unit
 def test_decode_array_refuses_metadata_and_storage_lies_and_bounds():
     good = Array(np.ones((2, 3), np.float32))
     for bad in (
@@ -262,6 +264,7 @@ def state_dir(tmp_path, monkeypatch):
     monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path / "nodes"))
 
 
+@pytest.mark.integration
 @pytest.mark.usefixtures("state_dir")
 @pytest.mark.parametrize("method", METHODS)
 def test_one_hostile_node_sending_malformed_replies_changes_nothing(method, tiny_bert, glue_dir, tmp_path):
@@ -290,6 +293,7 @@ def test_one_hostile_node_sending_malformed_replies_changes_nothing(method, tiny
         assert torch.equal(run.weights(), expected), name
 
 
+@pytest.mark.integration
 @pytest.mark.usefixtures("state_dir")
 @pytest.mark.parametrize("method", ["fedavg", "fedkrso"])
 def test_an_extra_metric_key_is_ignored_not_fatal(method, tiny_bert, glue_dir, tmp_path):
@@ -311,6 +315,7 @@ def test_an_extra_metric_key_is_ignored_not_fatal(method, tiny_bert, glue_dir, t
     assert torch.equal(results[0], results[1])
 
 
+@pytest.mark.unit
 def test_fedkrso_refuses_aliased_accumulator_keys():
     from common.fedkrso.wire import pack_reply, unpack_reply
 
@@ -338,6 +343,7 @@ def play(run, rounds, attack=None):
     return records
 
 
+@pytest.mark.integration
 @pytest.mark.usefixtures("state_dir")
 @pytest.mark.parametrize("method", METHODS)
 def test_a_claim_of_1e12_examples_weighs_at_most_the_cap(method, tiny_bert, glue_dir, tmp_path):
@@ -383,6 +389,7 @@ def _scaled(factor):
     return attack
 
 
+@pytest.mark.integration
 @pytest.mark.usefixtures("state_dir")
 @pytest.mark.parametrize("method", ["fedkrso", "fedspzo", "fedkseed", "fedtt-plus", "fedavg"])
 def test_robust_rules_keep_a_plausible_attacker_close_to_the_honest_run(method, tiny_bert, glue_dir, tmp_path):
@@ -413,6 +420,7 @@ def test_robust_rules_keep_a_plausible_attacker_close_to_the_honest_run(method, 
     assert distance["median"] <= 3.0 and distance["trimmed-mean"] <= 3.0, distance
 
 
+@pytest.mark.integration
 @pytest.mark.usefixtures("state_dir")
 def test_clip_norm_cuts_a_plausible_attacker_down_to_an_honest_size(tiny_bert, glue_dir, tmp_path):
     """Mean + aggregation.clip-norm (FedKRSO): each reply's update (accumulators and head change, together) is

@@ -23,7 +23,7 @@ from server_app.strategies import FedKRSO
 from tests.fakes import NodeList, client_reply
 from tests.test_nodestore import DAMAGE, damage
 
-pytestmark = pytest.mark.usefixtures("task_identity")
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("task_identity")]
 
 
 NODES = {101: 0, 102: 1, 103: 2}  # node id -> partition id

@@ -10,6 +10,8 @@ from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 from common.config import ConfigError, parse_run_config
 from common.robust import aggregate, capped_weights, clip, clip_factor, combine
 
+pytestmark = pytest.mark.unit
+
 
 def test_mean_is_exactly_the_old_weighted_mean():
     rng = np.random.default_rng(0)

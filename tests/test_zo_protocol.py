@@ -22,7 +22,7 @@ from common.zeroorder import fingerprint
 from server_app.strategies import FedKSeed, FedSPZO
 from tests.fakes import NodeList, client_reply
 
-pytestmark = pytest.mark.usefixtures("task_identity")
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("task_identity")]
 
 METHODS = {
     "fedspzo": (spzo.build, FedSPZO, spzo_client.train),
