@@ -21,7 +21,7 @@ CLIENTS ?= 10
 ROUNDS ?= 3
 RUN_CONFIG ?=
 
-.PHONY: install run test test-fast test-compose bench bench-quick bench-estimate bench-report bench-extras lint clean
+.PHONY: install run test test-unit test-fast test-compose bench bench-quick bench-estimate bench-report bench-extras lint clean
 
 $(BIN)/.installed: pyproject.toml requirements.txt
 	$(PY) -m venv $(VENV)
@@ -35,8 +35,14 @@ run: install
 	GLUE_DIR="$(GLUE_DIR)" $(BIN)/python scripts/simulate.py --clients $(CLIENTS) \
 	  -c "method='fedkrso' task='sst2' num-server-rounds=$(ROUNDS) train.lr=5e-4 $(RUN_CONFIG)"
 
+# Every tier (unit, integration, system: markers in pyproject.toml). Without the GLUE folder the tests read the
+# synthetic fixture in tests/fixtures/glue, so nothing is skipped for missing data.
 test: install
 	GLUE_DIR="$(GLUE_DIR)" $(BIN)/python -m pytest -q -m "not compose"
+
+# No model, no data, no subprocess: under a minute, most of it Python importing torch and Flower.
+test-unit: install
+	$(BIN)/python -m pytest -q -m unit
 
 test-fast: install
 	GLUE_DIR="$(GLUE_DIR)" $(BIN)/python -m pytest -q -m "not e2e and not compose"

@@ -32,7 +32,7 @@ def measure(method: str, rounds: int, model: str, data_dir: str, work: str) -> d
     from common.records import RunRecorder
     from server_app import checkpoint
     from server_app.app import SETUPS, resume, run
-    from tests.conftest import InProcessGrid
+    from tests.fakes import InProcessGrid
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1  # Messages outside a runtime
     cfg = parse_run_config(

@@ -1,4 +1,11 @@
-"""Shared fixtures: tiny real models (random weights, real tokenizer) and the GLUE folder."""
+"""Shared fixtures: tiny real models (random weights, real tokenizer) and the task data; the test tiers.
+
+Task data: the folder named by GLUE_DIR when it exists, else the synthetic fixture in tests/fixtures/glue
+(same layout, a few hundred rows per split), so that a fresh clone runs every test without the real files.
+
+Tiers: every test carries exactly one of the markers `unit`, `integration`, `system` (registered in
+pyproject.toml); collection stops with the list of tests that have none or several.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,40 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GLUE = os.environ.get("GLUE_DIR") or os.path.join(ROOT, "..", "shared", "data", "glue")
+FIXTURE_GLUE = os.path.join(ROOT, "tests", "fixtures", "glue")
+TIERS = ("unit", "integration", "system")
+
+
+def given_glue() -> str | None:
+    """The real GLUE folder when GLUE_DIR names one that exists, else None."""
+    path = os.environ.get("GLUE_DIR")
+    return os.path.abspath(path) if path and os.path.isdir(path) else None
+
+
+GLUE = given_glue() or FIXTURE_GLUE
+
+
+def pytest_report_header(config):
+    if given_glue():
+        return f"task data: {GLUE} (GLUE_DIR)"
+    why = "GLUE_DIR not set" if not os.environ.get("GLUE_DIR") else f"GLUE_DIR={os.environ['GLUE_DIR']} not found"
+    return f"task data: {GLUE} (the synthetic fixture; {why})"
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects: a test without a tier must not vanish from every tier
+def pytest_collection_modifyitems(config, items):
+    wrong = []
+    for item in items:
+        tiers = sorted({m.name for m in item.iter_markers() if m.name in TIERS})
+        if len(tiers) != 1:
+            wrong.append(f"{item.nodeid}: {', '.join(tiers) or 'no tier'}")
+        elif item.get_closest_marker("e2e") and tiers != ["system"]:
+            wrong.append(f"{item.nodeid}: e2e but {tiers[0]}")
+    if wrong:
+        raise pytest.UsageError(
+            "every test needs exactly one tier marker (unit, integration or system; e2e tests are system):\n  "
+            + "\n  ".join(wrong)
+        )
 
 
 def _save_tiny(path: str, kind: str) -> str:
@@ -51,9 +91,8 @@ def tiny_llama(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def glue_dir() -> str:
-    if not os.path.isdir(GLUE):
-        pytest.skip(f"GLUE folder not found at {GLUE}: set GLUE_DIR")
-    return os.path.abspath(GLUE)
+    """The task data folder: GLUE_DIR's when given, else the synthetic fixture (never a skip)."""
+    return GLUE
 
 
 @pytest.fixture
@@ -62,43 +101,3 @@ def task_identity():
     from flwr.supercore.task_identity import TaskIdentity
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-
-
-class NodeList:
-    """The one Grid call the strategies' configure_train makes: which nodes are connected."""
-
-    def __init__(self, nodes):
-        self.nodes = nodes
-
-    def get_node_ids(self):
-        return list(self.nodes)
-
-
-class InProcessGrid(NodeList):
-    """The Grid calls that Strategy.start and the strategies make, served in this process: each message goes
-    to the method's real client function for its node (`nodes`: node id -> partition id), as the runtime
-    would deliver it, and the replies come back in node order. `sampled`: the nodes of each training round."""
-
-    def __init__(self, cfg, run_id: int, nodes: dict[int, int]):
-        import importlib
-
-        from client_app.app import CLIENTS
-
-        super().__init__(nodes)
-        self.partitions, self.cfg, self.run_id = dict(nodes), cfg, run_id
-        self.client = importlib.import_module(CLIENTS[cfg.method])
-        self.sampled: list[list[int]] = []
-
-    def send_and_receive(self, messages, *, timeout=None):
-        from flwr.app import Message
-
-        messages = sorted(messages, key=lambda m: m.metadata.dst_node_id)
-        if messages:
-            self.sampled.append([m.metadata.dst_node_id for m in messages])
-        replies = []
-        for msg in messages:
-            node = msg.metadata.dst_node_id
-            node_config = {"partition-id": self.partitions[node], "num-partitions": len(self.partitions)}
-            content = self.client.train(msg.content, self.cfg, node_config, self.run_id, node)
-            replies.append(Message(content, reply_to=msg))
-        return replies

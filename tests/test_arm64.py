@@ -30,7 +30,9 @@ from common.records import RunRecorder
 from scripts.arm64_emulation import ROOT, EmulationUnavailable, emulated_python, start_arm64
 from scripts.client_jobs import load_message, run_job, save_message
 from scripts.rng_draws import draws
-from tests.conftest import NodeList
+from tests.fakes import NodeList
+
+pytestmark = pytest.mark.system
 
 # One local step of every method on a tiny model; the zero-order methods cover both laws of z.
 COMMON = {

@@ -18,6 +18,7 @@ from bench.run import QUICK, main, plan_runs, read_json
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.unit
 def test_verdict_says_met_or_not_and_by_how_much():
     assert report.verdict(39.9, 20, True, "x", 1) == "met, 19.9x to spare"
     assert report.verdict(0.66, 0.6, False, "x") == "not met, short by 0.06x"
@@ -25,11 +26,13 @@ def test_verdict_says_met_or_not_and_by_how_much():
     assert report.verdict(None, 2.0, True, "x") == "not measured (records missing)"
 
 
+@pytest.mark.unit
 def test_mean_and_spread_over_seeds():
     assert report.mean_sd([0.70, 0.72, 0.74]) == "72.00 ± 2.00"
     assert report.mean_sd([0.7]) == "70.00 (1 seed)" and report.mean_sd([]) == "-"
 
 
+@pytest.mark.unit
 def test_bad_settings_stop_before_anything_runs(tmp_path):
     with pytest.raises(SystemExit, match="task 'nope' is unknown"):
         main(["--quick", "--tasks", "nope", "--records", str(tmp_path)])
@@ -75,6 +78,7 @@ def check_run(records: str, run) -> list[dict]:
     return rounds
 
 
+@pytest.mark.system
 @pytest.mark.e2e
 def test_quick_benchmark_end_to_end(tiny_bert, glue_dir, tmp_path):
     """The harness's --quick plan on RTE (every method; the alpha 0.1 runs left out) through `flwr run`, the tiny

@@ -24,7 +24,7 @@ from common.nodestore import STATE_DIR_ENV
 from common.records import RunRecorder
 from server_app import checkpoint
 from server_app.app import SETUPS, resume, run
-from tests.conftest import InProcessGrid
+from tests.fakes import InProcessGrid
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -82,6 +82,7 @@ def server_model_initial(method, tiny_bert, glue_dir, tmp_path):
     return {n: t.detach().clone() for n, t in setup.model.state_dict().items()}
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("method", METHODS)
 def test_run_of_n_rounds_equals_k_rounds_resumed(method, tiny_bert, glue_dir, tmp_path, monkeypatch):
     monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path / "nodes"))
@@ -119,6 +120,7 @@ def test_run_of_n_rounds_equals_k_rounds_resumed(method, tiny_bert, glue_dir, tm
 # --- refusals ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_every_method_trains_the_same_nodes_each_round(tiny_bert, glue_dir, tmp_path, monkeypatch):
     """Side by side means the same clients: with the same seed and nodes, every strategy draws the same nodes
     in the same rounds (server_app.strategies.choose_nodes), FedAvg's included (Flower's own sampling is the
@@ -128,6 +130,7 @@ def test_every_method_trains_the_same_nodes_each_round(tiny_bert, glue_dir, tmp_
     assert drawn["fedavg"] == drawn["fedkseed"] and len({tuple(d) for d in drawn["fedavg"]}) > 1
 
 
+@pytest.mark.integration
 def test_fedavg_reads_a_checkpoint_from_before_its_seeded_sampling(tiny_bert, glue_dir, tmp_path, caplog):
     """A FedAvg checkpoint written before its strategy had a sampling RNG (state {}) still resumes, saying that
     sampling starts again from the seed; a state key FedAvg does not know is refused."""
@@ -174,6 +177,7 @@ def rewritten(data: bytes, edit) -> bytes:
     return st_save(load(data), metadata=meta)
 
 
+@pytest.mark.integration
 def test_a_valid_checkpoint_reads_back(saved_run, tmp_path):
     tmp, data = saved_run
     state = checkpoint.read(copy_to(tmp_path, data))
@@ -182,6 +186,7 @@ def test_a_valid_checkpoint_reads_back(saved_run, tmp_path):
     assert os.path.getsize(copy_to(tmp_path, data)) < 64 * 1024  # a log method keeps its log, not its weights
 
 
+@pytest.mark.integration
 def test_checkpoint_command_checks_and_describes(saved_run, tmp_path, capsys):
     _, data = saved_run
     path = copy_to(tmp_path, data)
@@ -192,6 +197,7 @@ def test_checkpoint_command_checks_and_describes(saved_run, tmp_path, capsys):
     assert "torn" in capsys.readouterr().err
 
 
+@pytest.mark.unit
 def test_missing_checkpoint_is_refused(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
         checkpoint.read(str(tmp_path / "nope.safetensors"))
@@ -199,6 +205,7 @@ def test_missing_checkpoint_is_refused(tmp_path):
         checkpoint.read(str(tmp_path))
 
 
+@pytest.mark.integration
 def test_truncated_checkpoint_is_refused(saved_run, tmp_path):
     _, data = saved_run
     for cut in (0, 5, 100, len(data) // 2, len(data) - 1):
@@ -206,6 +213,7 @@ def test_truncated_checkpoint_is_refused(saved_run, tmp_path):
             checkpoint.read(copy_to(tmp_path, data[:cut]))
 
 
+@pytest.mark.integration
 def test_every_flipped_byte_is_refused(saved_run, tmp_path):
     _, data = saved_run
     header_end = 8 + int.from_bytes(data[:8], "little")
@@ -219,6 +227,7 @@ def test_every_flipped_byte_is_refused(saved_run, tmp_path):
             checkpoint.read(copy_to(tmp_path, bytes(bad)))
 
 
+@pytest.mark.integration
 def test_edited_round_number_is_refused(saved_run, tmp_path):
     _, data = saved_run
 
@@ -230,6 +239,7 @@ def test_edited_round_number_is_refused(saved_run, tmp_path):
         checkpoint.read(copy_to(tmp_path, rewritten(data, edit)))
 
 
+@pytest.mark.integration
 def test_other_format_version_is_refused(saved_run, tmp_path):
     _, data = saved_run
     with pytest.raises(checkpoint.CheckpointError, match="format version '2'; this code reads version 1"):
@@ -238,6 +248,7 @@ def test_other_format_version_is_refused(saved_run, tmp_path):
         checkpoint.read(copy_to(tmp_path, rewritten(data, lambda m: m.update(format="other"))))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -260,6 +271,7 @@ def test_checkpoint_of_another_configuration_is_refused(
     assert not os.path.exists(os.path.join(cfg.results_dir, "again"))  # refused before anything was written
 
 
+@pytest.mark.integration
 def test_log_that_does_not_rebuild_the_model_is_refused(saved_run, tiny_bert, glue_dir, tmp_path):
     """A checkpoint consistent in itself whose log, replayed on this model, does not give its model digest
     (as when the files at `model` changed between the runs)."""
@@ -274,6 +286,7 @@ def test_log_that_does_not_rebuild_the_model_is_refused(saved_run, tiny_bert, gl
         run(InProcessGrid(cfg, 2, NODES), cfg, 2)
 
 
+@pytest.mark.integration
 def test_node_rounds_are_kept_only_within_the_same_flower_run(saved_run, tiny_bert, glue_dir, tmp_path):
     """Nodes keep their copy per Flower run: under a new run every node is sent the whole log."""
     _, data = saved_run
@@ -286,6 +299,7 @@ def test_node_rounds_are_kept_only_within_the_same_flower_run(saved_run, tiny_be
         assert setup.strategy.node_round == expected and len(setup.strategy.log) == 2
 
 
+@pytest.mark.integration
 def test_crash_between_write_and_rename_leaves_the_previous_checkpoint(saved_run, tmp_path, monkeypatch):
     _, data = saved_run
     path = copy_to(tmp_path, data)
@@ -309,6 +323,7 @@ def test_crash_between_write_and_rename_leaves_the_previous_checkpoint(saved_run
     assert checkpoint.read(path).round == 3 and not os.path.exists(path + ".tmp")
 
 
+@pytest.mark.unit
 def test_written_state_round_trips_exactly(tmp_path):
     tensors = {
         "log/1/seeds": np.arange(4, dtype=np.int64),

@@ -29,7 +29,7 @@ import warnings
 
 import pytest
 
-pytestmark = pytest.mark.compose
+pytestmark = [pytest.mark.compose, pytest.mark.system]
 
 STANDIN_LABEL = '{{index .Config.Labels "org.fedsubspace.standin"}}'
 

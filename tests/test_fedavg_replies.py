@@ -9,25 +9,16 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from common.config import parse_run_config
 from common.records import RunRecorder
 from server_app.strategies import RecordedFedAvg
+from tests.fakes import NodeList
 
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity  # lets tests build Messages outside a runtime
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-
-
-class NodeList:
-    def get_node_ids(self):
-        return [11, 12, 13, 14, 15, 16]
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("task_identity")]
 
 
 def test_malformed_fedavg_replies_are_rejected_and_the_round_goes_on(tmp_path):
     cfg = parse_run_config({"method": "fedavg", "results-dir": str(tmp_path), "run-name": "fa"})
     strategy = RecordedFedAvg(cfg, RunRecorder(cfg.results_dir, cfg.run_name, cfg.to_flat()))
     global_arrays = ArrayRecord({"w": Array(np.zeros((2, 3), np.float32))})
-    msgs = list(strategy.configure_train(1, global_arrays, ConfigRecord(), NodeList()))
+    msgs = list(strategy.configure_train(1, global_arrays, ConfigRecord(), NodeList([11, 12, 13, 14, 15, 16])))
     by_node = {m.metadata.dst_node_id: m for m in msgs}
 
     def reply(node, arr, n=4, key="w"):

@@ -8,7 +8,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import NodeList
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from common.config import ConfigError, parse_run_config
@@ -27,6 +26,7 @@ from common.modeling import load_model
 from common.records import RunRecorder
 from common.wire import content_bytes
 from server_app.fedtt import FedTT
+from tests.fakes import NodeList, client_reply
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -46,10 +46,7 @@ def make_cfg(model, glue_dir, tmp_path, method="fedtt-plus", **extra):
 
 
 def client_round(cfg, msg):
-    node = msg.metadata.dst_node_id
-    return Message(
-        tc.train(msg.content, cfg, {"partition-id": NODES[node], "num-partitions": 3}, 1, node), reply_to=msg
-    )
+    return client_reply(tc.train, cfg, msg, NODES)
 
 
 def strategy_for(cfg):
@@ -62,6 +59,7 @@ def strategy_for(cfg):
 # ---- mathematics ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("d", [384, 576, 768, 1024, 4096])
 def test_mode_sizes_factor_hidden_size_times_bottleneck(d):
     for max_mode in (4, 8):
@@ -72,6 +70,7 @@ def test_mode_sizes_factor_hidden_size_times_bottleneck(d):
         assert all(a[2] == b[0] for a, b in zip(shapes, shapes[1:], strict=False))
 
 
+@pytest.mark.unit
 def test_tt_contraction_equals_the_dense_matrix():
     gen = torch.Generator().manual_seed(0)
     rows, cols = 24, 8
@@ -91,6 +90,7 @@ def test_tt_contraction_equals_the_dense_matrix():
     torch.testing.assert_close(tl.tt_to_tensor(cores).reshape(rows, cols), dense)
 
 
+@pytest.mark.unit
 def test_init_variance_and_zero_up():
     # One draw's entry variance swings by 2x either way (each core holds a few dozen numbers and scales the whole
     # matrix), so the law is checked on the mean over 20 draws: E[var W] = 1/384.
@@ -101,6 +101,7 @@ def test_init_variance_and_zero_up():
     assert 0.5 / 384 < sum(variances) / len(variances) < 2.0 / 384
 
 
+@pytest.mark.unit
 def test_aggregation_is_the_weighted_mean_and_exact_for_one_core_per_matrix():
     gen = torch.Generator().manual_seed(2)
     shared = init_cores(core_shapes(mode_sizes(12, 4), 2), 1.0, gen)
@@ -121,6 +122,7 @@ def test_aggregation_is_the_weighted_mean_and_exact_for_one_core_per_matrix():
     assert not torch.allclose(mixed, both, atol=1e-4)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("which", ["tiny_bert", "tiny_llama"])
 def test_adapters_start_as_identity_and_sit_after_attention_and_ffn_outputs(which, request, glue_dir, tmp_path):
     model = request.getfixturevalue(which)
@@ -141,6 +143,7 @@ def test_adapters_start_as_identity_and_sit_after_attention_and_ffn_outputs(whic
 # ---- FedTT+ rule, wire and protocol -----------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_fedtt_plus_trains_only_the_selected_cores_which_alone_travel_up(tiny_bert, glue_dir, tmp_path):
     cfg = make_cfg(tiny_bert, glue_dir, tmp_path)
     tm, strategy = strategy_for(cfg)
@@ -184,6 +187,7 @@ def test_fedtt_plus_trains_only_the_selected_cores_which_alone_travel_up(tiny_be
     assert full.recorder.end_round(1, None)["bytes_up"] > rec["bytes_up"]
 
 
+@pytest.mark.unit
 def test_cyclic_rule_sweeps_from_the_last_core():
     class Two:
         adapters = [None]
@@ -223,6 +227,7 @@ def _corrupt(content: RecordDict, how: str) -> RecordDict:
     return content
 
 
+@pytest.mark.integration
 def test_malformed_core_replies_are_rejected_and_the_round_goes_on(tiny_bert, glue_dir, tmp_path):
     cfg = make_cfg(tiny_bert, glue_dir, tmp_path)
     tm, strategy = strategy_for(cfg)
@@ -247,6 +252,7 @@ def test_malformed_core_replies_are_rejected_and_the_round_goes_on(tiny_bert, gl
 # ---- FedAvg-LoRA --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_fedavg_lora_round_and_bytes_against_fedtt(tiny_bert, tiny_llama, glue_dir, tmp_path):
     from common.lora import client as lc
     from common.lora.model import build as build_lora
@@ -280,6 +286,7 @@ def test_fedavg_lora_round_and_bytes_against_fedtt(tiny_bert, tiny_llama, glue_d
     assert any("score" in n for n in llama_params)
 
 
+@pytest.mark.unit
 def test_tt_and_lora_config_errors_name_the_key():
     for key, value, match in [
         ("tt.rank", 0, "tt.rank"),

@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.system, pytest.mark.e2e]
 
 METHODS = ["fedkrso", "fedavg", "fedspzo", "fedkseed", "fedtt", "fedtt-plus", "fedavg-lora"]
 # The faults cost one to two minutes each on this machine (the node's offline detection alone is 36-60 s), so

@@ -9,6 +9,11 @@ import subprocess
 import sys
 import time
 
+import pytest
+
+# a child Python process (about a second), no model and no data
+pytestmark = pytest.mark.integration
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CHILD = """

@@ -17,6 +17,7 @@ from common.modeling import (
 )
 
 
+@pytest.mark.unit
 def test_mean_pooler_ignores_padding():
     h = torch.arange(2 * 3 * 4, dtype=torch.float32).view(2, 3, 4)
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
@@ -27,6 +28,7 @@ def test_mean_pooler_ignores_padding():
     assert torch.allclose(out[1], h[1].mean(dim=0))
 
 
+@pytest.mark.integration
 def test_mean_pooling_is_what_the_model_feeds_its_head(tiny_bert):
     cfg = parse_run_config({"method": "fedavg", "model": tiny_bert, "head.pooling": "mean"})
     loaded = load_run_model(cfg)
@@ -41,6 +43,7 @@ def test_mean_pooling_is_what_the_model_feeds_its_head(tiny_bert):
     assert not any("pooler" in n for n, _ in net.named_parameters())  # the unused pooler's weights are gone
 
 
+@pytest.mark.integration
 def test_label_word_head_classifies_its_own_label_texts(tiny_bert):
     loaded = load_model(tiny_bert, 3, 0)
     words = ("It was bad.", "It was good.", "It was fine.")
@@ -55,6 +58,7 @@ def test_label_word_head_classifies_its_own_label_texts(tiny_bert):
     assert torch.count_nonzero(loaded.model.classifier.bias) == 0
 
 
+@pytest.mark.integration
 def test_label_word_head_is_the_same_on_every_node(tiny_bert):
     cfg = parse_run_config({"method": "fedspzo", "model": tiny_bert})
     a, b = load_run_model(cfg).model, load_run_model(cfg).model
@@ -63,6 +67,7 @@ def test_label_word_head_is_the_same_on_every_node(tiny_bert):
     assert not torch.equal(a.classifier.weight, random_head)
 
 
+@pytest.mark.integration
 def test_auto_settings(tiny_bert):
     assert declared_pooling("") == "mean"  # all-MiniLM-L6-v2 declares sentence-transformers mean pooling
     assert declared_pooling(tiny_bert) == "model"
@@ -70,6 +75,7 @@ def test_auto_settings(tiny_bert):
     assert head_settings(parse_run_config({"method": "fedkrso", "model": tiny_bert})) == ("model", "random")
 
 
+@pytest.mark.integration
 def test_refusals(tiny_llama):
     with pytest.raises(ConfigError, match="head.pooling"):
         parse_run_config({"head.pooling": "max"})

@@ -31,7 +31,7 @@ from common.nodestore import STATE_DIR_ENV
 from common.records import RunRecorder
 from common.wire import WireError, decode_array
 from server_app.app import SETUPS
-from tests.conftest import NodeList
+from tests.fakes import NodeList, client_reply
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -84,14 +84,7 @@ class Run:
     def reply(self, msg):
         node = msg.metadata.dst_node_id
         torch.manual_seed(node)  # dropout draws from torch's global generator: same instruction, same reply
-        content = self.client(
-            msg.content,
-            self.cfg,
-            {"partition-id": self.nodes[node], "num-partitions": len(self.nodes)},
-            self.run_id,
-            node,
-        )
-        return Message(content, reply_to=msg)
+        return client_reply(self.client, self.cfg, msg, self.nodes, self.run_id)
 
     def aggregate(self, rnd, replies):
         arrays, _ = self.setup.strategy.aggregate_train(rnd, replies)
@@ -135,6 +128,7 @@ def _with_data(a: Array, data: bytes, stype: str = "numpy.ndarray") -> Array:
     return Array(dtype=a.dtype, shape=tuple(a.shape), stype=stype, data=data)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("kind", sorted(MALFORMED))
 def test_decode_array_reads_what_the_bytes_are(kind):
     good = Array(np.arange(6, dtype=np.float32).reshape(2, 3))
@@ -143,6 +137,7 @@ def test_decode_array_reads_what_the_bytes_are(kind):
         decode_array("a", _with_data(good, MALFORMED[kind](good)), (2, 3))
 
 
+@pytest.mark.unit
 def test_decode_array_refuses_metadata_and_storage_lies_and_bounds():
     good = Array(np.ones((2, 3), np.float32))
     for bad in (
@@ -275,6 +270,7 @@ def state_dir(tmp_path, monkeypatch):
     monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path / "nodes"))
 
 
+@pytest.mark.integration
 @pytest.mark.usefixtures("state_dir")
 @pytest.mark.parametrize("method", METHODS)
 def test_one_hostile_node_sending_malformed_replies_changes_nothing(method, tiny_bert, glue_dir, tmp_path):
@@ -303,6 +299,7 @@ def test_one_hostile_node_sending_malformed_replies_changes_nothing(method, tiny
         assert torch.equal(run.weights(), expected), name
 
 
+@pytest.mark.integration
 @pytest.mark.usefixtures("state_dir")
 @pytest.mark.parametrize("method", ["fedavg", "fedkrso"])
 def test_an_extra_metric_key_is_ignored_not_fatal(method, tiny_bert, glue_dir, tmp_path):
@@ -324,6 +321,7 @@ def test_an_extra_metric_key_is_ignored_not_fatal(method, tiny_bert, glue_dir, t
     assert torch.equal(results[0], results[1])
 
 
+@pytest.mark.unit
 def test_fedkrso_refuses_aliased_accumulator_keys():
     from common.fedkrso.wire import pack_reply, unpack_reply
 
@@ -351,6 +349,7 @@ def play(run, rounds, attack=None):
     return records
 
 
+@pytest.mark.integration
 @pytest.mark.usefixtures("state_dir")
 @pytest.mark.parametrize("method", METHODS)
 def test_a_claim_of_1e12_examples_weighs_at_most_the_cap(method, tiny_bert, glue_dir, tmp_path):
@@ -396,6 +395,7 @@ def _scaled(factor):
     return attack
 
 
+@pytest.mark.integration
 @pytest.mark.usefixtures("state_dir")
 @pytest.mark.parametrize("method", ["fedkrso", "fedspzo", "fedkseed", "fedtt-plus", "fedavg"])
 def test_robust_rules_keep_a_plausible_attacker_close_to_the_honest_run(method, tiny_bert, glue_dir, tmp_path):
@@ -426,6 +426,7 @@ def test_robust_rules_keep_a_plausible_attacker_close_to_the_honest_run(method, 
     assert distance["median"] <= 3.0 and distance["trimmed-mean"] <= 3.0, distance
 
 
+@pytest.mark.integration
 @pytest.mark.usefixtures("state_dir")
 def test_clip_norm_cuts_a_plausible_attacker_down_to_an_honest_size(tiny_bert, glue_dir, tmp_path):
     """Mean + aggregation.clip-norm alone (norm-cap 0; FedKRSO): each reply's update (accumulators and head change, together) is
@@ -474,6 +475,7 @@ def play_rounds(run, rounds, attack=None, hostile=(HOSTILE,)):
     return records
 
 
+@pytest.mark.integration
 @pytest.mark.usefixtures("state_dir")
 @pytest.mark.parametrize("method", METHODS)
 def test_one_hostile_node_of_three_moves_the_default_model_about_one_honest_round(
@@ -502,6 +504,7 @@ def test_one_hostile_node_of_three_moves_the_default_model_about_one_honest_roun
     assert ratios["bound"] <= 2.5 and ratios["sign flip"] <= 2.5 and ratios["bound + 1e12"] <= 4.0, ratios
 
 
+@pytest.mark.integration
 @pytest.mark.usefixtures("state_dir")
 @pytest.mark.parametrize("method", ["fedtt", "fedtt-plus"])
 def test_fedtt_survives_a_node_at_the_bound_and_takes_honest_replies_after(method, tiny_bert, glue_dir, tmp_path):
@@ -518,6 +521,7 @@ def test_fedtt_survives_a_node_at_the_bound_and_takes_honest_replies_after(metho
 COLLUDING = {101: 0, 102: 1, 103: 2, 104: 3, 105: 4}  # 104 and 105 collude
 
 
+@pytest.mark.integration
 @pytest.mark.usefixtures("state_dir")
 @pytest.mark.parametrize("rule", ["trimmed-mean", "median"])
 @pytest.mark.parametrize("method", METHODS)
@@ -540,6 +544,7 @@ def test_two_colluders_of_five_are_absorbed_by_the_robust_rules_at_their_default
     assert d <= 3.0, d
 
 
+@pytest.mark.integration
 @pytest.mark.usefixtures("state_dir")
 def test_a_round_with_too_few_replies_for_the_attackers_warns(tiny_bert, glue_dir, tmp_path):
     run = Run("fedkrso", tiny_bert, glue_dir, tmp_path, **{"aggregation.rule": "trimmed-mean"})
@@ -548,6 +553,7 @@ def test_a_round_with_too_few_replies_for_the_attackers_warns(tiny_bert, glue_di
     assert "needs 5 replies" in record["warnings"][0]
 
 
+@pytest.mark.integration
 @pytest.mark.usefixtures("state_dir")
 @pytest.mark.parametrize("method", METHODS)
 def test_a_non_finite_aggregate_fails_the_round_and_leaves_the_model(
@@ -579,6 +585,7 @@ def test_a_non_finite_aggregate_fails_the_round_and_leaves_the_model(
         assert [json.loads(line)["failed"] is None for line in f] == [False, True]
 
 
+@pytest.mark.integration
 @pytest.mark.usefixtures("state_dir")
 def test_an_update_that_overflows_the_model_is_rolled_back(tiny_bert, glue_dir, tmp_path, monkeypatch):
     """A finite aggregate can still overflow the weights it is added to (FedKRSO: W + sum_k Bbar_k P_k): the

@@ -151,6 +151,7 @@ def store_of(run: Run) -> tuple[NodeStore, dict[str, torch.Tensor]]:
     return NodeStore(state_dir({}, run.run_id, HOSTILE), f"{cfg.method}-state", fp), tensors
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("method", METHODS)
 def test_a_node_refuses_untrustworthy_instructions_without_touching_its_state(method, tiny_bert, glue_dir, tmp_path):
     run = Run(method, tiny_bert, glue_dir, tmp_path)
@@ -198,6 +199,7 @@ def _at_the_bound(content: RecordDict, cfg) -> RecordDict:
     return content
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("method", ["fedkrso", "fedkseed"])
 def test_replies_at_the_reply_bound_never_make_the_next_instruction_refused(method, tiny_bert, glue_dir, tmp_path):
     """Every reply sits at the server's bound (the worst case: the aggregate is the bound, up to rounding). Nodes
@@ -212,6 +214,7 @@ def test_replies_at_the_reply_bound_never_make_the_next_instruction_refused(meth
         assert not reply.has_error(), (node, reply.error.reason if reply.has_error() else "")
 
 
+@pytest.mark.unit
 def test_learning_rate_checks():
     assert check_lr("x", 1e-4, 1e-4) == 1e-4
     for bad in (0.0, -1e-4, 1e30, float("nan"), float("inf"), True, "1e-4"):
@@ -221,6 +224,7 @@ def test_learning_rate_checks():
         check_lr("x", 2e-4, 1e-4)
 
 
+@pytest.mark.unit
 def test_an_instruction_config_that_is_not_a_record_is_refused():
     from common.wire import checked_round_config
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 from torch import nn
 
@@ -20,6 +21,7 @@ from common.fedkrso.subspace import (
 )
 
 
+@pytest.mark.integration
 def test_projection_is_deterministic_within_and_across_processes():
     p = projection(1234, "bert.encoder.layer.0.attention.self.query", 8, 384)
     assert p.shape == (8, 384) and p.dtype == torch.float32
@@ -34,6 +36,7 @@ def test_projection_is_deterministic_within_and_across_processes():
     assert other == hashlib.sha256(p.numpy().tobytes()).hexdigest()
 
 
+@pytest.mark.unit
 def test_projection_depends_on_seed_and_name_and_has_variance_one_over_r():
     a = projection(1, "w", 8, 4096)
     assert not torch.equal(a, projection(2, "w", 8, 4096))
@@ -54,6 +57,7 @@ class TwoLayer(nn.Module):
         return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))))
 
 
+@pytest.mark.unit
 def test_subspace_forward_equals_the_merged_weight_and_forms_no_weight_gradient():
     torch.manual_seed(0)
     net = TwoLayer()
@@ -79,6 +83,7 @@ def test_subspace_forward_equals_the_merged_weight_and_forms_no_weight_gradient(
         assert merged[name].shape == (mod.out_features, 2)
 
 
+@pytest.mark.unit
 def test_aggregation_equals_the_weighted_mean_of_client_updates():
     torch.manual_seed(1)
     net = TwoLayer()
@@ -107,6 +112,7 @@ def test_aggregation_equals_the_weighted_mean_of_client_updates():
         torch.testing.assert_close(mod.weight.detach() - before[name], update(bbar)[name], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.unit
 def test_find_targets_by_suffix_and_clear_errors():
     net = TwoLayer()
     assert list(find_targets(net, "b", exclude=["head"])) == ["b"]

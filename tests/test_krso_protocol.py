@@ -20,10 +20,10 @@ from common.fedkrso.wire import unpack_instruction
 from common.nodestore import STATE_DIR_ENV, NodeStore, state_dir
 from common.records import RunRecorder
 from server_app.strategies import FedKRSO
-from tests.conftest import NodeList
+from tests.fakes import NodeList, client_reply
 from tests.test_nodestore import DAMAGE, damage
 
-pytestmark = pytest.mark.usefixtures("task_identity")
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("task_identity")]
 
 
 NODES = {101: 0, 102: 1, 103: 2}  # node id -> partition id
@@ -40,9 +40,7 @@ def make_cfg(tiny_bert, glue_dir, tmp_path, **extra):
 
 
 def client_round(cfg, msg, run_id=1):
-    node = msg.metadata.dst_node_id
-    content = kc.train(msg.content, cfg, {"partition-id": NODES[node], "num-partitions": 3}, run_id, node)
-    return Message(content, reply_to=msg)
+    return client_reply(kc.train, cfg, msg, NODES, run_id)
 
 
 def held_weights(cfg, node, run_id=1):

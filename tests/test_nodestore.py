@@ -51,6 +51,7 @@ def _tensors(seed: int) -> dict[str, torch.Tensor]:
     return {"a.weight": torch.randn(4, 3, generator=g), "b.weight": torch.randn(5, generator=g)}
 
 
+@pytest.mark.unit
 def test_state_round_trips_with_its_checksum(tmp_path):
     store = NodeStore(str(tmp_path), "s", "fp")
     saved = _tensors(0)
@@ -65,6 +66,7 @@ def test_state_round_trips_with_its_checksum(tmp_path):
     assert state_checksum(saved, 7, "fp") != state_checksum(saved, 7, "other")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("how", DAMAGE)
 def test_damaged_state_counts_as_absent_and_is_never_used(how, tmp_path, caplog):
     store = NodeStore(str(tmp_path), "s", "fp")
@@ -78,6 +80,7 @@ def test_damaged_state_counts_as_absent_and_is_never_used(how, tmp_path, caplog)
     assert "discarded" in caplog.text and store.path in caplog.text
 
 
+@pytest.mark.unit
 def test_damaged_state_makes_the_node_ask_for_the_whole_log(tmp_path):
     store = NodeStore(str(tmp_path), "s", "fp")
     store.save(_tensors(0), 2)
@@ -95,6 +98,7 @@ class Entry:
         self.round = r
 
 
+@pytest.mark.unit
 def test_a_state_past_the_servers_round_is_ignored_and_kept_until_the_whole_log_replaces_it(tmp_path):
     """The server went back (or an instruction lies about the round): the node asks for the whole log, and an
     instruction alone never deletes its state; the file changes only when the log rebuilds round T-1."""
@@ -108,6 +112,7 @@ def test_a_state_past_the_servers_round_is_ignored_and_kept_until_the_whole_log_
     assert os.listdir(tmp_path) == ["s.safetensors"]  # no temporary file left behind
 
 
+@pytest.mark.unit
 def test_a_log_that_makes_the_model_non_finite_is_refused_and_nothing_is_saved(tmp_path):
     store = NodeStore(str(tmp_path), "s", "fp")
     store.save(_tensors(0), 1)
@@ -123,6 +128,7 @@ def test_a_log_that_makes_the_model_non_finite_is_refused_and_nothing_is_saved(t
     assert Path(store.path).read_bytes() == saved
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("how", DAMAGE)
 @pytest.mark.parametrize("method", ["fedspzo", "fedkseed"])
 def test_zero_order_node_with_damaged_state_resyncs_to_the_server(

@@ -31,6 +31,7 @@ def normal_cdf(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * (1 + torch.erf(x / math.sqrt(2)))
 
 
+@pytest.mark.unit
 def test_log_is_accurate_over_the_whole_range():
     x = torch.cat(
         [
@@ -54,6 +55,7 @@ def gaussian() -> torch.Tensor:
     return rng.normal((1_000_003,), rng.generator("test", 1)).double()  # many batches of the polar method
 
 
+@pytest.mark.unit
 def test_normal_moments_and_tails(gaussian):
     z, n = gaussian, gaussian.numel()
     c = z - z.mean()
@@ -67,6 +69,7 @@ def test_normal_moments_and_tails(gaussian):
     assert torch.isfinite(z).all() and float(z.abs().max()) < 7
 
 
+@pytest.mark.unit
 def test_normal_passes_kolmogorov_smirnov(gaussian):
     # D sqrt(n) > 1.95 has probability 0.001 under the null hypothesis
     assert ks_statistic(gaussian, normal_cdf) * math.sqrt(gaussian.numel()) < 1.95
@@ -74,6 +77,7 @@ def test_normal_passes_kolmogorov_smirnov(gaussian):
     assert ks_statistic(gaussian * 1.01, normal_cdf) * math.sqrt(gaussian.numel()) > 1.95
 
 
+@pytest.mark.unit
 def test_successive_normals_are_independent(gaussian):
     z, n = gaussian, gaussian.numel()
     for lag in (1, 2, 3):  # lag 1 pairs the two outputs of one polar pair, half the time
@@ -83,6 +87,7 @@ def test_successive_normals_are_independent(gaussian):
             assert abs(r) < 5 / math.sqrt(n), (lag, r)
 
 
+@pytest.mark.unit
 def test_draws_depend_only_on_the_generator_state_not_on_threads():
     a = rng.normal((70_001,), rng.generator(1, "w"))
     threads = torch.get_num_threads()
@@ -100,6 +105,7 @@ def test_draws_depend_only_on_the_generator_state_not_on_threads():
         rng.normal_(torch.empty(4, 4).t(), rng.generator(9))
 
 
+@pytest.mark.unit
 def test_uniform_law():
     x = rng.uniform((500_000,), rng.generator("u"), -2.0, 3.0).double()
     n = x.numel()
@@ -109,6 +115,7 @@ def test_uniform_law():
     assert ks_statistic(x, lambda t: (t + 2) / 5) * math.sqrt(n) < 1.95
 
 
+@pytest.mark.unit
 def test_rademacher_signs():
     for m in (64, 67, 200_003):
         out = torch.empty(m)
@@ -123,6 +130,7 @@ def test_rademacher_signs():
     )
 
 
+@pytest.mark.unit
 def test_projection_has_entries_of_variance_one_over_r_and_is_isotropic():
     r, d_in, seeds = 8, 64, 2000
     pts = torch.zeros(d_in, d_in, dtype=torch.float64)
@@ -158,6 +166,7 @@ def _draws_in_subprocess(env: dict[str, str], model_dir: str) -> dict[str, str]:
     return json.loads(out.stdout)
 
 
+@pytest.mark.integration
 def test_draws_are_bit_identical_across_cpu_capabilities(tiny_bert):
     """FedKRSO's P, z of both laws, replay, TT and LoRA init and the head: the same SHA-256 here, with the AVX2
     kernels and with torch's portable (aarch64-like) ones; torch.randn, the control, differs where it can."""

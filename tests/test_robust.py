@@ -24,6 +24,8 @@ from common.robust import (
     update_norm,
 )
 
+pytestmark = pytest.mark.unit
+
 
 def test_mean_is_exactly_the_old_weighted_mean():
     rng = np.random.default_rng(0)

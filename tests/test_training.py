@@ -13,6 +13,8 @@ from torch.nn import functional as F
 from common.config import parse_run_config
 from common.training import dropout_seed, make_optimizer, train_steps
 
+pytestmark = pytest.mark.unit
+
 
 class DropoutNet(nn.Module):
     """The smallest model with the interface train_steps drives: keyword batch in, `.loss` out, dropout inside."""

@@ -25,6 +25,7 @@ print(",".join(f"{v:.9g}" for v in torch.cat([p.z(1234, "w").flatten(), p.z(1234
 """
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
 def test_perturbations_are_the_same_in_every_process(distribution):
     here = Perturbation({"w": torch.zeros(1000, 37), "b": torch.zeros(5)}, distribution)
@@ -38,6 +39,7 @@ def test_perturbations_are_the_same_in_every_process(distribution):
     assert not torch.equal(here.z(1234, "w")[:1, :5].clone(), here.z(1234, "b"))  # another name, another z
 
 
+@pytest.mark.unit
 def test_rademacher_signs_and_gaussian_moments():
     p = Perturbation({"w": torch.zeros(200_003)}, "rademacher")
     z = p.z(7, "w")
@@ -46,6 +48,7 @@ def test_rademacher_signs_and_gaussian_moments():
     assert abs(float(g.mean())) < 0.01 and abs(float(g.var()) - 1) < 0.02
 
 
+@pytest.mark.unit
 def test_perturb_and_restore_leave_parameters_in_place():
     w = torch.randn(64, 33)
     before = w.clone()
@@ -58,6 +61,7 @@ def test_perturb_and_restore_leave_parameters_in_place():
     assert w.data_ptr() == ptr  # in place: no copy of the parameters
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
 def test_two_sided_estimate_is_the_directional_derivative_of_a_quadratic(distribution):
     torch.manual_seed(0)
@@ -71,6 +75,7 @@ def test_two_sided_estimate_is_the_directional_derivative_of_a_quadratic(distrib
     torch.testing.assert_close(theta, start - 0.1 * g * z, rtol=0, atol=1e-5)
 
 
+@pytest.mark.unit
 def test_nan_loss_restores_and_skips():
     w = torch.ones(10)
     pert = Perturbation({"w": w})
@@ -79,6 +84,7 @@ def test_nan_loss_restores_and_skips():
     torch.testing.assert_close(w, torch.ones(10), rtol=0, atol=1e-6)
 
 
+@pytest.mark.unit
 def test_aggregate_scalars_is_the_example_weighted_mean():
     a, b = np.array([1.0, 0.0, 2.0], np.float32), np.array([3.0, 1.0, 0.0], np.float32)
     np.testing.assert_allclose(aggregate_scalars([1, 3], [a, b]), [2.5, 0.75, 0.5])
@@ -96,6 +102,7 @@ def _cfg(model, glue_dir, tmp_path, **extra):
     )  # fmt: skip
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("kind", ["tiny_bert", "tiny_llama"])
 def test_split_forward_equals_whole_forward(kind, request, glue_dir, tmp_path):
     cfg = _cfg(request.getfixturevalue(kind), glue_dir, tmp_path)
@@ -116,6 +123,7 @@ def test_split_forward_equals_whole_forward(kind, request, glue_dir, tmp_path):
     assert len(zo_parameters(sm.zo.loaded.model, True)) > len(sm.params)
 
 
+@pytest.mark.integration
 def test_split_layer_must_leave_two_blocks(tiny_bert, glue_dir, tmp_path):
     cfg = _cfg(tiny_bert, glue_dir, tmp_path)
     model = spzo.build(cfg).zo
@@ -130,6 +138,7 @@ def _snapshot(params):
     return {n: p.detach().clone() for n, p in params.items()}
 
 
+@pytest.mark.integration
 def test_fedspzo_replay_of_the_scalars_rebuilds_the_trained_model(tiny_bert, glue_dir, tmp_path):
     cfg = _cfg(tiny_bert, glue_dir, tmp_path)
     client, server = spzo.build(cfg), spzo.build(cfg)
@@ -149,6 +158,7 @@ def test_fedspzo_replay_of_the_scalars_rebuilds_the_trained_model(tiny_bert, glu
     assert moved == len(start)  # every perturbed tensor moved
 
 
+@pytest.mark.integration
 def test_fedkseed_replay_of_the_scalars_rebuilds_the_trained_model(tiny_bert, glue_dir, tmp_path):
     cfg = _cfg(tiny_bert, glue_dir, tmp_path, method="fedkseed", **{"kseed.perturbations": 2})
     client, server = kseed.build(cfg), kseed.build(cfg)
@@ -164,6 +174,7 @@ def test_fedkseed_replay_of_the_scalars_rebuilds_the_trained_model(tiny_bert, gl
         torch.testing.assert_close(p, client.params[n], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.integration
 def test_zero_order_training_lowers_the_loss_of_a_fixed_batch(tiny_bert, glue_dir, tmp_path):
     """The estimator points downhill: a few dozen FedSPZO steps on one batch reduce its loss."""
     cfg = _cfg(tiny_bert, glue_dir, tmp_path, **{"zo.lr": 2e-2, "spzo.p2": 4})

@@ -13,6 +13,7 @@ from common.training import client_data
 from common.zeroorder import load_zo_model, zo_parameters
 
 
+@pytest.mark.integration
 def test_subsets(tiny_bert):
     zm = load_zo_model(parse_run_config({"method": "fedkseed", "model": tiny_bert, "head.init": "random"}))
     net, head = zm.loaded.model, zm.loaded.head
@@ -28,6 +29,7 @@ def test_subsets(tiny_bert):
         zo_parameters(net, False, "some", head)
 
 
+@pytest.mark.integration
 def test_fedspzo_splits_bitfit_into_two_blocks(tiny_bert):
     sm = spzo.build(
         parse_run_config({"method": "fedspzo", "model": tiny_bert, "zo.params": "bitfit", "spzo.split-layer": 1})
@@ -37,6 +39,7 @@ def test_fedspzo_splits_bitfit_into_two_blocks(tiny_bert):
     assert all(n.endswith(".bias") or "LayerNorm" in n for n in sm.pert1.params)
 
 
+@pytest.mark.unit
 def test_refused():
     with pytest.raises(ConfigError, match="zo.params"):
         parse_run_config({"zo.params": "lora"})
@@ -52,11 +55,13 @@ def _head_only(tiny_bert, glue_dir, tmp_path, **extra):
     )  # fmt: skip
 
 
+@pytest.mark.integration
 def test_fedspzo_head_only_needs_p1_zero(tiny_bert, glue_dir, tmp_path):
     with pytest.raises(ValueError, match="set spzo.p1 = 0"):
         spzo.build(_head_only(tiny_bert, glue_dir, tmp_path, **{"spzo.p1": 1}))
 
 
+@pytest.mark.integration
 def test_fedspzo_head_only_trains_the_head_and_replays(tiny_bert, glue_dir, tmp_path):
     """The default (zo.params = head, P1 = 0): block 1 frozen, g1 has no columns, the wire carries (S, 0),
     and replaying the scalars rebuilds the client's head; nothing else moves."""

@@ -20,9 +20,9 @@ from common.nodestore import STATE_DIR_ENV, NodeStore, state_dir
 from common.records import RunRecorder
 from common.zeroorder import fingerprint
 from server_app.strategies import FedKSeed, FedSPZO
-from tests.conftest import NodeList
+from tests.fakes import NodeList, client_reply
 
-pytestmark = pytest.mark.usefixtures("task_identity")
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("task_identity")]
 
 METHODS = {
     "fedspzo": (spzo.build, FedSPZO, spzo_client.train),
@@ -46,9 +46,7 @@ def make(method, tiny_bert, glue_dir, tmp_path):
 
 
 def client_round(cfg, msg):
-    node = msg.metadata.dst_node_id
-    content = METHODS[cfg.method][2](msg.content, cfg, {"partition-id": PARTITION[node], "num-partitions": 4}, 1, node)
-    return Message(content, reply_to=msg)
+    return client_reply(METHODS[cfg.method][2], cfg, msg, PARTITION)
 
 
 def run_round(strategy, cfg, rnd, nodes, skip=()):

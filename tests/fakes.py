@@ -1,0 +1,53 @@
+"""Stand-ins for what Flower's runtime gives a strategy or a client, shared by the test files.
+
+A strategy asks its Grid which nodes are connected and sends it messages; a client function gets a message's
+content and its node's config and returns the reply's content. These fakes do that in this process, with the
+methods' real client code, so a test drives the same strategies and clients a deployment runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterable, Mapping
+
+from flwr.app import Message
+
+
+def client_reply(train: Callable, cfg, msg: Message, partitions: Mapping[int, int], run_id: int = 1) -> Message:
+    """The reply of the node `msg` is addressed to, computed by a method's client function `train`.
+
+    `partitions` maps node id -> partition id; its length is the number of partitions, as the runtime's
+    node config would say."""
+    node = msg.metadata.dst_node_id
+    node_config = {"partition-id": partitions[node], "num-partitions": len(partitions)}
+    return Message(train(msg.content, cfg, node_config, run_id, node), reply_to=msg)
+
+
+class NodeList:
+    """The one Grid call the strategies' configure_train makes: which nodes are connected."""
+
+    def __init__(self, nodes: Iterable[int]):
+        self.nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+
+class InProcessGrid(NodeList):
+    """The Grid calls that Strategy.start and the strategies make, served in this process: each message goes
+    to the method's real client function for its node (`nodes`: node id -> partition id), as the runtime
+    would deliver it, and the replies come back in node order. `sampled`: the nodes of each training round."""
+
+    def __init__(self, cfg, run_id: int, nodes: dict[int, int]):
+        from client_app.app import CLIENTS
+
+        super().__init__(nodes)
+        self.partitions, self.cfg, self.run_id = dict(nodes), cfg, run_id
+        self.client = importlib.import_module(CLIENTS[cfg.method])
+        self.sampled: list[list[int]] = []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = sorted(messages, key=lambda m: m.metadata.dst_node_id)
+        if messages:
+            self.sampled.append([m.metadata.dst_node_id for m in messages])
+        return [client_reply(self.client.train, self.cfg, msg, self.partitions, self.run_id) for msg in messages]
