@@ -85,7 +85,11 @@ def main() -> None:
     ap.add_argument("--dev", type=int, default=400, help="dev examples evaluated (0: the whole dev split)")
     ap.add_argument("--set", nargs="*", default=[], help="extra run-config key=value pairs")
     ap.add_argument("--glue", default=os.environ.get("GLUE_DIR", "../shared/data/glue"))
-    ap.add_argument("--out", help="write every result here as JSON (e.g. bench/records/probes/zo-params.json)")
+    ap.add_argument(
+        "--out",
+        help="write every result here as JSON (e.g. bench/records/zo-probe/NAME.json; not probes/, where the "
+        "report reads the harness's own probes)",
+    )
     args = ap.parse_args()
     threads = int(os.environ.get("PROBE_THREADS", "2"))
     torch.set_num_threads(threads)
