@@ -21,7 +21,9 @@ sys.path.insert(0, ROOT)
 
 from bench.run import METHODS, NAMES, Run, Settings, plan_runs, read_json, task_name
 
-ZO_TARGET = 0.632  # 10 points above the starting model of the zero-order methods before issue 11 (53.2%)
+ZO_TARGET = 0.632  # 10 points above the starting model of the zero-order methods before the label-word head
+ZO_GAIN_TARGET = 0.03  # compute to reach an accuracy: round 0 (the label-word start both share) + 3 points
+ZO_COMPUTE_AIM = 1 / 1.6  # FedSPZO's claim: at least 1.6x less computation than zero-order baselines
 
 
 # ---------------------------------------------------------------- reading
@@ -56,13 +58,15 @@ def stats(rounds: list[dict]) -> dict:
     trained = [r for r in rounds if r["round"] > 0]
     replies = sum(r["clients"] for r in trained)
     evaluated = [r for r in rounds if r.get("accuracy") is not None]
-    curve, total, compute = [], 0.0, 0.0
+    curve, total, compute, calls = [], 0.0, 0.0, 0.0
     for r in rounds:
         if r["clients"]:
             total += (r["bytes_down"] + r["bytes_up"]) / r["clients"]
             compute += r.get("client_train_seconds") or 0.0
+            calls += r.get("client_forward_passes") or 0.0
         if r.get("accuracy") is not None:
-            curve.append({"round": r["round"], "accuracy": r["accuracy"], "bytes": total, "compute": compute})
+            point = {"round": r["round"], "accuracy": r["accuracy"], "bytes": total, "compute": compute}
+            curve.append({**point, "calls": calls})
     steps = [r["seconds_per_local_step"] for r in trained if r.get("seconds_per_local_step") is not None]
     peaks = [r["client_peak_rss_mb"] for r in trained if r.get("client_peak_rss_mb") is not None]
     return {
@@ -76,6 +80,11 @@ def stats(rounds: list[dict]) -> dict:
         "failures": sum(r["failures"] + r["rejected"] for r in trained),
         "curve": curve,
     }
+
+
+def first_reaching(run: dict, target: float) -> dict | None:
+    """The first evaluated point at or above `target` accuracy (its cumulative compute), None if none is."""
+    return next((p for p in run["curve"] if p["accuracy"] >= target - 1e-12), None)
 
 
 def accuracy_at_compute(run: dict, seconds: float) -> dict:
@@ -99,13 +108,30 @@ def pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f}"
 
 
-def verdict(value: float | None, aim: float, at_least: bool, unit: str, digits: int = 2) -> str:
-    """'met' or 'not met', with by how much (in the aim's unit)."""
+def verdict(
+    value: float | None, aim: float, at_least: bool, unit: str, digits: int = 2, spread: float | None = None
+) -> str:
+    """'met' or 'not met', with by how much (in the aim's unit); 'within noise' when the measured value is
+    nearer the aim than `spread` (the seed spread of the measured value, in the same unit): other seeds would
+    as likely land on the other side of the aim, so the seeds run cannot say."""
     if value is None:
         return "not measured (records missing)"
     margin = value - aim if at_least else aim - value
     amount = f"{abs(margin):.{digits}f}{unit}"
+    if spread is not None and abs(margin) < spread:
+        side = "to spare" if margin >= 0 else "short"
+        return f"within noise, {amount} {side} against a seed spread of {spread:.{digits}f}{unit}"
     return f"met, {amount} to spare" if margin >= 0 else f"not met, short by {amount}"
+
+
+def seed_spread(ours: dict[int, float], theirs: dict[int, float]) -> float | None:
+    """The seed spread of a difference of two methods' means, in points: the sample standard deviation over
+    seeds of the per-seed difference (a seed fixes the partition, initialisation and batches of both methods,
+    so the seeds pair up). None with fewer than two seeds that both have."""
+    both = sorted(set(ours) & set(theirs))
+    if len(both) < 2:
+        return None
+    return statistics.stdev(100 * (ours[k] - theirs[k]) for k in both)
 
 
 class Claims:
@@ -176,19 +202,23 @@ def claims(s: Settings, runs: dict, probes: dict) -> Claims:
         name = f"FedTT vs FedAvg-LoRA, {T}: final accuracy"
         close_accuracy(c, name, field(t, "final"), field(lo, "final"), "FedAvg-LoRA", 1.0)
     finals = {
-        m: [runs[key(s, s.skew_task, m, s.skew_alpha, seed)]["final"] for seed in s.skew_seeds
-            if key(s, s.skew_task, m, s.skew_alpha, seed) in runs]
+        m: {
+            seed: runs[k]["final"] for seed in s.skew_seeds if (k := key(s, s.skew_task, m, s.skew_alpha, seed)) in runs
+        }
         for m in ("fedtt", "fedtt-plus")
-    }  # fmt: skip
+    }
     complete = bool(s.skew_seeds) and all(len(v) == len(s.skew_seeds) for v in finals.values())
-    diff = 100 * (statistics.mean(finals["fedtt-plus"]) - statistics.mean(finals["fedtt"])) if complete else None
+    plus, tt = (list(finals[m].values()) for m in ("fedtt-plus", "fedtt"))
+    diff = 100 * (statistics.mean(plus) - statistics.mean(tt)) if complete else None
+    spread = seed_spread(finals["fedtt-plus"], finals["fedtt"]) if complete else None
     c.add(
         f"FedTT+ vs FedTT, {task_name(s.skew_task)} at alpha {s.skew_alpha:g}, {len(s.skew_seeds)} seeds: final accuracy",
-        f"{mean_sd(finals['fedtt-plus'])} vs {mean_sd(finals['fedtt'])} ({diff:+.2f} points in the mean)"
+        f"{mean_sd(plus)} vs {mean_sd(tt)} ({diff:+.2f} points in the mean"
+        + (f", per-seed difference spread {spread:.2f})" if spread is not None else ")")
         if diff is not None
         else "-",
         "FedTT+ at least as accurate (mean)",
-        verdict(diff, 0.0, True, " points"),
+        verdict(diff, 0.0, True, " points", spread=spread),
     )
     ps, pks = probes.get("fedspzo"), probes.get("fedkseed-same-p")
     r = ratio(pks and pks["seconds_per_step"], ps and ps["seconds_per_step"])
@@ -225,6 +255,10 @@ def claims(s: Settings, runs: dict, probes: dict) -> Claims:
                 "< 2 KB",
                 verdict(run and run["up"], 2048, False, " B", 0),
             )
+    for task in [t for t in s.zo_tasks if t in s.tasks]:
+        compute_claims(
+            c, task, *(runs.get(Run(task, s.alpha, s.seed, m, compute=True).name) for m in ("fedspzo", "fedkseed"))
+        )
     inf = probes.get(f"inference-{s.tasks[0]}")
     for m in ("fedspzo", "fedkseed"):
         name = f"{NAMES[m]}: client peak memory vs plain inference of the same model and batches (probe)"
@@ -247,6 +281,69 @@ def claims(s: Settings, runs: dict, probes: dict) -> Claims:
                 verdict(gain, 2.0, True, " points"),
             )
     return c
+
+
+def compute_claims(c: Claims, task: str, sp: dict | None, ks: dict | None) -> None:
+    """FedSPZO's claim on the compute-to-accuracy runs: client compute (seconds, per client, summed over the
+    rounds) until each first reaches round 0 + ZO_GAIN_TARGET, and each one's gain within the run."""
+    T = task_name(task)
+    reached = {}
+    for m, run in (("fedspzo", sp), ("fedkseed", ks)):
+        gain = 100 * (run["best"] - run["start"]) if run and run["start"] is not None else None
+        c.add(
+            f"{NAMES[m]}, {T}, compute runs: best gain over its own round 0",
+            f"{pct(run['start'])} -> best {pct(run['best'])} ({gain:+.2f} points)" if gain is not None else "-",
+            f">= {100 * ZO_GAIN_TARGET:g} points",
+            verdict(gain, 100 * ZO_GAIN_TARGET, True, " points"),
+        )
+        reached[m] = first_reaching(run, run["start"] + ZO_GAIN_TARGET) if gain is not None else None
+    r, measured = None, "-"
+    if sp and ks:
+        a, b = reached["fedspzo"], reached["fedkseed"]
+        if a and b:
+            r = ratio(a["compute"], b["compute"])
+            measured = (
+                f"{a['compute']:.0f} s, {a['calls']:.0f} model calls (round {a['round']}) vs {b['compute']:.0f} s, "
+                f"{b['calls']:.0f} model calls (round {b['round']}): {r:.2f}x"
+            )
+        else:
+            measured = ", ".join(f"{NAMES[m]} did not reach it" for m in reached if not reached[m])
+    c.add(
+        f"FedSPZO vs FedKSeed, {T}, same perturbed parameters: client seconds to reach round 0 + "
+        f"{100 * ZO_GAIN_TARGET:g} points",
+        measured,
+        f"<= 1/1.6 = {ZO_COMPUTE_AIM:.3f}x",
+        verdict(r, ZO_COMPUTE_AIM, False, "x", 3),
+    )
+
+
+def plot_compute(runs: dict, names: list[str], task: str, path: str) -> None:
+    """Accuracy against cumulative client compute (seconds, and model calls of any kind) of the compute runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name in names:
+        run = runs.get(name)
+        if not run:
+            continue
+        style = {"marker": "o", "markersize": 3, "label": NAMES[run["run"].method]}
+        acc = [100 * p["accuracy"] for p in run["curve"]]
+        axes[0].plot([p["compute"] for p in run["curve"]], acc, **style)
+        axes[1].plot([p["calls"] for p in run["curve"]], acc, **style)
+    for ax, label in zip(
+        axes, ("cumulative client training seconds per client", "cumulative model calls per client"), strict=True
+    ):
+        ax.set_xlabel(label)
+        ax.set_ylabel(f"{task_name(task)} dev accuracy (%)")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def mean_sd(values: list[float]) -> str:
@@ -441,7 +538,8 @@ def write_report(records: str, page: str) -> str:
                 + f" | {mean_sd([r['final'] for r in done])} | "
                 f"{mean_size([r['down'] for r in done])} | {mean_size([r['up'] for r in done])} |"
             )
-    lines += ["", *probe_section(s, probes), *extras_section(s, runs, probes), *notes(s)]
+    lines += ["", *compute_section(s, runs, folder, prefix), *probe_section(s, probes)]
+    lines += [*extras_section(s, runs, probes), *notes(s)]
     with open(page, "w") as f:
         f.write("\n".join(lines) + "\n")
     return page
@@ -451,6 +549,33 @@ def mean_size(values: list) -> str:
     """The mean of the runs' bytes, '-' where no run has any (a run whose clients never replied has None)."""
     known = [v for v in values if v is not None]
     return size(statistics.mean(known)) if known else "-"
+
+
+def compute_section(s: Settings, runs: dict, folder: str, prefix: str) -> list[str]:
+    lines = []
+    for task in [t for t in s.zo_tasks if t in s.tasks]:
+        names = [Run(task, s.alpha, s.seed, m, compute=True).name for m in ("fedspzo", "fedkseed")]
+        lines += [
+            f"## Compute to reach an accuracy: FedSPZO and FedKSeed on {task_name(task)}, {s.zo_rounds} rounds",
+            "",
+            "Both at their shipped zero-order defaults, which perturb the same parameters, on the same clients, "
+            "partitions and batches. Model calls count every forward pass, whole-network or one block only "
+            "(rounds.jsonl keeps them apart: client_full_passes, client_block1_passes, client_block2_passes).",
+            "",
+        ]
+        if not any(n in runs for n in names):
+            lines += ["No records of these runs yet.", ""]
+            continue
+        plot_compute(runs, names, task, os.path.join(folder, f"{prefix}-compute-{task}.png"))
+        lines += [f"![accuracy against cumulative client compute]({prefix}-compute-{task}.png)", ""]
+        for name in names:
+            if r := runs.get(name):
+                lines.append(
+                    f"- {NAMES[r['run'].method]}: "
+                    + ", ".join(f"{100 * p['accuracy']:.1f} ({p['compute']:.0f} s)" for p in r["curve"])
+                )
+        lines.append("")
+    return lines
 
 
 def probe_section(s: Settings, probes: dict) -> list[str]:

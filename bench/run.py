@@ -12,7 +12,8 @@ What runs:
    same batches (per task). Peak memory is the clients' own sampler (common.memory.PeakRSS) around the same
    window (model load, the node's data, the steps); seconds per local step are the client's training time.
 2. Federated runs through `flwr run .` (scripts/simulate.py): every method on every task with Dirichlet alpha
-   0.5 over labels, then FedTT and FedTT+ on SST-2 at alpha 0.1 over three seeds. The same clients,
+   0.5 over labels, then FedTT and FedTT+ on SST-2 at alpha 0.1 over three seeds, then FedSPZO and FedKSeed
+   on SST-2 for Settings.zo_rounds rounds (compute to reach an accuracy). The same clients,
    partitions, seeds, batch size, local steps and rounds for all; only each method's own learning rate
    differs (LEARNING_RATES; the zero-order methods run their shipped zo.* defaults).
 3. bench/report.py writes the page (summary table, per-run tables, plots) from the records.
@@ -88,6 +89,11 @@ class Settings:
     # flwr-datasets' attempts (common.data says so), every client fails; the three seeds are 0, 2 and 3.
     skew_seeds: tuple[int, ...] = (0, 2, 3)
     skew_methods: tuple[str, ...] = ("fedtt", "fedtt-plus")
+    # Compute to reach an accuracy (FedSPZO's claim): FedSPZO and FedKSeed at their shipped defaults, which
+    # perturb the same parameters (zo.params), on the same clients, partitions and batches, long enough for
+    # both to pass round 0 + ZO_GAIN_TARGET; the report reads each one's client compute until it first does.
+    zo_tasks: tuple[str, ...] = ("sst2",)
+    zo_rounds: int = 30
     eval_max: int = 0  # 0 = the whole dev split
     model: str = ""  # "" = the embedded all-MiniLM-L6-v2
     extras: bool = False  # the SmolLM2-135M GGUF section and the TT contraction timing (make bench-extras)
@@ -95,7 +101,15 @@ class Settings:
 
 DEFAULT = Settings()
 QUICK = Settings(  # every part of the harness at toy size: 9 runs of about 35 s and 9 probes of about 12 s
-    clients=2, rounds=1, local_steps=4, batch_size=8, max_length=64, tasks=("sst2",), skew_seeds=(0,), eval_max=48
+    clients=2,
+    rounds=1,
+    local_steps=4,
+    batch_size=8,
+    max_length=64,
+    tasks=("sst2",),
+    skew_seeds=(0,),
+    eval_max=48,
+    zo_rounds=2,
 )
 
 
@@ -106,20 +120,24 @@ class Run:
     seed: int
     method: str
     smollm: bool = False
+    compute: bool = False  # a compute-to-accuracy run (Settings.zo_rounds rounds)
 
     @property
     def name(self) -> str:
-        return f"{'smollm2-' if self.smollm else ''}{self.task}-a{self.alpha:g}-s{self.seed}-{self.method}"
+        prefix = "smollm2-" if self.smollm else "compute-" if self.compute else ""
+        return f"{prefix}{self.task}-a{self.alpha:g}-s{self.seed}-{self.method}"
 
     @property
     def label(self) -> str:
-        extra = ", SmolLM2-135M" if self.smollm else ""
+        extra = ", SmolLM2-135M" if self.smollm else ", compute to reach an accuracy" if self.compute else ""
         return f"{NAMES[self.method]} on {task_name(self.task)}, alpha {self.alpha:g}, seed {self.seed}{extra}"
 
 
 def plan_runs(s: Settings) -> list[Run]:
     runs = [Run(task, s.alpha, s.seed, m) for task in s.tasks for m in METHODS]
     runs += [Run(s.skew_task, s.skew_alpha, seed, m) for seed in s.skew_seeds for m in s.skew_methods]
+    zo_tasks = [task for task in s.zo_tasks if task in s.tasks]
+    runs += [Run(task, s.alpha, s.seed, m, compute=True) for task in zo_tasks for m in ("fedspzo", "fedkseed")]
     if s.extras:
         runs += [Run("sst2", s.alpha, s.seed, m, smollm=True) for m in ("fedtt", "fedavg-lora")]
     return runs
@@ -135,6 +153,8 @@ def run_overrides(s: Settings, run: Run, records: str) -> dict:
     }  # fmt: skip
     if run.method in LEARNING_RATES:
         o["train.lr"] = LEARNING_RATES[run.method]
+    if run.compute:
+        o["num-server-rounds"] = s.zo_rounds
     if run.smollm:
         o.update(SMOLLM, model=smollm_path())
     return o
@@ -407,7 +427,9 @@ def estimate_run(s: Settings, run: Run, probes: dict) -> float:
     dev = DEV_EXAMPLES.get(run.task, 1000)
     dev = min(dev, s.eval_max) if s.eval_max else dev
     evaluation = dev * here / s.batch_size
-    rounds = s.rounds * (math.ceil(s.clients / parallel) * s.local_steps * step + evaluation)
+    rounds = (s.zo_rounds if run.compute else s.rounds) * (
+        math.ceil(s.clients / parallel) * s.local_steps * step + evaluation
+    )
     return RUN_OVERHEAD_S + evaluation + rounds
 
 
@@ -458,7 +480,7 @@ class Progress:
         acc = "-" if acc == "None" else f"{100 * float(acc):.2f}%"
         with self.lock:
             index, t0 = self.current[run.name]
-            rounds = 1 if run.smollm else self.s.rounds
+            rounds = 1 if run.smollm else self.s.zo_rounds if run.compute else self.s.rounds
             print(
                 f"   [{index}/{self.total}] {NAMES[run.method]} {run.task} round {rnd}/{rounds}: "
                 f"accuracy {acc}, {int(m.group(3)) // max(1, int(m.group(5)))} B down and "

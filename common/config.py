@@ -74,19 +74,24 @@ class LoraConfig:
 class ZoConfig:
     """Zero-order settings shared by FedSPZO and FedKSeed (see common/zeroorder.py)."""
 
-    lr: float = 2e-2  # η, constant: every node replays θ <- θ - η g z with the η of the update log
+    # η, constant: every node replays θ <- θ - η g z with the η of the update log. Sized for "bitfit" (about
+    # 31K perturbed numbers on MiniLM): an estimate's step grows with the number perturbed, so "head" (770)
+    # takes about 2e-2 and "all" (11M) 1e-5 or less (README, FedSPZO; bench/zo_probe.py)
+    lr: float = 2e-3
     eps: float = 1e-3  # ε of the two-sided estimate
     distribution: str = "rademacher"  # or "gaussian"
     perturb_embeddings: bool = False  # the token/position embedding tables stay frozen by default
-    params: str = "head"  # which parameters are perturbed: all | bitfit | head (common/zeroorder.py)
+    # which parameters are perturbed: all | bitfit | head (common/zeroorder.py). bitfit: biases, norms and the
+    # head on both sides of FedSPZO's split; "all" did not move the dev accuracy in the probe's budget
+    params: str = "bitfit"
 
 
 @dataclass(frozen=True)
 class SpzoConfig:
     split_layer: int = -1  # block 1 = embeddings + transformer blocks [0, split-layer); block 2 = the rest;
     # negative counts from the end: -1 = block 2 is the last transformer block and the head, on any model
-    p1: int = 0  # perturbations of block 1 per step (each runs the whole network twice); 0 with zo.params=head
-    p2: int = 16  # perturbations of block 2 per step (each runs only block 2 twice, on cached h0)
+    p1: int = 1  # perturbations of block 1 per step (each runs the whole network twice); 0 with zo.params=head
+    p2: int = 8  # perturbations of block 2 per step (each runs only block 2 twice, on cached h0); p2 > p1
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,9 @@
 Round 0 is the evaluation of the starting model (no traffic). `bytes_down` / `bytes_up` are all bytes of
 the messages' contents in the round, summed over clients; `clients` is the number of replies aggregated,
 `clipped` how many of them the aggregation scaled down, `failed` why the round's aggregate was not applied
-(None: it was), `warnings` what else the round's reader should know (common.robust).
+(None: it was), `warnings` what else the round's reader should know (common.robust). `client_train_seconds`
+and, for the zero-order methods, `client_forward_passes` (with its parts `client_full_passes`,
+`client_block1_passes`, `client_block2_passes`) are means per replying client.
 A method may keep more per-round records beside them (`add_record`: `<name>.jsonl`). A resumed run starts
 from the records so far (`previous`, from the server checkpoint) and appends to them.
 """
@@ -16,6 +18,9 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+# The zero-order clients' model calls per round (common.zeroorder.ModelCalls), kept apart by what ran:
+# forward_passes is all of them; a block-2 pass costs a fraction of a full one.
+PASSES = ("forward_passes", "full_passes", "block1_passes", "block2_passes")
 SUMMARY_COLUMNS = ("round", "accuracy", "loss", "down/client", "up/client", "peak MB", "train s", "round s")
 
 
@@ -76,6 +81,7 @@ class RunRecorder:
             "client_train_seconds_max": None,
             "client_train_loss": None,
             "seconds_per_local_step": None,
+            **{f"client_{kind}": None for kind in PASSES},
             "_start": time.perf_counter(),
         }
 
@@ -103,6 +109,8 @@ class RunRecorder:
         steps = stat("local-steps", sum)
         secs = stat("train-seconds", sum)
         rec["seconds_per_local_step"] = secs / steps if steps and secs is not None else None
+        for kind in PASSES:  # mean per client, like client_train_seconds: compute against accuracy
+            rec[f"client_{kind}"] = stat(kind.replace("_", "-"), lambda v: sum(v) / len(v))
 
     def add_clipped(self, n: int) -> None:
         """Replies whose update the aggregation scaled down (common.robust: norm-cap, clip-norm)."""
@@ -197,6 +205,7 @@ def summarize(rounds: Sequence[Mapping[str, Any]], config: Mapping[str, Any]) ->
             "peak_rss_mb": max((r["client_peak_rss_mb"] for r in trained if r["client_peak_rss_mb"]), default=None),
             "train_seconds": mean("client_train_seconds"),
             "seconds_per_local_step": mean("seconds_per_local_step"),
+            "forward_passes": mean("client_forward_passes"),
         },
         "config": dict(config),
     }

@@ -148,6 +148,9 @@ METRIC_BOUNDS: dict[str, tuple[float, float]] = {
     "peak-rss-mb": (0.0, 1e8),
     "local-steps": (0.0, 1e9),
     "forward-passes": (0.0, 1e12),
+    "full-passes": (0.0, 1e12),
+    "block1-passes": (0.0, 1e12),
+    "block2-passes": (0.0, 1e12),
 }
 
 

@@ -148,6 +148,31 @@ def aggregate_scalars(weights: Sequence[float], scalars: Sequence[np.ndarray]) -
     return combine([np.asarray(s, np.float32) for s in scalars], list(weights))
 
 
+@dataclass
+class ModelCalls:
+    """A client's forward passes in its local training, by what each ran: the whole network, block 1 only
+    (h0, stopped at the split) or block 2 only (on a cached h0); common.split. Their costs differ (block 2
+    is the last transformer block and the head by default), so they are counted apart, and the records keep
+    all three for the accuracy-against-compute comparison."""
+
+    full: int = 0
+    block1: int = 0
+    block2: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.full + self.block1 + self.block2
+
+    def metrics(self) -> dict[str, int]:
+        """The reply's metrics (common.wire.METRIC_BOUNDS): forward-passes is every model call of any kind."""
+        return {
+            "forward-passes": self.total,
+            "full-passes": self.full,
+            "block1-passes": self.block1,
+            "block2-passes": self.block2,
+        }
+
+
 def mean_loss(losses: list[float]) -> float:
     """Mean training loss of the estimates that were applied (skipped, diverged ones are NaN)."""
     kept = [x for x in losses if math.isfinite(x)]

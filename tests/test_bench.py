@@ -27,6 +27,76 @@ def test_verdict_says_met_or_not_and_by_how_much():
 
 
 @pytest.mark.unit
+def test_a_margin_within_its_seed_spread_is_within_noise():
+    # FedTT+ 1.19 points below FedTT in the mean, the per-seed differences spread over 5.2 points: undecided.
+    assert report.verdict(-1.19, 0.0, True, " points", spread=5.2) == (
+        "within noise, 1.19 points short against a seed spread of 5.20 points"
+    )
+    assert report.verdict(0.4, 0.0, True, " points", spread=0.5).startswith("within noise, 0.40 points to spare")
+    # Farther from the aim than the spread: decided either way; no spread (one seed): as before.
+    assert report.verdict(1.0, 0.0, True, " points", spread=0.5) == "met, 1.00 points to spare"
+    assert report.verdict(1.72, 1.5, False, " points", spread=0.1) == "not met, short by 0.22 points"
+    assert report.verdict(1.72, 1.5, False, " points", spread=None) == "not met, short by 0.22 points"
+
+
+@pytest.mark.unit
+def test_seed_spread_is_that_of_the_per_seed_differences():
+    ours, theirs = {0: 0.70, 2: 0.74, 3: 0.78}, {0: 0.70, 2: 0.72, 3: 0.74, 5: 0.1}
+    assert report.seed_spread(ours, theirs) == pytest.approx(2.0)  # differences 0, 2, 4 points (seed 5: alone)
+    assert report.seed_spread({0: 0.7}, {0: 0.6}) is None  # one seed: no spread
+    # Methods far apart in level but moving together over seeds: the paired spread is small.
+    assert report.seed_spread({0: 0.50, 1: 0.90}, {0: 0.49, 1: 0.89}) == pytest.approx(0.0, abs=1e-9)
+
+
+def _zo_run(method: str, accs: list[float], seconds: float, calls: float) -> dict:
+    from bench.run import Run
+
+    rounds = [{"round": 0, "accuracy": accs[0], "clients": 0, "bytes_down": 0, "bytes_up": 0, "failures": 0,
+               "rejected": 0}]  # fmt: skip
+    rounds += [
+        {"round": i, "accuracy": a, "clients": 2, "bytes_down": 100, "bytes_up": 10, "failures": 0, "rejected": 0,
+         "client_train_seconds": seconds, "client_forward_passes": calls}
+        for i, a in enumerate(accs[1:], 1)
+    ]  # fmt: skip
+    return {"run": Run("sst2", 0.5, 0, method, compute=True), **report.stats(rounds)}
+
+
+@pytest.mark.unit
+def test_compute_to_reach_an_accuracy_from_the_records():
+    sp = _zo_run("fedspzo", [0.72, 0.73, 0.755, 0.76], seconds=10.0, calls=50)  # reaches 0.75 in round 2
+    ks = _zo_run("fedkseed", [0.72, 0.72, 0.73, 0.74, 0.752], seconds=10.0, calls=40)  # in round 4
+    assert report.first_reaching(sp, 0.75)["round"] == 2 and report.first_reaching(sp, 0.8) is None
+    assert sp["curve"][2]["compute"] == 20.0 and sp["curve"][2]["calls"] == 100.0
+    c = report.Claims()
+    report.compute_claims(c, "sst2", sp, ks)
+    rows = {claim: (measured, result) for claim, measured, _, result in c.rows}
+    measured, result = rows[
+        "FedSPZO vs FedKSeed, SST-2, same perturbed parameters: client seconds to reach round 0 + 3 points"
+    ]
+    assert "20 s, 100 model calls (round 2) vs 40 s, 160 model calls (round 4): 0.50x" in measured
+    assert result == "met, 0.125x to spare"
+    assert rows["FedKSeed, SST-2, compute runs: best gain over its own round 0"][1] == "met, 0.20 points to spare"
+    c = report.Claims()
+    report.compute_claims(c, "sst2", sp, _zo_run("fedkseed", [0.72, 0.73], 10.0, 40))
+    assert [row for row in c.rows if "seconds to reach" in row[0]][0][1] == "FedKSeed did not reach it"
+
+
+@pytest.mark.unit
+def test_the_plan_has_the_compute_runs_on_sst2_only_when_sst2_is_planned():
+    from bench.run import DEFAULT, run_overrides
+
+    compute = [r for r in plan_runs(DEFAULT) if r.compute]
+    assert [(r.task, r.method) for r in compute] == [("sst2", "fedspzo"), ("sst2", "fedkseed")]
+    spzo, ks = (run_overrides(DEFAULT, r, "/records") for r in compute)
+    assert spzo["num-server-rounds"] == ks["num-server-rounds"] == DEFAULT.zo_rounds
+    # Same clients, partitions and batches: every key but the method is the same.
+    assert {k: v for k, v in spzo.items() if k not in ("method", "run-name")} == {
+        k: v for k, v in ks.items() if k not in ("method", "run-name")
+    }
+    assert not [r for r in plan_runs(dataclasses.replace(DEFAULT, tasks=("rte",))) if r.compute]
+
+
+@pytest.mark.unit
 def test_mean_and_spread_over_seeds():
     assert report.mean_sd([0.70, 0.72, 0.74]) == "72.00 ± 2.00"
     assert report.mean_sd([0.7]) == "70.00 (1 seed)" and report.mean_sd([]) == "-"
@@ -127,7 +197,8 @@ def test_quick_benchmark_end_to_end(tiny_bert, glue_dir, tmp_path):
     )
     verdicts = [line.rsplit("|", 2)[1].strip() for line in rows_ if "alpha 0.1" not in line]
     assert len(verdicts) >= 13 and all(
-        re.fullmatch(r"met, [\d.]+(x| B| points) to spare|not met, short by [\d.]+(x| B| points)", v) for v in verdicts
+        re.fullmatch(r"met, [\d.]+(x| B| points) to spare|not met, short by [\d.]+(x| B| points)|within noise, .*", v)
+        for v in verdicts
     ), verdicts
 
     # The summary follows the records: FedAvg's uplink x 10 in its rounds.jsonl gives a 10x larger ratio.

@@ -12,7 +12,7 @@ import torch
 from common.config import parse_run_config
 from common.fedkseed import kseed
 from common.fedspzo import spzo
-from common.fedspzo.split import SplitModel
+from common.split import SplitModel, deepest_split
 from common.training import batch, client_data
 from common.zeroorder import Perturbation, aggregate_scalars, spsa_step, zo_parameters
 
@@ -147,6 +147,7 @@ def test_fedspzo_replay_of_the_scalars_rebuilds_the_trained_model(tiny_bert, glu
     result = spzo.local_update(client, cfg, rho, cfg.zo.lr, encoded, [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]])
     assert result.g1.shape == (3, 1) and result.g2.shape == (3, 3) and np.all(result.g2 != 0)
     assert result.forward_passes == 3 * (1 + 2 * 3 + 2 * 1)
+    assert (result.calls.full, result.calls.block1, result.calls.block2) == (3 * 2 * 1, 3, 3 * 2 * 3)
     start = _snapshot(server.params)
     spzo.replay(server, spzo.LogEntry(1, rho, cfg.zo.lr, result.g1, result.g2))
     moved = 0
@@ -166,7 +167,8 @@ def test_fedkseed_replay_of_the_scalars_rebuilds_the_trained_model(tiny_bert, gl
     encoded, _ = client_data(cfg, {"partition-id": 1, "num-partitions": 2})
     result = kseed.local_update(client, cfg, cfg.zo.lr, encoded, [[0, 1, 2, 3], [4, 5, 6, 7]], pick_seed=3)
     assert result.scalars.shape == (16,) and 1 <= np.count_nonzero(result.scalars) <= 4
-    assert result.forward_passes == 2 * 2 * 2
+    assert client.split is None  # "all" perturbs the embeddings' norm: nothing below it to reuse
+    assert result.forward_passes == result.calls.full == 2 * 2 * 2
     kseed.replay(server, kseed.LogEntry(1, cfg.zo.lr, result.scalars), perturbations=2)
     for n, p in server.params.items():
         # Float rounding of the client's perturb-and-restore only: relative to the weights' size (the
@@ -185,3 +187,85 @@ def test_zero_order_training_lowers_the_loss_of_a_fixed_batch(tiny_bert, glue_di
     before = sm.split.loss(batch(encoded, idx))
     spzo.local_update(sm, cfg, 99, cfg.zo.lr, encoded, [idx] * 40)
     assert sm.split.loss(batch(encoded, idx)) < before - 0.01
+
+
+@pytest.mark.integration
+def test_deepest_split_is_the_first_block_that_runs_a_perturbed_parameter(tiny_bert):
+    cfg = parse_run_config({"method": "fedkseed", "model": tiny_bert, "zo.params": "head"})
+    zm = kseed.build(cfg).zo
+    model = zm.loaded.model
+    named = dict(model.named_parameters())
+    assert deepest_split(model, zm.params) == 1  # the head runs after the last of the 2 blocks: cut at 1
+    assert deepest_split(model, {n: p for n, p in named.items() if ".layer.1." in n}) == 1
+    assert deepest_split(model, {n: p for n, p in named.items() if ".layer.0." in n}) == 0
+    for subset in ("all", "bitfit"):  # both perturb the embeddings' norm, which runs before block 0
+        assert deepest_split(model, zo_parameters(model, False, subset, zm.loaded.head)) == 0
+
+
+def _block_calls(model) -> tuple[list[int], list]:
+    """Counts of completed forward calls of each transformer block (hooks to remove when done): a forward
+    hook, since the h0 pass stops in block split-layer's pre-hook, before it runs."""
+    from common.split import transformer_blocks
+
+    owner, attr = transformer_blocks(model)
+    counts = [0] * len(getattr(owner, attr))
+
+    def counter(i):
+        def hook(module, args, output):
+            counts[i] += 1
+
+        return hook
+
+    return counts, [b.register_forward_hook(counter(i)) for i, b in enumerate(getattr(owner, attr))]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("kind", ["tiny_bert", "tiny_llama"])
+def test_fedkseed_reuses_what_runs_below_the_head_with_the_same_estimates(kind, request, glue_dir, tmp_path):
+    """With the head alone perturbed, one clean pass per step gives h0 and every loss runs the last block
+    and the head only: the same loss differences as the whole network, to float rounding, the same trained
+    model, and fewer transformer blocks run."""
+    cfg = _cfg(request.getfixturevalue(kind), glue_dir, tmp_path, method="fedkseed",
+               **{"zo.params": "head", "kseed.perturbations": 3})  # fmt: skip
+    reused, whole = kseed.build(cfg), kseed.build(cfg)
+    assert reused.split is not None and reused.split.split_layer == 1 and not reused.split.block1
+    whole.split = None
+    encoded, _ = client_data(cfg, {"partition-id": 0, "num-partitions": 2})
+    batches = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    runs = {}
+    for name, km in (("reused", reused), ("whole", whole)):
+        counts, hooks = _block_calls(km.zo.loaded.model)
+        try:
+            runs[name] = (kseed.local_update(km, cfg, cfg.zo.lr, encoded, batches, pick_seed=5), counts)
+        finally:
+            for h in hooks:
+                h.remove()
+    (r, blocks_r), (w, blocks_w) = runs["reused"], runs["whole"]
+    np.testing.assert_allclose(r.scalars, w.scalars, rtol=1e-4, atol=1e-5)
+    assert np.count_nonzero(r.scalars) >= 2
+    np.testing.assert_allclose(r.losses, w.losses, rtol=1e-5)
+    for n, p in reused.params.items():
+        torch.testing.assert_close(p, whole.params[n], rtol=1e-5, atol=1e-5)
+    steps, p = len(batches), 3
+    assert (w.calls.full, w.calls.block1, w.calls.block2) == (2 * p * steps, 0, 0)
+    assert (r.calls.full, r.calls.block1, r.calls.block2) == (0, steps, 2 * p * steps)
+    # The cost: block 0 runs once per step instead of 2·P times; block 1 runs 2·P times in both.
+    assert blocks_w == [2 * p * steps, 2 * p * steps]
+    assert blocks_r == [steps, 2 * p * steps]
+
+
+@pytest.mark.integration
+def test_model_calls_are_reported_by_kind_and_recorded_per_client(tmp_path):
+    from common.records import RunRecorder
+    from common.zeroorder import ModelCalls
+
+    calls = ModelCalls(full=4, block1=2, block2=12)
+    assert calls.metrics() == {"forward-passes": 18, "full-passes": 4, "block1-passes": 2, "block2-passes": 12}
+    rec = RunRecorder(str(tmp_path), "run", {"method": "fedkseed"})
+    rec.begin_round(1)
+    other = {k: 2 * v for k, v in calls.metrics().items()}
+    rec.add_replies(100, [{"train-seconds": 1.0, **calls.metrics()}, {"train-seconds": 3.0, **other}], 0, 0)
+    row = rec.end_round(1, None)
+    assert row["client_train_seconds"] == 2.0
+    assert (row["client_forward_passes"], row["client_full_passes"]) == (27, 6)
+    assert (row["client_block1_passes"], row["client_block2_passes"]) == (3, 18)

@@ -50,7 +50,7 @@ def _head_only(tiny_bert, glue_dir, tmp_path, **extra):
         {
             "method": "fedspzo", "model": tiny_bert, "task": "rte", "data-dir": glue_dir, "results-dir": str(tmp_path),
             "train.local-steps": 3, "train.batch-size": 4, "train.max-length": 32, "spzo.split-layer": 1,
-            "spzo.p2": 3, "zo.eps": 1e-2, **extra,
+            "spzo.p2": 3, "zo.eps": 1e-2, "zo.params": "head", "spzo.p1": 0, **extra,
         }
     )  # fmt: skip
 
@@ -63,7 +63,7 @@ def test_fedspzo_head_only_needs_p1_zero(tiny_bert, glue_dir, tmp_path):
 
 @pytest.mark.integration
 def test_fedspzo_head_only_trains_the_head_and_replays(tiny_bert, glue_dir, tmp_path):
-    """The default (zo.params = head, P1 = 0): block 1 frozen, g1 has no columns, the wire carries (S, 0),
+    """Head-only (zo.params = head, P1 = 0): block 1 frozen, g1 has no columns, the wire carries (S, 0),
     and replaying the scalars rebuilds the client's head; nothing else moves."""
     cfg = _head_only(tiny_bert, glue_dir, tmp_path)
     client, server = spzo.build(cfg), spzo.build(cfg)

@@ -13,7 +13,8 @@ Server -> client, message type "train":
 Client -> server:
   "scalars" ArrayRecord   the scalar vector G (prefix ""): the sum of the client's g per candidate seed
   "metrics" MetricRecord  num-examples (int > 0), model-round (int, must be T-1), train-loss, train-seconds,
-                          peak-rss-mb, local-steps, forward-passes, perturb-seconds
+                          peak-rss-mb, local-steps, forward-passes (every model call), full-passes,
+                          block1-passes, block2-passes (common.zeroorder.ModelCalls), perturb-seconds
 A client that cannot reach round T-1 sends the sync-only reply of common.nodestore.
 Instruction checks (client, common.wire "Instructions"): server-round >= 1, log-first in 1..T; η_T and every
 logged η_t equal the node's zo.lr and lie in (0, ZO_LR_MAX]; logged Ḡ finite, within 2 x

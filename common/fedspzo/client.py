@@ -47,7 +47,7 @@ def train(content: RecordDict, cfg: RunConfig, node_config: dict[str, Any], run_
             "train-seconds": seconds,
             "peak-rss-mb": mem.peak_mb,
             "local-steps": len(batches),
-            "forward-passes": result.forward_passes,
+            **result.calls.metrics(),
             "perturb-seconds": sum(pert.seconds for pert in sm.perturbations),
         },
     )

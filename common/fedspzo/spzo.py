@@ -31,10 +31,10 @@ from functools import partial
 import numpy as np
 import torch
 
-from common.fedspzo.split import SplitModel
 from common.seeds import derive_seed
+from common.split import SplitModel
 from common.training import Encoded, batch
-from common.zeroorder import Perturbation, ZoModel, load_zo_model, spsa_step
+from common.zeroorder import ModelCalls, Perturbation, ZoModel, load_zo_model, spsa_step
 
 
 def round_seed(run_seed: int, server_round: int) -> int:
@@ -90,7 +90,11 @@ class LocalResult:
     g1: np.ndarray
     g2: np.ndarray
     losses: list[float]
-    forward_passes: int  # model calls: 1 (h0) + 2·P2 (block 2 only) + 2·P1 (whole) per step
+    calls: ModelCalls  # per step: 1 block-1 pass (h0), 2·P2 block-2 passes, 2·P1 whole-network passes
+
+    @property
+    def forward_passes(self) -> int:
+        return self.calls.total
 
 
 def local_update(
@@ -113,7 +117,8 @@ def local_update(
         for i in range(p1):
             g1[s, i], loss = spsa_step(sm.pert1, step_seed(rho, s, 1, i), eps, lr / p1, partial(sm.split.loss, x))
             losses.append(loss)
-    return LocalResult(g1, g2, losses, len(batches) * (1 + 2 * p2 + 2 * p1))
+    steps = len(batches)
+    return LocalResult(g1, g2, losses, ModelCalls(full=2 * p1 * steps, block1=steps, block2=2 * p2 * steps))
 
 
 @torch.no_grad()

@@ -11,7 +11,8 @@ Client -> server:
   "scalars" ArrayRecord   "g1" float32 (S, P1), "g2" float32 (S, P2): the projected gradients of every
                           local step, in order (S = train.local-steps)
   "metrics" MetricRecord  num-examples (int > 0), model-round (int, must be T-1), train-loss, train-seconds,
-                          peak-rss-mb, local-steps, forward-passes, perturb-seconds
+                          peak-rss-mb, local-steps, forward-passes (every model call), full-passes,
+                          block1-passes, block2-passes (common.zeroorder.ModelCalls), perturb-seconds
 A client that cannot reach round T-1 sends the sync-only reply of common.nodestore.
 Instruction checks (client, common.wire "Instructions"): server-round >= 1, log-first in 1..T; ρ_T and every
 logged ρ_t equal round_seed(run seed, t), derived by the node itself; η_T and every logged η_t equal the
