@@ -33,7 +33,7 @@ install: $(BIN)/.installed
 
 run: install
 	GLUE_DIR="$(GLUE_DIR)" $(BIN)/python scripts/simulate.py --clients $(CLIENTS) \
-	  -c "method='fedkrso' task='sst2' num-server-rounds=$(ROUNDS) train.lr=5e-4 $(RUN_CONFIG)"
+	  -c "method='fedkrso' task='sst2' num-server-rounds=$(ROUNDS) $(RUN_CONFIG)"
 
 test: install
 	GLUE_DIR="$(GLUE_DIR)" $(BIN)/python -m pytest -q

@@ -31,7 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from client_app.app import CLIENTS  # noqa: E402
-from common.config import parse_run_config  # noqa: E402
+from common.config import METHOD_DEFAULTS, parse_run_config  # noqa: E402
 from common.evaluation import evaluate  # noqa: E402
 from common.nodestore import STATE_DIR_ENV  # noqa: E402
 from common.records import RunRecorder  # noqa: E402
@@ -43,7 +43,6 @@ from server_app.app import SETUPS  # noqa: E402
 DOCS = os.path.join(ROOT, "docs")
 CLIENTS_N = 10
 HOSTILE = CLIENTS_N - 1
-LR = {"fedkrso": 5e-4, "fedavg": 5e-5}  # each method's own, as in docs/results.md
 RULES = {"mean": {}, "trimmed-mean": {"aggregation.trim-fraction": 0.1}, "median": {}}
 FACTOR = -100.0
 
@@ -79,7 +78,7 @@ def run(method: str, rule: str, hostile: bool, args, dev) -> dict:
         {
             "method": method, "task": "sst2", "data-dir": args.glue, "results-dir": args.results, "run-name": name,
             "partitioning": "dirichlet", "dirichlet-alpha": 0.5, "seed": 0, "train.local-steps": args.local_steps,
-            "train.batch-size": 16, "train.max-length": args.max_length, "train.lr": LR[method],
+            "train.batch-size": 16, "train.max-length": args.max_length,
             "min-clients": CLIENTS_N, "aggregation.rule": rule, **RULES[rule],
         }
     )  # fmt: skip
@@ -126,7 +125,8 @@ def write_page(results: dict, args, command: str, wall: float) -> str:
         f"{os.cpu_count()} cores, CPU only, torch {torch.__version__} with {torch.get_num_threads()} threads; "
         f"{wall / 60:.1f} min in all). Setting: SST-2, embedded all-MiniLM-L6-v2, {CLIENTS_N} clients "
         f"(Dirichlet alpha 0.5 over labels), seed 0, {args.rounds} rounds of {args.local_steps} local steps of "
-        f"batch 16 (max length {args.max_length}), Adam, lr 5e-4 (FedKRSO) / 5e-5 (FedAvg); the whole dev split "
+        f"batch 16 (max length {args.max_length}), Adam, lr {METHOD_DEFAULTS['fedkrso']['train.lr']:g} (FedKRSO) / "
+        f"{METHOD_DEFAULTS['fedavg']['train.lr']:g} (FedAvg), each method's own; the whole dev split "
         "(872 examples) evaluated after the last round. Every run drives the real strategy and client code in "
         "one process (bench/robust.py); only `aggregation.rule` differs (trimmed-mean with trim-fraction 0.1: "
         "one value cut at each end of ten).",
