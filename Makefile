@@ -27,6 +27,9 @@ $(BIN)/.installed: pyproject.toml requirements.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet "$(TORCH)" $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)")
 	$(BIN)/pip install --quiet -r requirements.txt
+	# the `fedsubspace` command; --no-deps: requirements.txt above installed them, and pip must not
+	# resolve pyproject's dependencies again (it could replace the CPU torch)
+	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
 
 install: $(BIN)/.installed
