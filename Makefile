@@ -27,13 +27,16 @@ $(BIN)/.installed: pyproject.toml requirements.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet "$(TORCH)" $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)")
 	$(BIN)/pip install --quiet -r requirements.txt
+	# the `fedsubspace` command; --no-deps: requirements.txt above installed them, and pip must not
+	# resolve pyproject's dependencies again (it could replace the CPU torch)
+	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
 
 install: $(BIN)/.installed
 
 run: install
 	GLUE_DIR="$(GLUE_DIR)" $(BIN)/python scripts/simulate.py --clients $(CLIENTS) \
-	  -c "method='fedkrso' task='sst2' num-server-rounds=$(ROUNDS) train.lr=5e-4 $(RUN_CONFIG)"
+	  -c "method='fedkrso' task='sst2' num-server-rounds=$(ROUNDS) $(RUN_CONFIG)"
 
 # Every tier (unit, integration, system: markers in pyproject.toml). Without the GLUE folder the tests read the
 # synthetic fixture in tests/fixtures/glue, so nothing is skipped for missing data.

@@ -36,7 +36,6 @@ from flwr.app import Array, ConfigRecord, Message
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.run import LEARNING_RATES  # noqa: E402
 from client_app.app import CLIENTS  # noqa: E402
 from common.config import parse_run_config  # noqa: E402
 from common.evaluation import evaluate  # noqa: E402
@@ -128,13 +127,12 @@ def flat_weights(model: torch.nn.Module) -> torch.Tensor:
 def run(method: str, rule: str, scenario: str, args, dev) -> dict:
     clients, hostile, kind = SCENARIOS[scenario]
     name = f"robust-{method}-{rule}-{scenario.replace(' ', '').replace(',', '-')}"
-    lr = {"train.lr": LEARNING_RATES[method]} if method in LEARNING_RATES else {}
     cfg = parse_run_config(
         {
             "method": method, "task": "sst2", "data-dir": args.glue, "results-dir": args.results, "run-name": name,
             "partitioning": "dirichlet", "dirichlet-alpha": 0.5, "seed": 0, "train.local-steps": args.local_steps,
             "train.batch-size": 16, "train.max-length": args.max_length, "min-clients": clients,
-            "aggregation.rule": rule, **lr,
+            "aggregation.rule": rule,
         }
     )  # fmt: skip
     os.environ[STATE_DIR_ENV] = tempfile.mkdtemp(prefix="robust-nodes-")

@@ -15,7 +15,8 @@ What runs:
    0.5 over labels, then FedTT and FedTT+ on SST-2 at alpha 0.1 over three seeds, then FedSPZO and FedKSeed
    on SST-2 for Settings.zo_rounds rounds (compute to reach an accuracy). The same clients,
    partitions, seeds, batch size, local steps and rounds for all; only each method's own learning rate
-   differs (LEARNING_RATES; the zero-order methods run their shipped zo.* defaults).
+   differs (train.lr = "auto": common.config.METHOD_DEFAULTS; the zero-order methods run their shipped zo.*
+   defaults).
 3. bench/report.py writes the page (summary table, per-run tables, plots) from the records.
 
 Records (`--records`, default bench/records, ignored by git: data, kept where the benchmark ran):
@@ -62,9 +63,6 @@ def task_name(task: str) -> str:
     return {"sst2": "SST-2", "cola": "CoLA", "boolq": "BoolQ", "wic": "WiC"}.get(task, task.upper())
 
 
-# Each first-order method's own learning rate (Adam), chosen by short single-client probes (FedKRSO and FedAvg:
-# the first benchmark; FedTT and LoRA: README, FedTT). The zero-order methods run their shipped zo.lr.
-LEARNING_RATES = {"fedkrso": 5e-4, "fedavg": 5e-5, "fedtt": 1e-2, "fedtt-plus": 1e-2, "fedavg-lora": 2e-3}
 # Keys that say where a run writes or reads, not what it computes: left out when records are matched to the plan.
 VOLATILE = ("data-dir", "results-dir", "run-name", "resume-from", "round-timeout")
 SMOLLM = {  # the optional SmolLM2-135M (GGUF) section: one short round each, shows the decoder path works
@@ -151,13 +149,18 @@ def run_overrides(s: Settings, run: Run, records: str) -> dict:
         "min-clients": s.clients, "fraction-train": 1.0, "model": s.model, "data-dir": GLUE,
         "results-dir": os.path.join(records, "runs"), "run-name": run.name,
     }  # fmt: skip
-    if run.method in LEARNING_RATES:
-        o["train.lr"] = LEARNING_RATES[run.method]
     if run.compute:
         o["num-server-rounds"] = s.zo_rounds
     if run.smollm:
         o.update(SMOLLM, model=smollm_path())
     return o
+
+
+def learning_rates() -> dict[str, float]:
+    """Each first-order method's rate, as its runs resolve train.lr = "auto" (the zero-order ones step with zo.lr)."""
+    from common.config import METHOD_DEFAULTS, ZERO_ORDER
+
+    return {m: METHOD_DEFAULTS[m]["train.lr"] for m in METHODS if m not in ZERO_ORDER}
 
 
 def effective(overrides: dict) -> dict:
@@ -592,7 +595,7 @@ def note_invocation(records: str, s: Settings, command: str, phase: str) -> None
     if plan.get("settings") and plan["settings"] != json.loads(json.dumps(dataclasses.asdict(s))):
         plan["invocations"] = []  # another plan: the earlier invocations made other records
     plan["settings"] = dataclasses.asdict(s)
-    plan["learning_rates"] = LEARNING_RATES
+    plan["learning_rates"] = learning_rates()
     plan["glue_dir"] = GLUE
     if phase == "start":
         plan["invocations"].append(

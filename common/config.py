@@ -17,6 +17,7 @@ METHODS = ("fedkrso", "fedavg", "fedspzo", "fedkseed")
 ZERO_ORDER = ("fedspzo", "fedkseed")  # forward passes only; updates replayed from (seed, scalar)
 PARTITIONINGS = ("iid", "dirichlet")
 OPTIMIZERS = ("auto", "adam", "sgd")  # auto: Adam for first-order methods, plain SGD for zero-order ones
+AUTO = "auto"  # the shipped value of the settings in METHOD_DEFAULTS
 
 
 class ConfigError(ValueError):
@@ -27,7 +28,7 @@ class ConfigError(ValueError):
 class TrainConfig:
     local_steps: int = 20
     batch_size: int = 16
-    lr: float = 5e-5
+    lr: float | str = AUTO  # "auto": the method's own rate (METHOD_DEFAULTS); parse_run_config leaves a number
     optimizer: str = "auto"
     weight_decay: float = 0.0
     max_length: int = 128
@@ -50,6 +51,26 @@ class KrsoConfig:
 
 METHODS += ("fedtt", "fedtt-plus", "fedavg-lora")  # tensor-train adapters and the LoRA reference
 TT_PLUS_RULES = ("gradient", "cyclic")
+
+# Settings whose right value depends on the method. Their shipped value is "auto", which parse_run_config
+# replaces by the method's entry here, so a run at the defaults trains as the benchmark (bench/run.py, which
+# reads this table) does; a number given by the user overrides it. Only the resolved number reaches the
+# records and the checkpoint, so a run says what it used and resume compares numbers, not spellings.
+METHOD_DEFAULTS: dict[str, dict[str, float]] = {
+    # Adam's rate of each first-order method, chosen by short single-client probes: FedKRSO trains in rank-r
+    # random subspaces and needs a larger step than full fine-tuning (FedAvg); the small adapters of FedTT
+    # and FedAvg-LoRA need larger steps still.
+    "fedkrso": {"train.lr": 5e-4},
+    "fedavg": {"train.lr": 5e-5},
+    "fedtt": {"train.lr": 1e-2},
+    "fedtt-plus": {"train.lr": 1e-2},
+    "fedavg-lora": {"train.lr": 2e-3},
+    # The zero-order methods step with zo.lr (replayed from the update log) and never read train.lr; it
+    # resolves to the value it had before "auto" existed, so their earlier records and checkpoints still match.
+    "fedspzo": {"train.lr": 5e-5},
+    "fedkseed": {"train.lr": 5e-5},
+}
+AUTO_KEYS = tuple(METHOD_DEFAULTS[METHODS[0]])  # every method's table has the same keys (tests/test_config.py)
 
 
 @dataclass(frozen=True)
@@ -191,6 +212,20 @@ def _expected_keys() -> dict[str, tuple[str, str | None, Any]]:
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:
+    if key not in AUTO_KEYS:
+        return _coerce_as(key, value, default)
+    if value == AUTO:
+        return value
+    try:  # a value the user chose: the type of the methods' own values
+        return _coerce_as(key, value, METHOD_DEFAULTS[METHODS[0]][key])
+    except ConfigError:
+        per_method = ", ".join(f"{m} {table[key]:g}" for m, table in METHOD_DEFAULTS.items())
+        raise ConfigError(
+            f"run config '{key}' must be a number or \"auto\" (the method's own value: {per_method}), got {value!r}"
+        ) from None
+
+
+def _coerce_as(key: str, value: Any, default: Any) -> Any:
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
@@ -227,8 +262,23 @@ def parse_run_config(run_config: dict[str, Any]) -> RunConfig:
     for f in dataclasses.fields(RunConfig):
         if f.name in sections:
             top[f.name] = type(getattr(RunConfig(), f.name))(**sections[f.name])
-    cfg = RunConfig(**top)
+    cfg = resolve_auto(RunConfig(**top))
     validate(cfg)
+    return cfg
+
+
+def resolve_auto(cfg: RunConfig) -> RunConfig:
+    """`cfg` with every "auto" of METHOD_DEFAULTS replaced by its method's value (numbers are kept)."""
+    table = METHOD_DEFAULTS.get(cfg.method)
+    if table is None:
+        return cfg  # an unknown method: validate() names it and the known ones
+    expected = _expected_keys()
+    for key, value in table.items():
+        attr, section, _ = expected[key]
+        holder = getattr(cfg, section) if section else cfg
+        if getattr(holder, attr) == AUTO:
+            holder = dataclasses.replace(holder, **{attr: value})
+            cfg = dataclasses.replace(cfg, **{section: holder}) if section else holder
     return cfg
 
 

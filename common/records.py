@@ -24,7 +24,7 @@ PASSES = ("forward_passes", "full_passes", "block1_passes", "block2_passes")
 SUMMARY_COLUMNS = ("round", "accuracy", "loss", "down/client", "up/client", "peak MB", "train s", "round s")
 
 
-def _fmt_bytes(n: float | None) -> str:
+def fmt_bytes(n: float | None) -> str:
     if n is None:
         return "-"
     for unit in ("B", "KB", "MB", "GB"):
@@ -221,12 +221,17 @@ def format_table(rounds: Sequence[Mapping[str, Any]]) -> str:
                 str(r["round"]),
                 "-" if r.get("accuracy") is None else f"{100 * r['accuracy']:.2f}",
                 "-" if r.get("loss") is None else f"{r['loss']:.4f}",
-                _fmt_bytes(r["bytes_down"] / n if n else None),
-                _fmt_bytes(r["bytes_up"] / n if n else None),
+                fmt_bytes(r["bytes_down"] / n if n else None),
+                fmt_bytes(r["bytes_up"] / n if n else None),
                 "-" if r.get("client_peak_rss_mb") is None else f"{r['client_peak_rss_mb']:.0f}",
                 "-" if r.get("client_train_seconds") is None else f"{r['client_train_seconds']:.1f}",
                 f"{r['seconds']:.1f}",
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(SUMMARY_COLUMNS))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=False)) for row in rows)
+    return text_table(rows)
+
+
+def text_table(rows: Sequence[Sequence[str]]) -> str:
+    """Rows of cells (the first one the header) as right-aligned columns."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows)

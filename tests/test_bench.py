@@ -13,7 +13,8 @@ import sys
 import pytest
 
 from bench import report
-from bench.run import QUICK, main, plan_runs, read_json
+from bench.run import DEFAULT, QUICK, effective, learning_rates, main, plan_runs, read_json, run_overrides
+from common.config import METHOD_DEFAULTS, ZERO_ORDER
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -109,6 +110,17 @@ def test_bad_settings_stop_before_anything_runs(tmp_path):
     with pytest.raises(SystemExit, match="keep it in --tasks"):
         main(["--quick", "--tasks", "rte", "--records", str(tmp_path)])
     assert not os.listdir(tmp_path)
+
+
+@pytest.mark.unit
+def test_every_run_trains_at_its_methods_own_rate():
+    # the benchmark passes no train.lr: "auto" resolves to common.config's table, as a user's run does
+    for run in plan_runs(DEFAULT):
+        overrides = run_overrides(DEFAULT, run, "/nonexistent")
+        assert "train.lr" not in overrides
+        assert effective(overrides)["train.lr"] == METHOD_DEFAULTS[run.method]["train.lr"]
+    rates = learning_rates()
+    assert rates["fedkrso"] == 5e-4 and rates["fedtt"] == 1e-2 and not set(rates) & set(ZERO_ORDER)
 
 
 def summary_row(page: str, claim: str) -> str:

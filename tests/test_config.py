@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import math
 import tomllib
 
 import pytest
 
-from common.config import ConfigError, RunConfig, parse_run_config
+from common.config import (
+    AUTO_KEYS,
+    METHOD_DEFAULTS,
+    METHODS,
+    ConfigError,
+    RunConfig,
+    check_resume,
+    parse_run_config,
+)
 from common.modeling import ModelError, resolve
 
 pytestmark = pytest.mark.unit
@@ -17,9 +26,8 @@ def test_defaults_match_pyproject():
 
     with open("pyproject.toml", "rb") as f:
         flat = flatten_dict(tomllib.load(f)["tool"]["flwr"]["app"]["config"])
-    cfg = parse_run_config(flat)
-    assert cfg == RunConfig()  # the dataclass defaults and the shipped config are one and the same
-    assert set(flat) == set(cfg.to_flat())
+    assert flat == RunConfig().to_flat()  # the dataclass defaults and the shipped config are one and the same
+    assert parse_run_config(flat) == parse_run_config({})
 
 
 def test_types_are_coerced_and_checked():
@@ -29,6 +37,49 @@ def test_types_are_coerced_and_checked():
         parse_run_config({"krso.rank": "eight"})
     with pytest.raises(ConfigError, match="krso.rank.*must be int"):
         parse_run_config({"krso.rank": 2.5})
+
+
+def test_every_method_has_its_own_defaults():
+    assert set(METHOD_DEFAULTS) == set(METHODS)
+    assert all(set(table) == set(AUTO_KEYS) for table in METHOD_DEFAULTS.values())
+    assert RunConfig().to_flat()["train.lr"] == "auto"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_auto_resolves_to_the_methods_own_rate(method):
+    cfg = parse_run_config({"method": method})
+    assert isinstance(cfg.train.lr, float) and math.isfinite(cfg.train.lr) and cfg.train.lr > 0
+    assert cfg.train.lr == METHOD_DEFAULTS[method]["train.lr"]
+    assert parse_run_config({"method": method, "train.lr": "auto"}) == cfg
+    assert cfg.to_flat()["train.lr"] == cfg.train.lr  # the records say which rate the run used
+
+
+def test_auto_rates_are_the_benchmarks():
+    # the benchmark's tuned rates: FedKRSO's is what `make run` used to pass by hand
+    assert parse_run_config({}).train.lr == 5e-4
+    rates = {m: parse_run_config({"method": m}).train.lr for m in ("fedavg", "fedtt", "fedtt-plus", "fedavg-lora")}
+    assert rates == {"fedavg": 5e-5, "fedtt": 1e-2, "fedtt-plus": 1e-2, "fedavg-lora": 2e-3}
+
+
+def test_a_number_overrides_auto():
+    assert parse_run_config({"method": "fedtt", "train.lr": 3e-3}).train.lr == 3e-3
+    assert parse_run_config({"train.lr": 1}).train.lr == 1.0
+
+
+@pytest.mark.parametrize("value", ["fast", "Auto", "", True, [1e-3]])
+def test_other_lr_values_are_refused_naming_the_key(value):
+    with pytest.raises(ConfigError, match=r"run config 'train.lr' must be a number or \"auto\".*fedkrso 0.0005"):
+        parse_run_config({"train.lr": value})
+
+
+def test_resume_compares_resolved_rates(tmp_path):
+    explicit = parse_run_config({"method": "fedtt", "train.lr": 1e-2, "resume-from": str(tmp_path)})
+    auto = parse_run_config({"method": "fedtt", "resume-from": str(tmp_path)})
+    check_resume(auto, explicit.to_flat(), done=1)  # a checkpoint made with the auto value spelled out
+    check_resume(explicit, auto.to_flat(), done=1)
+    other = parse_run_config({"method": "fedtt", "train.lr": 5e-3}).to_flat()
+    with pytest.raises(ConfigError, match=r"train.lr = 0.005 there, 0.01 here"):
+        check_resume(auto, other, done=1)
 
 
 @pytest.mark.parametrize(
