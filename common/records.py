@@ -14,6 +14,8 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from common.files import replace_file
+
 SUMMARY_COLUMNS = ("round", "accuracy", "loss", "down/client", "up/client", "peak MB", "train s", "round s")
 
 
@@ -28,10 +30,7 @@ def _fmt_bytes(n: float | None) -> str:
 
 
 def _write_jsonl(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(tmp, path)
+    replace_file(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
 
 
 class RunRecorder:
@@ -139,10 +138,7 @@ class RunRecorder:
     def finish(self) -> dict[str, Any]:
         summary = summarize(self.rounds, self.config)
         summary["wall_seconds"] = time.perf_counter() - self._t0
-        tmp = os.path.join(self.dir, "summary.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(summary, f, indent=2)
-        os.replace(tmp, os.path.join(self.dir, "summary.json"))
+        replace_file(os.path.join(self.dir, "summary.json"), json.dumps(summary, indent=2).encode())
         return summary
 
 

@@ -28,8 +28,9 @@ complete safetensors file (torn), another format or version, a checksum that doe
 byte, an edited round), or records that do not run 0..T. Whether the run config allows resuming from it is
 checked by common.config.check_resume.
 
-Writing is atomic: the bytes go to `<file>.tmp`, which is fsynced, renamed over the file, and the folder is
-fsynced; a crash at any point leaves the previous checkpoint whole.
+Writing is atomic (common.files.replace_file): the bytes go to `<file>.tmp`, created exclusively (a link
+planted there is removed, never followed), fsynced and renamed over the file; a crash at any point leaves
+the previous checkpoint whole.
 
 Check and describe a checkpoint (exit status 0 when it is whole, 1 with the reason when it is not):
     python -m server_app.checkpoint results/<run-name>
@@ -54,6 +55,7 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from common.config import ConfigError
+from common.files import replace_file
 
 FORMAT = "fedsubspace-server-checkpoint"
 VERSION = 1
@@ -99,7 +101,7 @@ def _numpy(value: np.ndarray | torch.Tensor) -> np.ndarray:
 
 
 def write(path: str, state: ServerState) -> None:
-    """Write `state` to `path` atomically (temporary file, fsync, rename, fsync of the folder)."""
+    """Write `state` to `path` atomically (common.files.replace_file)."""
     tensors = {k: _numpy(v) for k, v in state.tensors.items()}
     clash = [k for k in state.arrays if ARRAYS + k in tensors]
     if clash:
@@ -116,20 +118,8 @@ def write(path: str, state: ServerState) -> None:
         allow_nan=True,
     )
     meta = {"format": FORMAT, "version": str(VERSION), "state": text, "sha256": _digest(text, tensors)}
-    data = st_save(tensors, metadata=meta)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    replace_file(path, st_save(tensors, metadata=meta))
 
 
 def read(resume_from: str) -> ServerState:

@@ -324,3 +324,17 @@ def test_written_state_round_trips_exactly(tmp_path):
     assert back.round == 1 and back.run_id == 7 and back.strategy == {"x": [0.1, 2**40]}
     assert back.tensors.keys() == tensors.keys() and all(np.array_equal(back.tensors[k], v) for k, v in tensors.items())
     assert np.array_equal(back.arrays["w"], np.ones((2, 2), np.float32))
+
+
+def test_a_link_planted_at_the_temporary_file_is_not_followed(tmp_path):
+    """checkpoint.safetensors.tmp made a link to another file: the write removes the link and creates its own
+    file exclusively; the link's target is untouched."""
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    path = tmp_path / "run" / checkpoint.FILENAME
+    path.parent.mkdir()
+    os.symlink(victim, str(path) + ".tmp")
+    rows = [{"round": 0}, {"round": 1}]
+    checkpoint.write(str(path), checkpoint.ServerState(1, {"method": "fedkrso"}, {}, {}, {"rounds": rows}))
+    assert victim.read_bytes() == b"precious" and checkpoint.read(str(path)).round == 1
+    assert sorted(os.listdir(path.parent)) == [checkpoint.FILENAME]
