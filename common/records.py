@@ -3,7 +3,8 @@
 Round 0 is the evaluation of the starting model (no traffic). `bytes_down` / `bytes_up` are all bytes of
 the messages' contents in the round, summed over clients; `clients` is the number of replies aggregated.
 A method may keep more per-round records beside them (`add_record`: `<name>.jsonl`). A resumed run starts
-from the records so far (`previous`, from the server checkpoint) and appends to them.
+from the records so far (`previous`, from the server checkpoint) and appends to them. A new run never starts
+in a folder that holds another run's records (check_not_overwriting): nothing recorded is truncated.
 """
 
 from __future__ import annotations
@@ -14,7 +15,39 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from common.config import ConfigError
 from common.files import replace_file
+
+CHECKPOINT = "checkpoint.safetensors"  # the server checkpoint beside the records (server_app/checkpoint.py)
+
+
+def held_records(folder: str) -> list[str]:
+    """What a run folder holds of a run's records: summary.json, the checkpoint, every .jsonl with a row."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(
+        name
+        for name in os.listdir(folder)
+        if name in ("summary.json", CHECKPOINT)
+        or (name.endswith(".jsonl") and os.path.isfile(p := os.path.join(folder, name)) and os.path.getsize(p) > 0)
+    )
+
+
+def check_not_overwriting(folder: str, resume_from: str) -> None:
+    """Refuse to start a run in a folder that holds another run's records (a stopped run has rounds.jsonl and
+    a checkpoint but no summary.json), unless `resume-from` continues the run of that very folder."""
+    held = held_records(folder)
+    if not held:
+        return
+    source = resume_from if not resume_from or os.path.isdir(resume_from) else os.path.dirname(resume_from)
+    if resume_from and os.path.realpath(source) == os.path.realpath(folder):
+        return  # the same run, continued: it appends to its own records
+    raise ConfigError(
+        f"'{folder}' already holds a run's records ({', '.join(held)}); a new run there would overwrite them. "
+        f"Continue that run with resume-from='{folder}' (and num-server-rounds above its last round), or choose "
+        "another run-name"
+    )
+
 
 SUMMARY_COLUMNS = ("round", "accuracy", "loss", "down/client", "up/client", "peak MB", "train s", "round s")
 
@@ -41,8 +74,11 @@ class RunRecorder:
         config: Mapping[str, Any],
         previous: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
     ) -> None:
-        """`previous`: the records so far of a resumed run ({"rounds": rows, "<name>": rows of <name>.jsonl})."""
+        """`previous`: the records so far of a resumed run ({"rounds": rows, "<name>": rows of <name>.jsonl}).
+
+        Refuses (ConfigError) a folder that holds another run's records: check_not_overwriting."""
         self.dir = os.path.join(results_dir, run_name)
+        check_not_overwriting(self.dir, str(config.get("resume-from") or ""))
         os.makedirs(self.dir, exist_ok=True)
         self.config = dict(config)
         previous = previous or {}

@@ -19,7 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 from torch import nn
 
-from common.config import ConfigError, RunConfig, check_resume, parse_run_config
+from common.config import ConfigError, RunConfig, check_paths, check_resume, parse_run_config
 from common.evaluation import evaluate
 from common.records import RunRecorder, format_table
 from common.tasks import get_task
@@ -128,6 +128,7 @@ def run(grid: Grid, cfg: RunConfig, run_id: int = 0) -> dict:
     (server_app/checkpoint.py); with `resume-from` the run starts from such a state instead and runs the
     rounds after it.
     """
+    check_paths(cfg)
     if cfg.data_dir and not os.path.isdir(cfg.data_dir):
         raise ConfigError(
             f"data-dir '{cfg.data_dir}' is not a folder: point it at a GLUE-layout folder, or leave it empty for the Hub"

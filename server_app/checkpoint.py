@@ -56,10 +56,11 @@ from safetensors.numpy import save as st_save
 
 from common.config import ConfigError
 from common.files import replace_file
+from common.records import CHECKPOINT
 
 FORMAT = "fedsubspace-server-checkpoint"
 VERSION = 1
-FILENAME = "checkpoint.safetensors"
+FILENAME = CHECKPOINT
 ARRAYS = "arrays/"  # prefix of the ArrayRecord that Strategy.start carries
 
 

@@ -338,3 +338,21 @@ def test_a_link_planted_at_the_temporary_file_is_not_followed(tmp_path):
     checkpoint.write(str(path), checkpoint.ServerState(1, {"method": "fedkrso"}, {}, {}, {"rounds": rows}))
     assert victim.read_bytes() == b"precious" and checkpoint.read(str(path)).round == 1
     assert sorted(os.listdir(path.parent)) == [checkpoint.FILENAME]
+
+
+def test_a_stopped_run_started_again_under_its_name_keeps_every_round(tiny_bert, glue_dir, tmp_path, monkeypatch):
+    """A run stopped after round 2 (records and checkpoint, no summary.json) started again with the same run-name:
+    without resume-from the ServerApp refuses, naming resume-from, and leaves every byte; asked to resume
+    (resume-from = its own folder) it continues there and keeps rounds 0..2 as they were."""
+    monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path / "nodes"))
+    records, _ = run_to("fedkseed", tiny_bert, glue_dir, tmp_path, 1, 2, "stopped")
+    os.remove(os.path.join(records, "summary.json"))
+    before = {n: open(os.path.join(records, n), "rb").read() for n in ("rounds.jsonl", checkpoint.FILENAME)}
+    with pytest.raises(ConfigError, match=f"resume-from='{records}'"):
+        run_to("fedkseed", tiny_bert, glue_dir, tmp_path, 2, 3, "stopped")
+    assert {n: open(os.path.join(records, n), "rb").read() for n in before} == before
+    run_to("fedkseed", tiny_bert, glue_dir, tmp_path, 2, 3, "stopped", **{"resume-from": records})
+    rows = read_jsonl(os.path.join(records, "rounds.jsonl"))
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    assert "".join(json.dumps(r) + "\n" for r in rows[:3]).encode() == before["rounds.jsonl"]
+    assert checkpoint.read(records).round == 3
