@@ -49,6 +49,28 @@ def check_not_overwriting(folder: str, resume_from: str) -> None:
     )
 
 
+ROW_COUNTS = ("bytes_down", "bytes_up", "clients", "failures", "rejected")
+ROW_NUMBERS = ("accuracy", "loss", "client_peak_rss_mb", "client_train_seconds", "seconds_per_local_step")
+
+
+def row_problem(row: object, round_row: bool = True) -> str | None:
+    """What keeps a row read back (a resumed run's records) from being summarized, or None: a round row needs
+    its counts (ints >= 0), its seconds and its optional numbers (numbers or null), as end_round writes them."""
+    if not isinstance(row, dict):
+        return f"a row that is a {type(row).__name__}"
+    if not round_row:
+        return None
+    for key in ROW_COUNTS:
+        v = row.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            return f"round {row.get('round')!r}: {key} = {repr(v)[:30]}, not a count"
+    for key in ("seconds", *ROW_NUMBERS):
+        v = row.get(key)
+        if (v is not None or key == "seconds") and (not isinstance(v, (int, float)) or isinstance(v, bool)):
+            return f"round {row.get('round')!r}: {key} = {repr(v)[:30]}, not a number"
+    return None
+
+
 SUMMARY_COLUMNS = ("round", "accuracy", "loss", "down/client", "up/client", "peak MB", "train s", "round s")
 
 

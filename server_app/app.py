@@ -113,9 +113,20 @@ def run_name(cfg: RunConfig) -> str:
 
 
 def resume(setup: ServerSetup, saved: checkpoint.ServerState, run_id: int) -> ArrayRecord:
-    """Put a checkpoint's state into a freshly built setup; returns the arrays Strategy.start starts from."""
-    setup.strategy.load_state_dict(saved.tensors, saved.strategy, saved.round, same_run=saved.run_id == run_id)
-    initial = checkpoint.carried_arrays(saved, setup.initial)
+    """Put a checkpoint's state into a freshly built setup; returns the arrays Strategy.start starts from.
+
+    Whatever does not fit raises the CheckpointError that names the file; the strategies check their fields
+    (checkpoint.strategy_field), and anything they miss is caught here rather than surfacing as a KeyError."""
+    try:
+        setup.strategy.load_state_dict(saved.tensors, saved.strategy, saved.round, same_run=saved.run_id == run_id)
+        initial = checkpoint.carried_arrays(saved, setup.initial)
+    except checkpoint.CheckpointError as exc:
+        raise checkpoint.CheckpointError(f"resume-from: '{saved.path}': {exc}") from exc
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError) as exc:
+        raise checkpoint.CheckpointError(
+            f"resume-from: '{saved.path}' holds a strategy state this {setup.strategy.__class__.__name__} cannot "
+            f"read ({exc!r}); resume from another copy or start a fresh run"
+        ) from exc
     if setup.load is not None:
         setup.load(initial)
     return initial

@@ -147,8 +147,22 @@ class FedTT(Strategy):
         values = checkpoint.checked_tensors(tensors, shapes)
         self.tm.adapters.load({k: values[f"cores/{k[0]}.{k[1]}.{k[2]}"] for k in self.shapes})
         self.tm.set_head({n: values[f"head/{n}"] for n in self.tm.head_shapes})
-        self.scores = None if state["scores"] is None else {(i, m, j): float(v) for i, m, j, v in state["scores"]}
-        checkpoint.set_rng_state(self._rng, state["rng"])
+        scores = checkpoint.strategy_field(state, "scores", self._is_scores, "null or [adapter, matrix, core, score] rows")
+        self.scores = None if scores is None else {(i, m, j): float(v) for i, m, j, v in scores}
+        checkpoint.set_rng_state(self._rng, state)
+
+    def _is_scores(self, scores) -> bool:
+        """FedTT+'s scores as state_dict writes them: one finite score per core of this model, or None."""
+        if scores is None:
+            return True
+        rows_ok = isinstance(scores, list) and all(
+            isinstance(row, list)
+            and len(row) == 4
+            and all(isinstance(x, t) for x, t in zip(row, (int, str, int), strict=False))
+            and checkpoint.is_number(row[3])
+            for row in scores
+        )
+        return rows_ok and all((row[0], row[1], row[2]) in self.shapes for row in scores)
 
     def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
         return []  # evaluation is server-side, on the dev split

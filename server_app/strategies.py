@@ -160,16 +160,20 @@ class LogStrategy(Strategy):
         whole log with its first instruction and catches up, instead of answering sync-only first."""
         if self.log:
             raise RuntimeError("load_state_dict needs a freshly built strategy")
+        checkpoint.set_rng_state(self._rng, state)  # every field is checked before the log is replayed
+        field = checkpoint.strategy_field
+        instruction = field(state, "instruction", checkpoint.is_configs, "the ConfigRecords of an instruction")
+        digest = field(state, "digest", checkpoint.is_digest, "a model digest ({tensor: [sum, sum of squares]})")
+        node_round = field(state, "node-round", checkpoint.is_node_rounds, "a map of node ids to rounds")
         try:
-            entries = self.restore(checkpoint.state_to_records(tensors, state["instruction"]))
+            entries = self.restore(checkpoint.state_to_records(tensors, instruction))
         except WireError as exc:
             raise checkpoint.CheckpointError(f"the checkpoint's update log does not fit this run: {exc}") from exc
         if [e.round for e in entries] != list(range(1, done + 1)):
             raise checkpoint.CheckpointError(f"the checkpoint's update log does not hold rounds 1..{done}")
-        checkpoint.check_model_digest(state["digest"], self.global_tensors())
+        checkpoint.check_model_digest(digest, self.global_tensors())
         self.log = entries
-        self.node_round = {int(n): int(r) for n, r in state["node-round"].items()} if same_run else {}
-        checkpoint.set_rng_state(self._rng, state["rng"])
+        self.node_round = {int(n): r for n, r in node_round.items()} if same_run else {}
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -486,7 +490,7 @@ class RecordedFedAvg(FedAvg):
         if tensors or set(state) - {"rng"}:
             raise checkpoint.CheckpointError("the checkpoint holds a strategy state FedAvg does not have")
         if "rng" in state:
-            checkpoint.set_rng_state(self._rng, state["rng"])
+            checkpoint.set_rng_state(self._rng, state)
         else:  # written before FedAvg drew its nodes with a seeded RNG (it used Flower's unseeded sampling)
             log(
                 WARNING,
