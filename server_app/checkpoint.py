@@ -224,7 +224,10 @@ def is_configs(value: Any) -> bool:
     scalar = (str, int, float, bool, bytes)
     return isinstance(value, dict) and all(
         isinstance(rec, dict)
-        and all(isinstance(v, scalar) or (isinstance(v, list) and all(isinstance(x, scalar) for x in v)) for v in rec.values())
+        and all(
+            isinstance(v, scalar) or (isinstance(v, list) and all(isinstance(x, scalar) for x in v))
+            for v in rec.values()
+        )
         for rec in value.values()
     )
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -355,16 +356,15 @@ def test_a_stopped_run_started_again_under_its_name_keeps_every_round(tiny_bert,
     monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path / "nodes"))
     records, _ = run_to("fedkseed", tiny_bert, glue_dir, tmp_path, 1, 2, "stopped")
     os.remove(os.path.join(records, "summary.json"))
-    before = {n: open(os.path.join(records, n), "rb").read() for n in ("rounds.jsonl", checkpoint.FILENAME)}
+    before = {n: Path(records, n).read_bytes() for n in ("rounds.jsonl", checkpoint.FILENAME)}
     with pytest.raises(ConfigError, match=f"resume-from='{records}'"):
         run_to("fedkseed", tiny_bert, glue_dir, tmp_path, 2, 3, "stopped")
-    assert {n: open(os.path.join(records, n), "rb").read() for n in before} == before
+    assert {n: Path(records, n).read_bytes() for n in before} == before
     run_to("fedkseed", tiny_bert, glue_dir, tmp_path, 2, 3, "stopped", **{"resume-from": records})
     rows = read_jsonl(os.path.join(records, "rounds.jsonl"))
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     assert "".join(json.dumps(r) + "\n" for r in rows[:3]).encode() == before["rounds.jsonl"]
     assert checkpoint.read(records).round == 3
-
 
 
 def resigned(data: bytes, edit, replace: bool = False) -> bytes:
@@ -433,7 +433,9 @@ def test_a_resigned_strategy_state_is_refused_when_resuming(saved_run, tiny_bert
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_every_methods_strategy_refuses_a_bad_rng_state_with_the_checkpoint_error(method, tiny_bert, glue_dir, tmp_path):
+def test_every_methods_strategy_refuses_a_bad_rng_state_with_the_checkpoint_error(
+    method, tiny_bert, glue_dir, tmp_path
+):
     """For every method: its own state (as written at round 0) with the sampling RNG broken among honest fields,
     and FedTT+'s scores naming a core the model does not have; the error names the file."""
     cfg = make_cfg(method, tiny_bert, glue_dir, tmp_path, **{"run-name": "bad"})

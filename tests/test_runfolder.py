@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -92,4 +93,4 @@ def test_simulate_refuses_before_anything_starts(tmp_path, glue_dir):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="is a file, not a folder"):
         simulate({**base, "results-dir": str(tmp_path / "file")}, clients=2, quiet=True)
-    assert {n: open(os.path.join(folder, n)).read() for n in STOPPED} == STOPPED
+    assert {n: Path(folder, n).read_text() for n in STOPPED} == STOPPED
