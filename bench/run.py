@@ -49,6 +49,8 @@ from dataclasses import dataclass
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from common.files import replace_file  # noqa: E402 - the project's root is on the path only now
+
 DOCS = os.path.join(ROOT, "docs")
 GLUE = os.path.abspath(os.environ.get("GLUE_DIR") or os.path.join(ROOT, "..", "shared", "data", "glue"))
 METHODS = ("fedkrso", "fedavg", "fedspzo", "fedkseed", "fedtt", "fedtt-plus", "fedavg-lora")
@@ -208,10 +210,7 @@ def read_json(path: str):
 
 def write_json(path: str, value) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=1)
-    os.replace(tmp, path)
+    replace_file(path, json.dumps(value, indent=1).encode())
 
 
 def set_aside(records: str, path: str, why: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -282,6 +283,23 @@ def resolve_auto(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
+# Every rate, scale and eps: finite and in this range (README, Configuration), or no run with it can train:
+# key -> (low, high, low included, why the range).
+RANGES: dict[str, tuple[float, float, bool, str]] = {
+    "train.lr": (0.0, 1.0, False, "a step above 1 moves a weight by more than its own size; auto = the method's rate"),
+    "train.weight-decay": (0.0, 1.0, True, "a decay above 1 per step erases the weights"),
+    "zo.lr": (0.0, 1.0, False, "every node refuses a zero-order η above common.wire.ZO_LR_MAX = 1"),
+    "zo.eps": (0.0, 0.1, False, "ε is a small perturbation; 1e-3 is the default"),
+    "tt.scale": (0.0, 100.0, False, "the adapter's output scale s; 1 is the default"),
+    "lora.alpha": (0.0, 1024.0, False, "the LoRA update is scaled by alpha / rank; 16 is the default"),
+}
+NAME_MAX = 255  # bytes in one file name on Linux and macOS file systems (check_paths asks the real one)
+
+
+def _interval(low: float, high: float, low_included: bool) -> str:
+    return f"{'[' if low_included else '('}{low:g}, {high:g}]"
+
+
 def validate(cfg: RunConfig) -> None:
     """Refuse impossible settings with a message that names the key and the fix."""
     from common.tasks import TASKS  # local import: tasks pulls in numpy only, but keep config light
@@ -304,20 +322,40 @@ def validate(cfg: RunConfig) -> None:
         cfg.partitioning in PARTITIONINGS,
         f"partitioning '{cfg.partitioning}' is unknown; choose one of: {', '.join(PARTITIONINGS)}",
     )
-    need(cfg.dirichlet_alpha > 0, f"dirichlet-alpha must be > 0, got {cfg.dirichlet_alpha}")
+    need(
+        math.isfinite(cfg.dirichlet_alpha) and cfg.dirichlet_alpha > 0,
+        f"dirichlet-alpha must be > 0 and finite, got {cfg.dirichlet_alpha}",
+    )
     need(0 < cfg.fraction_train <= 1, "fraction-train must be in (0, 1]")
     need(cfg.min_clients >= 1, "min-clients must be >= 1")
-    need(cfg.round_timeout > 0, "round-timeout must be > 0 seconds")
+    need(
+        math.isfinite(cfg.round_timeout) and cfg.round_timeout > 0,
+        f"round-timeout must be a finite number of seconds > 0, got {cfg.round_timeout}",
+    )
+    # The run's records go to <results-dir>/<run-name>: one plain name inside results-dir, nothing else.
     need(
         cfg.run_name == "" or re.fullmatch(r"[A-Za-z0-9._-]+", cfg.run_name) is not None,
-        f"run-name '{cfg.run_name}' may only contain letters, digits, '.', '_' and '-'",
+        f"run-name '{cfg.run_name}' may only contain letters, digits, '.', '_' and '-' (no '/')",
     )
+    need(
+        cfg.run_name not in (".", ".."),
+        f"run-name '{cfg.run_name}' names results-dir itself or its parent: give the run a name of its own",
+    )
+    need(
+        len(cfg.run_name.encode()) <= NAME_MAX,
+        f"run-name is {len(cfg.run_name.encode())} bytes long; a file name holds at most {NAME_MAX}: shorten it",
+    )
+    flat = cfg.to_flat()
+    for key, (low, high, low_included, why) in RANGES.items():
+        v = flat[key]
+        need(
+            math.isfinite(v) and (low <= v if low_included else low < v) and v <= high,
+            f"{key} must be in {_interval(low, high, low_included)}, got {v!r} ({why}): set it in that range",
+        )
     t = cfg.train
     need(t.local_steps >= 1, "train.local-steps must be >= 1")
     need(t.batch_size >= 1, "train.batch-size must be >= 1")
-    need(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
     need(t.optimizer in OPTIMIZERS, f"train.optimizer must be one of {', '.join(OPTIMIZERS)}")
-    need(t.weight_decay >= 0, "train.weight-decay must be >= 0")
     need(t.max_length >= 8, "train.max-length must be >= 8 tokens")
     need(cfg.eval.every >= 1, "eval.every must be >= 1 (rounds between evaluations)")
     need(cfg.eval.max_examples >= 0, "eval.max-examples must be >= 0 (0 = whole dev split)")
@@ -333,8 +371,6 @@ def validate(cfg: RunConfig) -> None:
     )
     need(cfg.head.init in HEAD_INITS, f"head.init '{cfg.head.init}' is unknown; choose one of: {', '.join(HEAD_INITS)}")
     z = cfg.zo
-    need(z.lr > 0, f"zo.lr must be > 0, got {z.lr}")
-    need(z.eps > 0, f"zo.eps must be > 0, got {z.eps}")
     need(z.distribution in ("rademacher", "gaussian"), "zo.distribution must be 'rademacher' or 'gaussian'")
     need(z.params in ZO_PARAMS, f"zo.params '{z.params}' is unknown; choose one of: {', '.join(ZO_PARAMS)}")
     need(
@@ -368,13 +404,11 @@ def validate(cfg: RunConfig) -> None:
     tt = cfg.tt
     need(tt.rank >= 1, f"tt.rank must be >= 1, got {tt.rank}")
     need(tt.bottleneck >= 1, f"tt.bottleneck must be >= 1, got {tt.bottleneck}")
-    need(tt.scale > 0, f"tt.scale must be > 0, got {tt.scale}")
     need(tt.max_mode >= 2, f"tt.max-mode must be >= 2 (the size the matrix's modes are cut to), got {tt.max_mode}")
     need(tt.plus_rule in TT_PLUS_RULES, f"tt.plus-rule must be one of {', '.join(TT_PLUS_RULES)}")
     need(tt.plus_cores >= 1, f"tt.plus-cores (cores trained per TT matrix per round) must be >= 1, got {tt.plus_cores}")
     lo = cfg.lora
     need(lo.rank >= 1, f"lora.rank must be >= 1, got {lo.rank}")
-    need(lo.alpha > 0, f"lora.alpha must be > 0, got {lo.alpha}")
     need(0 <= lo.dropout < 1, f"lora.dropout must be in [0, 1), got {lo.dropout}")
     need(lo.targets.strip() != "", "lora.targets must be a comma list of module names, e.g. 'query,value'")
     ag = cfg.aggregation
@@ -399,6 +433,31 @@ def validate(cfg: RunConfig) -> None:
         math.isfinite(ag.weight_cap) and ag.weight_cap >= 1,
         f"aggregation.weight-cap must be >= 1 (a multiple of the round's median num-examples), got {ag.weight_cap}",
     )
+
+
+def check_paths(cfg: RunConfig) -> None:
+    """Refuse, on the machine that writes the records and before anything starts, a results-dir or run folder
+    that cannot be made: a file in the way, or a run-name longer than this file system allows."""
+    existing = os.path.abspath(cfg.results_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(
+            f"results-dir '{cfg.results_dir}': '{existing}' is a file, not a folder: point results-dir at a folder "
+            "(it is created if missing)"
+        )
+    try:
+        name_max = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = NAME_MAX
+    if len(cfg.run_name.encode()) > name_max:
+        raise ConfigError(
+            f"run-name is {len(cfg.run_name.encode())} bytes long; file names under '{existing}' hold at most "
+            f"{name_max}: shorten it"
+        )
+    folder = os.path.join(cfg.results_dir, cfg.run_name)
+    if cfg.run_name and os.path.exists(folder) and not os.path.isdir(folder):
+        raise ConfigError(f"run-name '{cfg.run_name}': '{folder}' is a file, not a folder: choose another run-name")
 
 
 # Resuming (`resume-from`): the keys a resumed run may set differently from the run that wrote the

@@ -21,8 +21,9 @@ from typing import Any, Protocol
 import torch
 from flwr.app import MetricRecord, RecordDict
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
+from common.files import kind, make_folder, move_aside, replace_file
 from common.wire import WireError
 
 STATE_DIR_ENV = "FEDSUBSPACE_STATE_DIR"
@@ -48,15 +49,6 @@ def state_checksum(tensors: Mapping[str, torch.Tensor], server_round: int, finge
     return h.hexdigest()
 
 
-def fsync_dir(directory: str) -> None:
-    """Make a rename inside `directory` durable (POSIX: the entry lives in the directory, not the file)."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def state_dir(node_config: Mapping[str, Any], run_id: int, node_id: int) -> str:
     """Node config `state-dir`, else $FEDSUBSPACE_STATE_DIR, else ~/.cache/fedsubspace; one folder per run and node."""
     root = (
@@ -70,12 +62,13 @@ def state_dir(node_config: Mapping[str, Any], run_id: int, node_id: int) -> str:
 class NodeStore:
     """Named tensors at a global round, in `<directory>/<name>.safetensors`.
 
-    Written atomically (temporary file, fsync, rename, fsync of the directory): a crash mid-write leaves the
-    previous state. The header carries the round, the fingerprint and a SHA-256 (`state_checksum`) over both
+    Written atomically (common.files.replace_file: an exclusive temporary file, fsync, rename, fsync of the
+    directory): a crash mid-write leaves the previous state. The header carries the round, the fingerprint and a SHA-256 (`state_checksum`) over both
     and the tensors' bytes. A file written under another setting (`fingerprint`), with other names or shapes,
     unreadable or truncated, whose checksum does not verify (flipped bits, a round label changed), or holding
     a non-finite value counts as absent: the node starts again from the pretrained weights and asks for the
-    whole log; it never trains on such a state. A warning says why it was discarded.
+    whole log; it never trains on such a state. A warning says why it was discarded. Something other than a
+    file at the state's path (a folder, a pipe) is moved aside (common.files.move_aside) and counts as absent too.
     """
 
     def __init__(self, directory: str, name: str, fingerprint: str) -> None:
@@ -87,7 +80,13 @@ class NodeStore:
 
         A state past round `newest` is not copied (0 is returned) and the file is kept: it is replaced only when
         the node has rebuilt a state from the whole log."""
-        if not os.path.exists(self.path):
+        found = kind(self.path)
+        if found == "link":  # the target decides (a link to a folder is as wrong as a folder)
+            found = "file" if os.path.isfile(self.path) else "absent" if not os.path.exists(self.path) else "other"
+        if found == "absent":
+            return 0
+        if found != "file":  # a folder or a pipe here would fail every read and every save, round after round
+            move_aside(self.path, "is not a file: the node state counts as absent, the node resyncs from the whole log")
             return 0
         try:
             stored, reached = self._verified(tensors)
@@ -130,19 +129,14 @@ class NodeStore:
             os.remove(self.path)
 
     def save(self, tensors: Mapping[str, torch.Tensor], server_round: int) -> None:
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        tmp = self.path + ".tmp"
+        make_folder(os.path.dirname(self.path))
         plain = {n: t.detach().contiguous() for n, t in tensors.items()}
         meta = {
             "round": str(server_round),
             "fingerprint": self.fingerprint,
             "sha256": state_checksum(plain, server_round, self.fingerprint),
         }
-        save_file(plain, tmp, metadata=meta)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        fsync_dir(os.path.dirname(self.path))
+        replace_file(self.path, save(plain, metadata=meta))
 
 
 class LogEntry(Protocol):

@@ -7,7 +7,8 @@ the messages' contents in the round, summed over clients; `clients` is the numbe
 and, for the zero-order methods, `client_forward_passes` (with its parts `client_full_passes`,
 `client_block1_passes`, `client_block2_passes`) are means per replying client.
 A method may keep more per-round records beside them (`add_record`: `<name>.jsonl`). A resumed run starts
-from the records so far (`previous`, from the server checkpoint) and appends to them.
+from the records so far (`previous`, from the server checkpoint) and appends to them. A new run never starts
+in a folder that holds another run's records (check_not_overwriting): nothing recorded is truncated.
 """
 
 from __future__ import annotations
@@ -18,9 +19,66 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from common.config import ConfigError
+from common.files import replace_file
+
 # The zero-order clients' model calls per round (common.zeroorder.ModelCalls), kept apart by what ran:
 # forward_passes is all of them; a block-2 pass costs a fraction of a full one.
 PASSES = ("forward_passes", "full_passes", "block1_passes", "block2_passes")
+
+CHECKPOINT = "checkpoint.safetensors"  # the server checkpoint beside the records (server_app/checkpoint.py)
+
+
+def held_records(folder: str) -> list[str]:
+    """What a run folder holds of a run's records: summary.json, the checkpoint, every .jsonl with a row."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(
+        name
+        for name in os.listdir(folder)
+        if name in ("summary.json", CHECKPOINT)
+        or (name.endswith(".jsonl") and os.path.isfile(p := os.path.join(folder, name)) and os.path.getsize(p) > 0)
+    )
+
+
+def check_not_overwriting(folder: str, resume_from: str) -> None:
+    """Refuse to start a run in a folder that holds another run's records (a stopped run has rounds.jsonl and
+    a checkpoint but no summary.json), unless `resume-from` continues the run of that very folder."""
+    held = held_records(folder)
+    if not held:
+        return
+    source = resume_from if not resume_from or os.path.isdir(resume_from) else os.path.dirname(resume_from)
+    if resume_from and os.path.realpath(source) == os.path.realpath(folder):
+        return  # the same run, continued: it appends to its own records
+    raise ConfigError(
+        f"'{folder}' already holds a run's records ({', '.join(held)}); a new run there would overwrite them. "
+        f"Continue that run with resume-from='{folder}' (and num-server-rounds above its last round), or choose "
+        "another run-name"
+    )
+
+
+ROW_COUNTS = ("bytes_down", "bytes_up", "clients", "failures", "rejected")
+ROW_NUMBERS = ("accuracy", "loss", "client_peak_rss_mb", "client_train_seconds", "seconds_per_local_step")
+
+
+def row_problem(row: object, round_row: bool = True) -> str | None:
+    """What keeps a row read back (a resumed run's records) from being summarized, or None: a round row needs
+    its counts (ints >= 0), its seconds and its optional numbers (numbers or null), as end_round writes them."""
+    if not isinstance(row, dict):
+        return f"a row that is a {type(row).__name__}"
+    if not round_row:
+        return None
+    for key in ROW_COUNTS:
+        v = row.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            return f"round {row.get('round')!r}: {key} = {repr(v)[:30]}, not a count"
+    for key in ("seconds", *ROW_NUMBERS):
+        v = row.get(key)
+        if (v is not None or key == "seconds") and (not isinstance(v, (int, float)) or isinstance(v, bool)):
+            return f"round {row.get('round')!r}: {key} = {repr(v)[:30]}, not a number"
+    return None
+
+
 SUMMARY_COLUMNS = ("round", "accuracy", "loss", "down/client", "up/client", "peak MB", "train s", "round s")
 
 
@@ -35,10 +93,7 @@ def fmt_bytes(n: float | None) -> str:
 
 
 def _write_jsonl(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(tmp, path)
+    replace_file(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
 
 
 class RunRecorder:
@@ -49,8 +104,11 @@ class RunRecorder:
         config: Mapping[str, Any],
         previous: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
     ) -> None:
-        """`previous`: the records so far of a resumed run ({"rounds": rows, "<name>": rows of <name>.jsonl})."""
+        """`previous`: the records so far of a resumed run ({"rounds": rows, "<name>": rows of <name>.jsonl}).
+
+        Refuses (ConfigError) a folder that holds another run's records: check_not_overwriting."""
         self.dir = os.path.join(results_dir, run_name)
+        check_not_overwriting(self.dir, str(config.get("resume-from") or ""))
         os.makedirs(self.dir, exist_ok=True)
         self.config = dict(config)
         previous = previous or {}
@@ -164,10 +222,7 @@ class RunRecorder:
     def finish(self) -> dict[str, Any]:
         summary = summarize(self.rounds, self.config)
         summary["wall_seconds"] = time.perf_counter() - self._t0
-        tmp = os.path.join(self.dir, "summary.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(summary, f, indent=2)
-        os.replace(tmp, os.path.join(self.dir, "summary.json"))
+        replace_file(os.path.join(self.dir, "summary.json"), json.dumps(summary, indent=2).encode())
         return summary
 
 

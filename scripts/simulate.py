@@ -30,8 +30,8 @@ sys.path.insert(0, ROOT)
 
 import contextlib
 
-from common.config import ConfigError, parse_run_config
-from common.records import format_table
+from common.config import ConfigError, check_paths, parse_run_config
+from common.records import check_not_overwriting, format_table
 
 FLWR = os.path.join(os.path.dirname(sys.executable), "flwr")
 
@@ -132,9 +132,9 @@ def simulate(
     cfg = parse_run_config(flat)
     if clients < cfg.min_clients:
         raise ConfigError(f"--clients {clients} is below min-clients={cfg.min_clients}")
+    check_paths(cfg)
     records = os.path.join(cfg.results_dir, cfg.run_name)
-    if os.path.exists(os.path.join(records, "summary.json")):
-        raise ConfigError(f"results for run-name '{cfg.run_name}' already exist in {records}: choose another name")
+    check_not_overwriting(records, cfg.resume_from)  # the ServerApp refuses too; here before anything starts
     if cfg.resume_from:  # the ServerApp checks it again; here a bad checkpoint stops before anything starts
         from common.config import check_resume
         from server_app import checkpoint

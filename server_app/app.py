@@ -19,7 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 from torch import nn
 
-from common.config import ConfigError, RunConfig, check_resume, parse_run_config
+from common.config import ConfigError, RunConfig, check_paths, check_resume, parse_run_config
 from common.evaluation import evaluate
 from common.records import RunRecorder, format_table
 from common.tasks import get_task
@@ -113,9 +113,20 @@ def run_name(cfg: RunConfig) -> str:
 
 
 def resume(setup: ServerSetup, saved: checkpoint.ServerState, run_id: int) -> ArrayRecord:
-    """Put a checkpoint's state into a freshly built setup; returns the arrays Strategy.start starts from."""
-    setup.strategy.load_state_dict(saved.tensors, saved.strategy, saved.round, same_run=saved.run_id == run_id)
-    initial = checkpoint.carried_arrays(saved, setup.initial)
+    """Put a checkpoint's state into a freshly built setup; returns the arrays Strategy.start starts from.
+
+    Whatever does not fit raises the CheckpointError that names the file; the strategies check their fields
+    (checkpoint.strategy_field), and anything they miss is caught here rather than surfacing as a KeyError."""
+    try:
+        setup.strategy.load_state_dict(saved.tensors, saved.strategy, saved.round, same_run=saved.run_id == run_id)
+        initial = checkpoint.carried_arrays(saved, setup.initial)
+    except checkpoint.CheckpointError as exc:
+        raise checkpoint.CheckpointError(f"resume-from: '{saved.path}': {exc}") from exc
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError) as exc:
+        raise checkpoint.CheckpointError(
+            f"resume-from: '{saved.path}' holds a strategy state this {setup.strategy.__class__.__name__} cannot "
+            f"read ({exc!r}); resume from another copy or start a fresh run"
+        ) from exc
     if setup.load is not None:
         setup.load(initial)
     return initial
@@ -128,6 +139,7 @@ def run(grid: Grid, cfg: RunConfig, run_id: int = 0) -> dict:
     (server_app/checkpoint.py); with `resume-from` the run starts from such a state instead and runs the
     rounds after it.
     """
+    check_paths(cfg)
     if cfg.data_dir and not os.path.isdir(cfg.data_dir):
         raise ConfigError(
             f"data-dir '{cfg.data_dir}' is not a folder: point it at a GLUE-layout folder, or leave it empty for the Hub"

@@ -23,13 +23,16 @@ Format (version 1): a safetensors file (numbers only: never a pickle, nothing ex
                                 of <name>.jsonl beside it}}
             "sha256"   hex SHA-256 over the format name, the version, the "state" text and every tensor
                        (name, dtype, shape, bytes) in name order
-Reading refuses, with a CheckpointError that says what is wrong: a missing file, anything that is not a
-complete safetensors file (torn), another format or version, a checksum that does not match (a flipped
-byte, an edited round), or records that do not run 0..T. Whether the run config allows resuming from it is
+Reading refuses, with a CheckpointError that names the file and says what is wrong: a missing file,
+anything that is not a complete safetensors file (torn), another format or version, a checksum that does
+not match (a flipped byte, an edited round), and, checksum or not, any field of the wrong type or range
+(records that do not run 0..T or cannot be summarized, a config that is not run-config keys; each strategy's
+own fields, e.g. its RNG state, through strategy_field when it loads them). Whether the run config allows resuming from it is
 checked by common.config.check_resume.
 
-Writing is atomic: the bytes go to `<file>.tmp`, which is fsynced, renamed over the file, and the folder is
-fsynced; a crash at any point leaves the previous checkpoint whole.
+Writing is atomic (common.files.replace_file): the bytes go to `<file>.tmp`, created exclusively (a link
+planted there is removed, never followed), fsynced and renamed over the file; a crash at any point leaves
+the previous checkpoint whole.
 
 Check and describe a checkpoint (exit status 0 when it is whole, 1 with the reason when it is not):
     python -m server_app.checkpoint results/<run-name>
@@ -42,7 +45,7 @@ import json
 import os
 import random
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,10 +57,12 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from common.config import ConfigError
+from common.files import replace_file
+from common.records import CHECKPOINT, row_problem
 
 FORMAT = "fedsubspace-server-checkpoint"
 VERSION = 1
-FILENAME = "checkpoint.safetensors"
+FILENAME = CHECKPOINT
 ARRAYS = "arrays/"  # prefix of the ArrayRecord that Strategy.start carries
 
 
@@ -74,6 +79,7 @@ class ServerState:
     records: dict[str, list[dict[str, Any]]]  # "rounds": rounds.jsonl rows 0..T, and other .jsonl records
     arrays: dict[str, np.ndarray] = field(default_factory=dict)  # Strategy.start's ArrayRecord
     run_id: int = 0  # the Flower run that wrote it
+    path: str = ""  # the file it was read from (named in every error about it)
 
 
 def checkpoint_path(path: str) -> str:
@@ -99,7 +105,7 @@ def _numpy(value: np.ndarray | torch.Tensor) -> np.ndarray:
 
 
 def write(path: str, state: ServerState) -> None:
-    """Write `state` to `path` atomically (temporary file, fsync, rename, fsync of the folder)."""
+    """Write `state` to `path` atomically (common.files.replace_file)."""
     tensors = {k: _numpy(v) for k, v in state.tensors.items()}
     clash = [k for k in state.arrays if ARRAYS + k in tensors]
     if clash:
@@ -116,20 +122,8 @@ def write(path: str, state: ServerState) -> None:
         allow_nan=True,
     )
     meta = {"format": FORMAT, "version": str(VERSION), "state": text, "sha256": _digest(text, tensors)}
-    data = st_save(tensors, metadata=meta)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    replace_file(path, st_save(tensors, metadata=meta))
 
 
 def read(resume_from: str) -> ServerState:
@@ -164,25 +158,99 @@ def read(resume_from: str) -> ServerState:
             f"resume-from: '{path}' fails its SHA-256 check: the file was altered or damaged after it was written; "
             "resume from another copy or start a fresh run"
         )
+    # The checksum proves the file is what its writer wrote, not that the writer wrote sense (a checksum can be
+    # recomputed after an edit): every field is checked by type and range before anything uses it.
     try:
         state = json.loads(text)
-        done = state["round"]
-        rows = state["records"]["rounds"]
-        result = ServerState(
-            round=done,
-            config=state["config"],
-            tensors={k: v for k, v in tensors.items() if not k.startswith(ARRAYS)},
-            strategy=state["strategy"],
-            records=state["records"],
-            arrays={k.removeprefix(ARRAYS): v for k, v in tensors.items() if k.startswith(ARRAYS)},
-            run_id=int(state["flower-run-id"]),
+    except ValueError as exc:
+        raise CheckpointError(f"resume-from: '{path}' has a state that is not JSON ({exc})") from exc
+    problem = _state_problem(state)
+    if problem:
+        raise CheckpointError(f"resume-from: '{path}' {problem}; resume from another copy or start a fresh run")
+    return ServerState(
+        round=state["round"],
+        config=state["config"],
+        tensors={k: v for k, v in tensors.items() if not k.startswith(ARRAYS)},
+        strategy=state["strategy"],
+        records=state["records"],
+        arrays={k.removeprefix(ARRAYS): v for k, v in tensors.items() if k.startswith(ARRAYS)},
+        run_id=state["flower-run-id"],
+        path=path,
+    )
+
+
+def _is_int(value: Any, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _state_problem(state: Any) -> str | None:
+    """What is wrong with a checkpoint's JSON state, or None: the fields every method's state has."""
+    if not isinstance(state, dict):
+        return f"has a state that is a {type(state).__name__}, not an object"
+    missing = [k for k in ("round", "flower-run-id", "config", "strategy", "records") if k not in state]
+    if missing:
+        return f"has an incomplete state (no {', '.join(missing)})"
+    done, config, records = state["round"], state["config"], state["records"]
+    if not _is_int(done, 1):
+        return f"has round {str(done)[:40]!r}, not a round number >= 1"
+    if not _is_int(state["flower-run-id"]):
+        return f"has flower-run-id {str(state['flower-run-id'])[:40]!r}, not a run id"
+    if not isinstance(config, dict) or not all(
+        isinstance(k, str) and isinstance(v, (str, int, float, bool)) for k, v in config.items()
+    ):
+        return f"has a config that is not run-config keys and values ({str(config)[:60]})"
+    if not isinstance(state["strategy"], dict):
+        return f"has a strategy state that is a {type(state['strategy']).__name__}, not an object"
+    if not isinstance(records, dict) or not all(isinstance(v, list) for v in records.values()):
+        return "has records that are not lists of rows"
+    rows = records.get("rounds")
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        return "has round records that are not rows"
+    if [r.get("round") for r in rows] != list(range(done + 1)):
+        return f"says round {done} but holds the records of rounds {[r.get('round') for r in rows][:12]}: it is inconsistent"
+    for name, rows_of_name in records.items():
+        for row in rows_of_name:
+            if problem := row_problem(row, name == "rounds"):
+                return f"has a {name} record that cannot be summarized ({problem})"
+    return None
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and bool(np.isfinite(value))
+
+
+def is_configs(value: Any) -> bool:
+    """ConfigRecords as records_to_state writes them: {record: {key: scalar or list of scalars}}."""
+    scalar = (str, int, float, bool, bytes)
+    return isinstance(value, dict) and all(
+        isinstance(rec, dict)
+        and all(
+            isinstance(v, scalar) or (isinstance(v, list) and all(isinstance(x, scalar) for x in v))
+            for v in rec.values()
         )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"resume-from: '{path}' has an incomplete state ({exc!r})") from exc
-    if not isinstance(done, int) or done < 1 or [r.get("round") for r in rows] != list(range(done + 1)):
-        raise CheckpointError(f"resume-from: '{path}' says round {done!r} but holds the records of rounds "
-                              f"{[r.get('round') for r in rows]}; it is inconsistent")  # fmt: skip
-    return result
+        for rec in value.values()
+    )
+
+
+def is_digest(value: Any) -> bool:
+    """A model_digest: {tensor name: [sum, sum of squares]}, finite numbers."""
+    return isinstance(value, dict) and all(
+        isinstance(v, list) and len(v) == 2 and all(is_number(x) for x in v) for v in value.values()
+    )
+
+
+def is_node_rounds(value: Any) -> bool:
+    """The node_round map: {"<node id>": round >= 0}."""
+    return isinstance(value, dict) and all(k.isdigit() and _is_int(r) for k, r in value.items())
+
+
+def strategy_field(state: Mapping[str, Any], key: str, ok: Callable[[Any], bool], what: str) -> Any:
+    """state[key] of a strategy's checkpointed state, checked by `ok`; CheckpointError naming the key if not."""
+    if key not in state:
+        raise CheckpointError(f"its strategy state lacks '{key}' ({what})")
+    if not ok(state[key]):
+        raise CheckpointError(f"its strategy state's '{key}' is not {what}: {str(state[key])[:80]}")
+    return state[key]
 
 
 def records_to_state(content: RecordDict) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]]]:
@@ -246,8 +314,19 @@ def rng_state(rng: random.Random) -> list:
     return [version, list(internal), gauss]
 
 
-def set_rng_state(rng: random.Random, state: list) -> None:
-    version, internal, gauss = state
+def _is_rng_state(state: Any) -> bool:
+    """A random.Random state as rng_state writes it: version 3, 624 words and a position, a gauss or None."""
+    if not (isinstance(state, list) and len(state) == 3 and state[0] == 3 and isinstance(state[1], list)):
+        return False
+    internal, gauss = state[1], state[2]
+    if len(internal) != 625 or not all(_is_int(w) and w < 2**32 for w in internal) or internal[-1] > 624:
+        return False
+    return gauss is None or (isinstance(gauss, float) and np.isfinite(gauss))
+
+
+def set_rng_state(rng: random.Random, state: Mapping[str, Any]) -> None:
+    """Restore `rng` from a strategy state's "rng" (checked first: a bad state raises CheckpointError)."""
+    version, internal, gauss = strategy_field(state, "rng", _is_rng_state, "a client-sampling RNG state")
     rng.setstate((version, tuple(internal), gauss))
 
 

@@ -38,6 +38,7 @@ class FedTT(Strategy):
         self.scores: dict[CoreKey, float] | None = None  # FedTT+: the last round's mean gradient scores
         self.selected: dict[int, list[CoreKey]] = {}  # round -> cores trained in it (kept for the records)
         self._rng = random.Random(cfg.seed)
+        self._sent: list[Message] = []  # this round's instructions: the replies it may accept
 
     @property
     def want_scores(self) -> bool:
@@ -79,6 +80,7 @@ class FedTT(Strategy):
         for node in chosen:
             self.recorder.add_down(content_bytes(content))
             messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
+        self._sent = messages
         return messages
 
     def aggregate_train(
@@ -92,6 +94,7 @@ class FedTT(Strategy):
                 content, server_round, selected, self.shapes, self.tm.head_shapes, self.want_scores
             ),
             reply_limit(*reply_payload(selected, self.shapes, self.tm.head_shapes, self.want_scores)),
+            self._sent,
         )
         accepted = [reply for _, reply in checked]
         metrics = [reply.metrics for reply in accepted]
@@ -153,8 +156,24 @@ class FedTT(Strategy):
         values = checkpoint.checked_tensors(tensors, shapes)
         self.tm.adapters.load({k: values[f"cores/{k[0]}.{k[1]}.{k[2]}"] for k in self.shapes})
         self.tm.set_head({n: values[f"head/{n}"] for n in self.tm.head_shapes})
-        self.scores = None if state["scores"] is None else {(i, m, j): float(v) for i, m, j, v in state["scores"]}
-        checkpoint.set_rng_state(self._rng, state["rng"])
+        scores = checkpoint.strategy_field(
+            state, "scores", self._is_scores, "null or [adapter, matrix, core, score] rows"
+        )
+        self.scores = None if scores is None else {(i, m, j): float(v) for i, m, j, v in scores}
+        checkpoint.set_rng_state(self._rng, state)
+
+    def _is_scores(self, scores) -> bool:
+        """FedTT+'s scores as state_dict writes them: one finite score per core of this model, or None."""
+        if scores is None:
+            return True
+        rows_ok = isinstance(scores, list) and all(
+            isinstance(row, list)
+            and len(row) == 4
+            and all(isinstance(x, t) for x, t in zip(row, (int, str, int), strict=False))
+            and checkpoint.is_number(row[3])
+            for row in scores
+        )
+        return rows_ok and all((row[0], row[1], row[2]) in self.shapes for row in scores)
 
     def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
         return []  # evaluation is server-side, on the dev split

@@ -67,26 +67,56 @@ def choose_nodes(rng: random.Random, grid: Grid, cfg: RunConfig) -> list[int]:
     return sorted(rng.sample(nodes, max(cfg.min_clients, int(len(nodes) * cfg.fraction_train))))
 
 
+def unexpected_reply(msg: Message, sent: dict[int, Message], answered: set[int]) -> str | None:
+    """Why `msg` is not the one reply its node owes this round, or None.
+
+    A reply counts only from a node that was sent this round's instruction, only as an answer to that very
+    instruction, and only once: Flower's transport ensures all three today, and the aggregate must not
+    depend on it (a duplicated delivery would count twice; a reply relabelled as another node's would take
+    that node's place). The instruction's id is the one the Grid gave it when pushing it; a Grid that pushed a
+    copy leaves ours empty, and then the node alone is checked."""
+    node = msg.metadata.src_node_id
+    if node not in sent:
+        return f"node {node} was sent no instruction this round"
+    if node in answered:
+        return f"node {node} already answered this round: a second reply (or the same one delivered twice) counts once"
+    expected = sent[node].metadata.message_id
+    if expected and msg.metadata.reply_to_message_id != expected:
+        return f"it answers message {msg.metadata.reply_to_message_id[:16]!r}, not the instruction node {node} was sent"
+    return None
+
+
 def checked_replies(
-    server_round: int, replies: Iterable[Message], unpack: Callable[[RecordDict], T], max_bytes: int
+    server_round: int,
+    replies: Iterable[Message],
+    unpack: Callable[[RecordDict], T],
+    max_bytes: int,
+    sent: Iterable[Message],
 ) -> tuple[list[tuple[int, T]], int, int, int]:
     """(node, unpacked reply) of every reply that passes, failures, rejected, bytes up (all replies counted).
 
-    The one checked path of every method's replies: a reply larger than `max_bytes` (content bytes) is
+    The one checked path of every method's replies (`sent`: the round's instructions): a reply that is not
+    the one its node owes (unexpected_reply) is rejected; a reply larger than `max_bytes` (content bytes) is
     rejected before anything in it is decoded; then `unpack` decodes and checks it. ANY exception while
     checking one reply (WireError for what the wire formats refuse, but also whatever a crafted reply
     might provoke in numpy or Flower) rejects that reply only, is logged, and the round goes on.
     """
+    instructions = {m.metadata.dst_node_id: m for m in sent}
+    answered: set[int] = set()
     accepted: list[tuple[int, T]] = []
     failures = rejected = bytes_up = 0
     for msg in replies:
         node = msg.metadata.src_node_id
-        if msg.has_error():
+        problem = unexpected_reply(msg, instructions, answered)
+        answered.add(node)
+        if msg.has_error() and problem is None:
             failures += 1
             what = "refused the instruction" if msg.error.code == INSTRUCTION_REFUSED else "failed"
             log(WARNING, "node %d %s in round %d: %s", node, what, server_round, str(msg.error.reason)[-500:])
             continue
         try:
+            if problem is not None:
+                raise WireError(problem)
             bytes_up += content_bytes(msg.content)
             check_size(msg.content, max_bytes)
             accepted.append((node, unpack(msg.content)))
@@ -148,6 +178,7 @@ class LogStrategy(Strategy):
         self.log: list = []  # log[i] is the entry of round i + 1
         self.node_round: dict[int, int] = {}  # global round each node is known to hold (absent: 0)
         self._rng = random.Random(cfg.seed)
+        self._sent: list[Message] = []  # this round's instructions: the replies it may accept
 
     def instruction(self, server_round: int, missed: list) -> RecordDict:
         raise NotImplementedError
@@ -198,16 +229,20 @@ class LogStrategy(Strategy):
         whole log with its first instruction and catches up, instead of answering sync-only first."""
         if self.log:
             raise RuntimeError("load_state_dict needs a freshly built strategy")
+        checkpoint.set_rng_state(self._rng, state)  # every field is checked before the log is replayed
+        field = checkpoint.strategy_field
+        instruction = field(state, "instruction", checkpoint.is_configs, "the ConfigRecords of an instruction")
+        digest = field(state, "digest", checkpoint.is_digest, "a model digest ({tensor: [sum, sum of squares]})")
+        node_round = field(state, "node-round", checkpoint.is_node_rounds, "a map of node ids to rounds")
         try:
-            entries = self.restore(checkpoint.state_to_records(tensors, state["instruction"]))
+            entries = self.restore(checkpoint.state_to_records(tensors, instruction))
         except WireError as exc:
             raise checkpoint.CheckpointError(f"the checkpoint's update log does not fit this run: {exc}") from exc
         if [e.round for e in entries] != list(range(1, done + 1)):
             raise checkpoint.CheckpointError(f"the checkpoint's update log does not hold rounds 1..{done}")
-        checkpoint.check_model_digest(state["digest"], self.global_tensors())
+        checkpoint.check_model_digest(digest, self.global_tensors())
         self.log = entries
-        self.node_round = {int(n): int(r) for n, r in state["node-round"].items()} if same_run else {}
-        checkpoint.set_rng_state(self._rng, state["rng"])
+        self.node_round = {int(n): r for n, r in node_round.items()} if same_run else {}
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -219,6 +254,7 @@ class LogStrategy(Strategy):
             content = self.instruction(server_round, self.log[self.node_round.get(node, 0) :])
             self.recorder.add_down(content_bytes(content))
             messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
+        self._sent = messages
         return messages
 
     def aggregate_train(
@@ -230,7 +266,9 @@ class LogStrategy(Strategy):
                 return "sync", held
             return "reply", self.check_reply(content, server_round)
 
-        checked, failures, rejected, bytes_up = checked_replies(server_round, replies, unpack, self.max_reply_bytes())
+        checked, failures, rejected, bytes_up = checked_replies(
+            server_round, replies, unpack, self.max_reply_bytes(), self._sent
+        )
         accepted, metrics = [], []
         for node, (kind, reply) in checked:
             if kind == "sync":  # the node holds an older round than we believed
@@ -469,6 +507,7 @@ class RecordedFedAvg(FedAvg):
         self.cfg, self.recorder, self.aggregation = cfg, recorder, cfg.aggregation
         self._rng = random.Random(cfg.seed)  # client sampling: choose_nodes, as every method
         self._global: ArrayRecord | None = None
+        self._sent: list[Message] = []  # this round's instructions: the replies it may accept
 
     def configure_train(self, server_round, arrays, config, grid):
         """Flower's FedAvg.configure_train, with the nodes drawn by choose_nodes (seeded, checkpointed) instead of
@@ -481,6 +520,7 @@ class RecordedFedAvg(FedAvg):
         messages = list(self._construct_messages(record, chosen, MessageType.TRAIN))
         for m in messages:
             self.recorder.add_down(content_bytes(m.content))
+        self._sent = messages
         return messages
 
     def _check(self, content: RecordDict, server_round: int, shapes: dict[str, tuple[int, ...]]):
@@ -492,7 +532,7 @@ class RecordedFedAvg(FedAvg):
         shapes = {key: tuple(int(d) for d in ref.shape) for key, ref in self._global.items()}
         limit = reply_limit(4 * sum(math.prod(s) for s in shapes.values()), len(shapes))
         checked, failures, rejected, bytes_up = checked_replies(
-            server_round, replies, lambda content: self._check(content, server_round, shapes), limit
+            server_round, replies, lambda content: self._check(content, server_round, shapes), limit, self._sent
         )
         self.recorder.add_replies(bytes_up, [metrics for _, (_, metrics, _) in checked], failures, rejected)
         if not checked:
@@ -521,7 +561,7 @@ class RecordedFedAvg(FedAvg):
         if tensors or set(state) - {"rng"}:
             raise checkpoint.CheckpointError("the checkpoint holds a strategy state FedAvg does not have")
         if "rng" in state:
-            checkpoint.set_rng_state(self._rng, state["rng"])
+            checkpoint.set_rng_state(self._rng, state)
         else:  # written before FedAvg drew its nodes with a seeded RNG (it used Flower's unseeded sampling)
             log(
                 WARNING,

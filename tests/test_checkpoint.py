@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -61,6 +62,14 @@ def run_to(method, tiny_bert, glue_dir, tmp_path, run_id, rounds, name, **extra)
     grid = InProcessGrid(cfg, run_id, NODES)
     run(grid, cfg, run_id)
     return os.path.join(cfg.results_dir, name), grid.sampled
+
+
+def row(r):
+    """A round record as RunRecorder.end_round writes it."""
+    rec = RunRecorder.__new__(RunRecorder)
+    rec.config, rec.rounds, rec._open, rec._path = {}, [], None, os.devnull
+    rec.begin_round(r)
+    return rec.end_round(r, None)
 
 
 def read_jsonl(path):
@@ -305,7 +314,7 @@ def test_crash_between_write_and_rename_leaves_the_previous_checkpoint(saved_run
     path = copy_to(tmp_path, data)
     state = checkpoint.read(path)
     later = checkpoint.ServerState(
-        3, state.config, state.tensors, state.strategy, {"rounds": [*state.records["rounds"], {"round": 3}]}
+        3, state.config, state.tensors, state.strategy, {"rounds": [*state.records["rounds"], row(3)]}
     )
 
     def crash(src, dst):
@@ -330,7 +339,7 @@ def test_written_state_round_trips_exactly(tmp_path):
         "log/1/0/w": np.random.default_rng(0).random((3, 2), np.float32),
     }
     state = checkpoint.ServerState(
-        1, {"method": "fedkrso"}, tensors, {"x": [0.1, 2**40]}, {"rounds": [{"round": 0}, {"round": 1}]},
+        1, {"method": "fedkrso"}, tensors, {"x": [0.1, 2**40]}, {"rounds": [row(0), row(1)]},
         arrays={"w": np.ones((2, 2), np.float32)}, run_id=7,
     )  # fmt: skip
     path = str(tmp_path / "c.safetensors")
@@ -339,3 +348,124 @@ def test_written_state_round_trips_exactly(tmp_path):
     assert back.round == 1 and back.run_id == 7 and back.strategy == {"x": [0.1, 2**40]}
     assert back.tensors.keys() == tensors.keys() and all(np.array_equal(back.tensors[k], v) for k, v in tensors.items())
     assert np.array_equal(back.arrays["w"], np.ones((2, 2), np.float32))
+
+
+@pytest.mark.integration
+def test_a_link_planted_at_the_temporary_file_is_not_followed(tmp_path):
+    """checkpoint.safetensors.tmp made a link to another file: the write removes the link and creates its own
+    file exclusively; the link's target is untouched."""
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    path = tmp_path / "run" / checkpoint.FILENAME
+    path.parent.mkdir()
+    os.symlink(victim, str(path) + ".tmp")
+    rows = [row(0), row(1)]
+    checkpoint.write(str(path), checkpoint.ServerState(1, {"method": "fedkrso"}, {}, {}, {"rounds": rows}))
+    assert victim.read_bytes() == b"precious" and checkpoint.read(str(path)).round == 1
+    assert sorted(os.listdir(path.parent)) == [checkpoint.FILENAME]
+
+
+@pytest.mark.integration
+def test_a_stopped_run_started_again_under_its_name_keeps_every_round(tiny_bert, glue_dir, tmp_path, monkeypatch):
+    """A run stopped after round 2 (records and checkpoint, no summary.json) started again with the same run-name:
+    without resume-from the ServerApp refuses, naming resume-from, and leaves every byte; asked to resume
+    (resume-from = its own folder) it continues there and keeps rounds 0..2 as they were."""
+    monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path / "nodes"))
+    records, _ = run_to("fedkseed", tiny_bert, glue_dir, tmp_path, 1, 2, "stopped")
+    os.remove(os.path.join(records, "summary.json"))
+    before = {n: Path(records, n).read_bytes() for n in ("rounds.jsonl", checkpoint.FILENAME)}
+    with pytest.raises(ConfigError, match=f"resume-from='{records}'"):
+        run_to("fedkseed", tiny_bert, glue_dir, tmp_path, 2, 3, "stopped")
+    assert {n: Path(records, n).read_bytes() for n in before} == before
+    run_to("fedkseed", tiny_bert, glue_dir, tmp_path, 2, 3, "stopped", **{"resume-from": records})
+    rows = read_jsonl(os.path.join(records, "rounds.jsonl"))
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    assert "".join(json.dumps(r) + "\n" for r in rows[:3]).encode() == before["rounds.jsonl"]
+    assert checkpoint.read(records).round == 3
+
+
+def resigned(data: bytes, edit, replace: bool = False) -> bytes:
+    """The checkpoint with its JSON state edited in place by `edit` (or replaced by what it returns) and its
+    SHA-256 recomputed, as someone who knows the format would forge it: only the field checks can refuse it."""
+    from safetensors.numpy import load
+
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    meta = header["__metadata__"]
+    state = json.loads(meta["state"])
+    replaced = edit(state)
+    state = replaced if replace else state
+    meta["state"] = json.dumps(state)
+    tensors = load(data)
+    meta["sha256"] = checkpoint._digest(meta["state"], tensors)
+    return st_save(tensors, metadata=meta)
+
+
+STATE_EDITS = {  # name: (edit, what the error says)
+    "state a list": (lambda s: [s], "not an object"),
+    "round a list of ints": (lambda s: s.update(round=[1, 2]), "not a round number"),
+    "round a bool": (lambda s: s.update(round=True), "not a round number"),
+    "round rows that are ints": (lambda s: s["records"].update(rounds=[0, 1, 2]), "not rows"),
+    "config a list": (lambda s: s.update(config=["method", "fedkseed"]), "config that is not run-config keys"),
+    "config value a dict": (lambda s: s["config"].update(seed={"x": 1}), "config that is not run-config keys"),
+    "strategy a list": (lambda s: s.update(strategy=[]), "strategy state that is a list"),
+    "no records": (lambda s: s.pop("records"), "incomplete state"),
+    "run id a string": (lambda s: s.update({"flower-run-id": "7"}), "not a run id"),
+    "a row without its count": (lambda s: s["records"]["rounds"][1].pop("clients"), "clients = None, not a count"),
+    "seconds a string": (lambda s: s["records"]["rounds"][2].update(seconds="1"), "not a number"),
+    "extra record of ints": (lambda s: s["records"].update(other=[1]), "other record"),
+}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", sorted(STATE_EDITS))
+def test_a_resigned_checkpoint_with_a_bad_field_is_refused_naming_the_file(saved_run, tmp_path, name):
+    _, data = saved_run
+    assert checkpoint.read(copy_to(tmp_path, resigned(data, lambda s: None))).round == 2  # the forging is honest
+    edit, says = STATE_EDITS[name]
+    path = copy_to(tmp_path, resigned(data, edit, replace=name == "state a list"))
+    with pytest.raises(checkpoint.CheckpointError, match=f"resume-from: '{path}' .*{says}"):
+        checkpoint.read(path)
+
+
+STRATEGY_EDITS = {  # edits of a FedKSeed checkpoint's strategy state, refused when the run resumes from it
+    "no digest": (lambda s: s["strategy"].pop("digest"), "lacks 'digest'"),
+    "digest of strings": (lambda s: s["strategy"].update(digest={"w": ["1", "2"]}), "'digest' is not"),
+    "rng a string": (lambda s: s["strategy"].update(rng="state"), "'rng' is not a client-sampling RNG state"),
+    "rng word negative": (lambda s: s["strategy"]["rng"][1].__setitem__(0, -1), "'rng' is not"),
+    "rng version 2": (lambda s: s["strategy"]["rng"].__setitem__(0, 2), "'rng' is not"),
+    "rng position 999": (lambda s: s["strategy"]["rng"][1].__setitem__(624, 999), "'rng' is not"),
+    "no rng": (lambda s: s["strategy"].pop("rng"), "lacks 'rng'"),
+    "node-round of strings": (lambda s: s["strategy"].update({"node-round": {"x": "1"}}), "'node-round' is not"),
+    "instruction a list": (lambda s: s["strategy"].update(instruction=[1]), "'instruction' is not"),
+}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", sorted(STRATEGY_EDITS))
+def test_a_resigned_strategy_state_is_refused_when_resuming(saved_run, tiny_bert, glue_dir, tmp_path, name):
+    _, data = saved_run
+    edit, says = STRATEGY_EDITS[name]
+    path = copy_to(tmp_path, resigned(data, edit))
+    cfg = make_cfg("fedkseed", tiny_bert, glue_dir, tmp_path, **{"num-server-rounds": 3, "resume-from": path})
+    with pytest.raises(checkpoint.CheckpointError, match=f"resume-from: '{path}': .*{says}"):
+        run(InProcessGrid(cfg, 2, NODES), cfg, 2)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("method", METHODS)
+def test_every_methods_strategy_refuses_a_bad_rng_state_with_the_checkpoint_error(
+    method, tiny_bert, glue_dir, tmp_path
+):
+    """For every method: its own state (as written at round 0) with the sampling RNG broken among honest fields,
+    and FedTT+'s scores naming a core the model does not have; the error names the file."""
+    cfg = make_cfg(method, tiny_bert, glue_dir, tmp_path, **{"run-name": "bad"})
+    setup = SETUPS[method](cfg, RunRecorder(cfg.results_dir, cfg.run_name, cfg.to_flat()))
+    tensors, state = setup.strategy.state_dict()
+    tensors = {k: checkpoint._numpy(v) for k, v in tensors.items()}  # as read back from the file
+    edits = [("rng", [3, [0] * 624 + [625], None])]
+    if method == "fedtt-plus":
+        edits.append(("scores", [[99, "down", 0, 1.0]]))
+    for key, value in edits:
+        saved = checkpoint.ServerState(0, cfg.to_flat(), tensors, {**state, key: value}, {}, path="/x/ckpt")
+        with pytest.raises(checkpoint.CheckpointError, match=f"resume-from: '/x/ckpt': .*'{key}' is not"):
+            resume(SETUPS[method](cfg, RunRecorder(str(tmp_path / key), method, cfg.to_flat())), saved, 0)

@@ -90,14 +90,19 @@ def test_resume_compares_resolved_rates(tmp_path):
         ({"krso.k": 0}, "krso.k"),
         ({"krso.rank": 0}, "krso.rank must be >= 1"),
         ({"dirichlet-alpha": 0.0}, "dirichlet-alpha must be > 0"),
+        ({"dirichlet-alpha": float("inf")}, "dirichlet-alpha must be > 0 and finite"),
+        ({"round-timeout": float("inf")}, "round-timeout must be a finite number"),
         ({"dirichlet-alpha": -1}, "dirichlet-alpha must be > 0"),
         ({"partitioning": "shards"}, "partitioning 'shards' is unknown"),
         ({"num-server-rounds": 0}, "num-server-rounds"),
-        ({"train.lr": 0}, "train.lr must be > 0"),
+        ({"train.lr": 0}, "train.lr must be in (0, 1], got 0.0"),
         ({"train.optimizer": "lion"}, "train.optimizer"),
         ({"train.local-steps": 10, "krso.intervals": 4}, "multiple of krso.intervals"),
         ({"fraction-train": 1.5}, "fraction-train"),
-        ({"run-name": "../escape"}, "run-name"),
+        ({"run-name": "../escape"}, "run-name '../escape' may only contain letters, digits, '.', '_' and '-' (no '/')"),
+        ({"run-name": ".."}, "run-name '..' names results-dir itself or its parent"),
+        ({"run-name": "."}, "run-name '.' names results-dir itself"),
+        ({"run-name": "a" * 300}, "run-name is 300 bytes long; a file name holds at most 255: shorten it"),
         ({"krso.ranks": 8}, "unknown run-config key"),
     ],
 )
@@ -146,8 +151,8 @@ def test_zero_order_methods_refuse_what_breaks_replay(method):
 @pytest.mark.parametrize(
     "overrides, fragment",
     [
-        ({"zo.lr": 0}, "zo.lr must be > 0"),
-        ({"zo.eps": -1e-3}, "zo.eps must be > 0"),
+        ({"zo.lr": 0}, r"zo.lr must be in \(0, 1\]"),
+        ({"zo.eps": -1e-3}, r"zo.eps must be in \(0, 0.1\]"),
         ({"zo.distribution": "uniform"}, "zo.distribution must be"),
         ({"spzo.p2": 0}, "spzo.p1 must be >= 0 and spzo.p2 >= 1"),
         ({"spzo.p1": -1}, "spzo.p1 must be >= 0"),
@@ -159,3 +164,58 @@ def test_zero_order_methods_refuse_what_breaks_replay(method):
 def test_impossible_zero_order_settings_are_refused(overrides, fragment):
     with pytest.raises(ConfigError, match=fragment):
         parse_run_config({"method": "fedspzo", **overrides})
+
+
+INF, NAN = float("inf"), float("nan")
+
+
+@pytest.mark.parametrize(
+    "key, bad, good",
+    [
+        ("train.lr", [INF, NAN, -1e-4, 2.0], [1e-6, 5e-5, 1.0]),
+        ("train.weight-decay", [INF, NAN, -0.1, 1.5], [0.0, 0.01, 1.0]),
+        ("zo.lr", [INF, NAN, 5.0, 1.0000001, 0.0], [1e-7, 0.02, 1.0]),
+        ("zo.eps", [INF, NAN, 0.0, 0.5], [1e-5, 1e-3, 0.1]),
+        ("tt.scale", [INF, NAN, 0.0, -1.0, 1e3], [0.1, 1.0, 100.0]),
+        ("lora.alpha", [INF, NAN, 0.0, 1e6], [1.0, 16.0, 1024.0]),
+    ],
+)
+def test_every_rate_scale_and_eps_is_finite_and_in_its_stated_range(key, bad, good):
+    """A hostile or mistyped value among honest ones: the honest ones pass, each bad one is refused with the key,
+    the range and the fix, for every method (the check does not depend on the method)."""
+    from common.config import METHODS
+
+    for method in METHODS:
+        extra = {"train.optimizer": "sgd"} if key == "train.weight-decay" else {}
+        for value in good:
+            if key == "train.weight-decay" and value and method in ("fedspzo", "fedkseed"):
+                continue  # zero-order replay refuses any decay (test_zero_order_methods_refuse_what_breaks_replay)
+            parse_run_config({"method": method, key: value, **extra})
+        for value in bad:
+            with pytest.raises(ConfigError, match=rf"{key} must be in [(\[].*got .*set it in that range"):
+                parse_run_config({"method": method, key: value, **extra})
+
+
+def test_the_readme_states_every_range():
+    from common.config import RANGES, _interval
+    from common.wire import ZO_LR_MAX
+
+    with open("README.md") as f:
+        readme = f.read()
+    for key, (low, high, low_included, _) in RANGES.items():
+        assert f"`{key}` in {_interval(low, high, low_included)}" in readme, key
+    assert RANGES["zo.lr"][1] == ZO_LR_MAX  # what every node accepts
+
+
+def test_paths_that_cannot_hold_the_records_are_refused(tmp_path):
+    from common.config import check_paths
+
+    check_paths(parse_run_config({"results-dir": str(tmp_path / "new" / "results"), "run-name": "fine"}))
+    (tmp_path / "file").write_text("x")
+    for results_dir in (tmp_path / "file", tmp_path / "file" / "below"):
+        with pytest.raises(ConfigError, match=r"results-dir .* is a file, not a folder: point results-dir at a folder"):
+            check_paths(parse_run_config({"results-dir": str(results_dir), "run-name": "r"}))
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "taken").write_text("x")
+    with pytest.raises(ConfigError, match="run-name 'taken': .* is a file, not a folder: choose another run-name"):
+        check_paths(parse_run_config({"results-dir": str(tmp_path / "results"), "run-name": "taken"}))

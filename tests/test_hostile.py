@@ -607,3 +607,48 @@ def test_an_update_that_overflows_the_model_is_rolled_back(tiny_bert, glue_dir, 
     monkeypatch.undo()
     (after,) = play_rounds(run, [2], hostile=())
     assert (after["clients"], after["rejected"], after["failures"], after["failed"]) == (3, 0, 0, None)
+
+
+def _relabelled(msg: Message, src: int | None = None, reply_to: str | None = None) -> Message:
+    """`msg` with its sender or the instruction it answers rewritten, as a transport that cannot be trusted
+    (or a node speaking for another) would deliver it."""
+    if src is not None:
+        msg.metadata.__dict__["_src_node_id"] = src
+    if reply_to is not None:
+        msg.metadata.__dict__["_reply_to_message_id"] = reply_to
+    return msg
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("state_dir")
+@pytest.mark.parametrize("method", METHODS)
+def test_a_reply_counts_once_and_only_from_the_node_it_was_asked_of(method, tiny_bert, glue_dir, tmp_path):
+    """The honest replies of 101 and 102, plus one hostile delivery each time: 101's reply delivered twice,
+    103's reply labelled as 101's (answering 101's instruction), 103's reply answering 101's instruction
+    under its own name, a reply from node 999 that was sent nothing. Each extra is rejected and the global
+    model is bit for bit that of the round with the two honest replies alone. The instructions carry ids,
+    as the Grid gives them when it pushes them."""
+    clean = Run(method, tiny_bert, glue_dir, tmp_path)
+    msgs = clean.instructions(1)
+    honest = {n: clean.reply(msgs[n]).content for n in HONEST}
+    assert clean.aggregate(1, [Message(honest[n], reply_to=msgs[n]) for n in HONEST])["clients"] == 2
+    expected = clean.weights()
+    hostile_content = clean.reply(msgs[HOSTILE]).content
+    extras = {
+        "delivered twice": lambda mine: Message(honest[101], reply_to=mine[101]),
+        "another node's name": lambda mine: _relabelled(Message(hostile_content, reply_to=mine[101]), src=101),
+        "another node's instruction": lambda mine: _relabelled(
+            Message(hostile_content, reply_to=mine[101]), src=HOSTILE
+        ),
+        "a node sent nothing": lambda mine: _relabelled(Message(hostile_content, reply_to=mine[101]), src=999),
+    }
+    for name, extra in extras.items():
+        run = Run(method, tiny_bert, glue_dir, tmp_path)
+        mine = run.instructions(1)
+        for node, msg in mine.items():
+            msg.metadata.__dict__["_message_id"] = f"instruction-{node}-{run.run_id}"
+        replies = [Message(honest[n], reply_to=mine[n]) for n in HONEST]
+        replies.insert(1, extra(mine))  # among the honest ones, after the first
+        rec = run.aggregate(1, replies)
+        assert (rec["clients"], rec["rejected"]) == (2, 1), name
+        assert torch.equal(run.weights(), expected), name

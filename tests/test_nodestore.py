@@ -18,10 +18,19 @@ from common.nodestore import STATE_DIR_ENV, NodeStore, reach_round, state_checks
 from common.wire import WireError
 
 DAMAGE = ["bit", "round", "nan", "truncate"]
+WRONG_KIND = {  # something other than a file where the state file belongs
+    "folder": lambda path: os.makedirs(os.path.join(path, "inside")),
+    "pipe": os.mkfifo,  # reading it would block the node forever
+    "link to a folder": lambda path: (os.makedirs(path + "-target"), os.symlink(path + "-target", path)),
+}
 
 
 def damage(path: str, how: str) -> None:
     """Damage a state file the way a disk, a hand or a hostile process might."""
+    if how in WRONG_KIND:
+        os.remove(path)
+        WRONG_KIND[how](path)
+        return
     if how == "bit":  # one flipped bit in the last tensor's data
         with open(path, "rb+") as f:
             data = bytearray(f.read())
@@ -99,6 +108,45 @@ class Entry:
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize("how", sorted(WRONG_KIND))
+def test_a_state_path_of_the_wrong_kind_is_moved_aside_and_counts_as_absent(how, tmp_path, caplog):
+    """Not a damaged file but no file at all: it must not raise every round (IsADirectoryError), nor block on
+    a pipe. It is moved aside (kept), counts as absent, and the node's next save and load work again."""
+    store = NodeStore(str(tmp_path), "s", "fp")
+    store.save(_tensors(0), 2)
+    damage(store.path, how)
+    with caplog.at_level(logging.WARNING, logger="common.files"):
+        assert reach_round(store, _tensors(1), 3, [Entry(2)], lambda e: None) == (False, 0)  # sync-only
+    assert "moved aside" in caplog.text and not os.path.lexists(store.path)
+    assert any(name.startswith("s.safetensors.aside-") for name in os.listdir(tmp_path))
+    assert reach_round(store, _tensors(1), 3, [Entry(1), Entry(2)], lambda e: None) == (True, 2)
+    assert store.load(_tensors(1)) == 2
+
+
+@pytest.mark.unit
+def test_a_node_folder_that_is_a_file_is_moved_aside(tmp_path):
+    folder = tmp_path / "node-7"
+    folder.write_text("not a folder")
+    store = NodeStore(str(folder), "s", "fp")
+    assert store.load(_tensors(1)) == 0
+    store.save(_tensors(0), 1)
+    assert store.load(_tensors(1)) == 1
+    assert [p.read_text() for p in tmp_path.glob("node-7.aside-*")] == ["not a folder"]
+
+
+@pytest.mark.unit
+def test_a_link_planted_at_the_temporary_file_is_not_followed(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    store = NodeStore(str(tmp_path / "node"), "s", "fp")
+    os.makedirs(tmp_path / "node")
+    os.symlink(victim, store.path + ".tmp")
+    store.save(_tensors(0), 4)
+    assert victim.read_bytes() == b"precious" and store.load(_tensors(1)) == 4
+    assert not os.path.lexists(store.path + ".tmp")
+
+
+@pytest.mark.unit
 def test_a_state_past_the_servers_round_is_ignored_and_kept_until_the_whole_log_replaces_it(tmp_path):
     """The server went back (or an instruction lies about the round): the node asks for the whole log, and an
     instruction alone never deletes its state; the file changes only when the log rebuilds round T-1."""
@@ -129,7 +177,7 @@ def test_a_log_that_makes_the_model_non_finite_is_refused_and_nothing_is_saved(t
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("how", DAMAGE)
+@pytest.mark.parametrize("how", [*DAMAGE, "folder"])
 @pytest.mark.parametrize("method", ["fedspzo", "fedkseed"])
 def test_zero_order_node_with_damaged_state_resyncs_to_the_server(
     method, how, tiny_bert, glue_dir, tmp_path, monkeypatch

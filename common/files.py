@@ -1,0 +1,81 @@
+"""Files replaced whole or not at all, never through a planted link, and paths of the wrong kind moved aside.
+
+Every writer that replaces a file (the server checkpoint, a node's stored state, the run records, the
+benchmark's results) goes through `replace_file`: the bytes go to `<file>.tmp`, created exclusively
+(O_CREAT | O_EXCL | O_NOFOLLOW), fsynced and renamed over the file, then the folder is fsynced. A crash at
+any point leaves the previous file whole. Whatever already sits at `<file>.tmp` (a crash's leftover, or a
+link planted to make the writer overwrite another file) is removed first, never written through: a link
+is unlinked, not followed, and if one is planted again between the removal and the creation, the exclusive
+creation fails instead of following it.
+
+A path that should hold a file but holds a folder (or a folder that is a file, a pipe, ...) is renamed to
+`<path>.aside-<time>-<random>` (`move_aside`): kept for whoever wants to look, and out of the way, so the
+writer does not fail on it at every round.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import time
+import uuid
+
+log = logging.getLogger(__name__)
+
+_EXCLUSIVE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def fsync_dir(directory: str) -> None:
+    """Make a rename inside `directory` durable (POSIX: the entry lives in the directory, not the file)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def move_aside(path: str, why: str) -> str:
+    """Rename whatever is at `path` (never following a link) to a fresh name beside it; returns that name."""
+    aside = f"{path}.aside-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+    os.rename(path, aside)
+    log.warning("%s %s: moved aside to %s", path, why, aside)
+    return aside
+
+
+def kind(path: str) -> str:
+    """What is at `path` without following a link: "absent", "file", "link", "folder" or "other"."""
+    try:
+        mode = os.lstat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "absent"
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISLNK(mode):
+        return "link"
+    return "folder" if stat.S_ISDIR(mode) else "other"
+
+
+def make_folder(path: str) -> None:
+    """`path` as a folder: created if absent; a file (or anything but a folder) at that name is moved aside."""
+    if kind(path) not in ("absent", "folder") and not os.path.isdir(path):  # a link to a folder is a folder
+        move_aside(path, "is not a folder")
+    os.makedirs(path, exist_ok=True)
+
+
+def replace_file(path: str, data: bytes) -> None:
+    """Replace the file at `path` by `data`, atomically and durably (see the module docstring)."""
+    tmp = path + ".tmp"
+    if kind(tmp) in ("folder", "other"):
+        move_aside(tmp, "is in the way of a temporary file")
+    elif kind(tmp) != "absent":
+        os.unlink(tmp)  # a stale file or a planted link: the link itself goes, its target is untouched
+    if kind(path) in ("folder", "other"):  # a rename over it would fail at every write
+        move_aside(path, "is not a file")
+    fd = os.open(tmp, _EXCLUSIVE, 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
