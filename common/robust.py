@@ -38,7 +38,7 @@ as in the mean: absent = 0 (the reference value) for every rule, so a seed used 
 median of 0 and is trimmed away by trimmed-mean. This keeps every rule a function of the clients' whole
 updates (sum_j A_j P_j is zero along an unused seed); the cost is that robust rules only learn along seeds
 most clients used (FedKRSO: every client uses all K seeds when intervals >= K; FedKSeed, whose clients draw
-few of K = 4096 candidates each, needs "mean", see README).
+few of K = 4096 candidates each, needs "mean", see docs/security.md).
 
 All arithmetic is in float64, the result is returned in the input dtype: the mean of float32 values is the
 float32 rounding of the exact weighted mean (zero-order logs keep it, so every node replays the same numbers).

@@ -4,7 +4,7 @@
     python scripts/compose_fleet.py --glue-dir /abs/glue -c "method='fedkrso' task='rte' num-server-rounds=2"
 
 `ComposeFleet(workdir)` copies the repository's tracked files into `workdir/app` (the user's deploy/certs and
-deploy/keys are never touched), then does what the README says, in that copy:
+deploy/keys are never touched), then does what deploy/README.md says, in that copy:
 
     deploy/make-certs.sh ; deploy/make-keys.sh 3
     docker compose build
@@ -16,7 +16,7 @@ with a compose project of its own (`-p`), the SuperLink published on a free host
 FLWR_HOME whose config.toml names the SuperLink with the CA as root-certificates. Runs go through
 `flwr run . fleet`; their final status comes from `flwr ls` (flwr run exits 0 on failed runs). The records are
 read from the `results` volume (its folder on the host, `docker volume inspect`), and `records_copy` takes
-them out with `docker compose cp` as the README does.
+them out with `docker compose cp` as deploy/README.md does.
 
 Wire bytes: each pod's network namespace belongs to its holder container (`*-net`); its eth0 counters, read
 from /proc/<holder pid>/net/dev on the host, are what the pod sent and received on the compose network
@@ -78,7 +78,7 @@ class ComposeFleet:
             self.env["TORCH_INDEX"] = torch_index
         self.timings: dict[str, float] = {}
 
-    # -- set-up, the README's commands ---------------------------------------------------------------------
+    # -- set-up, deploy/README.md's commands ---------------------------------------------------------------------
     def copy_repo(self) -> None:
         files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
                                text=True, check=True).stdout.split("\n")  # fmt: skip

@@ -162,6 +162,25 @@ def test_fedspzo_after_executors_and_a_supernode_restart(fleet):
     check_wire(records, [0, 1])
 
 
+def _server_tensors(fleet, records, server_round):
+    """The server's global tensors after `server_round`, rebuilt here from that round's checkpoint (kept by the
+    harness as checkpoint-round-<T>) with the same `resume` a resumed run uses; the run config's container
+    paths are read as the host folders behind them."""
+    from common.config import parse_run_config
+    from common.records import RunRecorder
+    from server_app import checkpoint
+    from server_app.app import SETUPS, resume
+
+    saved = checkpoint.read(os.path.join(records, f"checkpoint-round-{server_round}.safetensors"))
+    assert saved.round == server_round
+    host = {k: v.replace("/app/data/glue", fleet.env["GLUE_DIR"], 1) if isinstance(v, str) else v
+            for k, v in saved.config.items()}  # fmt: skip
+    cfg = parse_run_config({**host, "results-dir": os.path.join(fleet.workdir, "rebuilt"), "run-name": "x"})
+    setup = SETUPS[cfg.method](cfg, RunRecorder(cfg.results_dir, cfg.run_name, cfg.to_flat()))
+    resume(setup, saved, run_id=-1)
+    return setup.strategy.global_tensors()
+
+
 def test_supernode_crash_mid_round_and_the_node_trains_again(fleet):
     """FedKRSO, 2 rounds: supernode-3's SuperNode process is killed with SIGKILL while its ClientApp trains
     round 1. Docker's restart policy starts it again (refused until the SuperLink counts the old session
@@ -195,6 +214,20 @@ def test_supernode_crash_mid_round_and_the_node_trains_again(fleet):
     assert rows[1]["clients"] == 2  # round 1 closed without the crashed node
     assert rows[2]["clients"] == 3 and rows[2]["rejected"] == 0  # and it trained round 2
     check_wire(records, [0, 1, 2])
+    # The node replayed round 1, which it missed, before training round 2: its stored copy of the global model
+    # is the server's after round 1 (to 1e-6: W + B P is a BLAS product).
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    node_id = fleet.node_ids["supernode-3"]
+    state = os.path.join(fleet.volume_dir("supernode-3-state"), f"run-{run_id}", f"node-{node_id}",
+                         "fedkrso-state.safetensors")  # fmt: skip
+    with safe_open(state, "pt") as f:
+        assert f.metadata()["round"] == "1"
+    node, server = load_file(state), _server_tensors(fleet, records, 1)
+    assert node and set(node) <= set(server)
+    for name, value in node.items():
+        assert (value - server[name]).abs().max().item() <= 1e-6, name
     copy = fleet.records_copy("krso-crash", os.path.join(fleet.workdir, "krso-crash"))
     assert rows_of(os.path.join(copy, "rounds.jsonl")) == rows
 

@@ -6,7 +6,7 @@ in the subspace trains B (d_out x r, starting at 0) on the loss of W + B P_s; th
 y = x W^T + (x P_s^T) B^T, so autograd forms the gradient of B (= dL/dW P_s^T) and never a d_out x d_in
 weight gradient.
 
-Round t (../shared/docs/methods.md, FedKRSO):
+Round t (docs/methods.md, FedKRSO):
     client:  I intervals of J steps; interval i trains B in seed k = i mod K, then W <- W + B P_k and
              A_k <- A_k + B                                                  (accumulator per seed)
     server:  Bbar_k = sum_c n_c A_k^c / sum_c n_c  (a client that did not use seed k adds 0)

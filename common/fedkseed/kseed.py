@@ -1,6 +1,6 @@
 """FedKSeed mathematics (the zero-order reference): K candidate seeds, scalars accumulated per seed.
 
-FedKSeed (Qin et al., ICML 2024, ../shared/docs/methods.md). K candidate seeds s_0..s_{K-1} are fixed
+FedKSeed (Qin et al., ICML 2024; docs/methods.md). K candidate seeds s_0..s_{K-1} are fixed
 for the run (derived from the run seed, so they never travel). Each local step draws P whole-model
 perturbations, each with a candidate index j picked uniformly at random, and applies the two-sided
 estimate in place (common.zeroorder.spsa_step):

@@ -1,6 +1,6 @@
 """FedSPZO mathematics: split-perturbation zero-order steps, their aggregation and their replay.
 
-Both the client trainer and the server strategy import this module; ../shared/docs/methods.md (FedSPZO)
+Both the client trainer and the server strategy import this module; docs/methods.md (FedSPZO)
 gives the method. Round t, with round seed ρ_t, local step s on minibatch x (every client draws the same
 perturbations at the same (s, j): the seeds depend on ρ_t, s, the block and j only):
 

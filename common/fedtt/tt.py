@@ -1,6 +1,6 @@
 """FedTT mathematics: tensor-train bottleneck adapters, their aggregation and FedTT+'s core-selection rule.
 
-Shared by the server strategy and the client trainer (../shared/docs/methods.md, FedTT / FedTT+).
+Shared by the server strategy and the client trainer (docs/methods.md, FedTT and FedTT+).
 
 Adapter (Houlsby-style, after a block's attention-output and feed-forward-output projection):
     y <- y + s * act(y W_down) W_up            W_down: d x b, W_up: b x d, act = GELU, s = tt.scale
