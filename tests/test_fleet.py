@@ -19,13 +19,14 @@ import time
 
 import pytest
 
+from common.methods import METHODS, known
+
 pytestmark = [pytest.mark.system, pytest.mark.e2e]
 
-METHODS = ["fedkrso", "fedavg", "fedspzo", "fedkseed", "fedtt", "fedtt-plus", "fedavg-lora"]
 # The faults cost one to two minutes each on this machine (the node's offline detection alone is 36-60 s), so
 # each runs on the method where it tests the most; that run stands in for the method's plain run.
-NODE_KILL = ["fedkrso"]  # catch-up from the update log: the case where a missed round matters
-RESUME = ["fedtt"]  # resume from the cores in the checkpoint
+NODE_KILL = [*known("fedkrso")]  # catch-up from the update log: the case where a missed round matters
+RESUME = [*known("fedtt")]  # resume from the cores in the checkpoint
 PLAIN = [m for m in METHODS if m not in NODE_KILL + RESUME]
 
 
@@ -162,12 +163,12 @@ def _server_tensors(records, server_round):
     from common.config import parse_run_config
     from common.records import RunRecorder
     from server_app import checkpoint
-    from server_app.app import SETUPS, resume
+    from server_app.app import build_setup, resume
 
     saved = checkpoint.read(os.path.join(records, f"checkpoint-round-{server_round}.safetensors"))
     assert saved.round == server_round
     cfg = parse_run_config(saved.config)
-    setup = SETUPS[cfg.method](cfg, RunRecorder(os.path.join(records, "rebuilt"), "x", cfg.to_flat()))
+    setup = build_setup(cfg, RunRecorder(os.path.join(records, "rebuilt"), "x", cfg.to_flat()))
     resume(setup, saved, run_id=-1)
     return setup.strategy.global_tensors()
 
