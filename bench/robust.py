@@ -1,8 +1,8 @@
 """Benchmark: what the shipped aggregation defaults cost (honest clients) and hold (hostile ones), for all seven
 methods; writes docs/results-robust.md.
 
-Each run drives the method's real server strategy (server_app.app.SETUPS) and the real client code
-(client_app.app.CLIENTS) in one process, the way tests/test_hostile.py does, on SST-2 with the embedded
+Each run drives the method's real server strategy and the real client code (both named by its entry in
+common/methods.py) in one process, the way tests/test_hostile.py does, on SST-2 with the embedded
 MiniLM, Dirichlet alpha 0.5 over labels, the same seed and steps for every run, every `aggregation.*` key at
 its shipped default (`--rules` adds other rules). The server evaluates the global model on the whole SST-2
 dev split after the last round. Scenarios: 10 honest clients, 5 honest clients, and each attack at 1 hostile
@@ -22,7 +22,6 @@ three-rule version took 20 minutes); `--methods` and `--scenarios` cut it down.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import platform
 import sys
@@ -36,23 +35,18 @@ from flwr.app import Array, ConfigRecord, Message
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from client_app.app import CLIENTS  # noqa: E402
 from common.config import parse_run_config  # noqa: E402
 from common.evaluation import evaluate  # noqa: E402
 from common.fedtt.wire import _pack_cores  # noqa: E402
+from common.methods import METHODS, get_method  # noqa: E402
 from common.nodestore import STATE_DIR_ENV  # noqa: E402
 from common.records import RunRecorder  # noqa: E402
 from common.tasks import get_task  # noqa: E402
 from common.training import dev_encoded  # noqa: E402
 from common.wire import VALUE_BOUND, zo_scalar_bound  # noqa: E402
-from server_app.app import SETUPS  # noqa: E402
+from server_app.app import build_setup  # noqa: E402
 
 DOCS = os.path.join(ROOT, "docs")
-METHODS = ("fedkrso", "fedavg", "fedspzo", "fedkseed", "fedtt", "fedtt-plus", "fedavg-lora")
-MAIN_RECORD = {  # the reply record holding each method's update
-    "fedkrso": "accumulators", "fedspzo": "scalars", "fedkseed": "scalars", "fedtt": "cores",
-    "fedtt-plus": "cores", "fedavg": "arrays", "fedavg-lora": "arrays",
-}  # fmt: skip
 ATTACKS = ("bound", "sign flip", "bound + 1e12")
 SCENARIOS = {  # name -> (clients, hostile, attack)
     "honest, 10": (10, 0, None),
@@ -98,7 +92,7 @@ def attack(content, kind: str, cfg, refs: dict[str, dict[str, np.ndarray]]):
     at the bound, away from the global value; "sign flip": the update turned around and scaled until its
     largest value reaches the bound; "high": every value at +bound; "bound + 1e12": "bound", claiming 10^12
     examples. Changes `content` in place and returns it."""
-    for name in (MAIN_RECORD[cfg.method], "head"):
+    for name in (get_method(cfg.method).reply_record, "head"):
         if name not in content:
             continue
         bound = 0.999 * value_bound(cfg, name)
@@ -137,8 +131,8 @@ def run(method: str, rule: str, scenario: str, args, dev) -> dict:
     )  # fmt: skip
     os.environ[STATE_DIR_ENV] = tempfile.mkdtemp(prefix="robust-nodes-")
     recorder = RunRecorder(cfg.results_dir, name, cfg.to_flat())
-    setup = SETUPS[method](cfg, recorder)
-    client = importlib.import_module(CLIENTS[method]).train
+    setup = build_setup(cfg, recorder)
+    client = get_method(method).load_client().train
     arrays = setup.initial
     w0 = flat_weights(setup.model)
     first_update = None

@@ -15,7 +15,7 @@ What runs:
    0.5 over labels, then FedTT and FedTT+ on SST-2 at alpha 0.1 over three seeds, then FedSPZO and FedKSeed
    on SST-2 for Settings.zo_rounds rounds (compute to reach an accuracy). The same clients,
    partitions, seeds, batch size, local steps and rounds for all; only each method's own learning rate
-   differs (train.lr = "auto": common.config.METHOD_DEFAULTS; the zero-order methods run their shipped zo.*
+   differs (train.lr = "auto": common/methods.py; the zero-order methods run their shipped zo.*
    defaults).
 3. bench/report.py writes the page (summary table, per-run tables, plots) from the records.
 
@@ -50,14 +50,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from common.files import replace_file  # noqa: E402 - the project's root is on the path only now
+from common.methods import METHOD_DEFAULTS, METHODS, ZERO_ORDER, get_method, known  # noqa: E402
 
 DOCS = os.path.join(ROOT, "docs")
 GLUE = os.path.abspath(os.environ.get("GLUE_DIR") or os.path.join(ROOT, "..", "shared", "data", "glue"))
-METHODS = ("fedkrso", "fedavg", "fedspzo", "fedkseed", "fedtt", "fedtt-plus", "fedavg-lora")
-NAMES = {
-    "fedkrso": "FedKRSO", "fedavg": "FedAvg", "fedspzo": "FedSPZO", "fedkseed": "FedKSeed", "fedtt": "FedTT",
-    "fedtt-plus": "FedTT+", "fedavg-lora": "FedAvg-LoRA",
-}  # fmt: skip
+NAMES = {m: get_method(m).label for m in METHODS}  # as the papers write them
+# The sections that compare some methods only (each checked against the registry, so a rename fails here):
+COMPUTE_METHODS = known("fedspzo", "fedkseed")  # compute to reach an accuracy: FedSPZO's claim against FedKSeed
+SMOLLM_METHODS = known("fedtt", "fedavg-lora")  # the decoder path, through TT adapters and peft's LoRA
 
 
 def task_name(task: str) -> str:
@@ -88,7 +88,7 @@ class Settings:
     # Seed 1 cannot be drawn: Dirichlet 0.1 over SST-2's two labels leaves a client under 10 examples in all of
     # flwr-datasets' attempts (common.data says so), every client fails; the three seeds are 0, 2 and 3.
     skew_seeds: tuple[int, ...] = (0, 2, 3)
-    skew_methods: tuple[str, ...] = ("fedtt", "fedtt-plus")
+    skew_methods: tuple[str, ...] = known("fedtt", "fedtt-plus")
     # Compute to reach an accuracy (FedSPZO's claim): FedSPZO and FedKSeed at their shipped defaults, which
     # perturb the same parameters (zo.params), on the same clients, partitions and batches, long enough for
     # both to pass round 0 + ZO_GAIN_TARGET; the report reads each one's client compute until it first does.
@@ -137,9 +137,9 @@ def plan_runs(s: Settings) -> list[Run]:
     runs = [Run(task, s.alpha, s.seed, m) for task in s.tasks for m in METHODS]
     runs += [Run(s.skew_task, s.skew_alpha, seed, m) for seed in s.skew_seeds for m in s.skew_methods]
     zo_tasks = [task for task in s.zo_tasks if task in s.tasks]
-    runs += [Run(task, s.alpha, s.seed, m, compute=True) for task in zo_tasks for m in ("fedspzo", "fedkseed")]
+    runs += [Run(task, s.alpha, s.seed, m, compute=True) for task in zo_tasks for m in COMPUTE_METHODS]
     if s.extras:
-        runs += [Run("sst2", s.alpha, s.seed, m, smollm=True) for m in ("fedtt", "fedavg-lora")]
+        runs += [Run("sst2", s.alpha, s.seed, m, smollm=True) for m in SMOLLM_METHODS]
     return runs
 
 
@@ -160,8 +160,6 @@ def run_overrides(s: Settings, run: Run, records: str) -> dict:
 
 def learning_rates() -> dict[str, float]:
     """Each first-order method's rate, as its runs resolve train.lr = "auto" (the zero-order ones step with zo.lr)."""
-    from common.config import METHOD_DEFAULTS, ZERO_ORDER
-
     return {m: METHOD_DEFAULTS[m]["train.lr"] for m in METHODS if m not in ZERO_ORDER}
 
 
@@ -242,14 +240,14 @@ def child_messages(spec: dict) -> dict:
 
     from common.config import parse_run_config
     from common.records import RunRecorder
-    from server_app.app import SETUPS
+    from server_app.app import build_setup
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1  # what a ServerApp's runtime sets
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, overrides in spec["configs"].items():
             cfg = parse_run_config(overrides)
-            setup = SETUPS[cfg.method](cfg, RunRecorder(tmp, name, cfg.to_flat()))
+            setup = build_setup(cfg, RunRecorder(tmp, name, cfg.to_flat()))
             messages = list(setup.strategy.configure_train(1, setup.initial, ConfigRecord(), NodeIds(cfg.min_clients)))
             path = os.path.join(spec["folder"], f"{name}.msg")
             with open(path, "wb") as f:
@@ -260,13 +258,10 @@ def child_messages(spec: dict) -> dict:
 
 def child_probe(spec: dict) -> dict:
     """One client round (or plain inference over the same batches) in this fresh process, one thread."""
-    import importlib
-
     import torch
     from flwr.common.serde import recorddict_from_proto
     from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
-    from client_app.app import CLIENTS
     from common.config import parse_run_config
     from common.memory import PeakRSS
     from common.training import batch, client_data, step_batches
@@ -289,7 +284,7 @@ def child_probe(spec: dict) -> dict:
     proto = ProtoRecordDict()
     with open(spec["message"], "rb") as f:
         proto.ParseFromString(f.read())
-    reply = importlib.import_module(CLIENTS[cfg.method]).train(recorddict_from_proto(proto), cfg, node, 1, 1)
+    reply = get_method(cfg.method).load_client().train(recorddict_from_proto(proto), cfg, node, 1, 1)
     m = reply["metrics"]
     steps, seconds = float(m["local-steps"]), float(m["train-seconds"])
     result = {"peak_rss_mb": float(m["peak-rss-mb"]), "seconds_per_step": seconds / steps, "local_steps": steps}

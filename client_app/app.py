@@ -1,7 +1,7 @@
 """ClientApp: one `train` handler that parses the run config and hands the message to the method's client.
 
-CLIENTS maps each method to the module holding its `train(content, cfg, node_config, run_id, node_id)`,
-imported only when a run uses it. An instruction the method's wire format refuses (common.wire,
+Each method's registry entry (common/methods.py) names the module holding its `train(content, cfg, node_config,
+run_id, node_id)`, imported only when a run uses it. An instruction the method's wire format refuses (common.wire,
 "Instructions": malformed, non-finite or absurd values, a foreign learning rate, replaced seeds) is answered
 with an error reply, code INSTRUCTION_REFUSED and the reason, before the node's state is touched; the server
 counts it as a failure of that node and the ClientApp goes on serving later rounds.
@@ -9,7 +9,6 @@ counts it as a failure of that node and the ClientApp goes on serving later roun
 
 from __future__ import annotations
 
-import importlib
 import logging
 
 import torch
@@ -17,27 +16,18 @@ from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
 from common.config import parse_run_config
+from common.methods import get_method
 from common.wire import INSTRUCTION_REFUSED, WireError
 
 app = ClientApp()
 log = logging.getLogger(__name__)
-
-CLIENTS = {
-    "fedkrso": "common.fedkrso.client",
-    "fedavg": "common.fedavg.client",
-    "fedtt": "common.fedtt.client",
-    "fedtt-plus": "common.fedtt.client",
-    "fedavg-lora": "common.lora.client",
-    "fedspzo": "common.fedspzo.client",
-    "fedkseed": "common.fedkseed.client",
-}
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg = parse_run_config(context.run_config)
     torch.set_num_threads(max(1, int(context.node_config.get("num-threads", torch.get_num_threads()))))
-    method = importlib.import_module(CLIENTS[cfg.method])
+    method = get_method(cfg.method).load_client()
     try:
         content = method.train(msg.content, cfg, context.node_config, context.run_id, context.node_id)
     except WireError as exc:

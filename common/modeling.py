@@ -263,12 +263,12 @@ def label_word_head(loaded: LoadedModel, label_words: tuple[str, ...], scale: fl
 
 def head_settings(cfg) -> tuple[str, str]:
     """(pooling, init) of a run with 'auto' resolved (see common.config.HeadConfig)."""
-    from common.config import ZERO_ORDER
+    from common.methods import get_method
 
     pooling = declared_pooling(cfg.model) if cfg.head.pooling == "auto" else cfg.head.pooling
     init = cfg.head.init
     if init == "auto":
-        init = "label-words" if cfg.method in ZERO_ORDER else "random"
+        init = "label-words" if get_method(cfg.method).zero_order else "random"
     return pooling, init
 
 

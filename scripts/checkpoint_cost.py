@@ -22,7 +22,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-METHODS = ("fedkrso", "fedspzo", "fedkseed", "fedtt", "fedtt-plus", "fedavg-lora", "fedavg")
+from common.methods import METHODS  # noqa: E402
 
 
 def measure(method: str, rounds: int, model: str, data_dir: str, work: str) -> dict:
@@ -31,7 +31,7 @@ def measure(method: str, rounds: int, model: str, data_dir: str, work: str) -> d
     from common.config import parse_run_config
     from common.records import RunRecorder
     from server_app import checkpoint
-    from server_app.app import SETUPS, resume, run
+    from server_app.app import build_setup, resume, run
     from tests.fakes import InProcessGrid
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1  # Messages outside a runtime
@@ -48,7 +48,7 @@ def measure(method: str, rounds: int, model: str, data_dir: str, work: str) -> d
     start = time.perf_counter()
     checkpoint.write(os.path.join(work, f"{method}-copy.safetensors"), state)
     write_s = time.perf_counter() - start
-    setup = SETUPS[method](cfg, RunRecorder(work, f"{method}-resume", cfg.to_flat()))
+    setup = build_setup(cfg, RunRecorder(work, f"{method}-resume", cfg.to_flat()))
     start = time.perf_counter()
     resume(setup, checkpoint.read(path), run_id=2)
     resume_s = time.perf_counter() - start

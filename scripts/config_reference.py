@@ -20,7 +20,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from common import config  # noqa: E402
+from common import config, methods  # noqa: E402
 
 PAGE = os.path.join(ROOT, "docs", "configuration.md")
 SOURCE = os.path.join(ROOT, "common", "config.py")
@@ -72,7 +72,7 @@ def field_help() -> dict[tuple[str, str], str]:
 
 # keys whose values come from a list in common/config.py: the page shows the list as it is
 CHOICES = {
-    "method": "METHODS", "partitioning": "PARTITIONINGS", "train.optimizer": "OPTIMIZERS",
+    "partitioning": "PARTITIONINGS", "train.optimizer": "OPTIMIZERS",
     "tt.plus-rule": "TT_PLUS_RULES", "zo.params": "ZO_PARAMS", "aggregation.rule": "AGGREGATION_RULES",
     "head.pooling": "HEAD_POOLINGS", "head.init": "HEAD_INITS",
 }  # fmt: skip
@@ -85,7 +85,7 @@ def describe(key: str, help_: str) -> str:
         low, high, low_included, _ = config.RANGES[key]
         extra.append(f"In {config._interval(low, high, low_included)}.")
     if key in config.AUTO_KEYS:
-        per = ", ".join(f"{m} {t[key]:g}" for m, t in config.METHOD_DEFAULTS.items())
+        per = ", ".join(f"{m} {t[key]:g}" for m, t in methods.METHOD_DEFAULTS.items())
         extra.append(f"`auto` per method: {per}.")
     if help_ and not help_.endswith("."):
         help_ += "."
@@ -96,6 +96,8 @@ def describe(key: str, help_: str) -> str:
         choices = sorted(TASKS)
     else:
         choices = getattr(config, CHOICES.get(key, ""), None)
+    if key == "method":
+        choices = methods.METHODS
     if choices:
         help_ = f"{help_} One of: {', '.join(f'`{c}`' for c in choices)}.".strip()
     return help_.replace("|", "\\|")

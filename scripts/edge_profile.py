@@ -26,9 +26,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from common.methods import METHODS  # noqa: E402
 from scripts.fleet import Edge, Fleet, measure_idle, report_table, wire_summary  # noqa: E402
-
-METHODS = ["fedkrso", "fedavg", "fedspzo", "fedkseed", "fedtt", "fedtt-plus", "fedavg-lora"]
 
 
 def profile(method: str, glue: str, memory_mb: int, rounds: int, extra: dict, workdir: str) -> dict:

@@ -1,111 +1,34 @@
 """ServerApp: validate the run config, build the method's strategy, run it, write the records.
 
-Each method registers one `setup` function in SETUPS: it builds the server's model and strategy. The
-ServerApp itself knows nothing of any method.
+Each method's registry entry (common/methods.py) names its `setup` function (server_app/setups.py): it builds
+the server's model and strategy. The ServerApp itself knows nothing of any method.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from logging import INFO
 
-import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import Strategy
-from torch import nn
 
 from common.config import ConfigError, RunConfig, check_paths, check_resume, parse_run_config
 from common.evaluation import evaluate
+from common.methods import get_method
 from common.records import RunRecorder, format_table
 from common.tasks import get_task
 from common.training import dev_encoded
 from server_app import checkpoint
+from server_app.setups import ServerSetup
 
 app = ServerApp()
 
 
-@dataclass
-class ServerSetup:
-    model: nn.Module  # the global model, evaluated on the dev split
-    strategy: Strategy
-    initial: ArrayRecord  # what Strategy.start gets (empty for methods whose strategy holds the model)
-    load: Callable[[ArrayRecord], None] | None = None  # puts a round's global arrays into `model`, if needed
-
-
-def _fedkrso(cfg: RunConfig, recorder: RunRecorder) -> ServerSetup:
-    from common.fedkrso.state import build
-    from server_app.strategies import FedKRSO
-
-    km = build(cfg)
-    return ServerSetup(km.loaded.model, FedKRSO(cfg, km, recorder), ArrayRecord())
-
-
-def _fedavg(cfg: RunConfig, recorder: RunRecorder) -> ServerSetup:
-    from common.modeling import load_run_model
-    from server_app.strategies import RecordedFedAvg, params_record
-
-    model = load_run_model(cfg).model
-
-    def load(arrays: ArrayRecord) -> None:
-        model.load_state_dict(arrays.to_torch_state_dict(), strict=False)
-
-    return ServerSetup(model, RecordedFedAvg(cfg, recorder), params_record(model), load)
-
-
-def _fedtt(cfg: RunConfig, recorder: RunRecorder) -> ServerSetup:
-    from common.fedtt.model import build
-    from server_app.fedtt import FedTT
-
-    tm = build(cfg)
-    return ServerSetup(tm.loaded.model, FedTT(cfg, tm, recorder, plus=cfg.method == "fedtt-plus"), ArrayRecord())
-
-
-def _fedavg_lora(cfg: RunConfig, recorder: RunRecorder) -> ServerSetup:
-    from common.lora.model import build
-    from server_app.strategies import RecordedFedAvg
-
-    model, params = build(cfg)
-
-    def load(arrays: ArrayRecord) -> None:
-        with torch.no_grad():
-            for name, value in arrays.to_torch_state_dict().items():
-                params[name].copy_(value)
-
-    return ServerSetup(
-        model, RecordedFedAvg(cfg, recorder), ArrayRecord({n: p.detach() for n, p in params.items()}), load
-    )
-
-
-def _fedspzo(cfg: RunConfig, recorder: RunRecorder) -> ServerSetup:
-    from common.fedspzo.spzo import build
-    from server_app.strategies import FedSPZO
-
-    sm = build(cfg)
-    return ServerSetup(sm.zo.loaded.model, FedSPZO(cfg, sm, recorder), ArrayRecord())
-
-
-def _fedkseed(cfg: RunConfig, recorder: RunRecorder) -> ServerSetup:
-    from common.fedkseed.kseed import build
-    from server_app.strategies import FedKSeed
-
-    km = build(cfg)
-    return ServerSetup(km.zo.loaded.model, FedKSeed(cfg, km, recorder), ArrayRecord())
-
-
-SETUPS: dict[str, Callable[[RunConfig, RunRecorder], ServerSetup]] = {
-    "fedkrso": _fedkrso,
-    "fedavg": _fedavg,
-    "fedtt": _fedtt,
-    "fedtt-plus": _fedtt,
-    "fedavg-lora": _fedavg_lora,
-    "fedspzo": _fedspzo,
-    "fedkseed": _fedkseed,
-}
+def build_setup(cfg: RunConfig, recorder: RunRecorder) -> ServerSetup:
+    """The method's global model and strategy, built by the setup function its registry entry names."""
+    return get_method(cfg.method).load_server()(cfg, recorder)
 
 
 def run_name(cfg: RunConfig) -> str:
@@ -151,7 +74,7 @@ def run(grid: Grid, cfg: RunConfig, run_id: int = 0) -> dict:
         check_resume(cfg, saved.config, saved.round)
     dev = dev_encoded(cfg)  # missing files fail here, before any training
     recorder = RunRecorder(cfg.results_dir, run_name(cfg), cfg.to_flat(), saved.records if saved else None)
-    setup = SETUPS[cfg.method](cfg, recorder)
+    setup = build_setup(cfg, recorder)
     done, strategy, initial = 0, setup.strategy, setup.initial
     if saved is not None:
         initial = resume(setup, saved, run_id)

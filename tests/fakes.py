@@ -7,10 +7,11 @@ methods' real client code, so a test drives the same strategies and clients a de
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Iterable, Mapping
 
 from flwr.app import Message
+
+from common.methods import get_method
 
 
 def client_reply(train: Callable, cfg, msg: Message, partitions: Mapping[int, int], run_id: int = 1) -> Message:
@@ -39,11 +40,9 @@ class InProcessGrid(NodeList):
     would deliver it, and the replies come back in node order. `sampled`: the nodes of each training round."""
 
     def __init__(self, cfg, run_id: int, nodes: dict[int, int]):
-        from client_app.app import CLIENTS
-
         super().__init__(nodes)
         self.partitions, self.cfg, self.run_id = dict(nodes), cfg, run_id
-        self.client = importlib.import_module(CLIENTS[cfg.method])
+        self.client = get_method(cfg.method).load_client()
         self.sampled: list[list[int]] = []
 
     def send_and_receive(self, messages, *, timeout=None):

@@ -25,6 +25,7 @@ from flwr.app import ConfigRecord
 from flwr.supercore.task_identity import TaskIdentity
 
 from common.config import parse_run_config
+from common.methods import KEEPS_MODEL, METHODS, known
 from common.nodestore import NodeStore, state_dir
 from common.records import RunRecorder
 from scripts.arm64_emulation import ROOT, EmulationUnavailable, emulated_python, start_arm64
@@ -34,14 +35,14 @@ from tests.fakes import NodeList
 
 pytestmark = pytest.mark.system
 
-# One local step of every method on a tiny model; the zero-order methods cover both laws of z.
+# One local step of every registered method on a tiny model: COMMON, then the method's SETTINGS where it has
+# any; the zero-order methods cover both laws of z.
 COMMON = {
     "task": "rte", "train.local-steps": 1, "train.batch-size": 4, "train.max-length": 32, "train.lr": 1e-3,
     "min-clients": 1, "eval.max-examples": 8,
 }  # fmt: skip
-METHODS = {
+SETTINGS = {
     "fedkrso": {"krso.k": 2, "krso.rank": 4, "krso.intervals": 1},
-    "fedavg": {},
     "fedspzo": {
         "spzo.split-layer": 1,
         "spzo.p1": 1,
@@ -53,18 +54,17 @@ METHODS = {
     "fedkseed": {"kseed.k": 16, "zo.lr": 1e-2},
     "fedtt": {"tt.bottleneck": 8, "tt.rank": 3},
     "fedtt-plus": {"tt.bottleneck": 8, "tt.rank": 3},
-    "fedavg-lora": {},
 }
-REPLAYED = ("fedkrso", "fedspzo", "fedkseed")  # the node keeps the global model and replays the update log
+known(*SETTINGS)  # a renamed method fails here rather than silently running at other settings
 
 
 def _setup(method, tiny_bert, glue_dir, tmp_path, tag):
-    from server_app.app import SETUPS
+    from server_app.app import build_setup
 
-    run_config = {"method": method, "model": tiny_bert, "data-dir": glue_dir, **COMMON, **METHODS[method]}
+    run_config = {"method": method, "model": tiny_bert, "data-dir": glue_dir, **COMMON, **SETTINGS.get(method, {})}
     run_config |= {"results-dir": str(tmp_path / "results"), "run-name": f"{method}-{tag}"}
     cfg = parse_run_config(run_config)
-    setup = SETUPS[method](cfg, RunRecorder(cfg.results_dir, cfg.run_name, cfg.to_flat()))
+    setup = build_setup(cfg, RunRecorder(cfg.results_dir, cfg.run_name, cfg.to_flat()))
     return run_config, cfg, setup
 
 
@@ -112,7 +112,7 @@ def aarch64_run(tiny_bert, glue_dir, tmp_path_factory) -> dict:
         x86_nodes = {"partition-id": 0, "num-partitions": 2, "state-dir": str(tmp_path / "x86-nodes")}
         for method in METHODS:
             run_config, cfg, setup = _setup(method, tiny_bert, glue_dir, tmp_path, method)
-            if method not in REPLAYED:
+            if method not in KEEPS_MODEL:
                 # round 1: node 101 trains one step on aarch64; its reply goes back to this strategy
                 path = str(tmp_path / f"{method}-1")
                 save_message(_instruction(setup, 1, 101), path + ".msg")
@@ -165,7 +165,7 @@ def test_every_method_trains_on_aarch64_and_replays_like_x86(aarch64_run):
     with open(os.path.join(ROOT, "Makefile")) as f:  # the torch a Raspberry Pi gets from `make install`
         pi_torch = re.search(r"^TORCH_AARCH64 \?= torch==(\S+)", f.read(), re.M).group(1)
     assert summary["machine"] == "aarch64" and summary["torch"].split("+")[0] == pi_torch, summary
-    assert set(summary["seconds"]) == {f"{m} round 1" if m not in REPLAYED else f"{m} replay" for m in METHODS}
+    assert set(summary["seconds"]) == {f"{m} round 1" if m not in KEEPS_MODEL else f"{m} replay" for m in METHODS}
 
     for method, (setup, server_round, reply_path) in aarch64_run["checks"].items():
         reply = load_message(reply_path)

@@ -14,7 +14,7 @@ import pytest
 
 from bench import report
 from bench.run import DEFAULT, QUICK, effective, learning_rates, main, plan_runs, read_json, run_overrides
-from common.config import METHOD_DEFAULTS, ZERO_ORDER
+from common.methods import METHOD_DEFAULTS, ZERO_ORDER
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

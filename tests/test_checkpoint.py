@@ -21,16 +21,16 @@ import torch
 from safetensors.numpy import save as st_save
 
 from common.config import ConfigError, parse_run_config
+from common.methods import METHODS
 from common.nodestore import STATE_DIR_ENV
 from common.records import RunRecorder
 from server_app import checkpoint
-from server_app.app import SETUPS, resume, run
+from server_app.app import build_setup, resume, run
 from tests.fakes import InProcessGrid
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
 NODES = {101: 0, 102: 1, 103: 2}  # node id -> partition id
-METHODS = ["fedkrso", "fedavg", "fedspzo", "fedkseed", "fedtt", "fedtt-plus", "fedavg-lora"]
 
 
 @pytest.fixture(scope="module")
@@ -80,14 +80,14 @@ def read_jsonl(path):
 def server_model(method, tiny_bert, glue_dir, tmp_path, records):
     """The global model of a run's last checkpoint, rebuilt as a resumed run rebuilds it."""
     cfg = make_cfg(method, tiny_bert, glue_dir, tmp_path, **{"run-name": "inspect"})
-    setup = SETUPS[method](cfg, RunRecorder(str(tmp_path / "inspect"), method, cfg.to_flat()))
+    setup = build_setup(cfg, RunRecorder(str(tmp_path / "inspect"), method, cfg.to_flat()))
     resume(setup, checkpoint.read(records), run_id=0)
     return {n: t.detach().clone() for n, t in setup.model.state_dict().items()}
 
 
 def server_model_initial(method, tiny_bert, glue_dir, tmp_path):
     cfg = make_cfg(method, tiny_bert, glue_dir, tmp_path, **{"run-name": "initial"})
-    setup = SETUPS[method](cfg, RunRecorder(str(tmp_path / "inspect"), "initial", cfg.to_flat()))
+    setup = build_setup(cfg, RunRecorder(str(tmp_path / "inspect"), "initial", cfg.to_flat()))
     return {n: t.detach().clone() for n, t in setup.model.state_dict().items()}
 
 
@@ -144,7 +144,7 @@ def test_fedavg_reads_a_checkpoint_from_before_its_seeded_sampling(tiny_bert, gl
     """A FedAvg checkpoint written before its strategy had a sampling RNG (state {}) still resumes, saying that
     sampling starts again from the seed; a state key FedAvg does not know is refused."""
     cfg = make_cfg("fedavg", tiny_bert, glue_dir, tmp_path, **{"run-name": "old"})
-    setup = SETUPS["fedavg"](cfg, RunRecorder(cfg.results_dir, cfg.run_name, cfg.to_flat()))
+    setup = build_setup(cfg, RunRecorder(cfg.results_dir, cfg.run_name, cfg.to_flat()))
     fresh = setup.strategy._rng.getstate()
     setup.strategy.load_state_dict({}, {}, 2, True)
     assert setup.strategy._rng.getstate() == fresh
@@ -303,7 +303,7 @@ def test_node_rounds_are_kept_only_within_the_same_flower_run(saved_run, tiny_be
     assert state.strategy["node-round"]  # the nodes of round 2 hold round 1
     cfg = make_cfg("fedkseed", tiny_bert, glue_dir, tmp_path, **{"num-server-rounds": 3, "run-name": "n"})
     for same_run, expected in ((True, {int(n): r for n, r in state.strategy["node-round"].items()}), (False, {})):
-        setup = SETUPS["fedkseed"](cfg, RunRecorder(str(tmp_path / "n"), str(same_run), cfg.to_flat()))
+        setup = build_setup(cfg, RunRecorder(str(tmp_path / "n"), str(same_run), cfg.to_flat()))
         resume(setup, state, run_id=state.run_id if same_run else state.run_id + 1)
         assert setup.strategy.node_round == expected and len(setup.strategy.log) == 2
 
@@ -459,7 +459,7 @@ def test_every_methods_strategy_refuses_a_bad_rng_state_with_the_checkpoint_erro
     """For every method: its own state (as written at round 0) with the sampling RNG broken among honest fields,
     and FedTT+'s scores naming a core the model does not have; the error names the file."""
     cfg = make_cfg(method, tiny_bert, glue_dir, tmp_path, **{"run-name": "bad"})
-    setup = SETUPS[method](cfg, RunRecorder(cfg.results_dir, cfg.run_name, cfg.to_flat()))
+    setup = build_setup(cfg, RunRecorder(cfg.results_dir, cfg.run_name, cfg.to_flat()))
     tensors, state = setup.strategy.state_dict()
     tensors = {k: checkpoint._numpy(v) for k, v in tensors.items()}  # as read back from the file
     edits = [("rng", [3, [0] * 624 + [625], None])]
@@ -468,4 +468,4 @@ def test_every_methods_strategy_refuses_a_bad_rng_state_with_the_checkpoint_erro
     for key, value in edits:
         saved = checkpoint.ServerState(0, cfg.to_flat(), tensors, {**state, key: value}, {}, path="/x/ckpt")
         with pytest.raises(checkpoint.CheckpointError, match=f"resume-from: '/x/ckpt': .*'{key}' is not"):
-            resume(SETUPS[method](cfg, RunRecorder(str(tmp_path / key), method, cfg.to_flat())), saved, 0)
+            resume(build_setup(cfg, RunRecorder(str(tmp_path / key), method, cfg.to_flat())), saved, 0)

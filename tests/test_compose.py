@@ -169,14 +169,14 @@ def _server_tensors(fleet, records, server_round):
     from common.config import parse_run_config
     from common.records import RunRecorder
     from server_app import checkpoint
-    from server_app.app import SETUPS, resume
+    from server_app.app import build_setup, resume
 
     saved = checkpoint.read(os.path.join(records, f"checkpoint-round-{server_round}.safetensors"))
     assert saved.round == server_round
     host = {k: v.replace("/app/data/glue", fleet.env["GLUE_DIR"], 1) if isinstance(v, str) else v
             for k, v in saved.config.items()}  # fmt: skip
     cfg = parse_run_config({**host, "results-dir": os.path.join(fleet.workdir, "rebuilt"), "run-name": "x"})
-    setup = SETUPS[cfg.method](cfg, RunRecorder(cfg.results_dir, cfg.run_name, cfg.to_flat()))
+    setup = build_setup(cfg, RunRecorder(cfg.results_dir, cfg.run_name, cfg.to_flat()))
     resume(setup, saved, run_id=-1)
     return setup.strategy.global_tensors()
 

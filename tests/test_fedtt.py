@@ -256,11 +256,11 @@ def test_malformed_core_replies_are_rejected_and_the_round_goes_on(tiny_bert, gl
 def test_fedavg_lora_round_and_bytes_against_fedtt(tiny_bert, tiny_llama, glue_dir, tmp_path):
     from common.lora import client as lc
     from common.lora.model import build as build_lora
-    from server_app.app import SETUPS
+    from server_app.app import build_setup
 
     cfg = make_cfg(tiny_bert, glue_dir, tmp_path, method="fedavg-lora")
     rec = RunRecorder(cfg.results_dir, "lora", cfg.to_flat())
-    setup = SETUPS["fedavg-lora"](cfg, rec)
+    setup = build_setup(cfg, rec)
     net, params = build_lora(cfg)
     assert {n.split(".")[-3] for n in params if "lora_" in n} == {"lora_A", "lora_B"}
     assert any("classifier" in n for n in params) and len(params) == 2 * 2 * 2 + 2  # 2 layers x q,v x A,B + head

@@ -17,12 +17,14 @@ import subprocess
 
 import pytest
 
+from common.methods import known
+
 pytestmark = [pytest.mark.system, pytest.mark.e2e, pytest.mark.fleet]
 
 # FedSPZO and FedTT+ run on a real Docker engine (tests/test_compose.py), as do the faults: a SuperNode killed
 # mid-round that trains the next round and replays the round it missed to the server's model (FedKRSO), and the
 # SuperLink killed and the run continued with resume-from (FedTT+).
-PLAIN = ["fedkrso", "fedavg", "fedkseed", "fedtt", "fedavg-lora"]
+PLAIN = [*known("fedkrso", "fedavg", "fedkseed", "fedtt", "fedavg-lora")]
 
 
 def _missing() -> str:

@@ -1,6 +1,6 @@
 """Hostile replies (issue 10, server side): one hostile node among honest ones, through the real strategies.
 
-Every method's server runs as in a deployment (common SETUPS, the strategy's configure_train and
+Every method's server runs as in a deployment (its registered setup, the strategy's configure_train and
 aggregate_train); the honest nodes are the real client code on the tiny models of conftest.py; the hostile
 node 103 starts from its own honest reply and breaks one thing in it. A run "without the attacker" is the
 same run in which node 103 never answers. Stated distances: a rejected reply leaves the global model
@@ -10,7 +10,6 @@ EXACTLY (bit for bit) where the run without the attacker puts it.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import io
 import json
 import math
@@ -24,13 +23,13 @@ from numpy.lib import format as npy
 
 from bench.robust import attack as bench_attack
 from bench.robust import references
-from client_app.app import CLIENTS
 from common import robust
 from common.config import parse_run_config
+from common.methods import METHODS, get_method
 from common.nodestore import STATE_DIR_ENV
 from common.records import RunRecorder
 from common.wire import WireError, decode_array
-from server_app.app import SETUPS
+from server_app.app import build_setup
 from tests.fakes import NodeList, client_reply
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -38,16 +37,6 @@ pytestmark = pytest.mark.usefixtures("task_identity")
 HONEST = {101: 0, 102: 1}
 HOSTILE = 103
 NODES = {**HONEST, HOSTILE: 2}
-METHODS = ["fedkrso", "fedspzo", "fedkseed", "fedtt", "fedtt-plus", "fedavg", "fedavg-lora"]
-MAIN_RECORD = {  # the record holding each method's update
-    "fedkrso": "accumulators",
-    "fedspzo": "scalars",
-    "fedkseed": "scalars",
-    "fedtt": "cores",
-    "fedtt-plus": "cores",
-    "fedavg": "arrays",
-    "fedavg-lora": "arrays",
-}
 
 
 def make_cfg(method, model, glue_dir, tmp_path, name, **extra):
@@ -73,9 +62,9 @@ class Run:
         self.nodes = nodes or NODES  # node id -> partition id
         self.cfg = make_cfg(method, model, glue_dir, tmp_path, f"{method}-{self.run_id}", **extra)
         self.recorder = RunRecorder(self.cfg.results_dir, self.cfg.run_name, self.cfg.to_flat())
-        self.setup = SETUPS[method](self.cfg, self.recorder)
+        self.setup = build_setup(self.cfg, self.recorder)
         self.arrays = self.setup.initial
-        self.client = importlib.import_module(CLIENTS[method]).train
+        self.client = get_method(method).load_client().train
 
     def instructions(self, rnd):
         msgs = self.setup.strategy.configure_train(rnd, self.arrays, ConfigRecord(), NodeList(self.nodes))
@@ -158,13 +147,13 @@ def test_decode_array_refuses_metadata_and_storage_lies_and_bounds():
 
 
 def _first_float_array(content: RecordDict, method: str) -> str:
-    rec = content[MAIN_RECORD[method]]
+    rec = content[get_method(method).reply_record]
     return next(k for k in rec if rec[k].dtype == "float32" and math.prod(rec[k].shape) > 1)
 
 
 def _attack_malformed(kind):
     def attack(content, method):
-        rec = content[MAIN_RECORD[method]]
+        rec = content[get_method(method).reply_record]
         key = _first_float_array(content, method)
         rec[key] = _with_data(rec[key], MALFORMED[kind](rec[key]))
         return content
@@ -187,19 +176,19 @@ def _attack_alias(content, method):  # "01/n" next to "1/n": one would silently 
 
 
 def _attack_other_stype(content, method):
-    rec = content[MAIN_RECORD[method]]
+    rec = content[get_method(method).reply_record]
     key = _first_float_array(content, method)
     rec[key] = _with_data(rec[key], rec[key].data, stype="torch.Tensor")
     return content
 
 
 def _attack_oversize(content, method):  # one more array, larger than anything the method sends
-    content[MAIN_RECORD[method]]["padding"] = Array(np.zeros(2_000_000, np.float32))
+    content[get_method(method).reply_record]["padding"] = Array(np.zeros(2_000_000, np.float32))
     return content
 
 
 def _attack_renamed_record(content, method):
-    content["renamed"] = content.pop(MAIN_RECORD[method])
+    content["renamed"] = content.pop(get_method(method).reply_record)
     return content
 
 
@@ -209,7 +198,7 @@ def _attack_list_metric(content, method):
 
 
 def _attack_absurd(content, method):  # finite, representable in float32, and absurd
-    rec = content[MAIN_RECORD[method]]
+    rec = content[get_method(method).reply_record]
     key = _first_float_array(content, method)
     rec[key] = Array(np.full(tuple(rec[key].shape), 1e30, np.float32))
     return content
@@ -382,7 +371,7 @@ def _scaled(factor):
     reply that drags the model far away under the mean."""
 
     def attack(content, method):
-        for rec_name in (MAIN_RECORD[method], "head"):
+        for rec_name in (get_method(method).reply_record, "head"):
             if rec_name not in content:
                 continue
             rec = content[rec_name]

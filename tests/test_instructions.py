@@ -1,6 +1,6 @@
 """Hostile instructions (issue 10, client side): one node of three gets a damaged or forged instruction.
 
-Every method's server runs as in a deployment (test_hostile.Run: SETUPS, configure_train, aggregate_train) and
+Every method's server runs as in a deployment (test_hostile.Run: its setup, configure_train, aggregate_train) and
 every node is the real client code; the node under attack (103) is reached through the real ClientApp
 (client_app.app.app, as the SuperNode calls it). For each thing a client must refuse (common.wire,
 "Instructions"): the ClientApp answers an error reply with code INSTRUCTION_REFUSED and a reason, does not
@@ -20,22 +20,12 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 from client_app.app import app as client_app
+from common.methods import KEEPS_MODEL, get_method, known
 from common.nodestore import STATE_DIR_ENV, NodeStore, state_dir
 from common.wire import INSTRUCTION_REFUSED, VALUE_BOUND, WireError, check_lr, zo_scalar_bound
 from tests.test_hostile import HONEST, HOSTILE, METHODS, NODES, Run
 
 pytestmark = pytest.mark.usefixtures("task_identity")
-
-LOG_METHODS = ("fedkrso", "fedspzo", "fedkseed")  # the methods whose nodes keep the global model on disk
-VALUES = {  # the record of an instruction holding its model-like numbers or update-log scalars
-    "fedkrso": "log",
-    "fedspzo": "log",
-    "fedkseed": "log",
-    "fedtt": "cores",
-    "fedtt-plus": "cores",
-    "fedavg": "arrays",
-    "fedavg-lora": "arrays",
-}
 
 
 @pytest.fixture(autouse=True)
@@ -49,10 +39,11 @@ def copied(content: RecordDict) -> RecordDict:
 
 
 def _set_float(record: str, value: float, key_pattern: str = "", dtype: str = "float32"):
-    """Set the first number of the first `dtype` array whose key matches in `record` (default: VALUES[method])."""
+    """Set the first number of the first `dtype` array whose key matches in `record` (default: the method's
+    instruction_record)."""
 
     def attack(content, method):
-        rec = content[record or VALUES[method]]
+        rec = content[record or get_method(method).instruction_record]
         key = next(k for k in rec if re.search(key_pattern, k) and rec[k].dtype == dtype)
         arr = rec[key].numpy().copy()
         arr.reshape(-1)[0] = value
@@ -121,6 +112,7 @@ EXTRA = {
     "fedtt": {**PAST_BOUND, "head 1e30": (_set_float("head", 1e30), "above the bound")},
     "fedtt-plus": {**PAST_BOUND, "masks not a list of ints": (_set_config("masks", "all"), "masks")},
 }
+known(*EXTRA)  # a renamed method fails here rather than silently losing its attacks
 
 
 def through_client_app(run: Run, msg: Message) -> Message:
@@ -159,7 +151,7 @@ def test_a_node_refuses_untrustworthy_instructions_without_touching_its_state(me
         msgs = run.instructions(rnd)
         assert run.aggregate(rnd, [run.reply(msgs[n]) for n in NODES])["clients"] == 3
     msgs = run.instructions(3)  # node 103 holds round 1 and gets the log entry of round 2
-    path = store_of(run)[0].path if method in LOG_METHODS else None
+    path = store_of(run)[0].path if method in KEEPS_MODEL else None
     before = Path(path).read_bytes() if path else None
     refusal = None
     for name, (attack, reason) in {**ATTACKS, **EXTRA.get(method, {})}.items():
