@@ -2,8 +2,9 @@
 
 Runs each method for a few rounds in this process (the ServerApp's own `run`, every client message served
 by the method's real client code, as tests/test_checkpoint.py does), then reports the checkpoint's size after
-those rounds, its growth per round, the time to write it (fsync included) and the time a resumed run takes to
-read, check and rebuild the global model from it:
+those rounds, the bytes the server state took to write in round 1 and in the last round (the checkpoint plus,
+for the log methods, that round's update-log segment), the size of the update log, the time to write the
+checkpoint (fsync included) and the time a resumed run takes to read, check and rebuild the global model:
 
     python scripts/checkpoint_cost.py --rounds 3 [--methods fedkrso,fedavg] [--model PATH]
 
@@ -43,8 +44,25 @@ def measure(method: str, rounds: int, model: str, data_dir: str, work: str) -> d
         }
     )  # fmt: skip
     path = os.path.join(work, method, checkpoint.FILENAME)
-    run(InProcessGrid(cfg, 1, {1: 0, 2: 1}), cfg, 1)
+    per_round, current = [], 0
+    real = checkpoint.replace_file
+
+    def counted(target: str, data: bytes) -> None:  # every write of the server state, grouped by round
+        nonlocal current
+        current += len(data)
+        if os.path.basename(target) == checkpoint.FILENAME:
+            per_round.append(current)
+            current = 0
+        real(target, data)
+
+    checkpoint.replace_file = counted
+    try:
+        run(InProcessGrid(cfg, 1, {1: 0, 2: 1}), cfg, 1)
+    finally:
+        checkpoint.replace_file = real
     state = checkpoint.read(path)
+    log = checkpoint.log_dir(path)
+    log_bytes = sum(os.path.getsize(os.path.join(log, n)) for n in os.listdir(log)) if os.path.isdir(log) else 0
     start = time.perf_counter()
     checkpoint.write(os.path.join(work, f"{method}-copy.safetensors"), state)
     write_s = time.perf_counter() - start
@@ -52,7 +70,13 @@ def measure(method: str, rounds: int, model: str, data_dir: str, work: str) -> d
     start = time.perf_counter()
     resume(setup, checkpoint.read(path), run_id=2)
     resume_s = time.perf_counter() - start
-    return {"bytes": os.path.getsize(path), "write_s": write_s, "resume_s": resume_s}
+    return {
+        "bytes": os.path.getsize(path),
+        "per_round": per_round,
+        "log_bytes": log_bytes,
+        "write_s": write_s,
+        "resume_s": resume_s,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,14 +95,19 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="checkpoint-cost-") as work:
         for method in args.methods.split(","):
-            one = measure(method, 1, args.model, os.path.abspath(args.data_dir), os.path.join(work, "r1"))
-            more = measure(method, args.rounds, args.model, os.path.abspath(args.data_dir), os.path.join(work, "rn"))
-            growth = (more["bytes"] - one["bytes"]) / max(1, args.rounds - 1)
-            rows.append((method, more["bytes"], growth, more["write_s"], more["resume_s"]))
-    print(f"| method | checkpoint after {args.rounds} rounds | growth per round | write (fsync) | read + rebuild |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for method, size, growth, write_s, resume_s in rows:
-        print(f"| {method} | {size / 1024:,.1f} KB | {growth / 1024:,.1f} KB | {write_s:.3f} s | {resume_s:.2f} s |")
+            rows.append((method, measure(method, args.rounds, args.model, os.path.abspath(args.data_dir), work)))
+    n = args.rounds
+    print(
+        f"| method | checkpoint after {n} rounds | written in round 1 | written in round {n} | update log | "
+        "write (fsync) | read + rebuild |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for method, m in rows:
+        print(
+            f"| {method} | {m['bytes'] / 1024:,.1f} KB | {m['per_round'][0] / 1024:,.1f} KB | "
+            f"{m['per_round'][-1] / 1024:,.1f} KB | {m['log_bytes'] / 1024:,.1f} KB | {m['write_s']:.3f} s | "
+            f"{m['resume_s']:.2f} s |"
+        )
     return 0
 
 

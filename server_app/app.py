@@ -41,7 +41,10 @@ def resume(setup: ServerSetup, saved: checkpoint.ServerState, run_id: int) -> Ar
     Whatever does not fit raises the CheckpointError that names the file; the strategies check their fields
     (checkpoint.strategy_field), and anything they miss is caught here rather than surfacing as a KeyError."""
     try:
-        setup.strategy.load_state_dict(saved.tensors, saved.strategy, saved.round, same_run=saved.run_id == run_id)
+        same_run = saved.run_id == run_id
+        setup.strategy.load_state_dict(
+            saved.tensors, saved.strategy, saved.round, same_run=same_run, segments=saved.log
+        )
         initial = checkpoint.carried_arrays(saved, setup.initial)
     except checkpoint.CheckpointError as exc:
         raise checkpoint.CheckpointError(f"resume-from: '{saved.path}': {exc}") from exc

@@ -1,31 +1,62 @@
 """The server's checkpoint: everything a run needs to continue after its last completed round.
 
 Written by the ServerApp after every completed round to `<results-dir>/<run-name>/checkpoint.safetensors`
-and read back by a run whose `resume-from` names that file (or its folder). One file, so that one rename
-replaces it whole.
+and read back by a run whose `resume-from` names that file (or its folder). The checkpoint holds only what
+is small and is replaced whole each round (one rename); the update log of FedKRSO, FedSPZO and FedKSeed,
+which grows by one entry a round, lives beside it in an append-only log of one segment file per round, each
+written once, so that a round writes about its own entry however long the run has been going.
 
-Format (version 1): a safetensors file (numbers only: never a pickle, nothing executed on load).
+Format (version 2): a safetensors file (numbers only: never a pickle, nothing executed on load).
   tensors   "arrays/<name>"   the ArrayRecord Strategy.start carries from round to round: the global model
                               of FedAvg and FedAvg-LoRA (every parameter they train); nothing for the others
             "<strategy key>"  the method's own tensors (its strategy's `state_dict()`):
-                              FedKRSO, FedSPZO, FedKSeed: the method's instruction for round T+1 carrying the
-                                whole update log, in its wire format (common/<method>/wire.py), each record's
-                                arrays under "<record>/<key>" (FedKRSO: "log/...", "head/..."); read back with
-                                the wire's own checked unpacking and replayed from the pretrained model
+                              FedKRSO, FedSPZO, FedKSeed: the records of the method's instruction for round
+                                T+1 other than its "log" (FedKRSO: "head/<name>"; the others: none), in its
+                                wire format (common/<method>/wire.py), each record's arrays under
+                                "<record>/<key>"; the log itself is in the segments below
                               FedTT, FedTT+: "cores/<adapter>.<down|up>.<core>" and "head/<name>", float32
   metadata  "format"   "fedsubspace-server-checkpoint"
-            "version"  "1"
+            "version"  "2"
             "state"    JSON: {"round": T (the last completed round), "flower-run-id": the run that wrote it,
                               "config": the run config as flat run-config keys,
                               "strategy": the strategy's JSON state (RNG state of client sampling, node_round
-                                map, FedTT+ scores, the model digest of log methods, the ConfigRecords of an
-                                instruction), "records": {"rounds": rounds.jsonl rows 0..T, "<name>": the rows
-                                of <name>.jsonl beside it}}
+                                map, FedTT+ scores, the model digest of log methods, and for them "log-head":
+                                the SHA-256 of segment T, which binds the checkpoint to exactly the log 1..T),
+                              "records": {"rounds": rounds.jsonl rows 0..T, "<name>": the rows of
+                                <name>.jsonl beside it}}
             "sha256"   hex SHA-256 over the format name, the version, the "state" text and every tensor
                        (name, dtype, shape, bytes) in name order
+
+Update-log segments (log methods only): `<records>/log/round-<t, 6 digits>.safetensors` for t = 1..T, one per
+round, each a safetensors file holding the method's instruction for round t+1 to a node that holds round t-1,
+in the wire format, less the records the checkpoint holds:
+  tensors   "log/<key>"  the instruction's "log" record: round t's entry only
+  metadata  "format"     "fedsubspace-update-log-segment"
+            "version"    "1"
+            "round"      t
+            "configs"    JSON: the instruction's ConfigRecords ({record: {key: value}}; server-round t+1,
+                         log-first t)
+            "previous"   hex SHA-256 of segment t-1 (64 zeros for t = 1)
+            "sha256"     hex SHA-256 over the format name, the version, the round, "previous", the "configs"
+                         text and every tensor (name, dtype, shape, bytes) in name order
+Each segment's digest covers the previous one's, so the digests form a chain whose head (segment T's) the
+checkpoint holds. A round writes its segment first (common.files.replace_file), then the checkpoint: a crash
+in between leaves a segment T+1 that no checkpoint names; it is ignored and written again by the next
+round T+1. Resuming reads segments 1..T in order, checks each, and replays each as the instruction it is
+(the method's checked unpacking), so the model is rebuilt exactly as from a version-1 checkpoint. A run
+resumed into another records folder writes the whole log into its own folder with its first checkpoint,
+the same segments with the same digests (packing is deterministic; a digest covers the tensors in name
+order), so the new folder can be resumed from alone.
+
+Version 1 (still read): the same file with the whole update log inside it, as the instruction for round
+T+1 carrying rounds 1..T ("log/..." tensors beside "head/...") and its ConfigRecords in the strategy state
+under "instruction"; no segments. A run resumed from it continues in version 2, writing the segments.
+
 Reading refuses, with a CheckpointError that names the file and says what is wrong: a missing file,
 anything that is not a complete safetensors file (torn), another format or version, a checksum that does
-not match (a flipped byte, an edited round), and, checksum or not, any field of the wrong type or range
+not match (a flipped byte, an edited round); for a segment also one that is missing, holds another round
+than its name says (renamed or reordered), does not follow the previous segment's digest, or (segment T)
+is not the one the checkpoint names as the log's head; and, checksum or not, any field of the wrong type or range
 (records that do not run 0..T or cannot be summarized, a config that is not run-config keys; each strategy's
 own fields, e.g. its RNG state, through strategy_field when it loads them). Whether the run config allows resuming from it is
 checked by common.config.check_resume.
@@ -61,9 +92,16 @@ from common.files import replace_file
 from common.records import CHECKPOINT, row_problem
 
 FORMAT = "fedsubspace-server-checkpoint"
-VERSION = 1
+VERSION = 2
+READS = (1, 2)  # the versions `read` accepts
 FILENAME = CHECKPOINT
 ARRAYS = "arrays/"  # prefix of the ArrayRecord that Strategy.start carries
+SEGMENT_FORMAT = "fedsubspace-update-log-segment"
+SEGMENT_VERSION = 1
+LOG_DIR = "log"  # the segments' folder, beside the checkpoint
+LOG_RECORD = "log"  # the instruction record a segment holds (the same name in every log method's wire)
+LOG_HEAD = "log-head"  # the strategy state key of the chain head
+GENESIS = "0" * 64  # what segment 1 follows
 
 
 class CheckpointError(ConfigError):
@@ -80,6 +118,18 @@ class ServerState:
     arrays: dict[str, np.ndarray] = field(default_factory=dict)  # Strategy.start's ArrayRecord
     run_id: int = 0  # the Flower run that wrote it
     path: str = ""  # the file it was read from (named in every error about it)
+    log: list[Segment] | None = None  # segments 1..T, read and checked (version 2 of a log method)
+
+
+@dataclass
+class Segment:
+    """One round's entry of the update log: the instruction records it holds, checked whole."""
+
+    round: int
+    tensors: dict[str, np.ndarray]  # "log/<key>"
+    configs: dict[str, dict[str, Any]]  # the instruction's ConfigRecords
+    digest: str  # its SHA-256, which the next segment names as "previous"
+    path: str = ""
 
 
 def checkpoint_path(path: str) -> str:
@@ -87,9 +137,9 @@ def checkpoint_path(path: str) -> str:
     return os.path.join(path, FILENAME) if os.path.isdir(path) else path
 
 
-def _digest(state_text: str, tensors: Mapping[str, np.ndarray]) -> str:
+def _digest(state_text: str, tensors: Mapping[str, np.ndarray], version: int = VERSION, head: str = "") -> str:
     h = hashlib.sha256()
-    h.update(f"{FORMAT}\0{VERSION}\0".encode())
+    h.update(head.encode() if head else f"{FORMAT}\0{version}\0".encode())
     h.update(state_text.encode())
     for name in sorted(tensors):
         t = np.ascontiguousarray(tensors[name])
@@ -121,9 +171,119 @@ def write(path: str, state: ServerState) -> None:
         },
         allow_nan=True,
     )
-    meta = {"format": FORMAT, "version": str(VERSION), "state": text, "sha256": _digest(text, tensors)}
+    meta = {"format": FORMAT, "version": str(VERSION), "state": text, "sha256": _digest(text, tensors, VERSION)}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     replace_file(path, st_save(tensors, metadata=meta))
+
+
+def log_dir(checkpoint_file: str) -> str:
+    """The folder of the update-log segments beside a checkpoint file."""
+    return os.path.join(os.path.dirname(os.path.abspath(checkpoint_file)), LOG_DIR)
+
+
+def segment_path(folder: str, t: int) -> str:
+    return os.path.join(folder, f"round-{t:06d}.safetensors")
+
+
+def _segment_digest(t: int, previous: str, configs_text: str, tensors: Mapping[str, np.ndarray]) -> str:
+    head = f"{SEGMENT_FORMAT}\0{SEGMENT_VERSION}\0{t}\0{previous}\0"
+    return _digest(configs_text, tensors, head=head)
+
+
+def write_segment(folder: str, t: int, tensors: Mapping[str, Any], configs: Mapping[str, Any], previous: str) -> str:
+    """Write round t's segment (atomically, common.files.replace_file), following the segment of digest
+    `previous`; returns its digest. `tensors` are the "log/<key>" arrays of the method's instruction."""
+    arrays = {k: _numpy(v) for k, v in tensors.items()}
+    stray = [k for k in arrays if not k.startswith(LOG_RECORD + "/")]
+    if stray:
+        raise ValueError(f"a segment holds only the '{LOG_RECORD}' record, not {stray[:3]}")
+    text = json.dumps(configs)
+    digest = _segment_digest(t, previous, text, arrays)
+    meta = {
+        "format": SEGMENT_FORMAT,
+        "version": str(SEGMENT_VERSION),
+        "round": str(t),
+        "configs": text,
+        "previous": previous,
+        "sha256": digest,
+    }
+    os.makedirs(folder, exist_ok=True)
+    replace_file(segment_path(folder, t), st_save(arrays, metadata=meta))
+    return digest
+
+
+def _safetensors(path: str, what: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The tensors and metadata of a safetensors file; CheckpointError if it is torn or not one."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        tensors = st_load(data)
+        header_len = int.from_bytes(data[:8], "little")
+        meta = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
+    except Exception as exc:  # safetensors refuses anything short, overlong or malformed
+        raise CheckpointError(f"resume-from: '{path}' is torn or not {what} ({exc})") from exc
+    return tensors, meta
+
+
+def _json(path: str, text: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise CheckpointError(f"resume-from: '{path}' has {what} that is not JSON ({exc})") from exc
+
+
+def read_segments(checkpoint_file: str, done: int, head: str) -> list[Segment]:
+    """Segments 1..`done` beside `checkpoint_file`, each checked and chained, the last one's digest `head`.
+
+    Segments after `done` (written by a round whose checkpoint never followed) are not read."""
+    folder = log_dir(checkpoint_file)
+    segments: list[Segment] = []
+    previous = GENESIS
+    for t in range(1, done + 1):
+        path = segment_path(folder, t)
+        if not os.path.isfile(path):
+            raise CheckpointError(
+                f"resume-from: '{path}' is missing: the update log beside '{checkpoint_file}' must hold every "
+                f"round 1..{done}; copy the run's '{LOG_DIR}' folder with its checkpoint"
+            )
+        tensors, meta = _safetensors(path, "an update-log segment")
+        if meta.get("format") != SEGMENT_FORMAT or meta.get("version") != str(SEGMENT_VERSION):
+            raise CheckpointError(
+                f"resume-from: '{path}' is not an update-log segment of version {SEGMENT_VERSION} "
+                f"(format {meta.get('format')!r}, version {meta.get('version')!r})"
+            )
+        text = meta.get("configs", "")
+        digest = _segment_digest(t, meta.get("previous", ""), text, tensors)
+        if meta.get("round") != str(t):
+            raise CheckpointError(
+                f"resume-from: '{path}' holds round {str(meta.get('round'))[:20]!r}, not round {t}: "
+                "segments were renamed or reordered"
+            )
+        if meta.get("sha256") != digest:
+            raise CheckpointError(
+                f"resume-from: '{path}' fails its SHA-256 check: the segment was altered or damaged after it "
+                "was written; resume from another copy or start a fresh run"
+            )
+        if meta.get("previous") != previous:
+            raise CheckpointError(
+                f"resume-from: '{path}' does not follow the segment of round {t - 1} (its digest chain is "
+                "broken): a segment was replaced by one of another run or another order"
+            )
+        configs = _json(path, text, "a 'configs' field")
+        stray = [k for k in tensors if not k.startswith(LOG_RECORD + "/")]
+        if not is_configs(configs) or stray:
+            raise CheckpointError(
+                f"resume-from: '{path}' holds other records than an instruction's log and configs "
+                f"({stray[:3] or str(configs)[:60]})"
+            )
+        segments.append(Segment(t, tensors, configs, digest, path))
+        previous = digest
+    if previous != head:
+        raise CheckpointError(
+            f"resume-from: the update log in '{folder}' ends with digest {previous[:16]}..., but '{checkpoint_file}' "
+            f"was written after the log ending {head[:16]}...: the segments are not the ones of this checkpoint"
+        )
+    return segments
 
 
 def read(resume_from: str) -> ServerState:
@@ -135,38 +295,34 @@ def read(resume_from: str) -> ServerState:
             f"resume-from: {where}; point it at a run's checkpoint file or its records folder "
             f"(<results-dir>/<run-name>/{FILENAME}, written after each completed round)"
         )
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        tensors = st_load(data)
-        header_len = int.from_bytes(data[:8], "little")
-        meta = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
-    except Exception as exc:  # safetensors refuses anything short, overlong or malformed
-        raise CheckpointError(f"resume-from: '{path}' is torn or not a checkpoint ({exc})") from exc
+    tensors, meta = _safetensors(path, "a checkpoint")
     if meta.get("format") != FORMAT:
         raise CheckpointError(
             f"resume-from: '{path}' is not a fedsubspace server checkpoint (format {meta.get('format')!r})"
         )
-    if meta.get("version") != str(VERSION):
+    version = next((v for v in READS if meta.get("version") == str(v)), None)
+    if version is None:
         raise CheckpointError(
-            f"resume-from: '{path}' has checkpoint format version {meta.get('version')!r}; this code reads version "
-            f"{VERSION}: resume it with the code that wrote it"
+            f"resume-from: '{path}' has checkpoint format version {meta.get('version')!r}; this code reads versions "
+            f"{', '.join(map(str, READS))}: resume it with the code that wrote it"
         )
     text = meta.get("state", "")
-    if meta.get("sha256") != _digest(text, tensors):
+    if meta.get("sha256") != _digest(text, tensors, version):
         raise CheckpointError(
             f"resume-from: '{path}' fails its SHA-256 check: the file was altered or damaged after it was written; "
             "resume from another copy or start a fresh run"
         )
     # The checksum proves the file is what its writer wrote, not that the writer wrote sense (a checksum can be
     # recomputed after an edit): every field is checked by type and range before anything uses it.
-    try:
-        state = json.loads(text)
-    except ValueError as exc:
-        raise CheckpointError(f"resume-from: '{path}' has a state that is not JSON ({exc})") from exc
+    state = _json(path, text, "a state")
     problem = _state_problem(state)
+    if not problem and version > 1 and LOG_HEAD in state["strategy"] and not is_sha256(state["strategy"][LOG_HEAD]):
+        problem = f"has a strategy state whose '{LOG_HEAD}' is not a SHA-256 digest"
     if problem:
         raise CheckpointError(f"resume-from: '{path}' {problem}; resume from another copy or start a fresh run")
+    segments = None
+    if version > 1 and LOG_HEAD in state["strategy"]:
+        segments = read_segments(path, state["round"], state["strategy"][LOG_HEAD])
     return ServerState(
         round=state["round"],
         config=state["config"],
@@ -176,6 +332,7 @@ def read(resume_from: str) -> ServerState:
         arrays={k.removeprefix(ARRAYS): v for k, v in tensors.items() if k.startswith(ARRAYS)},
         run_id=state["flower-run-id"],
         path=path,
+        log=segments,
     )
 
 
@@ -230,6 +387,10 @@ def is_configs(value: Any) -> bool:
         )
         for rec in value.values()
     )
+
+
+def is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 def is_digest(value: Any) -> bool:
@@ -387,6 +548,9 @@ def describe(state: ServerState) -> str:
     sizes = {
         "the method's tensors": sum(t.nbytes for t in state.tensors.values()),
         "global arrays": sum(t.nbytes for t in state.arrays.values()),
+        f"update log in {len(state.log or ())} chained segments": sum(
+            t.nbytes for s in state.log or () for t in s.tensors.values()
+        ),
     }
     held = ", ".join(f"{n / 2**20:.2f} MB {what}" for what, n in sizes.items() if n) or "no tensors"
     return (

@@ -150,7 +150,9 @@ class FedTT(Strategy):
         scores = None if self.scores is None else [[i, m, j, v] for (i, m, j), v in self.scores.items()]
         return tensors, {"scores": scores, "rng": checkpoint.rng_state(self._rng)}
 
-    def load_state_dict(self, tensors, state: dict, done: int, same_run: bool) -> None:
+    def load_state_dict(self, tensors, state: dict, done: int, same_run: bool, segments=None) -> None:
+        if segments:
+            raise checkpoint.CheckpointError("the checkpoint holds an update log, which FedTT does not have")
         shapes = {f"cores/{i}.{m}.{j}": s for (i, m, j), s in self.shapes.items()}
         shapes.update({f"head/{n}": s for n, s in self.tm.head_shapes.items()})
         values = checkpoint.checked_tensors(tensors, shapes)

@@ -6,6 +6,7 @@ Both stay thin: the mathematics is in common.fedkrso.subspace, the wire format i
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -179,6 +180,10 @@ class LogStrategy(Strategy):
         self.node_round: dict[int, int] = {}  # global round each node is known to hold (absent: 0)
         self._rng = random.Random(cfg.seed)
         self._sent: list[Message] = []  # this round's instructions: the replies it may accept
+        # The update log on disk (server_app/checkpoint.py, "Update-log segments"): rounds 1.._written are in
+        # _log_dir, the last one's digest is _log_head.
+        self._log_dir = os.path.join(recorder.dir, checkpoint.LOG_DIR)
+        self._written, self._log_head = 0, checkpoint.GENESIS
 
     def instruction(self, server_round: int, missed: list) -> RecordDict:
         raise NotImplementedError
@@ -212,36 +217,63 @@ class LogStrategy(Strategy):
         """The tensors of the global model the method changes."""
         raise NotImplementedError
 
+    def segment(self, t: int) -> tuple[dict[str, np.ndarray], dict]:
+        """Round t's entry as its update-log segment: the "log" record and the ConfigRecords of the instruction
+        for round t+1 to a node that holds round t-1 (the records the checkpoint holds left out)."""
+        tensors, configs = checkpoint.records_to_state(self.instruction(t + 1, self.log[t - 1 : t]))
+        return {k: v for k, v in tensors.items() if k.startswith(checkpoint.LOG_RECORD + "/")}, configs
+
     def state_dict(self) -> tuple[dict[str, np.ndarray], dict]:
-        """The whole update log (as the instruction of the next round, in the method's wire format), the
-        node_round map, the sampling RNG and a digest of the global model (server_app/checkpoint.py)."""
-        tensors, configs = checkpoint.records_to_state(self.instruction(len(self.log) + 1, self.log))
+        """Appends the log entries not yet on disk to the update log beside the checkpoint (one segment each,
+        written once: normally only the last round's), and returns what the checkpoint holds: the records of
+        the next instruction other than its log (FedKRSO's head), the node_round map, the sampling RNG, a
+        digest of the global model and the log's chain head (server_app/checkpoint.py)."""
+        for t in range(self._written + 1, len(self.log) + 1):
+            tensors, configs = self.segment(t)
+            self._log_head = checkpoint.write_segment(self._log_dir, t, tensors, configs, self._log_head)
+            self._written = t
+        tensors, _ = checkpoint.records_to_state(self.instruction(len(self.log) + 1, []))
         return tensors, {
-            "instruction": configs,
+            checkpoint.LOG_HEAD: self._log_head,
             "node-round": {str(n): r for n, r in self.node_round.items()},
             "rng": checkpoint.rng_state(self._rng),
             "digest": checkpoint.model_digest(self.global_tensors()),
         }
 
-    def load_state_dict(self, tensors, state: dict, done: int, same_run: bool) -> None:
-        """Rebuild the global model of round `done` by replaying the log. Nodes keep their copy per Flower run
-        (common.nodestore.state_dir), so under a new run the node_round map starts empty: every node gets the
-        whole log with its first instruction and catches up, instead of answering sync-only first."""
+    def load_state_dict(
+        self, tensors, state: dict, done: int, same_run: bool, segments: list[checkpoint.Segment] | None = None
+    ) -> None:
+        """Rebuild the global model of round `done` by replaying the log: the checkpoint's `segments`
+        (checked and chained by checkpoint.read) one instruction at a time, or a version-1 checkpoint's single
+        instruction carrying the whole log. Nodes keep their copy per Flower run (common.nodestore.state_dir),
+        so under a new run the node_round map starts empty: every node gets the whole log with its first
+        instruction and catches up, instead of answering sync-only first."""
         if self.log:
             raise RuntimeError("load_state_dict needs a freshly built strategy")
         checkpoint.set_rng_state(self._rng, state)  # every field is checked before the log is replayed
         field = checkpoint.strategy_field
-        instruction = field(state, "instruction", checkpoint.is_configs, "the ConfigRecords of an instruction")
         digest = field(state, "digest", checkpoint.is_digest, "a model digest ({tensor: [sum, sum of squares]})")
         node_round = field(state, "node-round", checkpoint.is_node_rounds, "a map of node ids to rounds")
+        if "instruction" in state:  # version 1
+            instruction = field(state, "instruction", checkpoint.is_configs, "the ConfigRecords of an instruction")
+            contents = [checkpoint.state_to_records(tensors, instruction)]
+        else:
+            field(state, checkpoint.LOG_HEAD, checkpoint.is_sha256, "the SHA-256 of the update log's last segment")
+            stray = [k for k in tensors if k.startswith(checkpoint.LOG_RECORD + "/")]
+            if stray:
+                raise checkpoint.CheckpointError(f"the checkpoint holds log tensors beside its segments: {stray[:3]}")
+            contents = [checkpoint.state_to_records({**s.tensors, **tensors}, s.configs) for s in segments or ()]
         try:
-            entries = self.restore(checkpoint.state_to_records(tensors, instruction))
+            entries = [e for content in contents for e in self.restore(content)]
         except WireError as exc:
             raise checkpoint.CheckpointError(f"the checkpoint's update log does not fit this run: {exc}") from exc
         if [e.round for e in entries] != list(range(1, done + 1)):
             raise checkpoint.CheckpointError(f"the checkpoint's update log does not hold rounds 1..{done}")
         checkpoint.check_model_digest(digest, self.global_tensors())
         self.log = entries
+        if segments and os.path.realpath(os.path.dirname(segments[-1].path)) == os.path.realpath(self._log_dir):
+            self._written, self._log_head = done, segments[-1].digest  # resumed in place: segments 1..done are there
+        # otherwise the next state_dict writes segments 1..done into this run's folder, the same digests again
         self.node_round = {int(n): r for n, r in node_round.items()} if same_run else {}
 
     def configure_train(
@@ -557,8 +589,8 @@ class RecordedFedAvg(FedAvg):
         """The sampling RNG; the global arrays are Strategy.start's, which the checkpoint keeps beside."""
         return {}, {"rng": checkpoint.rng_state(self._rng)}
 
-    def load_state_dict(self, tensors, state: dict, done: int, same_run: bool) -> None:
-        if tensors or set(state) - {"rng"}:
+    def load_state_dict(self, tensors, state: dict, done: int, same_run: bool, segments=None) -> None:
+        if tensors or set(state) - {"rng"} or segments:
             raise checkpoint.CheckpointError("the checkpoint holds a strategy state FedAvg does not have")
         if "rng" in state:
             checkpoint.set_rng_state(self._rng, state)

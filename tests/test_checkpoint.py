@@ -166,13 +166,23 @@ def saved_run(tiny_bert, glue_dir, tmp_path_factory):
     finally:
         del os.environ[STATE_DIR_ENV]
     with open(os.path.join(records, checkpoint.FILENAME), "rb") as f:
-        return tmp, f.read()
+        data = f.read()
+    SEGMENTS.update({n: Path(records, checkpoint.LOG_DIR, n).read_bytes() for n in os.listdir(Path(records, "log"))})
+    return tmp, data
 
 
-def copy_to(tmp_path, data: bytes) -> str:
+SEGMENTS: dict[str, bytes] = {}  # saved_run's update-log segments, copied with its checkpoint
+
+
+def copy_to(tmp_path, data: bytes, segments: dict[str, bytes] | None = None) -> str:
+    """The checkpoint `data` in a fresh folder, with saved_run's update log (or `segments`) beside it."""
     path = tmp_path / "copy" / checkpoint.FILENAME
     path.parent.mkdir(exist_ok=True)
     path.write_bytes(data)
+    shutil.rmtree(path.parent / checkpoint.LOG_DIR, ignore_errors=True)
+    (path.parent / checkpoint.LOG_DIR).mkdir()
+    for name, segment in (SEGMENTS if segments is None else segments).items():
+        (path.parent / checkpoint.LOG_DIR / name).write_bytes(segment)
     return str(path)
 
 
@@ -226,8 +236,9 @@ def test_truncated_checkpoint_is_refused(saved_run, tmp_path):
 def test_every_flipped_byte_is_refused(saved_run, tmp_path):
     _, data = saved_run
     header_end = 8 + int.from_bytes(data[:8], "little")
-    positions = sorted(
+    positions = sorted(  # a log method's checkpoint may hold no tensors: then the header is the whole file
         {9, 40, header_end // 2, header_end - 3, header_end + 3, (header_end + len(data)) // 2, len(data) - 1}
+        & set(range(len(data)))
     )
     for pos in positions:
         bad = bytearray(data)
@@ -251,8 +262,8 @@ def test_edited_round_number_is_refused(saved_run, tmp_path):
 @pytest.mark.integration
 def test_other_format_version_is_refused(saved_run, tmp_path):
     _, data = saved_run
-    with pytest.raises(checkpoint.CheckpointError, match="format version '2'; this code reads version 1"):
-        checkpoint.read(copy_to(tmp_path, rewritten(data, lambda m: m.update(version="2"))))
+    with pytest.raises(checkpoint.CheckpointError, match="format version '3'; this code reads versions 1, 2"):
+        checkpoint.read(copy_to(tmp_path, rewritten(data, lambda m: m.update(version="3"))))
     with pytest.raises(checkpoint.CheckpointError, match="not a fedsubspace server checkpoint"):
         checkpoint.read(copy_to(tmp_path, rewritten(data, lambda m: m.update(format="other"))))
 
@@ -288,7 +299,7 @@ def test_log_that_does_not_rebuild_the_model_is_refused(saved_run, tiny_bert, gl
     state = checkpoint.read(copy_to(tmp_path, data))
     name = next(iter(state.strategy["digest"]))
     state.strategy["digest"][name][0] += 1.0
-    path = str(tmp_path / "digest" / checkpoint.FILENAME)
+    path = copy_to(tmp_path, b"")
     checkpoint.write(path, state)
     cfg = make_cfg("fedkseed", tiny_bert, glue_dir, tmp_path, **{"num-server-rounds": 3, "resume-from": path})
     with pytest.raises(checkpoint.CheckpointError, match="does not give the model it was written from"):
@@ -313,8 +324,9 @@ def test_crash_between_write_and_rename_leaves_the_previous_checkpoint(saved_run
     _, data = saved_run
     path = copy_to(tmp_path, data)
     state = checkpoint.read(path)
+    strategy = {k: v for k, v in state.strategy.items() if k != checkpoint.LOG_HEAD}  # no log: the file alone
     later = checkpoint.ServerState(
-        3, state.config, state.tensors, state.strategy, {"rounds": [*state.records["rounds"], row(3)]}
+        3, state.config, state.tensors, strategy, {"rounds": [*state.records["rounds"], row(3)]}
     )
 
     def crash(src, dst):
@@ -413,6 +425,7 @@ STATE_EDITS = {  # name: (edit, what the error says)
     "a row without its count": (lambda s: s["records"]["rounds"][1].pop("clients"), "clients = None, not a count"),
     "seconds a string": (lambda s: s["records"]["rounds"][2].update(seconds="1"), "not a number"),
     "extra record of ints": (lambda s: s["records"].update(other=[1]), "other record"),
+    "log head not a digest": (lambda s: s["strategy"].update({"log-head": 5}), "'log-head' is not a SHA-256"),
 }
 
 
@@ -436,7 +449,7 @@ STRATEGY_EDITS = {  # edits of a FedKSeed checkpoint's strategy state, refused w
     "rng position 999": (lambda s: s["strategy"]["rng"][1].__setitem__(624, 999), "'rng' is not"),
     "no rng": (lambda s: s["strategy"].pop("rng"), "lacks 'rng'"),
     "node-round of strings": (lambda s: s["strategy"].update({"node-round": {"x": "1"}}), "'node-round' is not"),
-    "instruction a list": (lambda s: s["strategy"].update(instruction=[1]), "'instruction' is not"),
+    "instruction a list (version 1)": (lambda s: s["strategy"].update(instruction=[1]), "'instruction' is not"),
 }
 
 
@@ -469,3 +482,171 @@ def test_every_methods_strategy_refuses_a_bad_rng_state_with_the_checkpoint_erro
         saved = checkpoint.ServerState(0, cfg.to_flat(), tensors, {**state, key: value}, {}, path="/x/ckpt")
         with pytest.raises(checkpoint.CheckpointError, match=f"resume-from: '/x/ckpt': .*'{key}' is not"):
             resume(build_setup(cfg, RunRecorder(str(tmp_path / key), method, cfg.to_flat())), saved, 0)
+
+
+# --- the update log beside the checkpoint -----------------------------------------------------------------
+
+LOG_METHODS = ["fedkrso", "fedspzo", "fedkseed"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("method", LOG_METHODS)
+def test_bytes_written_per_round_do_not_grow_with_the_round(method, tiny_bert, glue_dir, tmp_path, monkeypatch):
+    """Each round writes its own segment and the small checkpoint, never the log so far: round 10 writes
+    about what round 1 wrote (the records rows in the checkpoint are the only part that grows)."""
+    monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path / "nodes"))
+    writes: list[tuple[str, int]] = []
+    real = checkpoint.replace_file
+
+    def counted(path, data):
+        writes.append((os.path.basename(path), len(data)))
+        real(path, data)
+
+    monkeypatch.setattr(checkpoint, "replace_file", counted)
+    records, _ = run_to(method, tiny_bert, glue_dir, tmp_path, 1, 10, "long")
+    per_round, segments, current = [], [], 0
+    for name, n in writes:
+        current += n
+        if name == checkpoint.FILENAME:
+            per_round.append(current)
+            current = 0
+        else:
+            segments.append(n)
+    assert len(per_round) == len(segments) == 10  # one segment and one checkpoint a round, each written once
+    assert max(segments) <= 2 * min(segments)  # a segment is one round's entry (FedKSeed's may be sparse)
+    assert per_round[9] <= 2 * per_round[0], per_round
+    assert sorted(os.listdir(os.path.join(records, checkpoint.LOG_DIR))) == [
+        f"round-{t:06d}.safetensors" for t in range(1, 11)
+    ]
+    assert checkpoint.read(records).round == 10 and len(checkpoint.read(records).log) == 10
+
+
+def segment_name(t: int) -> str:
+    return f"round-{t:06d}.safetensors"
+
+
+@pytest.mark.integration
+def test_a_damaged_segment_is_refused_naming_it(saved_run, tmp_path):
+    _, data = saved_run
+    for t in (1, 2):
+        seg = SEGMENTS[segment_name(t)]
+        header_end = 8 + int.from_bytes(seg[:8], "little")
+        for pos in (40, header_end - 3, len(seg) - 1):  # metadata, tensor header, numbers
+            bad = bytearray(seg)
+            bad[pos] ^= 0x01
+            path = copy_to(tmp_path, data, {**SEGMENTS, segment_name(t): bytes(bad)})
+            with pytest.raises(
+                checkpoint.CheckpointError, match=f"'.*/log/{segment_name(t)}' .*(SHA-256|torn|round|not an)"
+            ):
+                checkpoint.read(path)
+        path = copy_to(tmp_path, data, {**SEGMENTS, segment_name(t): seg[: len(seg) // 2]})
+        with pytest.raises(checkpoint.CheckpointError, match=f"{segment_name(t)}' is torn"):
+            checkpoint.read(path)
+
+
+@pytest.mark.integration
+def test_a_missing_segment_is_refused_naming_it(saved_run, tmp_path):
+    _, data = saved_run
+    for t in (1, 2):
+        path = copy_to(tmp_path, data, {n: s for n, s in SEGMENTS.items() if n != segment_name(t)})
+        with pytest.raises(checkpoint.CheckpointError, match=f"{segment_name(t)}' is missing"):
+            checkpoint.read(path)
+
+
+@pytest.mark.integration
+def test_reordered_segments_are_refused(saved_run, tmp_path):
+    _, data = saved_run
+    one, two = SEGMENTS[segment_name(1)], SEGMENTS[segment_name(2)]
+    path = copy_to(tmp_path, data, {segment_name(1): two, segment_name(2): one})
+    with pytest.raises(checkpoint.CheckpointError, match=f"{segment_name(1)}' holds round '2', not round 1"):
+        checkpoint.read(path)
+
+
+@pytest.mark.integration
+def test_a_segment_from_another_log_is_refused_by_the_chain(saved_run, tmp_path):
+    """Segments re-signed as someone who knows the format would: a round-2 entry that does not follow this
+    log's round 1 breaks the chain; a whole log that is not the one the checkpoint names breaks its head."""
+    from safetensors.numpy import load
+
+    _, data = saved_run
+
+    def forged(t, previous, scale=2.0):
+        seg = SEGMENTS[segment_name(t)]
+        meta = json.loads(seg[8 : 8 + int.from_bytes(seg[:8], "little")])["__metadata__"]
+        tensors = {k: (v * scale if v.dtype == np.float32 else v) for k, v in load(seg).items()}
+        configs = json.loads(meta["configs"])
+        return checkpoint.write_segment(str(tmp_path / "forge"), t, tensors, configs, previous)
+
+    forged(2, "1" * 64)
+    path = copy_to(tmp_path, data, {**SEGMENTS, segment_name(2): (tmp_path / "forge" / segment_name(2)).read_bytes()})
+    with pytest.raises(checkpoint.CheckpointError, match=f"{segment_name(2)}' does not follow the segment of round 1"):
+        checkpoint.read(path)
+    head = forged(2, forged(1, checkpoint.GENESIS))
+    forged_log = {n: (tmp_path / "forge" / n).read_bytes() for n in (segment_name(1), segment_name(2))}
+    assert head != checkpoint.read(copy_to(tmp_path, data)).strategy[checkpoint.LOG_HEAD]
+    with pytest.raises(checkpoint.CheckpointError, match="are not the ones of this checkpoint"):
+        checkpoint.read(copy_to(tmp_path, data, forged_log))
+
+
+@pytest.mark.integration
+def test_a_segment_after_the_checkpoints_round_is_ignored_and_written_again(
+    saved_run, tiny_bert, glue_dir, tmp_path, monkeypatch
+):
+    """A crash between writing round 3's segment and its checkpoint: the checkpoint says round 2, the stray
+    segment 3 is not read, and the resumed run's round 3 replaces it."""
+    _, data = saved_run
+    path = copy_to(tmp_path, data, {**SEGMENTS, segment_name(3): b"half a segment"})
+    assert checkpoint.read(path).round == 2
+    records = os.path.dirname(path)
+    cfg = make_cfg(
+        "fedkseed", tiny_bert, glue_dir, tmp_path,
+        **{"num-server-rounds": 3, "results-dir": os.path.dirname(records), "run-name": "copy", "resume-from": records},
+    )  # fmt: skip
+    monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path / "nodes"))
+    run(InProcessGrid(cfg, 2, NODES), cfg, 2)
+    state = checkpoint.read(records)
+    assert state.round == 3 and [s.round for s in state.log] == [1, 2, 3]
+    for t in (1, 2):  # resumed in place: the segments it had are not written again
+        assert Path(records, checkpoint.LOG_DIR, segment_name(t)).read_bytes() == SEGMENTS[segment_name(t)]
+
+
+def as_version_1(records, method, tiny_bert, glue_dir, tmp_path, monkeypatch) -> str:
+    """The checkpoint at `records` as version 1 wrote it: the whole log inside, as the instruction of round T+1
+    carrying rounds 1..T with its ConfigRecords under "instruction"; no segments."""
+    state = checkpoint.read(records)
+    cfg = make_cfg(method, tiny_bert, glue_dir, tmp_path, **{"run-name": "rebuild"})
+    setup = build_setup(cfg, RunRecorder(str(tmp_path / "rebuild"), method, cfg.to_flat()))
+    resume(setup, state, run_id=state.run_id)
+    s = setup.strategy
+    tensors, configs = checkpoint.records_to_state(s.instruction(len(s.log) + 1, s.log))
+    strategy = {k: v for k, v in state.strategy.items() if k != checkpoint.LOG_HEAD}
+    strategy["instruction"] = configs
+    path = str(tmp_path / "version-1" / checkpoint.FILENAME)
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint, "VERSION", 1)
+        checkpoint.write(
+            path,
+            checkpoint.ServerState(state.round, state.config, tensors, strategy, state.records, run_id=state.run_id),
+        )
+    return path
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("method", ["fedkrso", "fedspzo"])
+def test_a_version_1_checkpoint_still_resumes_exactly(method, tiny_bert, glue_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path / "nodes"))
+    full, _ = run_to(method, tiny_bert, glue_dir, tmp_path, 1, 3, "full")
+    part, _ = run_to(method, tiny_bert, glue_dir, tmp_path, 2, 2, "part")
+    old = as_version_1(part, method, tiny_bert, glue_dir, tmp_path, monkeypatch)
+    data = Path(old).read_bytes()
+    assert json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])["__metadata__"]["version"] == "1"
+    assert not os.path.exists(os.path.join(os.path.dirname(old), checkpoint.LOG_DIR))
+    assert checkpoint.read(old).log is None
+    resumed, _ = run_to(method, tiny_bert, glue_dir, tmp_path, 3, 3, "resumed", **{"resume-from": old})
+    a = server_model(method, tiny_bert, glue_dir, tmp_path, full)
+    b = server_model(method, tiny_bert, glue_dir, tmp_path, resumed)  # version 2, with its own segments 1..3
+    for name, t in a.items():
+        torch.testing.assert_close(b[name], t, rtol=0, atol=1e-6, msg=name)
+    assert [s.round for s in checkpoint.read(resumed).log] == [1, 2, 3]
+    written, held = checkpoint.read(resumed).log, checkpoint.read(part).log
+    assert [s.digest for s in written[:2]] == [s.digest for s in held]  # the log it held, written again in its folder
