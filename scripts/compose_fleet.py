@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -42,7 +41,16 @@ from collections.abc import Mapping, Sequence
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from scripts.fleet import BIN, Fleet, FleetError, flwr_env  # noqa: E402
+from scripts.fleet import (  # noqa: E402
+    BIN,
+    Fleet,
+    FleetError,
+    flwr_env,
+    registered_ids,
+    superlink_answers,
+    supernode_statuses,
+    write_cli_config,
+)
 
 NODES = 3
 
@@ -107,10 +115,7 @@ class ComposeFleet:
         return res
 
     def write_cli_config(self) -> None:
-        os.makedirs(self.home, exist_ok=True)
-        ca = os.path.join(self.app, "deploy", "certs", "ca.crt")
-        with open(os.path.join(self.home, "config.toml"), "w") as f:
-            f.write(f'[superlink.fleet]\naddress = "127.0.0.1:{self.port}"\nroot-certificates = "{ca}"\n')
+        write_cli_config(self.home, f"127.0.0.1:{self.port}", os.path.join(self.app, "deploy", "certs", "ca.crt"))
 
     def cli_env(self) -> dict[str, str]:
         return flwr_env(self.home)
@@ -126,10 +131,8 @@ class ComposeFleet:
         keys = [os.path.join("deploy", "keys", f"supernode-{i}.pub") for i in range(1, NODES + 1)]
         out = self.sh("deploy/register-keys.sh", "fleet", *keys, env={**self.cli_env(), **self._path_env()}).stdout
         self.timings["register keys"] = time.monotonic() - t0
-        self.node_ids = {}
-        for name, node_id in zip([f"supernode-{i}" for i in range(1, NODES + 1)],
-                                 re.findall(r"SuperNode (\d+) registered", out), strict=True):  # fmt: skip
-            self.node_ids[name] = int(node_id)
+        names = [f"supernode-{i}" for i in range(1, NODES + 1)]
+        self.node_ids = dict(zip(names, registered_ids(out, NODES), strict=True))
         self.timed("up supernodes", "docker", "compose", "up", "-d")
         t0 = time.monotonic()
         self.wait_online(list(self.node_ids), 180)
@@ -168,23 +171,15 @@ class ComposeFleet:
     def wait_superlink(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            res = self.flwr("ls", "fleet", "--format", "json")
-            try:
-                if json.loads(res.stdout).get("success") is not False:
-                    return
-            except json.JSONDecodeError:
-                pass
+            if superlink_answers(self.flwr("ls", "fleet", "--format", "json")):
+                return
             time.sleep(1)
         raise FleetError(
             f"the SuperLink did not answer within {timeout:.0f} s: {self.compose('logs', 'superlink', check=False).stdout[-2000:]}"
         )
 
     def node_statuses(self) -> dict[str, str]:
-        res = self.flwr("supernode", "list", "fleet", "--format", "json")
-        try:
-            nodes = {int(n["node-id"]): n["status"] for n in json.loads(res.stdout)["nodes"]}
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise FleetError(f"flwr supernode list: {res.stdout[-500:]} {res.stderr[-500:]}") from exc
+        nodes = supernode_statuses(self.flwr("supernode", "list", "fleet", "--format", "json"))
         return {name: nodes.get(i, "absent") for name, i in self.node_ids.items()}
 
     def wait_online(self, names: Sequence[str], timeout: float) -> None:

@@ -274,6 +274,40 @@ def flwr_env(home: str, extra: Mapping[str, str] | None = None) -> dict[str, str
     return env
 
 
+# The flwr CLI as both fleets (namespaces here, Docker in scripts/compose_fleet.py) drive it.
+
+
+def write_cli_config(home: str, address: str, ca: str | None) -> None:
+    """FLWR_HOME/config.toml naming the SuperLink "fleet" at `address`, trusting `ca` (None: insecure)."""
+    os.makedirs(home, exist_ok=True)
+    tls = f'root-certificates = "{ca}"' if ca else "insecure = true"
+    with open(os.path.join(home, "config.toml"), "w") as f:
+        f.write(f'[superlink]\ndefault = "fleet"\n\n[superlink.fleet]\naddress = "{address}"\n{tls}\n')
+
+
+def superlink_answers(res: subprocess.CompletedProcess) -> bool:
+    """Whether `flwr ls fleet --format json` reached the SuperLink (`flwr ls` exits 0 when it is unreachable)."""
+    with contextlib.suppress(json.JSONDecodeError, AttributeError):
+        return json.loads(res.stdout).get("success") is not False
+    return False
+
+
+def registered_ids(out: str, expected: int) -> list[int]:
+    """The node ids deploy/register-keys.sh printed, one per key, in the order of the keys."""
+    ids = [int(i) for i in re.findall(r"SuperNode (\d+) registered", out)]
+    if len(ids) != expected:
+        raise FleetError(f"expected {expected} registrations, the SuperLink answered: {out[-1500:]}")
+    return ids
+
+
+def supernode_statuses(res: subprocess.CompletedProcess) -> dict[int, str]:
+    """Node id -> status (online, offline, registered...) from `flwr supernode list fleet --format json`."""
+    try:
+        return {int(n["node-id"]): n["status"] for n in json.loads(res.stdout)["nodes"]}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise FleetError(f"flwr supernode list: {res.stdout[-500:]} {res.stderr[-500:]}") from exc
+
+
 @dataclass
 class Edge:
     """Run one pod like an edge device: pinned to `cpus` (taskset) in a memory cgroup limited to `memory_mb`."""
@@ -425,12 +459,9 @@ class Fleet:
         self.write_cli_config()
 
     def write_cli_config(self) -> None:
-        os.makedirs(self.home, exist_ok=True)
-        tls = "insecure = true" if self.insecure else f'root-certificates = "{os.path.join(self.certs, "ca.crt")}"'
-        with open(os.path.join(self.home, "config.toml"), "w") as f:
-            f.write(
-                f'[superlink]\ndefault = "fleet"\n\n[superlink.fleet]\naddress = "{self.superlink_address()}"\n{tls}\n'
-            )
+        write_cli_config(
+            self.home, self.superlink_address(), None if self.insecure else os.path.join(self.certs, "ca.crt")
+        )
 
     def register(self, public_keys: Sequence[str] | None = None) -> None:
         """`flwr supernode register` every SuperNode's public key (deploy/register-keys.sh); remembers the node
@@ -439,19 +470,13 @@ class Fleet:
         out = sh_env(
             ["bash", os.path.join(ROOT, "deploy", "register-keys.sh"), "fleet", *keys], self.cli_env(), cwd=ROOT
         )
-        ids = [int(i) for i in re.findall(r"SuperNode (\d+) registered", out)]
-        if len(ids) != len(keys):
-            raise FleetError(f"expected {len(keys)} registrations, the SuperLink answered: {out[-1500:]}")
+        ids = registered_ids(out, len(keys))
         self.node_ids.update({os.path.basename(k).removesuffix(".pub"): i for k, i in zip(keys, ids, strict=True)})
 
     def node_status(self, name: str) -> str:
         """The SuperLink's status of a SuperNode (online, offline, registered...) from `flwr supernode list`."""
-        res = self.flwr("supernode", "list", "fleet", "--format", "json")
-        try:
-            nodes = json.loads(res.stdout)["nodes"]
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise FleetError(f"flwr supernode list: {res.stdout[-500:]} {res.stderr[-500:]}") from exc
-        return next((n["status"] for n in nodes if int(n["node-id"]) == self.node_ids[name]), "absent")
+        statuses = supernode_statuses(self.flwr("supernode", "list", "fleet", "--format", "json"))
+        return statuses.get(self.node_ids[name], "absent")
 
     def wait_offline(self, pod: str, timeout: float = 120) -> float:
         """Wait until the SuperLink counts a killed SuperNode pod's node offline; returns the wait (s).
@@ -574,11 +599,8 @@ class Fleet:
     def wait_superlink(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            res = subprocess.run([os.path.join(BIN, "flwr"), "ls", "fleet", "--format", "json"], env=self.cli_env(),
-                                 cwd=self.home, capture_output=True, text=True)  # fmt: skip
-            with contextlib.suppress(json.JSONDecodeError):
-                if json.loads(res.stdout).get("success") is not False:  # `flwr ls` exits 0 when unreachable
-                    return
+            if superlink_answers(self.flwr("ls", "fleet", "--format", "json")):
+                return
             proc = self.procs.get(self.superlink.name)
             if proc is not None and proc.poll() is not None:
                 raise FleetError(f"the SuperLink exited with {proc.returncode}: {self.tail(self.superlink.name)}")
