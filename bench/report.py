@@ -147,7 +147,7 @@ class Claims:
 
 
 def key(s: Settings, task: str, method: str, alpha: float | None = None, seed: int | None = None) -> str:
-    return Run(task, s.alpha if alpha is None else alpha, s.seed if seed is None else seed, method).name
+    return Run(task, s.alpha if alpha is None else alpha, s.seeds[0] if seed is None else seed, method).name
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -257,7 +257,7 @@ def claims(s: Settings, runs: dict, probes: dict) -> Claims:
             )
     for task in [t for t in s.zo_tasks if t in s.tasks]:
         compute_claims(
-            c, task, *(runs.get(Run(task, s.alpha, s.seed, m, compute=True).name) for m in ("fedspzo", "fedkseed"))
+            c, task, *(runs.get(Run(task, s.alpha, s.seeds[0], m, compute=True).name) for m in ("fedspzo", "fedkseed"))
         )
     inf = probes.get(f"inference-{s.tasks[0]}")
     for m in ("fedspzo", "fedkseed"):
@@ -464,7 +464,7 @@ def write_report(records: str, page: str) -> str:
         "",
         f"The work, the same for every method: the model {'all-MiniLM-L6-v2 (embedded)' if not s.model else s.model}; "
         f"{s.clients} simulated clients through `flwr run` (all of them every round, {min(s.clients, cores)} "
-        f"client processes at a time, one thread each); Dirichlet alpha {s.alpha:g} over labels, seed {s.seed} "
+        f"client processes at a time, one thread each); Dirichlet alpha {s.alpha:g} over labels, seeds {s.seeds} "
         f"(the same partitions and batches for all); {s.rounds} round(s) of {s.local_steps} local steps "
         f"of batch {s.batch_size}, max length {s.max_length}; accuracy on the "
         f"{'whole dev split' if not s.eval_max else f'first {s.eval_max} examples of the dev split'}, evaluated by the "
@@ -554,7 +554,7 @@ def mean_size(values: list) -> str:
 def compute_section(s: Settings, runs: dict, folder: str, prefix: str) -> list[str]:
     lines = []
     for task in [t for t in s.zo_tasks if t in s.tasks]:
-        names = [Run(task, s.alpha, s.seed, m, compute=True).name for m in ("fedspzo", "fedkseed")]
+        names = [Run(task, s.alpha, s.seeds[0], m, compute=True).name for m in ("fedspzo", "fedkseed")]
         lines += [
             f"## Compute to reach an accuracy: FedSPZO and FedKSeed on {task_name(task)}, {s.zo_rounds} rounds",
             "",
@@ -609,8 +609,8 @@ def probe_section(s: Settings, probes: dict) -> list[str]:
 
 def extras_section(s: Settings, runs: dict, probes: dict) -> list[str]:
     tt, lo = (
-        runs.get(Run("sst2", s.alpha, s.seed, "fedtt", True).name),
-        runs.get(Run("sst2", s.alpha, s.seed, "fedavg-lora", True).name),
+        runs.get(Run("sst2", s.alpha, s.seeds[0], "fedtt", True).name),
+        runs.get(Run("sst2", s.alpha, s.seeds[0], "fedavg-lora", True).name),
     )
     if not s.extras or not (tt and lo):
         return []
