@@ -166,10 +166,15 @@ def test_the_page_renders_from_partial_records_with_means_over_the_seeds_present
     row = summary_row(page, "FedKRSO vs FedAvg, SST-2: final accuracy")
     # per-seed differences 0 and -1 points: mean -0.50, 0.50 above the aim, inside their spread (0.71)
     assert "78.50 ± 2.12 vs 79.00 ± 1.41 (-0.50 points in the mean, per-seed difference SD 0.71)" in row
-    assert "2 seeds (0, 1) of 3 planned" in row and "within noise, 0.50 points to spare against a seed spread of 0.71" in row
+    assert (
+        "2 seeds (0, 1) of 3 planned" in row
+        and "within noise, 0.50 points to spare against a seed spread of 0.71" in row
+    )
     row = summary_row(page, "FedKRSO vs FedAvg-LoRA, SST-2: final accuracy")
     assert "80.00 vs 70.00 (+10.00 points), 1 seed (0) of 3 planned | above FedAvg-LoRA (mean) | met, 10.00" in row
-    assert summary_row(page, "FedKRSO vs FedTT, SST-2: final accuracy").endswith("| not run yet | above FedTT (mean) | not run yet |\n")
+    assert summary_row(page, "FedKRSO vs FedTT, SST-2: final accuracy").endswith(
+        "| not run yet | above FedTT (mean) | not run yet |\n"
+    )
     assert summary_row(page, "FedTT+ vs FedTT, SST-2 at alpha 0.1: final accuracy").endswith("| not run yet |\n")
     assert "0.60x | <= 0.6x | met" in summary_row(
         page, "FedKRSO vs FedAvg, SST-2: client peak memory in the simulation worker (mean over seeds)"
