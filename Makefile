@@ -66,13 +66,16 @@ test-compose: install
 	  $(BIN)/python scripts/docker_engine.py down; rm -f .compose-env; exit $$status
 
 # The one benchmark (bench/run.py): the seven methods on the same work -> docs/results.md, records in
-# bench/records (finished runs are read, not run again). Run it alone on an idle machine.
+# bench/records (finished runs are read, not run again). Run it alone on an idle machine. The whole plan is
+# about 12 hours on 2 cores (36 runs; bench-estimate prints it per run from this machine's probes), so run it in
+# parts: BENCH_ARGS="--only 'sst2-a0.5-s0-*'" runs the matching runs only; commit each finished run's folder.
 bench: install
 	GLUE_DIR="$(GLUE_DIR)" $(BIN)/python bench/run.py $(BENCH_ARGS)
 
 bench-quick: install
 	GLUE_DIR="$(GLUE_DIR)" $(BIN)/python bench/run.py --quick $(BENCH_ARGS)
 
+# The probes only (a few minutes), then the estimated minutes of every planned run (of --only's, if given).
 bench-estimate: install
 	GLUE_DIR="$(GLUE_DIR)" $(BIN)/python bench/run.py --estimate $(BENCH_ARGS)
 

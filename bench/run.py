@@ -3,25 +3,28 @@
     .venv/bin/python bench/run.py             # the full benchmark (make bench) -> docs/results.md
     .venv/bin/python bench/run.py --estimate  # probes only, then the estimated time of the runs
     .venv/bin/python bench/run.py --quick     # toy sizes, minutes: checks the harness end to end
+    .venv/bin/python bench/run.py --list      # the plan's runs in order, nothing run
+    .venv/bin/python bench/run.py --only 'sst2-a0.5-s0-*'  # a part of the plan (the finished runs stay read)
     .venv/bin/python bench/report.py          # the page again from the records, nothing run
 
 What runs:
 1. Probes, each in a fresh process with one thread (as a simulation worker has): one real client round of
    every method (its own client `train()` on the round-1 message its own server strategy builds), FedKSeed
    once more with as many perturbations per step as FedSPZO, and plain inference of the same model over the
-   same batches (per task). Peak memory is the clients' own sampler (common.memory.PeakRSS) around the same
+   same batches (per task), and FedKRSO and FedAvg once more on every other task. Peak memory is the clients' own sampler (common.memory.PeakRSS) around the same
    window (model load, the node's data, the steps); seconds per local step are the client's training time.
-2. Federated runs through `flwr run .` (scripts/simulate.py): every method on every task with Dirichlet alpha
-   0.5 over labels, then FedTT and FedTT+ on SST-2 at alpha 0.1 over three seeds, then FedSPZO and FedKSeed
-   on SST-2 for Settings.zo_rounds rounds (compute to reach an accuracy). The same clients,
-   partitions, seeds, batch size, local steps and rounds for all; only each method's own learning rate
-   differs (train.lr = "auto": common/methods.py; the zero-order methods run their shipped zo.*
-   defaults).
+2. Federated runs through `flwr run .` (scripts/simulate.py), the most informative first (plan_runs): the
+   first-order methods on SST-2 with Dirichlet alpha 0.5 over labels, seed by seed; FedSPZO and FedKSeed on
+   SST-2 for Settings.zo_rounds rounds (compute to reach an accuracy); FedTT and FedTT+ on SST-2 at alpha 0.1,
+   seed by seed; the first-order methods on RTE. The same clients, partitions, seeds, batch size, local steps
+   and rounds for all runs of a table; only each method's own learning rate differs (train.lr = "auto":
+   common/methods.py; the zero-order methods run their shipped zo.* defaults).
 3. bench/report.py writes the page (summary table, per-run tables, plots) from the records.
 
-Records (`--records`, default bench/records, ignored by git: data, kept where the benchmark ran):
+Records (`--records`, default bench/records, committed but for the server checkpoints and stale/):
 plan.json (settings, invocations, machine), probes/<name>.json, runs/<name>/ (the run's rounds.jsonl,
-summary.json, method records, and bench.json: wall time and load average). A probe or run whose records
+summary.json, method records, and bench.json: wall time and load average). A run's folder is complete when its
+bench.json is written, right after the run: commit it then, while the others go on. A probe or run whose records
 hold the configuration the plan asks for is read, not run again; a run stopped part-way continues from its
 server checkpoint (resume-from); records of another configuration are moved to <records>/stale/, never
 deleted.
@@ -32,6 +35,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import fnmatch
 import functools
 import json
 import math
@@ -58,6 +62,7 @@ NAMES = {m: get_method(m).label for m in METHODS}  # as the papers write them
 # The sections that compare some methods only (each checked against the registry, so a rename fails here):
 COMPUTE_METHODS = known("fedspzo", "fedkseed")  # compute to reach an accuracy: FedSPZO's claim against FedKSeed
 SMOLLM_METHODS = known("fedtt", "fedavg-lora")  # the decoder path, through TT adapters and peft's LoRA
+MEMORY_METHODS = known("fedkrso", "fedavg")  # FedKRSO's client memory against FedAvg's, probed on every task
 
 
 def task_name(task: str) -> str:
@@ -76,40 +81,51 @@ SMOLLM = {  # the optional SmolLM2-135M (GGUF) section: one short round each, sh
 @dataclass(frozen=True)
 class Settings:
     clients: int = 10
-    rounds: int = 6
-    local_steps: int = 8  # sized so that the default plan fits 150 minutes on 2 cores (make bench-estimate)
+    # Issue 21's budget for the first-order claims: long enough for FedAvg to have converged. The whole plan
+    # takes about 12 hours on 2 cores (make bench-estimate); run it in parts with --only (docs/benchmark.md).
+    rounds: int = 10
+    local_steps: int = 20
     batch_size: int = 16
     max_length: int = 128
     tasks: tuple[str, ...] = ("sst2", "rte")
     alpha: float = 0.5
-    seed: int = 0
+    # The main table: the first-order methods at alpha 0.5, each seed a partition, initialisation and batches.
+    # FedTT+ is measured against FedTT at alpha 0.1 (below), FedSPZO and FedKSeed by the compute runs.
+    seeds: tuple[int, ...] = (0, 1, 2)
+    main_methods: tuple[str, ...] = known("fedkrso", "fedavg", "fedavg-lora", "fedtt")
     skew_task: str = "sst2"
     skew_alpha: float = 0.1
-    # Seed 1 cannot be drawn: Dirichlet 0.1 over SST-2's two labels leaves a client under 10 examples in all of
-    # flwr-datasets' attempts (common.data says so), every client fails; the three seeds are 0, 2 and 3.
-    skew_seeds: tuple[int, ...] = (0, 2, 3)
+    # Seeds 1, 6 and 8 cannot be drawn: Dirichlet 0.1 over SST-2's two labels leaves a client under 10 examples
+    # in all of flwr-datasets' attempts (common.data says so), every client fails; 0, 2, 3, 4, 5 can.
+    skew_seeds: tuple[int, ...] = (0, 2, 3, 4, 5)
     skew_methods: tuple[str, ...] = known("fedtt", "fedtt-plus")
     # Compute to reach an accuracy (FedSPZO's claim): FedSPZO and FedKSeed at their shipped defaults, which
-    # perturb the same parameters (zo.params), on the same clients, partitions and batches, long enough for
-    # both to pass round 0 + ZO_GAIN_TARGET; the report reads each one's client compute until it first does.
+    # perturb the same parameters (zo.params), on the same clients, partitions and batches (the first seed),
+    # long enough for both to pass round 0 + ZO_GAIN_TARGET; the report reads each one's client compute until
+    # it first does. Their own local steps: the claim is on cumulative compute, not on rounds, and 30 rounds of
+    # 20 zero-order steps would take about an hour a run.
     zo_tasks: tuple[str, ...] = ("sst2",)
     zo_rounds: int = 30
+    zo_local_steps: int = 8
     eval_max: int = 0  # 0 = the whole dev split
     model: str = ""  # "" = the embedded all-MiniLM-L6-v2
     extras: bool = False  # the SmolLM2-135M GGUF section and the TT contraction timing (make bench-extras)
 
 
 DEFAULT = Settings()
-QUICK = Settings(  # every part of the harness at toy size: 9 runs of about 35 s and 9 probes of about 12 s
+QUICK = Settings(  # every part of the harness at toy size, every method in the main table: minutes
     clients=2,
     rounds=1,
     local_steps=4,
     batch_size=8,
     max_length=64,
     tasks=("sst2",),
+    seeds=(0,),
+    main_methods=METHODS,
     skew_seeds=(0,),
     eval_max=48,
     zo_rounds=2,
+    zo_local_steps=4,
 )
 
 
@@ -134,13 +150,32 @@ class Run:
 
 
 def plan_runs(s: Settings) -> list[Run]:
-    runs = [Run(task, s.alpha, s.seed, m) for task in s.tasks for m in METHODS]
-    runs += [Run(s.skew_task, s.skew_alpha, seed, m) for seed in s.skew_seeds for m in s.skew_methods]
+    """Every run, the most informative first so that a benchmark stopped part-way already answers something: the
+    main table on the first task seed by seed, the compute runs, the alpha 0.1 runs seed by seed, then the main
+    table on the other tasks."""
+
+    def main_table(task: str) -> list[Run]:
+        return [Run(task, s.alpha, seed, m) for seed in s.seeds for m in s.main_methods]
+
+    runs = main_table(s.tasks[0])
     zo_tasks = [task for task in s.zo_tasks if task in s.tasks]
-    runs += [Run(task, s.alpha, s.seed, m, compute=True) for task in zo_tasks for m in COMPUTE_METHODS]
+    runs += [Run(task, s.alpha, s.seeds[0], m, compute=True) for task in zo_tasks for m in COMPUTE_METHODS]
+    runs += [Run(s.skew_task, s.skew_alpha, seed, m) for seed in s.skew_seeds for m in s.skew_methods]
+    runs += [run for task in s.tasks[1:] for run in main_table(task)]
     if s.extras:
-        runs += [Run("sst2", s.alpha, s.seed, m, smollm=True) for m in SMOLLM_METHODS]
+        runs += [Run("sst2", s.alpha, s.seeds[0], m, smollm=True) for m in SMOLLM_METHODS]
     return runs
+
+
+def select(runs: list[Run], only: str | None) -> list[Run]:
+    """The runs whose names match any of the comma-separated shell patterns (--only), in the plan's order."""
+    if not only:
+        return runs
+    patterns = [p.strip() for p in only.split(",") if p.strip()]
+    chosen = [run for run in runs if any(fnmatch.fnmatchcase(run.name, p) for p in patterns)]
+    if not chosen:
+        raise SystemExit(f"error: --only {only!r} matches none of the planned runs (python bench/run.py --list)")
+    return chosen
 
 
 def run_overrides(s: Settings, run: Run, records: str) -> dict:
@@ -152,7 +187,7 @@ def run_overrides(s: Settings, run: Run, records: str) -> dict:
         "results-dir": os.path.join(records, "runs"), "run-name": run.name,
     }  # fmt: skip
     if run.compute:
-        o["num-server-rounds"] = s.zo_rounds
+        o["num-server-rounds"], o["train.local-steps"] = s.zo_rounds, s.zo_local_steps
     if run.smollm:
         o.update(SMOLLM, model=smollm_path())
     return o
@@ -337,13 +372,18 @@ def in_child(kind: str, spec: dict, **env: str) -> dict:
 
 
 def probe_plan(s: Settings, records: str) -> dict[str, dict]:
-    """name -> {"kind", "config"}: every method's client round on the first task, FedKSeed at FedSPZO's number
-    of perturbations per step, and inference on every task."""
-    first = Run(s.tasks[0], s.alpha, s.seed, "fedspzo")
+    """name -> {"kind", "config"}: every method's client round on the first task, FedKRSO's and FedAvg's on the
+    other tasks too (`<method>-<task>`: the memory claim is on every task), FedKSeed at FedSPZO's number of
+    perturbations per step, and inference on every task."""
+    first = Run(s.tasks[0], s.alpha, s.seeds[0], "fedspzo")
     probes = {}
     for method in METHODS:
         cfg = effective(run_overrides(s, dataclasses.replace(first, method=method), records))
         probes[method] = {"kind": "client", "config": cfg}
+    for task in s.tasks[1:]:
+        for method in MEMORY_METHODS:
+            cfg = effective(run_overrides(s, dataclasses.replace(first, task=task, method=method), records))
+            probes[f"{method}-{task}"] = {"kind": "client", "config": cfg}
     spzo = probes["fedspzo"]["config"]
     probes["fedkseed-same-p"] = {
         "kind": "client",
@@ -421,11 +461,12 @@ def estimate_run(s: Settings, run: Run, probes: dict) -> float:
     base = probes[f"inference-{s.tasks[0]}"]["result"]["seconds_per_step"]
     here = probes.get(f"inference-{run.task}", probes[f"inference-{s.tasks[0]}"])["result"]["seconds_per_step"]
     step = SIMULATION_SLOWDOWN * probes[run.method]["result"]["seconds_per_step"] * here / base
+    local_steps = s.zo_local_steps if run.compute else s.local_steps
     dev = DEV_EXAMPLES.get(run.task, 1000)
     dev = min(dev, s.eval_max) if s.eval_max else dev
     evaluation = dev * here / s.batch_size
     rounds = (s.zo_rounds if run.compute else s.rounds) * (
-        math.ceil(s.clients / parallel) * s.local_steps * step + evaluation
+        math.ceil(s.clients / parallel) * local_steps * step + evaluation
     )
     return RUN_OVERHEAD_S + evaluation + rounds
 
@@ -569,7 +610,11 @@ def federated(s: Settings, records: str, probes: dict, runs: list[Run], jobs: in
         write_json(os.path.join(folder, "bench.json"), bench)
         progress.finish(run, seconds)
         acc = result["summary"]["final_accuracy"]
-        print(f"   {run.name} done in {seconds:.0f} s, final accuracy {100 * acc:.2f}%", flush=True)
+        print(
+            f"   {run.name} done in {seconds:.0f} s, final accuracy {100 * acc:.2f}%; its records are complete, "
+            f"commit them now: git add {os.path.relpath(folder, ROOT)}",
+            flush=True,
+        )
 
     if jobs == 1:
         for run in todo:
@@ -608,6 +653,7 @@ def settings_from(args) -> Settings:
             "rounds": args.rounds, "local_steps": args.local_steps, "clients": args.clients, "model": args.model,
             "extras": True if args.extras else None,
             "tasks": tuple(args.tasks.split(",")) if args.tasks else None,
+            "seeds": tuple(int(x) for x in args.seeds.split(",") if x) if args.seeds else None,
             "skew_seeds": tuple(int(x) for x in args.skew_seeds.split(",") if x) if args.skew_seeds is not None else None,
         }.items()
         if v is not None
@@ -620,6 +666,8 @@ def settings_from(args) -> Settings:
             effective(run_overrides(s, run, "/nonexistent"))
     except (ConfigError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from exc
+    if not s.seeds:
+        raise SystemExit("error: --seeds needs at least one seed (the main table, the compute runs and the probes)")
     if s.skew_seeds and s.skew_task not in s.tasks:
         raise SystemExit(f"error: the alpha {s.skew_alpha:g} runs are on {s.skew_task}: keep it in --tasks")
     if not os.path.isdir(GLUE):
@@ -639,7 +687,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--local-steps", type=int)
     ap.add_argument("--clients", type=int)
     ap.add_argument("--tasks", help="comma list, e.g. sst2,rte")
-    ap.add_argument("--skew-seeds", help="comma-separated seeds of the alpha 0.1 runs (default 0,2,3; '' = none)")
+    ap.add_argument("--seeds", help="comma-separated seeds of the main (alpha 0.5) table (default 0,1,2)")
+    ap.add_argument("--skew-seeds", help="comma-separated seeds of the alpha 0.1 runs (default 0,2,3,4,5; '' = none)")
+    ap.add_argument(
+        "--only",
+        help="run only the planned runs whose names match these comma-separated shell patterns, in the plan's "
+        "order, e.g. 'sst2-a0.5-s0-*' (see --list); the others stay as they are",
+    )
+    ap.add_argument("--list", action="store_true", help="print the plan's runs in order and stop (nothing runs)")
     ap.add_argument("--model", help="model for every run (default: the embedded MiniLM)")
     ap.add_argument(
         "--jobs", type=int, default=1, help="--quick only: probes and runs at once (checks the harness; timings void)"
@@ -660,9 +715,15 @@ def main(argv: list[str] | None = None) -> int:
         args.page or (os.path.join(records, "results.md") if args.quick else os.path.join(DOCS, "results.md"))
     )
     command = " ".join(["python bench/run.py", *(argv if argv is not None else sys.argv[1:])])
-    runs = plan_runs(s)
+    planned = plan_runs(s)
+    runs = select(planned, args.only)
+    if args.list:
+        for run in runs:
+            state = "done" if os.path.exists(os.path.join(records, "runs", run.name, "bench.json")) else "to run"
+            print(f"{run.name}  ({state})")
+        return 0
     print(
-        f"== benchmark: {len(runs)} federated runs ({s.clients} clients, {s.rounds} rounds of {s.local_steps} "
+        f"== benchmark: {len(runs)} federated runs{f' of the {len(planned)} planned' if args.only else ''} ({s.clients} clients, {s.rounds} rounds of {s.local_steps} "
         f"local steps, batch {s.batch_size}); records in {os.path.relpath(records, ROOT)}",
         flush=True,
     )

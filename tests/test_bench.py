@@ -24,7 +24,7 @@ def test_verdict_says_met_or_not_and_by_how_much():
     assert report.verdict(39.9, 20, True, "x", 1) == "met, 19.9x to spare"
     assert report.verdict(0.66, 0.6, False, "x") == "not met, short by 0.06x"
     assert report.verdict(-0.92, 1.5, False, " points") == "met, 2.42 points to spare"
-    assert report.verdict(None, 2.0, True, "x") == "not measured (records missing)"
+    assert report.verdict(None, 2.0, True, "x") == "not run yet"
 
 
 @pytest.mark.unit
@@ -95,6 +95,94 @@ def test_the_plan_has_the_compute_runs_on_sst2_only_when_sst2_is_planned():
         k: v for k, v in ks.items() if k not in ("method", "run-name")
     }
     assert not [r for r in plan_runs(dataclasses.replace(DEFAULT, tasks=("rte",))) if r.compute]
+
+
+@pytest.mark.unit
+def test_the_plan_puts_the_most_informative_runs_first_and_runs_a_part_by_name():
+    from bench.run import Run, select
+
+    names = [r.name for r in plan_runs(DEFAULT)]
+    first_order = ("fedkrso", "fedavg", "fedavg-lora", "fedtt")
+    assert names[:12] == [f"sst2-a0.5-s{seed}-{m}" for seed in (0, 1, 2) for m in first_order]  # seed by seed
+    assert names[12:14] == ["compute-sst2-a0.5-s0-fedspzo", "compute-sst2-a0.5-s0-fedkseed"]
+    assert names[14:24] == [f"sst2-a0.1-s{seed}-{m}" for seed in (0, 2, 3, 4, 5) for m in ("fedtt", "fedtt-plus")]
+    assert names[24:] == [f"rte-a0.5-s{seed}-{m}" for seed in (0, 1, 2) for m in first_order]
+    assert DEFAULT.rounds >= 10 and DEFAULT.local_steps >= 20 and len(DEFAULT.skew_seeds) >= 5
+    assert 1 not in DEFAULT.skew_seeds  # cannot be drawn at alpha 0.1 (common.data refuses it)
+    chosen = select(plan_runs(DEFAULT), "sst2-a0.5-s0-*, compute-*")
+    assert [r.name for r in chosen] == names[:4] + names[12:14]
+    assert select([Run("rte", 0.5, 0, "fedtt")], None) == [Run("rte", 0.5, 0, "fedtt")]
+    with pytest.raises(SystemExit, match="matches none"):
+        select(plan_runs(DEFAULT), "nope-*")
+
+
+@pytest.mark.unit
+def test_a_plan_of_one_seed_reads_as_the_seeds_of_the_main_table():
+    old = {**dataclasses.asdict(DEFAULT), "seed": 4, "gone": 1}
+    del old["seeds"]
+    assert report.settings_of(json.loads(json.dumps(old))).seeds == (4,)
+
+
+def _write_run(records, run, accs: list[float], peak: float = 1000.0, up: int = 1000) -> None:
+    folder = os.path.join(records, "runs", run.name)
+    os.makedirs(folder)
+    rounds = [{"round": 0, "accuracy": accs[0], "clients": 0, "bytes_down": 0, "bytes_up": 0, "failures": 0,
+               "rejected": 0}]  # fmt: skip
+    rounds += [
+        {"round": i, "accuracy": a, "clients": 10, "bytes_down": 10 * up, "bytes_up": 10 * up, "failures": 0,
+         "rejected": 0, "client_peak_rss_mb": peak, "seconds_per_local_step": 0.4, "client_train_seconds": 10.0}
+        for i, a in enumerate(accs[1:], 1)
+    ]  # fmt: skip
+    with open(os.path.join(folder, "rounds.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rounds)
+    with open(os.path.join(folder, "summary.json"), "w") as f:
+        json.dump({"config": {"method": run.method}}, f)
+    machine = {"cpu": "test", "arch": "x86_64", "cores": 2, "memory_gb": 1.0, "python": "3"}
+    bench = {"wall_seconds": 60.0, "resumed": False, "load_before": 0.5, "machine": machine,
+             "finished": "2026-12-01T00:00:00Z"}  # fmt: skip
+    with open(os.path.join(folder, "bench.json"), "w") as f:
+        json.dump(bench, f)
+
+
+@pytest.mark.unit
+def test_the_page_renders_from_partial_records_with_means_over_the_seeds_present(tmp_path):
+    from bench.run import Run
+
+    records, page = str(tmp_path / "records"), str(tmp_path / "page" / "results.md")
+    os.makedirs(records)
+    with open(os.path.join(records, "plan.json"), "w") as f:
+        json.dump({"settings": dataclasses.asdict(DEFAULT), "invocations": [], "learning_rates": learning_rates()}, f)
+    finals = {("fedkrso", 0): 0.80, ("fedkrso", 1): 0.77, ("fedavg", 0): 0.80, ("fedavg", 1): 0.78}
+    finals[("fedavg-lora", 0)] = 0.70
+    for (method, seed), final in finals.items():
+        peak = 600.0 if method == "fedkrso" else 1000.0
+        _write_run(
+            records, Run("sst2", 0.5, seed, method), [0.5, 0.6, final], peak, 100 if method == "fedkrso" else 4000
+        )
+    _write_run(records, Run("sst2", 0.1, 2, "fedtt-plus"), [0.5, 0.6, 0.7])  # FedTT's seed 2 not run yet
+    report.main(["--records", records, "--page", page])
+    with open(page) as f:
+        text = f.read()
+    row = summary_row(page, "FedKRSO vs FedAvg, SST-2: final accuracy")
+    # per-seed differences 0 and -1 points: mean -0.50, 0.50 above the aim, inside their spread (0.71)
+    assert "78.50 ± 2.12 vs 79.00 ± 1.41 (-0.50 points in the mean, per-seed difference SD 0.71)" in row
+    assert (
+        "2 seeds (0, 1) of 3 planned" in row
+        and "within noise, 0.50 points to spare against a seed spread of 0.71" in row
+    )
+    row = summary_row(page, "FedKRSO vs FedAvg-LoRA, SST-2: final accuracy")
+    assert "80.00 vs 70.00 (+10.00 points), 1 seed (0) of 3 planned | above FedAvg-LoRA (mean) | met, 10.00" in row
+    assert summary_row(page, "FedKRSO vs FedTT, SST-2: final accuracy").endswith(
+        "| not run yet | above FedTT (mean) | not run yet |\n"
+    )
+    assert summary_row(page, "FedTT+ vs FedTT, SST-2 at alpha 0.1: final accuracy").endswith("| not run yet |\n")
+    assert "0.60x | <= 0.6x | met" in summary_row(
+        page, "FedKRSO vs FedAvg, SST-2: client peak memory in the simulation worker (mean over seeds)"
+    )
+    assert "| FedKRSO | 0.0005 | 2 | 78.50 ± 2.12 | 80.00 | 77.00 | not run yet |" in text
+    assert "| FedTT | not run yet | 0 |" in text and "5 of 36 planned runs have records" not in text
+    assert "6 of 36 planned runs have records; not run yet: sst2-a0.5-s0-fedtt," in text
+    assert "- FedKRSO, seed 1: 50.0, 60.0, 77.0" in text
 
 
 @pytest.mark.unit
@@ -204,9 +292,7 @@ def test_quick_benchmark_end_to_end(tiny_bert, glue_dir, tmp_path):
     assert f"{len(runs)} of {len(runs)} planned runs have records" in text
     summary = text.split("## Summary")[1].split("\n## ")[0]
     rows_ = [line for line in summary.splitlines() if line.startswith("| ")][2:]
-    assert all(
-        line.rsplit("|", 2)[1].strip() == "not measured (records missing)" for line in rows_ if "alpha 0.1" in line
-    )
+    assert all(line.rsplit("|", 2)[1].strip() == "not run yet" for line in rows_ if "alpha 0.1" in line)
     verdicts = [line.rsplit("|", 2)[1].strip() for line in rows_ if "alpha 0.1" not in line]
     assert len(verdicts) >= 13 and all(
         re.fullmatch(r"met, [\d.]+(x| B| points) to spare|not met, short by [\d.]+(x| B| points)|within noise, .*", v)
