@@ -5,8 +5,8 @@ Each run drives the method's real server strategy and the real client code (both
 common/methods.py) in one process, the way tests/test_hostile.py does, on SST-2 with the embedded
 MiniLM, Dirichlet alpha 0.5 over labels, the same seed and steps for every run, every `aggregation.*` key at
 its shipped default (`--rules` adds other rules). The server evaluates the global model on the whole SST-2
-dev split after the last round. Scenarios: 10 honest clients, 5 honest clients, and each attack at 1 hostile
-client of 10 and 2 of 5. A hostile client trains its honest reply, then sends what passes every wire check
+dev split after the last round. Scenarios: 10, 5 and 3 honest clients, each attack at 1 hostile client
+of 10 and 2 of 5, and the last attack at 1 of 3. A hostile client trains its honest reply, then sends what passes every wire check
 and hurts most (`attack`): every value at the bound, away from the global value; its update turned around and
 scaled until its largest value reaches the bound; or the first, claiming num-examples = 1e12. Two hostile
 clients send the same (they collude). Measured: the norm of the first round's global update over that of the
@@ -14,14 +14,18 @@ honest run with as many clients, the dev loss and accuracy after the last round,
 finite.
 
     .venv/bin/python bench/robust.py [--rounds 3] [--local-steps 8] [--methods fedkrso,fedavg] [--rules mean]
+    .venv/bin/python bench/robust.py --report     # the page from the records, nothing run
 
-Seven methods x 8 scenarios of 3 rounds is about 56 runs: well over an hour on 2 cores (the two-method,
-three-rule version took 20 minutes); `--methods` and `--scenarios` cut it down.
+Each finished run is recorded in bench/records/robust/<run>.json (committed); a rerun reads the runs recorded
+with the same settings and runs only the rest, so the table can be continued on any machine.
+Seven methods x 10 scenarios of 3 rounds is 70 runs: about an hour on 2 cores; `--methods` and `--scenarios`
+cut it down.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -35,6 +39,7 @@ from flwr.app import Array, ConfigRecord, Message
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench.run import write_json  # noqa: E402
 from common.config import parse_run_config  # noqa: E402
 from common.evaluation import evaluate  # noqa: E402
 from common.fedtt.wire import _pack_cores  # noqa: E402
@@ -51,9 +56,15 @@ ATTACKS = ("bound", "sign flip", "bound + 1e12")
 SCENARIOS = {  # name -> (clients, hostile, attack)
     "honest, 10": (10, 0, None),
     "honest, 5": (5, 0, None),
+    "honest, 3": (3, 0, None),
     **{f"{a}, 1 of 10": (10, 1, a) for a in ATTACKS},
     **{f"{a}, 2 of 5": (5, 2, a) for a in ATTACKS},
+    "bound + 1e12, 1 of 3": (3, 1, "bound + 1e12"),
 }
+# The aim at the shipped defaults: one hostile client of three or of ten at the bounds claiming 10^12 examples
+# leaves the final dev loss within LOSS_MARGIN of the honest run's with as many clients.
+AIM_SCENARIOS = ("bound + 1e12, 1 of 10", "bound + 1e12, 1 of 3")
+LOSS_MARGIN = 0.05
 
 
 class NodeList:
@@ -118,12 +129,23 @@ def flat_weights(model: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1).double() for p in model.state_dict().values()])
 
 
+def run_name(method: str, rule: str, scenario: str) -> str:
+    slug = scenario.replace(" + ", "-plus-").replace(", ", "-").replace(" ", "-")
+    return f"robust-{method}-{rule}-{slug}"
+
+
+def settings_of(args) -> dict:
+    """What a run's figures depend on besides method, rule and scenario: a record made otherwise is run again."""
+    return {"rounds": args.rounds, "local_steps": args.local_steps, "max_length": args.max_length}
+
+
 def run(method: str, rule: str, scenario: str, args, dev) -> dict:
     clients, hostile, kind = SCENARIOS[scenario]
-    name = f"robust-{method}-{rule}-{scenario.replace(' ', '').replace(',', '-')}"
+    name = run_name(method, rule, scenario)
     cfg = parse_run_config(
         {
-            "method": method, "task": "sst2", "data-dir": args.glue, "results-dir": args.results, "run-name": name,
+            "method": method, "task": "sst2", "data-dir": args.glue, "results-dir": tempfile.mkdtemp(prefix="robust-"),
+            "run-name": name,
             "partitioning": "dirichlet", "dirichlet-alpha": 0.5, "seed": 0, "train.local-steps": args.local_steps,
             "train.batch-size": 16, "train.max-length": args.max_length, "min-clients": clients,
             "aggregation.rule": rule,
@@ -136,6 +158,7 @@ def run(method: str, rule: str, scenario: str, args, dev) -> dict:
     arrays = setup.initial
     w0 = flat_weights(setup.model)
     first_update = None
+    rows = []
     start = time.perf_counter()
     for rnd in range(1, args.rounds + 1):
         msgs = {
@@ -158,42 +181,96 @@ def run(method: str, rule: str, scenario: str, args, dev) -> dict:
         if rnd == 1:
             first_update = float((flat_weights(setup.model) - w0).norm())
         rec = recorder.end_round(rnd, None)
+        rows.append(rec)
         print(f"{name} round {rnd}: {rec['clients']} replies, {rec['clipped']} clipped, failed {rec['failed']}")
     result = evaluate(setup.model, dev, get_task("sst2"), 64)
     seconds = time.perf_counter() - start
     finite = all(torch.isfinite(p).all() for p in setup.model.parameters())
     print(f"{name}: accuracy {100 * result['accuracy']:.2f}, loss {result['loss']:.3f}, {seconds:.0f} s", flush=True)
-    return {**result, "seconds": seconds, "finite": finite, "first_update": first_update}
+    return {
+        "method": method, "rule": rule, "scenario": scenario, "settings": settings_of(args), **result,
+        "seconds": seconds, "finite": bool(finite), "first_update": first_update, "rounds": rows,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "loadavg": os.getloadavg()[0],
+    }  # fmt: skip
 
 
-def write_page(results: dict, args, command: str, wall: float) -> str:
+def record_path(records: str, name: str) -> str:
+    return os.path.join(records, f"{name}.json")
+
+
+def read_record(records: str, name: str, args) -> dict | None:
+    """A finished run's record made with these settings, or None (absent, unreadable or made otherwise)."""
+    try:
+        with open(record_path(records, name)) as f:
+            r = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return r if isinstance(r, dict) and r.get("settings") == settings_of(args) else None
+
+
+def verdicts(results: dict) -> list[str]:
+    """One row per method and aim scenario: the final dev loss against the honest run's with as many clients."""
+    rows = []
+    for (method, rule), by_scenario in results.items():
+        if rule != "mean":
+            continue
+        for scenario in AIM_SCENARIOS:
+            r, honest = by_scenario.get(scenario), by_scenario.get(f"honest, {SCENARIOS[scenario][0]}")
+            if not r or not honest:
+                continue
+            gap = r["loss"] - honest["loss"]
+            met = r["finite"] and gap <= LOSS_MARGIN
+            rows.append(
+                f"| {get_method(method).label} | {scenario} | {honest['loss']:.3f} | {r['loss']:.3f} | {gap:+.3f} | "
+                f"<= {LOSS_MARGIN} | {'met' if met else 'not met'} |"
+            )
+    return rows
+
+
+def write_page(results: dict, args, command: str) -> str:
+    runs = [r for by in results.values() for r in by.values()]
+    dates = sorted(r["date"][:10] for r in runs)
+    minutes = sum(r["seconds"] for r in runs) / 60
     lines = [
         "# Robust aggregation at the shipped defaults: what it costs and what it holds",
         "",
-        f"Produced by `{command}` on {time.strftime('%Y-%m-%d', time.gmtime())} ({platform.machine()}, "
-        f"{os.cpu_count()} cores, CPU only, torch {torch.__version__} with {torch.get_num_threads()} threads; "
-        f"{wall / 60:.1f} min in all). Setting: SST-2, embedded all-MiniLM-L6-v2, Dirichlet alpha 0.5 over labels, "
+        f"Produced by `{command}` ({dates[0]} to {dates[-1]}; {platform.machine()}, {os.cpu_count()} cores, CPU "
+        f"only, torch {torch.__version__} with {torch.get_num_threads()} threads; {minutes:.1f} min of runs). "
+        "Setting: SST-2, embedded all-MiniLM-L6-v2, Dirichlet alpha 0.5 over labels, "
         f"seed 0, {args.rounds} rounds of {args.local_steps} local steps of batch 16 (max length {args.max_length}), "
-        "each method's benchmark learning rate (bench/run.py); every `aggregation.*` key at its default unless the "
-        "rule column says otherwise; the whole dev split (872 examples) evaluated after the last round.",
+        'each method\'s own learning rate (`train.lr = "auto"`) and every other setting at its shipped default, '
+        "`aggregation.*` included (rule `mean`, norm-cap 2, weight-cap 4, attackers 2) unless the rule column says "
+        "otherwise; the whole dev split (872 examples) evaluated after the last round. Every run drives the real "
+        "strategy and client code in one process; its record is `bench/records/robust/<run>.json`, and "
+        "`python bench/robust.py --report` rewrites this page from those records without running anything.",
         "",
         "Attacks (bench/robust.py `attack`): every value at the server's bound away from the global value; the "
-        "update turned around and scaled to the bound; the first with num-examples = 1e12. Update ratio: the norm "
-        "of round 1's global update over that of the honest run with as many clients.",
+        "update turned around and scaled to the bound; the first with num-examples = 1e12. The hostile clients "
+        "collude (send the same). Update ratio: the norm of round 1's global update over that of the honest run "
+        "with as many clients.",
         "",
-        "| method | rule | scenario | update ratio | accuracy | dev loss | model finite |",
-        "| --- | --- | --- | ---: | ---: | ---: | --- |",
+        f"## The aim: one hostile client of three or of ten leaves the final dev loss within {LOSS_MARGIN}",
+        "",
+        "| method | scenario | honest dev loss | hostile dev loss | difference | aim | verdict |",
+        "| --- | --- | ---: | ---: | ---: | --- | --- |",
+        *verdicts(results),
+        "",
+        "## Every run",
+        "",
+        "| method | rule | scenario | update ratio | accuracy | dev loss | model finite | rounds failed |",
+        "| --- | --- | --- | ---: | ---: | ---: | --- | ---: |",
     ]
     for (method, rule), by_scenario in results.items():
         for scenario, r in by_scenario.items():
             clients = SCENARIOS[scenario][0]
             honest = by_scenario.get(f"honest, {clients}")
             ratio = r["first_update"] / honest["first_update"] if honest and honest["first_update"] else None
+            failed = sum(1 for row in r["rounds"] if row.get("failed"))
             lines.append(
-                f"| {method} | {rule} | {scenario} | {'-' if ratio is None else f'{ratio:.2f}x'} | "
-                f"{100 * r['accuracy']:.2f} | {r['loss']:.3g} | {'yes' if r['finite'] else 'no'} |"
+                f"| {get_method(method).label} | {rule} | {scenario} | {'-' if ratio is None else f'{ratio:.2f}x'} | "
+                f"{100 * r['accuracy']:.2f} | {r['loss']:.3g} | {'yes' if r['finite'] else 'no'} | {failed} |"
             )
-    lines += ["", f"Raw records: `{os.path.relpath(args.results, ROOT)}/robust-*/rounds.jsonl`.", ""]
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -206,21 +283,43 @@ def main() -> None:
     p.add_argument("--rules", default="mean")
     p.add_argument("--scenarios", default=";".join(SCENARIOS), help="';'-separated names of SCENARIOS")
     p.add_argument("--glue", default=os.environ.get("GLUE_DIR", os.path.join(ROOT, "..", "shared", "data", "glue")))
-    p.add_argument("--results", default=os.path.join(ROOT, "results", "bench"))
+    p.add_argument("--records", default=os.path.join(ROOT, "bench", "records", "robust"))
     p.add_argument("--out", default=os.path.join(DOCS, "results-robust.md"))
+    p.add_argument("--report", action="store_true", help="only rewrite the page from the records")
     args = p.parse_args()
+    for scenario in args.scenarios.split(";"):
+        if scenario not in SCENARIOS:
+            raise SystemExit(f"error: unknown scenario '{scenario}'; choose from: {'; '.join(SCENARIOS)}")
+    for method in args.methods.split(","):
+        if method not in METHODS:
+            raise SystemExit(f"error: unknown method '{method}'; choose from: {', '.join(METHODS)}")
     from flwr.supercore.task_identity import TaskIdentity  # what the ServerApp runtime sets for Messages
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    command = "python bench/robust.py " + " ".join(sys.argv[1:])
-    start = time.perf_counter()
-    results: dict = {}
-    dev = dev_encoded(parse_run_config({"task": "sst2", "data-dir": args.glue, "train.max-length": args.max_length}))
-    for method in args.methods.split(","):
+    os.makedirs(args.records, exist_ok=True)
+    dev = None
+    for method in [] if args.report else args.methods.split(","):
         for rule in args.rules.split(","):
             for scenario in args.scenarios.split(";"):
-                results.setdefault((method, rule), {})[scenario] = run(method, rule, scenario, args, dev)
-    page = write_page(results, args, command.strip(), time.perf_counter() - start)
+                name = run_name(method, rule, scenario)
+                if read_record(args.records, name, args) is not None:
+                    print(f"{name}: recorded, not run again", flush=True)
+                    continue
+                if dev is None:
+                    cfg = parse_run_config({"task": "sst2", "data-dir": args.glue, "train.max-length": args.max_length})
+                    dev = dev_encoded(cfg)
+                write_json(record_path(args.records, name), run(method, rule, scenario, args, dev))
+    results: dict = {}
+    for method in METHODS:  # the page shows every recorded run of these settings, in registry order
+        for rule in args.rules.split(","):
+            for scenario in SCENARIOS:
+                r = read_record(args.records, run_name(method, rule, scenario), args)
+                if r is not None:
+                    results.setdefault((method, rule), {})[scenario] = r
+    if not results:
+        raise SystemExit(f"error: no records of these settings in {args.records}")
+    command = f"python bench/robust.py --rounds {args.rounds} --local-steps {args.local_steps}"
+    page = write_page(results, args, command)
     with open(args.out, "w") as f:
         f.write(page)
     print(page)
