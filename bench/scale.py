@@ -398,7 +398,8 @@ def simulation(nodes: int, rounds: int, model: str, work: str, per_round: int = 
     }
 
 
-def measure(args) -> dict:
+def measure(args, save) -> dict:
+    """Every measurement; `save(records)` after each phase, so that a stopped run keeps what it measured."""
     logging.getLogger("flwr").setLevel(logging.WARNING)
     from flwr.supercore.task_identity import TaskIdentity
 
@@ -410,6 +411,14 @@ def measure(args) -> dict:
     records: dict = {
         "state_write_bytes": {}, "state_write_seconds": {}, "catchup_bytes": {}, "catchup_seconds": {},
         "server_peak_mb": {}, "aggregate_seconds": {}, "fedavg_download_bytes": None, "simulation": None,
+        "setting": {
+            "command": "python bench/scale.py " + " ".join(sys.argv[1:]),
+            "date": time.strftime("%Y-%m-%d", time.gmtime()),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+            "model": "tests/conftest.py tiny BERT (2 layers, hidden 32), tests/fixtures/glue SST-2",
+            "rounds": args.rounds, "max_replies": args.max_replies, "memory_limit_mb": args.memory_limit_mb,
+            "minutes": None,  # set when every measurement is done
+        },
     }  # fmt: skip
     start = time.perf_counter()
     for method in args.methods:
@@ -418,30 +427,24 @@ def measure(args) -> dict:
             records[key][method] = r[key]
         if method == "fedavg":
             records["fedavg_download_bytes"] = r["download_bytes"]
+        save(records)
     if records["fedavg_download_bytes"] is None:
         records["fedavg_download_bytes"] = state_and_catchup("fedavg", 1, [1], model, work)["download_bytes"]
     mean = mean_alone(counts, model, work, args.memory_limit_mb)
     records["mean_peak_mb"] = mean
+    save(records)
     for method in args.methods:
         reply_mb = mean["reply_mb"] if method == "fedavg" else 0.0
         r = server_scaling(method, counts, model, work, args.memory_limit_mb, reply_mb)
         records["server_peak_mb"][method] = {"replies": r["replies"], "mb": r["mb"], "left_out": r["left_out"]}
         records["aggregate_seconds"][method] = {"replies": r["replies"], "seconds": r["seconds"]}
+        save(records)
     if args.nodes:
         try:
             records["simulation"] = simulation(args.nodes, args.sim_rounds, model, work)
         except Exception as exc:  # noqa: BLE001 - the other figures are kept; the page says what failed
             records["simulation"] = {"nodes": args.nodes, "status": f"error: {exc!r}"[:500]}
-    records["setting"] = {
-        "command": "python bench/scale.py " + " ".join(sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%d", time.gmtime()),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "model": "tests/conftest.py tiny BERT (2 layers, hidden 32), tests/fixtures/glue SST-2",
-        "rounds": args.rounds,
-        "max_replies": args.max_replies,
-        "memory_limit_mb": args.memory_limit_mb,
-        "minutes": (time.perf_counter() - start) / 60,
-    }
+    records["setting"]["minutes"] = (time.perf_counter() - start) / 60
     return records
 
 
@@ -462,7 +465,7 @@ def verdicts(rec: dict) -> list[tuple[str, str, str, str]]:
         f"<= {AIMS['state']}x",
         "met" if worst and growth[worst] <= AIMS["state"] else f"not met ({worst})",
     ))  # fmt: skip
-    ref = rec["fedavg_download_bytes"]
+    ref = rec["fedavg_download_bytes"] or float("nan")
     far = {m: (c["rounds_behind"][-1], c["bytes"][-1] / ref) for m, c in rec["catchup_bytes"].items() if c["bytes"]}
     bad = [m for m, (_, x) in far.items() if x > AIMS["catchup"]]
     rows.append((
@@ -549,13 +552,14 @@ def plots(rec: dict, folder: str) -> list[str]:
 
 def write_page(rec: dict, out: str) -> str:
     s = rec["setting"]
+    minutes = "unfinished run" if s["minutes"] is None else f"{s['minutes']:.1f} min"
     rows = verdicts(rec)
     names = plots(rec, os.path.dirname(os.path.abspath(out)))
     kb = lambda b: f"{b / 1024:,.1f} KB"  # noqa: E731
     lines = [
         "# Costs that grow with the run: state, catch-up, server memory, number of nodes",
         "",
-        f"Produced by `{s['command']}` on {s['date']} ({s['machine']}, {s['minutes']:.1f} min), records in "
+        f"Produced by `{s['command']}` on {s['date']} ({s['machine']}, {minutes}), records in "
         "`bench/records/scale.json`; this page and its plots by `python bench/scale.py --report`, which runs "
         f"nothing. Model: {s['model']}. What is measured and how: the docstring of `bench/scale.py`.",
         "",
@@ -576,7 +580,7 @@ def write_page(rec: dict, out: str) -> str:
             f"| {m} | {kb(b[0])} | {kb(b[min(9, len(b) - 1)])} | {kb(b[-1])} | {max(b) / b[0]:.2f}x | "
             f"{secs[len(secs) // 2]:.4f} |"
         )
-    ref = rec["fedavg_download_bytes"]
+    ref = rec["fedavg_download_bytes"] or float("nan")
     lines += [
         "",
         "## Catch-up of a node k rounds behind",
@@ -672,10 +676,13 @@ def main(argv: list[str] | None = None) -> int:
         args.rounds, args.max_replies, args.nodes = min(args.rounds, 6), min(args.max_replies, 20), 0
     args.methods = known(*args.methods.split(","))
     if not args.report:
-        records = measure(args)
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(records, f, indent=1)
+
+        def save(records: dict) -> None:
+            with open(args.out, "w") as f:
+                json.dump(records, f, indent=1)
+
+        save(measure(args, save))
         print(f"records in {args.out}")
         if args.quick:
             return 0
