@@ -527,7 +527,7 @@ def plots(rec: dict, folder: str) -> list[str]:
     fig, ax = plt.subplots(figsize=(7, 4))
     for m, c in rec["catchup_bytes"].items():
         ax.plot(c["rounds_behind"], [x / 2**20 for x in c["bytes"]], marker="o", label=m)
-    ref = rec["fedavg_download_bytes"] / 2**20
+    ref = (rec["fedavg_download_bytes"] or float("nan")) / 2**20
     ax.axhline(ref, color="k", ls="--", lw=1, label="one FedAvg download")
     ax.axhline(AIMS["catchup"] * ref, color="r", ls=":", lw=1, label="aim: 1.2 FedAvg downloads")
     ax.set(xlabel="rounds behind", ylabel="instruction (MB)", xscale="log", yscale="log", title="Catch-up")
@@ -586,7 +586,9 @@ def write_page(rec: dict, out: str) -> str:
         "## Catch-up of a node k rounds behind",
         "",
         f"One FedAvg download of the same model: {ref / 2**20:.2f} MB. A node k rounds behind holds round t-1-k "
-        "when it is sent round t's instruction (k = 0: up to date).",
+        "when it is sent round t's instruction and lacks the updates of rounds t-k..t-1 (k = 1: it trained in "
+        "round t-1, the usual case). Replay seconds: a fresh node that joins at round k+1 and replays k rounds, "
+        "its time less its training, less the same for the up-to-date node of that round.",
         "",
         "| method | k | instruction | / FedAvg download | replay seconds |",
         "| --- | ---: | ---: | ---: | ---: |",
