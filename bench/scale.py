@@ -457,13 +457,13 @@ def verdicts(rec: dict) -> list[tuple[str, str, str, str]]:
     """(criterion, measured, aim, verdict) for each Done-when line of issue 20."""
     rows = []
     growth = {m: max(b) / b[0] for m, b in rec["state_write_bytes"].items() if b}
-    worst = max(growth, key=growth.get) if growth else None
+    over = [m for m, g in growth.items() if g > AIMS["state"]]
     rounds = rec["setting"]["rounds"]
     rows.append((
         f"state write per round over {rounds} rounds, within 2x of round 1 (every method)",
         ", ".join(f"{m} {g:.2f}x" for m, g in growth.items()),
         f"<= {AIMS['state']}x",
-        "met" if worst and growth[worst] <= AIMS["state"] else f"not met ({worst})",
+        "met" if growth and not over else f"not met ({', '.join(over)})",
     ))  # fmt: skip
     ref = rec["fedavg_download_bytes"] or float("nan")
     far = {m: (c["rounds_behind"][-1], c["bytes"][-1] / ref) for m, c in rec["catchup_bytes"].items() if c["bytes"]}
@@ -559,7 +559,7 @@ def write_page(rec: dict, out: str) -> str:
     lines = [
         "# Costs that grow with the run: state, catch-up, server memory, number of nodes",
         "",
-        f"Produced by `{s['command']}` on {s['date']} ({s['machine']}, {minutes}), records in "
+        f"Produced by `{s['command'].strip()}` on {s['date']} ({s['machine']}, {minutes}), records in "
         "`bench/records/scale.json`; this page and its plots by `python bench/scale.py --report`, which runs "
         f"nothing. Model: {s['model']}. What is measured and how: the docstring of `bench/scale.py`.",
         "",
@@ -657,8 +657,15 @@ NOTES = """## Reading the figures
   them a list of every reply message, so a round's server memory still grows with its replies. The robust
   rules (trimmed-mean, median) need all n values of each coordinate: n x the update, plus one key's n values
   stacked while it is sorted.
-- State writes include the checkpoint's copy of the records (every round's row of rounds.jsonl, and FedTT+'s
-  selection records), which grow by a row a round."""
+- State writes grow linearly for every method: ~0.6 KB a round, ~1.1 KB for FedTT+. The update-log segments
+  are flat (one round's entry each); what grows is the checkpoint's copy of the records (`"records"` in its
+  state: every round's row of rounds.jsonl, and FedTT+'s selection records), rewritten whole every round.
+  With the tiny model that copy dominates a log method's write by round 50 (FedAvg's 3.9 MB of weights hide
+  it: 1.08x); with all-MiniLM-L6-v2 FedKRSO's 2.6 MB segment would hide it too, the zero-order methods' would
+  not. Keeping only the records' count and digest in the checkpoint (the rows are in rounds.jsonl beside it,
+  appended a row a round) would make every method's write flat.
+- The 200-node simulation's first round includes starting Ray and the first ClientApp processes; the later
+  rounds are the round's overhead: ~0.5 s for 10 replies of which the slowest client trained 0.03 s."""
 
 
 def main(argv: list[str] | None = None) -> int:
