@@ -81,7 +81,7 @@ bench-report: install
 
 # How the server's costs grow (bench/scale.py): state written per round over 500 rounds, catch-up of a node k
 # rounds behind, server memory and aggregation time for 10..1,000 replies (tiny test model), one 200-node
-# `flwr run` simulation -> bench/records/scale.json and docs/scale.md. About 10 minutes on 2 cores;
+# `flwr run` simulation -> bench/records/scale.json and docs/scale.md. About 7 minutes on 2 cores;
 # SCALE_ARGS="--report" redraws the page from the records, "--rounds 100 --max-replies 200" a shorter run.
 bench-scale: install
 	$(BIN)/python bench/scale.py $(SCALE_ARGS)
