@@ -21,7 +21,7 @@ CLIENTS ?= 10
 ROUNDS ?= 3
 RUN_CONFIG ?=
 
-.PHONY: install run test test-unit test-fast test-fleet test-compose bench bench-quick bench-estimate bench-report bench-extras lint clean
+.PHONY: install run test test-unit test-fast test-fleet test-compose bench bench-quick bench-estimate bench-report bench-extras bench-scale lint clean
 
 $(BIN)/.installed: pyproject.toml requirements.txt
 	$(PY) -m venv $(VENV)
@@ -81,6 +81,13 @@ bench-estimate: install
 
 bench-report: install
 	$(BIN)/python bench/report.py
+
+# How the server's costs grow (bench/scale.py): state written per round over 500 rounds, catch-up of a node k
+# rounds behind, server memory and aggregation time for 10..1,000 replies (tiny test model), one 200-node
+# `flwr run` simulation -> bench/records/scale.json and docs/scale.md. About 7 minutes on 2 cores;
+# SCALE_ARGS="--report" redraws the page from the records, "--rounds 100 --max-replies 200" a shorter run.
+bench-scale: install
+	$(BIN)/python bench/scale.py $(SCALE_ARGS)
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -43,12 +43,21 @@ few of K = 4096 candidates each, needs "mean", see docs/security.md).
 All arithmetic is in float64, the result is returned in the input dtype: the mean of float32 values is the
 float32 rounding of the exact weighted mean (zero-order logs keep it, so every node replays the same numbers).
 Nothing here makes a non-finite aggregate, but a caller applies one only if `non_finite` finds nothing.
+
+Memory. The mean is a running sum (`WeightedMean`): replies are added one at a time into one float64 array per
+key, in the same order and with the same float64 operations as `combine`, so the result is bit for bit the
+same while the aggregation holds one reply and 8 bytes per aggregated number, however many replies the round
+has. Norm bounding needs every norm before the first reply is scaled (the bound is a median of them), so
+`aggregate_round` reads a re-iterable sequence twice: norms only, then clip and add, one reply at a time (a
+one-shot iterator is kept in a list first). The robust rules cannot stream: trimmed-mean and median sort all n
+values of each coordinate, so they hold every reply (n x the update's size, plus a stacked copy of one key's
+n values while it is combined).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -157,6 +166,91 @@ class Aggregate:
     absorbed: int  # hostile replies the rule absorbs at this number of replies (absorbed())
 
 
+class WeightedMean:
+    """The example-weighted mean of replies added one at a time: `combine(..., "mean")` of every key, as
+    `aggregate_round` takes it (keys in the order of their first appearance, a key absent from a reply is the
+    reference value there, 0 where there is none), bit for bit, holding one float64 sum per key instead of
+    the replies.
+
+    The weights come first: each term is w_i / sum(w) x value, as `combine` computes it, so the sum of the
+    weights must be known before the first reply (the strategies know every example count before they
+    aggregate). A key first seen in reply j gets the terms of the j - 1 replies before it (the reference
+    value, each with its weight) then, in order, so the float64 additions are those of `combine`.
+    """
+
+    def __init__(self, weights: Sequence[float], reference: Mapping[K, Value] | None = None) -> None:
+        self.weights = [float(w) for w in weights]
+        self.total = float(sum(weights))
+        self.reference = {k: np.asarray(v) for k, v in (reference or {}).items()}
+        self.count = 0  # replies added
+        self.as_torch = False
+        self._sums: dict[K, np.ndarray] = {}  # key -> float64 running sum
+        self._dtypes: dict[K, np.dtype] = {}  # key -> dtype of its first appearance (the result's)
+        self._absent: dict[K, np.ndarray] = {}  # key -> the value an absent key stands for, in its dtype
+
+    def _term(self, i: int, value: np.ndarray, dtype: np.dtype) -> np.ndarray:
+        return self.weights[i] / self.total * np.asarray(np.asarray(value, dtype=dtype), np.float64)
+
+    def _check_weights(self) -> None:
+        if self.count > len(self.weights):
+            raise ValueError(f"{self.count} values but {len(self.weights)} weights")
+        if not self.total > 0 or min(self.weights) < 0:
+            raise ValueError("mean needs non-negative weights with a positive sum")
+
+    def add(self, reply: Mapping[K, Value]) -> None:
+        """Add the next reply (numpy arrays or CPU tensors); it is not kept."""
+        i = self.count
+        self.count += 1
+        self.as_torch = self.as_torch or any(isinstance(v, torch.Tensor) for v in reply.values())
+        values = {k: np.asarray(v) for k, v in reply.items()}
+        if values or self._sums:
+            self._check_weights()
+        for k, v in values.items():
+            if k not in self._sums:  # first seen: the earlier replies held the reference value here
+                dtype = v.dtype
+                absent = self.reference[k] if k in self.reference else np.zeros(v.shape, np.float32)
+                self._dtypes[k] = dtype
+                self._absent[k] = np.asarray(absent, dtype=dtype)  # no copy when it has that dtype
+                total = np.zeros(np.shape(self._absent[k]), np.float64)  # combine's sum() starts at 0
+                for j in range(i):
+                    total += self._term(j, self._absent[k], dtype)
+                self._sums[k] = total
+        for k, total in self._sums.items():
+            total += self._term(i, values[k] if k in values else self._absent[k], self._dtypes[k])
+
+    def result(self) -> dict[K, Value]:
+        """The mean of every key, in the dtype of its first appearance (tensors if any reply held one)."""
+        if self._sums and self.count != len(self.weights):
+            raise ValueError(f"{self.count} values but {len(self.weights)} weights")
+        out: dict[K, Value] = {}
+        for k, total in self._sums.items():
+            mean = np.asarray(total, dtype=self._dtypes[k])
+            out[k] = torch.from_numpy(mean) if self.as_torch else mean
+        return out
+
+
+def _mean_round(
+    replies: Iterable[Mapping[K, Value]],
+    weights: Sequence[float],
+    norm_cap: float,
+    clip_norm: float,
+    reference: Mapping[K, Value],
+) -> Aggregate:
+    """`aggregate_round` for the mean, one reply at a time (two passes over `replies` with norm bounding)."""
+    ref_np = {k: np.asarray(v) for k, v in reference.items()}
+    bounding = norm_cap > 0 or clip_norm > 0
+    if bounding and isinstance(replies, Iterator):
+        replies = list(replies)  # a one-shot iterator cannot be read twice
+    norms = [update_norm({k: np.asarray(v) for k, v in r.items()}, ref_np) for r in replies] if bounding else []
+    bound = norm_bound(norms, norm_cap, clip_norm)
+    mean = WeightedMean(weights, reference)
+    for r in replies:
+        values = {k: np.asarray(v) for k, v in r.items()}
+        mean.as_torch = mean.as_torch or any(isinstance(v, torch.Tensor) for v in r.values())
+        mean.add(clip(values, bound, ref_np) if bounding else values)
+    return Aggregate(mean.result(), bound, sum(n > bound for n in norms), absorbed(mean.count, "mean", 0))
+
+
 def aggregate_round(
     replies: Sequence[Mapping[K, Value]],
     weights: Sequence[float],
@@ -172,8 +266,28 @@ def aggregate_round(
     it is an update already (FedKRSO accumulators, zero-order scalars: reference 0). A key absent from a reply
     is a zero update: the reference value there. Keys come out in the order of their first appearance.
     Values may be numpy arrays or CPU tensors; what comes out is of the same kind.
+
+    The mean streams (`WeightedMean`): `replies` may be any re-iterable sequence that yields one reply at a
+    time (decoded when asked for), and the aggregation then holds one of them, not all; a one-shot iterator
+    works too (kept whole when norm bounding must read it twice). The robust rules hold every reply.
     """
     reference = reference or {}
+    if rule == "mean":
+        return _mean_round(replies, weights, norm_cap, clip_norm, reference)
+    return _aggregate_all(list(replies), weights, rule, attackers, norm_cap, clip_norm, reference)
+
+
+def _aggregate_all(
+    replies: list[Mapping[K, Value]],
+    weights: Sequence[float],
+    rule: str,
+    attackers: int,
+    norm_cap: float,
+    clip_norm: float,
+    reference: Mapping[K, Value],
+) -> Aggregate:
+    """`aggregate_round` with every reply in memory: the robust rules, and the mean as it was computed before
+    it streamed (tests/test_streaming.py checks the two means are the same bits)."""
     as_torch = any(isinstance(v, torch.Tensor) for r in replies for v in r.values())
     replies_np = [{k: np.asarray(v) for k, v in r.items()} for r in replies]
     ref_np = {k: np.asarray(v) for k, v in reference.items()}
