@@ -31,7 +31,7 @@ class MethodSpec:
     label: str  # as the papers and the benchmark page write it
     # module holding `train(content, cfg, node_config, run_id, node_id) -> RecordDict`: the node's round
     client_module: str
-    # "module:function" of `setup(cfg, recorder) -> server_app.setups.ServerSetup`: the server's model and strategy
+    # "module:function" of `setup(cfg, recorder) -> server_app.base.ServerSetup`: the server's model and strategy
     server_setup: str
     # Values of the settings whose shipped value is "auto" (common.config.AUTO_KEYS); every method sets the
     # same keys, so a key is "auto" for all methods or for none.
@@ -140,36 +140,36 @@ def where(methods: Iterable[str] | None = None, **facts: Any) -> tuple[str, ...]
 # existed, so their earlier records and checkpoints still match.
 register_method(MethodSpec(
     name="fedkrso", label="FedKRSO", defaults={"train.lr": 5e-4},
-    client_module="common.fedkrso.client", server_setup="server_app.setups:fedkrso",
+    client_module="methods.fedkrso.client", server_setup="methods.fedkrso.server:setup",
     keeps_model=True, instruction_record="log", reply_record="accumulators",
 ))  # fmt: skip
 register_method(MethodSpec(
     name="fedavg", label="FedAvg", defaults={"train.lr": 5e-5},
-    client_module="common.fedavg.client", server_setup="server_app.setups:fedavg",
+    client_module="methods.fedavg.client", server_setup="methods.fedavg.server:setup",
 ))  # fmt: skip
 register_method(MethodSpec(
     name="fedspzo", label="FedSPZO", defaults={"train.lr": 5e-5},
-    client_module="common.fedspzo.client", server_setup="server_app.setups:fedspzo",
+    client_module="methods.fedspzo.client", server_setup="methods.fedspzo.server:setup",
     zero_order=True, keeps_model=True, instruction_record="log", reply_record="scalars",
 ))  # fmt: skip
 register_method(MethodSpec(
     name="fedkseed", label="FedKSeed", defaults={"train.lr": 5e-5},
-    client_module="common.fedkseed.client", server_setup="server_app.setups:fedkseed",
+    client_module="methods.fedkseed.client", server_setup="methods.fedkseed.server:setup",
     zero_order=True, keeps_model=True, instruction_record="log", reply_record="scalars",
 ))  # fmt: skip
 register_method(MethodSpec(
     name="fedtt", label="FedTT", defaults={"train.lr": 1e-2},
-    client_module="common.fedtt.client", server_setup="server_app.setups:fedtt",
+    client_module="methods.fedtt.client", server_setup="methods.fedtt.server:setup",
     instruction_record="cores", reply_record="cores",
 ))  # fmt: skip
 register_method(MethodSpec(  # FedTT training part of the cores per round: its setup reads the method's name
     name="fedtt-plus", label="FedTT+", defaults={"train.lr": 1e-2},
-    client_module="common.fedtt.client", server_setup="server_app.setups:fedtt",
+    client_module="methods.fedtt.client", server_setup="methods.fedtt.server:setup",
     instruction_record="cores", reply_record="cores",
 ))  # fmt: skip
 register_method(MethodSpec(
     name="fedavg-lora", label="FedAvg-LoRA", defaults={"train.lr": 2e-3},
-    client_module="common.lora.client", server_setup="server_app.setups:fedavg_lora",
+    client_module="methods.fedavg_lora.client", server_setup="methods.fedavg_lora.server:setup",
 ))  # fmt: skip
 
 # The methods registered above, as constants for code that reads them once. Code that must also see a method

@@ -78,19 +78,19 @@ def test_registration_refuses_what_could_not_run(registry):
     with pytest.raises(MethodError, match="lowercase"):
         register_method(eighth(name="FedAvg_Copy"))
     with pytest.raises(MethodError, match="server_setup must be 'module:function'"):
-        register_method(eighth(server_setup="server_app.setups.fedavg"))
+        register_method(eighth(server_setup="methods.fedavg.server.setup"))
     with pytest.raises(MethodError, match="client_module must be a module path"):
-        register_method(eighth(client_module="common.fedavg.client:train"))
+        register_method(eighth(client_module="methods.fedavg.client:train"))
     with pytest.raises(MethodError, match=r"sets defaults for \[\]; every method sets \['train.lr'\]"):
         register_method(eighth(defaults={}))
     assert "fedavg-copy" not in registry.names()
 
 
 def test_entries_that_name_missing_code_fail_with_the_method_named(registry):
-    spec = register_method(eighth(server_setup="server_app.setups:nothing", client_module="common.nothing"))
-    with pytest.raises(MethodError, match="method 'fedavg-copy': 'server_app.setups:nothing' names no function"):
+    spec = register_method(eighth(server_setup="methods.fedavg.server:nothing", client_module="methods.nothing"))
+    with pytest.raises(MethodError, match="method 'fedavg-copy': 'methods.fedavg.server:nothing' names no function"):
         spec.load_server()
-    with pytest.raises(MethodError, match="method 'fedavg-copy': client module 'common.nothing' cannot be imported"):
+    with pytest.raises(MethodError, match="method 'fedavg-copy': client module 'methods.nothing' cannot be imported"):
         spec.load_client()
 
 

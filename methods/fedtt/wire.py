@@ -1,6 +1,6 @@
 """FedTT / FedTT+ wire format: what crosses the network each round, how it is packed, and how it is checked.
 
-Names: adapter i follows the i-th adapter site of the model (common.fedtt.tt.find_sites order); each
+Names: adapter i follows the i-th adapter site of the model (methods.fedtt.tt.find_sites order); each
 adapter has two TT matrices, "down" and "up"; matrix "<i>.<down|up>" has cores 0..L-1 of shapes
 (r_{j-1}, n_j, r_j), known to both sides from the run config and the model. One array per TT matrix (not
 one per core): Flower's Array carries a ~130-byte header, which for 168 small cores would be a third of
@@ -41,7 +41,6 @@ from dataclasses import dataclass
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from common.fedtt.tt import MATRICES, CoreKey
 from common.wire import (
     VALUE_BOUND,
     WireError,
@@ -54,13 +53,14 @@ from common.wire import (
     require,
     unpack_tensors,
 )
+from methods.fedtt.tt import MATRICES, CoreKey
 
 Shapes = Mapping[CoreKey, tuple[int, ...]]
 
 # FedTT+ gradient scores are mean |dL/dG| of a core on one batch: a cross-entropy loss of O(1) and cores of
 # O(1) give scores far below 1 (the tiny test models: ~1e-2). 1e4 leaves any honest client a wide margin;
 # a larger score (the issue's 3e38 made the averaged score inf) rejects the reply. The aggregation also
-# normalises each client's scores within a TT matrix (server_app.fedtt), so no client can outvote the others.
+# normalises each client's scores within a TT matrix (methods.fedtt.server), so no client can outvote the others.
 SCORE_BOUND = 1e4
 
 

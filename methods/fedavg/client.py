@@ -4,7 +4,7 @@ Wire format (Flower FedAvg's): server -> client "arrays" (ArrayRecord: every par
 "config" (server-round); client -> server "arrays" (same keys and shapes) and "metrics" (num-examples,
 model-round, train-loss, train-seconds, peak-rss-mb, local-steps). The client refuses (common.wire,
 "Instructions") a server-round that is not an int >= 1 and weights that are not finite or exceed 2 x
-VALUE_BOUND; it keeps no state, so a refusal changes nothing on the node. FedAvg-LoRA (common.lora) uses the same
+VALUE_BOUND; it keeps no state, so a refusal changes nothing on the node. FedAvg-LoRA (methods.fedavg_lora) uses the same
 exchange on the LoRA parameters and the head only: `train_params` serves both.
 """
 

@@ -1,53 +1,50 @@
-"""Server strategies: FedKRSO, FedSPZO, FedKSeed (update-log methods) and FedAvg with records.
+"""The server side every method shares: its setup's shape, node sampling, the checked reply path, robust
+aggregation, and the update-log strategy (LogStrategy) of the methods whose nodes keep the model.
 
-Both stay thin: the mathematics is in common.fedkrso.subspace, the wire format in common.fedkrso.wire.
+Each method's own strategy and setup live in its package (methods/<method>/server.py) and fill in only what
+is the method's: its instruction, its reply check, its update.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import TypeVar
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy import Strategy
+from torch import nn
 
 from common import robust
 from common.config import RunConfig
-from common.fedkrso.state import KrsoModel
-from common.fedkrso.subspace import LogEntry, apply_update, round_seeds
-from common.fedkrso.wire import pack_instruction, unpack_instruction, unpack_reply
-from common.fedkseed import kseed
-from common.fedkseed import wire as kseed_wire
-from common.fedkseed.kseed import KseedModel
-from common.fedspzo import spzo
-from common.fedspzo import wire as spzo_wire
-from common.fedspzo.spzo import SpzoModel
 from common.records import RunRecorder
 from common.robust import capped_weights
 from common.wire import (
     INSTRUCTION_REFUSED,
-    VALUE_BOUND,
     WireError,
     check_size,
-    checked_metrics,
     content_bytes,
-    reply_limit,
-    require,
     sync_only_round,
-    unpack_tensors,
 )
 from server_app import checkpoint
 
 T = TypeVar("T")
+
+
+@dataclass
+class ServerSetup:
+    model: nn.Module  # the global model, evaluated on the dev split
+    strategy: Strategy
+    initial: ArrayRecord  # what Strategy.start gets (empty for methods whose strategy holds the model)
+    load: Callable[[ArrayRecord], None] | None = None  # puts a round's global arrays into `model`, if needed
 
 
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
@@ -339,269 +336,3 @@ class LogStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round, replies) -> MetricRecord | None:
         return None
-
-
-class FedKRSO(LogStrategy):
-    """Round t: send K fresh seeds + the log entries each node lacks; average accumulators; apply; log."""
-
-    def __init__(self, cfg: RunConfig, km: KrsoModel, recorder: RunRecorder) -> None:
-        super().__init__(cfg, recorder)
-        self.km = km
-
-    def summary(self) -> None:
-        k = self.cfg.krso
-        log(
-            INFO,
-            "FedKRSO: K=%d seeds/round, rank r=%d, I=%d intervals x J=%d steps, %d target matrices",
-            k.k,
-            k.rank,
-            k.intervals,
-            self.cfg.interval_steps,
-            len(self.km.targets),
-        )
-
-    def _seeds(self, server_round: int) -> list[int]:
-        return round_seeds(self.cfg.seed, server_round, self.cfg.krso.k)
-
-    def instruction(self, server_round: int, missed: list) -> RecordDict:
-        return pack_instruction(server_round, self._seeds(server_round), missed, self.km.head_state())
-
-    def check_reply(self, content: RecordDict, server_round: int):
-        return unpack_reply(content, server_round, self.cfg.krso.k, self.km.shapes, self.km.head_shapes)
-
-    def max_reply_bytes(self) -> int:
-        k = self.cfg.krso.k
-        numbers = k * sum(math.prod(s) for s in self.km.shapes.values())
-        numbers += sum(math.prod(s) for s in self.km.head_shapes.values())
-        return reply_limit(4 * numbers, k * len(self.km.shapes) + len(self.km.head_shapes))
-
-    def empty_entry(self, server_round: int) -> LogEntry:
-        return LogEntry(server_round, tuple(self._seeds(server_round)), {})
-
-    def restore(self, content: RecordDict) -> list[LogEntry]:
-        ins = unpack_instruction(content, self.cfg.krso.k, self.km.shapes, self.km.head_shapes, self.cfg.seed)
-        for entry in ins.log:
-            apply_update(self.km.targets, entry.seeds, entry.bbar, self.cfg.krso.rank)
-        self.km.set_head(ins.head)
-        return ins.log
-
-    def global_tensors(self) -> dict[str, torch.Tensor]:
-        return {**self.km.target_weights(), **self.km.head}
-
-    def update(self, server_round: int, weights: list[float], replies: list) -> LogEntry:
-        # One update per reply: its accumulators (differences already) and its head (against the global head),
-        # clipped together; absent accumulators are zero updates (common.robust).
-        head = {("head", n): v for n, v in self.km.head_state().items()}
-        merged = self.combine(
-            server_round,
-            weights,
-            [{**r.accumulators, **{("head", n): v for n, v in r.head.items()}} for r in replies],
-            head,
-        )
-        bbar = {k: v for k, v in merged.items() if k[0] != "head"}
-        seeds = self._seeds(server_round)
-        apply_update(self.km.targets, seeds, bbar, self.cfg.krso.rank)  # W <- W + sum_k Bbar_k P_k
-        self.km.set_head({n: merged[("head", n)] for n in self.km.head})
-        return LogEntry(server_round, tuple(seeds), bbar)
-
-
-class FedSPZO(LogStrategy):
-    """Round t: send the round seed ρ_t (+ the log a node lacks); average the scalars per (step, perturbation); replay."""
-
-    def __init__(self, cfg: RunConfig, sm: SpzoModel, recorder: RunRecorder) -> None:
-        super().__init__(cfg, recorder)
-        self.sm = sm
-
-    def summary(self) -> None:
-        c = self.cfg
-        log(
-            INFO,
-            "FedSPZO: split at block %d (%d + %d perturbed numbers), P1=%d, P2=%d, %d steps, eps=%g, lr=%g",
-            self.sm.split.split_layer,
-            self.sm.pert1.numel if self.sm.pert1 else 0,
-            self.sm.pert2.numel,
-            c.spzo.p1,
-            c.spzo.p2,
-            c.train.local_steps,
-            c.zo.eps,
-            c.zo.lr,
-        )
-
-    def instruction(self, server_round: int, missed: list) -> RecordDict:
-        return spzo_wire.pack_instruction(
-            server_round, spzo.round_seed(self.cfg.seed, server_round), self.cfg.zo.lr, missed
-        )
-
-    def check_reply(self, content: RecordDict, server_round: int):
-        c = self.cfg
-        return spzo_wire.unpack_reply(content, server_round, c.spzo.p1, c.spzo.p2, c.train.local_steps, c.zo.eps)
-
-    def max_reply_bytes(self) -> int:
-        c = self.cfg
-        return reply_limit(4 * c.train.local_steps * (c.spzo.p1 + c.spzo.p2), 2)
-
-    def empty_entry(self, server_round: int) -> spzo.LogEntry:
-        c = self.cfg
-        rho = spzo.round_seed(c.seed, server_round)
-        return spzo.LogEntry(
-            server_round, rho, c.zo.lr, np.zeros((0, c.spzo.p1), np.float32), np.zeros((0, c.spzo.p2), np.float32)
-        )
-
-    def restore(self, content: RecordDict) -> list[spzo.LogEntry]:
-        c = self.cfg
-        entries = spzo_wire.unpack_instruction(content, c).log
-        for entry in entries:
-            spzo.replay(self.sm, entry)
-        return entries
-
-    def global_tensors(self) -> dict[str, torch.Tensor]:
-        return self.sm.params
-
-    def update(self, server_round: int, weights: list[float], replies: list) -> spzo.LogEntry:
-        g = self.combine(server_round, weights, [{"g1": r.g1, "g2": r.g2} for r in replies])  # per (step, pert.)
-        entry = spzo.LogEntry(
-            server_round, spzo.round_seed(self.cfg.seed, server_round), self.cfg.zo.lr, g["g1"], g["g2"]
-        )
-        spzo.replay(self.sm, entry)
-        return entry
-
-
-class FedKSeed(LogStrategy):
-    """Round t: send the log a node lacks (K candidate seeds are fixed); average G per seed; replay."""
-
-    def __init__(self, cfg: RunConfig, km: KseedModel, recorder: RunRecorder) -> None:
-        super().__init__(cfg, recorder)
-        self.km = km
-
-    def summary(self) -> None:
-        c = self.cfg
-        log(
-            INFO,
-            "FedKSeed: K=%d candidate seeds, %d perturbation(s)/step over %d numbers, %d steps, eps=%g, lr=%g",
-            c.kseed.k,
-            c.kseed.perturbations,
-            self.km.pert.numel,
-            c.train.local_steps,
-            c.zo.eps,
-            c.zo.lr,
-        )
-
-    def instruction(self, server_round: int, missed: list) -> RecordDict:
-        return kseed_wire.pack_instruction(server_round, self.cfg.zo.lr, missed)
-
-    def check_reply(self, content: RecordDict, server_round: int):
-        c = self.cfg
-        estimates = c.train.local_steps * c.kseed.perturbations
-        return kseed_wire.unpack_reply(content, server_round, c.kseed.k, c.zo.eps, estimates)
-
-    def max_reply_bytes(self) -> int:
-        return reply_limit(4 * self.cfg.kseed.k, 2)  # dense; sparse is smaller (8 B per seed used, < K/2 used)
-
-    def empty_entry(self, server_round: int) -> kseed.LogEntry:
-        return kseed.LogEntry(server_round, self.cfg.zo.lr, np.zeros(self.cfg.kseed.k, np.float32))
-
-    def restore(self, content: RecordDict) -> list[kseed.LogEntry]:
-        entries = kseed_wire.unpack_instruction(content, self.cfg).log
-        for entry in entries:
-            kseed.replay(self.km, entry, self.cfg.kseed.perturbations)
-        return entries
-
-    def global_tensors(self) -> dict[str, torch.Tensor]:
-        return self.km.params
-
-    def update(self, server_round: int, weights: list[float], replies: list) -> kseed.LogEntry:
-        # per candidate seed, absent = 0
-        g = self.combine(server_round, weights, [{"G": r.scalars} for r in replies])["G"]
-        entry = kseed.LogEntry(server_round, self.cfg.zo.lr, g)
-        kseed.replay(self.km, entry, self.cfg.kseed.perturbations)
-        return entry
-
-
-class RecordedFedAvg(FedAvg):
-    """Flower's own FedAvg, with the round's bytes and client metrics recorded and every reply checked first.
-
-    Replies go through checked_replies like every other method's: size, then each array decoded from its
-    bytes against the global arrays' keys and shapes (float32, finite, within VALUE_BOUND), then the metrics
-    (round, num-examples). The checked arrays are then aggregated like every other method's replies
-    (robust_aggregate: each reply's update around the global arrays bounded, the run's rule per tensor and
-    coordinate, the example weights capped), so an extra metric key, a renamed record or a list-valued metric
-    in a reply cannot reach the aggregation. Flower's FedAvg still draws up the messages.
-    """
-
-    def __init__(self, cfg: RunConfig, recorder: RunRecorder, **kwargs) -> None:
-        super().__init__(
-            fraction_train=cfg.fraction_train,
-            fraction_evaluate=0.0,
-            min_train_nodes=cfg.min_clients,
-            min_available_nodes=cfg.min_clients,
-            **kwargs,
-        )
-        self.cfg, self.recorder, self.aggregation = cfg, recorder, cfg.aggregation
-        self._rng = random.Random(cfg.seed)  # client sampling: choose_nodes, as every method
-        self._global: ArrayRecord | None = None
-        self._sent: list[Message] = []  # this round's instructions: the replies it may accept
-
-    def configure_train(self, server_round, arrays, config, grid):
-        """Flower's FedAvg.configure_train, with the nodes drawn by choose_nodes (seeded, checkpointed) instead of
-        Flower's sample_nodes (the unseeded global `random`)."""
-        self.recorder.begin_round(server_round)
-        self._global = arrays
-        chosen = choose_nodes(self._rng, grid, self.cfg)
-        config["server-round"] = server_round
-        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        messages = list(self._construct_messages(record, chosen, MessageType.TRAIN))
-        for m in messages:
-            self.recorder.add_down(content_bytes(m.content))
-        self._sent = messages
-        return messages
-
-    def _check(self, content: RecordDict, server_round: int, shapes: dict[str, tuple[int, ...]]):
-        n, metrics = checked_metrics(content, server_round)
-        arrays = unpack_tensors("arrays", require(content, "arrays", ArrayRecord), shapes, VALUE_BOUND)
-        return n, metrics, {k: v.numpy() for k, v in arrays.items()}
-
-    def aggregate_train(self, server_round, replies):
-        shapes = {key: tuple(int(d) for d in ref.shape) for key, ref in self._global.items()}
-        limit = reply_limit(4 * sum(math.prod(s) for s in shapes.values()), len(shapes))
-        checked, failures, rejected, bytes_up = checked_replies(
-            server_round, replies, lambda content: self._check(content, server_round, shapes), limit, self._sent
-        )
-        self.recorder.add_replies(bytes_up, [metrics for _, (_, metrics, _) in checked], failures, rejected)
-        if not checked:
-            return None, None
-        weights = capped_weights([n for _, (n, _, _) in checked], self.aggregation.weight_cap)
-        reference = {k: v.numpy() for k, v in self._global.items()}
-        try:  # the aggregate is the new global model itself: finite aggregate, finite model
-            merged = robust_aggregate(
-                self.cfg, self.recorder, server_round, [arrays for _, (_, _, arrays) in checked], weights, reference
-            )
-        except RoundFailed as exc:
-            fail_round(self.recorder, server_round, str(exc))
-            return None, None
-        aggregated = ArrayRecord({k: Array(v) for k, v in merged.items()})
-        total = sum(weights)
-        mean_loss = (
-            sum(w * m.get("train-loss", 0.0) for w, (_, (_, m, _)) in zip(weights, checked, strict=True)) / total
-        )
-        return aggregated, MetricRecord({"train-loss": mean_loss, "clients": len(checked)})
-
-    def state_dict(self) -> tuple[dict, dict]:
-        """The sampling RNG; the global arrays are Strategy.start's, which the checkpoint keeps beside."""
-        return {}, {"rng": checkpoint.rng_state(self._rng)}
-
-    def load_state_dict(self, tensors, state: dict, done: int, same_run: bool, segments=None) -> None:
-        if tensors or set(state) - {"rng"} or segments:
-            raise checkpoint.CheckpointError("the checkpoint holds a strategy state FedAvg does not have")
-        if "rng" in state:
-            checkpoint.set_rng_state(self._rng, state)
-        else:  # written before FedAvg drew its nodes with a seeded RNG (it used Flower's unseeded sampling)
-            log(
-                WARNING,
-                "the checkpoint holds no client-sampling state: sampling starts again from seed %d",
-                self.cfg.seed,
-            )
-
-
-def params_record(model: torch.nn.Module) -> ArrayRecord:
-    """Every parameter of the model (full fine-tuning sends all of them)."""
-    return ArrayRecord({n: p.detach() for n, p in model.named_parameters()})

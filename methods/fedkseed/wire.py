@@ -35,7 +35,6 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from common.config import RunConfig
-from common.fedkseed.kseed import LogEntry
 from common.wire import (
     WireError,
     checked_log_config,
@@ -47,6 +46,7 @@ from common.wire import (
     require,
     zo_scalar_bound,
 )
+from methods.fedkseed.kseed import LogEntry
 
 
 def pack_scalars(prefix: str, dense: np.ndarray) -> dict[str, Array]:

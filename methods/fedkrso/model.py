@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from common.config import RunConfig
-from common.fedkrso.subspace import find_targets, target_shapes
 from common.modeling import LoadedModel, TrainedHead, load_with_trainable_head
+from methods.fedkrso.subspace import find_targets, target_shapes
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""FedAvg-LoRA client: Flower FedAvg's exchange (see common.fedavg.client) on the LoRA matrices and head."""
+"""FedAvg-LoRA client: Flower FedAvg's exchange (see methods.fedavg.client) on the LoRA matrices and head."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Any
 from flwr.app import RecordDict
 
 from common.config import RunConfig
-from common.fedavg.client import train_params
-from common.lora.model import build
+from methods.fedavg.client import train_params
+from methods.fedavg_lora.model import build
 
 
 def train(content: RecordDict, cfg: RunConfig, node_config: dict[str, Any], run_id: int, node_id: int) -> RecordDict:

@@ -33,7 +33,6 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from common.config import RunConfig
-from common.fedspzo.spzo import LogEntry, round_seed
 from common.wire import (
     WireError,
     check_seeds,
@@ -47,6 +46,7 @@ from common.wire import (
     require,
     zo_scalar_bound,
 )
+from methods.fedspzo.spzo import LogEntry, round_seed
 
 
 def pack_instruction(server_round: int, rho: int, lr: float, log: Sequence[LogEntry]) -> RecordDict:

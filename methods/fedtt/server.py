@@ -1,7 +1,7 @@
 """FedTT and FedTT+ strategy: send the global adapters and the round's core selection, average what returns.
 
-Thin: the mathematics (aggregation, FedTT+'s selection rule) is in common.fedtt.tt, the wire format in
-common.fedtt.wire.
+Thin: the mathematics (aggregation, FedTT+'s selection rule) is in methods.fedtt.tt, the wire format in
+methods.fedtt.wire.
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ from flwr.serverapp.strategy import Strategy
 
 from common import robust
 from common.config import RunConfig
-from common.fedtt.model import TTModel
-from common.fedtt.tt import CoreKey, plus_selection, score_votes
-from common.fedtt.wire import pack_instruction, reply_payload, unpack_reply
 from common.records import RunRecorder
 from common.robust import capped_weights
 from common.wire import content_bytes, reply_limit
+from methods.fedtt.model import TTModel, build
+from methods.fedtt.tt import CoreKey, plus_selection, score_votes
+from methods.fedtt.wire import pack_instruction, reply_payload, unpack_reply
 from server_app import checkpoint
-from server_app.strategies import RoundFailed, checked_replies, choose_nodes, fail_round, robust_aggregate
+from server_app.base import RoundFailed, ServerSetup, checked_replies, choose_nodes, fail_round, robust_aggregate
 
 
 class FedTT(Strategy):
@@ -182,3 +182,9 @@ class FedTT(Strategy):
 
     def aggregate_evaluate(self, server_round, replies) -> MetricRecord | None:
         return None
+
+
+def setup(cfg: RunConfig, recorder: RunRecorder) -> ServerSetup:
+    """FedTT, or FedTT+ when the run's method is fedtt-plus (one setup for both variants)."""
+    tm = build(cfg)
+    return ServerSetup(tm.loaded.model, FedTT(cfg, tm, recorder, plus=cfg.method == "fedtt-plus"), ArrayRecord())

@@ -33,7 +33,6 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from common.fedkrso.subspace import Accumulators, LogEntry, round_seeds
 from common.wire import (
     VALUE_BOUND,
     WireError,
@@ -47,6 +46,7 @@ from common.wire import (
     require,
     unpack_tensors,
 )
+from methods.fedkrso.subspace import Accumulators, LogEntry, round_seeds
 
 
 def pack_instruction(

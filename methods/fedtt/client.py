@@ -12,11 +12,11 @@ from typing import Any
 from flwr.app import RecordDict
 
 from common.config import RunConfig
-from common.fedtt.model import build
-from common.fedtt.tt import gradient_scores
-from common.fedtt.wire import pack_reply, unpack_instruction
 from common.memory import PeakRSS
 from common.training import batch, client_data, dropout_seed, make_optimizer, step_batches, train_steps
+from methods.fedtt.model import build
+from methods.fedtt.tt import gradient_scores
+from methods.fedtt.wire import pack_reply, unpack_instruction
 
 
 def train(content: RecordDict, cfg: RunConfig, node_config: dict[str, Any], run_id: int, node_id: int) -> RecordDict:

@@ -1,7 +1,6 @@
-"""FedSPZO client: catch up by replaying the update log, run S split-perturbation steps, send the scalars.
+"""FedKSeed client: catch up by replaying the update log, run S zero-order steps over K seeds, send G.
 
-Forward passes only: no autograd graph, no optimizer state, no copy of the parameters. The node keeps the
-perturbed parameters of the global model on its disk (common.nodestore) between rounds.
+Forward passes only, like FedSPZO (methods/fedspzo/client.py), but every perturbation covers the whole model.
 """
 
 from __future__ import annotations
@@ -12,34 +11,35 @@ from typing import Any
 from flwr.app import RecordDict
 
 from common.config import RunConfig
-from common.fedspzo.spzo import build, local_update, replay
-from common.fedspzo.wire import pack_reply, unpack_instruction
 from common.memory import PeakRSS
 from common.nodestore import NodeStore, reach_round, state_dir, sync_reply
+from common.seeds import derive_seed
 from common.training import client_data, step_batches
 from common.zeroorder import fingerprint, mean_loss
+from methods.fedkseed.kseed import build, local_update, replay
+from methods.fedkseed.wire import pack_reply, unpack_instruction
 
 
 def train(content: RecordDict, cfg: RunConfig, node_config: dict[str, Any], run_id: int, node_id: int) -> RecordDict:
-    """The whole client side of one FedSPZO round (the ClientApp handler only dispatches here)."""
+    """The whole client side of one FedKSeed round (the ClientApp handler only dispatches here)."""
     with PeakRSS() as mem:
-        sm = build(cfg)
+        km = build(cfg)
         instr = unpack_instruction(content, cfg)
-        store = NodeStore(state_dir(node_config, run_id, node_id), "fedspzo-state", fingerprint(cfg, "fedspzo"))
-        ok, reached = reach_round(store, sm.params, instr.server_round, instr.log, lambda e: replay(sm, e))
+        store = NodeStore(state_dir(node_config, run_id, node_id), "fedkseed-state", fingerprint(cfg, "fedkseed"))
+        p = cfg.kseed.perturbations
+        ok, reached = reach_round(store, km.params, instr.server_round, instr.log, lambda e: replay(km, e, p))
         if not ok:
             return sync_reply(reached)  # the server resends the log from `reached` next time
         encoded, data_key = client_data(cfg, node_config)
         n = len(encoded["labels"])
         batches = step_batches(cfg, n, instr.server_round, data_key)
-        for pert in sm.perturbations:
-            pert.seconds = 0.0
+        km.pert.seconds = 0.0  # count local training only, not the catch-up
         start = time.perf_counter()
-        result = local_update(sm, cfg, instr.rho, instr.lr, encoded, batches)
+        pick = derive_seed("fedkseed-pick", cfg.seed, instr.server_round, data_key)
+        result = local_update(km, cfg, instr.lr, encoded, batches, pick)
         seconds = time.perf_counter() - start
     return pack_reply(
-        result.g1,
-        result.g2,
+        result.scalars,
         {
             "num-examples": n,
             "model-round": reached,
@@ -48,6 +48,6 @@ def train(content: RecordDict, cfg: RunConfig, node_config: dict[str, Any], run_
             "peak-rss-mb": mem.peak_mb,
             "local-steps": len(batches),
             **result.calls.metrics(),
-            "perturb-seconds": sum(pert.seconds for pert in sm.perturbations),
+            "perturb-seconds": km.pert.seconds,
         },
     )

@@ -13,13 +13,13 @@ from typing import Any
 from flwr.app import RecordDict
 
 from common.config import RunConfig
-from common.fedkrso.state import KrsoModel, build, fingerprint
-from common.fedkrso.subspace import Accumulators, Subspaces, apply_update
-from common.fedkrso.wire import pack_reply, unpack_instruction
 from common.memory import PeakRSS
 from common.nodestore import NodeStore, reach_round, state_dir, sync_reply
 from common.seeds import derive_seed
 from common.training import Encoded, client_data, dropout_seed, make_optimizer, step_batches, train_steps
+from methods.fedkrso.model import KrsoModel, build, fingerprint
+from methods.fedkrso.subspace import Accumulators, Subspaces, apply_update
+from methods.fedkrso.wire import pack_reply, unpack_instruction
 
 
 def local_update(

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from common.config import RunConfig
-from common.fedtt.tt import TTAdapters, find_sites
 from common.modeling import LoadedModel, TrainedHead, load_with_trainable_head
+from methods.fedtt.tt import TTAdapters, find_sites
 
 
 @dataclass
