@@ -17,6 +17,7 @@ from common.memory import PeakRSS
 from common.nodestore import NodeStore, reach_round, state_dir, sync_reply
 from common.seeds import derive_seed
 from common.training import Encoded, client_data, dropout_seed, make_optimizer, step_batches, train_steps
+from methods.fedkrso.config import interval_steps
 from methods.fedkrso.model import KrsoModel, build, fingerprint
 from methods.fedkrso.subspace import Accumulators, Subspaces, apply_update
 from methods.fedkrso.wire import pack_reply, unpack_instruction
@@ -32,7 +33,7 @@ def local_update(
     head_opt = make_optimizer(km.head.values(), cfg.train)  # the head's Adam state spans the round
     acc: Accumulators = {}
     losses: list[float] = []
-    j_steps = cfg.interval_steps
+    j_steps = interval_steps(cfg)
     try:
         for i in range(cfg.krso.intervals):
             j = i % len(seeds)

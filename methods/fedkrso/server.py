@@ -15,6 +15,7 @@ from flwr.common import log
 from common.config import RunConfig
 from common.records import RunRecorder
 from common.wire import reply_limit
+from methods.fedkrso.config import interval_steps
 from methods.fedkrso.model import KrsoModel, build
 from methods.fedkrso.subspace import LogEntry, apply_update, round_seeds
 from methods.fedkrso.wire import pack_instruction, unpack_instruction, unpack_reply
@@ -36,7 +37,7 @@ class FedKRSO(LogStrategy):
             k.k,
             k.rank,
             k.intervals,
-            self.cfg.interval_steps,
+            interval_steps(self.cfg),
             len(self.km.targets),
         )
 
