@@ -161,7 +161,99 @@ def fail_round(recorder: RunRecorder, server_round: int, reason: str) -> None:
     recorder.fail_round(reason)
 
 
-class LogStrategy(Strategy):
+def mean_train_loss(weights: list[float], metrics: list[dict]) -> float:
+    """The round's train-loss: the replies' losses weighted by their (capped) example weights."""
+    return sum(w * m.get("train-loss", 0.0) for w, m in zip(weights, metrics, strict=True)) / sum(weights)
+
+
+class RoundStrategy(Strategy):
+    """The round trip of every method whose strategy draws its own messages (all but FedAvg, which Flower's
+    FedAvg draws): choose this round's nodes (choose_nodes), send each its instruction, check every reply on the
+    one checked path (checked_replies), weigh the valid ones (capped example weights), apply their aggregate,
+    record the round. A method fills in `instructions`, `read_reply`, `reply_size_limit` and `apply` (and
+    `accept` and `unchanged` where it keeps more state). Malformed replies are rejected and counted; a round
+    without valid replies, or whose aggregate cannot be applied (RoundFailed), leaves the global model as it was.
+    Evaluation is the server's, on the dev split."""
+
+    def __init__(self, cfg: RunConfig, recorder: RunRecorder) -> None:
+        self.cfg, self.recorder = cfg, recorder
+        self._rng = random.Random(cfg.seed)  # client sampling: its state is checkpointed
+        self._sent: list[Message] = []  # this round's instructions: the replies it may accept
+
+    def instructions(self, server_round: int, nodes: list[int]) -> list[RecordDict]:
+        """This round's instruction to each of `nodes`, in their order."""
+        raise NotImplementedError
+
+    def read_reply(self, content: RecordDict, server_round: int):
+        """The checked reply (anything `accept` takes); raises WireError if malformed."""
+        raise NotImplementedError
+
+    def reply_size_limit(self, server_round: int) -> int:
+        """The size limit of one reply (common.wire.reply_limit of what an honest reply carries)."""
+        raise NotImplementedError
+
+    def accept(self, server_round: int, checked: list[tuple[int, object]]) -> list:
+        """The replies that carry an update (each with `num_examples` and `metrics`), from (node, reply) pairs."""
+        return [reply for _, reply in checked]
+
+    def apply(self, server_round: int, weights: list[float], replies: list) -> dict:
+        """Aggregate the replies (capped example weights; `combine`, which raises RoundFailed for a non-finite
+        aggregate) into the global model; returns the round's metrics beyond train-loss and clients."""
+        raise NotImplementedError
+
+    def unchanged(self, server_round: int) -> None:
+        """The round ends without an update (no valid reply, or RoundFailed)."""
+
+    def combine(self, server_round: int, weights: list[float], replies: list[dict], reference: dict | None = None):
+        return robust_aggregate(self.cfg, self.recorder, server_round, replies, weights, reference)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.recorder.begin_round(server_round)
+        chosen = choose_nodes(self._rng, grid, self.cfg)
+        messages = []
+        for node, content in zip(chosen, self.instructions(server_round, chosen), strict=True):
+            self.recorder.add_down(content_bytes(content))
+            messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
+        self._sent = messages
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        checked, failures, rejected, bytes_up = checked_replies(
+            server_round,
+            replies,
+            lambda content: self.read_reply(content, server_round),
+            self.reply_size_limit(server_round),
+            self._sent,
+        )
+        accepted = self.accept(server_round, checked)
+        metrics = [reply.metrics for reply in accepted]
+        self.recorder.add_replies(bytes_up, metrics, failures, rejected)
+        if not accepted:
+            log(WARNING, "round %d: no valid reply, the global model is unchanged", server_round)
+            self.unchanged(server_round)
+            return None, None
+        weights = capped_weights([r.num_examples for r in accepted], self.cfg.aggregation.weight_cap)
+        try:
+            extra = self.apply(server_round, weights, accepted)
+        except RoundFailed as exc:
+            fail_round(self.recorder, server_round, str(exc))
+            self.unchanged(server_round)
+            return None, None
+        loss = mean_train_loss(weights, metrics)
+        return ArrayRecord(), MetricRecord({"train-loss": loss, "clients": len(accepted), **extra})
+
+    def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
+        return []  # evaluation is server-side, on the dev split
+
+    def aggregate_evaluate(self, server_round, replies) -> MetricRecord | None:
+        return None
+
+
+class LogStrategy(RoundStrategy):
     """A strategy whose global update is compact and replayed by every node from an update log.
 
     The round trip is the same for FedKRSO, FedSPZO and FedKSeed: send each chosen node this round's
@@ -172,11 +264,9 @@ class LogStrategy(Strategy):
     """
 
     def __init__(self, cfg: RunConfig, recorder: RunRecorder) -> None:
-        self.cfg, self.recorder = cfg, recorder
+        super().__init__(cfg, recorder)
         self.log: list = []  # log[i] is the entry of round i + 1
         self.node_round: dict[int, int] = {}  # global round each node is known to hold (absent: 0)
-        self._rng = random.Random(cfg.seed)
-        self._sent: list[Message] = []  # this round's instructions: the replies it may accept
         # The update log on disk (server_app/checkpoint.py, "Update-log segments"): rounds 1.._written are in
         # _log_dir, the last one's digest is _log_head.
         self._log_dir = os.path.join(recorder.dir, checkpoint.LOG_DIR)
@@ -194,9 +284,6 @@ class LogStrategy(Strategy):
         non-finite aggregate), apply the update to the global model, return its log entry (what every node
         replays)."""
         raise NotImplementedError
-
-    def combine(self, server_round: int, weights: list[float], replies: list[dict], reference: dict | None = None):
-        return robust_aggregate(self.cfg, self.recorder, server_round, replies, weights, reference)
 
     def empty_entry(self, server_round: int):
         raise NotImplementedError
@@ -273,32 +360,20 @@ class LogStrategy(Strategy):
         # otherwise the next state_dict writes segments 1..done into this run's folder, the same digests again
         self.node_round = {int(n): r for n, r in node_round.items()} if same_run else {}
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        self.recorder.begin_round(server_round)
-        chosen = choose_nodes(self._rng, grid, self.cfg)
-        messages = []
-        for node in chosen:
-            content = self.instruction(server_round, self.log[self.node_round.get(node, 0) :])
-            self.recorder.add_down(content_bytes(content))
-            messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
-        self._sent = messages
-        return messages
+    def instructions(self, server_round: int, nodes: list[int]) -> list[RecordDict]:
+        return [self.instruction(server_round, self.log[self.node_round.get(node, 0) :]) for node in nodes]
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        def unpack(content: RecordDict):
-            held = sync_only_round(content)
-            if held is not None and held <= server_round - 1:
-                return "sync", held
-            return "reply", self.check_reply(content, server_round)
+    def reply_size_limit(self, server_round: int) -> int:
+        return self.max_reply_bytes()
 
-        checked, failures, rejected, bytes_up = checked_replies(
-            server_round, replies, unpack, self.max_reply_bytes(), self._sent
-        )
-        accepted, metrics = [], []
+    def read_reply(self, content: RecordDict, server_round: int):
+        held = sync_only_round(content)
+        if held is not None and held <= server_round - 1:
+            return "sync", held
+        return "reply", self.check_reply(content, server_round)
+
+    def accept(self, server_round: int, checked: list) -> list:
+        accepted = []
         for node, (kind, reply) in checked:
             if kind == "sync":  # the node holds an older round than we believed
                 self.node_round[node] = reply
@@ -306,33 +381,22 @@ class LogStrategy(Strategy):
                 continue
             self.node_round[node] = server_round - 1
             accepted.append(reply)
-            metrics.append(reply.metrics)
-        self.recorder.add_replies(bytes_up, metrics, failures, rejected)
-        if not accepted:
-            log(WARNING, "round %d: no valid reply, the global model is unchanged", server_round)
-            self.log.append(self.empty_entry(server_round))
-            return None, None
-        weights = capped_weights([r.num_examples for r in accepted], self.cfg.aggregation.weight_cap)
+        return accepted
+
+    def apply(self, server_round: int, weights: list[float], replies: list) -> dict:
         before = {k: v.detach().clone() for k, v in self.global_tensors().items()}
         try:
-            entry = self.update(server_round, weights, accepted)
+            entry = self.update(server_round, weights, replies)
             reason = robust.non_finite(self.global_tensors())
             if reason is not None:  # a finite update can still overflow the model it is applied to
                 raise RoundFailed(f"applied, {reason}")
-        except RoundFailed as exc:
+        except RoundFailed:
             with torch.no_grad():
                 for k, v in self.global_tensors().items():
                     v.copy_(before[k])
-            fail_round(self.recorder, server_round, str(exc))
-            self.log.append(self.empty_entry(server_round))
-            return None, None
+            raise
         self.log.append(entry)
-        total = sum(weights)
-        mean_loss = sum(w * r.metrics.get("train-loss", 0.0) for w, r in zip(weights, accepted, strict=True)) / total
-        return ArrayRecord(), MetricRecord({"train-loss": mean_loss, "clients": len(accepted)})
+        return {}
 
-    def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
-        return []  # evaluation is server-side, on the dev split
-
-    def aggregate_evaluate(self, server_round, replies) -> MetricRecord | None:
-        return None
+    def unchanged(self, server_round: int) -> None:
+        self.log.append(self.empty_entry(server_round))

@@ -1,4 +1,5 @@
-"""FedTT and FedTT+ strategy: send the global adapters and the round's core selection, average what returns.
+"""FedTT's and FedTT+'s server: the strategy (send the global adapters and the round's core selection, average
+what returns, on the shared round of server_app.base.RoundStrategy) and its setup.
 
 Thin: the mathematics (aggregation, FedTT+'s selection rule) is in methods.fedtt.tt, the wire format in
 methods.fedtt.wire.
@@ -6,39 +7,33 @@ methods.fedtt.wire.
 
 from __future__ import annotations
 
-import random
-from collections.abc import Iterable
-from logging import INFO, WARNING
+from logging import INFO
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
+from flwr.app import ArrayRecord, RecordDict
 from flwr.common import log
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
 
 from common import robust
 from common.config import RunConfig
 from common.records import RunRecorder
-from common.robust import capped_weights
-from common.wire import content_bytes, reply_limit
+from common.wire import reply_limit
 from methods.fedtt.model import TTModel, build
 from methods.fedtt.tt import CoreKey, plus_selection, score_votes
 from methods.fedtt.wire import pack_instruction, reply_payload, unpack_reply
 from server_app import checkpoint
-from server_app.base import RoundFailed, ServerSetup, checked_replies, choose_nodes, fail_round, robust_aggregate
+from server_app.base import RoundStrategy, ServerSetup
 
 
-class FedTT(Strategy):
+class FedTT(RoundStrategy):
     """FedTT (`plus=False`): every core trains and travels. FedTT+ (`plus=True`): the rule's cores only."""
 
     def __init__(self, cfg: RunConfig, tm: TTModel, recorder: RunRecorder, plus: bool) -> None:
-        self.cfg, self.tm, self.recorder, self.plus = cfg, tm, recorder, plus
+        super().__init__(cfg, recorder)
+        self.tm, self.plus = tm, plus
         self.shapes = tm.adapters.shapes()
         self.scores: dict[CoreKey, float] | None = None  # FedTT+: the last round's mean gradient scores
         self.selected: dict[int, list[CoreKey]] = {}  # round -> cores trained in it (kept for the records)
-        self._rng = random.Random(cfg.seed)
-        self._sent: list[Message] = []  # this round's instructions: the replies it may accept
 
     @property
     def want_scores(self) -> bool:
@@ -60,11 +55,8 @@ class FedTT(Strategy):
             else "",
         )
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        self.recorder.begin_round(server_round)
-        chosen = choose_nodes(self._rng, grid, self.cfg)
+    def instructions(self, server_round: int, nodes: list[int]) -> list[RecordDict]:
+        """The same instruction to every node: the round's core selection, every global core and the head."""
         t = self.cfg.tt
         selected = (
             plus_selection(self.tm.adapters, server_round, t.plus_rule, t.plus_cores, self.scores)
@@ -76,48 +68,29 @@ class FedTT(Strategy):
         content = pack_instruction(
             server_round, selected, self.tm.adapters.state(), self.tm.head_state(), self.want_scores
         )
-        messages = []
-        for node in chosen:
-            self.recorder.add_down(content_bytes(content))
-            messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
-        self._sent = messages
-        return messages
+        return [content] * len(nodes)
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def read_reply(self, content: RecordDict, server_round: int):
         selected = self.selected[server_round]
-        checked, failures, rejected, bytes_up = checked_replies(
-            server_round,
-            replies,
-            lambda content: unpack_reply(
-                content, server_round, selected, self.shapes, self.tm.head_shapes, self.want_scores
-            ),
-            reply_limit(*reply_payload(selected, self.shapes, self.tm.head_shapes, self.want_scores)),
-            self._sent,
+        return unpack_reply(content, server_round, selected, self.shapes, self.tm.head_shapes, self.want_scores)
+
+    def reply_size_limit(self, server_round: int) -> int:
+        return reply_limit(
+            *reply_payload(self.selected[server_round], self.shapes, self.tm.head_shapes, self.want_scores)
         )
-        accepted = [reply for _, reply in checked]
-        metrics = [reply.metrics for reply in accepted]
-        self.recorder.add_replies(bytes_up, metrics, failures, rejected)
-        if not accepted:
-            log(WARNING, "round %d: no valid reply, the global adapters are unchanged", server_round)
-            return None, None
-        weights = capped_weights([r.num_examples for r in accepted], self.cfg.aggregation.weight_cap)
+
+    def apply(self, server_round: int, weights: list[float], replies: list) -> dict:
+        selected = self.selected[server_round]
         # One update per reply: its trained cores and its head, against the global ones, bounded together.
         state = self.tm.adapters.state()
         reference = {**{k: state[k] for k in selected}, **{("head", n): v for n, v in self.tm.head_state().items()}}
-        try:  # the aggregate is the new global cores and head themselves: finite aggregate, finite model
-            merged = robust_aggregate(
-                self.cfg,
-                self.recorder,
-                server_round,
-                [{**r.cores, **{("head", n): v for n, v in r.head.items()}} for r in accepted],
-                weights,
-                reference,
-            )
-        except RoundFailed as exc:
-            fail_round(self.recorder, server_round, str(exc))
-            return None, None
+        # the aggregate is the new global cores and head themselves: finite aggregate (or RoundFailed), finite model
+        merged = self.combine(
+            server_round,
+            weights,
+            [{**r.cores, **{("head", n): v for n, v in r.head.items()}} for r in replies],
+            reference,
+        )
         self.tm.adapters.load({k: v for k, v in merged.items() if k[0] != "head"})
         self.tm.set_head({n: merged[("head", n)] for n in self.tm.head})
         if self.want_scores:
@@ -125,14 +98,10 @@ class FedTT(Strategy):
             # cores within a matrix), then combine by the run's rule without norm bounding: one client moves a
             # core's score by at most its weight share (mean), or not past the honest ones (robust rules).
             ag = self.cfg.aggregation
-            votes = [{k: np.float64(v) for k, v in score_votes(r.scores).items()} for r in accepted]
+            votes = [{k: np.float64(v) for k, v in score_votes(r.scores).items()} for r in replies]
             combined = robust.aggregate(votes, weights, rule=ag.rule, attackers=ag.attackers)
             self.scores = {k: float(v) for k, v in combined.items()}
-        total = sum(weights)
-        mean_loss = sum(w * r.metrics.get("train-loss", 0.0) for w, r in zip(weights, accepted, strict=True)) / total
-        return ArrayRecord(), MetricRecord(
-            {"train-loss": mean_loss, "clients": len(accepted), "trained-cores": len(selected)}
-        )
+        return {"trained-cores": len(selected)}
 
     def _record_selection(self, server_round: int, selected: list[CoreKey]) -> None:
         """One line per round in <records>/fedtt-selection.jsonl: which cores trained, how many numbers."""
@@ -176,12 +145,6 @@ class FedTT(Strategy):
             for row in scores
         )
         return rows_ok and all((row[0], row[1], row[2]) in self.shapes for row in scores)
-
-    def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
-        return []  # evaluation is server-side, on the dev split
-
-    def aggregate_evaluate(self, server_round, replies) -> MetricRecord | None:
-        return None
 
 
 def setup(cfg: RunConfig, recorder: RunRecorder) -> ServerSetup:
