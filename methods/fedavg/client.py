@@ -1,79 +1,50 @@
 """FedAvg full fine-tuning client: receive all weights, train all of them with Adam, send all back.
 
-Wire format (Flower FedAvg's): server -> client "arrays" (ArrayRecord: every parameter, float32) and
-"config" (server-round); client -> server "arrays" (same keys and shapes) and "metrics" (num-examples,
-model-round, train-loss, train-seconds, peak-rss-mb, local-steps). The client refuses (common.wire,
-"Instructions") a server-round that is not an int >= 1 and weights that are not finite or exceed 2 x
-VALUE_BOUND; it keeps no state, so a refusal changes nothing on the node. FedAvg-LoRA (methods.fedavg_lora) uses the same
-exchange on the LoRA parameters and the head only: `train_params` serves both.
+The wire format is methods/fedavg/wire.py. FedAvg-LoRA (methods/fedavg_lora) uses the same round on the LoRA
+parameters and the head only: `ParamsRound` serves both, with the method's `build`.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, MetricRecord, RecordDict
-from torch import nn
+from flwr.app import RecordDict
 
+from common.clientround import ClientRound, Local, Start, Trained
 from common.config import RunConfig
-from common.memory import PeakRSS
-from common.modeling import load_run_model
-from common.training import client_data, dropout_seed, make_optimizer, step_batches, train_steps
-from common.wire import VALUE_BOUND, checked_round_config, instruction_bound, pack_tensors, require, unpack_tensors
+from common.training import dropout_seed, make_optimizer, train_steps
+from methods.fedavg.model import Build, build
+from methods.fedavg.wire import pack_reply, unpack_instruction
 
 
-def train_params(
-    content: RecordDict,
-    cfg: RunConfig,
-    node_config: dict[str, Any],
-    build: Callable[[RunConfig], tuple[nn.Module, dict[str, nn.Parameter]]],
-) -> RecordDict:
+class ParamsRound(ClientRound):
     """Load the global values of the parameters `build` names, train those, send them back."""
-    with PeakRSS() as mem:
-        net, params = build(cfg)
-        _, server_round, _ = checked_round_config(content, with_log=False)
-        shapes = {n: tuple(p.shape) for n, p in params.items()}
-        weights = unpack_tensors(
-            "arrays", require(content, "arrays", ArrayRecord), shapes, instruction_bound(VALUE_BOUND)
-        )
+
+    def __init__(self, content: RecordDict, cfg: RunConfig, node_config: dict[str, Any], build: Build) -> None:
+        super().__init__(content, cfg, node_config)
+        self.build = build
+
+    def start(self) -> Start:
+        self.net, self.params = self.build(self.cfg)
+        shapes = {n: tuple(p.shape) for n, p in self.params.items()}
+        server_round, weights = unpack_instruction(self.content, shapes)
         with torch.no_grad():
-            for name, p in params.items():
+            for name, p in self.params.items():
                 p.copy_(weights.pop(name))
-        del weights
-        encoded, data_key = client_data(cfg, node_config)
-        n = len(encoded["labels"])
-        batches = step_batches(cfg, n, server_round, data_key)
-        start = time.perf_counter()
-        optimizer = make_optimizer(params.values(), cfg.train)
-        losses = train_steps(net, encoded, batches, [optimizer], dropout_seed(cfg, server_round, data_key))
-        seconds = time.perf_counter() - start
-        reply = RecordDict(
-            {
-                "arrays": pack_tensors(params),
-                "metrics": MetricRecord(
-                    {
-                        "num-examples": n,
-                        "model-round": server_round - 1,
-                        "train-loss": sum(losses) / len(losses),
-                        "train-seconds": seconds,
-                        "local-steps": len(losses),
-                    }
-                ),
-            }
-        )
-    reply["metrics"]["peak-rss-mb"] = mem.peak_mb
-    return reply
+        return Start(server_round, server_round - 1)
 
+    def train(self, local: Local) -> Trained:
+        optimizer = make_optimizer(self.params.values(), self.cfg.train)
+        dropout = dropout_seed(self.cfg, local.server_round, local.data_key)
+        losses = train_steps(self.net, local.encoded, local.batches, [optimizer], dropout)
+        return Trained(self.params, sum(losses) / len(losses), len(losses))
 
-def _full_model(cfg: RunConfig) -> tuple[nn.Module, dict[str, nn.Parameter]]:
-    net = load_run_model(cfg).model
-    return net, dict(net.named_parameters())
+    def reply(self, trained: Trained, metrics: dict[str, float]) -> RecordDict:
+        return pack_reply(trained.update, metrics)
 
 
 def train(
     content: RecordDict, cfg: RunConfig, node_config: dict[str, Any], run_id: int = 0, node_id: int = 0
 ) -> RecordDict:
-    return train_params(content, cfg, node_config, _full_model)
+    return ParamsRound(content, cfg, node_config, build).run()

@@ -5,7 +5,6 @@ FedAvg-LoRA (methods/fedavg_lora) uses the same strategy on its LoRA matrices an
 
 from __future__ import annotations
 
-import math
 import random
 from logging import WARNING
 
@@ -15,12 +14,21 @@ from flwr.common import log
 from flwr.serverapp.strategy import FedAvg
 
 from common.config import RunConfig
-from common.modeling import load_run_model
 from common.records import RunRecorder
 from common.robust import capped_weights
-from common.wire import VALUE_BOUND, checked_metrics, content_bytes, reply_limit, require, unpack_tensors
+from common.wire import content_bytes
+from methods.fedavg.model import Build, build
+from methods.fedavg.wire import max_reply_bytes, unpack_reply
 from server_app import checkpoint
-from server_app.base import RoundFailed, ServerSetup, checked_replies, choose_nodes, fail_round, robust_aggregate
+from server_app.base import (
+    RoundFailed,
+    ServerSetup,
+    checked_replies,
+    choose_nodes,
+    fail_round,
+    mean_train_loss,
+    robust_aggregate,
+)
 
 
 class RecordedFedAvg(FedAvg):
@@ -61,16 +69,14 @@ class RecordedFedAvg(FedAvg):
         self._sent = messages
         return messages
 
-    def _check(self, content: RecordDict, server_round: int, shapes: dict[str, tuple[int, ...]]):
-        n, metrics = checked_metrics(content, server_round)
-        arrays = unpack_tensors("arrays", require(content, "arrays", ArrayRecord), shapes, VALUE_BOUND)
-        return n, metrics, {k: v.numpy() for k, v in arrays.items()}
-
     def aggregate_train(self, server_round, replies):
         shapes = {key: tuple(int(d) for d in ref.shape) for key, ref in self._global.items()}
-        limit = reply_limit(4 * sum(math.prod(s) for s in shapes.values()), len(shapes))
         checked, failures, rejected, bytes_up = checked_replies(
-            server_round, replies, lambda content: self._check(content, server_round, shapes), limit, self._sent
+            server_round,
+            replies,
+            lambda content: unpack_reply(content, server_round, shapes),
+            max_reply_bytes(shapes),
+            self._sent,
         )
         self.recorder.add_replies(bytes_up, [metrics for _, (_, metrics, _) in checked], failures, rejected)
         if not checked:
@@ -85,10 +91,7 @@ class RecordedFedAvg(FedAvg):
             fail_round(self.recorder, server_round, str(exc))
             return None, None
         aggregated = ArrayRecord({k: Array(v) for k, v in merged.items()})
-        total = sum(weights)
-        mean_loss = (
-            sum(w * m.get("train-loss", 0.0) for w, (_, (_, m, _)) in zip(weights, checked, strict=True)) / total
-        )
+        mean_loss = mean_train_loss(weights, [metrics for _, (_, metrics, _) in checked])
         return aggregated, MetricRecord({"train-loss": mean_loss, "clients": len(checked)})
 
     def state_dict(self) -> tuple[dict, dict]:
@@ -108,15 +111,20 @@ class RecordedFedAvg(FedAvg):
             )
 
 
-def params_record(model: torch.nn.Module) -> ArrayRecord:
-    """Every parameter of the model (full fine-tuning sends all of them)."""
-    return ArrayRecord({n: p.detach() for n, p in model.named_parameters()})
+def params_setup(cfg: RunConfig, recorder: RunRecorder, build: Build) -> ServerSetup:
+    """The server model `build` makes, and FedAvg's strategy on the parameters it names (FedAvg: all of them;
+    FedAvg-LoRA: the LoRA matrices and the head)."""
+    model, params = build(cfg)
+
+    def load(arrays: ArrayRecord) -> None:
+        with torch.no_grad():
+            for name, value in arrays.to_torch_state_dict().items():
+                params[name].copy_(value)
+
+    return ServerSetup(
+        model, RecordedFedAvg(cfg, recorder), ArrayRecord({n: p.detach() for n, p in params.items()}), load
+    )
 
 
 def setup(cfg: RunConfig, recorder: RunRecorder) -> ServerSetup:
-    model = load_run_model(cfg).model
-
-    def load(arrays: ArrayRecord) -> None:
-        model.load_state_dict(arrays.to_torch_state_dict(), strict=False)
-
-    return ServerSetup(model, RecordedFedAvg(cfg, recorder), params_record(model), load)
+    return params_setup(cfg, recorder, build)

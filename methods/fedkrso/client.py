@@ -7,16 +7,14 @@ state, trains on a copy in memory, and sends only its per-seed accumulators and 
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from flwr.app import RecordDict
 
+from common.clientround import ClientRound, Local, Start, Trained
 from common.config import RunConfig
-from common.memory import PeakRSS
-from common.nodestore import NodeStore, reach_round, state_dir, sync_reply
 from common.seeds import derive_seed
-from common.training import Encoded, client_data, dropout_seed, make_optimizer, step_batches, train_steps
+from common.training import Encoded, dropout_seed, make_optimizer, train_steps
 from methods.fedkrso.config import interval_steps
 from methods.fedkrso.model import KrsoModel, build, fingerprint
 from methods.fedkrso.subspace import Accumulators, Subspaces, apply_update
@@ -49,38 +47,32 @@ def local_update(
     return acc, losses
 
 
-def train(content: RecordDict, cfg: RunConfig, node_config: dict[str, Any], run_id: int, node_id: int) -> RecordDict:
-    """The whole client side of one FedKRSO round (the ClientApp handler only dispatches here)."""
-    with PeakRSS() as mem:
-        km = build(cfg)
-        instr = unpack_instruction(content, cfg.krso.k, km.shapes, km.head_shapes, cfg.seed)
-        store = NodeStore(state_dir(node_config, run_id, node_id), "fedkrso-state", fingerprint(cfg))
-        ok, reached = reach_round(
-            store,
+class KrsoRound(ClientRound):
+    def start(self) -> Start:
+        cfg = self.cfg
+        self.km = km = build(cfg)
+        self.instr = instr = unpack_instruction(self.content, cfg.krso.k, km.shapes, km.head_shapes, cfg.seed)
+        begun = self.catch_up(
+            "fedkrso-state",
+            fingerprint(cfg),
             km.target_weights(),
             instr.server_round,
             instr.log,
             lambda e: apply_update(km.targets, e.seeds, e.bbar, cfg.krso.rank),
         )
-        if not ok:
-            return sync_reply(reached)  # the server resends the log from `reached` next time
-        km.set_head(instr.head)
-        encoded, data_key = client_data(cfg, node_config)
-        n = len(encoded["labels"])
-        batches = step_batches(cfg, n, instr.server_round, data_key)
-        start = time.perf_counter()
-        dropout = dropout_seed(cfg, instr.server_round, data_key)
-        acc, losses = local_update(km, cfg, instr.seeds, encoded, batches, dropout)
-        seconds = time.perf_counter() - start
-    return pack_reply(
-        acc,
-        km.head_state(),
-        {
-            "num-examples": n,
-            "model-round": reached,
-            "train-loss": sum(losses) / len(losses),
-            "train-seconds": seconds,
-            "peak-rss-mb": mem.peak_mb,
-            "local-steps": len(losses),
-        },
-    )
+        if begun.caught_up:
+            km.set_head(instr.head)
+        return begun
+
+    def train(self, local: Local) -> Trained:
+        dropout = dropout_seed(self.cfg, local.server_round, local.data_key)
+        acc, losses = local_update(self.km, self.cfg, self.instr.seeds, local.encoded, local.batches, dropout)
+        return Trained(acc, sum(losses) / len(losses), len(losses))
+
+    def reply(self, trained: Trained, metrics: dict[str, float]) -> RecordDict:
+        return pack_reply(trained.update, self.km.head_state(), metrics)
+
+
+def train(content: RecordDict, cfg: RunConfig, node_config: dict[str, Any], run_id: int, node_id: int) -> RecordDict:
+    """The whole client side of one FedKRSO round (the ClientApp handler only dispatches here)."""
+    return KrsoRound(content, cfg, node_config, run_id, node_id).run()

@@ -5,49 +5,36 @@ Forward passes only, like FedSPZO (methods/fedspzo/client.py), but every perturb
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from flwr.app import RecordDict
 
+from common.clientround import ClientRound, Local, Start, Trained
 from common.config import RunConfig
-from common.memory import PeakRSS
-from common.nodestore import NodeStore, reach_round, state_dir, sync_reply
 from common.seeds import derive_seed
-from common.training import client_data, step_batches
 from common.zeroorder import fingerprint, mean_loss
 from methods.fedkseed.kseed import build, local_update, replay
 from methods.fedkseed.wire import pack_reply, unpack_instruction
 
 
+class KseedRound(ClientRound):
+    def start(self) -> Start:
+        self.km = km = build(self.cfg)
+        self.instr = instr = unpack_instruction(self.content, self.cfg)
+        fp, p = fingerprint(self.cfg, "fedkseed"), self.cfg.kseed.perturbations
+        return self.catch_up("fedkseed-state", fp, km.params, instr.server_round, instr.log, lambda e: replay(km, e, p))
+
+    def train(self, local: Local) -> Trained:
+        self.km.pert.seconds = 0.0  # count local training only, not the catch-up
+        pick = derive_seed("fedkseed-pick", self.cfg.seed, local.server_round, local.data_key)
+        result = local_update(self.km, self.cfg, self.instr.lr, local.encoded, local.batches, pick)
+        metrics = {**result.calls.metrics(), "perturb-seconds": self.km.pert.seconds}
+        return Trained(result.scalars, mean_loss(result.losses), len(local.batches), metrics)
+
+    def reply(self, trained: Trained, metrics: dict[str, float]) -> RecordDict:
+        return pack_reply(trained.update, metrics)
+
+
 def train(content: RecordDict, cfg: RunConfig, node_config: dict[str, Any], run_id: int, node_id: int) -> RecordDict:
     """The whole client side of one FedKSeed round (the ClientApp handler only dispatches here)."""
-    with PeakRSS() as mem:
-        km = build(cfg)
-        instr = unpack_instruction(content, cfg)
-        store = NodeStore(state_dir(node_config, run_id, node_id), "fedkseed-state", fingerprint(cfg, "fedkseed"))
-        p = cfg.kseed.perturbations
-        ok, reached = reach_round(store, km.params, instr.server_round, instr.log, lambda e: replay(km, e, p))
-        if not ok:
-            return sync_reply(reached)  # the server resends the log from `reached` next time
-        encoded, data_key = client_data(cfg, node_config)
-        n = len(encoded["labels"])
-        batches = step_batches(cfg, n, instr.server_round, data_key)
-        km.pert.seconds = 0.0  # count local training only, not the catch-up
-        start = time.perf_counter()
-        pick = derive_seed("fedkseed-pick", cfg.seed, instr.server_round, data_key)
-        result = local_update(km, cfg, instr.lr, encoded, batches, pick)
-        seconds = time.perf_counter() - start
-    return pack_reply(
-        result.scalars,
-        {
-            "num-examples": n,
-            "model-round": reached,
-            "train-loss": mean_loss(result.losses),
-            "train-seconds": seconds,
-            "peak-rss-mb": mem.peak_mb,
-            "local-steps": len(batches),
-            **result.calls.metrics(),
-            "perturb-seconds": km.pert.seconds,
-        },
-    )
+    return KseedRound(content, cfg, node_config, run_id, node_id).run()

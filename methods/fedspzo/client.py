@@ -6,48 +6,37 @@ perturbed parameters of the global model on its disk (common.nodestore) between 
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from flwr.app import RecordDict
 
+from common.clientround import ClientRound, Local, Start, Trained
 from common.config import RunConfig
-from common.memory import PeakRSS
-from common.nodestore import NodeStore, reach_round, state_dir, sync_reply
-from common.training import client_data, step_batches
 from common.zeroorder import fingerprint, mean_loss
 from methods.fedspzo.spzo import build, local_update, replay
 from methods.fedspzo.wire import pack_reply, unpack_instruction
 
 
+class SpzoRound(ClientRound):
+    def start(self) -> Start:
+        self.sm = sm = build(self.cfg)
+        self.instr = instr = unpack_instruction(self.content, self.cfg)
+        fp = fingerprint(self.cfg, "fedspzo")
+        return self.catch_up("fedspzo-state", fp, sm.params, instr.server_round, instr.log, lambda e: replay(sm, e))
+
+    def train(self, local: Local) -> Trained:
+        for pert in self.sm.perturbations:
+            pert.seconds = 0.0  # count local training only, not the catch-up
+        result = local_update(self.sm, self.cfg, self.instr.rho, self.instr.lr, local.encoded, local.batches)
+        perturb = sum(pert.seconds for pert in self.sm.perturbations)
+        return Trained(
+            result, mean_loss(result.losses), len(local.batches), {**result.calls.metrics(), "perturb-seconds": perturb}
+        )
+
+    def reply(self, trained: Trained, metrics: dict[str, float]) -> RecordDict:
+        return pack_reply(trained.update.g1, trained.update.g2, metrics)
+
+
 def train(content: RecordDict, cfg: RunConfig, node_config: dict[str, Any], run_id: int, node_id: int) -> RecordDict:
     """The whole client side of one FedSPZO round (the ClientApp handler only dispatches here)."""
-    with PeakRSS() as mem:
-        sm = build(cfg)
-        instr = unpack_instruction(content, cfg)
-        store = NodeStore(state_dir(node_config, run_id, node_id), "fedspzo-state", fingerprint(cfg, "fedspzo"))
-        ok, reached = reach_round(store, sm.params, instr.server_round, instr.log, lambda e: replay(sm, e))
-        if not ok:
-            return sync_reply(reached)  # the server resends the log from `reached` next time
-        encoded, data_key = client_data(cfg, node_config)
-        n = len(encoded["labels"])
-        batches = step_batches(cfg, n, instr.server_round, data_key)
-        for pert in sm.perturbations:
-            pert.seconds = 0.0
-        start = time.perf_counter()
-        result = local_update(sm, cfg, instr.rho, instr.lr, encoded, batches)
-        seconds = time.perf_counter() - start
-    return pack_reply(
-        result.g1,
-        result.g2,
-        {
-            "num-examples": n,
-            "model-round": reached,
-            "train-loss": mean_loss(result.losses),
-            "train-seconds": seconds,
-            "peak-rss-mb": mem.peak_mb,
-            "local-steps": len(batches),
-            **result.calls.metrics(),
-            "perturb-seconds": sum(pert.seconds for pert in sm.perturbations),
-        },
-    )
+    return SpzoRound(content, cfg, node_config, run_id, node_id).run()
