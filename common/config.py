@@ -41,7 +41,7 @@ class EvalConfig:
 
 
 # Settings whose right value depends on the method. Their shipped value is "auto", which parse_run_config
-# replaces by the method's value (MethodSpec.defaults in common/methods.py), so a run at the defaults trains as
+# replaces by the method's value (its MethodSpec.defaults, methods/<method>/__init__.py), so a run at the defaults trains as
 # the benchmark (bench/run.py, which reads the same values) does; a number given by the user overrides it. Only
 # the resolved number reaches the records and the checkpoint, so a run says what it used and resume compares
 # numbers, not spellings. Every method sets the same keys (register_method refuses one that does not).
