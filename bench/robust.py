@@ -42,13 +42,13 @@ sys.path.insert(0, ROOT)
 from bench.run import write_json  # noqa: E402
 from common.config import parse_run_config  # noqa: E402
 from common.evaluation import evaluate  # noqa: E402
-from common.fedtt.wire import _pack_cores  # noqa: E402
 from common.methods import METHODS, get_method  # noqa: E402
 from common.nodestore import STATE_DIR_ENV  # noqa: E402
 from common.records import RunRecorder  # noqa: E402
 from common.tasks import get_task  # noqa: E402
 from common.training import dev_encoded  # noqa: E402
 from common.wire import VALUE_BOUND, zo_scalar_bound  # noqa: E402
+from methods.fedtt.wire import _pack_cores  # noqa: E402
 from server_app.app import build_setup  # noqa: E402
 
 DOCS = os.path.join(ROOT, "docs")

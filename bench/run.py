@@ -331,10 +331,10 @@ def child_probe(spec: dict) -> dict:
 
 def child_contraction(spec: dict) -> dict:
     """Microseconds to contract one 384 x 64 TT matrix (rank 4) to dense and back-propagate through it: ours
-    (common.fedtt.tt.tt_to_matrix) and tensorly's tt_to_tensor where tensorly is installed."""
+    (methods.fedtt.tt.tt_to_matrix) and tensorly's tt_to_tensor where tensorly is installed."""
     import torch
 
-    from common.fedtt.tt import core_shapes, init_cores, mode_sizes, tt_to_matrix
+    from methods.fedtt.tt import core_shapes, init_cores, mode_sizes, tt_to_matrix
 
     torch.set_num_threads(1)
     shapes = core_shapes(mode_sizes(384, 64), 4)

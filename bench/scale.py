@@ -653,7 +653,7 @@ NOTES = """## Reading the figures
   it; the catch-up figure measures what the strategy sends, so it changes by itself when the snapshot lands.
 - The weighted mean streams (common.robust.WeightedMean): given replies one at a time it holds one reply and
   8 bytes per aggregated number. The strategies do not give it replies one at a time yet: they decode and
-  check every reply first (server_app/strategies.py `checked_replies`), and Flower's `Strategy.start` hands
+  check every reply first (server_app/base.py `checked_replies`), and Flower's `Strategy.start` hands
   them a list of every reply message, so a round's server memory still grows with its replies. The robust
   rules (trimmed-mean, median) need all n values of each coordinate: n x the update, plus one key's n values
   stacked while it is sorted.

@@ -22,10 +22,10 @@ import torch
 
 from common.config import parse_run_config
 from common.evaluation import evaluate
-from common.fedkseed import kseed
-from common.fedspzo import spzo
 from common.tasks import get_task
 from common.training import batch_indices, client_data, dev_encoded
+from methods.fedkseed import kseed
+from methods.fedspzo import spzo
 
 
 def _value(text: str) -> int | float | str:

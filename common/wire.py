@@ -236,7 +236,7 @@ def log_first(log, server_round: int) -> int:
 #   and equal to the node's own zo.lr. η is constant for a run (replay needs it; common.config) and zo.lr
 #   cannot change on resume (common.config.check_resume), so any other η is not the server's.
 # - Seeds (FedKRSO's K seeds of a round, FedSPZO's round seed ρ_t): equal to what the node derives itself
-#   from the run seed and the round (common.fedkrso.subspace.round_seeds, common.fedspzo.spzo.round_seed). A
+#   from the run seed and the round (methods.fedkrso.subspace.round_seeds, methods.fedspzo.spzo.round_seed). A
 #   replaced seed would make the node apply an update in another subspace than the server did, and drift.
 # - After a node applies the log entries it lacks, its model must be finite (common.nodestore.reach_round),
 #   else nothing is saved and the instruction is refused.

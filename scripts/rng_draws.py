@@ -18,10 +18,10 @@ import sys
 import torch
 from torch import nn
 
-from common.fedkrso.subspace import projection
-from common.fedtt.tt import core_shapes, init_cores, mode_sizes
-from common.lora.model import init_lora_a
 from common.zeroorder import Perturbation
+from methods.fedavg_lora.model import init_lora_a
+from methods.fedkrso.subspace import projection
+from methods.fedtt.tt import core_shapes, init_cores, mode_sizes
 
 # (seed, target name, r, d_in): MiniLM's shapes, another rank and a width that is not a multiple of 8 or 16
 PROJECTIONS = [

@@ -28,10 +28,10 @@ import time
 
 import torch
 
-from common.fedkrso.subspace import find_targets, projection, projection_seed
 from common.modeling import default_model_path, load_model
 from common.seeds import derive_seed
 from common.zeroorder import Perturbation, zo_parameters
+from methods.fedkrso.subspace import find_targets, projection, projection_seed
 from scripts.arm64_emulation import ROOT, EmulationUnavailable, emulated_python, run_arm64
 
 OUT = os.path.join(ROOT, "docs", "results-rng.md")

@@ -1,6 +1,6 @@
 """ServerApp: validate the run config, build the method's strategy, run it, write the records.
 
-Each method's registry entry (common/methods.py) names its `setup` function (server_app/setups.py): it builds
+Each method's registry entry (common/methods.py) names its `setup` function (methods/<method>/server.py): it builds
 the server's model and strategy. The ServerApp itself knows nothing of any method.
 """
 
@@ -21,7 +21,7 @@ from common.records import RunRecorder, format_table
 from common.tasks import get_task
 from common.training import dev_encoded
 from server_app import checkpoint
-from server_app.setups import ServerSetup
+from server_app.base import ServerSetup
 
 app = ServerApp()
 

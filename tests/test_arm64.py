@@ -74,15 +74,15 @@ def _instruction(setup, server_round, node):
 
 def _held(cfg, node_config, node):
     """The global model a node holds on its disk (replayed methods)."""
-    from common.fedkrso.state import build as krso_build
-    from common.fedkrso.state import fingerprint as krso_fingerprint
     from common.zeroorder import fingerprint
+    from methods.fedkrso.model import build as krso_build
+    from methods.fedkrso.model import fingerprint as krso_fingerprint
 
     if cfg.method == "fedkrso":
         tensors, fp = krso_build(cfg).target_weights(), krso_fingerprint(cfg)
     else:
-        from common.fedkseed.kseed import build as kseed_build
-        from common.fedspzo.spzo import build as spzo_build
+        from methods.fedkseed.kseed import build as kseed_build
+        from methods.fedspzo.spzo import build as spzo_build
 
         tensors = (spzo_build if cfg.method == "fedspzo" else kseed_build)(cfg).params
         fp = fingerprint(cfg, cfg.method)

@@ -11,9 +11,13 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from common.config import ConfigError, parse_run_config
-from common.fedtt import client as tc
-from common.fedtt.model import build
-from common.fedtt.tt import (
+from common.modeling import load_model
+from common.records import RunRecorder
+from common.wire import content_bytes
+from methods.fedtt import client as tc
+from methods.fedtt.model import build
+from methods.fedtt.server import FedTT
+from methods.fedtt.tt import (
     aggregate,
     core_shapes,
     init_cores,
@@ -21,11 +25,7 @@ from common.fedtt.tt import (
     plus_selection,
     tt_to_matrix,
 )
-from common.fedtt.wire import unpack_instruction
-from common.modeling import load_model
-from common.records import RunRecorder
-from common.wire import content_bytes
-from server_app.fedtt import FedTT
+from methods.fedtt.wire import unpack_instruction
 from tests.fakes import NodeList, client_reply
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -254,8 +254,8 @@ def test_malformed_core_replies_are_rejected_and_the_round_goes_on(tiny_bert, gl
 
 @pytest.mark.integration
 def test_fedavg_lora_round_and_bytes_against_fedtt(tiny_bert, tiny_llama, glue_dir, tmp_path):
-    from common.lora import client as lc
-    from common.lora.model import build as build_lora
+    from methods.fedavg_lora import client as lc
+    from methods.fedavg_lora.model import build as build_lora
     from server_app.app import build_setup
 
     cfg = make_cfg(tiny_bert, glue_dir, tmp_path, method="fedavg-lora")

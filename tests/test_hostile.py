@@ -312,7 +312,7 @@ def test_an_extra_metric_key_is_ignored_not_fatal(method, tiny_bert, glue_dir, t
 
 @pytest.mark.unit
 def test_fedkrso_refuses_aliased_accumulator_keys():
-    from common.fedkrso.wire import pack_reply, unpack_reply
+    from methods.fedkrso.wire import pack_reply, unpack_reply
 
     shapes = {"a.w": (3, 2)}
     reply = pack_reply({(1, "a.w"): torch.ones(3, 2)}, {}, {"num-examples": 4, "model-round": 0})
@@ -580,7 +580,7 @@ def test_an_update_that_overflows_the_model_is_rolled_back(tiny_bert, glue_dir, 
     """A finite aggregate can still overflow the weights it is added to (FedKRSO: W + sum_k Bbar_k P_k): the
     server's model goes back to the round before, bit for bit, the round is failed, and it logs an empty
     update, so the nodes' next round starts from the same model as the server's."""
-    import server_app.strategies as strategies
+    import methods.fedkrso.server as strategies
 
     run = Run("fedkrso", tiny_bert, glue_dir, tmp_path)
     w0 = run.weights()

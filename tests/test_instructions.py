@@ -133,7 +133,7 @@ def store_of(run: Run) -> tuple[NodeStore, dict[str, torch.Tensor]]:
     """Node 103's NodeStore and the server's tensors it must equal (log methods only)."""
     strategy, cfg = run.setup.strategy, run.cfg
     if cfg.method == "fedkrso":
-        from common.fedkrso.state import fingerprint
+        from methods.fedkrso.model import fingerprint
 
         fp, tensors = fingerprint(cfg), strategy.km.target_weights()
     else:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from common.fedkrso.subspace import (
+from methods.fedkrso.subspace import (
     Subspaces,
     aggregate,
     apply_update,
@@ -27,7 +27,7 @@ def test_projection_is_deterministic_within_and_across_processes():
     assert p.shape == (8, 384) and p.dtype == torch.float32
     assert torch.equal(p, projection(1234, "bert.encoder.layer.0.attention.self.query", 8, 384))
     code = (
-        "import hashlib,sys;sys.path.insert(0,'.');from common.fedkrso.subspace import projection;"
+        "import hashlib,sys;sys.path.insert(0,'.');from methods.fedkrso.subspace import projection;"
         "print(hashlib.sha256(projection(1234,'bert.encoder.layer.0.attention.self.query',8,384).numpy().tobytes()).hexdigest())"
     )
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()

@@ -14,12 +14,12 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from common.config import parse_run_config
-from common.fedkrso import client as kc
-from common.fedkrso.state import build, fingerprint
-from common.fedkrso.wire import unpack_instruction
 from common.nodestore import STATE_DIR_ENV, NodeStore, state_dir
 from common.records import RunRecorder
-from server_app.strategies import FedKRSO
+from methods.fedkrso import client as kc
+from methods.fedkrso.model import build, fingerprint
+from methods.fedkrso.server import FedKRSO
+from methods.fedkrso.wire import unpack_instruction
 from tests.fakes import NodeList, client_reply
 from tests.test_nodestore import DAMAGE, damage
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import importlib
 import sys
 from pathlib import Path
 
@@ -78,19 +79,19 @@ def test_registration_refuses_what_could_not_run(registry):
     with pytest.raises(MethodError, match="lowercase"):
         register_method(eighth(name="FedAvg_Copy"))
     with pytest.raises(MethodError, match="server_setup must be 'module:function'"):
-        register_method(eighth(server_setup="server_app.setups.fedavg"))
+        register_method(eighth(server_setup="methods.fedavg.server.setup"))
     with pytest.raises(MethodError, match="client_module must be a module path"):
-        register_method(eighth(client_module="common.fedavg.client:train"))
+        register_method(eighth(client_module="methods.fedavg.client:train"))
     with pytest.raises(MethodError, match=r"sets defaults for \[\]; every method sets \['train.lr'\]"):
         register_method(eighth(defaults={}))
     assert "fedavg-copy" not in registry.names()
 
 
 def test_entries_that_name_missing_code_fail_with_the_method_named(registry):
-    spec = register_method(eighth(server_setup="server_app.setups:nothing", client_module="common.nothing"))
-    with pytest.raises(MethodError, match="method 'fedavg-copy': 'server_app.setups:nothing' names no function"):
+    spec = register_method(eighth(server_setup="methods.fedavg.server:nothing", client_module="methods.nothing"))
+    with pytest.raises(MethodError, match="method 'fedavg-copy': 'methods.fedavg.server:nothing' names no function"):
         spec.load_server()
-    with pytest.raises(MethodError, match="method 'fedavg-copy': client module 'common.nothing' cannot be imported"):
+    with pytest.raises(MethodError, match="method 'fedavg-copy': client module 'methods.nothing' cannot be imported"):
         spec.load_client()
 
 
@@ -103,8 +104,29 @@ def test_picked_subsets_are_checked_against_the_registry():
 
 def test_the_registry_imports_no_method_code():
     # common.config imports the registry, and the config is parsed for every message and by tools that never
-    # train: the registry names code as strings and imports only the standard library
+    # train: the registry imports the standard library and the methods' declarations (their package's
+    # __init__.py and config.py) only, and names the rest of their code as strings
     tree = ast.parse(Path(methods.__file__).read_text())
     imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0}
-    assert {m.split(".")[0] for m in imported} <= set(sys.stdlib_module_names) | {"__future__"}
+    assert {m.split(".")[0] for m in imported} <= set(sys.stdlib_module_names) | {"__future__"} | {"common"}
+    assert {m for m in imported if m.startswith("common")} == {"common.methodspec"}
+    for package in {spec.client_module.rsplit(".", 1)[0] for spec in methods.specs()}:
+        for part in ("__init__", "config"):
+            path = Path(methods.__file__).parent.parent / package.replace(".", "/") / f"{part}.py"
+            if not path.exists():
+                continue
+            body = ast.parse(path.read_text()).body  # top level: imports under `if TYPE_CHECKING` do not run
+            found = {a.name for n in body if isinstance(n, ast.Import) for a in n.names}
+            found |= {n.module for n in body if isinstance(n, ast.ImportFrom)}
+            light = set(sys.stdlib_module_names) | {"__future__"}
+            assert {m for m in found if m.split(".")[0] not in light} <= {"common.methodspec", f"{package}.config"}
+
+
+def test_each_method_lives_in_one_package():
+    # issue 19: each method's client, server and config are in methods/<package>/, which declares its spec
+    for spec in methods.specs():
+        package = spec.client_module.rsplit(".", 1)[0]
+        assert spec.client_module == f"{package}.client" and spec.server_setup == f"{package}.server:setup"
+        assert all(cls.__module__ == f"{package}.config" for cls in spec.sections.values())
+        assert spec in importlib.import_module(package).SPECS

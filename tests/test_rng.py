@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from common import rng
-from common.fedkrso.subspace import projection
+from methods.fedkrso.subspace import projection
 from scripts.rng_draws import draws
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from common.config import parse_run_config
-from common.fedkseed import kseed
-from common.fedspzo import spzo
 from common.split import SplitModel, deepest_split
 from common.training import batch, client_data
 from common.zeroorder import Perturbation, aggregate_scalars, spsa_step, zo_parameters
+from methods.fedkseed import kseed
+from methods.fedspzo import spzo
 
 DRAW = """
 import sys, torch

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from common.config import ConfigError, parse_run_config
-from common.fedspzo import spzo
-from common.fedspzo.wire import pack_reply, unpack_reply
 from common.training import client_data
 from common.zeroorder import load_zo_model, zo_parameters
+from methods.fedspzo import spzo
+from methods.fedspzo.wire import pack_reply, unpack_reply
 
 
 @pytest.mark.integration

@@ -1,1 +1,0 @@
-"""FedAvg full fine-tuning baseline."""

@@ -1,1 +1,0 @@
-"""FedKRSO: federated K-seed random subspace optimization (mathematics, wire format, client)."""

@@ -1,1 +1,0 @@
-"""FedSPZO: split-perturbation zero-order federated fine-tuning."""

@@ -1,0 +1,14 @@
+"""FedAvg: the full fine-tuning baseline, on Flower's FedAvg.
+
+model.py (the model it trains: all of it), wire.py (its messages), client.py (a node's round, which FedAvg-LoRA
+shares), server.py (its strategy, which FedAvg-LoRA shares, and its setup). No config section of its own.
+Registered by common/methods.py from SPECS.
+"""
+
+from common.methodspec import MethodSpec
+
+SPEC = MethodSpec(
+    name="fedavg", label="FedAvg", defaults={"train.lr": 5e-5},
+    client_module=f"{__name__}.client", server_setup=f"{__name__}.server:setup",
+)  # fmt: skip
+SPECS = (SPEC,)

@@ -1,0 +1,58 @@
+"""FedAvg's wire format (Flower FedAvg's), which FedAvg-LoRA shares on its LoRA matrices and head.
+
+Server -> client: "arrays" (ArrayRecord: every trained parameter, float32, by name) and "config"
+(server-round). The client refuses (common.wire, "Instructions") a server-round that is not an int >= 1 and
+weights that are not finite or exceed 2 x VALUE_BOUND; it keeps no state, so a refusal changes nothing on the
+node.
+
+Client -> server: "arrays" (the same keys and shapes, trained) and "metrics" (num-examples, model-round,
+train-loss, train-seconds, peak-rss-mb, local-steps). The server checks the size first (at most the global
+arrays' bytes, common.wire.reply_limit), then each array against the global arrays' keys and shapes (float32,
+finite, within VALUE_BOUND), then the metrics (round, num-examples).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
+
+from common.wire import (
+    VALUE_BOUND,
+    checked_metrics,
+    checked_round_config,
+    instruction_bound,
+    pack_tensors,
+    reply_limit,
+    require,
+    unpack_tensors,
+)
+
+Shapes = dict[str, tuple[int, ...]]
+
+
+def unpack_instruction(content: RecordDict, shapes: Shapes) -> tuple[int, dict[str, torch.Tensor]]:
+    """(server round, the global values of the parameters of `shapes`), checked."""
+    _, server_round, _ = checked_round_config(content, with_log=False)
+    weights = unpack_tensors("arrays", require(content, "arrays", ArrayRecord), shapes, instruction_bound(VALUE_BOUND))
+    return server_round, weights
+
+
+def pack_reply(params: dict[str, torch.Tensor], metrics: dict[str, float]) -> RecordDict:
+    return RecordDict({"arrays": pack_tensors(params), "metrics": MetricRecord(metrics)})
+
+
+def unpack_reply(
+    content: RecordDict, server_round: int, shapes: Shapes
+) -> tuple[int, dict[str, float], dict[str, np.ndarray]]:
+    """(num-examples, metrics, the trained arrays) of a reply, checked; raises WireError if malformed."""
+    n, metrics = checked_metrics(content, server_round)
+    arrays = unpack_tensors("arrays", require(content, "arrays", ArrayRecord), shapes, VALUE_BOUND)
+    return n, metrics, {k: v.numpy() for k, v in arrays.items()}
+
+
+def max_reply_bytes(shapes: Shapes) -> int:
+    """The size limit of one reply: every array of `shapes` in float32."""
+    return reply_limit(4 * sum(math.prod(s) for s in shapes.values()), len(shapes))

@@ -1,0 +1,16 @@
+"""FedAvg-LoRA: FedAvg on peft's LoRA matrices and the head.
+
+config.py (`lora.*`), model.py (the peft-wrapped model), client.py and server.py (FedAvg's round and strategy
+on those parameters; the wire format is FedAvg's, methods/fedavg/wire.py). Registered by common/methods.py
+from SPECS.
+"""
+
+from common.methodspec import MethodSpec
+from methods.fedavg_lora.config import LoraConfig
+
+# The small adapters need a larger Adam step than FedKRSO.
+SPEC = MethodSpec(
+    name="fedavg-lora", label="FedAvg-LoRA", defaults={"train.lr": 2e-3},
+    client_module=f"{__name__}.client", server_setup=f"{__name__}.server:setup", sections={"lora": LoraConfig},
+)  # fmt: skip
+SPECS = (SPEC,)

@@ -1,0 +1,16 @@
+"""FedKRSO: federated K-seed random subspace optimization.
+
+config.py (`krso.*`), subspace.py (the mathematics), model.py (the model it trains), wire.py (its messages),
+client.py (a node's round), server.py (its strategy and setup). Registered by common/methods.py from SPECS.
+"""
+
+from common.methodspec import MethodSpec
+from methods.fedkrso.config import KrsoConfig
+
+# Trains in rank-r random subspaces: needs a larger Adam step than full fine-tuning (FedAvg).
+SPEC = MethodSpec(
+    name="fedkrso", label="FedKRSO", defaults={"train.lr": 5e-4},
+    client_module=f"{__name__}.client", server_setup=f"{__name__}.server:setup", sections={"krso": KrsoConfig},
+    keeps_model=True, instruction_record="log", reply_record="accumulators",
+)  # fmt: skip
+SPECS = (SPEC,)

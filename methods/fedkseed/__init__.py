@@ -1,0 +1,17 @@
+"""FedKSeed: zero-order federated fine-tuning over K candidate seeds (the reference for FedSPZO).
+
+config.py (`kseed.*`; `zo.*` is common.config's, shared with FedSPZO), kseed.py (the mathematics and the
+model), wire.py (its messages), client.py (a node's round), server.py (its strategy and setup). Registered by
+common/methods.py from SPECS.
+"""
+
+from common.methodspec import MethodSpec
+from methods.fedkseed.config import KseedConfig
+
+# Steps with zo.lr, replayed from the update log, and never reads train.lr (see FedSPZO's).
+SPEC = MethodSpec(
+    name="fedkseed", label="FedKSeed", defaults={"train.lr": 5e-5},
+    client_module=f"{__name__}.client", server_setup=f"{__name__}.server:setup", sections={"kseed": KseedConfig},
+    zero_order=True, keeps_model=True, instruction_record="log", reply_record="scalars",
+)  # fmt: skip
+SPECS = (SPEC,)

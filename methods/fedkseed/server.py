@@ -1,0 +1,74 @@
+"""FedKSeed's server: its strategy (an update-log strategy) and its setup."""
+
+from __future__ import annotations
+
+from logging import INFO
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, RecordDict
+from flwr.common import log
+
+from common.config import RunConfig
+from common.records import RunRecorder
+from common.wire import reply_limit
+from methods.fedkseed import kseed
+from methods.fedkseed import wire as kseed_wire
+from methods.fedkseed.kseed import KseedModel, build
+from server_app.base import LogStrategy, ServerSetup
+
+
+class FedKSeed(LogStrategy):
+    """Round t: send the log a node lacks (K candidate seeds are fixed); average G per seed; replay."""
+
+    def __init__(self, cfg: RunConfig, km: KseedModel, recorder: RunRecorder) -> None:
+        super().__init__(cfg, recorder)
+        self.km = km
+
+    def summary(self) -> None:
+        c = self.cfg
+        log(
+            INFO,
+            "FedKSeed: K=%d candidate seeds, %d perturbation(s)/step over %d numbers, %d steps, eps=%g, lr=%g",
+            c.kseed.k,
+            c.kseed.perturbations,
+            self.km.pert.numel,
+            c.train.local_steps,
+            c.zo.eps,
+            c.zo.lr,
+        )
+
+    def instruction(self, server_round: int, missed: list) -> RecordDict:
+        return kseed_wire.pack_instruction(server_round, self.cfg.zo.lr, missed)
+
+    def check_reply(self, content: RecordDict, server_round: int):
+        c = self.cfg
+        estimates = c.train.local_steps * c.kseed.perturbations
+        return kseed_wire.unpack_reply(content, server_round, c.kseed.k, c.zo.eps, estimates)
+
+    def max_reply_bytes(self) -> int:
+        return reply_limit(4 * self.cfg.kseed.k, 2)  # dense; sparse is smaller (8 B per seed used, < K/2 used)
+
+    def empty_entry(self, server_round: int) -> kseed.LogEntry:
+        return kseed.LogEntry(server_round, self.cfg.zo.lr, np.zeros(self.cfg.kseed.k, np.float32))
+
+    def restore(self, content: RecordDict) -> list[kseed.LogEntry]:
+        entries = kseed_wire.unpack_instruction(content, self.cfg).log
+        for entry in entries:
+            kseed.replay(self.km, entry, self.cfg.kseed.perturbations)
+        return entries
+
+    def global_tensors(self) -> dict[str, torch.Tensor]:
+        return self.km.params
+
+    def update(self, server_round: int, weights: list[float], replies: list) -> kseed.LogEntry:
+        # per candidate seed, absent = 0
+        g = self.combine(server_round, weights, [{"G": r.scalars} for r in replies])["G"]
+        entry = kseed.LogEntry(server_round, self.cfg.zo.lr, g)
+        kseed.replay(self.km, entry, self.cfg.kseed.perturbations)
+        return entry
+
+
+def setup(cfg: RunConfig, recorder: RunRecorder) -> ServerSetup:
+    km = build(cfg)
+    return ServerSetup(km.zo.loaded.model, FedKSeed(cfg, km, recorder), ArrayRecord())

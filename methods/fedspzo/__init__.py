@@ -1,0 +1,18 @@
+"""FedSPZO: split-perturbation zero-order federated fine-tuning.
+
+config.py (`spzo.*`; `zo.*` is common.config's, shared with FedKSeed), spzo.py (the mathematics and the
+model), wire.py (its messages), client.py (a node's round), server.py (its strategy and setup). Registered by
+common/methods.py from SPECS.
+"""
+
+from common.methodspec import MethodSpec
+from methods.fedspzo.config import SpzoConfig
+
+# Steps with zo.lr, replayed from the update log, and never reads train.lr: "auto" resolves to the value it had
+# before "auto" existed, so earlier records and checkpoints still match.
+SPEC = MethodSpec(
+    name="fedspzo", label="FedSPZO", defaults={"train.lr": 5e-5},
+    client_module=f"{__name__}.client", server_setup=f"{__name__}.server:setup", sections={"spzo": SpzoConfig},
+    zero_order=True, keeps_model=True, instruction_record="log", reply_record="scalars",
+)  # fmt: skip
+SPECS = (SPEC,)

@@ -1,0 +1,84 @@
+"""FedSPZO's server: its strategy (an update-log strategy) and its setup."""
+
+from __future__ import annotations
+
+from logging import INFO
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, RecordDict
+from flwr.common import log
+
+from common.config import RunConfig
+from common.records import RunRecorder
+from common.wire import reply_limit
+from methods.fedspzo import spzo
+from methods.fedspzo import wire as spzo_wire
+from methods.fedspzo.spzo import SpzoModel, build
+from server_app.base import LogStrategy, ServerSetup
+
+
+class FedSPZO(LogStrategy):
+    """Round t: send the round seed ρ_t (+ the log a node lacks); average the scalars per (step, perturbation); replay."""
+
+    def __init__(self, cfg: RunConfig, sm: SpzoModel, recorder: RunRecorder) -> None:
+        super().__init__(cfg, recorder)
+        self.sm = sm
+
+    def summary(self) -> None:
+        c = self.cfg
+        log(
+            INFO,
+            "FedSPZO: split at block %d (%d + %d perturbed numbers), P1=%d, P2=%d, %d steps, eps=%g, lr=%g",
+            self.sm.split.split_layer,
+            self.sm.pert1.numel if self.sm.pert1 else 0,
+            self.sm.pert2.numel,
+            c.spzo.p1,
+            c.spzo.p2,
+            c.train.local_steps,
+            c.zo.eps,
+            c.zo.lr,
+        )
+
+    def instruction(self, server_round: int, missed: list) -> RecordDict:
+        return spzo_wire.pack_instruction(
+            server_round, spzo.round_seed(self.cfg.seed, server_round), self.cfg.zo.lr, missed
+        )
+
+    def check_reply(self, content: RecordDict, server_round: int):
+        c = self.cfg
+        return spzo_wire.unpack_reply(content, server_round, c.spzo.p1, c.spzo.p2, c.train.local_steps, c.zo.eps)
+
+    def max_reply_bytes(self) -> int:
+        c = self.cfg
+        return reply_limit(4 * c.train.local_steps * (c.spzo.p1 + c.spzo.p2), 2)
+
+    def empty_entry(self, server_round: int) -> spzo.LogEntry:
+        c = self.cfg
+        rho = spzo.round_seed(c.seed, server_round)
+        return spzo.LogEntry(
+            server_round, rho, c.zo.lr, np.zeros((0, c.spzo.p1), np.float32), np.zeros((0, c.spzo.p2), np.float32)
+        )
+
+    def restore(self, content: RecordDict) -> list[spzo.LogEntry]:
+        c = self.cfg
+        entries = spzo_wire.unpack_instruction(content, c).log
+        for entry in entries:
+            spzo.replay(self.sm, entry)
+        return entries
+
+    def global_tensors(self) -> dict[str, torch.Tensor]:
+        return self.sm.params
+
+    def update(self, server_round: int, weights: list[float], replies: list) -> spzo.LogEntry:
+        g = self.combine(server_round, weights, [{"g1": r.g1, "g2": r.g2} for r in replies])  # per (step, pert.)
+        entry = spzo.LogEntry(
+            server_round, spzo.round_seed(self.cfg.seed, server_round), self.cfg.zo.lr, g["g1"], g["g2"]
+        )
+        spzo.replay(self.sm, entry)
+        return entry
+
+
+def setup(cfg: RunConfig, recorder: RunRecorder) -> ServerSetup:
+    sm = build(cfg)
+    return ServerSetup(sm.zo.loaded.model, FedSPZO(cfg, sm, recorder), ArrayRecord())

@@ -1,0 +1,402 @@
+"""The server side every method shares: its setup's shape, node sampling, the checked reply path, robust
+aggregation, and the update-log strategy (LogStrategy) of the methods whose nodes keep the model.
+
+Each method's own strategy and setup live in its package (methods/<method>/server.py) and fill in only what
+is the method's: its instruction, its reply check, its update.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from logging import INFO, WARNING
+from typing import TypeVar
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from torch import nn
+
+from common import robust
+from common.config import RunConfig
+from common.records import RunRecorder
+from common.robust import capped_weights
+from common.wire import (
+    INSTRUCTION_REFUSED,
+    WireError,
+    check_size,
+    content_bytes,
+    sync_only_round,
+)
+from server_app import checkpoint
+
+T = TypeVar("T")
+
+
+@dataclass
+class ServerSetup:
+    model: nn.Module  # the global model, evaluated on the dev split
+    strategy: Strategy
+    initial: ArrayRecord  # what Strategy.start gets (empty for methods whose strategy holds the model)
+    load: Callable[[ArrayRecord], None] | None = None  # puts a round's global arrays into `model`, if needed
+
+
+def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while len(nodes := sorted(grid.get_node_ids())) < minimum:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(nodes)} of min-clients={minimum} nodes connected after {timeout:.0f} s")
+        log(INFO, "Waiting for nodes: %d connected, %d needed", len(nodes), minimum)
+        time.sleep(1)
+    return nodes
+
+
+def choose_nodes(rng: random.Random, grid: Grid, cfg: RunConfig) -> list[int]:
+    """This round's nodes: fraction-train of the connected ones (at least min-clients), drawn with the strategy's
+    seeded `rng`, whose state the checkpoint keeps. Every method draws the same way, so with the same seed and
+    the same nodes every method trains the same nodes in the same rounds, and a resumed run continues the draws."""
+    nodes = wait_for_nodes(grid, cfg.min_clients, cfg.round_timeout)
+    return sorted(rng.sample(nodes, max(cfg.min_clients, int(len(nodes) * cfg.fraction_train))))
+
+
+def unexpected_reply(msg: Message, sent: dict[int, Message], answered: set[int]) -> str | None:
+    """Why `msg` is not the one reply its node owes this round, or None.
+
+    A reply counts only from a node that was sent this round's instruction, only as an answer to that very
+    instruction, and only once: Flower's transport ensures all three today, and the aggregate must not
+    depend on it (a duplicated delivery would count twice; a reply relabelled as another node's would take
+    that node's place). The instruction's id is the one the Grid gave it when pushing it; a Grid that pushed a
+    copy leaves ours empty, and then the node alone is checked."""
+    node = msg.metadata.src_node_id
+    if node not in sent:
+        return f"node {node} was sent no instruction this round"
+    if node in answered:
+        return f"node {node} already answered this round: a second reply (or the same one delivered twice) counts once"
+    expected = sent[node].metadata.message_id
+    if expected and msg.metadata.reply_to_message_id != expected:
+        return f"it answers message {msg.metadata.reply_to_message_id[:16]!r}, not the instruction node {node} was sent"
+    return None
+
+
+def checked_replies(
+    server_round: int,
+    replies: Iterable[Message],
+    unpack: Callable[[RecordDict], T],
+    max_bytes: int,
+    sent: Iterable[Message],
+) -> tuple[list[tuple[int, T]], int, int, int]:
+    """(node, unpacked reply) of every reply that passes, failures, rejected, bytes up (all replies counted).
+
+    The one checked path of every method's replies (`sent`: the round's instructions): a reply that is not
+    the one its node owes (unexpected_reply) is rejected; a reply larger than `max_bytes` (content bytes) is
+    rejected before anything in it is decoded; then `unpack` decodes and checks it. ANY exception while
+    checking one reply (WireError for what the wire formats refuse, but also whatever a crafted reply
+    might provoke in numpy or Flower) rejects that reply only, is logged, and the round goes on.
+    """
+    instructions = {m.metadata.dst_node_id: m for m in sent}
+    answered: set[int] = set()
+    accepted: list[tuple[int, T]] = []
+    failures = rejected = bytes_up = 0
+    for msg in replies:
+        node = msg.metadata.src_node_id
+        problem = unexpected_reply(msg, instructions, answered)
+        answered.add(node)
+        if msg.has_error() and problem is None:
+            failures += 1
+            what = "refused the instruction" if msg.error.code == INSTRUCTION_REFUSED else "failed"
+            log(WARNING, "node %d %s in round %d: %s", node, what, server_round, str(msg.error.reason)[-500:])
+            continue
+        try:
+            if problem is not None:
+                raise WireError(problem)
+            bytes_up += content_bytes(msg.content)
+            check_size(msg.content, max_bytes)
+            accepted.append((node, unpack(msg.content)))
+        except Exception as exc:  # noqa: BLE001 - see the docstring: one bad reply never ends the round
+            rejected += 1
+            log(WARNING, "reply of node %d rejected in round %d: %s", node, server_round, str(exc)[:500])
+    return accepted, failures, rejected, bytes_up
+
+
+class RoundFailed(Exception):
+    """The round's aggregate cannot be applied; the message is the reason the records keep."""
+
+
+def robust_aggregate(
+    cfg: RunConfig,
+    recorder: RunRecorder,
+    server_round: int,
+    replies: list[dict],
+    weights: list[float],
+    reference: dict | None = None,
+) -> dict:
+    """common.robust.aggregate_round by the run's aggregation.*, the one aggregation of every method, with
+    what it did recorded: the replies it clipped, and a warning when the round has too few replies for its
+    rule to absorb aggregation.attackers hostile ones. Raises RoundFailed when the aggregate is not finite."""
+    ag = cfg.aggregation
+    result = robust.aggregate_round(replies, weights, **robust.settings(ag), reference=reference)
+    recorder.add_clipped(result.clipped)
+    if ag.rule != "mean" and result.absorbed < ag.attackers:
+        message = (
+            f"round {server_round}: {ag.rule} of {len(replies)} replies absorbs {result.absorbed} hostile one(s), "
+            f"fewer than aggregation.attackers = {ag.attackers} (that needs {2 * ag.attackers + 1} replies)"
+        )
+        log(WARNING, "%s", message)
+        recorder.warn(message)
+    reason = robust.non_finite(result.values)
+    if reason is not None:
+        raise RoundFailed(reason)
+    return result.values
+
+
+def fail_round(recorder: RunRecorder, server_round: int, reason: str) -> None:
+    """Record a round whose aggregate was not applied; the run goes on from the previous global model."""
+    log(WARNING, "round %d failed, the global model is unchanged: %s", server_round, reason)
+    recorder.fail_round(reason)
+
+
+def mean_train_loss(weights: list[float], metrics: list[dict]) -> float:
+    """The round's train-loss: the replies' losses weighted by their (capped) example weights."""
+    return sum(w * m.get("train-loss", 0.0) for w, m in zip(weights, metrics, strict=True)) / sum(weights)
+
+
+class RoundStrategy(Strategy):
+    """The round trip of every method whose strategy draws its own messages (all but FedAvg, which Flower's
+    FedAvg draws): choose this round's nodes (choose_nodes), send each its instruction, check every reply on the
+    one checked path (checked_replies), weigh the valid ones (capped example weights), apply their aggregate,
+    record the round. A method fills in `instructions`, `read_reply`, `reply_size_limit` and `apply` (and
+    `accept` and `unchanged` where it keeps more state). Malformed replies are rejected and counted; a round
+    without valid replies, or whose aggregate cannot be applied (RoundFailed), leaves the global model as it was.
+    Evaluation is the server's, on the dev split."""
+
+    def __init__(self, cfg: RunConfig, recorder: RunRecorder) -> None:
+        self.cfg, self.recorder = cfg, recorder
+        self._rng = random.Random(cfg.seed)  # client sampling: its state is checkpointed
+        self._sent: list[Message] = []  # this round's instructions: the replies it may accept
+
+    def instructions(self, server_round: int, nodes: list[int]) -> list[RecordDict]:
+        """This round's instruction to each of `nodes`, in their order."""
+        raise NotImplementedError
+
+    def read_reply(self, content: RecordDict, server_round: int):
+        """The checked reply (anything `accept` takes); raises WireError if malformed."""
+        raise NotImplementedError
+
+    def reply_size_limit(self, server_round: int) -> int:
+        """The size limit of one reply (common.wire.reply_limit of what an honest reply carries)."""
+        raise NotImplementedError
+
+    def accept(self, server_round: int, checked: list[tuple[int, object]]) -> list:
+        """The replies that carry an update (each with `num_examples` and `metrics`), from (node, reply) pairs."""
+        return [reply for _, reply in checked]
+
+    def apply(self, server_round: int, weights: list[float], replies: list) -> dict:
+        """Aggregate the replies (capped example weights; `combine`, which raises RoundFailed for a non-finite
+        aggregate) into the global model; returns the round's metrics beyond train-loss and clients."""
+        raise NotImplementedError
+
+    def unchanged(self, server_round: int) -> None:
+        """The round ends without an update (no valid reply, or RoundFailed)."""
+
+    def combine(self, server_round: int, weights: list[float], replies: list[dict], reference: dict | None = None):
+        return robust_aggregate(self.cfg, self.recorder, server_round, replies, weights, reference)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.recorder.begin_round(server_round)
+        chosen = choose_nodes(self._rng, grid, self.cfg)
+        messages = []
+        for node, content in zip(chosen, self.instructions(server_round, chosen), strict=True):
+            self.recorder.add_down(content_bytes(content))
+            messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
+        self._sent = messages
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        checked, failures, rejected, bytes_up = checked_replies(
+            server_round,
+            replies,
+            lambda content: self.read_reply(content, server_round),
+            self.reply_size_limit(server_round),
+            self._sent,
+        )
+        accepted = self.accept(server_round, checked)
+        metrics = [reply.metrics for reply in accepted]
+        self.recorder.add_replies(bytes_up, metrics, failures, rejected)
+        if not accepted:
+            log(WARNING, "round %d: no valid reply, the global model is unchanged", server_round)
+            self.unchanged(server_round)
+            return None, None
+        weights = capped_weights([r.num_examples for r in accepted], self.cfg.aggregation.weight_cap)
+        try:
+            extra = self.apply(server_round, weights, accepted)
+        except RoundFailed as exc:
+            fail_round(self.recorder, server_round, str(exc))
+            self.unchanged(server_round)
+            return None, None
+        loss = mean_train_loss(weights, metrics)
+        return ArrayRecord(), MetricRecord({"train-loss": loss, "clients": len(accepted), **extra})
+
+    def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
+        return []  # evaluation is server-side, on the dev split
+
+    def aggregate_evaluate(self, server_round, replies) -> MetricRecord | None:
+        return None
+
+
+class LogStrategy(RoundStrategy):
+    """A strategy whose global update is compact and replayed by every node from an update log.
+
+    The round trip is the same for FedKRSO, FedSPZO and FedKSeed: send each chosen node this round's
+    instruction plus the log entries it lacks (from the round it is known to hold), check every reply,
+    aggregate the valid ones into one global update, apply it to the server's model and log it. A method
+    supplies the three parts in between: `instruction`, `check_reply`, `update` (and `empty_entry` for a
+    round without valid replies). Malformed replies are rejected and counted; the round goes on.
+    """
+
+    def __init__(self, cfg: RunConfig, recorder: RunRecorder) -> None:
+        super().__init__(cfg, recorder)
+        self.log: list = []  # log[i] is the entry of round i + 1
+        self.node_round: dict[int, int] = {}  # global round each node is known to hold (absent: 0)
+        # The update log on disk (server_app/checkpoint.py, "Update-log segments"): rounds 1.._written are in
+        # _log_dir, the last one's digest is _log_head.
+        self._log_dir = os.path.join(recorder.dir, checkpoint.LOG_DIR)
+        self._written, self._log_head = 0, checkpoint.GENESIS
+
+    def instruction(self, server_round: int, missed: list) -> RecordDict:
+        raise NotImplementedError
+
+    def check_reply(self, content: RecordDict, server_round: int):
+        """The method's checked reply (with `num_examples` and `metrics`); raises WireError if malformed."""
+        raise NotImplementedError
+
+    def update(self, server_round: int, weights: list[float], replies: list):
+        """Aggregate the valid replies (capped example weights, `combine`, which raises RoundFailed for a
+        non-finite aggregate), apply the update to the global model, return its log entry (what every node
+        replays)."""
+        raise NotImplementedError
+
+    def empty_entry(self, server_round: int):
+        raise NotImplementedError
+
+    def max_reply_bytes(self) -> int:
+        """The size limit of one reply (common.wire.reply_limit of what an honest reply carries)."""
+        raise NotImplementedError
+
+    def restore(self, content: RecordDict) -> list:
+        """Unpack (checked) an instruction carrying the whole log (see state_dict), replay that log onto the
+        freshly built global model (and set whatever else the instruction carries); return the log."""
+        raise NotImplementedError
+
+    def global_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors of the global model the method changes."""
+        raise NotImplementedError
+
+    def segment(self, t: int) -> tuple[dict[str, np.ndarray], dict]:
+        """Round t's entry as its update-log segment: the "log" record and the ConfigRecords of the instruction
+        for round t+1 to a node that holds round t-1 (the records the checkpoint holds left out)."""
+        tensors, configs = checkpoint.records_to_state(self.instruction(t + 1, self.log[t - 1 : t]))
+        return {k: v for k, v in tensors.items() if k.startswith(checkpoint.LOG_RECORD + "/")}, configs
+
+    def state_dict(self) -> tuple[dict[str, np.ndarray], dict]:
+        """Appends the log entries not yet on disk to the update log beside the checkpoint (one segment each,
+        written once: normally only the last round's), and returns what the checkpoint holds: the records of
+        the next instruction other than its log (FedKRSO's head), the node_round map, the sampling RNG, a
+        digest of the global model and the log's chain head (server_app/checkpoint.py)."""
+        for t in range(self._written + 1, len(self.log) + 1):
+            tensors, configs = self.segment(t)
+            self._log_head = checkpoint.write_segment(self._log_dir, t, tensors, configs, self._log_head)
+            self._written = t
+        tensors, _ = checkpoint.records_to_state(self.instruction(len(self.log) + 1, []))
+        return tensors, {
+            checkpoint.LOG_HEAD: self._log_head,
+            "node-round": {str(n): r for n, r in self.node_round.items()},
+            "rng": checkpoint.rng_state(self._rng),
+            "digest": checkpoint.model_digest(self.global_tensors()),
+        }
+
+    def load_state_dict(
+        self, tensors, state: dict, done: int, same_run: bool, segments: list[checkpoint.Segment] | None = None
+    ) -> None:
+        """Rebuild the global model of round `done` by replaying the log: the checkpoint's `segments`
+        (checked and chained by checkpoint.read) one instruction at a time, or a version-1 checkpoint's single
+        instruction carrying the whole log. Nodes keep their copy per Flower run (common.nodestore.state_dir),
+        so under a new run the node_round map starts empty: every node gets the whole log with its first
+        instruction and catches up, instead of answering sync-only first."""
+        if self.log:
+            raise RuntimeError("load_state_dict needs a freshly built strategy")
+        checkpoint.set_rng_state(self._rng, state)  # every field is checked before the log is replayed
+        field = checkpoint.strategy_field
+        digest = field(state, "digest", checkpoint.is_digest, "a model digest ({tensor: [sum, sum of squares]})")
+        node_round = field(state, "node-round", checkpoint.is_node_rounds, "a map of node ids to rounds")
+        if "instruction" in state:  # version 1
+            instruction = field(state, "instruction", checkpoint.is_configs, "the ConfigRecords of an instruction")
+            contents = [checkpoint.state_to_records(tensors, instruction)]
+        else:
+            field(state, checkpoint.LOG_HEAD, checkpoint.is_sha256, "the SHA-256 of the update log's last segment")
+            stray = [k for k in tensors if k.startswith(checkpoint.LOG_RECORD + "/")]
+            if stray:
+                raise checkpoint.CheckpointError(f"the checkpoint holds log tensors beside its segments: {stray[:3]}")
+            contents = [checkpoint.state_to_records({**s.tensors, **tensors}, s.configs) for s in segments or ()]
+        try:
+            entries = [e for content in contents for e in self.restore(content)]
+        except WireError as exc:
+            raise checkpoint.CheckpointError(f"the checkpoint's update log does not fit this run: {exc}") from exc
+        if [e.round for e in entries] != list(range(1, done + 1)):
+            raise checkpoint.CheckpointError(f"the checkpoint's update log does not hold rounds 1..{done}")
+        checkpoint.check_model_digest(digest, self.global_tensors())
+        self.log = entries
+        if segments and os.path.realpath(os.path.dirname(segments[-1].path)) == os.path.realpath(self._log_dir):
+            self._written, self._log_head = done, segments[-1].digest  # resumed in place: segments 1..done are there
+        # otherwise the next state_dict writes segments 1..done into this run's folder, the same digests again
+        self.node_round = {int(n): r for n, r in node_round.items()} if same_run else {}
+
+    def instructions(self, server_round: int, nodes: list[int]) -> list[RecordDict]:
+        return [self.instruction(server_round, self.log[self.node_round.get(node, 0) :]) for node in nodes]
+
+    def reply_size_limit(self, server_round: int) -> int:
+        return self.max_reply_bytes()
+
+    def read_reply(self, content: RecordDict, server_round: int):
+        held = sync_only_round(content)
+        if held is not None and held <= server_round - 1:
+            return "sync", held
+        return "reply", self.check_reply(content, server_round)
+
+    def accept(self, server_round: int, checked: list) -> list:
+        accepted = []
+        for node, (kind, reply) in checked:
+            if kind == "sync":  # the node holds an older round than we believed
+                self.node_round[node] = reply
+                log(INFO, "node %d holds round %d; it gets the log from there next time", node, reply)
+                continue
+            self.node_round[node] = server_round - 1
+            accepted.append(reply)
+        return accepted
+
+    def apply(self, server_round: int, weights: list[float], replies: list) -> dict:
+        before = {k: v.detach().clone() for k, v in self.global_tensors().items()}
+        try:
+            entry = self.update(server_round, weights, replies)
+            reason = robust.non_finite(self.global_tensors())
+            if reason is not None:  # a finite update can still overflow the model it is applied to
+                raise RoundFailed(f"applied, {reason}")
+        except RoundFailed:
+            with torch.no_grad():
+                for k, v in self.global_tensors().items():
+                    v.copy_(before[k])
+            raise
+        self.log.append(entry)
+        return {}
+
+    def unchanged(self, server_round: int) -> None:
+        self.log.append(self.empty_entry(server_round))
