@@ -20,7 +20,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
-from common import robust
+from common import catchup, robust
 from common.config import RunConfig
 from common.fedkrso.state import KrsoModel
 from common.fedkrso.subspace import LogEntry, apply_update, round_seeds
@@ -184,6 +184,7 @@ class LogStrategy(Strategy):
         # _log_dir, the last one's digest is _log_head.
         self._log_dir = os.path.join(recorder.dir, checkpoint.LOG_DIR)
         self._written, self._log_head = 0, checkpoint.GENESIS
+        self._catchup = catchup.CatchUp(self.instruction, self.kept_tensors, self.replay_passes)  # far behind: snapshot
 
     def instruction(self, server_round: int, missed: list) -> RecordDict:
         raise NotImplementedError
@@ -215,6 +216,14 @@ class LogStrategy(Strategy):
 
     def global_tensors(self) -> dict[str, torch.Tensor]:
         """The tensors of the global model the method changes."""
+        raise NotImplementedError
+
+    # common.catchup: what a node far behind gets instead of the log (the tensors its NodeStore keeps), and
+    # what replaying one entry costs it
+    def kept_tensors(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def replay_passes(self, entry) -> float:
         raise NotImplementedError
 
     def segment(self, t: int) -> tuple[dict[str, np.ndarray], dict]:
@@ -283,8 +292,9 @@ class LogStrategy(Strategy):
         chosen = choose_nodes(self._rng, grid, self.cfg)
         messages = []
         for node in chosen:
-            content = self.instruction(server_round, self.log[self.node_round.get(node, 0) :])
+            content, snapshot = self._catchup.instruction(server_round, self.log[self.node_round.get(node, 0) :])
             self.recorder.add_down(content_bytes(content))
+            self.recorder.add_snapshot(snapshot)  # common.catchup: 0 when the node got log entries
             messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
         self._sent = messages
         return messages
@@ -388,6 +398,12 @@ class FedKRSO(LogStrategy):
     def global_tensors(self) -> dict[str, torch.Tensor]:
         return {**self.km.target_weights(), **self.km.head}
 
+    def kept_tensors(self) -> dict[str, torch.Tensor]:
+        return self.km.target_weights()  # the head travels in every instruction
+
+    def replay_passes(self, entry: LogEntry) -> float:
+        return catchup.krso_passes(entry, {n: w.numel() for n, w in self.km.target_weights().items()})
+
     def update(self, server_round: int, weights: list[float], replies: list) -> LogEntry:
         # One update per reply: its accumulators (differences already) and its head (against the global head),
         # clipped together; absent accumulators are zero updates (common.robust).
@@ -457,6 +473,12 @@ class FedSPZO(LogStrategy):
     def global_tensors(self) -> dict[str, torch.Tensor]:
         return self.sm.params
 
+    def kept_tensors(self) -> dict[str, torch.Tensor]:
+        return self.sm.params
+
+    def replay_passes(self, entry: spzo.LogEntry) -> float:
+        return catchup.spzo_passes(entry, self.sm.pert1.numel if self.sm.pert1 else 0, self.sm.pert2.numel)
+
     def update(self, server_round: int, weights: list[float], replies: list) -> spzo.LogEntry:
         g = self.combine(server_round, weights, [{"g1": r.g1, "g2": r.g2} for r in replies])  # per (step, pert.)
         entry = spzo.LogEntry(
@@ -508,6 +530,12 @@ class FedKSeed(LogStrategy):
 
     def global_tensors(self) -> dict[str, torch.Tensor]:
         return self.km.params
+
+    def kept_tensors(self) -> dict[str, torch.Tensor]:
+        return self.km.params
+
+    def replay_passes(self, entry: kseed.LogEntry) -> float:
+        return catchup.kseed_passes(entry)
 
     def update(self, server_round: int, weights: list[float], replies: list) -> kseed.LogEntry:
         # per candidate seed, absent = 0

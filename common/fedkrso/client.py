@@ -12,6 +12,7 @@ from typing import Any
 
 from flwr.app import RecordDict
 
+from common.catchup import unpack_snapshot
 from common.config import RunConfig
 from common.fedkrso.state import KrsoModel, build, fingerprint
 from common.fedkrso.subspace import Accumulators, Subspaces, apply_update
@@ -60,6 +61,7 @@ def train(content: RecordDict, cfg: RunConfig, node_config: dict[str, Any], run_
             instr.server_round,
             instr.log,
             lambda e: apply_update(km.targets, e.seeds, e.bbar, cfg.krso.rank),
+            unpack_snapshot(content, instr.server_round, km.target_weights()),  # common.catchup
         )
         if not ok:
             return sync_reply(reached)  # the server resends the log from `reached` next time

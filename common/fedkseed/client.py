@@ -10,6 +10,7 @@ from typing import Any
 
 from flwr.app import RecordDict
 
+from common.catchup import unpack_snapshot
 from common.config import RunConfig
 from common.fedkseed.kseed import build, local_update, replay
 from common.fedkseed.wire import pack_reply, unpack_instruction
@@ -27,7 +28,8 @@ def train(content: RecordDict, cfg: RunConfig, node_config: dict[str, Any], run_
         instr = unpack_instruction(content, cfg)
         store = NodeStore(state_dir(node_config, run_id, node_id), "fedkseed-state", fingerprint(cfg, "fedkseed"))
         p = cfg.kseed.perturbations
-        ok, reached = reach_round(store, km.params, instr.server_round, instr.log, lambda e: replay(km, e, p))
+        snapshot = unpack_snapshot(content, instr.server_round, km.params)  # common.catchup
+        ok, reached = reach_round(store, km.params, instr.server_round, instr.log, lambda e: replay(km, e, p), snapshot)
         if not ok:
             return sync_reply(reached)  # the server resends the log from `reached` next time
         encoded, data_key = client_data(cfg, node_config)

@@ -11,6 +11,7 @@ from typing import Any
 
 from flwr.app import RecordDict
 
+from common.catchup import unpack_snapshot
 from common.config import RunConfig
 from common.fedspzo.spzo import build, local_update, replay
 from common.fedspzo.wire import pack_reply, unpack_instruction
@@ -26,7 +27,8 @@ def train(content: RecordDict, cfg: RunConfig, node_config: dict[str, Any], run_
         sm = build(cfg)
         instr = unpack_instruction(content, cfg)
         store = NodeStore(state_dir(node_config, run_id, node_id), "fedspzo-state", fingerprint(cfg, "fedspzo"))
-        ok, reached = reach_round(store, sm.params, instr.server_round, instr.log, lambda e: replay(sm, e))
+        snapshot = unpack_snapshot(content, instr.server_round, sm.params)  # common.catchup
+        ok, reached = reach_round(store, sm.params, instr.server_round, instr.log, lambda e: replay(sm, e), snapshot)
         if not ok:
             return sync_reply(reached)  # the server resends the log from `reached` next time
         encoded, data_key = client_data(cfg, node_config)
