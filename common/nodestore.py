@@ -81,7 +81,7 @@ class NodeStore:
         """Copy the stored values into `tensors`; returns the global round they are at (0 = pretrained).
 
         A state past round `newest` is not copied (0 is returned) and the file is kept: it is replaced only when
-        the node has rebuilt a state from the whole log."""
+        the node has rebuilt a state from the whole log (or got a snapshot, common.catchup)."""
         found = kind(self.path)
         if found == "link":  # the target decides (a link to a folder is as wrong as a folder)
             found = "file" if os.path.isfile(self.path) else "absent" if not os.path.exists(self.path) else "other"
