@@ -2,11 +2,11 @@
 
 Round 0 is the evaluation of the starting model (no traffic). `bytes_down` / `bytes_up` are all bytes of
 the messages' contents in the round, summed over clients; `clients` is the number of replies aggregated,
-`clipped` how many of them the aggregation scaled down, `snapshots` how many nodes got the snapshot instead of
-the update log (common.catchup) and `bytes_snapshot` its bytes (counted in `bytes_down` too), `failed` why the round's aggregate was not applied
-(None: it was), `warnings` what else the round's reader should know (common.robust). `client_train_seconds`
-and, for the zero-order methods, `client_forward_passes` (with its parts `client_full_passes`,
-`client_block1_passes`, `client_block2_passes`) are means per replying client.
+`clipped` how many of them the aggregation scaled down, `snapshots` how many nodes got the snapshot instead
+of the update log (common.catchup) and `bytes_snapshot` its bytes (counted in `bytes_down` too), `failed` why
+the round's aggregate was not applied (None: it was), `warnings` what else the round's reader should know
+(common.robust). `client_train_seconds` and, for the zero-order methods, `client_forward_passes` (with its
+parts `client_full_passes`, `client_block1_passes`, `client_block2_passes`) are means per replying client.
 A method may keep more per-round records beside them (`add_record`: `<name>.jsonl`). A resumed run starts
 from the records so far (`previous`, from the server checkpoint) and appends to them. A new run never starts
 in a folder that holds another run's records (check_not_overwriting): nothing recorded is truncated.
