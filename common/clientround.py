@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from flwr.app import RecordDict
 
+from common.catchup import unpack_snapshot
 from common.config import RunConfig
 from common.memory import PeakRSS
 from common.nodestore import NodeStore, reach_round, state_dir, sync_reply
@@ -91,9 +92,10 @@ class ClientRound:
         apply: Callable[[Any], None],
     ) -> Start:
         """For methods whose nodes keep the global model: load the node's stored copy into `tensors` and apply
-        the update-log entries it lacks (common.nodestore.reach_round)."""
+        the update-log entries it lacks, or the server's snapshot (common.nodestore.reach_round)."""
         store = NodeStore(state_dir(self.node_config, self.run_id, self.node_id), store_name, fingerprint)
-        ok, reached = reach_round(store, tensors, server_round, log, apply)
+        snapshot = unpack_snapshot(self.content, server_round, tensors)  # common.catchup: a node far behind
+        ok, reached = reach_round(store, tensors, server_round, log, apply, snapshot)
         return Start(server_round, reached, caught_up=ok)
 
     def run(self) -> RecordDict:

@@ -7,7 +7,8 @@ The protocol is the same for all of them:
 - a node whose stored state is newer than T-1 (the server went back) ignores it and asks for the whole log;
 - a node whose stored state does not verify (NodeStore) treats it as absent and asks for the whole log;
 - a node whose state is older than the first entry sent (it lost its disk) replies "sync-only" with the
-  round it holds, and the server sends the log from there next time.
+  round it holds, and the server sends the log from there next time;
+- a node far behind gets, instead of the entries, the values of round T-1 (common.catchup's snapshot).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from flwr.app import MetricRecord, RecordDict
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
+from common.catchup import apply_snapshot
 from common.files import kind, make_folder, move_aside, replace_file
 from common.wire import WireError
 
@@ -79,7 +81,7 @@ class NodeStore:
         """Copy the stored values into `tensors`; returns the global round they are at (0 = pretrained).
 
         A state past round `newest` is not copied (0 is returned) and the file is kept: it is replaced only when
-        the node has rebuilt a state from the whole log."""
+        the node has rebuilt a state from the whole log (or got a snapshot, common.catchup)."""
         found = kind(self.path)
         if found == "link":  # the target decides (a link to a folder is as wrong as a folder)
             found = "file" if os.path.isfile(self.path) else "absent" if not os.path.exists(self.path) else "other"
@@ -149,16 +151,22 @@ def reach_round(
     server_round: int,
     log: Sequence[LogEntry],
     apply: Callable[[Any], None],
+    snapshot: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[bool, int]:
     """Bring `tensors` to global round `server_round - 1`: load the stored state, apply the entries after it.
 
     Returns (True, server_round - 1), or (False, the round the node holds) when it cannot get there from
     its state and the entries sent; the caller then answers `sync_reply(that round)`. Raises WireError (the
     instruction is refused) if the entries would make the model non-finite; nothing is saved then.
+    `snapshot` (common.catchup, checked): the server's values of round T-1, set and saved instead of a replay.
     """
     # A state past T-1 (the server went back: a restart without resume-from, or an instruction that lies about
     # the round) counts as absent but is not deleted: an instruction can make a node ignore its state, not lose it.
     holds = store.load(tensors, newest=server_round - 1)
+    if snapshot is not None:  # common.catchup: a node far behind gets the values of T-1, not the log
+        apply_snapshot(tensors, snapshot)
+        store.save(tensors, server_round - 1)
+        return True, server_round - 1
     first = log[0].round if log else server_round
     if holds + 1 < first:
         return False, holds

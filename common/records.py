@@ -2,10 +2,11 @@
 
 Round 0 is the evaluation of the starting model (no traffic). `bytes_down` / `bytes_up` are all bytes of
 the messages' contents in the round, summed over clients; `clients` is the number of replies aggregated,
-`clipped` how many of them the aggregation scaled down, `failed` why the round's aggregate was not applied
-(None: it was), `warnings` what else the round's reader should know (common.robust). `client_train_seconds`
-and, for the zero-order methods, `client_forward_passes` (with its parts `client_full_passes`,
-`client_block1_passes`, `client_block2_passes`) are means per replying client.
+`clipped` how many of them the aggregation scaled down, `snapshots` how many nodes got the snapshot instead
+of the update log (common.catchup) and `bytes_snapshot` its bytes (counted in `bytes_down` too), `failed` why
+the round's aggregate was not applied (None: it was), `warnings` what else the round's reader should know
+(common.robust). `client_train_seconds` and, for the zero-order methods, `client_forward_passes` (with its
+parts `client_full_passes`, `client_block1_passes`, `client_block2_passes`) are means per replying client.
 A method may keep more per-round records beside them (`add_record`: `<name>.jsonl`). A resumed run starts
 from the records so far (`previous`, from the server checkpoint) and appends to them. A new run never starts
 in a folder that holds another run's records (check_not_overwriting): nothing recorded is truncated.
@@ -132,6 +133,8 @@ class RunRecorder:
             "failures": 0,
             "rejected": 0,
             "clipped": 0,
+            "snapshots": 0,
+            "bytes_snapshot": 0,
             "failed": None,
             "warnings": [],
             "client_peak_rss_mb": None,
@@ -169,6 +172,12 @@ class RunRecorder:
         rec["seconds_per_local_step"] = secs / steps if steps and secs is not None else None
         for kind in PASSES:  # mean per client, like client_train_seconds: compute against accuracy
             rec[f"client_{kind}"] = stat(kind.replace("_", "-"), lambda v: sum(v) / len(v))
+
+    def add_snapshot(self, nbytes: int) -> None:
+        """A node that got the snapshot instead of the log (common.catchup); nbytes 0: it got the log."""
+        if nbytes:
+            self._current()["snapshots"] += 1
+            self._current()["bytes_snapshot"] += int(nbytes)
 
     def add_clipped(self, n: int) -> None:
         """Replies whose update the aggregation scaled down (common.robust: norm-cap, clip-norm)."""

@@ -240,6 +240,7 @@ def log_first(log, server_round: int) -> int:
 #   replaced seed would make the node apply an update in another subspace than the server did, and drift.
 # - After a node applies the log entries it lacks, its model must be finite (common.nodestore.reach_round),
 #   else nothing is saved and the instruction is refused.
+# - A snapshot sent instead of the log (common.catchup): round T-1, exactly the kept tensors, model-like values.
 # ---------------------------------------------------------------------------------------------------------
 
 INSTRUCTION_SLACK = 2.0

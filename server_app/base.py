@@ -23,7 +23,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from torch import nn
 
-from common import robust
+from common import catchup, robust
 from common.config import RunConfig
 from common.records import RunRecorder
 from common.robust import capped_weights
@@ -271,6 +271,7 @@ class LogStrategy(RoundStrategy):
         # _log_dir, the last one's digest is _log_head.
         self._log_dir = os.path.join(recorder.dir, checkpoint.LOG_DIR)
         self._written, self._log_head = 0, checkpoint.GENESIS
+        self._catchup = catchup.CatchUp(self.instruction, self.kept_tensors, self.replay_passes)  # far behind: snapshot
 
     def instruction(self, server_round: int, missed: list) -> RecordDict:
         raise NotImplementedError
@@ -299,6 +300,14 @@ class LogStrategy(RoundStrategy):
 
     def global_tensors(self) -> dict[str, torch.Tensor]:
         """The tensors of the global model the method changes."""
+        raise NotImplementedError
+
+    # common.catchup: what a node far behind gets instead of the log (the tensors its NodeStore keeps), and
+    # what replaying one entry costs it
+    def kept_tensors(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def replay_passes(self, entry) -> float:
         raise NotImplementedError
 
     def segment(self, t: int) -> tuple[dict[str, np.ndarray], dict]:
@@ -361,7 +370,14 @@ class LogStrategy(RoundStrategy):
         self.node_round = {int(n): r for n, r in node_round.items()} if same_run else {}
 
     def instructions(self, server_round: int, nodes: list[int]) -> list[RecordDict]:
-        return [self.instruction(server_round, self.log[self.node_round.get(node, 0) :]) for node in nodes]
+        """Each node's instruction with the log entries it lacks, or the snapshot where that is cheaper
+        (common.catchup)."""
+        contents = []
+        for node in nodes:
+            content, snapshot = self._catchup.instruction(server_round, self.log[self.node_round.get(node, 0) :])
+            self.recorder.add_snapshot(snapshot)  # 0 when the node got log entries
+            contents.append(content)
+        return contents
 
     def reply_size_limit(self, server_round: int) -> int:
         return self.max_reply_bytes()

@@ -69,6 +69,14 @@ class FedKRSO(LogStrategy):
     def global_tensors(self) -> dict[str, torch.Tensor]:
         return {**self.km.target_weights(), **self.km.head}
 
+    def kept_tensors(self) -> dict[str, torch.Tensor]:
+        return self.km.target_weights()  # the head travels in every instruction
+
+    def replay_passes(self, entry: LogEntry) -> float:
+        """apply_update runs one addmm per (seed, target) logged: a pass over that target."""
+        numel = {n: w.numel() for n, w in self.km.target_weights().items()}
+        return sum(numel[name] for _, name in entry.bbar) / sum(numel.values())
+
     def update(self, server_round: int, weights: list[float], replies: list) -> LogEntry:
         # One update per reply: its accumulators (differences already) and its head (against the global head),
         # clipped together; absent accumulators are zero updates (common.robust).

@@ -7,6 +7,8 @@ Server -> client, message type "train":
   "log"     ArrayRecord   for each carried round t: "t/seeds" int64 (K,), and for each seed index j and
                           target matrix n: "t/j/n" float32 (d_out, r) = Bbar of round t
                           (the rounds the node has not applied yet: normally only T-1)
+  "snapshot"                a node far behind gets its target matrices' values of round T-1 instead of the
+                            log (config snapshot-round = T-1, log-first = T): common.catchup
   "head"    ArrayRecord   the global classification head, param name -> float32 (dense, tiny)
 Client -> server:
   "accumulators" ArrayRecord  "j/n" float32 (d_out, r): A_j of every seed index the client used

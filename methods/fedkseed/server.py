@@ -61,6 +61,13 @@ class FedKSeed(LogStrategy):
     def global_tensors(self) -> dict[str, torch.Tensor]:
         return self.km.params
 
+    def kept_tensors(self) -> dict[str, torch.Tensor]:
+        return self.km.params
+
+    def replay_passes(self, entry: kseed.LogEntry) -> float:
+        """kseed.replay runs one whole-model pass per candidate seed with a nonzero scalar."""
+        return float(np.count_nonzero(entry.scalars))
+
     def update(self, server_round: int, weights: list[float], replies: list) -> kseed.LogEntry:
         # per candidate seed, absent = 0
         g = self.combine(server_round, weights, [{"G": r.scalars} for r in replies])["G"]

@@ -10,6 +10,8 @@ Server -> client, message type "train":
                           log-first..T-1 are all carried, log-first = T when nothing is)
   "log"     ArrayRecord   for each carried round t: "t/lr" float64 (1,) and the scalar vector Ḡ_t with
                           prefix "t/" (the aggregated per-seed scalars of round t)
+  "snapshot"              a node far behind gets its perturbed parameters' values of round T-1 instead of
+                          the log (config snapshot-round = T-1, log-first = T): common.catchup
 Client -> server:
   "scalars" ArrayRecord   the scalar vector G (prefix ""): the sum of the client's g per candidate seed
   "metrics" MetricRecord  num-examples (int > 0), model-round (int, must be T-1), train-loss, train-seconds,

@@ -70,6 +70,16 @@ class FedSPZO(LogStrategy):
     def global_tensors(self) -> dict[str, torch.Tensor]:
         return self.sm.params
 
+    def kept_tensors(self) -> dict[str, torch.Tensor]:
+        return self.sm.params
+
+    def replay_passes(self, entry: spzo.LogEntry) -> float:
+        """spzo.replay runs every (step, perturbation) of both blocks, zeros included."""
+        block1 = self.sm.pert1.numel if self.sm.pert1 else 0
+        block2 = self.sm.pert2.numel
+        rows, p1 = entry.g1.shape
+        return rows * (p1 * block1 + entry.g2.shape[1] * block2) / (block1 + block2)
+
     def update(self, server_round: int, weights: list[float], replies: list) -> spzo.LogEntry:
         g = self.combine(server_round, weights, [{"g1": r.g1, "g2": r.g2} for r in replies])  # per (step, pert.)
         entry = spzo.LogEntry(

@@ -7,6 +7,8 @@ Server -> client, message type "train":
   "log"     ArrayRecord   for each carried round t: "t/seed" int64 (1,) ρ_t, "t/lr" float64 (1,) η_t,
                           "t/g1" float32 (S, P1) and "t/g2" float32 (S, P2): the aggregated scalars of
                           round t (S = 0 rows for a round without valid replies)
+  "snapshot"              a node far behind gets its perturbed parameters' values of round T-1 instead of
+                          the log (config snapshot-round = T-1, log-first = T): common.catchup
 Client -> server:
   "scalars" ArrayRecord   "g1" float32 (S, P1), "g2" float32 (S, P2): the projected gradients of every
                           local step, in order (S = train.local-steps)
