@@ -8,12 +8,20 @@ the round's aggregate was not applied (None: it was), `warnings` what else the r
 (common.robust). `client_train_seconds` and, for the zero-order methods, `client_forward_passes` (with its
 parts `client_full_passes`, `client_block1_passes`, `client_block2_passes`) are means per replying client.
 A method may keep more per-round records beside them (`add_record`: `<name>.jsonl`). A resumed run starts
-from the records so far (`previous`, from the server checkpoint) and appends to them. A new run never starts
-in a folder that holds another run's records (check_not_overwriting): nothing recorded is truncated.
+from the records so far (`previous`, read back through the server checkpoint) and appends to them. A new run
+never starts in a folder that holds another run's records (check_not_overwriting): nothing recorded is
+truncated.
+
+Every row is one line, `json.dumps(row)` and a newline (`jsonl_line`), appended and fsynced, and the recorder
+keeps a running SHA-256 of each file's lines (`digests`): the server checkpoint holds those row counts and
+digests instead of the rows, so that its size does not grow with the round, and a resumed run reads the rows
+back from the files, checked against them (server_app/checkpoint.py). `json.dumps` of a row read back with
+`json.loads` gives the same line again, so the records a resumed run writes again hash to the same digest.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -21,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from common.config import ConfigError
-from common.files import replace_file
+from common.files import fsync_dir, replace_file
 
 # The zero-order clients' model calls per round (common.zeroorder.ModelCalls), kept apart by what ran:
 # forward_passes is all of them; a block-2 pass costs a fraction of a full one.
@@ -93,8 +101,22 @@ def fmt_bytes(n: float | None) -> str:
     return f"{n:.1f} GB"
 
 
-def _write_jsonl(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
-    replace_file(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+def jsonl_line(row: Mapping[str, Any]) -> bytes:
+    """One row as a records file holds it (and as the checkpoint's digest of the file covers it)."""
+    return (json.dumps(row) + "\n").encode()
+
+
+def records_digest(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """What the server checkpoint keeps of a records file holding `rows`: their count and their SHA-256."""
+    return {"rows": len(rows), "sha256": hashlib.sha256(b"".join(jsonl_line(r) for r in rows)).hexdigest()}
+
+
+def _append(path: str, line: bytes) -> None:
+    """Append one row and fsync it: the checkpoint written after it names it, so it must be on disk first."""
+    with open(path, "ab") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 class RunRecorder:
@@ -118,9 +140,11 @@ class RunRecorder:
             name: [dict(r) for r in rows] for name, rows in previous.items() if name != "rounds"
         }
         self._path = os.path.join(self.dir, "rounds.jsonl")
-        _write_jsonl(self._path, self.rounds)
-        for name, rows in self.extra.items():
-            _write_jsonl(os.path.join(self.dir, f"{name}.jsonl"), rows)
+        self._sha: dict[str, Any] = {}  # record name -> running SHA-256 of its file's lines
+        for name, rows in {"rounds": self.rounds, **self.extra}.items():
+            data = b"".join(jsonl_line(r) for r in rows)
+            replace_file(os.path.join(self.dir, f"{name}.jsonl"), data)
+            self._sha[name] = hashlib.sha256(data)
         self._open: dict[str, Any] | None = None
         self._t0 = time.perf_counter()
 
@@ -213,20 +237,31 @@ class RunRecorder:
             "seconds": time.perf_counter() - start,
         }
         self.rounds.append(out)
-        with open(self._path, "a") as f:
-            f.write(json.dumps(out) + "\n")
+        line = jsonl_line(out)
+        _append(self._path, line)
+        self._sha["rounds"].update(line)
         self._open = None
         return out
 
     def add_record(self, name: str, row: Mapping[str, Any]) -> None:
-        """Append one row to the method's own record `<name>.jsonl` (kept in the server checkpoint too)."""
+        """Append one row to the method's own record `<name>.jsonl` (resumed like rounds.jsonl)."""
         self.extra.setdefault(name, []).append(dict(row))
-        with open(os.path.join(self.dir, f"{name}.jsonl"), "a") as f:
-            f.write(json.dumps(row) + "\n")
+        line = jsonl_line(row)
+        _append(os.path.join(self.dir, f"{name}.jsonl"), line)
+        if name not in self._sha:  # the file is new: make its name durable too
+            fsync_dir(self.dir)
+            self._sha[name] = hashlib.sha256()
+        self._sha[name].update(line)
 
     def records(self) -> dict[str, list[dict[str, Any]]]:
         """The records so far, as a resumed run's `previous`."""
         return {"rounds": list(self.rounds), **{name: list(rows) for name, rows in self.extra.items()}}
+
+    def digests(self) -> dict[str, dict[str, Any]]:
+        """Per record ("rounds" and each `<name>`), what the checkpoint keeps of it: `records_digest` of its rows
+        so far, from the running digests (constant time, however many rounds)."""
+        rows = {"rounds": self.rounds, **self.extra}
+        return {name: {"rows": len(rows[name]), "sha256": h.copy().hexdigest()} for name, h in self._sha.items()}
 
     def finish(self) -> dict[str, Any]:
         summary = summarize(self.rounds, self.config)

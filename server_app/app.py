@@ -103,9 +103,9 @@ def run(grid: Grid, cfg: RunConfig, run_id: int = 0) -> dict:
             checkpoint.write(
                 state_path,
                 checkpoint.ServerState(
-                    server_round, cfg.to_flat(), tensors, state, recorder.records(),
+                    server_round, cfg.to_flat(), tensors, state, written=recorder.digests(),
                     arrays={k: a.numpy() for k, a in arrays.items()}, run_id=run_id,
-                ),
+                ),  # the records' row counts and digests, not their rows: the write does not grow with the round
             )  # fmt: skip
             log(INFO, "round %d: checkpoint %s (%.1f MB) written in %.2f s", server_round, state_path,
                 os.path.getsize(state_path) / 2**20, time.perf_counter() - start)  # fmt: skip

@@ -2,11 +2,13 @@
 
 Written by the ServerApp after every completed round to `<results-dir>/<run-name>/checkpoint.safetensors`
 and read back by a run whose `resume-from` names that file (or its folder). The checkpoint holds only what
-is small and is replaced whole each round (one rename); the update log of FedKRSO, FedSPZO and FedKSeed,
-which grows by one entry a round, lives beside it in an append-only log of one segment file per round, each
-written once, so that a round writes about its own entry however long the run has been going.
+is small and is replaced whole each round (one rename); what grows by a row or an entry a round lives beside
+it in files that are only appended to: the run's records (rounds.jsonl and the method's own <name>.jsonl,
+common/records.py), of which the checkpoint keeps each file's row count and SHA-256, and the update log of
+FedKRSO, FedSPZO and FedKSeed, one segment file per round, each written once. A round therefore writes about
+its own row and entry however long the run has been going.
 
-Format (version 2): a safetensors file (numbers only: never a pickle, nothing executed on load).
+Format (version 3): a safetensors file (numbers only: never a pickle, nothing executed on load).
   tensors   "arrays/<name>"   the ArrayRecord Strategy.start carries from round to round: the global model
                               of FedAvg and FedAvg-LoRA (every parameter they train); nothing for the others
             "<strategy key>"  the method's own tensors (its strategy's `state_dict()`):
@@ -16,14 +18,15 @@ Format (version 2): a safetensors file (numbers only: never a pickle, nothing ex
                                 "<record>/<key>"; the log itself is in the segments below
                               FedTT, FedTT+: "cores/<adapter>.<down|up>.<core>" and "head/<name>", float32
   metadata  "format"   "fedsubspace-server-checkpoint"
-            "version"  "2"
+            "version"  "3"
             "state"    JSON: {"round": T (the last completed round), "flower-run-id": the run that wrote it,
                               "config": the run config as flat run-config keys,
                               "strategy": the strategy's JSON state (RNG state of client sampling, node_round
                                 map, FedTT+ scores, the model digest of log methods, and for them "log-head":
                                 the SHA-256 of segment T, which binds the checkpoint to exactly the log 1..T),
-                              "records": {"rounds": rounds.jsonl rows 0..T, "<name>": the rows of
-                                <name>.jsonl beside it}}
+                              "records": {"rounds": {"rows": T + 1, "sha256": hex SHA-256 of the first T + 1
+                                lines of rounds.jsonl beside it, newlines included}, "<name>": the same for
+                                the lines of <name>.jsonl that were written by then}}
             "sha256"   hex SHA-256 over the format name, the version, the "state" text and every tensor
                        (name, dtype, shape, bytes) in name order
 
@@ -48,15 +51,24 @@ resumed into another records folder writes the whole log into its own folder wit
 the same segments with the same digests (packing is deterministic; a digest covers the tensors in name
 order), so the new folder can be resumed from alone.
 
-Version 1 (still read): the same file with the whole update log inside it, as the instruction for round
-T+1 carrying rounds 1..T ("log/..." tensors beside "head/...") and its ConfigRecords in the strategy state
-under "instruction"; no segments. A run resumed from it continues in version 2, writing the segments.
+Records: resuming reads the first "rows" lines of each records file beside the checkpoint, checks their
+SHA-256 and their rows (rounds.jsonl: rounds 0..T, each a row that can be summarized), and drops any line
+after them (written by a round whose checkpoint never followed). A run resumed into another records folder
+reads them from the checkpoint's folder and writes them into its own (common.records.RunRecorder), where
+they hash to the same digests. The recorder fsyncs every row before the checkpoint that counts it is written.
+
+Version 2 (still read): the same file with the records' rows themselves in the state ("records":
+{"rounds": rows 0..T, "<name>": rows}), rewritten whole each round. Version 1 (still read): as version 2, and
+the whole update log inside it, as the instruction for round T+1 carrying rounds 1..T ("log/..." tensors
+beside "head/...") and its ConfigRecords in the strategy state under "instruction"; no segments. A run
+resumed from either continues in version 3, writing the segments and the records' digests.
 
 Reading refuses, with a CheckpointError that names the file and says what is wrong: a missing file,
 anything that is not a complete safetensors file (torn), another format or version, a checksum that does
 not match (a flipped byte, an edited round); for a segment also one that is missing, holds another round
 than its name says (renamed or reordered), does not follow the previous segment's digest, or (segment T)
-is not the one the checkpoint names as the log's head; and, checksum or not, any field of the wrong type or range
+is not the one the checkpoint names as the log's head; for a records file one that is missing, holds fewer
+lines than the checkpoint counts (truncated) or other ones (edited, replaced); and, checksum or not, any field of the wrong type or range
 (records that do not run 0..T or cannot be summarized, a config that is not run-config keys; each strategy's
 own fields, e.g. its RNG state, through strategy_field when it loads them). Whether the run config allows resuming from it is
 checked by common.config.check_resume.
@@ -75,6 +87,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -89,11 +102,13 @@ from safetensors.numpy import save as st_save
 
 from common.config import ConfigError
 from common.files import replace_file
-from common.records import CHECKPOINT, row_problem
+from common.records import CHECKPOINT, records_digest, row_problem
 
 FORMAT = "fedsubspace-server-checkpoint"
-VERSION = 2
-READS = (1, 2)  # the versions `read` accepts
+VERSION = 3
+READS = (1, 2, 3)  # the versions `read` accepts
+ROWS_INSIDE = (1, 2)  # the versions that hold the records' rows themselves (3: their count and digest)
+RECORD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # a records file <name>.jsonl beside the checkpoint
 FILENAME = CHECKPOINT
 ARRAYS = "arrays/"  # prefix of the ArrayRecord that Strategy.start carries
 SEGMENT_FORMAT = "fedsubspace-update-log-segment"
@@ -114,11 +129,15 @@ class ServerState:
     config: dict[str, Any]  # the run config that wrote it (flat run-config keys)
     tensors: dict[str, np.ndarray]  # the strategy's tensors
     strategy: dict[str, Any]  # the strategy's JSON state
-    records: dict[str, list[dict[str, Any]]]  # "rounds": rounds.jsonl rows 0..T, and other .jsonl records
+    # "rounds": rounds.jsonl rows 0..T, and other .jsonl records: as read back (written: `written`)
+    records: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)  # Strategy.start's ArrayRecord
     run_id: int = 0  # the Flower run that wrote it
     path: str = ""  # the file it was read from (named in every error about it)
     log: list[Segment] | None = None  # segments 1..T, read and checked (version 2 of a log method)
+    # per record, {"rows", "sha256"} of its file as written (common.records.RunRecorder.digests), what the
+    # checkpoint keeps; None: computed from `records`
+    written: dict[str, dict[str, Any]] | None = None
 
 
 @dataclass
@@ -167,13 +186,17 @@ def write(path: str, state: ServerState) -> None:
             "flower-run-id": state.run_id,
             "config": state.config,
             "strategy": state.strategy,
-            "records": state.records,
+            "records": state.written if state.written is not None else _digests(state.records),
         },
         allow_nan=True,
     )
     meta = {"format": FORMAT, "version": str(VERSION), "state": text, "sha256": _digest(text, tensors, VERSION)}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     replace_file(path, st_save(tensors, metadata=meta))
+
+
+def _digests(records: Mapping[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    return {name: records_digest(rows) for name, rows in records.items()}
 
 
 def log_dir(checkpoint_file: str) -> str:
@@ -315,11 +338,14 @@ def read(resume_from: str) -> ServerState:
     # The checksum proves the file is what its writer wrote, not that the writer wrote sense (a checksum can be
     # recomputed after an edit): every field is checked by type and range before anything uses it.
     state = _json(path, text, "a state")
-    problem = _state_problem(state)
+    problem = _state_problem(state, version)
     if not problem and version > 1 and LOG_HEAD in state["strategy"] and not is_sha256(state["strategy"][LOG_HEAD]):
         problem = f"has a strategy state whose '{LOG_HEAD}' is not a SHA-256 digest"
     if problem:
         raise CheckpointError(f"resume-from: '{path}' {problem}; resume from another copy or start a fresh run")
+    records = state["records"]
+    if version not in ROWS_INSIDE:
+        records = read_records(path, records, state["round"])
     segments = None
     if version > 1 and LOG_HEAD in state["strategy"]:
         segments = read_segments(path, state["round"], state["strategy"][LOG_HEAD])
@@ -328,7 +354,7 @@ def read(resume_from: str) -> ServerState:
         config=state["config"],
         tensors={k: v for k, v in tensors.items() if not k.startswith(ARRAYS)},
         strategy=state["strategy"],
-        records=state["records"],
+        records=records,
         arrays={k.removeprefix(ARRAYS): v for k, v in tensors.items() if k.startswith(ARRAYS)},
         run_id=state["flower-run-id"],
         path=path,
@@ -340,7 +366,7 @@ def _is_int(value: Any, low: int = 0) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
-def _state_problem(state: Any) -> str | None:
+def _state_problem(state: Any, version: int = VERSION) -> str | None:
     """What is wrong with a checkpoint's JSON state, or None: the fields every method's state has."""
     if not isinstance(state, dict):
         return f"has a state that is a {type(state).__name__}, not an object"
@@ -358,18 +384,87 @@ def _state_problem(state: Any) -> str | None:
         return f"has a config that is not run-config keys and values ({str(config)[:60]})"
     if not isinstance(state["strategy"], dict):
         return f"has a strategy state that is a {type(state['strategy']).__name__}, not an object"
+    if version not in ROWS_INSIDE:
+        return _digests_problem(records, done)
     if not isinstance(records, dict) or not all(isinstance(v, list) for v in records.values()):
         return "has records that are not lists of rows"
-    rows = records.get("rounds")
-    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+    if "rounds" not in records:
         return "has round records that are not rows"
-    if [r.get("round") for r in rows] != list(range(done + 1)):
-        return f"says round {done} but holds the records of rounds {[r.get('round') for r in rows][:12]}: it is inconsistent"
-    for name, rows_of_name in records.items():
-        for row in rows_of_name:
-            if problem := row_problem(row, name == "rounds"):
-                return f"has a {name} record that cannot be summarized ({problem})"
+    for name, rows in records.items():
+        if problem := _rows_problem(name, rows, done):
+            return problem
     return None
+
+
+def _rows_problem(name: str, rows: list, done: int) -> str | None:
+    """What keeps the rows of record `name` from continuing a run whose last completed round is `done`."""
+    if name == "rounds":
+        if not all(isinstance(r, dict) for r in rows):
+            return "has round records that are not rows"
+        if [r.get("round") for r in rows] != list(range(done + 1)):
+            return f"says round {done} but holds the records of rounds {[r.get('round') for r in rows][:12]}: it is inconsistent"
+    for row in rows:
+        if problem := row_problem(row, name == "rounds"):
+            return f"has a {name} record that cannot be summarized ({problem})"
+    return None
+
+
+def _digests_problem(records: Any, done: int) -> str | None:
+    """What is wrong with a version-3 checkpoint's "records": {name: {"rows": count, "sha256": digest}}."""
+    if not isinstance(records, dict) or not all(
+        isinstance(name, str)
+        and RECORD_NAME.fullmatch(name)
+        and isinstance(d, dict)
+        and set(d) == {"rows", "sha256"}
+        and _is_int(d["rows"])
+        and is_sha256(d["sha256"])
+        for name, d in records.items()
+    ):
+        return f"has records that are not the row counts and SHA-256 digests of .jsonl files ({str(records)[:80]})"
+    counted = records.get("rounds", {}).get("rows")
+    if counted != done + 1:
+        return f"says round {done} but counts {counted} rows of rounds.jsonl, not {done + 1}: it is inconsistent"
+    return None
+
+
+def read_records(checkpoint_file: str, digests: Mapping[str, Mapping[str, Any]], done: int) -> dict[str, list]:
+    """The records beside `checkpoint_file`: of each `<name>.jsonl` the first digests[name]["rows"] lines,
+    checked against their SHA-256 and as rows; lines after them (a round whose checkpoint never followed) are
+    dropped."""
+    folder = os.path.dirname(os.path.abspath(checkpoint_file))
+    records: dict[str, list] = {}
+    for name, expected in digests.items():
+        path, count = os.path.join(folder, f"{name}.jsonl"), expected["rows"]
+        if not os.path.isfile(path):
+            if count == 0:
+                records[name] = []
+                continue
+            raise CheckpointError(
+                f"resume-from: '{path}' is missing: '{checkpoint_file}' was written after its first {count} rows; "
+                "copy the run's records (its .jsonl files) with its checkpoint"
+            )
+        with open(path, "rb") as f:
+            lines = f.read().split(b"\n")[:-1]  # complete lines only: a crash may have cut the last one
+        if len(lines) < count:
+            raise CheckpointError(
+                f"resume-from: '{path}' holds {len(lines)} complete rows, but '{checkpoint_file}' was written after "
+                f"its first {count}: the file was truncated or replaced; resume from another copy or start a fresh run"
+            )
+        lines = lines[:count]
+        if hashlib.sha256(b"".join(line + b"\n" for line in lines)).hexdigest() != expected["sha256"]:
+            raise CheckpointError(
+                f"resume-from: '{path}' fails its SHA-256 check: its first {count} rows are not the ones "
+                f"'{checkpoint_file}' was written after (a row was edited, or the file replaced); resume from "
+                "another copy or start a fresh run"
+            )
+        try:
+            rows = [json.loads(line) for line in lines]
+        except ValueError as exc:
+            raise CheckpointError(f"resume-from: '{path}' has a row that is not JSON ({exc})") from exc
+        if problem := _rows_problem(name, rows, done):
+            raise CheckpointError(f"resume-from: '{path}' {problem}; resume from another copy or start a fresh run")
+        records[name] = rows
+    return records
 
 
 def is_number(value: Any) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from safetensors.numpy import save as st_save
 from common.config import ConfigError, parse_run_config
 from common.methods import METHODS
 from common.nodestore import STATE_DIR_ENV
-from common.records import RunRecorder
+from common.records import RunRecorder, jsonl_line, records_digest
 from server_app import checkpoint
 from server_app.app import build_setup, resume, run
 from tests.fakes import InProcessGrid
@@ -66,10 +67,17 @@ def run_to(method, tiny_bert, glue_dir, tmp_path, run_id, rounds, name, **extra)
 
 def row(r):
     """A round record as RunRecorder.end_round writes it."""
-    rec = RunRecorder.__new__(RunRecorder)
-    rec.config, rec.rounds, rec._open, rec._path = {}, [], None, os.devnull
-    rec.begin_round(r)
-    return rec.end_round(r, None)
+    with tempfile.TemporaryDirectory() as folder:
+        rec = RunRecorder(folder, "row", {})
+        rec.begin_round(r)
+        return rec.end_round(r, None)
+
+
+def write_rows(folder, records) -> None:
+    """`records` ({name: rows}) as the .jsonl files a run leaves beside its checkpoint."""
+    os.makedirs(folder, exist_ok=True)
+    for name, rows in records.items():
+        Path(folder, f"{name}.jsonl").write_bytes(b"".join(jsonl_line(r) for r in rows))
 
 
 def read_jsonl(path):
@@ -168,14 +176,17 @@ def saved_run(tiny_bert, glue_dir, tmp_path_factory):
     with open(os.path.join(records, checkpoint.FILENAME), "rb") as f:
         data = f.read()
     SEGMENTS.update({n: Path(records, checkpoint.LOG_DIR, n).read_bytes() for n in os.listdir(Path(records, "log"))})
+    RECORDS.update({n: Path(records, n).read_bytes() for n in os.listdir(records) if n.endswith(".jsonl")})
     return tmp, data
 
 
 SEGMENTS: dict[str, bytes] = {}  # saved_run's update-log segments, copied with its checkpoint
+RECORDS: dict[str, bytes] = {}  # saved_run's records files (rounds.jsonl), copied with its checkpoint
 
 
-def copy_to(tmp_path, data: bytes, segments: dict[str, bytes] | None = None) -> str:
-    """The checkpoint `data` in a fresh folder, with saved_run's update log (or `segments`) beside it."""
+def copy_to(tmp_path, data: bytes, segments: dict[str, bytes] | None = None, records: dict | None = None) -> str:
+    """The checkpoint `data` in a fresh folder, with saved_run's update log (or `segments`) and records files
+    (or `records`: {file name: bytes}) beside it."""
     path = tmp_path / "copy" / checkpoint.FILENAME
     path.parent.mkdir(exist_ok=True)
     path.write_bytes(data)
@@ -183,6 +194,11 @@ def copy_to(tmp_path, data: bytes, segments: dict[str, bytes] | None = None) -> 
     (path.parent / checkpoint.LOG_DIR).mkdir()
     for name, segment in (SEGMENTS if segments is None else segments).items():
         (path.parent / checkpoint.LOG_DIR / name).write_bytes(segment)
+    for name in os.listdir(path.parent):
+        if name.endswith(".jsonl"):
+            os.remove(path.parent / name)
+    for name, content in (RECORDS if records is None else records).items():
+        (path.parent / name).write_bytes(content)
     return str(path)
 
 
@@ -262,8 +278,8 @@ def test_edited_round_number_is_refused(saved_run, tmp_path):
 @pytest.mark.integration
 def test_other_format_version_is_refused(saved_run, tmp_path):
     _, data = saved_run
-    with pytest.raises(checkpoint.CheckpointError, match="format version '3'; this code reads versions 1, 2"):
-        checkpoint.read(copy_to(tmp_path, rewritten(data, lambda m: m.update(version="3"))))
+    with pytest.raises(checkpoint.CheckpointError, match="format version '4'; this code reads versions 1, 2, 3"):
+        checkpoint.read(copy_to(tmp_path, rewritten(data, lambda m: m.update(version="4"))))
     with pytest.raises(checkpoint.CheckpointError, match="not a fedsubspace server checkpoint"):
         checkpoint.read(copy_to(tmp_path, rewritten(data, lambda m: m.update(format="other"))))
 
@@ -325,9 +341,12 @@ def test_crash_between_write_and_rename_leaves_the_previous_checkpoint(saved_run
     path = copy_to(tmp_path, data)
     state = checkpoint.read(path)
     strategy = {k: v for k, v in state.strategy.items() if k != checkpoint.LOG_HEAD}  # no log: the file alone
+    row_3 = row(3)
     later = checkpoint.ServerState(
-        3, state.config, state.tensors, strategy, {"rounds": [*state.records["rounds"], row(3)]}
+        3, state.config, state.tensors, strategy, {"rounds": [*state.records["rounds"], row_3]}
     )
+    with open(os.path.join(os.path.dirname(path), "rounds.jsonl"), "ab") as f:
+        f.write(jsonl_line(row_3))  # the recorder appends the round's row before the checkpoint counts it
 
     def crash(src, dst):
         raise OSError("power lost")
@@ -356,8 +375,10 @@ def test_written_state_round_trips_exactly(tmp_path):
     )  # fmt: skip
     path = str(tmp_path / "c.safetensors")
     checkpoint.write(path, state)
+    write_rows(tmp_path, state.records)
     back = checkpoint.read(path)
     assert back.round == 1 and back.run_id == 7 and back.strategy == {"x": [0.1, 2**40]}
+    assert back.records == state.records
     assert back.tensors.keys() == tensors.keys() and all(np.array_equal(back.tensors[k], v) for k, v in tensors.items())
     assert np.array_equal(back.arrays["w"], np.ones((2, 2), np.float32))
 
@@ -373,8 +394,9 @@ def test_a_link_planted_at_the_temporary_file_is_not_followed(tmp_path):
     os.symlink(victim, str(path) + ".tmp")
     rows = [row(0), row(1)]
     checkpoint.write(str(path), checkpoint.ServerState(1, {"method": "fedkrso"}, {}, {}, {"rounds": rows}))
+    write_rows(path.parent, {"rounds": rows})
     assert victim.read_bytes() == b"precious" and checkpoint.read(str(path)).round == 1
-    assert sorted(os.listdir(path.parent)) == [checkpoint.FILENAME]
+    assert sorted(os.listdir(path.parent)) == [checkpoint.FILENAME, "rounds.jsonl"]
 
 
 @pytest.mark.integration
@@ -396,9 +418,10 @@ def test_a_stopped_run_started_again_under_its_name_keeps_every_round(tiny_bert,
     assert checkpoint.read(records).round == 3
 
 
-def resigned(data: bytes, edit, replace: bool = False) -> bytes:
+def resigned(data: bytes, edit, replace: bool = False, version: int = checkpoint.VERSION) -> bytes:
     """The checkpoint with its JSON state edited in place by `edit` (or replaced by what it returns) and its
-    SHA-256 recomputed, as someone who knows the format would forge it: only the field checks can refuse it."""
+    SHA-256 recomputed, as someone who knows the format would forge it: only the field checks can refuse it.
+    `version`: the format version it then says it has."""
     from safetensors.numpy import load
 
     header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
@@ -406,26 +429,32 @@ def resigned(data: bytes, edit, replace: bool = False) -> bytes:
     state = json.loads(meta["state"])
     replaced = edit(state)
     state = replaced if replace else state
-    meta["state"] = json.dumps(state)
+    meta["state"], meta["version"] = json.dumps(state), str(version)
     tensors = load(data)
-    meta["sha256"] = checkpoint._digest(meta["state"], tensors)
+    meta["sha256"] = checkpoint._digest(meta["state"], tensors, version)
     return st_save(tensors, metadata=meta)
+
+
+def rows_inside(records) -> object:
+    """A state edit: the records' rows themselves in the state, as versions 1 and 2 keep them."""
+    return lambda s: s.update(records=records)
 
 
 STATE_EDITS = {  # name: (edit, what the error says)
     "state a list": (lambda s: [s], "not an object"),
     "round a list of ints": (lambda s: s.update(round=[1, 2]), "not a round number"),
     "round a bool": (lambda s: s.update(round=True), "not a round number"),
-    "round rows that are ints": (lambda s: s["records"].update(rounds=[0, 1, 2]), "not rows"),
     "config a list": (lambda s: s.update(config=["method", "fedkseed"]), "config that is not run-config keys"),
     "config value a dict": (lambda s: s["config"].update(seed={"x": 1}), "config that is not run-config keys"),
     "strategy a list": (lambda s: s.update(strategy=[]), "strategy state that is a list"),
     "no records": (lambda s: s.pop("records"), "incomplete state"),
     "run id a string": (lambda s: s.update({"flower-run-id": "7"}), "not a run id"),
-    "a row without its count": (lambda s: s["records"]["rounds"][1].pop("clients"), "clients = None, not a count"),
-    "seconds a string": (lambda s: s["records"]["rounds"][2].update(seconds="1"), "not a number"),
-    "extra record of ints": (lambda s: s["records"].update(other=[1]), "other record"),
     "log head not a digest": (lambda s: s["strategy"].update({"log-head": 5}), "'log-head' is not a SHA-256"),
+    "records as rows": (lambda s: s["records"].update(rounds=[0, 1, 2]), "not the row counts and SHA-256"),
+    "record named by a path": (lambda s: s["records"].update({"../x": s["records"]["rounds"]}), "not the row counts"),
+    "digest not hex": (lambda s: s["records"]["rounds"].update(sha256="x" * 64), "not the row counts"),
+    "rounds counted short": (lambda s: s["records"]["rounds"].update(rows=2), "counts 2 rows of rounds.jsonl, not 3"),
+    "no round records": (lambda s: s["records"].pop("rounds"), "counts None rows of rounds.jsonl"),
 }
 
 
@@ -438,6 +467,102 @@ def test_a_resigned_checkpoint_with_a_bad_field_is_refused_naming_the_file(saved
     path = copy_to(tmp_path, resigned(data, edit, replace=name == "state a list"))
     with pytest.raises(checkpoint.CheckpointError, match=f"resume-from: '{path}' .*{says}"):
         checkpoint.read(path)
+
+
+ROW_EDITS = {  # edits of saved_run's records ({name: rows}), refused under a re-signed checkpoint
+    "round rows that are ints": (lambda r: r.update(rounds=[0, 1, 2]), "not rows"),
+    "rounds out of order": (lambda r: r["rounds"].reverse(), r"holds the records of rounds \[2, 1, 0\]"),
+    "a row without its count": (lambda r: r["rounds"][1].pop("clients"), "clients = None, not a count"),
+    "seconds a string": (lambda r: r["rounds"][2].update(seconds="1"), "not a number"),
+    "extra record of ints": (lambda r: r.update(other=[1]), "other record"),
+}
+
+
+def saved_rows() -> dict[str, list]:
+    return {n.removesuffix(".jsonl"): [json.loads(line) for line in b.splitlines()] for n, b in RECORDS.items()}
+
+
+def with_rows(data: bytes, records: dict[str, list], version: int = checkpoint.VERSION) -> tuple[bytes, dict]:
+    """saved_run's checkpoint re-signed to hold `records` and the records files to put beside it: version 3
+    keeps their count and digest (the rows go in the files), versions 1 and 2 the rows (no files)."""
+    if version in checkpoint.ROWS_INSIDE:
+        return resigned(data, rows_inside(records), version=version), {}
+    digests = {name: records_digest(rows) for name, rows in records.items()}
+    files = {f"{name}.jsonl": b"".join(jsonl_line(r) for r in rows) for name, rows in records.items()}
+    return resigned(data, lambda s: s.update(records=digests)), files
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("version", [2, 3])
+@pytest.mark.parametrize("name", sorted(ROW_EDITS))
+def test_a_resigned_record_row_is_refused_naming_the_file_that_holds_it(saved_run, tmp_path, name, version):
+    """A row that cannot continue the run, re-signed: in version 3 in the records file (its digest recomputed
+    in the checkpoint), named; in version 2 inside the checkpoint, which is named."""
+    _, data = saved_run
+    rows = saved_rows()
+    forged, files = with_rows(data, rows, version)
+    honest = copy_to(tmp_path, forged, records=files)
+    assert checkpoint.read(honest).records == rows  # the forging is honest; version 2 reads no file
+    edit, says = ROW_EDITS[name]
+    edit(rows)
+    forged, files = with_rows(data, rows, version)
+    path = copy_to(tmp_path, forged, records=files)
+    named = path if version == 2 else os.path.join(os.path.dirname(path), r"\w+\.jsonl")
+    with pytest.raises(checkpoint.CheckpointError, match=f"resume-from: '{named}' .*{says}"):
+        checkpoint.read(path)
+
+
+@pytest.mark.integration
+def test_an_edited_truncated_or_missing_records_file_is_refused_naming_it(saved_run, tmp_path):
+    """The checkpoint counts rounds.jsonl's rows and holds their SHA-256: a file that lost, changed or reordered
+    a row is refused as a damaged segment is, naming it; rows after the checkpoint's round are dropped."""
+    _, data = saved_run
+    rounds = RECORDS["rounds.jsonl"]
+    lines = rounds.splitlines(keepends=True)
+    assert len(lines) == 3
+    flipped = bytearray(rounds)
+    flipped[len(lines[0]) + 5] ^= 0x01  # a byte of round 1's row
+    refused = {
+        "missing": ({}, "is missing: '.*' was written after its first 3 rows; copy the run's records"),
+        "emptied": ({"rounds.jsonl": b""}, "holds 0 complete rows, but '.*' was written after its first 3: the file"),
+        "last row cut": ({"rounds.jsonl": rounds[:-10]}, "holds 2 complete rows, but"),
+        "a row dropped": ({"rounds.jsonl": lines[0] + lines[2]}, "holds 2 complete rows, but"),
+        "a byte flipped": ({"rounds.jsonl": bytes(flipped)}, "fails its SHA-256 check: its first 3 rows are not"),
+        "rows swapped": ({"rounds.jsonl": lines[0] + lines[2] + lines[1]}, "fails its SHA-256 check"),
+        "a folder": ({"rounds.jsonl": None}, "is missing"),
+    }
+    for name, (files, says) in refused.items():
+        path = copy_to(tmp_path, data, records={n: b for n, b in files.items() if b is not None})
+        if None in files.values():
+            os.mkdir(os.path.join(os.path.dirname(path), "rounds.jsonl"))
+        with pytest.raises(checkpoint.CheckpointError, match=f"resume-from: '.*/copy/rounds.jsonl' {says}"):
+            checkpoint.read(path)
+        assert checkpoint.main([path]) == 1, name
+        shutil.rmtree(os.path.dirname(path))
+    later = rounds + jsonl_line(row(3)) + b'{"round": 4, "bytes'  # a round whose checkpoint never followed
+    state = checkpoint.read(copy_to(tmp_path, data, records={"rounds.jsonl": later}))
+    assert state.round == 2 and state.records == saved_rows()
+
+
+@pytest.mark.unit
+def test_the_checkpoint_does_not_grow_with_the_records(tmp_path):
+    """The checkpoint keeps each records file's row count and digest, not its rows: after 50 rounds it is the
+    size it was after 5 (a few more digits), and the rows read back from the files beside it are the rows."""
+    sizes = {}
+    for rounds in (5, 50):
+        rec = RunRecorder(str(tmp_path), f"run-{rounds}", {"method": "fedtt-plus"})
+        rec.end_round(0, {"accuracy": 0.5, "loss": 0.7})
+        for t in range(1, rounds + 1):
+            rec.begin_round(t)
+            rec.add_replies(1000 + t, [{"train-seconds": 0.1 * t, "peak-rss-mb": 300.0}], 0, 0)
+            rec.add_record("fedtt-selection", {"round": t, "numbers": 96, "cores": [{"adapter": 0, "core": t % 3}]})
+            rec.end_round(t, {"accuracy": 0.5 + t / 1000, "loss": 0.7})
+        assert rec.digests() == {name: records_digest(rows) for name, rows in rec.records().items()}
+        path = os.path.join(rec.dir, checkpoint.FILENAME)
+        checkpoint.write(path, checkpoint.ServerState(rounds, {"method": "fedtt-plus"}, {}, {}, written=rec.digests()))
+        sizes[rounds] = os.path.getsize(path)
+        assert checkpoint.read(path).records == rec.records()
+    assert sizes[50] - sizes[5] <= 8, sizes
 
 
 STRATEGY_EDITS = {  # edits of a FedKSeed checkpoint's strategy state, refused when the run resumes from it
@@ -492,8 +617,9 @@ LOG_METHODS = ["fedkrso", "fedspzo", "fedkseed"]
 @pytest.mark.integration
 @pytest.mark.parametrize("method", LOG_METHODS)
 def test_bytes_written_per_round_do_not_grow_with_the_round(method, tiny_bert, glue_dir, tmp_path, monkeypatch):
-    """Each round writes its own segment and the small checkpoint, never the log so far: round 10 writes
-    about what round 1 wrote (the records rows in the checkpoint are the only part that grows)."""
+    """Each round writes its own segment and the small checkpoint, never the log so far nor the records so far
+    (their rows are in rounds.jsonl, appended a row a round; the checkpoint counts them and holds their digest):
+    round 10 writes about what round 1 wrote, and the checkpoint itself changes by a few bytes at most."""
     monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path / "nodes"))
     writes: list[tuple[str, int]] = []
     real = checkpoint.replace_file
@@ -515,10 +641,17 @@ def test_bytes_written_per_round_do_not_grow_with_the_round(method, tiny_bert, g
     assert len(per_round) == len(segments) == 10  # one segment and one checkpoint a round, each written once
     assert max(segments) <= 2 * min(segments)  # a segment is one round's entry (FedKSeed's may be sparse)
     assert per_round[9] <= 2 * per_round[0], per_round
+    sizes = [n for name, n in writes if name == checkpoint.FILENAME]
+    assert max(sizes) - min(sizes) <= CHECKPOINT_JITTER, sizes
     assert sorted(os.listdir(os.path.join(records, checkpoint.LOG_DIR))) == [
         f"round-{t:06d}.safetensors" for t in range(1, 11)
     ]
     assert checkpoint.read(records).round == 10 and len(checkpoint.read(records).log) == 10
+
+
+# What a checkpoint's size may vary by from round to round: the digits of numbers in its JSON state (the round,
+# the sampling RNG's 624 words, the node-round map, the model digest's floats), never a row or an entry a round.
+CHECKPOINT_JITTER = 256
 
 
 def segment_name(t: int) -> str:
@@ -593,9 +726,10 @@ def test_a_segment_after_the_checkpoints_round_is_ignored_and_written_again(
     saved_run, tiny_bert, glue_dir, tmp_path, monkeypatch
 ):
     """A crash between writing round 3's segment and its checkpoint: the checkpoint says round 2, the stray
-    segment 3 is not read, and the resumed run's round 3 replaces it."""
+    segment 3 and the stray row 3 of rounds.jsonl are not read, and the resumed run's round 3 replaces them."""
     _, data = saved_run
-    path = copy_to(tmp_path, data, {**SEGMENTS, segment_name(3): b"half a segment"})
+    stray = {"rounds.jsonl": RECORDS["rounds.jsonl"] + jsonl_line({**row(3), "clients": 99}) + b'{"round": 4, "by'}
+    path = copy_to(tmp_path, data, {**SEGMENTS, segment_name(3): b"half a segment"}, records=stray)
     assert checkpoint.read(path).round == 2
     records = os.path.dirname(path)
     cfg = make_cfg(
@@ -606,14 +740,27 @@ def test_a_segment_after_the_checkpoints_round_is_ignored_and_written_again(
     run(InProcessGrid(cfg, 2, NODES), cfg, 2)
     state = checkpoint.read(records)
     assert state.round == 3 and [s.round for s in state.log] == [1, 2, 3]
+    assert [r["round"] for r in state.records["rounds"]] == [0, 1, 2, 3] and state.records["rounds"][3]["clients"] == 2
+    assert Path(records, "rounds.jsonl").read_bytes().startswith(RECORDS["rounds.jsonl"])  # rows 0..2 as they were
     for t in (1, 2):  # resumed in place: the segments it had are not written again
         assert Path(records, checkpoint.LOG_DIR, segment_name(t)).read_bytes() == SEGMENTS[segment_name(t)]
 
 
-def as_version_1(records, method, tiny_bert, glue_dir, tmp_path, monkeypatch) -> str:
-    """The checkpoint at `records` as version 1 wrote it: the whole log inside, as the instruction of round T+1
-    carrying rounds 1..T with its ConfigRecords under "instruction"; no segments."""
+def as_older_version(version, records, method, tiny_bert, glue_dir, tmp_path) -> str:
+    """The checkpoint at `records` as an older version wrote it, alone in a folder (no records files beside it):
+    version 2 with the records' rows in its state and the log's segments beside it; version 1 with the rows and
+    the whole log inside, as the instruction of round T+1 carrying rounds 1..T with its ConfigRecords under
+    "instruction", and no segments."""
     state = checkpoint.read(records)
+    folder = tmp_path / f"version-{version}"
+    path = str(folder / checkpoint.FILENAME)
+    if version == 2:
+        if os.path.isdir(checkpoint.log_dir(state.path)):
+            shutil.copytree(checkpoint.log_dir(state.path), folder / checkpoint.LOG_DIR)
+        data = resigned(Path(state.path).read_bytes(), rows_inside(state.records), version=2)
+        folder.mkdir(exist_ok=True)
+        Path(path).write_bytes(data)
+        return path
     cfg = make_cfg(method, tiny_bert, glue_dir, tmp_path, **{"run-name": "rebuild"})
     setup = build_setup(cfg, RunRecorder(str(tmp_path / "rebuild"), method, cfg.to_flat()))
     resume(setup, state, run_id=state.run_id)
@@ -621,32 +768,36 @@ def as_version_1(records, method, tiny_bert, glue_dir, tmp_path, monkeypatch) ->
     tensors, configs = checkpoint.records_to_state(s.instruction(len(s.log) + 1, s.log))
     strategy = {k: v for k, v in state.strategy.items() if k != checkpoint.LOG_HEAD}
     strategy["instruction"] = configs
-    path = str(tmp_path / "version-1" / checkpoint.FILENAME)
-    with monkeypatch.context() as m:
-        m.setattr(checkpoint, "VERSION", 1)
-        checkpoint.write(
-            path,
-            checkpoint.ServerState(state.round, state.config, tensors, strategy, state.records, run_id=state.run_id),
-        )
+    staged = str(tmp_path / "staged" / checkpoint.FILENAME)
+    checkpoint.write(staged, checkpoint.ServerState(state.round, state.config, tensors, strategy, run_id=state.run_id))
+    folder.mkdir()
+    Path(path).write_bytes(resigned(Path(staged).read_bytes(), rows_inside(state.records), version=1))
     return path
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("method", ["fedkrso", "fedspzo"])
-def test_a_version_1_checkpoint_still_resumes_exactly(method, tiny_bert, glue_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method, version", [("fedkrso", 1), ("fedspzo", 1), ("fedkseed", 2), ("fedtt-plus", 2)])
+def test_an_older_checkpoint_still_resumes_exactly(method, version, tiny_bert, glue_dir, tmp_path, monkeypatch):
+    """Versions 1 and 2 (the records' rows inside the checkpoint, rewritten every round; version 1 with the log
+    inside too) resume from the file alone, and the run continues in version 3 in its own folder."""
     monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path / "nodes"))
     full, _ = run_to(method, tiny_bert, glue_dir, tmp_path, 1, 3, "full")
     part, _ = run_to(method, tiny_bert, glue_dir, tmp_path, 2, 2, "part")
-    old = as_version_1(part, method, tiny_bert, glue_dir, tmp_path, monkeypatch)
+    old = as_older_version(version, part, method, tiny_bert, glue_dir, tmp_path)
     data = Path(old).read_bytes()
-    assert json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])["__metadata__"]["version"] == "1"
-    assert not os.path.exists(os.path.join(os.path.dirname(old), checkpoint.LOG_DIR))
-    assert checkpoint.read(old).log is None
+    assert json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])["__metadata__"]["version"] == str(version)
+    assert not [n for n in os.listdir(os.path.dirname(old)) if n.endswith(".jsonl")]
+    assert (checkpoint.read(old).log is None) == (version == 1 or method == "fedtt-plus")
     resumed, _ = run_to(method, tiny_bert, glue_dir, tmp_path, 3, 3, "resumed", **{"resume-from": old})
     a = server_model(method, tiny_bert, glue_dir, tmp_path, full)
-    b = server_model(method, tiny_bert, glue_dir, tmp_path, resumed)  # version 2, with its own segments 1..3
+    b = server_model(method, tiny_bert, glue_dir, tmp_path, resumed)  # version 3, with its own segments 1..3
     for name, t in a.items():
         torch.testing.assert_close(b[name], t, rtol=0, atol=1e-6, msg=name)
+    assert read_jsonl(os.path.join(resumed, "rounds.jsonl"))[:3] == read_jsonl(os.path.join(part, "rounds.jsonl"))
+    if method == "fedtt-plus":
+        sel = read_jsonl(os.path.join(resumed, "fedtt-selection.jsonl"))
+        assert sel == read_jsonl(os.path.join(full, "fedtt-selection.jsonl")) and len(sel) == 3
+        return
     assert [s.round for s in checkpoint.read(resumed).log] == [1, 2, 3]
     written, held = checkpoint.read(resumed).log, checkpoint.read(part).log
     assert [s.digest for s in written[:2]] == [s.digest for s in held]  # the log it held, written again in its folder
