@@ -1,4 +1,4 @@
-"""Benchmark: how the server's costs grow with the run and with the number of clients (issue 20).
+"""Benchmark: how the server's costs grow with the run and with the number of clients.
 
 Four measurements, each at the strategy level with the methods' real wire formats, server strategies and client
 code (named by common/methods.py), on the tiny test model (tests/conftest.py: a 2-layer BERT, hidden size 32,
@@ -454,7 +454,7 @@ AIMS = {"state": 2.0, "catchup": 1.2, "memory": 2.0, "nodes": 200}
 
 
 def verdicts(rec: dict) -> list[tuple[str, str, str, str]]:
-    """(criterion, measured, aim, verdict) for each Done-when line of issue 20."""
+    """(criterion, measured, aim, verdict) for each aim of the growth benchmark."""
     rows = []
     growth = {m: max(b) / b[0] for m, b in rec["state_write_bytes"].items() if b}
     over = [m for m, g in growth.items() if g > AIMS["state"]]
@@ -563,7 +563,7 @@ def write_page(rec: dict, out: str) -> str:
         "`bench/records/scale.json`; this page and its plots by `python bench/scale.py --report`, which runs "
         f"nothing. Model: {s['model']}. What is measured and how: the docstring of `bench/scale.py`.",
         "",
-        "## Done when (issue 20)",
+        "## Aims",
         "",
         "| criterion | measured | aim | verdict |",
         "| --- | --- | --- | --- |",
@@ -648,22 +648,18 @@ NOTES = """## Reading the figures
 
 - The tiny model is 1.0 M numbers, 0.97 M of them the token embeddings that only FedAvg sends; the per-round
   log entries of the log methods are therefore tiny against one FedAvg download here. With all-MiniLM-L6-v2
-  (docs/checkpoints.md) a FedKRSO entry is 2.6 MB at the defaults against an 86 MB FedAvg download, so a
-  node 500 rounds behind would receive about 1.3 GB, 15 FedAvg downloads, until a compacted snapshot bounds
-  it; the catch-up figure measures what the strategy sends, so it changes by itself when the snapshot lands.
+  a FedKRSO entry is 2.6 MB at the defaults against an 86 MB FedAvg download; a node far behind gets the
+  snapshot of the tensors it keeps instead of the log once the log is larger (common/catchup.py,
+  docs/checkpoints.md "Catch-up"): 42.5 MB for FedKRSO on MiniLM, however far behind.
 - The weighted mean streams (common.robust.WeightedMean): given replies one at a time it holds one reply and
   8 bytes per aggregated number. The strategies do not give it replies one at a time yet: they decode and
   check every reply first (server_app/base.py `checked_replies`), and Flower's `Strategy.start` hands
   them a list of every reply message, so a round's server memory still grows with its replies. The robust
   rules (trimmed-mean, median) need all n values of each coordinate: n x the update, plus one key's n values
   stacked while it is sorted.
-- State writes grow linearly for every method: ~0.6 KB a round, ~1.1 KB for FedTT+. The update-log segments
-  are flat (one round's entry each); what grows is the checkpoint's copy of the records (`"records"` in its
-  state: every round's row of rounds.jsonl, and FedTT+'s selection records), rewritten whole every round.
-  With the tiny model that copy dominates a log method's write by round 50 (FedAvg's 3.9 MB of weights hide
-  it: 1.08x); with all-MiniLM-L6-v2 FedKRSO's 2.6 MB segment would hide it too, the zero-order methods' would
-  not. Keeping only the records' count and digest in the checkpoint (the rows are in rounds.jsonl beside it,
-  appended a row a round) would make every method's write flat.
+- State writes: the update-log segments are one round's entry each, and since checkpoint version 3 the
+  checkpoint keeps each records file's row count and digest instead of its rows, so every method's write per
+  round is flat (before, the copy of the records grew ~0.6 KB a round, ~1.1 KB for FedTT+).
 - The 200-node simulation's first round includes starting Ray and the first ClientApp processes; the later
   rounds are the round's overhead: ~0.5 s for 10 replies of which the slowest client trained 0.03 s."""
 

@@ -71,7 +71,9 @@ AGGREGATION_RULES = ("mean", "trimmed-mean", "median")  # common.robust.RULES (k
 class AggregationConfig:
     """How the server combines the replies of a round, for every method (common/robust.py)."""
 
-    rule: str = "mean"  # mean (example-weighted) | trimmed-mean | median (per coordinate, unweighted)
+    # auto = the method's rule: trimmed-mean for the first-order methods, mean for the zero-order ones | mean
+    # (example-weighted) | trimmed-mean | median (per coordinate, unweighted); docs/security.md says why
+    rule: str = AUTO
     attackers: int = 2  # b: trimmed-mean cuts b values at each end; robust rules warn below 2b + 1 replies
     norm_cap: float = 2.0  # each reply's update scaled to at most this x the round's median update norm; 0 = off
     clip_norm: float = 0.0  # > 0: each reply's update is scaled to an L2 norm of at most this; 0 = off
@@ -172,9 +174,14 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     try:  # a value the user chose: the type of the methods' own values
         return _coerce_as(key, value, methods.specs()[0].defaults[key])
     except ConfigError:
-        per_method = ", ".join(f"{spec.name} {spec.defaults[key]:g}" for spec in methods.specs())
+        values = [spec.defaults[key] for spec in methods.specs()]
+        per_method = ", ".join(
+            f"{spec.name} {v:g}" if isinstance(v, float) else f"{spec.name} {v}"
+            for spec, v in zip(methods.specs(), values, strict=True)
+        )
+        kind = "a number" if isinstance(values[0], (int, float)) else "a string"
         raise ConfigError(
-            f"run config '{key}' must be a number or \"auto\" (the method's own value: {per_method}), got {value!r}"
+            f"run config '{key}' must be {kind} or \"auto\" (the method's own value: {per_method}), got {value!r}"
         ) from None
 
 

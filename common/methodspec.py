@@ -39,7 +39,7 @@ class MethodSpec:
     server_setup: str
     # Values of the settings whose shipped value is "auto" (common.config.AUTO_KEYS); every method sets the
     # same keys, so a key is "auto" for all methods or for none.
-    defaults: Mapping[str, float] = field(default_factory=dict, hash=False)
+    defaults: Mapping[str, float | str] = field(default_factory=dict, hash=False)
     # Forward passes only: replies are (seed, scalar) pairs every node replays with the constant η = zo.lr,
     # so the configuration must not hold anything replay cannot rebuild (an adaptive optimizer, weight decay).
     zero_order: bool = False

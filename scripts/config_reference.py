@@ -100,7 +100,10 @@ def describe(key: str, help_: str) -> str:
         low, high, low_included, _ = config.RANGES[key]
         extra.append(f"In {config._interval(low, high, low_included)}.")
     if key in config.AUTO_KEYS:
-        per = ", ".join(f"{m} {t[key]:g}" for m, t in methods.METHOD_DEFAULTS.items())
+        per = ", ".join(
+            f"{m} {t[key]:g}" if isinstance(t[key], float) else f"{m} {t[key]}"
+            for m, t in methods.METHOD_DEFAULTS.items()
+        )
         extra.append(f"`auto` per method: {per}.")
     if help_ and not help_.endswith("."):
         help_ += "."

@@ -143,9 +143,11 @@ def robust_aggregate(
     result = robust.aggregate_round(replies, weights, **robust.settings(ag), reference=reference)
     recorder.add_clipped(result.clipped)
     if ag.rule != "mean" and result.absorbed < ag.attackers:
+        applied = robust.round_rule(len(replies), ag.rule, ag.attackers)
         message = (
             f"round {server_round}: {ag.rule} of {len(replies)} replies absorbs {result.absorbed} hostile one(s), "
             f"fewer than aggregation.attackers = {ag.attackers} (that needs {2 * ag.attackers + 1} replies)"
+            + (": the round is the bounded mean" if applied != ag.rule else "")
         )
         log(WARNING, "%s", message)
         recorder.warn(message)

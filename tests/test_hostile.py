@@ -1,4 +1,4 @@
-"""Hostile replies (issue 10, server side): one hostile node among honest ones, through the real strategies.
+"""Hostile replies (server side): one hostile node among honest ones, through the real strategies.
 
 Every method's server runs as in a deployment (its registered setup, the strategy's configure_train and
 aggregate_train); the honest nodes are the real client code on the tiny models of conftest.py; the hostile

@@ -1,4 +1,4 @@
-"""Hostile instructions (issue 10, client side): one node of three gets a damaged or forged instruction.
+"""Hostile instructions (client side): one node of three gets a damaged or forged instruction.
 
 Every method's server runs as in a deployment (test_hostile.Run: its setup, configure_train, aggregate_train) and
 every node is the real client code; the node under attack (103) is reached through the real ClientApp

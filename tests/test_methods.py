@@ -69,10 +69,10 @@ def eighth(**changes) -> MethodSpec:
 
 
 def test_a_method_registered_later_is_accepted_everywhere(registry):
-    spec = register_method(eighth(defaults={"train.lr": 1e-4}))
+    spec = register_method(eighth(defaults={"train.lr": 1e-4, "aggregation.rule": "median"}))
     assert registry.names()[-1] == "fedavg-copy" and get_method("fedavg-copy") is spec
     cfg = parse_run_config({"method": "fedavg-copy"})
-    assert cfg.train.lr == 1e-4  # "auto" resolves to the new method's own value
+    assert (cfg.train.lr, cfg.aggregation.rule) == (1e-4, "median")  # "auto" resolves to its own values
     assert spec.load_server() is get_method("fedavg").load_server()
     assert spec.load_client() is get_method("fedavg").load_client()
     assert "fedavg-copy" not in METHODS  # the constant is the shipped registrations; names() sees later ones
@@ -87,7 +87,9 @@ def test_registration_refuses_what_could_not_run(registry):
         register_method(eighth(server_setup="methods.fedavg.server.setup"))
     with pytest.raises(MethodError, match="client_module must be a module path"):
         register_method(eighth(client_module="methods.fedavg.client:train"))
-    with pytest.raises(MethodError, match=r"sets defaults for \[\]; every method sets \['train.lr'\]"):
+    with pytest.raises(
+        MethodError, match=r"sets defaults for \[\]; every method sets \['aggregation.rule', 'train.lr'\]"
+    ):
         register_method(eighth(defaults={}))
     assert "fedavg-copy" not in registry.names()
 
@@ -129,7 +131,7 @@ def test_the_registry_imports_no_method_code():
 
 
 def test_each_method_lives_in_one_package():
-    # issue 19: each method's client, server and config are in methods/<package>/, which declares its spec
+    # each method's client, server and config are in methods/<package>/, which declares its spec
     for spec in methods.specs():
         package = spec.client_module.rsplit(".", 1)[0]
         assert spec.client_module == f"{package}.client" and spec.server_setup == f"{package}.server:setup"

@@ -3,6 +3,7 @@ each rule absorbs, weights, norm bounding relative to the round, and the finiten
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -26,6 +27,10 @@ from common.robust import (
 
 pytestmark = pytest.mark.unit
 
+# The shipped aggregation of the zero-order methods (rule "auto" resolves to "mean" for them; the first-order
+# methods' trimmed-mean is the same bounded mean below 2b + 1 replies).
+MEAN_DEFAULTS = dataclasses.replace(AggregationConfig(), rule="mean")
+
 
 def test_mean_is_exactly_the_old_weighted_mean():
     rng = np.random.default_rng(0)
@@ -42,7 +47,9 @@ def test_weights_matter_for_the_mean_only():
     a, b = np.array([0.0, 10.0]), np.array([4.0, 2.0])
     np.testing.assert_allclose(combine([a, b], [3, 1]), [1.0, 8.0])
     np.testing.assert_allclose(combine([a, b], [3, 1], "median"), [2.0, 6.0])  # unweighted, as Flower's FedMedian
-    np.testing.assert_allclose(combine([a, b], [3, 1], "trimmed-mean", 2), [2.0, 6.0])  # of 2, nothing can be cut
+    # of 2 replies, b = 2 cannot be cut at each end: the (weighted) mean; b = 0 cuts nothing, unweighted
+    np.testing.assert_allclose(combine([a, b], [3, 1], "trimmed-mean", 2), [1.0, 8.0])
+    np.testing.assert_allclose(combine([a, b], [3, 1], "trimmed-mean", 0), [2.0, 6.0])
 
 
 def test_trimmed_mean_and_median_on_known_inputs():
@@ -50,7 +57,7 @@ def test_trimmed_mean_and_median_on_known_inputs():
     w = [1.0] * 4
     np.testing.assert_allclose(combine(values, w, "trimmed-mean", 1), [2.5, 0.5])  # cut 1 each end
     np.testing.assert_allclose(combine(values, w, "trimmed-mean", 0), [26.5, -1.0])  # cut nothing: the mean
-    np.testing.assert_allclose(combine(values, w, "trimmed-mean", 2), [2.5, 0.5])  # of 4, at most 1 each end
+    np.testing.assert_allclose(combine(values, w, "trimmed-mean", 2), [26.5, -1.0])  # of 4 < 2b + 1: the mean
     np.testing.assert_allclose(combine(values, w, "median"), [2.5, 0.5])
     np.testing.assert_allclose(combine(values[:3], w[:3], "median"), [2.0, 0.0])
     np.testing.assert_allclose(combine(values, w, "median"), np.median(np.stack(values), axis=0))
@@ -59,7 +66,8 @@ def test_trimmed_mean_and_median_on_known_inputs():
 
 
 def test_how_many_attackers_each_rule_absorbs():
-    assert [absorbed(n, "trimmed-mean", 2) for n in (1, 2, 3, 4, 5, 10)] == [0, 0, 1, 1, 2, 2]
+    assert [absorbed(n, "trimmed-mean", 2) for n in (1, 2, 3, 4, 5, 10)] == [0, 0, 0, 0, 2, 2]
+    assert [absorbed(n, "trimmed-mean", 1) for n in (1, 2, 3, 4, 10)] == [0, 0, 1, 1, 1]
     assert [absorbed(n, "median", 2) for n in (1, 2, 3, 4, 5, 10)] == [0, 0, 1, 1, 2, 4]
     assert absorbed(10, "mean", 2) == 0
 
@@ -106,10 +114,10 @@ def _round(n_honest, rng, scale=1.0):
     return [{"a": (scale * rng.standard_normal(200)).astype(np.float32)} for _ in range(n_honest)]
 
 
-def test_all_honest_the_default_is_the_weighted_mean_bit_for_bit():
+def test_all_honest_the_zero_order_default_is_the_weighted_mean_bit_for_bit():
     rng = np.random.default_rng(2)
     replies, weights = _round(10, rng), [float(w) for w in rng.integers(500, 900, 10)]
-    result = aggregate_round(replies, weights, **settings(AggregationConfig()))
+    result = aggregate_round(replies, weights, **settings(MEAN_DEFAULTS))
     assert result.clipped == 0
     np.testing.assert_array_equal(result.values["a"], combine([r["a"] for r in replies], weights))
 
@@ -121,7 +129,7 @@ def test_one_hostile_reply_moves_the_default_mean_by_its_capped_share_of_norm_ca
     turned around and scaled to it, claiming 1e12 examples. At the defaults it counts norm-cap x m at most,
     with weight-cap / (weight-cap + n - 1) of the weight; stated: the aggregate differs from the honest part by
     at most that share x norm-cap x m, and its norm is at most ~2x an honest round's."""
-    defaults = AggregationConfig()
+    defaults = MEAN_DEFAULTS
     rng = np.random.default_rng(n)
     honest = _round(n - 1, rng)
     counts = [700] * (n - 1)
@@ -168,3 +176,16 @@ def test_aggregation_config_errors_name_the_key():
     ]:
         with pytest.raises(ConfigError, match=key):
             parse_run_config({key: value})
+
+
+def test_trimmed_mean_below_2b_plus_1_replies_is_the_bounded_weighted_mean():
+    rng = np.random.default_rng(3)
+    replies = [{"a": rng.standard_normal(8).astype(np.float32)} for _ in range(3)]
+    replies.append({"a": np.full(8, 50.0, np.float32)})  # clipped by norm-cap in both
+    weights = [1.0, 2.0, 3.0, 4.0]
+    tm = aggregate_round(replies, weights, rule="trimmed-mean", attackers=2, norm_cap=2.0)
+    mean = aggregate_round(replies, weights, rule="mean", norm_cap=2.0)
+    np.testing.assert_array_equal(tm.values["a"], mean.values["a"])
+    assert (tm.clipped, tm.absorbed) == (1, 0)
+    five = aggregate_round([*replies, replies[0]], [1.0] * 5, rule="trimmed-mean", attackers=2, norm_cap=2.0)
+    assert five.absorbed == 2

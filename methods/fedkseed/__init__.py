@@ -10,7 +10,7 @@ from methods.fedkseed.config import KseedConfig
 
 # Steps with zo.lr, replayed from the update log, and never reads train.lr (see FedSPZO's).
 SPEC = MethodSpec(
-    name="fedkseed", label="FedKSeed", defaults={"train.lr": 5e-5},
+    name="fedkseed", label="FedKSeed", defaults={"train.lr": 5e-5, "aggregation.rule": "mean"},
     client_module=f"{__name__}.client", server_setup=f"{__name__}.server:setup", sections={"kseed": KseedConfig},
     zero_order=True, keeps_model=True, instruction_record="log", reply_record="scalars",
 )  # fmt: skip

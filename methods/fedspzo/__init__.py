@@ -11,7 +11,7 @@ from methods.fedspzo.config import SpzoConfig
 # Steps with zo.lr, replayed from the update log, and never reads train.lr: "auto" resolves to the value it had
 # before "auto" existed, so earlier records and checkpoints still match.
 SPEC = MethodSpec(
-    name="fedspzo", label="FedSPZO", defaults={"train.lr": 5e-5},
+    name="fedspzo", label="FedSPZO", defaults={"train.lr": 5e-5, "aggregation.rule": "mean"},
     client_module=f"{__name__}.client", server_setup=f"{__name__}.server:setup", sections={"spzo": SpzoConfig},
     zero_order=True, keeps_model=True, instruction_record="log", reply_record="scalars",
 )  # fmt: skip
