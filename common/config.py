@@ -174,15 +174,19 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     try:  # a value the user chose: the type of the methods' own values
         return _coerce_as(key, value, methods.specs()[0].defaults[key])
     except ConfigError:
-        values = [spec.defaults[key] for spec in methods.specs()]
-        per_method = ", ".join(
-            f"{spec.name} {v:g}" if isinstance(v, float) else f"{spec.name} {v}"
-            for spec, v in zip(methods.specs(), values, strict=True)
-        )
-        kind = "a number" if isinstance(values[0], (int, float)) else "a string"
+        kind = "a number" if isinstance(methods.specs()[0].defaults[key], (int, float)) else "a string"
         raise ConfigError(
-            f"run config '{key}' must be {kind} or \"auto\" (the method's own value: {per_method}), got {value!r}"
+            f"run config '{key}' must be {kind} or \"auto\" (the method's own value: {auto_values(key)}), got {value!r}"
         ) from None
+
+
+def auto_values(key: str) -> str:
+    """What "auto" resolves to for each method, e.g. "fedkrso 0.0005, fedavg 5e-05, ..." (errors, the reference)."""
+    return ", ".join(
+        f"{spec.name} {v:g}" if isinstance(v, float) else f"{spec.name} {v}"
+        for spec in methods.specs()
+        for v in [spec.defaults[key]]
+    )
 
 
 def _coerce_as(key: str, value: Any, default: Any) -> Any:

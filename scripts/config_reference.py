@@ -100,11 +100,7 @@ def describe(key: str, help_: str) -> str:
         low, high, low_included, _ = config.RANGES[key]
         extra.append(f"In {config._interval(low, high, low_included)}.")
     if key in config.AUTO_KEYS:
-        per = ", ".join(
-            f"{m} {t[key]:g}" if isinstance(t[key], float) else f"{m} {t[key]}"
-            for m, t in methods.METHOD_DEFAULTS.items()
-        )
-        extra.append(f"`auto` per method: {per}.")
+        extra.append(f"`auto` per method: {config.auto_values(key)}.")
     if help_ and not help_.endswith("."):
         help_ += "."
     help_ = " ".join([help_, *extra]).strip()

@@ -307,7 +307,7 @@ class LogStrategy(RoundStrategy):
     # common.catchup: what a node far behind gets instead of the log (the tensors its NodeStore keeps), and
     # what replaying one entry costs it
     def kept_tensors(self) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        return self.global_tensors()  # unless the instruction carries part of them every round (FedKRSO's head)
 
     def replay_passes(self, entry) -> float:
         raise NotImplementedError

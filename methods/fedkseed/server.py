@@ -61,9 +61,6 @@ class FedKSeed(LogStrategy):
     def global_tensors(self) -> dict[str, torch.Tensor]:
         return self.km.params
 
-    def kept_tensors(self) -> dict[str, torch.Tensor]:
-        return self.km.params
-
     def replay_passes(self, entry: kseed.LogEntry) -> float:
         """kseed.replay runs one whole-model pass per candidate seed with a nonzero scalar."""
         return float(np.count_nonzero(entry.scalars))

@@ -70,9 +70,6 @@ class FedSPZO(LogStrategy):
     def global_tensors(self) -> dict[str, torch.Tensor]:
         return self.sm.params
 
-    def kept_tensors(self) -> dict[str, torch.Tensor]:
-        return self.sm.params
-
     def replay_passes(self, entry: spzo.LogEntry) -> float:
         """spzo.replay runs every (step, perturbation) of both blocks, zeros included."""
         block1 = self.sm.pert1.numel if self.sm.pert1 else 0
