@@ -64,17 +64,20 @@ class ZoConfig:
     params: str = "bitfit"
 
 
-AGGREGATION_RULES = ("mean", "trimmed-mean", "median")  # common.robust.RULES (kept import-free here)
+# common.robust.RULES (kept import-free here)
+AGGREGATION_RULES = ("mean", "capped-mean", "trimmed-or-capped", "trimmed-mean", "median", "geometric-median")
 
 
 @dataclass(frozen=True)
 class AggregationConfig:
     """How the server combines the replies of a round, for every method (common/robust.py)."""
 
-    # auto = the method's rule: trimmed-mean for the first-order methods, mean for the zero-order ones | mean
-    # (example-weighted) | trimmed-mean | median (per coordinate, unweighted); docs/security.md says why
+    # auto = the method's rule: trimmed-or-capped for the first-order methods, mean for the zero-order ones |
+    # mean (example-weighted) | capped-mean (no reply above the median reply's norm and weight) |
+    # trimmed-or-capped (trimmed-mean from 4b replies, capped-mean below) | trimmed-mean | median (per
+    # coordinate, unweighted) | geometric-median (of whole updates, unweighted); docs/security.md says why
     rule: str = AUTO
-    attackers: int = 2  # b: trimmed-mean cuts b values at each end; robust rules warn below 2b + 1 replies
+    attackers: int = 2  # b: trimmed-mean cuts b values at each end; robust rules warn when they absorb fewer
     norm_cap: float = 2.0  # each reply's update scaled to at most this x the round's median update norm; 0 = off
     clip_norm: float = 0.0  # > 0: each reply's update is scaled to an L2 norm of at most this; 0 = off
     weight_cap: float = 4.0  # a reply weighs at most weight-cap x the round's median num-examples

@@ -146,8 +146,9 @@ def robust_aggregate(
         applied = robust.round_rule(len(replies), ag.rule, ag.attackers)
         message = (
             f"round {server_round}: {ag.rule} of {len(replies)} replies absorbs {result.absorbed} hostile one(s), "
-            f"fewer than aggregation.attackers = {ag.attackers} (that needs {2 * ag.attackers + 1} replies)"
-            + (": the round is the bounded mean" if applied != ag.rule else "")
+            f"fewer than aggregation.attackers = {ag.attackers}"
+            + (f" (that needs {needed} replies)" if (needed := robust.replies_needed(ag.rule, ag.attackers)) else "")
+            + (f": the round is the {applied}" if applied != ag.rule else "")
         )
         log(WARNING, "%s", message)
         recorder.warn(message)

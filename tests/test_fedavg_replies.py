@@ -17,7 +17,13 @@ pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("task_identity")]
 def test_malformed_fedavg_replies_are_rejected_and_the_round_goes_on(tmp_path):
     # the plain weighted mean (no norm cap): what is checked here is which replies are counted
     cfg = parse_run_config(
-        {"method": "fedavg", "results-dir": str(tmp_path), "run-name": "fa", "aggregation.norm-cap": 0.0}
+        {
+            "method": "fedavg",
+            "results-dir": str(tmp_path),
+            "run-name": "fa",
+            "aggregation.rule": "mean",
+            "aggregation.norm-cap": 0.0,
+        }
     )
     strategy = RecordedFedAvg(cfg, RunRecorder(cfg.results_dir, cfg.run_name, cfg.to_flat()))
     global_arrays = ArrayRecord({"w": Array(np.zeros((2, 3), np.float32))})

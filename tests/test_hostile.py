@@ -402,9 +402,10 @@ def test_robust_rules_keep_a_plausible_attacker_close_to_the_honest_run(method, 
     assert moved > 0
     distance = {}
     for rule, extra in {
-        "mean": {"aggregation.norm-cap": 0.0},  # the plain mean, no defence but the weight cap
+        "mean": {"aggregation.rule": "mean", "aggregation.norm-cap": 0.0},  # no defence but the weight cap
         "median": {"aggregation.rule": "median"},
         "trimmed-mean": {"aggregation.rule": "trimmed-mean", "aggregation.attackers": 1},
+        "geometric-median": {"aggregation.rule": "geometric-median"},
     }.items():
         run = Run(method, tiny_bert, glue_dir, tmp_path, **extra)
         records = play(run, 2, _scaled(300.0))
@@ -412,7 +413,7 @@ def test_robust_rules_keep_a_plausible_attacker_close_to_the_honest_run(method, 
         assert torch.isfinite(run.weights()).all(), rule
         distance[rule] = float((run.weights() - clean.weights()).norm() / moved)
     assert distance["mean"] > 10, distance
-    assert distance["median"] <= 3.0 and distance["trimmed-mean"] <= 3.0, distance
+    assert max(distance["median"], distance["trimmed-mean"], distance["geometric-median"]) <= 3.0, distance
 
 
 @pytest.mark.integration
@@ -472,10 +473,11 @@ def test_one_hostile_node_of_three_moves_the_default_model_about_one_honest_roun
 ):
     """Shipped aggregation defaults, two honest nodes and one hostile one. Stated: the first round's update
     |w_1 - w_0| is at most 2.5x that of the run without the attacker when the attacker claims an honest count
-    (its update bounded to norm-cap 2 x the median norm, at 1/3 of the weight; measured 0.9-2.0x), at most 4x
-    when it also claims 1e12 examples (weight-cap 4 gives it 4/6 of the weight; measured 1.7-3.7x: the two tiny
-    honest updates partly cancel, so an honest round is short; README "Robust aggregation"); the model stays
-    finite, and the next round accepts all three replies."""
+    (the first-order default at 3 replies is the capped mean: its update at most the median norm, its weight at
+    most the median weight; the zero-order mean bounds it to norm-cap 2 x the median norm at 1/3 of the weight),
+    at most 4x when it also claims 1e12 examples (the zero-order weight-cap 4 gives it 4/6 of the weight: the two
+    tiny honest updates partly cancel, so an honest round is short; README "Robust aggregation"); the model
+    stays finite, and the next round accepts all three replies."""
     w0 = Run(method, tiny_bert, glue_dir, tmp_path).weights()
     clean = Run(method, tiny_bert, glue_dir, tmp_path)
     play_rounds(clean, [1])
@@ -539,7 +541,10 @@ def test_a_round_with_too_few_replies_for_the_attackers_warns(tiny_bert, glue_di
     run = Run("fedkrso", tiny_bert, glue_dir, tmp_path, **{"aggregation.rule": "trimmed-mean"})
     (record,) = play_rounds(run, [1], _at_the_bound("high"))
     assert len(record["warnings"]) == 1 and "aggregation.attackers = 2" in record["warnings"][0]
-    assert "needs 5 replies" in record["warnings"][0]
+    assert "needs 5 replies" in record["warnings"][0] and "the round is the capped-mean" in record["warnings"][0]
+    run = Run("fedkrso", tiny_bert, glue_dir, tmp_path)  # the default, trimmed-or-capped: cuts from 4b = 8 replies
+    (record,) = play_rounds(run, [1])
+    assert len(record["warnings"]) == 1 and "needs 8 replies" in record["warnings"][0]
 
 
 @pytest.mark.integration

@@ -19,6 +19,7 @@ from common.robust import (
     clip,
     clip_factor,
     combine,
+    geometric_median,
     non_finite,
     norm_bound,
     settings,
@@ -28,7 +29,7 @@ from common.robust import (
 pytestmark = pytest.mark.unit
 
 # The shipped aggregation of the zero-order methods (rule "auto" resolves to "mean" for them; the first-order
-# methods' trimmed-mean is the same bounded mean below 2b + 1 replies).
+# methods' trimmed-or-capped is the capped mean below 4b replies, trimmed-mean above).
 MEAN_DEFAULTS = dataclasses.replace(AggregationConfig(), rule="mean")
 
 
@@ -47,8 +48,11 @@ def test_weights_matter_for_the_mean_only():
     a, b = np.array([0.0, 10.0]), np.array([4.0, 2.0])
     np.testing.assert_allclose(combine([a, b], [3, 1]), [1.0, 8.0])
     np.testing.assert_allclose(combine([a, b], [3, 1], "median"), [2.0, 6.0])  # unweighted, as Flower's FedMedian
-    # of 2 replies, b = 2 cannot be cut at each end: the (weighted) mean; b = 0 cuts nothing, unweighted
-    np.testing.assert_allclose(combine([a, b], [3, 1], "trimmed-mean", 2), [1.0, 8.0])
+    # of 2 replies, b = 2 cannot be cut at each end: the capped mean (weights at most the lower median, 1: equal);
+    # b = 0 cuts nothing, unweighted
+    np.testing.assert_allclose(combine([a, b], [3, 1], "trimmed-mean", 2), [2.0, 6.0])
+    np.testing.assert_allclose(combine([a, b], [3, 1], "capped-mean"), [2.0, 6.0])
+    np.testing.assert_allclose(combine([a, b, b], [3, 1, 2], "capped-mean"), [2.4, 5.2])  # weights 2, 1, 2
     np.testing.assert_allclose(combine([a, b], [3, 1], "trimmed-mean", 0), [2.0, 6.0])
 
 
@@ -57,7 +61,7 @@ def test_trimmed_mean_and_median_on_known_inputs():
     w = [1.0] * 4
     np.testing.assert_allclose(combine(values, w, "trimmed-mean", 1), [2.5, 0.5])  # cut 1 each end
     np.testing.assert_allclose(combine(values, w, "trimmed-mean", 0), [26.5, -1.0])  # cut nothing: the mean
-    np.testing.assert_allclose(combine(values, w, "trimmed-mean", 2), [26.5, -1.0])  # of 4 < 2b + 1: the mean
+    np.testing.assert_allclose(combine(values, w, "trimmed-mean", 2), [26.5, -1.0])  # of 4 < 2b + 1: the capped mean
     np.testing.assert_allclose(combine(values, w, "median"), [2.5, 0.5])
     np.testing.assert_allclose(combine(values[:3], w[:3], "median"), [2.0, 0.0])
     np.testing.assert_allclose(combine(values, w, "median"), np.median(np.stack(values), axis=0))
@@ -68,8 +72,77 @@ def test_trimmed_mean_and_median_on_known_inputs():
 def test_how_many_attackers_each_rule_absorbs():
     assert [absorbed(n, "trimmed-mean", 2) for n in (1, 2, 3, 4, 5, 10)] == [0, 0, 0, 0, 2, 2]
     assert [absorbed(n, "trimmed-mean", 1) for n in (1, 2, 3, 4, 10)] == [0, 0, 1, 1, 1]
+    # trimmed-or-capped cuts only where it keeps at least half: from 4b replies (b = 1: from 3 = 2b + 1)
+    assert [absorbed(n, "trimmed-or-capped", 2) for n in (3, 5, 7, 8, 10)] == [0, 0, 0, 2, 2]
+    assert [absorbed(n, "trimmed-or-capped", 1) for n in (2, 3, 4)] == [0, 0, 1]
+    assert absorbed(3, "capped-mean", 2) == 0
     assert [absorbed(n, "median", 2) for n in (1, 2, 3, 4, 5, 10)] == [0, 0, 1, 1, 2, 4]
     assert absorbed(10, "mean", 2) == 0
+    assert [absorbed(n, "geometric-median", 2) for n in (1, 2, 3, 4, 5, 10)] == [0, 0, 1, 1, 2, 4]
+
+
+def _distance(a: dict, b: dict) -> float:
+    return math.sqrt(sum(float(np.sum((a[k] - b[k]) ** 2)) for k in a))
+
+
+def test_geometric_median_on_known_inputs():
+    # collinear points: the middle one; an equilateral triangle: its centre; a square: its centre
+    line = [{"x": np.array([0.0, 0.0])}, {"x": np.array([1.0, 0.0])}, {"x": np.array([10.0, 0.0])}]
+    z, _ = geometric_median(line)
+    np.testing.assert_allclose(z["x"], [1.0, 0.0], atol=1e-5)
+    triangle = [{"x": np.array([math.cos(a), math.sin(a)])} for a in (0.0, 2 * math.pi / 3, 4 * math.pi / 3)]
+    z, _ = geometric_median(triangle)
+    np.testing.assert_allclose(z["x"], [0.0, 0.0], atol=1e-9)
+    square = [{"x": np.array(p, np.float64), "y": np.array([3.0])} for p in ((0, 0), (0, 2), (2, 0), (2, 2))]
+    z, _ = geometric_median(square)
+    np.testing.assert_allclose(z["x"], [1.0, 1.0], atol=1e-9)
+    np.testing.assert_allclose(z["y"], [3.0])
+    z, iterations = geometric_median([{"x": np.array([5.0])}])  # one point, or all equal: that point
+    np.testing.assert_array_equal(z["x"], [5.0])
+    with pytest.raises(ValueError, match="at least one"):
+        geometric_median([])
+
+
+def test_geometric_median_moves_by_the_honest_spread_not_by_the_outlier():
+    """Two honest points and one hostile one: however far the hostile point, the geometric median stays within
+    the honest points' distance of their midpoint (a third of it: the Fermat point of a long thin triangle lies
+    |AB| / (2 sqrt 3) from AB), where the mean moves by a third of the outlier's distance."""
+    rng = np.random.default_rng(3)
+    a, b = ({"w": rng.standard_normal(200), "v": rng.standard_normal((3, 4))} for _ in range(2))
+    mid = {k: (a[k] + b[k]) / 2 for k in a}
+    spread = _distance(a, b)
+    for scale in (1e2, 1e6):
+        hostile = {k: np.full_like(a[k], scale) for k in a}
+        z, _ = geometric_median([a, b, hostile])
+        assert _distance(z, mid) <= 0.35 * spread, (scale, _distance(z, mid), spread)
+        mean = {k: (a[k] + b[k] + hostile[k]) / 3 for k in a}
+        assert _distance(mean, mid) > 10 * spread
+
+
+def test_geometric_median_rule_through_aggregate_round():
+    """The rule takes the geometric median of whole updates (values - reference; an absent key is a zero
+    update), unweighted, after norm bounding, and gives back each key in its dtype and kind."""
+    rng = np.random.default_rng(4)
+    ref = {"w": rng.standard_normal(30).astype(np.float32)}
+    honest = [
+        {"w": ref["w"] + 0.1 * rng.standard_normal(30).astype(np.float32), "acc": np.ones(5, np.float32)}
+        for _ in range(2)
+    ]
+    hostile = {"w": np.full(30, 1e4, np.float32)}  # no "acc": a zero update there
+    out = aggregate_round(honest + [hostile], [1.0, 1.0, 1e12], rule="geometric-median", norm_cap=2.0, reference=ref)
+    assert out.clipped == 1 and out.absorbed == 1
+    assert out.values["w"].dtype == np.float32 and out.values["acc"].dtype == np.float32
+    honest_mid = (honest[0]["w"] + honest[1]["w"]) / 2
+    spread = float(np.linalg.norm(honest[0]["w"] - honest[1]["w"]))
+    assert float(np.linalg.norm(out.values["w"] - honest_mid)) <= 0.5 * spread
+    assert 0.0 < float(out.values["acc"][0]) < 1.0  # pulled toward the absent (zero) update by less than a mean
+    torch_out = aggregate_round(
+        [{k: torch.from_numpy(v) for k, v in r.items()} for r in honest + [hostile]],
+        [1, 1, 1],
+        rule="geometric-median",
+        reference=ref,
+    )
+    assert isinstance(torch_out.values["w"], torch.Tensor)
 
 
 @pytest.mark.parametrize("rule", ["trimmed-mean", "median"])
@@ -178,14 +251,21 @@ def test_aggregation_config_errors_name_the_key():
             parse_run_config({key: value})
 
 
-def test_trimmed_mean_below_2b_plus_1_replies_is_the_bounded_weighted_mean():
+def test_trimmed_mean_below_2b_plus_1_replies_is_the_capped_mean():
+    """Too few replies to cut b at each end: no reply counts for more than the median reply, in update norm
+    (norm-cap 1, whatever aggregation.norm-cap says) or in weight (weight-cap 1)."""
     rng = np.random.default_rng(3)
     replies = [{"a": rng.standard_normal(8).astype(np.float32)} for _ in range(3)]
-    replies.append({"a": np.full(8, 50.0, np.float32)})  # clipped by norm-cap in both
+    replies.append({"a": np.full(8, 50.0, np.float32)})  # clipped to the median norm
     weights = [1.0, 2.0, 3.0, 4.0]
     tm = aggregate_round(replies, weights, rule="trimmed-mean", attackers=2, norm_cap=2.0)
-    mean = aggregate_round(replies, weights, rule="mean", norm_cap=2.0)
-    np.testing.assert_array_equal(tm.values["a"], mean.values["a"])
-    assert (tm.clipped, tm.absorbed) == (1, 0)
+    capped = aggregate_round(replies, [1.0, 2.0, 2.0, 2.0], rule="mean", norm_cap=1.0)
+    np.testing.assert_array_equal(tm.values["a"], capped.values["a"])
+    assert (tm.clipped, tm.absorbed) == (2, 0)  # the largest honest norm and the hostile one
+    for rule in ("trimmed-or-capped", "capped-mean"):
+        same = aggregate_round(replies, weights, rule=rule, attackers=2, norm_cap=2.0)
+        np.testing.assert_array_equal(same.values["a"], capped.values["a"])
     five = aggregate_round([*replies, replies[0]], [1.0] * 5, rule="trimmed-mean", attackers=2, norm_cap=2.0)
+    assert five.absorbed == 2
+    assert aggregate_round([*replies, replies[0]], [1.0] * 5, rule="trimmed-or-capped", attackers=2).absorbed == 0
     assert five.absorbed == 2

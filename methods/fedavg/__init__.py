@@ -8,7 +8,7 @@ Registered by common/methods.py from SPECS.
 from common.methodspec import MethodSpec
 
 SPEC = MethodSpec(
-    name="fedavg", label="FedAvg", defaults={"train.lr": 5e-5, "aggregation.rule": "trimmed-mean"},
+    name="fedavg", label="FedAvg", defaults={"train.lr": 5e-5, "aggregation.rule": "trimmed-or-capped"},
     client_module=f"{__name__}.client", server_setup=f"{__name__}.server:setup",
 )  # fmt: skip
 SPECS = (SPEC,)

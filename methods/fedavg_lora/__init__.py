@@ -10,7 +10,7 @@ from methods.fedavg_lora.config import LoraConfig
 
 # The small adapters need a larger Adam step than FedKRSO.
 SPEC = MethodSpec(
-    name="fedavg-lora", label="FedAvg-LoRA", defaults={"train.lr": 2e-3, "aggregation.rule": "trimmed-mean"},
+    name="fedavg-lora", label="FedAvg-LoRA", defaults={"train.lr": 2e-3, "aggregation.rule": "trimmed-or-capped"},
     client_module=f"{__name__}.client", server_setup=f"{__name__}.server:setup", sections={"lora": LoraConfig},
 )  # fmt: skip
 SPECS = (SPEC,)

@@ -9,7 +9,7 @@ from methods.fedkrso.config import KrsoConfig
 
 # Trains in rank-r random subspaces: needs a larger Adam step than full fine-tuning (FedAvg).
 SPEC = MethodSpec(
-    name="fedkrso", label="FedKRSO", defaults={"train.lr": 5e-4, "aggregation.rule": "trimmed-mean"},
+    name="fedkrso", label="FedKRSO", defaults={"train.lr": 5e-4, "aggregation.rule": "trimmed-or-capped"},
     client_module=f"{__name__}.client", server_setup=f"{__name__}.server:setup", sections={"krso": KrsoConfig},
     keeps_model=True, instruction_record="log", reply_record="accumulators",
 )  # fmt: skip

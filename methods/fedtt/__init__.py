@@ -10,12 +10,12 @@ from methods.fedtt.config import TTConfig
 
 # The small adapters need a larger Adam step than FedKRSO.
 SPEC = MethodSpec(
-    name="fedtt", label="FedTT", defaults={"train.lr": 1e-2, "aggregation.rule": "trimmed-mean"},
+    name="fedtt", label="FedTT", defaults={"train.lr": 1e-2, "aggregation.rule": "trimmed-or-capped"},
     client_module=f"{__name__}.client", server_setup=f"{__name__}.server:setup", sections={"tt": TTConfig},
     instruction_record="cores", reply_record="cores",
 )  # fmt: skip
 PLUS = MethodSpec(  # FedTT training part of the cores per round: its setup reads the method's name
-    name="fedtt-plus", label="FedTT+", defaults={"train.lr": 1e-2, "aggregation.rule": "trimmed-mean"},
+    name="fedtt-plus", label="FedTT+", defaults={"train.lr": 1e-2, "aggregation.rule": "trimmed-or-capped"},
     client_module=f"{__name__}.client", server_setup=f"{__name__}.server:setup", sections={"tt": TTConfig},
     instruction_record="cores", reply_record="cores",
 )  # fmt: skip

@@ -95,8 +95,9 @@ class FedTT(RoundStrategy):
         self.tm.set_head({n: merged[("head", n)] for n in self.tm.head})
         if self.want_scores:
             # Each client's scores become a distribution over the cores of each TT matrix (they only rank
-            # cores within a matrix), then combine by the run's rule without norm bounding: one client moves a
-            # core's score by at most its weight share (mean), or not past the honest ones (robust rules).
+            # cores within a matrix), then combine by the run's rule without norm bounding (but capped-mean's): one
+            # client moves a core's score by at most its weight share (means), or not past the honest ones (robust
+            # rules).
             ag = self.cfg.aggregation
             votes = [{k: np.float64(v) for k, v in score_votes(r.scores).items()} for r in replies]
             combined = robust.aggregate(votes, weights, rule=ag.rule, attackers=ag.attackers)
