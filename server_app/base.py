@@ -10,10 +10,10 @@ from __future__ import annotations
 import os
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from logging import INFO, WARNING
-from typing import TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ from common.wire import (
 from server_app import checkpoint
 
 T = TypeVar("T")
+K = TypeVar("K")
 
 
 @dataclass
@@ -84,24 +85,37 @@ def unexpected_reply(msg: Message, sent: dict[int, Message], answered: set[int])
     return None
 
 
+class Checked(NamedTuple, Generic[K]):
+    """One reply that passed checked_replies: its node, what the round keeps of it, and its Message."""
+
+    node: int
+    reply: K  # `keep` of the checked reply: what the round needs before it aggregates (not the arrays)
+    message: Message  # Flower's, in the list of replies it handed over: the arrays are decoded again from it
+
+
 def checked_replies(
     server_round: int,
     replies: Iterable[Message],
     unpack: Callable[[RecordDict], T],
     max_bytes: int,
     sent: Iterable[Message],
-) -> tuple[list[tuple[int, T]], int, int, int]:
-    """(node, unpacked reply) of every reply that passes, failures, rejected, bytes up (all replies counted).
+    keep: Callable[[T], K] | None = None,
+) -> tuple[list[Checked[K]], int, int, int]:
+    """(node, kept reply, Message) of every reply that passes, failures, rejected, bytes up (all replies counted).
 
     The one checked path of every method's replies (`sent`: the round's instructions): a reply that is not
     the one its node owes (unexpected_reply) is rejected; a reply larger than `max_bytes` (content bytes) is
     rejected before anything in it is decoded; then `unpack` decodes and checks it. ANY exception while
     checking one reply (WireError for what the wire formats refuse, but also whatever a crafted reply
     might provoke in numpy or Flower) rejects that reply only, is logged, and the round goes on.
+
+    What is kept of a reply that passes is `keep(unpack(content))` (default: all of it): the strategies keep
+    its example count and metrics and drop its decoded arrays, which the aggregation decodes again from the
+    Message when it reads them (Replies), so that the round holds one decoded reply at a time, not n.
     """
     instructions = {m.metadata.dst_node_id: m for m in sent}
     answered: set[int] = set()
-    accepted: list[tuple[int, T]] = []
+    accepted: list[Checked[K]] = []
     failures = rejected = bytes_up = 0
     for msg in replies:
         node = msg.metadata.src_node_id
@@ -117,7 +131,8 @@ def checked_replies(
                 raise WireError(problem)
             bytes_up += content_bytes(msg.content)
             check_size(msg.content, max_bytes)
-            accepted.append((node, unpack(msg.content)))
+            reply = unpack(msg.content)
+            accepted.append(Checked(node, reply if keep is None else keep(reply), msg))
         except Exception as exc:  # noqa: BLE001 - see the docstring: one bad reply never ends the round
             rejected += 1
             log(WARNING, "reply of node %d rejected in round %d: %s", node, server_round, str(exc)[:500])
@@ -128,17 +143,73 @@ class RoundFailed(Exception):
     """The round's aggregate cannot be applied; the message is the reason the records keep."""
 
 
+@dataclass(frozen=True, slots=True)
+class Kept:
+    """What a round keeps of a checked reply until it aggregates: the example count (its weight) and the
+    metrics (the records, the round's train-loss). The arrays are read from the Message again (Replies)."""
+
+    num_examples: int
+    metrics: dict[str, float]
+
+
+class Replies(Sequence):
+    """A round's accepted replies as the aggregation reads them: each decoded again from its Message every time
+    it is read, and not kept, so that reading them one at a time holds one decoded reply, however many there
+    are (common.robust's weighted mean reads them so: once, or twice with norm bounding; the robust rules hold
+    every reply anyway).
+
+    `read` is the decode and check of the first pass (checked_replies), which is deterministic: a reply reads
+    as the same values every time, bit for bit. If it raises all the same, the round cannot be aggregated with
+    the weights already drawn up: RoundFailed, and the round ends as any failed round does (the global model
+    unchanged). `map(f)`: the same replies read as f(reply), e.g. the arrays a method aggregates."""
+
+    def __init__(
+        self,
+        messages: Sequence[Message],
+        read: Callable[[RecordDict], Any],
+        then: Callable[[Any], Any] | None = None,
+    ) -> None:
+        self._messages, self._read, self._then = list(messages), read, then
+
+    @classmethod
+    def of(cls, checked: Sequence[Checked], read: Callable[[RecordDict], Any]) -> Replies:
+        return cls([c.message for c in checked], read)
+
+    def map(self, f: Callable[[Any], Any]) -> Replies:
+        then = self._then
+        return Replies(self._messages, self._read, f if then is None else lambda r: f(then(r)))
+
+    def __len__(self) -> int:
+        return len(self._messages)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return Replies(self._messages[i], self._read, self._then)
+        msg = self._messages[i]
+        try:
+            reply = self._read(msg.content)
+        except Exception as exc:  # noqa: BLE001 - checked once already: the round fails, the server goes on
+            node = msg.metadata.src_node_id
+            raise RoundFailed(f"the reply of node {node}, decoded again to aggregate, failed: {exc}"[:500]) from exc
+        return reply if self._then is None else self._then(reply)
+
+    def __iter__(self) -> Iterator:
+        for i in range(len(self._messages)):
+            yield self[i]
+
+
 def robust_aggregate(
     cfg: RunConfig,
     recorder: RunRecorder,
     server_round: int,
-    replies: list[dict],
+    replies: Sequence[dict],
     weights: list[float],
     reference: dict | None = None,
 ) -> dict:
     """common.robust.aggregate_round by the run's aggregation.*, the one aggregation of every method, with
     what it did recorded: the replies it clipped, and a warning when the round has too few replies for its
-    rule to absorb aggregation.attackers hostile ones. Raises RoundFailed when the aggregate is not finite."""
+    rule to absorb aggregation.attackers hostile ones. Raises RoundFailed when the aggregate is not finite (or
+    when a reply of `replies`, a Replies, fails to decode again while it is read)."""
     ag = cfg.aggregation
     result = robust.aggregate_round(replies, weights, **robust.settings(ag), reference=reference)
     recorder.add_clipped(result.clipped)
@@ -176,7 +247,11 @@ class RoundStrategy(Strategy):
     record the round. A method fills in `instructions`, `read_reply`, `reply_size_limit` and `apply` (and
     `accept` and `unchanged` where it keeps more state). Malformed replies are rejected and counted; a round
     without valid replies, or whose aggregate cannot be applied (RoundFailed), leaves the global model as it was.
-    Evaluation is the server's, on the dev split."""
+    Evaluation is the server's, on the dev split.
+
+    Memory: the round keeps each valid reply's example count and metrics (`kept`), not its decoded arrays;
+    `apply` gets the replies as Replies, each decoded again from its Message when read (`reread`), so under
+    the weighted mean the round holds one decoded reply at a time."""
 
     def __init__(self, cfg: RunConfig, recorder: RunRecorder) -> None:
         self.cfg, self.recorder = cfg, recorder
@@ -195,19 +270,29 @@ class RoundStrategy(Strategy):
         """The size limit of one reply (common.wire.reply_limit of what an honest reply carries)."""
         raise NotImplementedError
 
-    def accept(self, server_round: int, checked: list[tuple[int, object]]) -> list:
-        """The replies that carry an update (each with `num_examples` and `metrics`), from (node, reply) pairs."""
-        return [reply for _, reply in checked]
+    def kept(self, reply):
+        """What the round keeps of a checked reply (`read_reply`'s) until it aggregates: its Kept."""
+        return Kept(reply.num_examples, reply.metrics)
 
-    def apply(self, server_round: int, weights: list[float], replies: list) -> dict:
+    def reread(self, content: RecordDict, server_round: int):
+        """An accepted reply decoded again for the aggregation (Replies): `read_reply`, unless overridden."""
+        return self.read_reply(content, server_round)
+
+    def accept(self, server_round: int, checked: list[Checked]) -> list[Checked]:
+        """The checked replies that carry an update, each with its Kept as `reply` (default: all of them)."""
+        return checked
+
+    def apply(self, server_round: int, weights: list[float], replies: Replies) -> dict:
         """Aggregate the replies (capped example weights; `combine`, which raises RoundFailed for a non-finite
-        aggregate) into the global model; returns the round's metrics beyond train-loss and clients."""
+        aggregate, of `replies.map(...)`: the arrays of each reply, decoded when read) into the global model;
+        returns the round's metrics beyond train-loss and clients. Nothing is changed before the aggregate is
+        complete: a reply that fails to decode again raises RoundFailed while it is read."""
         raise NotImplementedError
 
     def unchanged(self, server_round: int) -> None:
         """The round ends without an update (no valid reply, or RoundFailed)."""
 
-    def combine(self, server_round: int, weights: list[float], replies: list[dict], reference: dict | None = None):
+    def combine(self, server_round: int, weights: list[float], replies: Sequence[dict], reference: dict | None = None):
         return robust_aggregate(self.cfg, self.recorder, server_round, replies, weights, reference)
 
     def configure_train(
@@ -231,17 +316,19 @@ class RoundStrategy(Strategy):
             lambda content: self.read_reply(content, server_round),
             self.reply_size_limit(server_round),
             self._sent,
+            self.kept,
         )
         accepted = self.accept(server_round, checked)
-        metrics = [reply.metrics for reply in accepted]
+        metrics = [c.reply.metrics for c in accepted]
         self.recorder.add_replies(bytes_up, metrics, failures, rejected)
         if not accepted:
             log(WARNING, "round %d: no valid reply, the global model is unchanged", server_round)
             self.unchanged(server_round)
             return None, None
-        weights = capped_weights([r.num_examples for r in accepted], self.cfg.aggregation.weight_cap)
+        weights = capped_weights([c.reply.num_examples for c in accepted], self.cfg.aggregation.weight_cap)
+        decoded = Replies.of(accepted, lambda content: self.reread(content, server_round))  # when read
         try:
-            extra = self.apply(server_round, weights, accepted)
+            extra = self.apply(server_round, weights, decoded)
         except RoundFailed as exc:
             fail_round(self.recorder, server_round, str(exc))
             self.unchanged(server_round)
@@ -283,10 +370,10 @@ class LogStrategy(RoundStrategy):
         """The method's checked reply (with `num_examples` and `metrics`); raises WireError if malformed."""
         raise NotImplementedError
 
-    def update(self, server_round: int, weights: list[float], replies: list):
-        """Aggregate the valid replies (capped example weights, `combine`, which raises RoundFailed for a
-        non-finite aggregate), apply the update to the global model, return its log entry (what every node
-        replays)."""
+    def update(self, server_round: int, weights: list[float], replies: Replies):
+        """Aggregate the valid replies (capped example weights, `combine` of `replies.map(...)`, which raises
+        RoundFailed for a non-finite aggregate or a reply that fails to decode again), apply the update to the
+        global model, return its log entry (what every node replays)."""
         raise NotImplementedError
 
     def empty_entry(self, server_round: int):
@@ -391,18 +478,26 @@ class LogStrategy(RoundStrategy):
             return "sync", held
         return "reply", self.check_reply(content, server_round)
 
-    def accept(self, server_round: int, checked: list) -> list:
+    def kept(self, reply):
+        kind, value = reply
+        return reply if kind == "sync" else super().kept(value)  # ("sync", round held), or the reply's Kept
+
+    def reread(self, content: RecordDict, server_round: int):
+        return self.check_reply(content, server_round)  # an accepted reply is not a sync-only one
+
+    def accept(self, server_round: int, checked: list[Checked]) -> list[Checked]:
         accepted = []
-        for node, (kind, reply) in checked:
-            if kind == "sync":  # the node holds an older round than we believed
-                self.node_round[node] = reply
-                log(INFO, "node %d holds round %d; it gets the log from there next time", node, reply)
+        for c in checked:
+            if not isinstance(c.reply, Kept):  # ("sync", round): the node holds an older round than we believed
+                held = c.reply[1]
+                self.node_round[c.node] = held
+                log(INFO, "node %d holds round %d; it gets the log from there next time", c.node, held)
                 continue
-            self.node_round[node] = server_round - 1
-            accepted.append(reply)
+            self.node_round[c.node] = server_round - 1
+            accepted.append(c)
         return accepted
 
-    def apply(self, server_round: int, weights: list[float], replies: list) -> dict:
+    def apply(self, server_round: int, weights: list[float], replies: Replies) -> dict:
         before = {k: v.detach().clone() for k, v in self.global_tensors().items()}
         try:
             entry = self.update(server_round, weights, replies)

@@ -21,6 +21,7 @@ from methods.fedavg.model import Build, build
 from methods.fedavg.wire import max_reply_bytes, unpack_reply
 from server_app import checkpoint
 from server_app.base import (
+    Replies,
     RoundFailed,
     ServerSetup,
     checked_replies,
@@ -39,7 +40,9 @@ class RecordedFedAvg(FedAvg):
     (round, num-examples). The checked arrays are then aggregated like every other method's replies
     (robust_aggregate: each reply's update around the global arrays bounded, the run's rule per tensor and
     coordinate, the example weights capped), so an extra metric key, a renamed record or a list-valued metric
-    in a reply cannot reach the aggregation. Flower's FedAvg still draws up the messages.
+    in a reply cannot reach the aggregation. Flower's FedAvg still draws up the messages. As in every method,
+    the round keeps each reply's example count and metrics and decodes its arrays again when the aggregation
+    reads them (server_app.base.Replies): one decoded reply at a time under the mean.
     """
 
     def __init__(self, cfg: RunConfig, recorder: RunRecorder, **kwargs) -> None:
@@ -71,27 +74,28 @@ class RecordedFedAvg(FedAvg):
 
     def aggregate_train(self, server_round, replies):
         shapes = {key: tuple(int(d) for d in ref.shape) for key, ref in self._global.items()}
+
+        def unpack(content):
+            return unpack_reply(content, server_round, shapes)
+
+        # kept: (num-examples, metrics); the arrays are decoded again from each Message when aggregated (Replies)
         checked, failures, rejected, bytes_up = checked_replies(
-            server_round,
-            replies,
-            lambda content: unpack_reply(content, server_round, shapes),
-            max_reply_bytes(shapes),
-            self._sent,
+            server_round, replies, unpack, max_reply_bytes(shapes), self._sent, keep=lambda reply: reply[:2]
         )
-        self.recorder.add_replies(bytes_up, [metrics for _, (_, metrics, _) in checked], failures, rejected)
+        metrics = [c.reply[1] for c in checked]
+        self.recorder.add_replies(bytes_up, metrics, failures, rejected)
         if not checked:
             return None, None
-        weights = capped_weights([n for _, (n, _, _) in checked], self.aggregation.weight_cap)
+        weights = capped_weights([c.reply[0] for c in checked], self.aggregation.weight_cap)
         reference = {k: v.numpy() for k, v in self._global.items()}
+        arrays = Replies.of(checked, lambda content: unpack(content)[2])
         try:  # the aggregate is the new global model itself: finite aggregate, finite model
-            merged = robust_aggregate(
-                self.cfg, self.recorder, server_round, [arrays for _, (_, _, arrays) in checked], weights, reference
-            )
+            merged = robust_aggregate(self.cfg, self.recorder, server_round, arrays, weights, reference)
         except RoundFailed as exc:
             fail_round(self.recorder, server_round, str(exc))
             return None, None
         aggregated = ArrayRecord({k: Array(v) for k, v in merged.items()})
-        mean_loss = mean_train_loss(weights, [metrics for _, (_, metrics, _) in checked])
+        mean_loss = mean_train_loss(weights, metrics)
         return aggregated, MetricRecord({"train-loss": mean_loss, "clients": len(checked)})
 
     def state_dict(self) -> tuple[dict, dict]:

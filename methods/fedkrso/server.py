@@ -19,7 +19,7 @@ from methods.fedkrso.config import interval_steps
 from methods.fedkrso.model import KrsoModel, build
 from methods.fedkrso.subspace import LogEntry, apply_update, round_seeds
 from methods.fedkrso.wire import pack_instruction, unpack_instruction, unpack_reply
-from server_app.base import LogStrategy, ServerSetup
+from server_app.base import LogStrategy, Replies, ServerSetup
 
 
 class FedKRSO(LogStrategy):
@@ -77,14 +77,14 @@ class FedKRSO(LogStrategy):
         numel = {n: w.numel() for n, w in self.km.target_weights().items()}
         return sum(numel[name] for _, name in entry.bbar) / sum(numel.values())
 
-    def update(self, server_round: int, weights: list[float], replies: list) -> LogEntry:
+    def update(self, server_round: int, weights: list[float], replies: Replies) -> LogEntry:
         # One update per reply: its accumulators (differences already) and its head (against the global head),
         # clipped together; absent accumulators are zero updates (common.robust).
         head = {("head", n): v for n, v in self.km.head_state().items()}
         merged = self.combine(
             server_round,
             weights,
-            [{**r.accumulators, **{("head", n): v for n, v in r.head.items()}} for r in replies],
+            replies.map(lambda r: {**r.accumulators, **{("head", n): v for n, v in r.head.items()}}),
             head,
         )
         bbar = {k: v for k, v in merged.items() if k[0] != "head"}

@@ -15,7 +15,7 @@ from common.wire import reply_limit
 from methods.fedkseed import kseed
 from methods.fedkseed import wire as kseed_wire
 from methods.fedkseed.kseed import KseedModel, build
-from server_app.base import LogStrategy, ServerSetup
+from server_app.base import LogStrategy, Replies, ServerSetup
 
 
 class FedKSeed(LogStrategy):
@@ -65,9 +65,9 @@ class FedKSeed(LogStrategy):
         """kseed.replay runs one whole-model pass per candidate seed with a nonzero scalar."""
         return float(np.count_nonzero(entry.scalars))
 
-    def update(self, server_round: int, weights: list[float], replies: list) -> kseed.LogEntry:
+    def update(self, server_round: int, weights: list[float], replies: Replies) -> kseed.LogEntry:
         # per candidate seed, absent = 0
-        g = self.combine(server_round, weights, [{"G": r.scalars} for r in replies])["G"]
+        g = self.combine(server_round, weights, replies.map(lambda r: {"G": r.scalars}))["G"]
         entry = kseed.LogEntry(server_round, self.cfg.zo.lr, g)
         kseed.replay(self.km, entry, self.cfg.kseed.perturbations)
         return entry

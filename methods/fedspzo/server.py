@@ -15,7 +15,7 @@ from common.wire import reply_limit
 from methods.fedspzo import spzo
 from methods.fedspzo import wire as spzo_wire
 from methods.fedspzo.spzo import SpzoModel, build
-from server_app.base import LogStrategy, ServerSetup
+from server_app.base import LogStrategy, Replies, ServerSetup
 
 
 class FedSPZO(LogStrategy):
@@ -77,8 +77,8 @@ class FedSPZO(LogStrategy):
         rows, p1 = entry.g1.shape
         return rows * (p1 * block1 + entry.g2.shape[1] * block2) / (block1 + block2)
 
-    def update(self, server_round: int, weights: list[float], replies: list) -> spzo.LogEntry:
-        g = self.combine(server_round, weights, [{"g1": r.g1, "g2": r.g2} for r in replies])  # per (step, pert.)
+    def update(self, server_round: int, weights: list[float], replies: Replies) -> spzo.LogEntry:
+        g = self.combine(server_round, weights, replies.map(lambda r: {"g1": r.g1, "g2": r.g2}))  # per (step, pert.)
         entry = spzo.LogEntry(
             server_round, spzo.round_seed(self.cfg.seed, server_round), self.cfg.zo.lr, g["g1"], g["g2"]
         )

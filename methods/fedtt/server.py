@@ -22,7 +22,7 @@ from methods.fedtt.model import TTModel, build
 from methods.fedtt.tt import CoreKey, plus_selection, score_votes
 from methods.fedtt.wire import pack_instruction, reply_payload, unpack_reply
 from server_app import checkpoint
-from server_app.base import RoundStrategy, ServerSetup
+from server_app.base import Replies, RoundStrategy, ServerSetup
 
 
 class FedTT(RoundStrategy):
@@ -79,7 +79,7 @@ class FedTT(RoundStrategy):
             *reply_payload(self.selected[server_round], self.shapes, self.tm.head_shapes, self.want_scores)
         )
 
-    def apply(self, server_round: int, weights: list[float], replies: list) -> dict:
+    def apply(self, server_round: int, weights: list[float], replies: Replies) -> dict:
         selected = self.selected[server_round]
         # One update per reply: its trained cores and its head, against the global ones, bounded together.
         state = self.tm.adapters.state()
@@ -88,20 +88,22 @@ class FedTT(RoundStrategy):
         merged = self.combine(
             server_round,
             weights,
-            [{**r.cores, **{("head", n): v for n, v in r.head.items()}} for r in replies],
+            replies.map(lambda r: {**r.cores, **{("head", n): v for n, v in r.head.items()}}),
             reference,
         )
-        self.tm.adapters.load({k: v for k, v in merged.items() if k[0] != "head"})
-        self.tm.set_head({n: merged[("head", n)] for n in self.tm.head})
+        scores = self.scores
         if self.want_scores:
             # Each client's scores become a distribution over the cores of each TT matrix (they only rank
             # cores within a matrix), then combine by the run's rule without norm bounding (but capped-mean's): one
             # client moves a core's score by at most its weight share (means), or not past the honest ones (robust
-            # rules).
+            # rules). Read before anything changes: a reply that fails to decode again (RoundFailed) changes nothing.
             ag = self.cfg.aggregation
-            votes = [{k: np.float64(v) for k, v in score_votes(r.scores).items()} for r in replies]
+            votes = replies.map(lambda r: {k: np.float64(v) for k, v in score_votes(r.scores).items()})
             combined = robust.aggregate(votes, weights, rule=ag.rule, attackers=ag.attackers)
-            self.scores = {k: float(v) for k, v in combined.items()}
+            scores = {k: float(v) for k, v in combined.items()}
+        self.tm.adapters.load({k: v for k, v in merged.items() if k[0] != "head"})
+        self.tm.set_head({n: merged[("head", n)] for n in self.tm.head})
+        self.scores = scores
         return {"trained-cores": len(selected)}
 
     def _record_selection(self, server_round: int, selected: list[CoreKey]) -> None:

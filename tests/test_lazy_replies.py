@@ -1,0 +1,124 @@
+"""The strategies read their replies lazily (server_app.base.Replies): a round keeps each checked reply's example
+count and metrics, and the aggregation decodes its arrays again from its Message when it reads them.
+
+1. Memory (issue 20): under the weighted mean (common.robust.WeightedMean) a round holds one decoded reply at a
+   time, however many replies it has. Set up as bench/scale.py measures it: a fresh strategy's round 1 with n
+   copies of one real reply, the Messages made first (Flower hands a strategy the list of reply Messages, which
+   it holds anyway). Counted: the decoded replies alive at once (each decode's arrays, by weak reference), and
+   tracemalloc's peak of what aggregate_train allocates on top of the Messages.
+2. A reply that passed its checks but fails to decode again when it is aggregated fails the round cleanly.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import tracemalloc
+import weakref
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, Message
+
+from common import robust
+from common.config import parse_run_config
+from common.methods import METHODS, get_method
+from common.nodestore import STATE_DIR_ENV
+from common.records import RunRecorder
+from server_app.app import build_setup
+from tests.fakes import NodeList, client_reply
+from tests.test_hostile import HOSTILE, MALFORMED, Run, _with_data, play_rounds
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("task_identity")]
+
+
+def measure(method: str, n: int, model: str, glue_dir: str, tmp_path) -> dict:
+    """aggregate_train of n copies of one real reply: the most decoded replies alive at once, tracemalloc's
+    peak (bytes), and the bytes of one decoded reply's arrays."""
+    name = f"{method}-{n}"
+    cfg = parse_run_config(
+        {
+            "method": method, "model": model, "task": "sst2", "data-dir": glue_dir,
+            "results-dir": str(tmp_path / "results"), "run-name": name, "min-clients": 1, "fraction-train": 1.0,
+            "train.local-steps": 1, "train.batch-size": 4, "train.max-length": 16, "krso.intervals": 1,
+            "aggregation.rule": "mean",  # norm-cap as shipped (2): the mean reads the replies twice
+        }
+    )  # fmt: skip
+    setup = build_setup(cfg, RunRecorder(cfg.results_dir, name, cfg.to_flat()))
+    strategy = setup.strategy
+    sent = list(strategy.configure_train(1, setup.initial, ConfigRecord(), NodeList(range(1, n + 1))))
+    template = client_reply(get_method(method).load_client().train, cfg, sent[0], {1: 0}).content
+    replies = [Message(copy.deepcopy(template), reply_to=msg) for msg in sent]
+    counts = {"alive": 0, "most": 0}
+    real = strategy.check_reply
+
+    def dead() -> None:
+        counts["alive"] -= 1
+
+    def check_reply(content, server_round):  # every decode of a reply, first pass and aggregation alike
+        reply = real(content, server_round)
+        weakref.finalize(next(iter(reply.accumulators.values())), dead)
+        counts["alive"] += 1
+        counts["most"] = max(counts["most"], counts["alive"])
+        return reply
+
+    strategy.check_reply = check_reply
+    gc.collect()
+    tracemalloc.start()
+    try:
+        arrays, metrics = strategy.aggregate_train(1, replies)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert arrays is not None and metrics["clients"] == n
+    decoded = real(template, 1)
+    size = sum(a.numel() * a.element_size() for a in [*decoded.accumulators.values(), *decoded.head.values()])
+    return {"most_alive": counts["most"], "peak": peak, "reply_bytes": size}
+
+
+def test_fedkrso_mean_holds_one_decoded_reply_at_a_time(tiny_bert, glue_dir, tmp_path, monkeypatch):
+    """FedKRSO under the mean (norm-cap 2, so every reply is decoded three times: checked, its norm, added),
+    10 and 200 replies: at most two decoded replies are alive at once however many replies there are (the one
+    being read and the one before it, until its name is rebound); holding every decoded reply, as the
+    strategies did until now, held all of them. tracemalloc: the peak grows by far less than a decoded reply per
+    extra reply (what is left per reply: its example count and metrics, a Message reference, its node's round,
+    and garbage of the decodes that Python's cycle collector frees later); holding every reply grew by more
+    than one decoded reply per reply."""
+    monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path / "nodes"))
+    few = measure("fedkrso", 10, tiny_bert, glue_dir, tmp_path)
+    many = measure("fedkrso", 200, tiny_bert, glue_dir, tmp_path)
+    assert few["most_alive"] == many["most_alive"] <= 2, (few, many)
+    per_reply = (many["peak"] - few["peak"]) / 190
+    assert per_reply < many["reply_bytes"] / 4, (few, many, per_reply)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_reply_that_fails_to_decode_again_when_aggregated_fails_the_round(
+    method, tiny_bert, glue_dir, tmp_path, monkeypatch
+):
+    """The aggregation decodes each accepted reply again with the same checked decode, so the same values. Should
+    that second decode fail all the same (here node 103's Message is garbled once it was checked, when the
+    aggregation starts), the round is recorded as failed with the reason, the global model is bit for bit the
+    one before, and the next round goes on from it with every reply accepted."""
+    monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path / "nodes"))
+    run = Run(method, tiny_bert, glue_dir, tmp_path)
+    w0 = run.weights()
+    msgs = run.instructions(1)
+    replies = [run.reply(msgs[n]) for n in run.nodes]
+    real = robust.aggregate_round
+
+    def garbled_then_aggregated(*args, **kwargs):
+        record = next(iter(replies[-1].content.array_records.values()))  # node 103's arrays
+        key = next(iter(record))
+        record[key] = _with_data(record[key], MALFORMED["garbage"](record[key]))
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(robust, "aggregate_round", garbled_then_aggregated)
+        failed = run.aggregate(1, replies)
+    assert failed["failed"].startswith(f"the reply of node {HOSTILE}, decoded again to aggregate, failed")
+    assert (failed["clients"], failed["rejected"]) == (3, 0)
+    assert torch.equal(run.weights(), w0)
+    (after,) = play_rounds(run, [2], hostile=())
+    assert (after["clients"], after["rejected"], after["failures"], after["failed"]) == (3, 0, 0, None)
+    assert torch.isfinite(run.weights()).all() and not torch.equal(run.weights(), w0)
