@@ -16,20 +16,24 @@ synthetic task data of tests/fixtures/glue:
    once there is one). Replay seconds: a fresh node that joins at round k+1 replays k rounds; its client
    time less its training time, less the same for the up-to-date node of that round. The reference line is
    one FedAvg download of the same model.
-3. Server memory and aggregation time against the number of replies. A fresh strategy at round 1 sends n
-   instructions, one node's real reply is copied n times and fed to `aggregate_train` as a generator, one
-   Message at a time, so that what is measured is what the strategy itself holds. Peak memory: tracemalloc,
-   started after configure_train (the instructions are not counted) and reset per point, in this process:
+3. Server memory and aggregation time against the number of replies, under the weighted mean
+   (`aggregation.rule = "mean"` for every method, norm-cap as shipped). A fresh strategy at round 1 sends n
+   instructions, one node's real reply is copied into n reply Messages, and `aggregate_train` gets the list of
+   them, as Flower's Grid hands it over (Strategy.start: `send_and_receive` returns a list, which Flower holds
+   through the round whatever the strategy does; its bytes are recorded beside, `messages_mb`). Peak memory:
+   tracemalloc, started after the instructions and the Messages are made and reset per point, in this process:
    it counts every numpy array and Python object the aggregation allocates and nothing from before, which an
    RSS high-water mark cannot separate (it includes ~0.5 GB of imports and never goes down); torch's own
    allocations are invisible to it (only the FedKRSO update applied to the model, whose size does not depend
-   on n). Seconds: a second fresh strategy, untraced. The same for common.robust's mean alone on FedAvg's
-   replies: streaming (lazy replies) and in memory (a list of them).
+   on n). Seconds: a second fresh strategy, untraced. The same for FedAvg under trimmed-mean, the robust rule
+   of its shipped default, which holds every reply by nature (up to `--robust-max-replies`), and for
+   common.robust's mean alone on FedAvg's replies: streaming (lazy replies) and in memory (a list of them).
 4. One simulation through `flwr run` (scripts/simulate.py) with `--nodes` simulated SuperNodes, fraction-train
    so that ~10 train a round: the records' seconds per round, the slowest client's training time, and the
    peak of the summed RSS of every process of the run (SuperLink, ServerApp, Ray workers), sampled.
 
-    python bench/scale.py [--rounds 500] [--max-replies 1000] [--nodes 200] [--methods ...] [--quick]
+    python bench/scale.py [--rounds 500] [--max-replies 1000] [--robust-max-replies 100] [--nodes 200]
+                          [--methods ...] [--quick]
     python bench/scale.py --report          # docs/scale.md and docs/scale-*.png from the records, runs nothing
 
 Records: bench/records/scale.json (keys in `write_records`).
@@ -224,38 +228,37 @@ class NodeList:
         return list(range(1, self.n + 1))
 
 
-def one_aggregation(method: str, n: int, model: str, work: str, traced: bool) -> tuple[float, float]:
-    """A fresh strategy's round 1 with n replies (copies of node 1's real reply, made one at a time):
-    (seconds, peak MB of what aggregate_train allocated; 0 untraced)."""
+def one_aggregation(method: str, n: int, model: str, work: str, traced: bool, rule: str) -> tuple[float, float, float]:
+    """A fresh strategy's round 1 under `rule` with n replies (copies of node 1's real reply, made before it
+    starts, in a list as Flower hands them over): (seconds, peak MB of what aggregate_train allocated, 0
+    untraced; MB of the reply Messages)."""
     from flwr.app import ConfigRecord, Message
 
     from common.config import parse_run_config
     from common.records import RunRecorder
+    from common.wire import content_bytes
     from server_app.app import build_setup
     from tests.fakes import client_reply
 
     fresh_nodes(work)
-    name = f"{method}-agg-{n}-{'traced' if traced else 'timed'}"
-    cfg = parse_run_config(run_config(method, model, work, name, 1))
+    name = f"{method}-{rule}-agg-{n}-{'traced' if traced else 'timed'}"
+    cfg = parse_run_config(run_config(method, model, work, name, 1, **{"aggregation.rule": rule}))
     setup = build_setup(cfg, RunRecorder(work, name, cfg.to_flat()))
     messages = list(setup.strategy.configure_train(1, setup.initial, ConfigRecord(), NodeList(n)))
     template = client_reply(get_method(method).load_client().train, cfg, messages[0], {1: 0}).content
-
-    def replies():  # as a Grid that pulls replies one at a time would hand them over
-        for msg in messages:
-            yield Message(copy.deepcopy(template), reply_to=msg)
-
+    replies = [Message(copy.deepcopy(template), reply_to=msg) for msg in messages]  # Flower's list
+    messages_mb = n * content_bytes(template) / 2**20
     if traced:
         tracemalloc.start()
     start = time.perf_counter()
     try:
-        setup.strategy.aggregate_train(1, replies())
+        setup.strategy.aggregate_train(1, replies)
         seconds = time.perf_counter() - start
         peak = tracemalloc.get_traced_memory()[1] / 2**20 if traced else 0.0
     finally:
         if traced:
             tracemalloc.stop()
-    return seconds, peak
+    return seconds, peak, messages_mb
 
 
 def reply_arrays(model: str, work: str) -> tuple[dict, dict]:
@@ -322,19 +325,23 @@ def mean_alone(counts: list[int], model: str, work: str, limit_mb: float) -> dic
     return out
 
 
-def server_scaling(method: str, counts: list[int], model: str, work: str, limit_mb: float, reply_mb: float) -> dict:
-    """Measurement 3 for one method; points whose replies would exceed limit_mb are left out (and said)."""
-    out = {"replies": [], "mb": [], "seconds": [], "left_out": []}
+def server_scaling(
+    method: str, counts: list[int], model: str, work: str, limit_mb: float, reply_mb: float, rule: str = "mean"
+) -> dict:
+    """Measurement 3 for one method under `rule`; points whose Messages (and, under a robust rule, decoded
+    replies) would exceed limit_mb are left out (and said)."""
+    out = {"rule": rule, "replies": [], "mb": [], "messages_mb": [], "seconds": [], "left_out": []}
     for n in counts:
-        if 1.5 * n * reply_mb > limit_mb:  # the decoded replies, and what the Messages held
+        if (1.5 if rule == "mean" else 2.5) * n * reply_mb > limit_mb:  # the Messages (+ the replies held)
             out["left_out"].append(n)
             continue
-        seconds, _ = one_aggregation(method, n, model, work, traced=False)
-        _, peak = one_aggregation(method, n, model, work, traced=True)
+        seconds, _, _ = one_aggregation(method, n, model, work, traced=False, rule=rule)
+        _, peak, messages_mb = one_aggregation(method, n, model, work, traced=True, rule=rule)
         out["replies"].append(n)
         out["mb"].append(peak)
+        out["messages_mb"].append(messages_mb)
         out["seconds"].append(seconds)
-        print(f"{method}: {n} replies, peak {peak:.1f} MB, {seconds:.2f} s", flush=True)
+        print(f"{method} ({rule}): {n} replies, peak {peak:.1f} MB, {seconds:.2f} s", flush=True)
     return out
 
 
@@ -410,13 +417,15 @@ def measure(args, save) -> dict:
     counts = [n for n in log_points(args.max_replies, start=10 if args.max_replies >= 10 else 1)]
     records: dict = {
         "state_write_bytes": {}, "state_write_seconds": {}, "catchup_bytes": {}, "catchup_seconds": {},
-        "server_peak_mb": {}, "aggregate_seconds": {}, "fedavg_download_bytes": None, "simulation": None,
+        "server_peak_mb": {}, "aggregate_seconds": {}, "server_peak_mb_robust": {}, "fedavg_download_bytes": None,
+        "simulation": None,
         "setting": {
             "command": "python bench/scale.py " + " ".join(sys.argv[1:]),
             "date": time.strftime("%Y-%m-%d", time.gmtime()),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "model": "tests/conftest.py tiny BERT (2 layers, hidden 32), tests/fixtures/glue SST-2",
-            "rounds": args.rounds, "max_replies": args.max_replies, "memory_limit_mb": args.memory_limit_mb,
+            "rounds": args.rounds, "max_replies": args.max_replies, "robust_max_replies": args.robust_max_replies,
+            "memory_limit_mb": args.memory_limit_mb,
             "minutes": None,  # set when every measurement is done
         },
     }  # fmt: skip
@@ -436,8 +445,13 @@ def measure(args, save) -> dict:
     for method in args.methods:
         reply_mb = mean["reply_mb"] if method == "fedavg" else 0.0
         r = server_scaling(method, counts, model, work, args.memory_limit_mb, reply_mb)
-        records["server_peak_mb"][method] = {"replies": r["replies"], "mb": r["mb"], "left_out": r["left_out"]}
+        records["server_peak_mb"][method] = {k: r[k] for k in ("rule", "replies", "mb", "messages_mb", "left_out")}
         records["aggregate_seconds"][method] = {"replies": r["replies"], "seconds": r["seconds"]}
+        save(records)
+    if "fedavg" in args.methods:  # its shipped rule, which holds every reply by nature
+        robust_counts = [n for n in counts if n <= args.robust_max_replies]
+        r = server_scaling("fedavg", robust_counts, model, work, args.memory_limit_mb, mean["reply_mb"], "trimmed-mean")
+        records["server_peak_mb_robust"]["fedavg"] = r
         save(records)
     if args.nodes:
         try:
@@ -451,6 +465,16 @@ def measure(args, save) -> dict:
 # ---- the page ------------------------------------------------------------------------------------------------
 
 AIMS = {"state": 2.0, "catchup": 1.2, "memory": 2.0, "nodes": 200}
+
+
+def mb(x: float) -> str:
+    """MB to print: two decimals below 10 MB (the log methods' rounds are fractions of a MB)."""
+    return f"{x:.2f}" if x < 10 else f"{x:.1f}"
+
+
+def per_reply_kb(p: dict) -> float:
+    """What the peak grows by per reply between the first and the last point, in KB."""
+    return (p["mb"][-1] - p["mb"][0]) * 1024 / max(1, p["replies"][-1] - p["replies"][0])
 
 
 def verdicts(rec: dict) -> list[tuple[str, str, str, str]]:
@@ -488,8 +512,10 @@ def verdicts(rec: dict) -> list[tuple[str, str, str, str]]:
         if len(p["mb"]) > 1:
             g = max(p["mb"]) / p["mb"][0]
             rows.append((
-                f"server memory of {m}'s aggregate_train, {p['replies'][0]} to {p['replies'][-1]} replies",
-                f"{p['mb'][0]:.1f} -> {max(p['mb']):.1f} MB ({g:.1f}x)",
+                f"server memory of {m}'s aggregate_train under the {p.get('rule', 'shipped rule')}, "
+                f"{p['replies'][0]} to {p['replies'][-1]} replies",
+                f"{mb(p['mb'][0])} -> {mb(max(p['mb']))} MB ({g:.1f}x; {per_reply_kb(p):+.2f} KB a reply"
+                + (f", of {p['messages_mb'][0] * 1024 / p['replies'][0]:,.1f} KB on the wire)" if p.get("messages_mb") else ")"),
                 f"<= {AIMS['memory']}x",
                 "met" if g <= AIMS["memory"] else "not met",
             ))  # fmt: skip
@@ -536,7 +562,9 @@ def plots(rec: dict, folder: str) -> list[str]:
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
     for m, p in rec["server_peak_mb"].items():
-        ax.plot(p["replies"], p["mb"], marker="o", label=f"{m} aggregate_train")
+        ax.plot(p["replies"], p["mb"], marker="o", label=f"{m} aggregate_train ({p.get('rule', 'shipped rule')})")
+    for m, p in rec.get("server_peak_mb_robust", {}).items():
+        ax.plot(p["replies"], p["mb"], marker="^", ls=":", label=f"{m} aggregate_train ({p['rule']})")
     for kind, p in rec.get("mean_peak_mb", {}).items():
         if isinstance(p, dict) and p.get("mb"):
             ax.plot(p["replies"], p["mb"], marker="s", ls="--", label=f"mean alone, {kind.replace('_', ' ')}")
@@ -603,15 +631,22 @@ def write_page(rec: dict, out: str) -> str:
         "",
         "## Server memory and aggregation time against the number of replies",
         "",
-        "| method | replies | peak MB | seconds |",
-        "| --- | ---: | ---: | ---: |",
+        "Peak MB: what `aggregate_train` allocates (tracemalloc); reply Messages: the list of replies Flower "
+        "hands the strategy and holds through the round, n x one reply's wire size, whatever the strategy does.",
+        "",
+        "| method | rule | replies | peak MB | reply Messages MB | seconds |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
     ]
-    for m, p in rec["server_peak_mb"].items():
-        secs = rec["aggregate_seconds"][m]["seconds"]
-        for n, mb, sec in zip(p["replies"], p["mb"], secs, strict=True):
-            lines.append(f"| {m} | {n} | {mb:.1f} | {sec:.2f} |")
+    series = [(m, p, rec["aggregate_seconds"][m]["seconds"]) for m, p in rec["server_peak_mb"].items()]
+    series += [(m, p, p["seconds"]) for m, p in rec.get("server_peak_mb_robust", {}).items()]
+    for m, p, secs in series:
+        rule = p.get("rule", "shipped")
+        held = p.get("messages_mb") or [None] * len(p["mb"])
+        for n, peak, msgs, sec in zip(p["replies"], p["mb"], held, secs, strict=True):
+            lines.append(f"| {m} | {rule} | {n} | {mb(peak)} | {'-' if msgs is None else mb(msgs)} | {sec:.2f} |")
         if p.get("left_out"):
-            lines.append(f"| {m} | {', '.join(map(str, p['left_out']))} | left out: over the memory limit | |")
+            left = ", ".join(map(str, p["left_out"]))
+            lines.append(f"| {m} | {rule} | {left} | left out: over the memory limit | | |")
     mean = rec.get("mean_peak_mb", {})
     if mean:
         lines += [
@@ -651,12 +686,22 @@ NOTES = """## Reading the figures
   a FedKRSO entry is 2.6 MB at the defaults against an 86 MB FedAvg download; a node far behind gets the
   snapshot of the tensors it keeps instead of the log once the log is larger (common/catchup.py,
   docs/checkpoints.md "Catch-up"): 42.5 MB for FedKRSO on MiniLM, however far behind.
-- The weighted mean streams (common.robust.WeightedMean): given replies one at a time it holds one reply and
-  8 bytes per aggregated number. The strategies do not give it replies one at a time yet: they decode and
-  check every reply first (server_app/base.py `checked_replies`), and Flower's `Strategy.start` hands
-  them a list of every reply message, so a round's server memory still grows with its replies. The robust
-  rules (trimmed-mean, median) need all n values of each coordinate: n x the update, plus one key's n values
-  stacked while it is sorted.
+- Server memory under the weighted mean: the mean streams (common.robust.WeightedMean: one reply at a time,
+  8 bytes per aggregated number), and the strategies read their replies lazily (server_app/base.py
+  `Replies`): a first pass checks every reply as before and keeps its example count and metrics, then the
+  aggregation decodes each reply's arrays again from its Message when it reads it. A round holds one decoded
+  reply at a time, not n: FedAvg's round, whose replies are 3.86 MB, is flat. What still grows with n is
+  under 1 KB a reply whatever the model (the reply's example count, metrics and Message reference, its node's
+  entry, weight and norm, and garbage of its decodes that Python's cycle collector frees later: numpy's
+  header parser leaves reference cycles). On the tiny model the log methods' whole round is 0.1-0.2 MB, so
+  that still makes their ratio from 10 to 1,000 replies 4-12x (their verdicts above); until the strategies
+  read replies lazily each reply added a decoded reply (FedKRSO +30 KB a reply, 0.4 -> 29.8 MB). On a real
+  model, where one decoded reply is MBs, it is a fraction of a per cent of a reply.
+- Flower holds the list of reply Messages through the round whatever the strategy does (`reply Messages MB`
+  above: n x one reply's wire size); that is the runtime's, not the aggregation's.
+- The robust rules (trimmed-mean, median) need all n values of each coordinate: n x the update, plus one
+  key's n values stacked while it is sorted (FedAvg under trimmed-mean above, which grows by more than one
+  decoded reply per reply).
 - State writes: the update-log segments are one round's entry each, and since checkpoint version 3 the
   checkpoint keeps each records file's row count and digest instead of its rows, so every method's write per
   round is flat (before, the copy of the records grew ~0.6 KB a round, ~1.1 KB for FedTT+).
@@ -668,6 +713,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=500)
     p.add_argument("--max-replies", type=int, default=1000)
+    p.add_argument("--robust-max-replies", type=int, default=100, help="FedAvg at trimmed-mean, up to this many")
     p.add_argument("--nodes", type=int, default=200, help="simulated SuperNodes of the flwr run (0: none)")
     p.add_argument("--sim-rounds", type=int, default=3)
     p.add_argument("--methods", default=",".join(METHODS))
@@ -679,6 +725,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.max_replies, args.nodes = min(args.rounds, 6), min(args.max_replies, 20), 0
+        args.robust_max_replies = min(args.robust_max_replies, 10)
     args.methods = known(*args.methods.split(","))
     if not args.report:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
