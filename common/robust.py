@@ -60,10 +60,14 @@ key, in the same order and with the same float64 operations as `combine`, so the
 same while the aggregation holds one reply and 8 bytes per aggregated number, however many replies the round
 has. Norm bounding needs every norm before the first reply is scaled (the bound is a median of them), so
 `aggregate_round` reads a re-iterable sequence twice: norms only, then clip and add, one reply at a time (a
-one-shot iterator is kept in a list first). The capped mean streams like the mean. The robust rules cannot: trimmed-mean and median sort all
-n values of each coordinate and the geometric median iterates over whole updates, so they hold every reply
-(n x the update's size, plus a stacked copy of one key's n values while it is combined; the geometric median
-n float64 copies of the update).
+one-shot iterator is kept in a list first). The strategies hand it such a sequence (server_app.base.Replies):
+each accepted reply is decoded again from its Message when it is read and is not kept, so a round under the
+mean or the capped mean holds one decoded reply at a time, and a reply that fails to decode again raises
+server_app.base.RoundFailed out of the iteration, which fails the round. A rule that reads the replies more
+than once lists them first (every read decodes again). The robust rules cannot stream: trimmed-mean and median
+sort all n values of each coordinate and the geometric median iterates over whole updates, so they hold every
+reply (n x the update's size, plus a stacked copy of one key's n values while it is combined; the geometric
+median n float64 copies of the update).
 """
 
 from __future__ import annotations
@@ -352,8 +356,9 @@ def aggregate_round(
     Values may be numpy arrays or CPU tensors; what comes out is of the same kind.
 
     The mean streams (`WeightedMean`): `replies` may be any re-iterable sequence that yields one reply at a
-    time (decoded when asked for), and the aggregation then holds one of them, not all; a one-shot iterator
-    works too (kept whole when norm bounding must read it twice). The robust rules hold every reply.
+    time (decoded when asked for, as the strategies' server_app.base.Replies), and the aggregation then holds
+    one of them, not all; a one-shot iterator works too (kept whole when norm bounding must read it twice).
+    The robust rules hold every reply.
     """
     reference = reference or {}
     if rule in ("trimmed-mean", "trimmed-or-capped"):
