@@ -401,19 +401,19 @@ def _aggregate_all(
     norms = [update_norm(r, ref_np) for r in replies_np] if norm_cap > 0 or clip_norm > 0 else []
     bound = norm_bound(norms, norm_cap, clip_norm)
     clipped = [clip(r, bound, ref_np) for r in replies_np]
+    median = None  # the geometric median is of whole updates (absent key: zero update), unweighted
+    if rule == "geometric-median":
+        median, _ = geometric_median([{k: _update(r, k, s, ref_np) for k, s in keys.items()} for r in clipped])
     out: dict[K, Value] = {}
-    if rule == "geometric-median":  # of whole updates (absent key: zero update), unweighted
-        z, _ = geometric_median([{k: _update(r, k, shape, ref_np) for k, shape in keys.items()} for r in clipped])
-        for k in keys:
-            dtype = next(r[k].dtype for r in replies_np if k in r)
-            ref = np.asarray(ref_np[k], np.float64) if k in ref_np else 0.0
-            combined = np.asarray(ref + z[k], dtype=dtype)
-            out[k] = torch.from_numpy(combined) if as_torch else combined
-        return Aggregate(out, bound, sum(n > bound for n in norms), absorbed(len(replies), rule, attackers))
     for k, shape in keys.items():
-        absent = ref_np[k] if k in ref_np else np.zeros(shape, np.float32)
         dtype = next(r[k].dtype for r in replies_np if k in r)
-        combined = combine([np.asarray(r.get(k, absent), dtype=dtype) for r in clipped], weights, rule, attackers)
+        if median is not None:
+            ref = np.asarray(ref_np[k], np.float64) if k in ref_np else 0.0
+            combined = np.asarray(ref + median[k], dtype=dtype)
+        else:
+            absent = ref_np[k] if k in ref_np else np.zeros(shape, np.float32)
+            values = [np.asarray(r.get(k, absent), dtype=dtype) for r in clipped]
+            combined = combine(values, weights, rule, attackers)
         out[k] = torch.from_numpy(combined) if as_torch else combined
     return Aggregate(out, bound, sum(n > bound for n in norms), absorbed(len(replies), rule, attackers))
 
