@@ -25,7 +25,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from common.config import ConfigError
@@ -35,7 +35,51 @@ from common.files import fsync_dir, replace_file
 # forward_passes is all of them; a block-2 pass costs a fraction of a full one.
 PASSES = ("forward_passes", "full_passes", "block1_passes", "block2_passes")
 
+# The client metrics the round records summarise (RunRecorder.add_replies, ClientStats).
+STATS_KEYS = ("peak-rss-mb", "train-seconds", "train-loss", "local-steps", *(k.replace("_", "-") for k in PASSES))
+
 CHECKPOINT = "checkpoint.safetensors"  # the server checkpoint beside the records (server_app/checkpoint.py)
+
+
+class ClientStats:
+    """The client metrics of a round's accepted replies, folded in one reply at a time: per metric the number of
+    replies that carried it, their sum (added in reply order, as sum() of the values would) and their maximum.
+    That is all the round records keep of them (RunRecorder.add_replies), so a round holds a few numbers per
+    metric instead of one dict per reply, however many replies it has. Only the metrics the records use
+    (STATS_KEYS) are folded: a client that sends others adds nothing."""
+
+    __slots__ = ("count", "_n", "_sum", "_max")
+
+    def __init__(self) -> None:
+        self.count = 0  # replies added
+        self._n: dict[str, int] = {}
+        self._sum: dict[str, float] = {}
+        self._max: dict[str, float] = {}
+
+    @classmethod
+    def of(cls, metrics: Iterable[Mapping[str, float]]) -> ClientStats:
+        stats = cls()
+        for m in metrics:
+            stats.add(m)
+        return stats
+
+    def add(self, metrics: Mapping[str, float]) -> None:
+        self.count += 1
+        for key in STATS_KEYS:
+            if key in metrics:
+                value = metrics[key]
+                self._n[key] = self._n.get(key, 0) + 1
+                self._sum[key] = self._sum.get(key, 0) + value
+                self._max[key] = value if key not in self._max else max(self._max[key], value)
+
+    def sum(self, key: str) -> float | None:
+        return self._sum.get(key)
+
+    def max(self, key: str) -> float | None:
+        return self._max.get(key)
+
+    def mean(self, key: str) -> float | None:
+        return self._sum[key] / self._n[key] if key in self._n else None
 
 
 def held_records(folder: str) -> list[str]:
@@ -174,28 +218,25 @@ class RunRecorder:
         self._current()["bytes_down"] += int(nbytes)
 
     def add_replies(
-        self, bytes_up: int, client_metrics: Sequence[Mapping[str, float]], failures: int, rejected: int
+        self, bytes_up: int, client_metrics: ClientStats | Iterable[Mapping[str, float]], failures: int, rejected: int
     ) -> None:
+        """The round's replies: their bytes, failures and rejections, and the accepted ones' client metrics
+        (a ClientStats folded as they were accepted, or the metrics themselves)."""
+        stats = client_metrics if isinstance(client_metrics, ClientStats) else ClientStats.of(client_metrics)
         rec = self._current()
         rec["bytes_up"] += int(bytes_up)
-        rec["clients"] += len(client_metrics)
+        rec["clients"] += stats.count
         rec["failures"] += failures
         rec["rejected"] += rejected
-
-        def stat(key: str, fn):
-            values = [m[key] for m in client_metrics if key in m]
-            return fn(values) if values else None
-
-        rec["client_peak_rss_mb"] = stat("peak-rss-mb", max)
-        rec["client_train_seconds"] = stat("train-seconds", lambda v: sum(v) / len(v))
+        rec["client_peak_rss_mb"] = stats.max("peak-rss-mb")
+        rec["client_train_seconds"] = stats.mean("train-seconds")
         # the slowest client: a round's overhead = seconds - client_train_seconds_max
-        rec["client_train_seconds_max"] = stat("train-seconds", max)
-        rec["client_train_loss"] = stat("train-loss", lambda v: sum(v) / len(v))
-        steps = stat("local-steps", sum)
-        secs = stat("train-seconds", sum)
+        rec["client_train_seconds_max"] = stats.max("train-seconds")
+        rec["client_train_loss"] = stats.mean("train-loss")
+        steps, secs = stats.sum("local-steps"), stats.sum("train-seconds")
         rec["seconds_per_local_step"] = secs / steps if steps and secs is not None else None
         for kind in PASSES:  # mean per client, like client_train_seconds: compute against accuracy
-            rec[f"client_{kind}"] = stat(kind.replace("_", "-"), lambda v: sum(v) / len(v))
+            rec[f"client_{kind}"] = stats.mean(kind.replace("_", "-"))
 
     def add_snapshot(self, nbytes: int) -> None:
         """A node that got the snapshot instead of the log (common.catchup); nbytes 0: it got the log."""

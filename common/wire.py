@@ -14,6 +14,7 @@ inflate), and float arrays must be finite and, where the method gives one, withi
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from collections.abc import Mapping, Sequence
@@ -66,6 +67,36 @@ def decode_array(
         raise WireError(f"{where}: data is a {type(data).__name__}, expected bytes")
     if len(data) > payload + MAX_NPY_HEADER:  # before parsing anything
         raise WireError(f"{where}: {len(data)} bytes for {payload} bytes of numbers")
+    # The header numpy itself writes for this shape and dtype: nothing to parse. Another writer's header (numpy
+    # version, padding, .npy 2.0) is parsed and checked field by field.
+    expected = npy_header(shape, dtype)
+    offset = len(expected) if data.startswith(expected) else parsed_header_end(where, data, shape, want)
+    if len(data) - offset != payload:
+        raise WireError(f"{where}: {len(data) - offset} bytes of numbers, {payload} expected for {shape} {dtype}")
+    nd = np.frombuffer(data, dtype=want, count=math.prod(shape), offset=offset).reshape(shape)
+    if want.kind == "f":
+        if not np.isfinite(nd).all():
+            raise WireError(f"{where}: contains NaN or Inf")
+        if bound is not None and nd.size and float(np.abs(nd).max()) > bound:
+            raise WireError(f"{where}: |value| {float(np.abs(nd).max()):.3g} above the bound {bound:g}")
+    return np.array(nd, copy=True)  # writable, owned: frombuffer's view is read-only
+
+
+@functools.lru_cache(maxsize=1024)
+def npy_header(shape: tuple[int, ...], dtype: str) -> bytes:
+    """The .npy header (version 1.0, magic included) that numpy's own writer, as Flower's Array uses it, puts
+    before C-ordered numbers of `shape` and `dtype`: what an honest array's bytes start with. An array whose
+    bytes start with exactly these is read without parsing its header (numpy's parser, ast.literal_eval,
+    leaves reference cycles behind on every call, garbage that grew with the number of replies read)."""
+    fp = io.BytesIO()
+    descr = npy.dtype_to_descr(np.dtype(dtype))
+    npy.write_array_header_1_0(fp, {"descr": descr, "fortran_order": False, "shape": tuple(shape)})
+    return fp.getvalue()
+
+
+def parsed_header_end(where: str, data: bytes, shape: tuple[int, ...], want: np.dtype) -> int:
+    """Parse the .npy header of `data` (versions 1.0 and 2.0, at most MAX_NPY_HEADER bytes) and check that it
+    says C-ordered `shape` of `want`; returns where the numbers start. Raises WireError otherwise."""
     fp = io.BytesIO(data)
     try:
         version = npy.read_magic(fp)
@@ -78,18 +109,10 @@ def decode_array(
     except Exception as exc:  # numpy raises ValueError, or others for a damaged header: all mean the same
         raise WireError(f"{where}: bytes are not a .npy array ({type(exc).__name__}: {str(exc)[:100]})") from exc
     if header_dtype != want:
-        raise WireError(f"{where}: bytes hold {header_dtype.str}, metadata says {dtype}")
+        raise WireError(f"{where}: bytes hold {header_dtype.str}, metadata says {want.name}")
     if fortran or tuple(header_shape) != shape:
         raise WireError(f"{where}: bytes hold shape {tuple(header_shape)[:8]} (fortran={fortran}), expected {shape}")
-    if len(data) - fp.tell() != payload:
-        raise WireError(f"{where}: {len(data) - fp.tell()} bytes of numbers, {payload} expected for {shape} {dtype}")
-    nd = np.frombuffer(data, dtype=want, count=math.prod(shape), offset=fp.tell()).reshape(shape)
-    if want.kind == "f":
-        if not np.isfinite(nd).all():
-            raise WireError(f"{where}: contains NaN or Inf")
-        if bound is not None and nd.size and float(np.abs(nd).max()) > bound:
-            raise WireError(f"{where}: |value| {float(np.abs(nd).max()):.3g} above the bound {bound:g}")
-    return np.array(nd, copy=True)  # writable, owned: frombuffer's view is read-only
+    return fp.tell()
 
 
 def checked_tensor(

@@ -10,10 +10,11 @@ from __future__ import annotations
 import os
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from array import array
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from logging import INFO, WARNING
-from typing import Any, Generic, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ from torch import nn
 
 from common import catchup, robust
 from common.config import RunConfig
-from common.records import RunRecorder
+from common.records import ClientStats, RunRecorder
 from common.robust import capped_weights
 from common.wire import (
     INSTRUCTION_REFUSED,
@@ -37,7 +38,6 @@ from common.wire import (
 from server_app import checkpoint
 
 T = TypeVar("T")
-K = TypeVar("K")
 
 
 @dataclass
@@ -66,8 +66,8 @@ def choose_nodes(rng: random.Random, grid: Grid, cfg: RunConfig) -> list[int]:
     return sorted(rng.sample(nodes, max(cfg.min_clients, int(len(nodes) * cfg.fraction_train))))
 
 
-def unexpected_reply(msg: Message, sent: dict[int, Message], answered: set[int]) -> str | None:
-    """Why `msg` is not the one reply its node owes this round, or None.
+def unexpected_reply(msg: Message, owed: dict[int, Message | None]) -> str | None:
+    """Why `msg` is not the one reply its node owes this round, or None (`owed`: see checked_replies).
 
     A reply counts only from a node that was sent this round's instruction, only as an answer to that very
     instruction, and only once: Flower's transport ensures all three today, and the aggregate must not
@@ -75,22 +75,40 @@ def unexpected_reply(msg: Message, sent: dict[int, Message], answered: set[int])
     that node's place). The instruction's id is the one the Grid gave it when pushing it; a Grid that pushed a
     copy leaves ours empty, and then the node alone is checked."""
     node = msg.metadata.src_node_id
-    if node not in sent:
+    if node not in owed:
         return f"node {node} was sent no instruction this round"
-    if node in answered:
+    sent = owed[node]
+    if sent is None:
         return f"node {node} already answered this round: a second reply (or the same one delivered twice) counts once"
-    expected = sent[node].metadata.message_id
+    expected = sent.metadata.message_id
     if expected and msg.metadata.reply_to_message_id != expected:
         return f"it answers message {msg.metadata.reply_to_message_id[:16]!r}, not the instruction node {node} was sent"
     return None
 
 
-class Checked(NamedTuple, Generic[K]):
-    """One reply that passed checked_replies: its node, what the round keeps of it, and its Message."""
+class Accepted:
+    """The replies of a round that passed checked_replies, as little as the round needs of each until it
+    aggregates: its Message (the aggregation decodes the arrays again from it, Replies), its example count (the
+    weight) and its train-loss (the round's train-loss is weighted like the update), in arrays of 8-byte
+    numbers; the other client metrics are folded into `stats` as replies are accepted (common.records
+    .ClientStats). So the round's bookkeeping is a few machine words a reply, not a decoded reply or a dict."""
 
-    node: int
-    reply: K  # `keep` of the checked reply: what the round needs before it aggregates (not the arrays)
-    message: Message  # Flower's, in the list of replies it handed over: the arrays are decoded again from it
+    __slots__ = ("messages", "examples", "losses", "stats")
+
+    def __init__(self) -> None:
+        self.messages: list[Message] = []  # Flower's, in the list of replies it handed over
+        self.examples = array("d")
+        self.losses = array("d")
+        self.stats = ClientStats()
+
+    def add(self, message: Message, num_examples: int, metrics: Mapping[str, float]) -> None:
+        self.messages.append(message)
+        self.examples.append(num_examples)
+        self.losses.append(metrics.get("train-loss", 0.0))
+        self.stats.add(metrics)
+
+    def __len__(self) -> int:
+        return len(self.messages)
 
 
 def checked_replies(
@@ -98,29 +116,30 @@ def checked_replies(
     replies: Iterable[Message],
     unpack: Callable[[RecordDict], T],
     max_bytes: int,
-    sent: Iterable[Message],
-    keep: Callable[[T], K] | None = None,
-) -> tuple[list[Checked[K]], int, int, int]:
-    """(node, kept reply, Message) of every reply that passes, failures, rejected, bytes up (all replies counted).
+    owed: dict[int, Message | None],
+    keep: Callable[[int, T], tuple[int, Mapping[str, float]] | None],
+) -> tuple[Accepted, int, int, int]:
+    """The replies that pass, failures, rejected, bytes up (all replies counted).
 
-    The one checked path of every method's replies (`sent`: the round's instructions): a reply that is not
-    the one its node owes (unexpected_reply) is rejected; a reply larger than `max_bytes` (content bytes) is
-    rejected before anything in it is decoded; then `unpack` decodes and checks it. ANY exception while
-    checking one reply (WireError for what the wire formats refuse, but also whatever a crafted reply
-    might provoke in numpy or Flower) rejects that reply only, is logged, and the round goes on.
+    The one checked path of every method's replies (`owed`: the round's instruction to each node, from
+    `instructions_owed`; a node's entry is set to None when it answers): a reply that is not the one its node
+    owes (unexpected_reply) is rejected; a reply larger than `max_bytes` (content bytes) is rejected before
+    anything in it is decoded; then `unpack` decodes and checks it. ANY exception while checking one reply
+    (WireError for what the wire formats refuse, but also whatever a crafted reply might provoke in numpy or
+    Flower) rejects that reply only, is logged, and the round goes on.
 
-    What is kept of a reply that passes is `keep(unpack(content))` (default: all of it): the strategies keep
-    its example count and metrics and drop its decoded arrays, which the aggregation decodes again from the
-    Message when it reads them (Replies), so that the round holds one decoded reply at a time, not n.
+    `keep(node, reply)` says what the round keeps of a reply that passes: its (example count, metrics), or None
+    for a valid reply that carries no update (a sync-only reply: the strategy takes note of it and it is not
+    aggregated). The decoded arrays are dropped: the aggregation decodes them again from the Message when it
+    reads them (Replies), so that the round holds one decoded reply at a time, not n.
     """
-    instructions = {m.metadata.dst_node_id: m for m in sent}
-    answered: set[int] = set()
-    accepted: list[Checked[K]] = []
+    accepted = Accepted()
     failures = rejected = bytes_up = 0
     for msg in replies:
         node = msg.metadata.src_node_id
-        problem = unexpected_reply(msg, instructions, answered)
-        answered.add(node)
+        problem = unexpected_reply(msg, owed)
+        if problem is None:
+            owed[node] = None  # answered: a second reply counts once
         if msg.has_error() and problem is None:
             failures += 1
             what = "refused the instruction" if msg.error.code == INSTRUCTION_REFUSED else "failed"
@@ -131,25 +150,23 @@ def checked_replies(
                 raise WireError(problem)
             bytes_up += content_bytes(msg.content)
             check_size(msg.content, max_bytes)
-            reply = unpack(msg.content)
-            accepted.append(Checked(node, reply if keep is None else keep(reply), msg))
+            kept = keep(node, unpack(msg.content))
+            if kept is not None:
+                accepted.add(msg, *kept)
         except Exception as exc:  # noqa: BLE001 - see the docstring: one bad reply never ends the round
             rejected += 1
             log(WARNING, "reply of node %d rejected in round %d: %s", node, server_round, str(exc)[:500])
     return accepted, failures, rejected, bytes_up
 
 
+def instructions_owed(sent: Iterable[Message]) -> dict[int, Message | None]:
+    """node -> the instruction it was sent this round: what checked_replies accepts a reply to (made when the
+    instructions are sent, beside them)."""
+    return {m.metadata.dst_node_id: m for m in sent}
+
+
 class RoundFailed(Exception):
     """The round's aggregate cannot be applied; the message is the reason the records keep."""
-
-
-@dataclass(frozen=True, slots=True)
-class Kept:
-    """What a round keeps of a checked reply until it aggregates: the example count (its weight) and the
-    metrics (the records, the round's train-loss). The arrays are read from the Message again (Replies)."""
-
-    num_examples: int
-    metrics: dict[str, float]
 
 
 class Replies(Sequence):
@@ -169,11 +186,7 @@ class Replies(Sequence):
         read: Callable[[RecordDict], Any],
         then: Callable[[Any], Any] | None = None,
     ) -> None:
-        self._messages, self._read, self._then = list(messages), read, then
-
-    @classmethod
-    def of(cls, checked: Sequence[Checked], read: Callable[[RecordDict], Any]) -> Replies:
-        return cls([c.message for c in checked], read)
+        self._messages, self._read, self._then = messages, read, then  # not copied: 8 bytes a reply, once
 
     def map(self, f: Callable[[Any], Any]) -> Replies:
         then = self._then
@@ -235,9 +248,9 @@ def fail_round(recorder: RunRecorder, server_round: int, reason: str) -> None:
     recorder.fail_round(reason)
 
 
-def mean_train_loss(weights: list[float], metrics: list[dict]) -> float:
+def mean_train_loss(weights: Sequence[float], losses: Sequence[float]) -> float:
     """The round's train-loss: the replies' losses weighted by their (capped) example weights."""
-    return sum(w * m.get("train-loss", 0.0) for w, m in zip(weights, metrics, strict=True)) / sum(weights)
+    return sum(w * loss for w, loss in zip(weights, losses, strict=True)) / sum(weights)
 
 
 class RoundStrategy(Strategy):
@@ -245,42 +258,40 @@ class RoundStrategy(Strategy):
     FedAvg draws): choose this round's nodes (choose_nodes), send each its instruction, check every reply on the
     one checked path (checked_replies), weigh the valid ones (capped example weights), apply their aggregate,
     record the round. A method fills in `instructions`, `read_reply`, `reply_size_limit` and `apply` (and
-    `accept` and `unchanged` where it keeps more state). Malformed replies are rejected and counted; a round
+    `keep` and `unchanged` where it keeps more state). Malformed replies are rejected and counted; a round
     without valid replies, or whose aggregate cannot be applied (RoundFailed), leaves the global model as it was.
     Evaluation is the server's, on the dev split.
 
-    Memory: the round keeps each valid reply's example count and metrics (`kept`), not its decoded arrays;
-    `apply` gets the replies as Replies, each decoded again from its Message when read (`reread`), so under
-    the weighted mean the round holds one decoded reply at a time."""
+    Memory: the round keeps of each valid reply its Message, example count and train-loss (Accepted: three
+    8-byte slots) and folds its other metrics into the round's statistics, not its decoded arrays; `apply`
+    gets the replies as Replies, each decoded again from its Message when read (`reread`), so under the
+    weighted mean the round holds one decoded reply at a time."""
 
     def __init__(self, cfg: RunConfig, recorder: RunRecorder) -> None:
         self.cfg, self.recorder = cfg, recorder
         self._rng = random.Random(cfg.seed)  # client sampling: its state is checkpointed
-        self._sent: list[Message] = []  # this round's instructions: the replies it may accept
+        self._owed: dict[int, Message | None] = {}  # this round's instructions: the replies it may accept
 
     def instructions(self, server_round: int, nodes: list[int]) -> list[RecordDict]:
         """This round's instruction to each of `nodes`, in their order."""
         raise NotImplementedError
 
     def read_reply(self, content: RecordDict, server_round: int):
-        """The checked reply (anything `accept` takes); raises WireError if malformed."""
+        """The checked reply (anything `keep` takes); raises WireError if malformed."""
         raise NotImplementedError
 
     def reply_size_limit(self, server_round: int) -> int:
         """The size limit of one reply (common.wire.reply_limit of what an honest reply carries)."""
         raise NotImplementedError
 
-    def kept(self, reply):
-        """What the round keeps of a checked reply (`read_reply`'s) until it aggregates: its Kept."""
-        return Kept(reply.num_examples, reply.metrics)
+    def keep(self, server_round: int, node: int, reply) -> tuple[int, Mapping[str, float]] | None:
+        """What the round keeps of node's checked reply (`read_reply`'s) until it aggregates: its example count
+        and metrics, or None for a reply that carries no update (default: every reply carries one)."""
+        return reply.num_examples, reply.metrics
 
     def reread(self, content: RecordDict, server_round: int):
         """An accepted reply decoded again for the aggregation (Replies): `read_reply`, unless overridden."""
         return self.read_reply(content, server_round)
-
-    def accept(self, server_round: int, checked: list[Checked]) -> list[Checked]:
-        """The checked replies that carry an update, each with its Kept as `reply` (default: all of them)."""
-        return checked
 
     def apply(self, server_round: int, weights: list[float], replies: Replies) -> dict:
         """Aggregate the replies (capped example weights; `combine`, which raises RoundFailed for a non-finite
@@ -304,36 +315,34 @@ class RoundStrategy(Strategy):
         for node, content in zip(chosen, self.instructions(server_round, chosen), strict=True):
             self.recorder.add_down(content_bytes(content))
             messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
-        self._sent = messages
+        self._owed = instructions_owed(messages)
         return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        checked, failures, rejected, bytes_up = checked_replies(
+        accepted, failures, rejected, bytes_up = checked_replies(
             server_round,
             replies,
             lambda content: self.read_reply(content, server_round),
             self.reply_size_limit(server_round),
-            self._sent,
-            self.kept,
+            self._owed,
+            lambda node, reply: self.keep(server_round, node, reply),
         )
-        accepted = self.accept(server_round, checked)
-        metrics = [c.reply.metrics for c in accepted]
-        self.recorder.add_replies(bytes_up, metrics, failures, rejected)
-        if not accepted:
+        self.recorder.add_replies(bytes_up, accepted.stats, failures, rejected)
+        if not len(accepted):
             log(WARNING, "round %d: no valid reply, the global model is unchanged", server_round)
             self.unchanged(server_round)
             return None, None
-        weights = capped_weights([c.reply.num_examples for c in accepted], self.cfg.aggregation.weight_cap)
-        decoded = Replies.of(accepted, lambda content: self.reread(content, server_round))  # when read
+        weights = capped_weights(accepted.examples, self.cfg.aggregation.weight_cap)
+        decoded = Replies(accepted.messages, lambda content: self.reread(content, server_round))  # when read
         try:
             extra = self.apply(server_round, weights, decoded)
         except RoundFailed as exc:
             fail_round(self.recorder, server_round, str(exc))
             self.unchanged(server_round)
             return None, None
-        loss = mean_train_loss(weights, metrics)
+        loss = mean_train_loss(weights, accepted.losses)
         return ArrayRecord(), MetricRecord({"train-loss": loss, "clients": len(accepted), **extra})
 
     def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
@@ -478,24 +487,17 @@ class LogStrategy(RoundStrategy):
             return "sync", held
         return "reply", self.check_reply(content, server_round)
 
-    def kept(self, reply):
+    def keep(self, server_round: int, node: int, reply) -> tuple[int, Mapping[str, float]] | None:
         kind, value = reply
-        return reply if kind == "sync" else super().kept(value)  # ("sync", round held), or the reply's Kept
+        if kind == "sync":  # the node holds an older round than we believed: it gets the log from there next time
+            self.node_round[node] = value
+            log(INFO, "node %d holds round %d; it gets the log from there next time", node, value)
+            return None
+        self.node_round[node] = server_round - 1
+        return value.num_examples, value.metrics
 
     def reread(self, content: RecordDict, server_round: int):
         return self.check_reply(content, server_round)  # an accepted reply is not a sync-only one
-
-    def accept(self, server_round: int, checked: list[Checked]) -> list[Checked]:
-        accepted = []
-        for c in checked:
-            if not isinstance(c.reply, Kept):  # ("sync", round): the node holds an older round than we believed
-                held = c.reply[1]
-                self.node_round[c.node] = held
-                log(INFO, "node %d holds round %d; it gets the log from there next time", c.node, held)
-                continue
-            self.node_round[c.node] = server_round - 1
-            accepted.append(c)
-        return accepted
 
     def apply(self, server_round: int, weights: list[float], replies: Replies) -> dict:
         before = {k: v.detach().clone() for k, v in self.global_tensors().items()}

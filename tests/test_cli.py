@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from common.cli import main
-from common.records import RunRecorder
+from common.records import ClientStats, RunRecorder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -102,3 +102,30 @@ def test_commands_hand_their_options_to_the_scripts(command, option, capsys):
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith(f"usage: fedsubspace {command}") and option in out
+
+
+@pytest.mark.unit
+def test_client_stats_fold_the_replies_as_the_lists_did():
+    """The round records summarise the replies' metrics from ClientStats, folded one reply at a time (a few
+    numbers per metric, however many replies): the same figures as computing them from the list of every
+    reply's metrics, bit for bit (sums in reply order), metrics some replies lack included, unknown keys ignored."""
+    import random
+
+    rng = random.Random(5)
+    metrics = [
+        {"train-seconds": rng.uniform(0, 9), "local-steps": 20.0, "peak-rss-mb": rng.uniform(100, 900),
+         "train-loss": rng.uniform(0, 2), **({"forward-passes": float(rng.randint(1, 99))} if i % 3 else {}),
+         "hostile-extra": 1e300}
+        for i in range(50)
+    ]  # fmt: skip
+    stats = ClientStats.of(metrics)
+    assert stats.count == 50
+
+    def values(key):
+        return [m[key] for m in metrics if key in m]
+
+    assert stats.max("peak-rss-mb") == max(values("peak-rss-mb"))
+    assert stats.mean("train-seconds") == sum(values("train-seconds")) / 50
+    assert stats.mean("forward-passes") == sum(values("forward-passes")) / len(values("forward-passes"))
+    assert stats.sum("local-steps") == 1000.0 and stats.mean("block1-passes") is None
+    assert stats.max("hostile-extra") is None  # not a metric the records keep

@@ -28,7 +28,7 @@ from common.config import parse_run_config
 from common.methods import METHODS, get_method
 from common.nodestore import STATE_DIR_ENV
 from common.records import RunRecorder
-from common.wire import WireError, decode_array
+from common.wire import WireError, decode_array, npy_header
 from server_app.app import build_setup
 from tests.fakes import NodeList, client_reply
 
@@ -144,6 +144,32 @@ def test_decode_array_refuses_metadata_and_storage_lies_and_bounds():
         decode_array("index", lie, (4,), "int32")
     with pytest.raises(WireError, match="bytes"):  # more bytes than the shape can hold: refused before parsing
         decode_array("a", _with_data(good, good.data + b"\0" * 10**6), (2, 3))
+
+
+@pytest.mark.unit
+def test_decode_array_reads_numpys_own_header_without_parsing_and_any_other_by_parsing():
+    """An honest Array's bytes start with the header numpy writes for its shape and dtype (common.wire.npy_header):
+    read without numpy's header parser, which leaves reference cycles on every call. A header written another
+    way (.npy 2.0, other padding: an older numpy on a node) is parsed and read to the same numbers, and one
+    byte of the honest header changed (shape, order, dtype) is refused like before."""
+    values = np.arange(12, dtype=np.float32).reshape(3, 4)
+    honest = Array(values)
+    assert honest.data.startswith(npy_header((3, 4), "float32"))
+    np.testing.assert_array_equal(decode_array("a", honest, (3, 4)), values)
+    for version in ((2, 0), (1, 0)):
+        fp = io.BytesIO()
+        header = {"descr": "<f4", "fortran_order": False, "shape": (3, 4)}
+        if version == (2, 0):
+            npy.write_array_header_2_0(fp, header)
+        else:  # the same header with padding of another length: not numpy's bytes, a valid .npy all the same
+            text = repr(header).encode() + b" " * 7 + b"\n"
+            fp.write(npy.magic(1, 0) + len(text).to_bytes(2, "little") + text)
+        other = _with_data(honest, fp.getvalue() + values.tobytes())
+        assert not other.data.startswith(npy_header((3, 4), "float32"))
+        np.testing.assert_array_equal(decode_array("a", other, (3, 4)), values)
+    for old, new in ((b"(3, 4)", b"(4, 3)"), (b"'fortran_order': False", b"'fortran_order': True "), (b"<f4", b">f4")):
+        with pytest.raises(WireError):
+            decode_array("a", _with_data(honest, honest.data.replace(old, new, 1)), (3, 4))
 
 
 def _first_float_array(content: RecordDict, method: str) -> str:

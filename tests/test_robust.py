@@ -20,6 +20,7 @@ from common.robust import (
     clip_factor,
     combine,
     geometric_median,
+    lower_median,
     non_finite,
     norm_bound,
     settings,
@@ -156,11 +157,22 @@ def test_two_colluders_of_five_stay_within_the_honest_values_at_the_defaults(rul
 
 
 def test_weight_cap_is_a_multiple_of_the_lower_median():
-    assert capped_weights([700, 710, 10**12], 4.0) == [700.0, 710.0, 2840.0]
-    assert capped_weights([700, 10**12], 4.0) == [700.0, 2800.0]  # two replies: the smaller is the median
-    assert capped_weights([5], 4.0) == [5.0]
+    assert list(capped_weights([700, 710, 10**12], 4.0)) == [700.0, 710.0, 2840.0]
+    assert list(capped_weights([700, 10**12], 4.0)) == [700.0, 2800.0]  # two replies: the smaller is the median
+    assert list(capped_weights([5], 4.0)) == [5.0]
     with pytest.raises(ValueError):
         capped_weights([3, 0], 4.0)
+
+
+def test_lower_median_is_the_sorted_value_itself():
+    """lower_median selects in a float64 copy (8 bytes a value): the very value sorted() would pick, for floats
+    of any magnitude and for example counts up to 10^12 (exact below 2^53), odd and even counts alike."""
+    rng = np.random.default_rng(3)
+    for n in (1, 2, 3, 10, 101, 1000):
+        floats = list(rng.standard_normal(n) * 10.0 ** rng.integers(-30, 30, n))
+        counts = [int(c) for c in rng.integers(1, 10**12, n)]
+        for values in (floats, counts):
+            assert lower_median(values) == sorted(values)[(n - 1) // 2]
 
 
 def test_norm_bound_is_a_multiple_of_the_lower_median_norm():

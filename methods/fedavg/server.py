@@ -27,6 +27,7 @@ from server_app.base import (
     checked_replies,
     choose_nodes,
     fail_round,
+    instructions_owed,
     mean_train_loss,
     robust_aggregate,
 )
@@ -56,7 +57,7 @@ class RecordedFedAvg(FedAvg):
         self.cfg, self.recorder, self.aggregation = cfg, recorder, cfg.aggregation
         self._rng = random.Random(cfg.seed)  # client sampling: choose_nodes, as every method
         self._global: ArrayRecord | None = None
-        self._sent: list[Message] = []  # this round's instructions: the replies it may accept
+        self._owed: dict[int, Message | None] = {}  # this round's instructions: the replies it may accept
 
     def configure_train(self, server_round, arrays, config, grid):
         """Flower's FedAvg.configure_train, with the nodes drawn by choose_nodes (seeded, checkpointed) instead of
@@ -69,7 +70,7 @@ class RecordedFedAvg(FedAvg):
         messages = list(self._construct_messages(record, chosen, MessageType.TRAIN))
         for m in messages:
             self.recorder.add_down(content_bytes(m.content))
-        self._sent = messages
+        self._owed = instructions_owed(messages)
         return messages
 
     def aggregate_train(self, server_round, replies):
@@ -79,24 +80,23 @@ class RecordedFedAvg(FedAvg):
             return unpack_reply(content, server_round, shapes)
 
         # kept: (num-examples, metrics); the arrays are decoded again from each Message when aggregated (Replies)
-        checked, failures, rejected, bytes_up = checked_replies(
-            server_round, replies, unpack, max_reply_bytes(shapes), self._sent, keep=lambda reply: reply[:2]
+        accepted, failures, rejected, bytes_up = checked_replies(
+            server_round, replies, unpack, max_reply_bytes(shapes), self._owed, keep=lambda node, reply: reply[:2]
         )
-        metrics = [c.reply[1] for c in checked]
-        self.recorder.add_replies(bytes_up, metrics, failures, rejected)
-        if not checked:
+        self.recorder.add_replies(bytes_up, accepted.stats, failures, rejected)
+        if not len(accepted):
             return None, None
-        weights = capped_weights([c.reply[0] for c in checked], self.aggregation.weight_cap)
+        weights = capped_weights(accepted.examples, self.aggregation.weight_cap)
         reference = {k: v.numpy() for k, v in self._global.items()}
-        arrays = Replies.of(checked, lambda content: unpack(content)[2])
+        arrays = Replies(accepted.messages, lambda content: unpack(content)[2])
         try:  # the aggregate is the new global model itself: finite aggregate, finite model
             merged = robust_aggregate(self.cfg, self.recorder, server_round, arrays, weights, reference)
         except RoundFailed as exc:
             fail_round(self.recorder, server_round, str(exc))
             return None, None
         aggregated = ArrayRecord({k: Array(v) for k, v in merged.items()})
-        mean_loss = mean_train_loss(weights, metrics)
-        return aggregated, MetricRecord({"train-loss": mean_loss, "clients": len(checked)})
+        mean_loss = mean_train_loss(weights, accepted.losses)
+        return aggregated, MetricRecord({"train-loss": mean_loss, "clients": len(accepted)})
 
     def state_dict(self) -> tuple[dict, dict]:
         """The sampling RNG; the global arrays are Strategy.start's, which the checkpoint keeps beside."""
