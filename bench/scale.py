@@ -688,15 +688,18 @@ NOTES = """## Reading the figures
   docs/checkpoints.md "Catch-up"): 42.5 MB for FedKRSO on MiniLM, however far behind.
 - Server memory under the weighted mean: the mean streams (common.robust.WeightedMean: one reply at a time,
   8 bytes per aggregated number), and the strategies read their replies lazily (server_app/base.py
-  `Replies`): a first pass checks every reply as before and keeps its example count and metrics, then the
-  aggregation decodes each reply's arrays again from its Message when it reads it. A round holds one decoded
-  reply at a time, not n: FedAvg's round, whose replies are 3.86 MB, is flat. What still grows with n is
-  under 1 KB a reply whatever the model (the reply's example count, metrics and Message reference, its node's
-  entry, weight and norm, and garbage of its decodes that Python's cycle collector frees later: numpy's
-  header parser leaves reference cycles). On the tiny model the log methods' whole round is 0.1-0.2 MB, so
-  that still makes their ratio from 10 to 1,000 replies 4-12x (their verdicts above); until the strategies
-  read replies lazily each reply added a decoded reply (FedKRSO +30 KB a reply, 0.4 -> 29.8 MB). On a real
-  model, where one decoded reply is MBs, it is a fraction of a per cent of a reply.
+  `Replies`): a first pass checks every reply, then the aggregation decodes each reply's arrays again from its
+  Message when it reads it. A round holds one decoded reply at a time, not n: FedAvg's round, whose replies
+  are 3.86 MB, is flat. What still grows with n is about 0.1 KB a reply whatever the model
+  (server_app/base.py `Accepted`: the Message reference, example count and train-loss in 8-byte slots; the
+  capped weight, the norm and the median's float64 copies, 8 bytes each; the node's entry in the log
+  methods' map of the rounds nodes hold, ~40 bytes, kept for the next round anyway; the interpreter's free
+  lists of small objects, which fill up and stop growing). Until 88c21d2 it was 0.4-0.8 KB a reply (a dict of
+  metrics and two objects per reply, and garbage of numpy's header parser on every decode), before lazy
+  replies a whole decoded reply. On the tiny model the zero-order methods' whole round is a few KB (FedSPZO:
+  12 KB at 10 replies), so a ratio from 10 to 1,000 replies measures the bookkeeping: even its floor, one
+  weight and one Message reference per reply (16 bytes), would make FedSPZO's 2.3x. On a real model, where
+  one decoded reply is MBs, it is a fraction of a per cent of a reply.
 - Flower holds the list of reply Messages through the round whatever the strategy does (`reply Messages MB`
   above: n x one reply's wire size); that is the runtime's, not the aggregation's.
 - The robust rules (trimmed-mean, median) need all n values of each coordinate: n x the update, plus one
