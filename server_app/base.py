@@ -102,9 +102,10 @@ class Accepted:
         self.stats = ClientStats()
 
     def add(self, message: Message, num_examples: int, metrics: Mapping[str, float]) -> None:
+        count, loss = float(num_examples), float(metrics.get("train-loss", 0.0))  # what can fail, before any change
         self.messages.append(message)
-        self.examples.append(num_examples)
-        self.losses.append(metrics.get("train-loss", 0.0))
+        self.examples.append(count)
+        self.losses.append(loss)
         self.stats.add(metrics)
 
     def __len__(self) -> int:
