@@ -408,6 +408,19 @@ def compute_claims(c: Claims, task: str, sp: dict | None, ks: dict | None) -> No
         f"<= 1/1.6 = {ZO_COMPUTE_AIM:.3f}x",
         result or verdict(r, ZO_COMPUTE_AIM, False, "x", 3),
     )
+    # Where the budget ends before either gains the target, the same ratio at the highest accuracy both reach
+    both = min(sp["best"], ks["best"]) if sp and ks else None
+    a, b = (first_reaching(sp, both), first_reaching(ks, both)) if both is not None else (None, None)
+    r = ratio(a["compute"], b["compute"]) if a and b else None
+    c.add(
+        f"FedSPZO vs FedKSeed, {T}, same perturbed parameters: client seconds to reach the highest accuracy both reach",
+        f"{pct(both)}: {a['compute']:.0f} s, {a['calls']:.0f} model calls (round {a['round']}) vs {b['compute']:.0f} s, "
+        f"{b['calls']:.0f} model calls (round {b['round']}): {r:.2f}x"
+        if r is not None
+        else NOT_RUN,
+        f"<= 1/1.6 = {ZO_COMPUTE_AIM:.3f}x",
+        verdict(r, ZO_COMPUTE_AIM, False, "x", 3),
+    )
 
 
 def plot_compute(runs: dict, names: list[str], task: str, path: str) -> None:
@@ -537,6 +550,24 @@ def describe_machine(plan: dict, runs: dict) -> str:
     return "; ".join(out)
 
 
+ONLY = "python bench/run.py --only "
+
+
+def produced_by(commands: list[str]) -> str:
+    """The commands that made the records, each once in the order first run: a run resumed or a page rewritten
+    by a later invocation repeats a command; invocations that each ran one named run (the way a long benchmark
+    is driven) read as one command template, with their count."""
+    unique = list(dict.fromkeys(commands))
+    if not unique:
+        return "`python bench/run.py` (not run yet)"
+    if len(unique) > 1 and all(c.startswith(ONLY) for c in unique):
+        return (
+            f"`{ONLY}<name>`, once per run ({len(commands)} invocations for {len(unique)} runs, listed in "
+            "plan.json beside the records)"
+        )
+    return "`" + "`, then `".join(unique) + "`"
+
+
 def write_report(records: str, page: str) -> str:
     s, plan, runs, probes = load(records)
     folder = os.path.dirname(page)
@@ -546,14 +577,14 @@ def write_report(records: str, page: str) -> str:
     finished = sorted(r["bench"]["finished"] for r in runs.values())
     wall = sum(r["bench"]["wall_seconds"] for r in runs.values())
     loads = [r["bench"]["load_before"] for r in runs.values()]
-    commands = [i["command"] for i in plan.get("invocations", [])]
+    commands = produced_by([i["command"] for i in plan.get("invocations", [])])
     lr = plan.get("learning_rates") or learning_rates()
     cores = next((r["bench"]["machine"]["cores"] for r in runs.values()), os.cpu_count() or 1)
     spzo_cfg = None
     lines = [
         "# Results: the seven methods on the same work",
         "",
-        f"Produced by `{'`, then `'.join(commands) or 'python bench/run.py (not run yet)'}` (the page alone again, from the records: `python "
+        f"Produced by {commands} (the page alone again, from the records: `python "
         f"bench/report.py --records {os.path.relpath(records, ROOT)} --page {os.path.relpath(page, ROOT)}`) "
         f"on {describe_machine(plan, runs) or 'no machine yet'}; runs finished between {finished[0] if finished else '-'} and "
         f"{finished[-1] if finished else '-'} (UTC), {wall / 60:.0f} minutes of federated runs in all, load average "

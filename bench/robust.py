@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -39,6 +40,7 @@ from flwr.app import Array, ConfigRecord, Message
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench.report import NOT_RUN, verdict  # noqa: E402
 from bench.run import write_json  # noqa: E402
 from common.config import parse_run_config  # noqa: E402
 from common.evaluation import evaluate  # noqa: E402
@@ -130,9 +132,9 @@ def flat_weights(model: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1).double() for p in model.state_dict().values()])
 
 
-def run_name(method: str, rule: str, scenario: str) -> str:
+def run_name(method: str, rule: str, scenario: str, seed: int = 0) -> str:
     slug = scenario.replace(" + ", "-plus-").replace(", ", "-").replace(" ", "-")
-    return f"robust-{method}-{rule}-{slug}"
+    return f"robust-{method}-{rule}-{slug}" + (f"-s{seed}" if seed else "")
 
 
 def settings_of(args) -> dict:
@@ -140,14 +142,16 @@ def settings_of(args) -> dict:
     return {"rounds": args.rounds, "local_steps": args.local_steps, "max_length": args.max_length}
 
 
-def run(method: str, rule: str, scenario: str, args, dev) -> dict:
+def run(method: str, rule: str, scenario: str, seed: int, args, dev) -> dict:
+    """One run; `seed` fixes the partitions, the initialisation and every client's dropout and batches (seed 0
+    is the page's first column; the others say whether a difference is more than a rerun moves)."""
     clients, hostile, kind = SCENARIOS[scenario]
-    name = run_name(method, rule, scenario)
+    name = run_name(method, rule, scenario, seed)
     cfg = parse_run_config(
         {
             "method": method, "task": "sst2", "data-dir": args.glue, "results-dir": tempfile.mkdtemp(prefix="robust-"),
             "run-name": name,
-            "partitioning": "dirichlet", "dirichlet-alpha": 0.5, "seed": 0, "train.local-steps": args.local_steps,
+            "partitioning": "dirichlet", "dirichlet-alpha": 0.5, "seed": seed, "train.local-steps": args.local_steps,
             "train.batch-size": 16, "train.max-length": args.max_length, "min-clients": clients,
             "aggregation.rule": rule,
         }
@@ -170,7 +174,7 @@ def run(method: str, rule: str, scenario: str, args, dev) -> dict:
         replies = []
         for node, msg in sorted(msgs.items()):
             part = node - 1
-            torch.manual_seed(1000 * rnd + part)
+            torch.manual_seed(1_000_003 * seed + 1000 * rnd + part)
             content = client(msg.content, cfg, {"partition-id": part, "num-partitions": clients}, 1, node)
             if part >= clients - hostile:
                 content = attack(content, kind, cfg, refs)
@@ -189,7 +193,7 @@ def run(method: str, rule: str, scenario: str, args, dev) -> dict:
     finite = all(torch.isfinite(p).all() for p in setup.model.parameters())
     print(f"{name}: accuracy {100 * result['accuracy']:.2f}, loss {result['loss']:.3f}, {seconds:.0f} s", flush=True)
     return {
-        "method": method, "rule": rule, "scenario": scenario, "settings": settings_of(args), **result,
+        "method": method, "rule": rule, "scenario": scenario, "seed": seed, "settings": settings_of(args), **result,
         "seconds": seconds, "finite": bool(finite), "first_update": first_update, "rounds": rows,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "loadavg": os.getloadavg()[0],
     }  # fmt: skip
@@ -217,47 +221,68 @@ def shipped_rule(method: str, clients: int) -> str:
     return round_rule(clients, ag.rule, ag.attackers)
 
 
+def loss_gaps(hostile: dict[int, dict], honest: dict[int, dict]) -> dict[int, float]:
+    """Per seed that has both runs: the hostile run's final dev loss minus the honest run's."""
+    return {seed: hostile[seed]["loss"] - honest[seed]["loss"] for seed in sorted(set(hostile) & set(honest))}
+
+
+def mean_and_spread(values: list[float]) -> tuple[float, float | None]:
+    """The mean and the sample standard deviation (None for one value: one seed has no spread)."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
 def verdicts(results: dict) -> list[str]:
     """One row per method and aim scenario, at the shipped defaults: the final dev loss against the honest
-    run's with as many clients, both under the rule the method's default applies at that many replies."""
+    run's with as many clients and the same seed, both under the rule the method's default applies at that
+    many replies; over several seeds, the mean difference against the aim and 'within noise' where the
+    margin is smaller than the seeds' spread of the difference."""
     rows = []
     for method in METHODS:
         for scenario in AIM_SCENARIOS:
             clients = SCENARIOS[scenario][0]
             rule = shipped_rule(method, clients)
             by_scenario = results.get((method, rule), {})
-            r, honest = by_scenario.get(scenario), by_scenario.get(f"honest, {clients}")
-            if not r or not honest:
-                rows.append(f"| {get_method(method).label} | {scenario} | {rule} | - | - | - | - | not run yet |")
+            hostile, honest = by_scenario.get(scenario, {}), by_scenario.get(f"honest, {clients}", {})
+            gaps = loss_gaps(hostile, honest)
+            label = get_method(method).label
+            if not gaps:
+                rows.append(f"| {label} | {scenario} | {rule} | 0 | - | - | - | - | {NOT_RUN} |")
                 continue
-            gap = r["loss"] - honest["loss"]
-            met = r["finite"] and gap <= LOSS_MARGIN
+            gap, spread = mean_and_spread(list(gaps.values()))
+            finite = all(hostile[seed]["finite"] for seed in gaps)
+            per_seed = "" if len(gaps) < 2 else " (" + ", ".join(f"{g:+.3f}" for g in gaps.values()) + ")"
             rows.append(
-                f"| {get_method(method).label} | {scenario} | {rule} | {honest['loss']:.3f} | {r['loss']:.3f} | "
-                f"{gap:+.3f} | <= {LOSS_MARGIN} | {'met' if met else 'not met'} |"
+                f"| {label} | {scenario} | {rule} | {len(gaps)} | "
+                f"{statistics.fmean(honest[s]['loss'] for s in gaps):.3f} | "
+                f"{statistics.fmean(hostile[s]['loss'] for s in gaps):.3f} | {gap:+.3f}{per_seed} | <= {LOSS_MARGIN} | "
+                f"{verdict(gap, LOSS_MARGIN, False, '', 3, spread) if finite else 'not met: the model is not finite'} |"
             )
     return rows
 
 
 def honest_cost(results: dict) -> list[str]:
+    """The shipped rule's accuracy against the plain mean's with every client honest, over the seeds that have
+    both."""
     rows = []
     for method in METHODS:
         for clients in (10, 5, 3):
             rule = shipped_rule(method, clients)
-            ours = results.get((method, rule), {}).get(f"honest, {clients}")
-            mean = results.get((method, "mean"), {}).get(f"honest, {clients}")
-            if not ours or not mean:
+            ours = results.get((method, rule), {}).get(f"honest, {clients}", {})
+            mean = results.get((method, "mean"), {}).get(f"honest, {clients}", {})
+            seeds = sorted(set(ours) & set(mean))
+            if not seeds:
                 continue
-            diff = 100 * (ours["accuracy"] - mean["accuracy"])
+            a = statistics.fmean(100 * ours[s]["accuracy"] for s in seeds)
+            b = statistics.fmean(100 * mean[s]["accuracy"] for s in seeds)
             rows.append(
-                f"| {get_method(method).label} | {clients} | {rule} | {100 * ours['accuracy']:.2f} | "
-                f"{100 * mean['accuracy']:.2f} | {diff:+.2f} |"
+                f"| {get_method(method).label} | {clients} | {rule} | {len(seeds)} | {a:.2f} | {b:.2f} | {a - b:+.2f} |"
             )
     return rows
 
 
 def write_page(results: dict, args, command: str) -> str:
-    runs = [r for by in results.values() for r in by.values()]
+    runs = [r for by in results.values() for seeds in by.values() for r in seeds.values()]
+    seeds = sorted({r.get("seed", 0) for r in runs})
     dates = sorted(r["date"][:10] for r in runs)
     minutes = sum(r["seconds"] for r in runs) / 60
     lines = [
@@ -266,7 +291,9 @@ def write_page(results: dict, args, command: str) -> str:
         f"Produced by `{command}` ({dates[0]} to {dates[-1]}; {platform.machine()}, {os.cpu_count()} cores, CPU "
         f"only, torch {torch.__version__} with {torch.get_num_threads()} threads; {minutes:.1f} min of runs). "
         "Setting: SST-2, embedded all-MiniLM-L6-v2, Dirichlet alpha 0.5 over labels, "
-        f"seed 0, {args.rounds} rounds of {args.local_steps} local steps of batch 16 (max length {args.max_length}), "
+        f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))} (a seed fixes the partitions, "
+        "initialisation, dropout and batches; seed 0 for every run, the others for the aim rows), "
+        f"{args.rounds} rounds of {args.local_steps} local steps of batch 16 (max length {args.max_length}), "
         'each method\'s own learning rate (`train.lr = "auto"`) and every other setting at its shipped default, '
         "`aggregation.*` included (norm-cap 2, weight-cap 4, attackers 2; rule `auto`: trimmed-or-capped for the "
         "first-order methods, which is trimmed-mean from 4b = 8 replies and the capped mean below, mean for the "
@@ -282,17 +309,22 @@ def write_page(results: dict, args, command: str) -> str:
         "",
         f"## The aim: one hostile client of three or of ten leaves the final dev loss within {LOSS_MARGIN}",
         "",
-        "| method | scenario | rule applied | honest dev loss | hostile dev loss | difference | aim | verdict |",
-        "| --- | --- | --- | ---: | ---: | ---: | --- | --- |",
+        "Over several seeds the dev losses are means over the seeds that have both runs, the difference is the "
+        "mean of the per-seed differences (each seed's in brackets), and the verdict says 'within noise' where "
+        "the margin to the aim is smaller than the standard deviation of those differences.",
+        "",
+        "| method | scenario | rule applied | seeds | honest dev loss | hostile dev loss | difference | aim | verdict |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | --- |",
         *verdicts(results),
         "",
         "## The cost with every client honest: the shipped rule against the plain example-weighted mean",
         "",
-        "| method | clients | rule applied | accuracy, shipped rule | accuracy, mean | difference (points) |",
-        "| --- | ---: | --- | ---: | ---: | ---: |",
+        "| method | clients | rule applied | seeds | accuracy, shipped rule | accuracy, mean | difference (points) |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: |",
         *honest_cost(results),
         "",
-        "One seed of three short rounds: differences of a point or two are within what reruns move (docs/benchmark.md).",
+        "Three short rounds, mostly one seed: differences of a point or two are within what reruns move "
+        "(docs/benchmark.md).",
         "Below 4b = 8 replies the first-order default is the capped mean: no reply counts for more than the "
         "round's median reply, in update norm or in weight. The `median`, `trimmed-mean` (at 5 replies: the "
         "median of five) and `geometric-median` rows show why not a robust rule there: with few label-skewed "
@@ -302,21 +334,42 @@ def write_page(results: dict, args, command: str) -> str:
         "",
         "## Every run",
         "",
-        "| method | rule | scenario | update ratio | accuracy | dev loss | model finite | rounds failed |",
-        "| --- | --- | --- | ---: | ---: | ---: | --- | ---: |",
+        "| method | rule | scenario | seed | update ratio | accuracy | dev loss | model finite | rounds failed |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: |",
     ]
     for (method, rule), by_scenario in results.items():
-        for scenario, r in by_scenario.items():
-            clients = SCENARIOS[scenario][0]
-            honest = by_scenario.get(f"honest, {clients}")
-            ratio = r["first_update"] / honest["first_update"] if honest and honest["first_update"] else None
-            failed = sum(1 for row in r["rounds"] if row.get("failed"))
-            lines.append(
-                f"| {get_method(method).label} | {rule} | {scenario} | {'-' if ratio is None else f'{ratio:.2f}x'} | "
-                f"{100 * r['accuracy']:.2f} | {r['loss']:.3g} | {'yes' if r['finite'] else 'no'} | {failed} |"
-            )
+        for scenario, by_seed in by_scenario.items():
+            for seed, r in by_seed.items():
+                clients = SCENARIOS[scenario][0]
+                honest = by_scenario.get(f"honest, {clients}", {}).get(seed)
+                ratio = r["first_update"] / honest["first_update"] if honest and honest["first_update"] else None
+                failed = sum(1 for row in r["rounds"] if row.get("failed"))
+                lines.append(
+                    f"| {get_method(method).label} | {rule} | {scenario} | {seed} | "
+                    f"{'-' if ratio is None else f'{ratio:.2f}x'} | {100 * r['accuracy']:.2f} | {r['loss']:.3g} | "
+                    f"{'yes' if r['finite'] else 'no'} | {failed} |"
+                )
     lines.append("")
     return "\n".join(lines)
+
+
+def read_results(args) -> dict:
+    """Every recorded run of these settings, in registry order: (method, rule) -> scenario -> seed -> record."""
+    files = {n.removesuffix(".json") for n in os.listdir(args.records) if n.endswith(".json")}
+    results: dict = {}
+    for method in METHODS:
+        for rule in RULES:
+            for scenario in SCENARIOS:
+                base = run_name(method, rule, scenario)
+                seeds = [0] if base in files else []
+                seeds += sorted(
+                    int(n[len(base) + 2 :]) for n in files if n.startswith(base + "-s") and n[len(base) + 2 :].isdigit()
+                )
+                for seed in seeds:
+                    r = read_record(args.records, run_name(method, rule, scenario, seed), args)
+                    if r is not None:
+                        results.setdefault((method, rule), {}).setdefault(scenario, {})[seed] = r
+    return results
 
 
 def main() -> None:
@@ -330,8 +383,15 @@ def main() -> None:
     p.add_argument("--glue", default=os.environ.get("GLUE_DIR", os.path.join(ROOT, "..", "shared", "data", "glue")))
     p.add_argument("--records", default=os.path.join(ROOT, "bench", "records", "robust"))
     p.add_argument("--out", default=os.path.join(DOCS, "results-robust.md"))
+    p.add_argument("--seeds", default="0", help="comma list of seeds to run (the page shows every seed recorded)")
     p.add_argument("--report", action="store_true", help="only rewrite the page from the records")
     args = p.parse_args()
+    try:
+        seeds = [int(x) for x in args.seeds.split(",")]
+    except ValueError:
+        raise SystemExit(f"error: --seeds takes a comma list of integers, not '{args.seeds}'") from None
+    if any(seed < 0 for seed in seeds):
+        raise SystemExit(f"error: --seeds takes seeds >= 0, not '{args.seeds}'")
     for scenario in args.scenarios.split(";"):
         if scenario not in SCENARIOS:
             raise SystemExit(f"error: unknown scenario '{scenario}'; choose from: {'; '.join(SCENARIOS)}")
@@ -345,26 +405,25 @@ def main() -> None:
     dev = None
     for method in [] if args.report else args.methods.split(","):
         for asked in args.rules.split(","):
-            for scenario in args.scenarios.split(";"):
+            for scenario, seed in ((sc, se) for sc in args.scenarios.split(";") for se in seeds):
                 rule = shipped_rule(method, SCENARIOS[scenario][0]) if asked == "auto" else asked
-                name = run_name(method, rule, scenario)
+                name = run_name(method, rule, scenario, seed)
                 if read_record(args.records, name, args) is not None:
                     print(f"{name}: recorded, not run again", flush=True)
                     continue
                 if dev is None:
                     cfg = parse_run_config({"task": "sst2", "data-dir": args.glue, "train.max-length": args.max_length})
                     dev = dev_encoded(cfg)
-                write_json(record_path(args.records, name), run(method, rule, scenario, args, dev))
-    results: dict = {}
-    for method in METHODS:  # the page shows every recorded run of these settings, in registry order
-        for rule in RULES:
-            for scenario in SCENARIOS:
-                r = read_record(args.records, run_name(method, rule, scenario), args)
-                if r is not None:
-                    results.setdefault((method, rule), {})[scenario] = r
+                write_json(record_path(args.records, name), run(method, rule, scenario, seed, args, dev))
+    results = read_results(args)
     if not results:
         raise SystemExit(f"error: no records of these settings in {args.records}")
-    command = f"python bench/robust.py --rounds {args.rounds} --local-steps {args.local_steps}"
+    recorded = sorted({seed for by in results.values() for r in by.values() for seed in r})
+    command = f"python bench/robust.py --rounds {args.rounds} --local-steps {args.local_steps}" + (
+        f"`, then `... --seeds {','.join(map(str, recorded[1:]))} --methods <m> --scenarios <the aim rows>"
+        if len(recorded) > 1
+        else ""
+    )
     page = write_page(results, args, command)
     with open(args.out, "w") as f:
         f.write(page)

@@ -80,6 +80,23 @@ def test_compute_to_reach_an_accuracy_from_the_records():
     c = report.Claims()
     report.compute_claims(c, "sst2", sp, _zo_run("fedkseed", [0.72, 0.73], 10.0, 40))
     assert [row for row in c.rows if "seconds to reach" in row[0]][0][1] == "FedKSeed did not reach it"
+    # neither gains the target within the budget: the ratio is read at the highest accuracy both reach (73.0)
+    both = rows_of(c)[
+        "FedSPZO vs FedKSeed, SST-2, same perturbed parameters: client seconds to reach the highest accuracy both reach"
+    ]
+    assert both == (
+        "73.00: 10 s, 50 model calls (round 1) vs 10 s, 40 model calls (round 1): 1.00x",
+        "not met, short by 0.375x",
+    )
+    c = report.Claims()
+    report.compute_claims(c, "sst2", sp, None)
+    assert rows_of(c)[
+        "FedSPZO vs FedKSeed, SST-2, same perturbed parameters: client seconds to reach the highest accuracy both reach"
+    ] == (report.NOT_RUN, report.NOT_RUN)
+
+
+def rows_of(c) -> dict:
+    return {claim: (measured, result) for claim, measured, _, result in c.rows}
 
 
 @pytest.mark.unit
@@ -183,6 +200,20 @@ def test_the_page_renders_from_partial_records_with_means_over_the_seeds_present
     assert "| FedTT | not run yet | 0 |" in text and "5 of 36 planned runs have records" not in text
     assert "6 of 36 planned runs have records; not run yet: sst2-a0.5-s0-fedtt," in text
     assert "- FedKRSO, seed 1: 50.0, 60.0, 77.0" in text
+
+
+@pytest.mark.unit
+def test_the_page_names_each_command_once():
+    only = "python bench/run.py --only "
+    # a resumed run repeats its command; runs driven one by one read as one template with their count
+    assert report.produced_by([only + "a", only + "a", only + "b"]) == (
+        f"`{only}<name>`, once per run (3 invocations for 2 runs, listed in plan.json beside the records)"
+    )
+    assert report.produced_by(["python bench/run.py", "python bench/run.py"]) == "`python bench/run.py`"
+    assert report.produced_by(["python bench/run.py --quick", only + "a"]) == (
+        f"`python bench/run.py --quick`, then `{only}a`"
+    )
+    assert report.produced_by([]) == "`python bench/run.py` (not run yet)"
 
 
 @pytest.mark.unit
@@ -319,3 +350,33 @@ def test_quick_benchmark_end_to_end(tiny_bert, glue_dir, tmp_path):
     assert f"{len(runs)} of {len(runs)} runs already finished" in again.stdout
     assert "probes: all" in again.stdout and "round 2/2" not in again.stdout
     assert len(read_json(os.path.join(records, "plan.json"))["invocations"]) == 2
+
+
+@pytest.mark.unit
+def test_the_robust_page_reads_every_seed_and_judges_the_mean_against_the_seed_spread(tmp_path):
+    import argparse
+
+    from bench import robust
+
+    args = argparse.Namespace(rounds=3, local_steps=8, max_length=64, records=str(tmp_path))
+    losses = {  # seed -> (honest, hostile) final dev loss of FedTT at 3 clients, 1 of 3 hostile
+        0: (0.54, 0.61), 1: (0.50, 0.50), 2: (0.52, 0.56),
+    }  # fmt: skip
+    rule = robust.shipped_rule("fedtt", 3)
+    for seed, (honest, hostile) in losses.items():
+        for scenario, loss in (("honest, 3", honest), ("bound + 1e12, 1 of 3", hostile)):
+            record = {"settings": robust.settings_of(args), "loss": loss, "accuracy": 0.7, "finite": True, "seed": seed}
+            name = robust.run_name("fedtt", rule, scenario, seed)
+            with open(tmp_path / f"{name}.json", "w") as f:
+                json.dump(record, f)
+    # a record of other settings, and a name that only starts like one, are not read
+    with open(tmp_path / (robust.run_name("fedtt", rule, "honest, 3", 3) + ".json"), "w") as f:
+        json.dump({"settings": {"rounds": 9}, "loss": 9.0}, f)
+    open(tmp_path / (robust.run_name("fedtt", rule, "honest, 3") + "-sx.json"), "w").close()
+    results = robust.read_results(args)
+    assert sorted(results[("fedtt", rule)]["honest, 3"]) == [0, 1, 2]
+    row = next(r for r in robust.verdicts(results) if r.startswith("| FedTT | bound + 1e12, 1 of 3 "))
+    # gaps +0.07, 0.00, +0.04: mean +0.037, SD 0.035 against a margin of 0.013 to the aim
+    assert "| 3 | 0.520 | 0.557 | +0.037 (+0.070, +0.000, +0.040) |" in row
+    assert "within noise, 0.013 to spare against a seed spread of 0.035" in row
+    assert robust.loss_gaps({0: {"loss": 1.0}, 1: {"loss": 2.0}}, {1: {"loss": 1.5}}) == {1: 0.5}
