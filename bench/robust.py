@@ -419,11 +419,9 @@ def main() -> None:
     if not results:
         raise SystemExit(f"error: no records of these settings in {args.records}")
     recorded = sorted({seed for by in results.values() for r in by.values() for seed in r})
-    command = f"python bench/robust.py --rounds {args.rounds} --local-steps {args.local_steps}" + (
-        f"`, then `... --seeds {','.join(map(str, recorded[1:]))} --methods <m> --scenarios <the aim rows>"
-        if len(recorded) > 1
-        else ""
-    )
+    command = f"python bench/robust.py --rounds {args.rounds} --local-steps {args.local_steps}"
+    if len(recorded) > 1:  # the other seeds were run for some rows only: the seed column says which
+        command += f"`, then `{command} --seeds {','.join(map(str, recorded[1:]))} --methods M --scenarios S"
     page = write_page(results, args, command)
     with open(args.out, "w") as f:
         f.write(page)
