@@ -153,14 +153,22 @@ def verdict(
     return f"met, {amount} to spare" if margin >= 0 else f"not met, short by {amount}"
 
 
+def paired_differences(ours: dict[int, float], theirs: dict[int, float]) -> dict[int, float]:
+    """ours - theirs per seed that both have (a seed fixes the partition, initialisation and batches of both
+    runs, so the seeds pair up), in seed order."""
+    return {k: ours[k] - theirs[k] for k in sorted(set(ours) & set(theirs))}
+
+
+def sample_sd(values) -> float | None:
+    """The sample standard deviation; None for fewer than two values (one seed has no spread)."""
+    values = list(values)
+    return statistics.stdev(values) if len(values) > 1 else None
+
+
 def seed_spread(ours: dict[int, float], theirs: dict[int, float]) -> float | None:
     """The seed spread of a difference of two methods' means, in points: the sample standard deviation over
-    seeds of the per-seed difference (a seed fixes the partition, initialisation and batches of both methods,
-    so the seeds pair up). None with fewer than two seeds that both have."""
-    both = sorted(set(ours) & set(theirs))
-    if len(both) < 2:
-        return None
-    return statistics.stdev(100 * (ours[k] - theirs[k]) for k in both)
+    seeds of the per-seed difference. None with fewer than two seeds that both have."""
+    return sample_sd(100 * d for d in paired_differences(ours, theirs).values())
 
 
 class Claims:
@@ -374,6 +382,14 @@ def claims(s: Settings, runs: dict, probes: dict) -> Claims:
     return c
 
 
+def compute_pair(a: dict, b: dict, r: float) -> str:
+    """Two curve points (first_reaching's) side by side: cumulative client seconds, model calls, round; ratio."""
+    return (
+        f"{a['compute']:.0f} s, {a['calls']:.0f} model calls (round {a['round']}) vs {b['compute']:.0f} s, "
+        f"{b['calls']:.0f} model calls (round {b['round']}): {r:.2f}x"
+    )
+
+
 def compute_claims(c: Claims, task: str, sp: dict | None, ks: dict | None) -> None:
     """FedSPZO's claim on the compute-to-accuracy runs: client compute (seconds, per client, summed over the
     rounds) until each first reaches round 0 + ZO_GAIN_TARGET, and each one's gain within the run."""
@@ -393,10 +409,7 @@ def compute_claims(c: Claims, task: str, sp: dict | None, ks: dict | None) -> No
         a, b = reached["fedspzo"], reached["fedkseed"]
         if a and b:
             r = ratio(a["compute"], b["compute"])
-            measured = (
-                f"{a['compute']:.0f} s, {a['calls']:.0f} model calls (round {a['round']}) vs {b['compute']:.0f} s, "
-                f"{b['calls']:.0f} model calls (round {b['round']}): {r:.2f}x"
-            )
+            measured = compute_pair(a, b, r)
         else:
             measured = ", ".join(f"{NAMES[m]} did not reach it" for m in reached if not reached[m])
             # FedSPZO reaching it where FedKSeed never does is the claim with room to spare; the reverse fails it
@@ -414,10 +427,7 @@ def compute_claims(c: Claims, task: str, sp: dict | None, ks: dict | None) -> No
     r = ratio(a["compute"], b["compute"]) if a and b else None
     c.add(
         f"FedSPZO vs FedKSeed, {T}, same perturbed parameters: client seconds to reach the highest accuracy both reach",
-        f"{pct(both)}: {a['compute']:.0f} s, {a['calls']:.0f} model calls (round {a['round']}) vs {b['compute']:.0f} s, "
-        f"{b['calls']:.0f} model calls (round {b['round']}): {r:.2f}x"
-        if r is not None
-        else NOT_RUN,
+        f"{pct(both)}: {compute_pair(a, b, r)}" if r is not None else NOT_RUN,
         f"<= 1/1.6 = {ZO_COMPUTE_AIM:.3f}x",
         verdict(r, ZO_COMPUTE_AIM, False, "x", 3),
     )

@@ -40,7 +40,7 @@ from flwr.app import Array, ConfigRecord, Message
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.report import NOT_RUN, verdict  # noqa: E402
+from bench.report import NOT_RUN, paired_differences, sample_sd, verdict  # noqa: E402
 from bench.run import write_json  # noqa: E402
 from common.config import parse_run_config  # noqa: E402
 from common.evaluation import evaluate  # noqa: E402
@@ -223,12 +223,7 @@ def shipped_rule(method: str, clients: int) -> str:
 
 def loss_gaps(hostile: dict[int, dict], honest: dict[int, dict]) -> dict[int, float]:
     """Per seed that has both runs: the hostile run's final dev loss minus the honest run's."""
-    return {seed: hostile[seed]["loss"] - honest[seed]["loss"] for seed in sorted(set(hostile) & set(honest))}
-
-
-def mean_and_spread(values: list[float]) -> tuple[float, float | None]:
-    """The mean and the sample standard deviation (None for one value: one seed has no spread)."""
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+    return paired_differences({k: r["loss"] for k, r in hostile.items()}, {k: r["loss"] for k, r in honest.items()})
 
 
 def verdicts(results: dict) -> list[str]:
@@ -248,14 +243,14 @@ def verdicts(results: dict) -> list[str]:
             if not gaps:
                 rows.append(f"| {label} | {scenario} | {rule} | 0 | - | - | - | - | {NOT_RUN} |")
                 continue
-            gap, spread = mean_and_spread(list(gaps.values()))
+            gap = statistics.fmean(gaps.values())
             finite = all(hostile[seed]["finite"] for seed in gaps)
             per_seed = "" if len(gaps) < 2 else " (" + ", ".join(f"{g:+.3f}" for g in gaps.values()) + ")"
             rows.append(
                 f"| {label} | {scenario} | {rule} | {len(gaps)} | "
                 f"{statistics.fmean(honest[s]['loss'] for s in gaps):.3f} | "
                 f"{statistics.fmean(hostile[s]['loss'] for s in gaps):.3f} | {gap:+.3f}{per_seed} | <= {LOSS_MARGIN} | "
-                f"{verdict(gap, LOSS_MARGIN, False, '', 3, spread) if finite else 'not met: the model is not finite'} |"
+                f"{verdict(gap, LOSS_MARGIN, False, '', 3, sample_sd(gaps.values())) if finite else 'not met: the model is not finite'} |"
             )
     return rows
 
