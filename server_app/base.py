@@ -254,6 +254,40 @@ def mean_train_loss(weights: Sequence[float], losses: Sequence[float]) -> float:
     return sum(w * loss for w, loss in zip(weights, losses, strict=True)) / sum(weights)
 
 
+def aggregate_checked(
+    cfg: RunConfig,
+    recorder: RunRecorder,
+    server_round: int,
+    replies: Iterable[Message],
+    check: Callable[[RecordDict], T],
+    max_bytes: int,
+    owed: dict[int, Message | None],
+    keep: Callable[[int, T], tuple[int, Mapping[str, float]] | None],
+    reread: Callable[[RecordDict], Any],
+    apply: Callable[[array, Replies], tuple[Any, Mapping[str, float]]],
+) -> tuple[Any, MetricRecord] | None:
+    """The second half of every strategy's round: check every reply (checked_replies with `check`, `keep`),
+    record what came up, weigh the valid replies (capped example weights), and `apply(weights, replies)`: the
+    replies as Replies, each decoded again by `reread` when read. `apply` returns (what the strategy hands
+    back to Flower, the round's metrics beyond train-loss and clients).
+
+    Returns that and the round's MetricRecord, or None when the round ends without an update: no valid reply
+    (logged), or an aggregate that cannot be applied (RoundFailed: recorded by fail_round)."""
+    accepted, failures, rejected, bytes_up = checked_replies(server_round, replies, check, max_bytes, owed, keep)
+    recorder.add_replies(bytes_up, accepted.stats, failures, rejected)
+    if not len(accepted):
+        log(WARNING, "round %d: no valid reply, the global model is unchanged", server_round)
+        return None
+    weights = capped_weights(accepted.examples, cfg.aggregation.weight_cap)
+    try:
+        result, extra = apply(weights, Replies(accepted.messages, reread))
+    except RoundFailed as exc:
+        fail_round(recorder, server_round, str(exc))
+        return None
+    loss = mean_train_loss(weights, accepted.losses)
+    return result, MetricRecord({"train-loss": loss, "clients": len(accepted), **extra})
+
+
 class RoundStrategy(Strategy):
     """The round trip of every method whose strategy draws its own messages (all but FedAvg, which Flower's
     FedAvg draws): choose this round's nodes (choose_nodes), send each its instruction, check every reply on the
@@ -322,29 +356,22 @@ class RoundStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        accepted, failures, rejected, bytes_up = checked_replies(
+        done = aggregate_checked(
+            self.cfg,
+            self.recorder,
             server_round,
             replies,
             lambda content: self.read_reply(content, server_round),
             self.reply_size_limit(server_round),
             self._owed,
             lambda node, reply: self.keep(server_round, node, reply),
+            lambda content: self.reread(content, server_round),
+            lambda weights, decoded: (ArrayRecord(), self.apply(server_round, weights, decoded)),
         )
-        self.recorder.add_replies(bytes_up, accepted.stats, failures, rejected)
-        if not len(accepted):
-            log(WARNING, "round %d: no valid reply, the global model is unchanged", server_round)
+        if done is None:
             self.unchanged(server_round)
             return None, None
-        weights = capped_weights(accepted.examples, self.cfg.aggregation.weight_cap)
-        decoded = Replies(accepted.messages, lambda content: self.reread(content, server_round))  # when read
-        try:
-            extra = self.apply(server_round, weights, decoded)
-        except RoundFailed as exc:
-            fail_round(self.recorder, server_round, str(exc))
-            self.unchanged(server_round)
-            return None, None
-        loss = mean_train_loss(weights, accepted.losses)
-        return ArrayRecord(), MetricRecord({"train-loss": loss, "clients": len(accepted), **extra})
+        return done
 
     def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
         return []  # evaluation is server-side, on the dev split

@@ -9,26 +9,21 @@ import random
 from logging import WARNING
 
 import torch
-from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MessageType, RecordDict
 from flwr.common import log
 from flwr.serverapp.strategy import FedAvg
 
 from common.config import RunConfig
 from common.records import RunRecorder
-from common.robust import capped_weights
 from common.wire import content_bytes
 from methods.fedavg.model import Build, build
 from methods.fedavg.wire import max_reply_bytes, unpack_reply
 from server_app import checkpoint
 from server_app.base import (
-    Replies,
-    RoundFailed,
     ServerSetup,
-    checked_replies,
+    aggregate_checked,
     choose_nodes,
-    fail_round,
     instructions_owed,
-    mean_train_loss,
     robust_aggregate,
 )
 
@@ -54,7 +49,7 @@ class RecordedFedAvg(FedAvg):
             min_available_nodes=cfg.min_clients,
             **kwargs,
         )
-        self.cfg, self.recorder, self.aggregation = cfg, recorder, cfg.aggregation
+        self.cfg, self.recorder = cfg, recorder
         self._rng = random.Random(cfg.seed)  # client sampling: choose_nodes, as every method
         self._global: ArrayRecord | None = None
         self._owed: dict[int, Message | None] = {}  # this round's instructions: the replies it may accept
@@ -75,28 +70,29 @@ class RecordedFedAvg(FedAvg):
 
     def aggregate_train(self, server_round, replies):
         shapes = {key: tuple(int(d) for d in ref.shape) for key, ref in self._global.items()}
+        reference = {k: v.numpy() for k, v in self._global.items()}
 
         def unpack(content):
             return unpack_reply(content, server_round, shapes)
 
-        # kept: (num-examples, metrics); the arrays are decoded again from each Message when aggregated (Replies)
-        accepted, failures, rejected, bytes_up = checked_replies(
-            server_round, replies, unpack, max_reply_bytes(shapes), self._owed, keep=lambda node, reply: reply[:2]
-        )
-        self.recorder.add_replies(bytes_up, accepted.stats, failures, rejected)
-        if not len(accepted):
-            return None, None
-        weights = capped_weights(accepted.examples, self.aggregation.weight_cap)
-        reference = {k: v.numpy() for k, v in self._global.items()}
-        arrays = Replies(accepted.messages, lambda content: unpack(content)[2])
-        try:  # the aggregate is the new global model itself: finite aggregate, finite model
+        def apply(weights, arrays):  # the aggregate is the new global model itself: finite aggregate, finite model
             merged = robust_aggregate(self.cfg, self.recorder, server_round, arrays, weights, reference)
-        except RoundFailed as exc:
-            fail_round(self.recorder, server_round, str(exc))
-            return None, None
-        aggregated = ArrayRecord({k: Array(v) for k, v in merged.items()})
-        mean_loss = mean_train_loss(weights, accepted.losses)
-        return aggregated, MetricRecord({"train-loss": mean_loss, "clients": len(accepted)})
+            return ArrayRecord({k: Array(v) for k, v in merged.items()}), {}
+
+        # kept: (num-examples, metrics); the arrays are decoded again from each Message when aggregated (Replies)
+        done = aggregate_checked(
+            self.cfg,
+            self.recorder,
+            server_round,
+            replies,
+            unpack,
+            max_reply_bytes(shapes),
+            self._owed,
+            lambda node, reply: reply[:2],
+            lambda content: unpack(content)[2],
+            apply,
+        )
+        return (None, None) if done is None else done
 
     def state_dict(self) -> tuple[dict, dict]:
         """The sampling RNG; the global arrays are Strategy.start's, which the checkpoint keeps beside."""
