@@ -364,6 +364,26 @@ def play(run, rounds, attack=None):
     return records
 
 
+def one_honest_update(method, model, glue_dir, tmp_path, rounds, nodes=NODES, honest=HONEST, **extra) -> float:
+    """The yardstick of the stated distances: the largest |w - w_0| over the honest nodes, each alone answering
+    `rounds` rounds (the others silent) under the same settings: the size of one honest node's update.
+
+    The defences bound a hostile reply in these units: a norm bound is a multiple of the round's median reply
+    norm, and a coordinate-wise median or trimmed mean stays within the honest replies' spread. The honest
+    mean's own step |w_clean - w_0| is not such a unit: when honest updates point different ways it shrinks
+    (the zero-order scalars of two nodes on the synthetic fixture of tests/fixtures/glue nearly cancel), and a
+    distance divided by it measured the data as much as the defence: 3.0 to 5.8 for FedSPZO on the fixture
+    against 1.0 to 3.7 on GLUE, where this file's bounds had been read."""
+    w0 = Run(method, model, glue_dir, tmp_path, nodes, **extra).weights()
+    sizes = []
+    for node in honest:
+        alone = Run(method, model, glue_dir, tmp_path, nodes, **extra)
+        play_rounds(alone, range(1, rounds + 1), hostile=tuple(n for n in alone.nodes if n != node))
+        sizes.append(float((alone.weights() - w0).norm()))
+    assert min(sizes) > 0, sizes
+    return max(sizes)
+
+
 @pytest.mark.integration
 @pytest.mark.usefixtures("state_dir")
 @pytest.mark.parametrize("method", METHODS)
@@ -415,17 +435,19 @@ def _scaled(factor):
 @pytest.mark.parametrize("method", ["fedkrso", "fedspzo", "fedkseed", "fedtt-plus", "fedavg"])
 def test_robust_rules_keep_a_plausible_attacker_close_to_the_honest_run(method, tiny_bert, glue_dir, tmp_path):
     """Within the bounds, an attacker's reply is accepted; what limits it is the rule. Two honest nodes and one
-    attacker sending 300x its honest numbers, two rounds. Stated distance: d = |w - w_clean| / |w_clean - w_0|
-    (w: the whole global model; clean: the same run without the attacker). The coordinate-wise median of two
-    honest values and an outlier lies between the honest ones, so each round's aggregated update differs from
-    the honest mean by at most half the honest spread per coordinate, about one honest update: d <= 3 over two
-    rounds for median and trimmed-mean (one cut at each end of 3 replies = the median); measured 1.0 to 1.9.
-    Without a defence (mean, norm-cap 0) the same attacker makes d > 10 (measured 1e3 to 1e5)."""
+    attacker sending 300x its honest numbers, two rounds. Stated distance: d = |w - w_clean| / u (w: the whole
+    global model; clean: the same run without the attacker; u: one honest node's update over the two rounds,
+    one_honest_update). The coordinate-wise median of two honest values and an outlier lies between the honest
+    ones, so each round's aggregated update differs from the honest mean by at most half the honest spread per
+    coordinate, at most one honest update: d <= 2 over two rounds for median and trimmed-mean (one cut at each
+    end of 3 replies = the median) and the geometric median; measured 0.3 to 0.9 on the GLUE rows and on the
+    synthetic fixture alike. Without a defence (mean, norm-cap 0) the same attacker makes d > 10 (measured 83
+    to 63,000)."""
     w0 = Run(method, tiny_bert, glue_dir, tmp_path).weights()
     clean = Run(method, tiny_bert, glue_dir, tmp_path)
     play(clean, 2)
-    moved = (clean.weights() - w0).norm()
-    assert moved > 0
+    assert (clean.weights() - w0).norm() > 0
+    unit = one_honest_update(method, tiny_bert, glue_dir, tmp_path, 2)
     distance = {}
     for rule, extra in {
         "mean": {"aggregation.rule": "mean", "aggregation.norm-cap": 0.0},  # no defence but the weight cap
@@ -437,9 +459,9 @@ def test_robust_rules_keep_a_plausible_attacker_close_to_the_honest_run(method, 
         records = play(run, 2, _scaled(300.0))
         assert [r["clients"] for r in records] == [3, 3], rule
         assert torch.isfinite(run.weights()).all(), rule
-        distance[rule] = float((run.weights() - clean.weights()).norm() / moved)
+        distance[rule] = float((run.weights() - clean.weights()).norm()) / unit
     assert distance["mean"] > 10, distance
-    assert max(distance["median"], distance["trimmed-mean"], distance["geometric-median"]) <= 3.0, distance
+    assert max(distance["median"], distance["trimmed-mean"], distance["geometric-median"]) <= 2.0, distance
 
 
 @pytest.mark.integration
@@ -498,27 +520,30 @@ def test_one_hostile_node_of_three_moves_the_default_model_about_one_honest_roun
     method, tiny_bert, glue_dir, tmp_path
 ):
     """Shipped aggregation defaults, two honest nodes and one hostile one. Stated: the first round's update
-    |w_1 - w_0| is at most 2.5x that of the run without the attacker when the attacker claims an honest count
-    (the first-order default at 3 replies is the capped mean: its update at most the median norm, its weight at
-    most the median weight; the zero-order mean bounds it to norm-cap 2 x the median norm at 1/3 of the weight),
-    at most 4x when it also claims 1e12 examples (the zero-order weight-cap 4 gives it 4/6 of the weight: the two
-    tiny honest updates partly cancel, so an honest round is short; README "Robust aggregation"); the model
-    stays finite, and the next round accepts all three replies."""
+    |w_1 - w_0| is at most 1.5 honest nodes' updates (one_honest_update: the largest of the two, each alone)
+    when the attacker claims an honest count, at most 2.5 when it also claims 1e12 examples. The bounds of
+    docs/security.md, in those units: the first-order default at 3 replies is the capped mean (the attacker's
+    update at most the median norm, its weight at most the median weight): at most 1; the zero-order mean
+    bounds it to norm-cap 2 x the median norm at 1/3 of the weight: at most 4/3, and at 4/6 of the weight with
+    weight-cap 4: at most (1 + 1)/6 + 8/6 = 5/3. Those hold for reply norms; the model's own map of a reply
+    stretches them a little: measured 0.2 to 1.2 and, with 1e12 examples, up to 1.9 (zero-order), on the GLUE
+    rows and on the synthetic fixture alike. The model stays finite, and the next round accepts all three
+    replies."""
     w0 = Run(method, tiny_bert, glue_dir, tmp_path).weights()
     clean = Run(method, tiny_bert, glue_dir, tmp_path)
     play_rounds(clean, [1])
-    honest = float((clean.weights() - w0).norm())
-    assert honest > 0
+    assert (clean.weights() - w0).norm() > 0
+    unit = one_honest_update(method, tiny_bert, glue_dir, tmp_path, 1)
     ratios = {}
     for kind in ("bound", "sign flip", "bound + 1e12"):
         run = Run(method, tiny_bert, glue_dir, tmp_path)
         first = play_rounds(run, [1], _at_the_bound(kind))
-        ratios[kind] = float((run.weights() - w0).norm()) / honest
+        ratios[kind] = float((run.weights() - w0).norm()) / unit
         later = play_rounds(run, [2], _at_the_bound(kind))
         assert [(r["clients"], r["rejected"], r["failed"]) for r in first + later] == [(3, 0, None)] * 2, kind
         assert first[0]["clipped"] >= 1, kind
         assert torch.isfinite(run.weights()).all(), kind
-    assert ratios["bound"] <= 2.5 and ratios["sign flip"] <= 2.5 and ratios["bound + 1e12"] <= 4.0, ratios
+    assert ratios["bound"] <= 1.5 and ratios["sign flip"] <= 1.5 and ratios["bound + 1e12"] <= 2.5, ratios
 
 
 @pytest.mark.integration
@@ -546,19 +571,22 @@ def test_two_colluders_of_five_are_absorbed_by_the_robust_rules_at_their_default
     method, rule, tiny_bert, glue_dir, tmp_path
 ):
     """aggregation.attackers = 2: trimmed-mean cuts two values at each end of five, the median is the third;
-    two colluders at +bound land at the top end and are cut. Stated distance, as in the test above: d =
-    |w - w_clean| / |w_clean - w_0| <= 3 (clean: the same rule on the three honest replies alone), and no
-    warning (five replies absorb two)."""
+    two colluders at +bound land at the top end and are cut: per coordinate the aggregate is then the largest
+    honest value, within the honest spread of the clean one. Stated distance, in the units of the tests
+    above: d = |w - w_clean| / u <= 2 (clean: the same rule on the three honest replies alone; u: the largest
+    honest node's update, each alone, one_honest_update; measured 0.0 to 1.2), and no warning (five replies
+    absorb two)."""
     extra = {"aggregation.rule": rule}
-    w0 = Run(method, tiny_bert, glue_dir, tmp_path, COLLUDING, **extra).weights()
     clean = Run(method, tiny_bert, glue_dir, tmp_path, COLLUDING, **extra)
     play_rounds(clean, [1], hostile=(104, 105))
+    honest = {n: p for n, p in COLLUDING.items() if n not in (104, 105)}
+    unit = one_honest_update(method, tiny_bert, glue_dir, tmp_path, 1, COLLUDING, honest, **extra)
     run = Run(method, tiny_bert, glue_dir, tmp_path, COLLUDING, **extra)
     (record,) = play_rounds(run, [1], _at_the_bound("high"), hostile=(104, 105))
     assert (record["clients"], record["failed"], record["warnings"]) == (5, None, [])
     assert torch.isfinite(run.weights()).all()
-    d = float((run.weights() - clean.weights()).norm() / (clean.weights() - w0).norm())
-    assert d <= 3.0, d
+    d = float((run.weights() - clean.weights()).norm()) / unit
+    assert d <= 2.0, d
 
 
 @pytest.mark.integration
