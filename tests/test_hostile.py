@@ -364,8 +364,8 @@ def play(run, rounds, attack=None):
     return records
 
 
-def one_honest_update(method, model, glue_dir, tmp_path, rounds, nodes=NODES, honest=HONEST, **extra) -> float:
-    """The yardstick of the stated distances: the largest |w - w_0| over the honest nodes, each alone answering
+def one_honest_update(w0, method, model, glue_dir, tmp_path, rounds, nodes=NODES, honest=HONEST, **extra) -> float:
+    """The yardstick of the stated distances: the largest |w - w0| over the honest nodes, each alone answering
     `rounds` rounds (the others silent) under the same settings: the size of one honest node's update.
 
     The defences bound a hostile reply in these units: a norm bound is a multiple of the round's median reply
@@ -374,7 +374,6 @@ def one_honest_update(method, model, glue_dir, tmp_path, rounds, nodes=NODES, ho
     (the zero-order scalars of two nodes on the synthetic fixture of tests/fixtures/glue nearly cancel), and a
     distance divided by it measured the data as much as the defence: 3.0 to 5.8 for FedSPZO on the fixture
     against 1.0 to 3.7 on GLUE, where this file's bounds had been read."""
-    w0 = Run(method, model, glue_dir, tmp_path, nodes, **extra).weights()
     sizes = []
     for node in honest:
         alone = Run(method, model, glue_dir, tmp_path, nodes, **extra)
@@ -447,7 +446,7 @@ def test_robust_rules_keep_a_plausible_attacker_close_to_the_honest_run(method, 
     clean = Run(method, tiny_bert, glue_dir, tmp_path)
     play(clean, 2)
     assert (clean.weights() - w0).norm() > 0
-    unit = one_honest_update(method, tiny_bert, glue_dir, tmp_path, 2)
+    unit = one_honest_update(w0, method, tiny_bert, glue_dir, tmp_path, 2)
     distance = {}
     for rule, extra in {
         "mean": {"aggregation.rule": "mean", "aggregation.norm-cap": 0.0},  # no defence but the weight cap
@@ -530,10 +529,7 @@ def test_one_hostile_node_of_three_moves_the_default_model_about_one_honest_roun
     rows and on the synthetic fixture alike. The model stays finite, and the next round accepts all three
     replies."""
     w0 = Run(method, tiny_bert, glue_dir, tmp_path).weights()
-    clean = Run(method, tiny_bert, glue_dir, tmp_path)
-    play_rounds(clean, [1])
-    assert (clean.weights() - w0).norm() > 0
-    unit = one_honest_update(method, tiny_bert, glue_dir, tmp_path, 1)
+    unit = one_honest_update(w0, method, tiny_bert, glue_dir, tmp_path, 1)  # asserts each honest update > 0
     ratios = {}
     for kind in ("bound", "sign flip", "bound + 1e12"):
         run = Run(method, tiny_bert, glue_dir, tmp_path)
@@ -578,9 +574,10 @@ def test_two_colluders_of_five_are_absorbed_by_the_robust_rules_at_their_default
     absorb two)."""
     extra = {"aggregation.rule": rule}
     clean = Run(method, tiny_bert, glue_dir, tmp_path, COLLUDING, **extra)
+    w0 = clean.weights()
     play_rounds(clean, [1], hostile=(104, 105))
     honest = {n: p for n, p in COLLUDING.items() if n not in (104, 105)}
-    unit = one_honest_update(method, tiny_bert, glue_dir, tmp_path, 1, COLLUDING, honest, **extra)
+    unit = one_honest_update(w0, method, tiny_bert, glue_dir, tmp_path, 1, COLLUDING, honest, **extra)
     run = Run(method, tiny_bert, glue_dir, tmp_path, COLLUDING, **extra)
     (record,) = play_rounds(run, [1], _at_the_bound("high"), hostile=(104, 105))
     assert (record["clients"], record["failed"], record["warnings"]) == (5, None, [])
