@@ -17,10 +17,14 @@ synthetic task data of tests/fixtures/glue:
    time less its training time, less the same for the up-to-date node of that round. The reference line is
    one FedAvg download of the same model.
 3. Server memory and aggregation time against the number of replies, under the weighted mean
-   (`aggregation.rule = "mean"` for every method, norm-cap as shipped). A fresh strategy at round 1 sends n
+   (`aggregation.rule = "mean"` for every method, norm-cap as shipped). A fresh strategy sends n nodes round 1's
    instructions, one node's real reply is copied into n reply Messages, and `aggregate_train` gets the list of
    them, as Flower's Grid hands it over (Strategy.start: `send_and_receive` returns a list, which Flower holds
-   through the round whatever the strategy does; its bytes are recorded beside, `messages_mb`). Peak memory:
+   through the round whatever the strategy does; its bytes are recorded beside, `messages_mb`); then the same
+   for round 2 with the same n nodes. Round 2 is the figure (`mb`): a round of a running fleet, whose nodes the
+   server knows; round 1 (`first_round_mb`) adds what a first round allocates once, mainly each new node's
+   entry in the log methods' map of the rounds nodes hold. Peak memory: after gc.collect() (no garbage, the
+   interpreter's free lists emptied: the same start for every point),
    tracemalloc, started after the instructions and the Messages are made and reset per point, in this process:
    it counts every numpy array and Python object the aggregation allocates and nothing from before, which an
    RSS high-water mark cannot separate (it includes ~0.5 GB of imports and never goes down); torch's own
@@ -43,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import logging
 import os
@@ -228,10 +233,12 @@ class NodeList:
         return list(range(1, self.n + 1))
 
 
-def one_aggregation(method: str, n: int, model: str, work: str, traced: bool, rule: str) -> tuple[float, float, float]:
-    """A fresh strategy's round 1 under `rule` with n replies (copies of node 1's real reply, made before it
-    starts, in a list as Flower hands them over): (seconds, peak MB of what aggregate_train allocated, 0
-    untraced; MB of the reply Messages)."""
+def one_aggregation(method: str, n: int, model: str, work: str, traced: bool, rule: str) -> dict:
+    """A fresh strategy's rounds 1 and 2 under `rule` with n replies each (copies of node 1's real reply to that
+    round, made before the round's aggregate_train, in a list as Flower hands them over). Round 1's replies
+    come from nodes the server has not seen (the log methods add each to their map of the rounds nodes hold);
+    round 2's from the same nodes again, the round of a fleet running. Returns per round the seconds and
+    tracemalloc's peak MB of what aggregate_train allocated (0 untraced), and the MB of the reply Messages."""
     from flwr.app import ConfigRecord, Message
 
     from common.config import parse_run_config
@@ -242,23 +249,31 @@ def one_aggregation(method: str, n: int, model: str, work: str, traced: bool, ru
 
     fresh_nodes(work)
     name = f"{method}-{rule}-agg-{n}-{'traced' if traced else 'timed'}"
-    cfg = parse_run_config(run_config(method, model, work, name, 1, **{"aggregation.rule": rule}))
+    cfg = parse_run_config(run_config(method, model, work, name, 2, **{"aggregation.rule": rule}))
     setup = build_setup(cfg, RunRecorder(work, name, cfg.to_flat()))
-    messages = list(setup.strategy.configure_train(1, setup.initial, ConfigRecord(), NodeList(n)))
-    template = client_reply(get_method(method).load_client().train, cfg, messages[0], {1: 0}).content
-    replies = [Message(copy.deepcopy(template), reply_to=msg) for msg in messages]  # Flower's list
-    messages_mb = n * content_bytes(template) / 2**20
-    if traced:
-        tracemalloc.start()
-    start = time.perf_counter()
-    try:
-        setup.strategy.aggregate_train(1, replies)
-        seconds = time.perf_counter() - start
-        peak = tracemalloc.get_traced_memory()[1] / 2**20 if traced else 0.0
-    finally:
+    train = get_method(method).load_client().train
+    arrays, out = setup.initial, {"seconds": [], "mb": []}
+    for server_round in (1, 2):
+        messages = list(setup.strategy.configure_train(server_round, arrays, ConfigRecord(), NodeList(n)))
+        template = client_reply(train, cfg, messages[0], {1: 0}).content
+        replies = [Message(copy.deepcopy(template), reply_to=msg) for msg in messages]  # Flower's list
+        out["messages_mb"] = n * content_bytes(template) / 2**20
+        gc.collect()  # the same start for every point: no garbage, the interpreter's free lists emptied
         if traced:
-            tracemalloc.stop()
-    return seconds, peak, messages_mb
+            tracemalloc.start()
+        start = time.perf_counter()
+        try:
+            new, metrics = setup.strategy.aggregate_train(server_round, replies)
+            out["seconds"].append(time.perf_counter() - start)
+            out["mb"].append(tracemalloc.get_traced_memory()[1] / 2**20 if traced else 0.0)
+        finally:
+            if traced:
+                tracemalloc.stop()
+        if metrics is None or metrics["clients"] != n:
+            raise RuntimeError(f"{method}: round {server_round} of {n} replies did not aggregate them all")
+        arrays = new if new is not None and len(new) else arrays
+        del replies, messages
+    return out
 
 
 def reply_arrays(model: str, work: str) -> tuple[dict, dict]:
@@ -330,18 +345,25 @@ def server_scaling(
 ) -> dict:
     """Measurement 3 for one method under `rule`; points whose Messages (and, under a robust rule, decoded
     replies) would exceed limit_mb are left out (and said)."""
-    out = {"rule": rule, "replies": [], "mb": [], "messages_mb": [], "seconds": [], "left_out": []}
+    out = {"rule": rule, "replies": [], "mb": [], "first_round_mb": [], "messages_mb": [], "seconds": [],
+           "first_round_seconds": [], "left_out": []}  # fmt: skip
     for n in counts:
         if (1.5 if rule == "mean" else 2.5) * n * reply_mb > limit_mb:  # the Messages (+ the replies held)
             out["left_out"].append(n)
             continue
-        seconds, _, _ = one_aggregation(method, n, model, work, traced=False, rule=rule)
-        _, peak, messages_mb = one_aggregation(method, n, model, work, traced=True, rule=rule)
+        timed = one_aggregation(method, n, model, work, traced=False, rule=rule)
+        traced = one_aggregation(method, n, model, work, traced=True, rule=rule)
         out["replies"].append(n)
-        out["mb"].append(peak)
-        out["messages_mb"].append(messages_mb)
-        out["seconds"].append(seconds)
-        print(f"{method} ({rule}): {n} replies, peak {peak:.1f} MB, {seconds:.2f} s", flush=True)
+        out["mb"].append(traced["mb"][1])  # round 2: the nodes known
+        out["first_round_mb"].append(traced["mb"][0])
+        out["messages_mb"].append(traced["messages_mb"])
+        out["seconds"].append(timed["seconds"][1])
+        out["first_round_seconds"].append(timed["seconds"][0])
+        print(
+            f"{method} ({rule}): {n} replies, peak {traced['mb'][1]:.3f} MB (round 1: {traced['mb'][0]:.3f}), "
+            f"{timed['seconds'][1]:.2f} s",
+            flush=True,
+        )
     return out
 
 
@@ -445,8 +467,9 @@ def measure(args, save) -> dict:
     for method in args.methods:
         reply_mb = mean["reply_mb"] if method == "fedavg" else 0.0
         r = server_scaling(method, counts, model, work, args.memory_limit_mb, reply_mb)
-        records["server_peak_mb"][method] = {k: r[k] for k in ("rule", "replies", "mb", "messages_mb", "left_out")}
-        records["aggregate_seconds"][method] = {"replies": r["replies"], "seconds": r["seconds"]}
+        kept = ("rule", "replies", "mb", "first_round_mb", "messages_mb", "left_out")
+        records["server_peak_mb"][method] = {k: r[k] for k in kept}
+        records["aggregate_seconds"][method] = {k: r[k] for k in ("replies", "seconds", "first_round_seconds")}
         save(records)
     if "fedavg" in args.methods:  # its shipped rule, which holds every reply by nature
         robust_counts = [n for n in counts if n <= args.robust_max_replies]
@@ -513,7 +536,8 @@ def verdicts(rec: dict) -> list[tuple[str, str, str, str]]:
             g = max(p["mb"]) / p["mb"][0]
             rows.append((
                 f"server memory of {m}'s aggregate_train under the {p.get('rule', 'shipped rule')}, "
-                f"{p['replies'][0]} to {p['replies'][-1]} replies",
+                f"{p['replies'][0]} to {p['replies'][-1]} replies"
+                + (" (round 2: nodes the server knows)" if p.get("first_round_mb") else ""),
                 f"{mb(p['mb'][0])} -> {mb(max(p['mb']))} MB ({g:.1f}x; {per_reply_kb(p):+.2f} KB a reply"
                 + (f", of {p['messages_mb'][0] * 1024 / p['replies'][0]:,.1f} KB on the wire)" if p.get("messages_mb") else ")"),
                 f"<= {AIMS['memory']}x",
@@ -631,22 +655,40 @@ def write_page(rec: dict, out: str) -> str:
         "",
         "## Server memory and aggregation time against the number of replies",
         "",
-        "Peak MB: what `aggregate_train` allocates (tracemalloc); reply Messages: the list of replies Flower "
-        "hands the strategy and holds through the round, n x one reply's wire size, whatever the strategy does.",
+        "Peak MB: what `aggregate_train` allocates (tracemalloc, after gc.collect()) in round 2, whose n replies "
+        "come from the nodes of round 1; round 1: the same for nodes the server has not seen, which the log "
+        "methods add to their map of the rounds nodes hold (the fleet's state, once per node). Reply Messages: "
+        "the list of replies Flower hands the strategy and holds through the round, n x one reply's wire size, "
+        "whatever the strategy does. Seconds: round 2, untraced.",
         "",
-        "| method | rule | replies | peak MB | reply Messages MB | seconds |",
-        "| --- | --- | ---: | ---: | ---: | ---: |",
+        "| method | rule | replies | peak MB | round 1 peak MB | reply Messages MB | seconds |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     series = [(m, p, rec["aggregate_seconds"][m]["seconds"]) for m, p in rec["server_peak_mb"].items()]
     series += [(m, p, p["seconds"]) for m, p in rec.get("server_peak_mb_robust", {}).items()]
     for m, p, secs in series:
         rule = p.get("rule", "shipped")
         held = p.get("messages_mb") or [None] * len(p["mb"])
-        for n, peak, msgs, sec in zip(p["replies"], p["mb"], held, secs, strict=True):
-            lines.append(f"| {m} | {rule} | {n} | {mb(peak)} | {'-' if msgs is None else mb(msgs)} | {sec:.2f} |")
+        first = p.get("first_round_mb") or [None] * len(p["mb"])
+        for n, peak, one, msgs, sec in zip(p["replies"], p["mb"], first, held, secs, strict=True):
+            lines.append(
+                f"| {m} | {rule} | {n} | {mb(peak)} | {'-' if one is None else mb(one)} | "
+                f"{'-' if msgs is None else mb(msgs)} | {sec:.2f} |"
+            )
         if p.get("left_out"):
             left = ", ".join(map(str, p["left_out"]))
-            lines.append(f"| {m} | {rule} | {left} | left out: over the memory limit | | |")
+            lines.append(f"| {m} | {rule} | {left} | left out: over the memory limit | | | |")
+    nodes = {
+        m: (p["first_round_mb"][-1] - p["mb"][-1]) * 2**20 / p["replies"][-1]
+        for m, p in rec["server_peak_mb"].items()
+        if p.get("first_round_mb") and p["replies"]
+    }
+    if nodes:
+        lines += [
+            "",
+            "Round 1 less round 2 at the most replies, per reply (a new node's entry in the fleet's state, and what "
+            "else a first round allocates): " + ", ".join(f"{m} {b:+.0f} bytes" for m, b in nodes.items()) + ".",
+        ]
     mean = rec.get("mean_peak_mb", {})
     if mean:
         lines += [
@@ -689,17 +731,22 @@ NOTES = """## Reading the figures
 - Server memory under the weighted mean: the mean streams (common.robust.WeightedMean: one reply at a time,
   8 bytes per aggregated number), and the strategies read their replies lazily (server_app/base.py
   `Replies`): a first pass checks every reply, then the aggregation decodes each reply's arrays again from its
-  Message when it reads it. A round holds one decoded reply at a time, not n: FedAvg's round, whose replies
-  are 3.86 MB, is flat. What still grows with n is about 0.1 KB a reply whatever the model
-  (server_app/base.py `Accepted`: the Message reference, example count and train-loss in 8-byte slots; the
-  capped weight, the norm and the median's float64 copies, 8 bytes each; the node's entry in the log
-  methods' map of the rounds nodes hold, ~40 bytes, kept for the next round anyway; the interpreter's free
-  lists of small objects, which fill up and stop growing). Until 88c21d2 it was 0.4-0.8 KB a reply (a dict of
-  metrics and two objects per reply, and garbage of numpy's header parser on every decode), before lazy
-  replies a whole decoded reply. On the tiny model the zero-order methods' whole round is a few KB (FedSPZO:
-  12 KB at 10 replies), so a ratio from 10 to 1,000 replies measures the bookkeeping: even its floor, one
-  weight and one Message reference per reply (16 bytes), would make FedSPZO's 2.3x. On a real model, where
-  one decoded reply is MBs, it is a fraction of a per cent of a reply.
+  Message when it reads them. A round holds one decoded reply at a time, not n: FedAvg's round, whose replies
+  are 3.86 MB, is flat. Since this issue's second pass nothing is kept per reply either: the round keeps the
+  positions of the replies that did not pass (server_app/base.py `Accepted`), reads each accepted reply's
+  example count and loss again from its Message's metrics when it weighs it (`capped_weights` computes each
+  weight when asked), and selects the two medians (example counts, update norms) in bounded memory
+  (common.robust.lower_median: up to 256 values, one reading; beyond, the values are read again, about three
+  times, the norms recomputed from the decoded replies). Before, it was 50-110 bytes a reply: 8-byte slots
+  (Message reference, count, loss, capped weight, norm, median copies) and a 2-tuple per array decode left on
+  the interpreter's free list (`tuple(generator)` in common.wire.decode_array). What is left from 10 to 100
+  replies is the interpreter's free lists refilling after gc.collect() (dicts, small tuples, numpy's small
+  buffers: bounded, a few KB), which on the tiny model is a visible share of the zero-order methods' whole
+  round (FedSPZO: 16 KB at 10 replies); from 100 replies on the peaks are flat. The extra reading costs time
+  past 256 replies (FedKRSO: 0.7 s for 1,000 replies).
+- The log methods' map of which round each node holds (LogStrategy.node_round) grows by one entry per node the
+  server has seen (about 40-65 bytes with the dict's growth), once, not per round: it is the fleet's state,
+  which catch-up needs, and round 1's column shows it.
 - Flower holds the list of reply Messages through the round whatever the strategy does (`reply Messages MB`
   above: n x one reply's wire size); that is the runtime's, not the aggregation's.
 - The robust rules (trimmed-mean, median) need all n values of each coordinate: n x the update, plus one

@@ -53,7 +53,7 @@ def decode_array(
     +-bound for floats); raises WireError otherwise (see the module docstring for what is checked)."""
     if not isinstance(arr, Array):
         raise WireError(f"{where}: expected an Array, got {type(arr).__name__}")
-    shape = tuple(int(s) for s in shape)
+    shape = tuple([int(s) for s in shape])  # not tuple(generator): its resized tuple would fill a free list
     if arr.stype != "numpy.ndarray":
         raise WireError(f"{where}: storage type {str(arr.stype)[:40]!r}, expected 'numpy.ndarray'")
     if arr.dtype != dtype:
@@ -201,6 +201,14 @@ def checked_metrics(content: RecordDict, server_round: int) -> tuple[int, dict[s
             raise WireError(f"metric {key} = {v!r} outside [{low:g}, {high:g}] or not finite")
         values[key] = float(v)
     return n, values
+
+
+def examples_and_loss(content: RecordDict, server_round: int) -> tuple[float, float]:
+    """(num-examples, train-loss or 0) of a training reply, by checked_metrics (raises WireError as it does),
+    no array decoded: what a round reads again of each accepted reply when it weighs it
+    (server_app.base.Accepted)."""
+    n, metrics = checked_metrics(content, server_round)
+    return float(n), metrics.get("train-loss", 0.0)
 
 
 def check_size(content: RecordDict, limit: int) -> int:

@@ -7,6 +7,7 @@ is the method's: its instruction, its reply check, its update.
 
 from __future__ import annotations
 
+import bisect
 import os
 import random
 import time
@@ -33,6 +34,7 @@ from common.wire import (
     WireError,
     check_size,
     content_bytes,
+    examples_and_loss,
     sync_only_round,
 )
 from server_app import checkpoint
@@ -86,30 +88,93 @@ def unexpected_reply(msg: Message, owed: dict[int, Message | None]) -> str | Non
     return None
 
 
+class Picked(Sequence):
+    """The items of `items` but those at the positions `skipped` (ascending), each read as `read(item)` when
+    asked for: a view, nothing copied, whatever the number of items."""
+
+    def __init__(self, items: Sequence, skipped: Sequence[int], read: Callable[[Any], Any] | None = None) -> None:
+        self.items, self.skipped, self.read = items, skipped, read
+
+    def __len__(self) -> int:
+        return len(self.items) - len(self.skipped)
+
+    def _item(self, item):
+        return item if self.read is None else self.read(item)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} of {n} items")
+        i %= n
+        position = i  # the i-th position not skipped: i + the skipped positions up to it
+        while position != (moved := i + bisect.bisect_right(self.skipped, position)):
+            position = moved
+        return self._item(self.items[position])
+
+    def __iter__(self) -> Iterator:
+        skipped = iter(self.skipped)
+        next_skipped = next(skipped, None)
+        for position, item in enumerate(self.items):
+            if position == next_skipped:
+                next_skipped = next(skipped, None)
+                continue
+            yield self._item(item)
+
+
 class Accepted:
-    """The replies of a round that passed checked_replies, as little as the round needs of each until it
-    aggregates: its Message (the aggregation decodes the arrays again from it, Replies), its example count (the
-    weight) and its train-loss (the round's train-loss is weighted like the update), in arrays of 8-byte
-    numbers; the other client metrics are folded into `stats` as replies are accepted (common.records
-    .ClientStats). So the round's bookkeeping is a few machine words a reply, not a decoded reply or a dict."""
+    """The replies of a round that passed checked_replies, as little as the round keeps of them until it
+    aggregates: Flower's list of reply Messages itself (which Flower holds through the round anyway) and the
+    positions in it of the replies that did not pass (normally none), so nothing per accepted reply; the client
+    metrics the records use are folded into `stats` as replies are accepted (common.records.ClientStats).
+    What the aggregation reads of the accepted replies is read again from their Messages when it asks:
+    `messages` (Replies decodes each again), `examples` and `losses` (their metrics checked again,
+    common.wire.examples_and_loss: no array decoded; RoundFailed if that fails all the same, as Replies). So a
+    round's bookkeeping does not grow with its replies (8 bytes a reply that did not pass)."""
 
-    __slots__ = ("messages", "examples", "losses", "stats")
+    __slots__ = ("replies", "server_round", "skipped", "stats")
 
-    def __init__(self) -> None:
-        self.messages: list[Message] = []  # Flower's, in the list of replies it handed over
-        self.examples = array("d")
-        self.losses = array("d")
+    def __init__(self, replies: Sequence[Message], server_round: int) -> None:
+        self.replies, self.server_round = replies, server_round  # Flower's list of the replies it handed over
+        self.skipped = array("q")  # positions in it of the replies not accepted, ascending
         self.stats = ClientStats()
 
     def add(self, message: Message, num_examples: int, metrics: Mapping[str, float]) -> None:
-        count, loss = float(num_examples), float(metrics.get("train-loss", 0.0))  # what can fail, before any change
-        self.messages.append(message)
-        self.examples.append(count)
-        self.losses.append(loss)
+        """Take note of the next accepted reply (`keep`'s example count and metrics, which must be what its
+        Message's metrics read as again: they are read from there when the round weighs it)."""
+        kept = float(num_examples), float(metrics.get("train-loss", 0.0))
+        again = examples_and_loss(message.content, self.server_round)
+        if again != kept:  # what can fail, before any change
+            raise WireError(f"the reply's metrics read {again}, but its check kept {kept}")
         self.stats.add(metrics)
 
+    def skip(self, position: int) -> None:
+        self.skipped.append(position)
+
+    def _metrics(self, msg: Message) -> tuple[float, float]:
+        try:
+            return examples_and_loss(msg.content, self.server_round)
+        except Exception as exc:  # noqa: BLE001 - checked once already: the round fails, the server goes on
+            node = msg.metadata.src_node_id
+            raise RoundFailed(
+                f"the metrics of node {node}, read again to weigh its reply, failed: {exc}"[:500]
+            ) from exc
+
+    @property
+    def messages(self) -> Picked:
+        return Picked(self.replies, self.skipped)
+
+    @property
+    def examples(self) -> Picked:
+        return Picked(self.replies, self.skipped, lambda msg: self._metrics(msg)[0])
+
+    @property
+    def losses(self) -> Picked:
+        return Picked(self.replies, self.skipped, lambda msg: self._metrics(msg)[1])
+
     def __len__(self) -> int:
-        return len(self.messages)
+        return len(self.replies) - len(self.skipped)
 
 
 def checked_replies(
@@ -129,14 +194,15 @@ def checked_replies(
     (WireError for what the wire formats refuse, but also whatever a crafted reply might provoke in numpy or
     Flower) rejects that reply only, is logged, and the round goes on.
 
-    `keep(node, reply)` says what the round keeps of a reply that passes: its (example count, metrics), or None
-    for a valid reply that carries no update (a sync-only reply: the strategy takes note of it and it is not
-    aggregated). The decoded arrays are dropped: the aggregation decodes them again from the Message when it
-    reads them (Replies), so that the round holds one decoded reply at a time, not n.
+    `keep(node, reply)` says what a reply that passes is: its (example count, metrics), or None for a valid
+    reply that carries no update (a sync-only reply: the strategy takes note of it and it is not aggregated).
+    The metrics are folded into the round's statistics; the rest is dropped: the aggregation reads the count
+    and the arrays again from the Message when it needs them (Accepted, Replies), so that the round holds one
+    decoded reply at a time, not n, and no number per reply.
     """
-    accepted = Accepted()
+    accepted = Accepted(replies if isinstance(replies, Sequence) else list(replies), server_round)
     failures = rejected = bytes_up = 0
-    for msg in replies:
+    for position, msg in enumerate(accepted.replies):
         node = msg.metadata.src_node_id
         problem = unexpected_reply(msg, owed)
         if problem is None:
@@ -145,6 +211,7 @@ def checked_replies(
             failures += 1
             what = "refused the instruction" if msg.error.code == INSTRUCTION_REFUSED else "failed"
             log(WARNING, "node %d %s in round %d: %s", node, what, server_round, str(msg.error.reason)[-500:])
+            accepted.skip(position)
             continue
         try:
             if problem is not None:
@@ -152,11 +219,14 @@ def checked_replies(
             bytes_up += content_bytes(msg.content)
             check_size(msg.content, max_bytes)
             kept = keep(node, unpack(msg.content))
-            if kept is not None:
+            if kept is None:
+                accepted.skip(position)
+            else:
                 accepted.add(msg, *kept)
         except Exception as exc:  # noqa: BLE001 - see the docstring: one bad reply never ends the round
             rejected += 1
             log(WARNING, "reply of node %d rejected in round %d: %s", node, server_round, str(exc)[:500])
+            accepted.skip(position)
     return accepted, failures, rejected, bytes_up
 
 
@@ -187,7 +257,7 @@ class Replies(Sequence):
         read: Callable[[RecordDict], Any],
         then: Callable[[Any], Any] | None = None,
     ) -> None:
-        self._messages, self._read, self._then = messages, read, then  # not copied: 8 bytes a reply, once
+        self._messages, self._read, self._then = messages, read, then  # not copied (Accepted.messages: a view)
 
     def map(self, f: Callable[[Any], Any]) -> Replies:
         then = self._then
@@ -199,7 +269,9 @@ class Replies(Sequence):
     def __getitem__(self, i):
         if isinstance(i, slice):
             return Replies(self._messages[i], self._read, self._then)
-        msg = self._messages[i]
+        return self._decoded(self._messages[i])
+
+    def _decoded(self, msg: Message):
         try:
             reply = self._read(msg.content)
         except Exception as exc:  # noqa: BLE001 - checked once already: the round fails, the server goes on
@@ -208,8 +280,8 @@ class Replies(Sequence):
         return reply if self._then is None else self._then(reply)
 
     def __iter__(self) -> Iterator:
-        for i in range(len(self._messages)):
-            yield self[i]
+        for msg in self._messages:
+            yield self._decoded(msg)
 
 
 def robust_aggregate(
@@ -278,13 +350,13 @@ def aggregate_checked(
     if not len(accepted):
         log(WARNING, "round %d: no valid reply, the global model is unchanged", server_round)
         return None
-    weights = capped_weights(accepted.examples, cfg.aggregation.weight_cap)
-    try:
+    try:  # the weights and losses are read again from the Messages, as the arrays are (Accepted, Replies)
+        weights = capped_weights(accepted.examples, cfg.aggregation.weight_cap)
+        loss = mean_train_loss(weights, accepted.losses)
         result, extra = apply(weights, Replies(accepted.messages, reread))
     except RoundFailed as exc:
         fail_round(recorder, server_round, str(exc))
         return None
-    loss = mean_train_loss(weights, accepted.losses)
     return result, MetricRecord({"train-loss": loss, "clients": len(accepted), **extra})
 
 
@@ -297,10 +369,11 @@ class RoundStrategy(Strategy):
     without valid replies, or whose aggregate cannot be applied (RoundFailed), leaves the global model as it was.
     Evaluation is the server's, on the dev split.
 
-    Memory: the round keeps of each valid reply its Message, example count and train-loss (Accepted: three
-    8-byte slots) and folds its other metrics into the round's statistics, not its decoded arrays; `apply`
-    gets the replies as Replies, each decoded again from its Message when read (`reread`), so under the
-    weighted mean the round holds one decoded reply at a time."""
+    Memory: the round keeps nothing per valid reply (Accepted: Flower's list of replies and the positions of
+    those that did not pass) and folds its metrics into the round's statistics; the weights and losses are
+    read again from the Messages' metrics, and `apply` gets the replies as Replies, each decoded again from
+    its Message when read (`reread`), so under the weighted mean the round holds one decoded reply at a time
+    and its memory does not grow with the number of replies (bench/scale.py, docs/scale.md)."""
 
     def __init__(self, cfg: RunConfig, recorder: RunRecorder) -> None:
         self.cfg, self.recorder = cfg, recorder
