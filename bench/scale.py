@@ -742,10 +742,10 @@ NOTES = """## Reading the figures
   the interpreter's free list (`tuple(generator)` in common.wire.decode_array). What is left from 10 to 100
   replies is the interpreter's free lists refilling after gc.collect() (dicts, small tuples, numpy's small
   buffers: bounded, a few KB), which on the tiny model is a visible share of the zero-order methods' whole
-  round (FedSPZO: 16 KB at 10 replies); from 100 replies on the peaks are flat. The extra reading costs time
-  past 256 replies (FedKRSO: 0.7 s for 1,000 replies).
+  round (FedSPZO: 14 KB at 10 replies); from 100 replies on the peaks are flat. The extra readings cost time
+  past 256 replies (FedKRSO: 0.8 s for 1,000 replies, 0.35 s for 500).
 - The log methods' map of which round each node holds (LogStrategy.node_round) grows by one entry per node the
-  server has seen (about 40-65 bytes with the dict's growth), once, not per round: it is the fleet's state,
+  server has seen (35-37 bytes here, with the dict's growth), once, not per round: it is the fleet's state,
   which catch-up needs, and round 1's column shows it.
 - Flower holds the list of reply Messages through the round whatever the strategy does (`reply Messages MB`
   above: n x one reply's wire size); that is the runtime's, not the aggregation's.

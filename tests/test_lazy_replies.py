@@ -76,7 +76,7 @@ def test_a_round_keeps_nothing_per_reply(method, tiny_bert, tmp_path, monkeypatc
     2-tuples, one per decode (`tuple(generator)` in common.wire.decode_array). Until now 50-110 bytes a reply
     (bench/records/scale.json of 2b2ead7). In round 1 the log methods add each new node to their map of the
     rounds nodes hold (LogStrategy.node_round, the fleet's state: once per node, not per round): under 150
-    bytes a node (measured: 50-65 for the log methods)."""
+    bytes a node (measured: 34-37 for the log methods)."""
     monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path / "nodes"))
     few = scale.one_aggregation(method, 200, tiny_bert, str(tmp_path), traced=True, rule="mean")
     many = scale.one_aggregation(method, 1000, tiny_bert, str(tmp_path), traced=True, rule="mean")
