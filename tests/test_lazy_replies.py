@@ -155,3 +155,29 @@ def test_a_reply_that_fails_to_decode_again_when_aggregated_fails_the_round(
     (after,) = play_rounds(run, [2], hostile=())
     assert (after["clients"], after["rejected"], after["failures"], after["failed"]) == (3, 0, 0, None)
     assert torch.isfinite(run.weights()).all() and not torch.equal(run.weights(), w0)
+
+
+def test_accepted_reads_counts_and_losses_again_and_refuses_a_keep_that_differs():
+    """Accepted keeps no count: it reads each accepted reply's num-examples and train-loss again from its
+    Message (checked again), so a keep() that says another count than the metrics is refused at once, and a
+    Message whose metrics no longer pass when the round weighs it fails the round (RoundFailed)."""
+    from flwr.app import MessageType, MetricRecord, RecordDict
+
+    from common.wire import WireError
+    from server_app.base import Accepted, RoundFailed
+
+    def reply(count: int, loss: float) -> Message:
+        content = RecordDict({"metrics": MetricRecord({"num-examples": count, "model-round": 0, "train-loss": loss})})
+        return Message(content, dst_node_id=1, message_type=MessageType.TRAIN)
+
+    msgs = [reply(5, 0.5), reply(7, 0.25), reply(9, 1.0)]
+    accepted = Accepted(msgs, 1)
+    accepted.add(msgs[0], 5, {"train-loss": 0.5})
+    accepted.skip(1)
+    with pytest.raises(WireError, match="metrics read"):
+        accepted.add(msgs[2], 8, {"train-loss": 1.0})  # keep() and the metrics disagree: refused
+    accepted.add(msgs[2], 9, {"train-loss": 1.0})
+    assert list(accepted.examples) == [5.0, 9.0] and list(accepted.losses) == [0.5, 1.0] and len(accepted) == 2
+    msgs[2].content["metrics"]["num-examples"] = 0  # garbled once accepted
+    with pytest.raises(RoundFailed, match="read again to weigh"):
+        list(accepted.examples)
