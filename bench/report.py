@@ -224,7 +224,7 @@ def compare_accuracy(
     """Final accuracy of two methods over the seeds both have (a seed fixes both runs' partition, initialisation and
     batches): the difference of the means, ours - theirs in points, against `least`. Over two seeds or more the
     verdict is 'within noise' where the margin is smaller than the seed spread of the per-seed difference; one
-    seed has no spread and says so."""
+    seed of several planned has no spread, and the verdict says so."""
     both = sorted(set(ours) & set(theirs))
     if not both:
         c.add(claim, NOT_RUN, aim, verdict(None, least, True, " points"))
@@ -239,7 +239,10 @@ def compare_accuracy(
             f"{mean_sd(a)} vs {mean_sd(b)} ({diff:+.2f} points in the mean, per-seed difference SD {spread:.2f}), "
             f"{seeds_text(both, planned)}"
         )
-    c.add(claim, measured, aim, verdict(diff, least, True, " points", spread=spread))
+    said = verdict(diff, least, True, " points", spread=spread)
+    if spread is None and len(both) < len(planned):  # one seed of several: no spread yet to weigh the margin by
+        said += " on one seed (no seed spread yet)"
+    c.add(claim, measured, aim, said)
 
 
 def memory_ratio(c: Claims, claim: str, ours: float | None, theirs: float | None, aim: float) -> None:

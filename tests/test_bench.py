@@ -189,6 +189,7 @@ def test_the_page_renders_from_partial_records_with_means_over_the_seeds_present
     )
     row = summary_row(page, "FedKRSO vs FedAvg-LoRA, SST-2: final accuracy")
     assert "80.00 vs 70.00 (+10.00 points), 1 seed (0) of 3 planned | above FedAvg-LoRA (mean) | met, 10.00" in row
+    assert row.endswith("to spare on one seed (no seed spread yet) |\n")
     assert summary_row(page, "FedKRSO vs FedTT, SST-2: final accuracy").endswith(
         "| not run yet | above FedTT (mean) | not run yet |\n"
     )
