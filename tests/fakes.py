@@ -50,3 +50,16 @@ class InProcessGrid(NodeList):
         if messages:
             self.sampled.append([m.metadata.dst_node_id for m in messages])
         return [client_reply(self.client.train, self.cfg, msg, self.partitions, self.run_id) for msg in messages]
+
+
+def assert_wire_covers_messages(wire: list[dict]) -> None:
+    """The wire bytes of a fleet's wire.jsonl rows (scripts/fleet.py WireLog, both fleets) cover the messages'
+    bytes, summed from the start through each round, both ways. WireLog books the counters when it sees a round's
+    row, which is written after the round's messages went: a round's bytes are never booked later than their
+    round, but a row seen late books the next round's first bytes with it, so only the sums hold row by row."""
+    totals = {"down": 0, "up": 0, "message_down": 0, "message_up": 0}
+    for w in wire:
+        for way in ("down", "up"):
+            totals[way] += w[f"wire_bytes_{way}"]
+            totals[f"message_{way}"] += w[f"message_bytes_{way}"] or 0
+            assert totals[way] >= totals[f"message_{way}"], (w, totals)

@@ -18,6 +18,7 @@ import subprocess
 import pytest
 
 from common.methods import known
+from tests.fakes import assert_wire_covers_messages
 
 pytestmark = [pytest.mark.system, pytest.mark.e2e, pytest.mark.fleet]
 
@@ -83,10 +84,15 @@ def assert_wire(fleet, records, rounds):
     """wire.jsonl has every round; a trained round's wire bytes cover its messages; overhead is measured."""
     wire = wire_of(records)
     assert [w["round"] for w in wire] == rounds
+    # The wire carries the messages plus HTTP, TLS and polling: never less than the messages themselves, counted
+    # from the start through each round. WireLog books the counters when it sees a round's row, which is written
+    # after the round's messages went, so a round's bytes are never booked later than that round; but a row seen
+    # late books the next round's first bytes with it (seen once: FedAvg's round 1 read 7.0 MB on the wire
+    # against 12.2 MB of messages), so round by round the wire can read less than the messages while every sum
+    # through a round holds.
+    assert_wire_covers_messages(wire)
     for w in wire[1:]:
-        # The wire carries the messages plus HTTP, TLS and polling: never less than the messages themselves.
-        assert w["wire_bytes_down"] >= w["message_bytes_down"] > 0, w
-        assert w["wire_bytes_up"] >= w["message_bytes_up"] > 0, w
+        assert w["message_bytes_down"] > 0 and w["message_bytes_up"] > 0, w
         assert w["tls"] and 0 < w["slowest_client_train_seconds"] < w["round_seconds"] and w["overhead_seconds"] > 0
     return wire
 
