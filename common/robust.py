@@ -440,12 +440,15 @@ class _Norms(Sequence):
     def __len__(self) -> int:
         return len(self.replies)
 
+    def _norm(self, reply: Mapping[K, Value]) -> float:
+        return update_norm({k: np.asarray(v) for k, v in reply.items()}, self.reference)
+
     def __getitem__(self, i):
-        return update_norm({k: np.asarray(v) for k, v in self.replies[i].items()}, self.reference)
+        return self._norm(self.replies[i])
 
     def __iter__(self) -> Iterator[float]:
         for r in self.replies:
-            yield update_norm({k: np.asarray(v) for k, v in r.items()}, self.reference)
+            yield self._norm(r)
 
 
 def aggregate_round(

@@ -174,7 +174,7 @@ class Accepted:
         return Picked(self.replies, self.skipped, lambda msg: self._metrics(msg)[1])
 
     def __len__(self) -> int:
-        return len(self.replies) - len(self.skipped)
+        return len(self.messages)
 
 
 def checked_replies(
