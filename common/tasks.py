@@ -24,6 +24,14 @@ class TaskSpec:
     # (head.init = "label-words", common/modeling.py). The SST-2 words were chosen by a probe on the embedded
     # MiniLM (bench/zo_head_probe.py): "It was bad." / "It was good." 72.2% zero-shot on the dev split.
     label_words: tuple[str, ...] = ()
+    # A decoder classifies with its own LM head (head.kind = "lm"): the prompt is `template` filled with the
+    # example ({text}, {text_pair}, {choices}: the label words joined by "or"), and logit c is the LM's logit of
+    # the first token of `lm_words[c]` at the prompt's last token (MeZO's prompt-based fine-tuning).
+    lm_words: tuple[str, ...] = ()
+    template: str = ""
+    kind: str = "classification"  # or "instruction" (common/datafiles.py): a prompt and the response to learn
+    label_names: tuple[str, ...] = ()  # the labels as the data names them, in label order (data tasks)
+    source: str = ""  # a data task's file or Hub id ("" for the built-in tasks)
 
     @property
     def is_pair(self) -> bool:
@@ -36,19 +44,44 @@ _PAIR = ("text", "text_pair")
 _GLUE = "nyu-mll/glue"
 _SUPER_GLUE = "aps/super_glue"
 
+_NO_YES = (" No", " Yes")
+# The SST-2 prompt and words are the ones the untrained SmolLM2-135M-Instruct scores 72.7% with on 300 dev
+# examples (../shared/docs/llm.md); the others follow MeZO's templates, phrased as questions.
 TASKS: dict[str, TaskSpec] = {
-    "sst2": TaskSpec("sst2", _SINGLE, 2, ("accuracy",), (_GLUE, "sst2"), "dev", ("It was bad.", "It was good.")),
-    "rte": TaskSpec("rte", _PAIR, 2, ("accuracy",), (_GLUE, "rte"), "dev", ("Yes.", "No.")),
-    "mrpc": TaskSpec("mrpc", _PAIR, 2, ("accuracy", "f1"), (_GLUE, "mrpc"), "dev", ("Different.", "Same.")),
-    "cola": TaskSpec("cola", _SINGLE, 2, ("accuracy", "mcc"), (_GLUE, "cola"), "dev", ("Wrong.", "Correct.")),
-    "wic": TaskSpec("wic", _PAIR, 2, ("accuracy",), (_SUPER_GLUE, "wic"), "val", ("Different.", "Same.")),
-    "boolq": TaskSpec("boolq", _PAIR, 2, ("accuracy",), (_SUPER_GLUE, "boolq"), "val", ("No.", "Yes.")),
-    "cb": TaskSpec("cb", _PAIR, 3, ("accuracy",), (_SUPER_GLUE, "cb"), "val", ("Yes.", "No.", "Maybe.")),
-}
+    "sst2": TaskSpec(
+        "sst2", _SINGLE, 2, ("accuracy",), (_GLUE, "sst2"), "dev", ("It was bad.", "It was good."),
+        (" negative", " positive"), "Review: {text}\nSentiment ({choices}):",
+    ),
+    "rte": TaskSpec(
+        "rte", _PAIR, 2, ("accuracy",), (_GLUE, "rte"), "dev", ("Yes.", "No."),
+        (" Yes", " No"), "{text}\nDoes this mean that \"{text_pair}\" is true? ({choices}):",
+    ),
+    "mrpc": TaskSpec(
+        "mrpc", _PAIR, 2, ("accuracy", "f1"), (_GLUE, "mrpc"), "dev", ("Different.", "Same."),
+        _NO_YES, "{text}\n{text_pair}\nDo both sentences mean the same thing? ({choices}):",
+    ),
+    "cola": TaskSpec(
+        "cola", _SINGLE, 2, ("accuracy", "mcc"), (_GLUE, "cola"), "dev", ("Wrong.", "Correct."),
+        _NO_YES, "{text}\nIs this sentence grammatical? ({choices}):",
+    ),
+    "wic": TaskSpec(
+        "wic", _PAIR, 2, ("accuracy",), (_SUPER_GLUE, "wic"), "val", ("Different.", "Same."),
+        _NO_YES, "{text}\n{text_pair}\nIs the word used with the same meaning in both sentences? ({choices}):",
+    ),
+    "boolq": TaskSpec(
+        "boolq", _PAIR, 2, ("accuracy",), (_SUPER_GLUE, "boolq"), "val", ("No.", "Yes."),
+        _NO_YES, "{text_pair}\nQuestion: {text}?\nAnswer ({choices}):",
+    ),
+    "cb": TaskSpec(
+        "cb", _PAIR, 3, ("accuracy",), (_SUPER_GLUE, "cb"), "val", ("Yes.", "No.", "Maybe."),
+        (" Yes", " No", " Maybe"), "{text}\nDoes this mean that \"{text_pair}\" is true? ({choices}):",
+    ),
+}  # fmt: skip
 
 
 def get_task(name: str) -> TaskSpec:
-    """Look a task up by name, failing loudly on typos in the run config."""
+    """Look a built-in task up by name, failing loudly on typos in the run config (a run's task, built-in or
+    from a file: common.data.task_of)."""
     try:
         return TASKS[name]
     except KeyError:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -11,9 +12,17 @@ import torch
 from torch import nn
 
 from common.config import RunConfig, TrainConfig
-from common.data import batch_indices, load_partition, load_split, tokenize
+from common.data import (
+    NOT_INPUTS,
+    batch_indices,
+    data_partition,
+    data_split,
+    encode,
+    load_partition,
+    load_split,
+    task_of,
+)
 from common.seeds import derive_seed
-from common.tasks import get_task
 
 Encoded = dict[str, torch.Tensor]
 
@@ -26,11 +35,12 @@ def make_optimizer(params: Iterable[torch.Tensor], train: TrainConfig) -> torch.
 
 
 def batch(encoded: Encoded, idx: Sequence[int]) -> Encoded:
-    """The rows `idx`, with padding columns that no row of this batch uses cut off (speed on CPU)."""
+    """The model's inputs for rows `idx`, with padding columns that no row of this batch uses cut off (speed on
+    CPU; padding is on the right)."""
     rows = torch.as_tensor(idx, dtype=torch.long)
     mask = encoded["attention_mask"][rows]
     width = int(mask.sum(dim=1).max())
-    return {k: (v[rows][:, :width] if v.dim() == 2 else v[rows]) for k, v in encoded.items()}
+    return {k: (v[rows][:, :width] if v.dim() == 2 else v[rows]) for k, v in encoded.items() if k not in NOT_INPUTS}
 
 
 def train_steps(
@@ -77,34 +87,72 @@ def step_batches(cfg: RunConfig, n: int, server_round: int, partition_key: Any) 
     return batch_indices(n, cfg.train.batch_size, cfg.train.local_steps, seed)
 
 
+def _encode(cfg: RunConfig, ds, task) -> Encoded:
+    from common.modeling import head_kind, load_tokenizer
+
+    return encode(ds, load_tokenizer(cfg.model), task, cfg.train.max_length, head_kind(cfg), cfg.data.long_responses)
+
+
 @functools.lru_cache(maxsize=16)
 def _client_encoded(cfg: RunConfig, model: str, data_dir: str, num_partitions: int, partition_id: int) -> Encoded:
-    from common.modeling import load_tokenizer
-
-    task = get_task(cfg.task)
-    if num_partitions > 0:
+    task = task_of(cfg)
+    if task.source:  # a task from a file or the Hub
+        ds = data_partition(cfg, task, num_partitions, partition_id)
+    elif num_partitions > 0:
         ds = load_partition(
             task, data_dir, num_partitions, partition_id, cfg.partitioning, cfg.dirichlet_alpha, cfg.seed
         )
     else:  # the node's own data folder: all of its train split
         ds = load_split(task, "train", data_dir)
-    return tokenize(ds, load_tokenizer(model), task, cfg.train.max_length)
+    return _encode(cfg, ds, task)
+
+
+@functools.lru_cache(maxsize=4)
+def _own_file_encoded(cfg: RunConfig, path: str) -> Encoded:
+    from common.datafiles import DataError
+
+    task = task_of(cfg)
+    if task.kind == "classification" and not cfg.data.labels.strip():
+        raise DataError(
+            f"this node reads its own data file '{path}': set data.labels (the labels in order), so that every "
+            "node numbers the labels the same way whatever its own file holds"
+        )
+    return _encode(cfg, data_split(task, "train", cfg.data, own_file=path), task)
+
+
+def node_view(cfg: RunConfig, node_config: dict[str, Any]) -> RunConfig:
+    """The run's configuration as a node reads it: a node given its own `data-file` that does not have the
+    server's task file derives the task (its kind, columns) from its own file instead."""
+    import dataclasses
+    import os
+
+    from common.datafiles import is_data_task
+
+    own = node_config.get("data-file")
+    if own and is_data_task(cfg.task) and not cfg.task.startswith("hf:") and not os.path.isfile(cfg.task):
+        return dataclasses.replace(cfg, task=str(own))
+    return cfg
 
 
 def client_data(cfg: RunConfig, node_config: dict[str, Any]) -> tuple[Encoded, str]:
     """The node's training data and a key naming it.
 
     Simulation (and a fleet sharing one dataset) gives `partition-id` / `num-partitions` in the node
-    config: the node takes that partition of the task's train split from the run's `data-dir`. A device
-    can instead be given `data-dir` in its node config: a GLUE-layout folder holding its own data.
+    config: the node takes that partition of the task's train split (from the run's `data-dir` for a
+    built-in task). A device can instead be given its own data in its node config: `data-file`, a file of
+    the run's data task (all of it is the node's training data), or `data-dir`, a GLUE-layout folder
+    holding its own data of a built-in task.
     """
+    if "data-file" in node_config:
+        path = os.path.abspath(str(node_config["data-file"]))
+        return _own_file_encoded(node_view(cfg, node_config), path), f"file:{path}"
     if "data-dir" in node_config:
         data_dir = str(node_config["data-dir"])
         return _client_encoded(cfg, cfg.model, data_dir, 0, 0), f"dir:{data_dir}"
     if "partition-id" not in node_config or "num-partitions" not in node_config:
         raise ValueError(
             "this node has no data: start the SuperNode with --node-config "
-            "'partition-id=N num-partitions=M' or \"data-dir='/path/to/glue'\""
+            "'partition-id=N num-partitions=M', \"data-file='/path/to/own.jsonl'\" or \"data-dir='/path/to/glue'\""
         )
     pid, num = int(node_config["partition-id"]), int(node_config["num-partitions"])
     return _client_encoded(cfg, cfg.model, cfg.data_dir, num, pid), f"part:{pid}/{num}"
@@ -112,11 +160,9 @@ def client_data(cfg: RunConfig, node_config: dict[str, Any]) -> tuple[Encoded, s
 
 @functools.lru_cache(maxsize=4)
 def dev_encoded(cfg: RunConfig) -> Encoded:
-    """The task's dev split (first eval.max-examples rows), tokenized: the server's evaluation set."""
-    from common.modeling import load_tokenizer
-
-    task = get_task(cfg.task)
-    ds = load_split(task, "dev", cfg.data_dir)
+    """The task's dev split (first eval.max-examples rows), encoded: the server's evaluation set."""
+    task = task_of(cfg)
+    ds = data_split(task, "dev", cfg.data) if task.source else load_split(task, "dev", cfg.data_dir)
     if cfg.eval.max_examples and cfg.eval.max_examples < len(ds):
         ds = ds.select(range(cfg.eval.max_examples))
-    return tokenize(ds, load_tokenizer(cfg.model), task, cfg.train.max_length)
+    return _encode(cfg, ds, task)

@@ -44,13 +44,19 @@ DISTRIBUTIONS = ("rademacher", "gaussian")
 
 
 def zo_parameters(
-    model: nn.Module, perturb_embeddings: bool, subset: str = "all", head: tuple[str, ...] = ()
+    model: nn.Module,
+    perturb_embeddings: bool,
+    subset: str = "all",
+    head: tuple[str, ...] = (),
+    lm_head: tuple[str, ...] = (),
 ) -> dict[str, torch.Tensor]:
     """The parameters zero-order training perturbs (`zo.params`):
 
     - "all": every parameter except the embedding tables (unless `perturb_embeddings`). Embedding tables
       (token, position, token-type) are half of MiniLM's 22.7M numbers, and a batch touches a few rows of
-      them: perturbing them adds variance to every estimate for little signal.
+      them: perturbing them adds variance to every estimate for little signal. A decoder's LM head (`lm_head`:
+      its module names; often the token table itself, tied) is such a table too: a label-word classifier
+      reads a few of its rows.
     - "bitfit": the biases, the normalisation weights and the classification head (`head`: its module
       names) only, as MeZO's parameter-efficient variants do. The estimate's noise grows with the number of
       perturbed numbers (E|g z|² ≈ d |∇L|²): 11M for "all" on MiniLM against about 31K here.
@@ -59,6 +65,7 @@ def zo_parameters(
     if subset not in ZO_PARAMS:
         raise ValueError(f"zo.params '{subset}' is unknown; choose one of: {', '.join(ZO_PARAMS)}")
     tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    tables |= {id(p) for n, m in model.named_modules() if n in lm_head for p in m.parameters()}
     norms = {id(p) for m in model.modules() if "norm" in type(m).__name__.lower() for p in m.parameters(False)}
 
     def in_head(name: str) -> bool:
@@ -210,4 +217,10 @@ def load_zo_model(cfg) -> ZoModel:
     loaded.model.eval()
     for p in loaded.model.parameters():
         p.requires_grad_(False)
-    return ZoModel(loaded, zo_parameters(loaded.model, cfg.zo.perturb_embeddings, cfg.zo.params, loaded.head))
+    if cfg.zo.params == "head" and not loaded.head:
+        raise ValueError(
+            "zo.params = 'head' perturbs a new classification head, and this run scores label words with the "
+            "decoder's own LM head (head.kind = 'lm'): use zo.params = 'bitfit' or 'all', or head.kind = 'classifier'"
+        )
+    params = zo_parameters(loaded.model, cfg.zo.perturb_embeddings, cfg.zo.params, loaded.head, loaded.lm_head)
+    return ZoModel(loaded, params)

@@ -15,10 +15,11 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import ConfigError, RunConfig, check_paths, check_resume, parse_run_config
+from common.data import task_of
 from common.evaluation import evaluate
 from common.methods import get_method
+from common.modeling import load_tokenizer
 from common.records import RunRecorder, format_table
-from common.tasks import get_task
 from common.training import dev_encoded
 from server_app import checkpoint
 from server_app.base import ServerSetup
@@ -32,7 +33,7 @@ def build_setup(cfg: RunConfig, recorder: RunRecorder) -> ServerSetup:
 
 
 def run_name(cfg: RunConfig) -> str:
-    return cfg.run_name or f"{cfg.method}-{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return cfg.run_name or f"{cfg.method}-{task_of(cfg).name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def resume(setup: ServerSetup, saved: checkpoint.ServerState, run_id: int) -> ArrayRecord:
@@ -70,7 +71,7 @@ def run(grid: Grid, cfg: RunConfig, run_id: int = 0) -> dict:
         raise ConfigError(
             f"data-dir '{cfg.data_dir}' is not a folder: point it at a GLUE-layout folder, or leave it empty for the Hub"
         )
-    task = get_task(cfg.task)
+    task = task_of(cfg)  # a data task's file is read and checked here, before any training
     saved = None
     if cfg.resume_from:  # read and checked before anything is written (it may live in this run's folder)
         saved = checkpoint.read(cfg.resume_from)
@@ -95,7 +96,7 @@ def run(grid: Grid, cfg: RunConfig, run_id: int = 0) -> dict:
         if due:
             if setup.load is not None and server_round > 0:
                 setup.load(arrays)
-            result = evaluate(setup.model, dev, task, cfg.eval.batch_size)
+            result = evaluate(setup.model, dev, task, cfg.eval.batch_size, cfg.eval, load_tokenizer(cfg.model))
         rec = recorder.end_round(server_round, result)
         if server_round > 0:
             start = time.perf_counter()

@@ -11,7 +11,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from common.config import ConfigError, parse_run_config
-from common.modeling import load_model
+from common.modeling import load_run_model
 from common.records import RunRecorder
 from common.wire import content_bytes
 from methods.fedtt import client as tc
@@ -128,8 +128,9 @@ def test_adapters_start_as_identity_and_sit_after_attention_and_ffn_outputs(whic
     model = request.getfixturevalue(which)
     cfg = make_cfg(model, glue_dir, tmp_path)
     tm = build(cfg)
-    plain = load_model(model, 2, cfg.seed).model
+    plain = load_run_model(cfg).model  # the same model and head (the LM head scoring label words on tiny_llama)
     enc = tm.loaded.tokenizer(["a fine film", "not good at all, no"], return_tensors="pt", padding=True)
+    enc.pop("token_type_ids", None)
     with torch.no_grad():
         torch.testing.assert_close(tm.loaded.model(**enc).logits, plain(**enc).logits, rtol=0, atol=0)
     suffixes = {"attention.output.dense", "output.dense"} if which == "tiny_bert" else {"o_proj", "down_proj"}
@@ -279,11 +280,14 @@ def test_fedavg_lora_round_and_bytes_against_fedtt(tiny_bert, tiny_llama, glue_d
     assert any(not torch.equal(trained[n], torch.from_numpy(a.numpy())) for n, a in setup.initial.items())
     assert all(content_bytes(r.content) > 0 for r in replies)
     with pytest.raises(ValueError, match="q_proj,v_proj"):
-        build_lora(make_cfg(tiny_llama, glue_dir, tmp_path, method="fedavg-lora"))
+        build_lora(make_cfg(tiny_llama, glue_dir, tmp_path, method="fedavg-lora", **{"lora.targets": "qv"}))
+    # the default "query,value" names the same projections on a decoder: q_proj and v_proj
+    _, default = build_lora(make_cfg(tiny_llama, glue_dir, tmp_path, method="fedavg-lora"))
     _, llama_params = build_lora(
         make_cfg(tiny_llama, glue_dir, tmp_path, method="fedavg-lora", **{"lora.targets": "q_proj,v_proj"})
     )
-    assert any("score" in n for n in llama_params)
+    assert sorted(default) == sorted(llama_params) and {n.split(".")[-4] for n in default} == {"q_proj", "v_proj"}
+    assert len(default) == 2 * 2 * 2  # the LM head scores the label words: no new head to train and send
 
 
 @pytest.mark.unit

@@ -82,4 +82,12 @@ def test_refusals(tiny_llama):
     with pytest.raises(ConfigError, match="head.init"):
         parse_run_config({"head.init": "zeros"})
     with pytest.raises(ModelError, match="pooler"):
+        load_run_model(
+            parse_run_config(
+                {"method": "fedavg", "model": tiny_llama, "head.pooling": "mean", "head.kind": "classifier"}
+            )
+        )
+    with pytest.raises(ModelError, match="head.pooling = 'mean' sets how a new classification head"):
         load_run_model(parse_run_config({"method": "fedavg", "model": tiny_llama, "head.pooling": "mean"}))
+    with pytest.raises(ModelError, match="needs a decoder LM"):
+        load_run_model(parse_run_config({"method": "fedavg", "head.kind": "lm"}))

@@ -152,11 +152,14 @@ def test_malformed_replies_are_rejected_and_the_round_goes_on(tiny_bert, glue_di
 
 
 def test_decoder_model_trains_in_subspaces(tiny_llama, glue_dir, tmp_path, monkeypatch):
-    """LLaMA-family decoders: q/k/v/o and the MLP projections are targets, `score` is the head."""
+    """LLaMA-family decoders: q/k/v/o and the MLP projections are targets; the LM head scores the label words
+    and is never a target (it is often the embedding table, tied); with head.kind = "classifier", `score`."""
     monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path / "nodes"))
+    classifier = build(make_cfg(tiny_llama, glue_dir, tmp_path, **{"head.kind": "classifier"}))
+    assert set(classifier.head) == {"score.weight"}
     cfg = make_cfg(tiny_llama, glue_dir, tmp_path)
     km = build(cfg)
-    assert set(km.head) == {"score.weight"}
+    assert km.head == {} and km.loaded.lm_head == ("lm.lm_head",) and not any("lm_head" in n for n in km.targets)
     assert any(n.endswith("q_proj") for n in km.targets) and any(n.endswith("down_proj") for n in km.targets)
     strategy = FedKRSO(cfg, km, RunRecorder(cfg.results_dir, cfg.run_name, cfg.to_flat()))
     msgs = list(strategy.configure_train(1, None, None, NodeList(NODES)))

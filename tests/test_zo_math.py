@@ -105,7 +105,7 @@ def _cfg(model, glue_dir, tmp_path, **extra):
 @pytest.mark.integration
 @pytest.mark.parametrize("kind", ["tiny_bert", "tiny_llama"])
 def test_split_forward_equals_whole_forward(kind, request, glue_dir, tmp_path):
-    cfg = _cfg(request.getfixturevalue(kind), glue_dir, tmp_path)
+    cfg = _cfg(request.getfixturevalue(kind), glue_dir, tmp_path, **{"head.kind": "classifier"})
     sm = spzo.build(cfg)
     encoded, _ = client_data(cfg, {"partition-id": 0, "num-partitions": 2})
     x = batch(encoded, [0, 1, 2, 3])
@@ -226,7 +226,7 @@ def test_fedkseed_reuses_what_runs_below_the_head_with_the_same_estimates(kind, 
     and the head only: the same loss differences as the whole network, to float rounding, the same trained
     model, and fewer transformer blocks run."""
     cfg = _cfg(request.getfixturevalue(kind), glue_dir, tmp_path, method="fedkseed",
-               **{"zo.params": "head", "kseed.perturbations": 3})  # fmt: skip
+               **{"zo.params": "head", "kseed.perturbations": 3, "head.kind": "classifier"})  # fmt: skip
     reused, whole = kseed.build(cfg), kseed.build(cfg)
     assert reused.split is not None and reused.split.split_layer == 1 and not reused.split.block1
     whole.split = None

@@ -24,21 +24,17 @@ def build(cfg: RunConfig) -> tuple[nn.Module, dict[str, nn.Parameter]]:
     from peft import LoraConfig, get_peft_model
 
     loaded = load_run_model(cfg)
-    targets = [t.strip() for t in cfg.lora.targets.split(",") if t.strip()]
-    names = [n for n, m in loaded.model.named_modules() if isinstance(m, nn.Linear)]
-    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
-    if unmatched:
-        raise ValueError(
-            f"lora.targets names {unmatched} match no linear layer of this model "
-            f"(BERT family: 'query,value'; LLaMA family: 'q_proj,v_proj'); layers end in: "
-            f"{sorted({n.split('.')[-1] for n in names})}"
-        )
+    names = [
+        n
+        for n, m in loaded.model.named_modules()
+        if isinstance(m, nn.Linear) and not any(n == u or n.startswith(u + ".") for u in loaded.lm_head)
+    ]
     config = LoraConfig(
         r=cfg.lora.rank,
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
-        target_modules=targets,
-        modules_to_save=list(loaded.head),
+        target_modules=resolve_targets(cfg.lora.targets, names),
+        modules_to_save=list(loaded.head) or None,
     )
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)
@@ -46,6 +42,32 @@ def build(cfg: RunConfig) -> tuple[nn.Module, dict[str, nn.Parameter]]:
     params = {n.removeprefix(PREFIX): p for n, p in net.named_parameters() if p.requires_grad}
     init_lora_a(params, cfg.seed)
     return net, params
+
+
+# The same projection under the names of the two families: "query,value" (the default) means the attention
+# query and value projections on a BERT-family encoder and on a LLaMA-family decoder alike (peft's own
+# defaults for the two: query/value and q_proj/v_proj).
+ALIASES = {"query": "q_proj", "key": "k_proj", "value": "v_proj", "q_proj": "query", "k_proj": "key", "v_proj": "value"}
+
+
+def resolve_targets(spec: str, names: list[str]) -> list[str]:
+    """lora.targets as the module-name suffixes of this model: each name as given where the model has it, else
+    its other family's name (ALIASES); a name matching neither is refused with the suffixes the model has."""
+
+    def has(t: str) -> bool:
+        return any(n == t or n.endswith("." + t) for n in names)
+
+    out, unmatched = [], []
+    for t in (t.strip() for t in spec.split(",") if t.strip()):
+        match = t if has(t) else ALIASES.get(t) if has(ALIASES.get(t, "")) else None
+        (out if match else unmatched).append(match or t)
+    if unmatched:
+        raise ValueError(
+            f"lora.targets names {unmatched} match no linear layer of this model "
+            f"(BERT family: 'query,value'; LLaMA family: 'q_proj,v_proj'); layers end in: "
+            f"{sorted({n.split('.')[-1] for n in names})}"
+        )
+    return out
 
 
 @torch.no_grad()

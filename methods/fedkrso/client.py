@@ -28,7 +28,8 @@ def local_update(
 
     `dropout`: the round's dropout seed (`common.training.dropout_seed`); interval i draws from its own."""
     spaces = Subspaces(km.targets, cfg.krso.rank)
-    head_opt = make_optimizer(km.head.values(), cfg.train)  # the head's Adam state spans the round
+    # the head's Adam state spans the round; the LM head (head.kind = "lm") is pretrained: no new head to train
+    head_opts = [make_optimizer(km.head.values(), cfg.train)] if km.head else []
     acc: Accumulators = {}
     losses: list[float] = []
     j_steps = interval_steps(cfg)
@@ -38,7 +39,7 @@ def local_update(
             bs = spaces.begin(seeds[j])
             opt = make_optimizer(bs, cfg.train)  # B restarts at 0 each interval, so does its state
             part = batches[i * j_steps : (i + 1) * j_steps]
-            losses += train_steps(km.loaded.model, encoded, part, [opt, head_opt], derive_seed(dropout, i))
+            losses += train_steps(km.loaded.model, encoded, part, [opt, *head_opts], derive_seed(dropout, i))
             for name, b in spaces.merge().items():
                 key = (j, name)
                 acc[key] = acc[key] + b if key in acc else b

@@ -33,7 +33,7 @@ class KrsoModel(TrainedHead):
 def build(cfg: RunConfig) -> KrsoModel:
     loaded, head = load_with_trainable_head(cfg)
     net = loaded.model
-    targets = find_targets(net, cfg.krso.targets, exclude=loaded.head)
+    targets = find_targets(net, cfg.krso.targets, exclude=loaded.untargeted)
     return KrsoModel(loaded, targets, target_shapes(targets, cfg.krso.rank), head)
 
 

@@ -36,6 +36,6 @@ def build(cfg: RunConfig) -> TTModel:
     net = loaded.model
     t = cfg.tt
     adapters = TTAdapters(
-        net, find_sites(net, exclude=loaded.head), t.bottleneck, t.rank, t.scale, cfg.seed, t.max_mode
+        net, find_sites(net, exclude=loaded.untargeted), t.bottleneck, t.rank, t.scale, cfg.seed, t.max_mode
     )
     return TTModel(loaded, adapters, head)
