@@ -109,14 +109,16 @@ def _client_encoded(cfg: RunConfig, model: str, data_dir: str, num_partitions: i
 
 @functools.lru_cache(maxsize=4)
 def _own_file_encoded(cfg: RunConfig, path: str) -> Encoded:
-    from common.datafiles import DataError
+    from common.data import data_rows
+    from common.datafiles import Columns, DataError, infer_kind
 
-    task = task_of(cfg)
-    if task.kind == "classification" and not cfg.data.labels.strip():
+    kind = cfg.task_kind if cfg.task_kind != "auto" else infer_kind(data_rows(path), Columns.of(cfg.data), path)
+    if kind == "classification" and not cfg.data.labels.strip():
         raise DataError(
             f"this node reads its own data file '{path}': set data.labels (the labels in order), so that every "
             "node numbers the labels the same way whatever its own file holds"
         )
+    task = task_of(cfg)
     return _encode(cfg, data_split(task, "train", cfg.data, own_file=path), task)
 
 
@@ -141,9 +143,12 @@ def client_data(cfg: RunConfig, node_config: dict[str, Any]) -> tuple[Encoded, s
     config: the node takes that partition of the task's train split (from the run's `data-dir` for a
     built-in task). A device can instead be given its own data in its node config: `data-file`, a file of
     the run's data task (all of it is the node's training data), or `data-dir`, a GLUE-layout folder
-    holding its own data of a built-in task.
+    holding its own data of a built-in task. A node config may carry both: `data-file` serves the runs on
+    a data task, partitions or `data-dir` the runs on a built-in one.
     """
-    if "data-file" in node_config:
+    from common.datafiles import is_data_task
+
+    if "data-file" in node_config and is_data_task(cfg.task):
         path = os.path.abspath(str(node_config["data-file"]))
         return _own_file_encoded(node_view(cfg, node_config), path), f"file:{path}"
     if "data-dir" in node_config:

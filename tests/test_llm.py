@@ -132,3 +132,25 @@ def test_every_method_instruction_tunes_a_decoder_on_a_users_jsonl_and_classifie
             assert rows[1]["generated"] == 2
         dev = dev_encoded(cfg)
         assert len(dev["labels"]) == 4  # the held-out tenth of 40 rows, the same for every method
+
+
+def test_a_fleet_node_reads_its_own_file_and_not_the_servers(own_files, tiny_llama, tmp_path):
+    own = tmp_path / "node-7.jsonl"
+    own.write_text("".join(json.dumps({"prompt": f"Say {w}.", "response": w}) + "\n" for w in ("a", "b", "c")))
+    absent = str(tmp_path / "only-on-the-server.jsonl")  # the server's task file, which this node does not have
+    cfg = cfg_for(absent, tiny_llama, tmp_path)
+    encoded, key = client_data(cfg, {"data-file": str(own), "partition-id": 0, "num-partitions": 2})
+    assert len(encoded["labels"]) == 3 and key == f"file:{own}"  # all of its own file, no held-out part
+    # a built-in task's run ignores data-file: the same node config serves both kinds of run
+    builtin = cfg_for(
+        "rte", tiny_llama, tmp_path, **{"data-dir": os.path.join(os.path.dirname(__file__), "fixtures", "glue")}
+    )
+    assert client_data(builtin, {"data-file": str(own), "partition-id": 0, "num-partitions": 2})[1] == "part:0/2"
+    # a classification node must be told the label order: its own file may not hold every label
+    mine = tmp_path / "node-7.csv"
+    mine.write_text("text,label\nfine,positive\nnice,positive\n")
+    with pytest.raises(ValueError, match="set data.labels"):
+        client_data(cfg_for(str(tmp_path / "server.csv"), tiny_llama, tmp_path), {"data-file": str(mine)})
+    labelled = cfg_for(str(tmp_path / "server.csv"), tiny_llama, tmp_path, **{"data.labels": "negative,positive"})
+    encoded, _ = client_data(labelled, {"data-file": str(mine)})
+    assert encoded["labels"].tolist() == [1, 1]
