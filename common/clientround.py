@@ -100,10 +100,12 @@ class ClientRound:
 
     def run(self) -> RecordDict:
         with PeakRSS() as mem:
+            loading = time.perf_counter()
             begun = self.start()
             if not begun.caught_up:
                 return sync_reply(begun.model_round)  # the server resends the log from there next time
             encoded, data_key = client_data(self.cfg, self.node_config)
+            load_seconds = time.perf_counter() - loading
             n = len(encoded["labels"])
             batches = step_batches(self.cfg, n, begun.server_round, data_key)
             local = Local(begun.server_round, encoded, data_key, batches)
@@ -116,6 +118,7 @@ class ClientRound:
             "model-round": begun.model_round,
             "train-loss": trained.loss,
             "train-seconds": seconds,
+            "load-seconds": load_seconds,
             "peak-rss-mb": mem.peak_mb,
             "local-steps": trained.steps,
             **trained.metrics,

@@ -36,7 +36,14 @@ from common.files import fsync_dir, replace_file
 PASSES = ("forward_passes", "full_passes", "block1_passes", "block2_passes")
 
 # The client metrics the round records summarise (RunRecorder.add_replies, ClientStats).
-STATS_KEYS = ("peak-rss-mb", "train-seconds", "train-loss", "local-steps", *(k.replace("_", "-") for k in PASSES))
+STATS_KEYS = (
+    "peak-rss-mb",
+    "train-seconds",
+    "load-seconds",
+    "train-loss",
+    "local-steps",
+    *(k.replace("_", "-") for k in PASSES),
+)
 
 CHECKPOINT = "checkpoint.safetensors"  # the server checkpoint beside the records (server_app/checkpoint.py)
 
@@ -208,6 +215,7 @@ class RunRecorder:
             "client_peak_rss_mb": None,
             "client_train_seconds": None,
             "client_train_seconds_max": None,
+            "client_load_seconds": None,
             "client_train_loss": None,
             "seconds_per_local_step": None,
             **{f"client_{kind}": None for kind in PASSES},
@@ -232,6 +240,9 @@ class RunRecorder:
         rec["client_train_seconds"] = stats.mean("train-seconds")
         # the slowest client: a round's overhead = seconds - client_train_seconds_max
         rec["client_train_seconds_max"] = stats.max("train-seconds")
+        # building the model and catching up, and reading and encoding the data: the part of a client's round
+        # that is not training (a cached model folder keeps it small)
+        rec["client_load_seconds"] = stats.mean("load-seconds")
         rec["client_train_loss"] = stats.mean("train-loss")
         steps, secs = stats.sum("local-steps"), stats.sum("train-seconds")
         rec["seconds_per_local_step"] = secs / steps if steps and secs is not None else None

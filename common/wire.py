@@ -167,6 +167,7 @@ def sync_only_round(content: RecordDict) -> int | None:
 METRIC_BOUNDS: dict[str, tuple[float, float]] = {
     "train-loss": (0.0, 1e4),
     "train-seconds": (0.0, 1e7),
+    "load-seconds": (0.0, 1e7),
     "perturb-seconds": (0.0, 1e7),
     "peak-rss-mb": (0.0, 1e8),
     "local-steps": (0.0, 1e9),

@@ -31,6 +31,8 @@ sys.path.insert(0, ROOT)
 import contextlib
 
 from common.config import ConfigError, check_paths, parse_run_config
+from common.data import task_of
+from common.datafiles import HUB_PREFIX, is_data_task
 from common.records import check_not_overwriting, format_table
 
 FLWR = os.path.join(os.path.dirname(sys.executable), "flwr")
@@ -122,14 +124,18 @@ def simulate(
     flat = {**app_defaults(), **overrides}
     if not flat.get("data-dir") and os.environ.get("GLUE_DIR"):
         flat["data-dir"] = os.environ["GLUE_DIR"]
-    for key in ("data-dir", "results-dir", "resume-from"):
+    for key in ("data-dir", "results-dir", "resume-from", "data.eval-file"):
         if flat.get(key):
             flat[key] = os.path.abspath(os.path.expanduser(flat[key]))  # the app runs in another folder
+    if is_data_task(str(flat.get("task", ""))) and not str(flat["task"]).startswith(HUB_PREFIX):
+        flat["task"] = os.path.abspath(os.path.expanduser(flat["task"]))  # a file of one's own, from anywhere
+        overrides = {**overrides, "task": flat["task"]}
     if flat.get("data-dir") and not os.path.isdir(flat["data-dir"]):
         raise ConfigError(f"data-dir '{flat['data-dir']}' is not a folder (set GLUE_DIR or data-dir)")
-    if not flat.get("run-name"):
-        flat["run-name"] = f"{flat['method']}-{flat['task']}-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg = parse_run_config(flat)
+    if not flat.get("run-name"):
+        flat["run-name"] = f"{flat['method']}-{task_of(cfg).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        cfg = parse_run_config(flat)
     if clients < cfg.min_clients:
         raise ConfigError(f"--clients {clients} is below min-clients={cfg.min_clients}")
     check_paths(cfg)

@@ -96,7 +96,9 @@ def run(grid: Grid, cfg: RunConfig, run_id: int = 0) -> dict:
         if due:
             if setup.load is not None and server_round > 0:
                 setup.load(arrays)
+            clock = time.perf_counter()
             result = evaluate(setup.model, dev, task, cfg.eval.batch_size, cfg.eval, load_tokenizer(cfg.model))
+            result["eval-seconds"] = time.perf_counter() - clock
         rec = recorder.end_round(server_round, result)
         if server_round > 0:
             start = time.perf_counter()
