@@ -26,3 +26,25 @@ def test_bad_config_stops_before_anything_starts(tiny_bert, glue_dir, tmp_path):
         run("fedkrso", tiny_bert, glue_dir, tmp_path, **{"krso.rank": 0})
     with pytest.raises(ConfigError, match="data-dir"):
         run("fedkrso", tiny_bert, str(tmp_path / "no-such-glue"), tmp_path)
+
+
+def test_a_users_jsonl_instruction_tunes_a_decoder_through_flwr_run(tiny_llama, tmp_path, monkeypatch):
+    """The README's first screen on a tiny decoder: a JSONL of one's own, by a path relative to where the command
+    runs, through `flwr run` and Ray, every round's held-out response loss and generated answers recorded."""
+    import json
+
+    (tmp_path / "mine.jsonl").write_text(
+        "".join(json.dumps({"prompt": f"What comes after {i}?", "response": f"{i + 1}"}) + "\n" for i in range(30))
+    )
+    monkeypatch.chdir(tmp_path)
+    overrides = {
+        "method": "fedtt", "task": "mine.jsonl", "model": tiny_llama, "num-server-rounds": 1,
+        "results-dir": str(tmp_path / "results"), "run-name": "own-jsonl", "train.local-steps": 2,
+        "train.batch-size": 4, "train.max-length": 32, "eval.generate": 2, "eval.max-new-tokens": 3,
+    }  # fmt: skip
+    result = simulate(overrides, clients=2, quiet=True, timeout=900)
+    assert result["status"] == "finished:completed"
+    rows = [json.loads(line) for line in open(tmp_path / "results" / "own-jsonl" / "rounds.jsonl")]
+    assert [r["round"] for r in rows] == [0, 1] and rows[1]["clients"] == 2
+    assert all(r["perplexity"] > 1 and r["generated"] == 2 for r in rows)
+    assert rows[1]["client_load_seconds"] is not None and rows[1]["client_train_seconds"] is not None
