@@ -44,7 +44,8 @@ def test_a_users_jsonl_instruction_tunes_a_decoder_through_flwr_run(tiny_llama, 
     }  # fmt: skip
     result = simulate(overrides, clients=2, quiet=True, timeout=900)
     assert result["status"] == "finished:completed"
-    rows = [json.loads(line) for line in open(tmp_path / "results" / "own-jsonl" / "rounds.jsonl")]
+    with open(tmp_path / "results" / "own-jsonl" / "rounds.jsonl") as f:
+        rows = [json.loads(line) for line in f]
     assert [r["round"] for r in rows] == [0, 1] and rows[1]["clients"] == 2
     assert all(r["perplexity"] > 1 and r["generated"] == 2 for r in rows)
     assert rows[1]["client_load_seconds"] is not None and rows[1]["client_train_seconds"] is not None
