@@ -173,3 +173,22 @@ def test_a_config_written_before_the_data_keys_existed_is_the_same_configuration
     with pytest.raises(ConfigError, match="data.eval-fraction"):
         check_resume(changed, old, 3)
     assert dataclasses.asdict(DataConfig())["eval_fraction"] == 0.1
+
+
+def test_a_hub_dataset_uses_its_own_validation_split(monkeypatch):
+    # the Hub cannot be reached here: datasets.load_dataset is given a DatasetDict as the Hub would return it
+    import datasets
+
+    splits = datasets.DatasetDict(
+        train=datasets.Dataset.from_dict({"prompt": ["a", "b", "c"], "response": ["x", "y", "z"]}),
+        validation=datasets.Dataset.from_dict({"prompt": ["d"], "response": ["w"]}),
+    )
+    asked = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config=None: asked.append((name, config)) or splits)
+    cfg = cfg_for("hf:someone/pairs:v2")
+    task = task_of(cfg)
+    assert (task.kind, task.name) == ("instruction", "someone-pairs-v2") and asked[0] == ("someone/pairs", "v2")
+    assert data_split(task, "train", cfg.data)["response"] == ["x", "y", "z"]
+    assert data_split(task, "dev", cfg.data)["response"] == ["w"]
+    with pytest.raises(DataError, match="a Hugging Face dataset is 'hf:org/name'"):
+        task_of(cfg_for("hf:bad name!"))
