@@ -80,10 +80,13 @@ AUTO_KEYS = tuple(methods.specs()[0].defaults)
 class ZoConfig:
     """Zero-order settings shared by FedSPZO and FedKSeed (see common/zeroorder.py)."""
 
-    # η, constant: every node replays θ <- θ - η g z with the η of the update log. Sized for "bitfit" (about
-    # 31K perturbed numbers on MiniLM): an estimate's step grows with the number perturbed, so "head" (770)
-    # takes about 2e-2 and "all" (11M) 1e-5 or less (docs/methods.md, FedSPZO; bench/zo_probe.py)
-    lr: float = 2e-3
+    # η, constant: every node replays θ <- θ - η g z with the η of the update log. "auto": ZO_LR_ENCODER on
+    # an encoder with a new head, sized for "bitfit" (about 31K perturbed numbers on MiniLM: an estimate's step
+    # grows with the number perturbed, so "head" (770) takes about 2e-2 and "all" (11M) 1e-5 or less;
+    # docs/methods.md, FedSPZO), ZO_LR_DECODER on a decoder's LM head, whose "bitfit" is its RMSNorm weights
+    # (35K on SmolLM2): 2e-3 took SST-2 from 72% to 51% in 60 steps there, 2e-5 kept it and gained a point
+    # (bench/records/zo-probe/smollm2-fedspzo-bitfit.json)
+    lr: float | str = AUTO
     eps: float = 1e-3  # ε of the two-sided estimate
     distribution: str = "rademacher"  # or "gaussian"
     perturb_embeddings: bool = False  # the token/position embedding tables stay frozen by default
@@ -91,6 +94,9 @@ class ZoConfig:
     # head on both sides of FedSPZO's split; "all" did not move the dev accuracy in the probe's budget
     params: str = "bitfit"
 
+
+ZO_LR_ENCODER = 2e-3
+ZO_LR_DECODER = 2e-5
 
 # common.robust.RULES (kept import-free here)
 AGGREGATION_RULES = ("mean", "capped-mean", "trimmed-or-capped", "trimmed-mean", "median", "geometric-median")
@@ -206,6 +212,10 @@ def _expected_keys() -> dict[str, tuple[str, str | None, Any]]:
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:
+    if key == "zo.lr":
+        if value == AUTO:
+            return value
+        return _coerce_as(key, value, ZO_LR_ENCODER)
     if key not in AUTO_KEYS:
         return _coerce_as(key, value, default)
     if value == AUTO:
@@ -270,8 +280,29 @@ def parse_run_config(run_config: dict[str, Any]) -> RunConfig:
     return cfg
 
 
+def zo_lr_auto(cfg: RunConfig) -> float:
+    """What zo.lr = "auto" is for this run: ZO_LR_DECODER when a zero-order method trains a decoder through its LM
+    head, else ZO_LR_ENCODER (what every run used before decoders had one; first-order methods never read it).
+    head.kind = "auto" reads the model's configuration (common.modeling.is_decoder)."""
+    if (
+        not (cfg.method in methods.names() and methods.get_method(cfg.method).zero_order)
+        or cfg.head.kind == "classifier"
+    ):
+        return ZO_LR_ENCODER
+    if cfg.head.kind == "lm":
+        return ZO_LR_DECODER
+    from common.modeling import ModelError, is_decoder
+
+    try:
+        return ZO_LR_DECODER if is_decoder(cfg.model) else ZO_LR_ENCODER
+    except ModelError as exc:
+        raise ConfigError(f"zo.lr = 'auto' depends on the model, which cannot be read ({exc}): set zo.lr") from None
+
+
 def resolve_auto(cfg: RunConfig) -> RunConfig:
     """`cfg` with every "auto" replaced by its method's value (numbers are kept)."""
+    if cfg.zo.lr == AUTO:
+        cfg = dataclasses.replace(cfg, zo=dataclasses.replace(cfg.zo, lr=zo_lr_auto(cfg)))
     if cfg.method not in methods.names():
         return cfg  # an unknown method: validate() names it and the known ones
     table = methods.get_method(cfg.method).defaults
