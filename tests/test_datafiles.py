@@ -93,42 +93,28 @@ def test_parquet_files_are_read(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("content", "message"),
+    ("name", "content", "message"),
     [
-        (b"", r"holds no examples: it is empty"),
-        (b'{"prompt": "a", "response": "b"}\n{"prompt": "c" "response": "d"}\n', r"bad.jsonl:2: not valid JSON"),
-        (b'{"prompt": "a", "response": "b"}\n[1, 2]\n', r"bad.jsonl:2: a JSONL line must be one JSON object"),
-        (b'{"prompt": "a", "response": "b"}\n\n{"prompt": "\xff", "response": "b"}\n', r"bad.jsonl:3: not UTF-8"),
-        (b'{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n', r"bad.jsonl:2: no column 'response'"),
-        (b'{"prompt": "a", "response": "b"}\n{"prompt": 3, "response": "b"}\n', r"bad.jsonl:2: column 'prompt' must be text"),
-        (b'{"prompt": "a", "response": "b"}\n{"prompt": "a", "response": "  "}\n', r"bad.jsonl:2: the response is empty"),
-        (b'{"question": "a", "answer": "b"}\n', r"bad.jsonl:1: cannot tell the task kind from the columns"),
+        ("bad.jsonl", b"", r"holds no examples: it is empty"),
+        ("bad.jsonl", b'{"prompt": "a", "response": "b"}\n{"prompt": "c" "response": "d"}\n', r"bad.jsonl:2: not valid JSON"),
+        ("bad.jsonl", b'{"prompt": "a", "response": "b"}\n[1, 2]\n', r"bad.jsonl:2: a JSONL line must be one JSON object"),
+        ("bad.jsonl", b'{"prompt": "a", "response": "b"}\n\n{"prompt": "\xff", "response": "b"}\n', r"bad.jsonl:3: not UTF-8"),
+        ("bad.jsonl", b'{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n', r"bad.jsonl:2: no column 'response'"),
+        ("bad.jsonl", b'{"prompt": "a", "response": "b"}\n{"prompt": 3, "response": "b"}\n', r"bad.jsonl:2: column 'prompt' must be text"),
+        ("bad.jsonl", b'{"prompt": "a", "response": "b"}\n{"prompt": "a", "response": "  "}\n', r"bad.jsonl:2: the response is empty"),
+        ("bad.jsonl", b'{"question": "a", "answer": "b"}\n', r"bad.jsonl:1: cannot tell the task kind from the columns"),
+        ("bad.csv", b"text,label\nfine,good\nbad one,bad,extra\n", r"bad.csv:3: 3 fields, but the header names 2"),
+        ("bad.csv", b"text,label\nfine,good\n\xe9t\xe9,bad\n", r"bad.csv:3: not UTF-8"),
+        ("bad.csv", b"text,label\nfine,good\nmeh,neutral\n", r"bad.csv:3: column 'label': unknown label 'neutral'"),
+        ("bad.csv", b"sentence,label\nfine,good\n", r"bad.csv:2: no column 'text' \(the text"),
     ],
 )  # fmt: skip
-def test_bad_jsonl_names_the_file_line_and_column(tmp_path, content, message):
-    path = tmp_path / "bad.jsonl"
+def test_bad_files_name_the_file_line_and_column(tmp_path, name, content, message):
+    path = tmp_path / name
     path.write_bytes(content)
+    classification = {"data.labels": "bad,good", "task-kind": "classification"} if name.endswith(".csv") else {}
     with pytest.raises(DataError, match=message):
-        cfg = cfg_for(str(path), **{"data.eval-file": str(path)})
-        data_split(task_of(cfg), "train", cfg.data)
-
-
-@pytest.mark.parametrize(
-    ("content", "message"),
-    [
-        (b"text,label\nfine,good\nbad one,bad,extra\n", r"bad.csv:3: 3 fields, but the header names 2"),
-        (b"text,label\nfine,good\n\xe9t\xe9,bad\n", r"bad.csv:3: not UTF-8"),
-        (b"text,label\nfine,good\nmeh,neutral\n", r"bad.csv:3: column 'label': unknown label 'neutral'"),
-        (b"sentence,label\nfine,good\n", r"bad.csv:2: no column 'text' \(the text"),
-    ],
-)  # fmt: skip
-def test_bad_csv_names_the_file_line_and_column(tmp_path, content, message):
-    path = tmp_path / "bad.csv"
-    path.write_bytes(content)
-    with pytest.raises(DataError, match=message):
-        cfg = cfg_for(
-            str(path), **{"data.eval-file": str(path), "data.labels": "bad,good", "task-kind": "classification"}
-        )
+        cfg = cfg_for(str(path), **{"data.eval-file": str(path)}, **classification)
         data_split(task_of(cfg), "train", cfg.data)
 
 
