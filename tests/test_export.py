@@ -135,13 +135,14 @@ def runs(tiny_bert, glue_dir, tmp_path_factory):
     base = tmp_path_factory.mktemp("runs")
     done: dict[str, str] = {}
 
-    def get(method: str, rounds: int = ROUNDS, **extra) -> str:
+    def get(method: str, rounds: int = ROUNDS, model: str = tiny_bert, **extra) -> str:
         name = f"{method}-{rounds}" + "".join(f"-{k}-{v}" for k, v in extra.items())
+        name += "" if model == tiny_bert else f"-{os.path.basename(model.rstrip(os.sep))}"
         if name not in done:
             saved = os.environ.get(STATE_DIR_ENV)
             os.environ[STATE_DIR_ENV] = str(base / "nodes" / name)
             try:
-                cfg = make_cfg(method, tiny_bert, glue_dir, base / "results", **{"run-name": name, "num-server-rounds": rounds, **extra})  # fmt: skip
+                cfg = make_cfg(method, model, glue_dir, base / "results", **{"run-name": name, "num-server-rounds": rounds, **extra})  # fmt: skip
                 run(InProcessGrid(cfg, 1, NODES), cfg, 1)
             finally:
                 if saved is None:
@@ -202,6 +203,25 @@ def test_the_export_answers_as_the_server_model_in_plain_transformers(method, ru
         assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(os.path.join(out, "adapter")))
         assert_same(child_outputs(os.path.join(out, "adapter"), tmp_path, kind="adapter"), expected)
     assert os.listdir(run_dir) == os.listdir(runs(method))  # nothing written beside the run's records
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("method", "model", "extra"),
+    [("fedtt", "llama", {}), ("fedkrso", "bert", {"head.pooling": "mean"})],
+    ids=["fedtt-llama", "fedkrso-mean-pooling"],
+)
+def test_decoders_and_mean_pooling_export_too(method, model, extra, runs, tiny_bert, tiny_llama, tmp_path, capsys):
+    """A decoder's TT adapters (sites o_proj, down_proj), and an encoder whose pooler the run replaced by the
+    mean of the hidden states (head.pooling = mean, the embedded MiniLM's default): the folder's own modeling
+    file rebuilds both."""
+    run_dir = runs(method, model=tiny_llama if model == "llama" else tiny_bert, **extra)
+    out = str(tmp_path / "exported")
+    assert export(run_dir, out) == 0, capsys.readouterr().err
+    config = json.loads(Path(out, "config.json").read_text())
+    assert set(config["fedsubspace"]) == ({"adapters"} if method == "fedtt" else {"pooling"})
+    reference, cfg, _ = server_reference(run_dir, tmp_path)
+    assert_same(child_outputs(out, tmp_path), reference_outputs(reference, cfg))
 
 
 @pytest.mark.integration
