@@ -4,10 +4,13 @@
     fedsubspace fleet --methods fedkrso,fedavg -c "data-dir='/abs/glue'" # scripts/fleet.py
     fedsubspace bench --quick                                          # bench/run.py
     fedsubspace report results/<run name>                               # a run's table and accuracy plot
+    fedsubspace export results/<run name> exported/                     # the global model, Hugging Face folder
+    fedsubspace generate exported/ "a prompt"                           # its greedy answer
 
 `python -m common.cli ...` is the same command. simulate, fleet and bench run from a source checkout (they
 start `flwr run .` there, read its deploy/ files or write its docs/), so `make install` installs this entry
-point editable; report needs only a run's records folder and matplotlib.
+point editable; report needs only a run's records folder and matplotlib, export and generate a run folder or an
+export (they are in common/, so they work from any install).
 """
 
 from __future__ import annotations
@@ -225,6 +228,20 @@ def parser() -> argparse.ArgumentParser:
     )
     rep.add_argument("run_dir", metavar="RUN_DIR", help="a run's records folder (simulation or fleet)")
     rep.add_argument("--png", help="where to write the plot (default RUN_DIR/report.png)")
+    exp = commands.add_parser(
+        "export", help="write a run's global model as a Hugging Face folder (common/export.py, docs/export.md)"
+    )
+    exp.add_argument("run_dir", metavar="RUN_DIR", help="a run's records folder, holding its checkpoint.safetensors")
+    exp.add_argument(
+        "out_dir", metavar="OUT_DIR", help="the folder to write (new or empty; --force replaces an export)"
+    )
+    exp.add_argument("--round", type=int, help="the round to export (default: the last completed one)")
+    exp.add_argument("--force", action="store_true", help="replace OUT_DIR if it holds a previous export")
+    gen = commands.add_parser("generate", help="load an exported folder with transformers and print its greedy answer")
+    gen.add_argument("folder", metavar="OUT_DIR", help="a folder `fedsubspace export` wrote")
+    gen.add_argument("prompt", metavar="PROMPT", nargs="?", help="the prompt (with --chat: the first message)")
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    gen.add_argument("--chat", action="store_true", help="a conversation, with the tokenizer's chat template")
     return ap
 
 
@@ -236,6 +253,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.command == "report":
         return report(args.run_dir, args.png)
+    if args.command in ("export", "generate"):
+        from common import export  # torch and transformers: only for these commands
+
+        if args.command == "export":
+            return export.export_command(args.run_dir, args.out_dir, args.round, args.force)
+        return export.generate_command(args.folder, args.prompt, args.max_new_tokens, args.chat)
     ap.print_help(sys.stderr)
     return 2
 

@@ -55,6 +55,9 @@ class MethodSpec:
     # (methods/<method>/config.py), which has `validate(cfg, in_use)`. common.config makes each one a section of
     # RunConfig; two methods may share a section (FedTT and FedTT+ share "tt") by naming the same class.
     sections: Mapping[str, type] = field(default_factory=dict, hash=False)
+    # "module:function" of `export(setup, cfg, folder) -> info`: writes the server's global model as a Hugging
+    # Face folder (`fedsubspace export`, common/export.py); the default writes the model's every weight
+    export: str = "common.export:full_weights"
 
     def load_client(self) -> ModuleType:
         """The client module, imported now (the first run that uses the method pays for its imports)."""

@@ -12,5 +12,6 @@ from methods.fedavg_lora.config import LoraConfig
 SPEC = MethodSpec(
     name="fedavg-lora", label="FedAvg-LoRA", defaults={"train.lr": 2e-3, "aggregation.rule": "trimmed-or-capped"},
     client_module=f"{__name__}.client", server_setup=f"{__name__}.server:setup", sections={"lora": LoraConfig},
+    export=f"{__name__}.export:export",
 )  # fmt: skip
 SPECS = (SPEC,)

@@ -12,11 +12,11 @@ from methods.fedtt.config import TTConfig
 SPEC = MethodSpec(
     name="fedtt", label="FedTT", defaults={"train.lr": 1e-2, "aggregation.rule": "trimmed-or-capped"},
     client_module=f"{__name__}.client", server_setup=f"{__name__}.server:setup", sections={"tt": TTConfig},
-    instruction_record="cores", reply_record="cores",
+    instruction_record="cores", reply_record="cores", export=f"{__name__}.export:export",
 )  # fmt: skip
 PLUS = MethodSpec(  # FedTT training part of the cores per round: its setup reads the method's name
     name="fedtt-plus", label="FedTT+", defaults={"train.lr": 1e-2, "aggregation.rule": "trimmed-or-capped"},
     client_module=f"{__name__}.client", server_setup=f"{__name__}.server:setup", sections={"tt": TTConfig},
-    instruction_record="cores", reply_record="cores",
+    instruction_record="cores", reply_record="cores", export=f"{__name__}.export:export",
 )  # fmt: skip
 SPECS = (SPEC, PLUS)
