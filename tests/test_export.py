@@ -69,8 +69,13 @@ CHILD = textwrap.dedent(
         model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=int(sys.argv[6]))
         model = PeftModel.from_pretrained(model, folder)
         tok = AutoTokenizer.from_pretrained(base)
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)
+    else:  # a causal LM (an LM-head run on a decoder) or a classifier, as its config.json says
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+        causal = any(a.endswith("ForCausalLM") for a in config.architectures or [])
+        auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
+        model = auto.from_pretrained(folder, trust_remote_code=True)
         tok = AutoTokenizer.from_pretrained(folder)
     model.eval()
     with torch.no_grad():

@@ -154,3 +154,31 @@ def test_a_fleet_node_reads_its_own_file_and_not_the_servers(own_files, tiny_lla
     labelled = cfg_for(str(tmp_path / "server.csv"), tiny_llama, tmp_path, **{"data.labels": "negative,positive"})
     encoded, _ = client_data(labelled, {"data-file": str(mine)})
     assert encoded["labels"].tolist() == [1, 1]
+
+
+@pytest.mark.parametrize("method", ["fedkrso", "fedtt"])
+def test_an_instruction_tuned_decoder_exports_loads_in_plain_transformers_and_answers(
+    method, own_files, tiny_llama, tmp_path, task_identity
+):
+    import subprocess
+    import sys
+
+    from common import cli
+    from server_app.app import run
+    from tests.fakes import InProcessGrid
+    from tests.test_export import ROOT, child_outputs, reference_outputs, server_reference
+
+    cfg = cfg_for(own_files[0], tiny_llama, tmp_path, method=method, **{"run-name": method, "train.lr": 1e-2})
+    run(InProcessGrid(cfg, 1, {1: 0, 2: 1}), cfg, 1)
+    run_dir, out = os.path.join(str(tmp_path), method), str(tmp_path / "exported")
+    assert cli.main(["export", run_dir, out]) == 0
+    reference, ref_cfg, _ = server_reference(run_dir, tmp_path)
+    got, want = child_outputs(out, tmp_path), reference_outputs(reference, ref_cfg)  # a process without us
+    assert got["logits"].shape[-1] == reference.config.vocab_size  # the causal LM itself, not a classifier
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-5)
+    proc = subprocess.run(
+        [sys.executable, "-m", "common.cli", "generate", out, "What comes after 3?", "--max-new-tokens", "4"],
+        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr[-2000:]

@@ -9,7 +9,8 @@ Server -> client, message type "train":
                           (the rounds the node has not applied yet: normally only T-1)
   "snapshot"                a node far behind gets its target matrices' values of round T-1 instead of the
                             log (config snapshot-round = T-1, log-first = T): common.catchup
-  "head"    ArrayRecord   the global classification head, param name -> float32 (dense, tiny)
+  "head"    ArrayRecord   the global classification head, param name -> float32 (dense, tiny); empty, and may be
+                          absent, when the run has no new head (head.kind = "lm")
 Client -> server:
   "accumulators" ArrayRecord  "j/n" float32 (d_out, r): A_j of every seed index the client used
   "head"         ArrayRecord  the client's trained head, same keys and shapes as sent
@@ -49,6 +50,14 @@ from common.wire import (
     unpack_tensors,
 )
 from methods.fedkrso.subspace import Accumulators, LogEntry, round_seeds
+
+
+def _head(content: RecordDict, head_shapes: Mapping[str, tuple[int, ...]], bound: float) -> dict[str, torch.Tensor]:
+    """The "head" record; a run with no new head (the LM head scores label words, or an instruction task) may
+    leave it out, as a checkpoint does, which keeps no empty record."""
+    if not head_shapes and "head" not in content:
+        return {}
+    return unpack_tensors("head", require(content, "head", ArrayRecord), head_shapes, bound)
 
 
 def pack_instruction(
@@ -113,7 +122,7 @@ def unpack_instruction(
     expected = sum(1 + len(e.bbar) for e in entries)
     if len(arrays) != expected:
         raise WireError(f"log has {len(arrays)} arrays, {expected} expected for rounds {first}..{server_round - 1}")
-    head = unpack_tensors("head", require(content, "head", ArrayRecord), head_shapes, bound)
+    head = _head(content, head_shapes, bound)
     return Instruction(server_round, [int(s) for s in seeds], entries, head)
 
 
@@ -158,5 +167,5 @@ def unpack_reply(
         acc[(int(j_str), name)] = checked_tensor(f"accumulators[{key}]", rec[key], shapes[name], bound=VALUE_BOUND)
     if not acc:
         raise WireError("reply carries no accumulators")
-    head = unpack_tensors("head", require(content, "head", ArrayRecord), head_shapes, bound=VALUE_BOUND)
+    head = _head(content, head_shapes, VALUE_BOUND)
     return Reply(n, server_round - 1, acc, head, scalars)
