@@ -122,8 +122,8 @@ def simulate(
 
     `on_line`: called with every line of the run's log as it arrives (a caller's own progress display)."""
     flat = {**app_defaults(), **overrides}
-    if not flat.get("data-dir") and os.environ.get("GLUE_DIR"):
-        flat["data-dir"] = os.environ["GLUE_DIR"]
+    if not flat.get("data-dir") and os.environ.get("GLUE_DIR") and not is_data_task(str(flat.get("task", ""))):
+        flat["data-dir"] = os.environ["GLUE_DIR"]  # the built-in tasks' folder; a task file needs none
     for key in ("data-dir", "results-dir", "resume-from", "data.eval-file"):
         if flat.get(key):
             flat[key] = os.path.abspath(os.path.expanduser(flat[key]))  # the app runs in another folder
