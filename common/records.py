@@ -37,6 +37,7 @@ PASSES = ("forward_passes", "full_passes", "block1_passes", "block2_passes")
 
 # The client metrics the round records summarise (RunRecorder.add_replies, ClientStats).
 STATS_KEYS = (
+    "num-examples",
     "peak-rss-mb",
     "train-seconds",
     "load-seconds",
@@ -216,6 +217,7 @@ class RunRecorder:
             "client_train_seconds": None,
             "client_train_seconds_max": None,
             "client_load_seconds": None,
+            "examples": 0,
             "client_train_loss": None,
             "seconds_per_local_step": None,
             **{f"client_{kind}": None for kind in PASSES},
@@ -243,6 +245,7 @@ class RunRecorder:
         # building the model and catching up, and reading and encoding the data: the part of a client's round
         # that is not training (a cached model folder keeps it small)
         rec["client_load_seconds"] = stats.mean("load-seconds")
+        rec["examples"] = int(stats.sum("num-examples") or 0)  # the accepted replies' training examples
         rec["client_train_loss"] = stats.mean("train-loss")
         steps, secs = stats.sum("local-steps"), stats.sum("train-seconds")
         rec["seconds_per_local_step"] = secs / steps if steps and secs is not None else None

@@ -147,7 +147,7 @@ class Accepted:
         again = examples_and_loss(message.content, self.server_round)
         if again != kept:  # what can fail, before any change
             raise WireError(f"the reply's metrics read {again}, but its check kept {kept}")
-        self.stats.add(metrics)
+        self.stats.add({**metrics, "num-examples": num_examples})
 
     def skip(self, position: int) -> None:
         self.skipped.append(position)

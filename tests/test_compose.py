@@ -46,11 +46,26 @@ def _engine() -> str:
     return ""
 
 
-def _data_dir(root, glue_dir, tiny_bert) -> str:
-    """What the containers see at /app/data/glue: RTE and the tiny model, readable by uid 49999."""
+OWN_SIZES = (9, 12, 17)  # rows of each SuperNode's own file (docker-compose.yml: data-file='.../own/node-<i>.jsonl')
+
+
+def _instructions(path: str, rows: int, start: int = 0) -> None:
+    with open(path, "w") as f:
+        for i in range(start, start + rows):
+            f.write(json.dumps({"prompt": f"What comes after {i}?", "response": str(i + 1)}) + "\n")
+
+
+def _data_dir(root, glue_dir, tiny_bert, tiny_llama) -> str:
+    """What the containers see at /app/data/glue: RTE, the tiny models, and own/: each SuperNode's own
+    instruction file and the server's, readable by uid 49999."""
     data = os.path.join(root, "glue")
     shutil.copytree(os.path.join(glue_dir, "RTE"), os.path.join(data, "RTE"))
     shutil.copytree(tiny_bert, os.path.join(data, "tiny-bert"))
+    shutil.copytree(tiny_llama, os.path.join(data, "tiny-llama"))
+    os.makedirs(os.path.join(data, "own"))
+    for i, rows in enumerate(OWN_SIZES):
+        _instructions(os.path.join(data, "own", f"node-{i}.jsonl"), rows, start=100 * (i + 1))
+    _instructions(os.path.join(data, "own", "server.jsonl"), 40)
     for d in (root, data):
         os.chmod(d, 0o755)
     subprocess.run(["chmod", "-R", "a+rX", data], check=True)
@@ -58,7 +73,7 @@ def _data_dir(root, glue_dir, tiny_bert) -> str:
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory, glue_dir, tiny_bert):
+def fleet(tmp_path_factory, glue_dir, tiny_bert, tiny_llama):
     if why := _engine():
         pytest.skip(why)
     from scripts.compose_fleet import ComposeFleet
@@ -68,7 +83,7 @@ def fleet(tmp_path_factory, glue_dir, tiny_bert):
     if "1" in res.stdout.split():
         warnings.warn("flwr/* images are local stand-ins (deploy/standin/Dockerfile), not Flower's", stacklevel=1)
     root = str(tmp_path_factory.mktemp("compose"))
-    data = _data_dir(root, glue_dir, tiny_bert)
+    data = _data_dir(root, glue_dir, tiny_bert, tiny_llama)
     with ComposeFleet(root, glue_dir=data, torch_index=os.environ.get("TORCH_INDEX", "")) as f:
         print(f"\ncompose fleet up: {json.dumps({k: round(v, 1) for k, v in f.timings.items()})}")
         yield f
@@ -162,6 +177,24 @@ def test_fedspzo_after_executors_and_a_supernode_restart(fleet):
     rows = rows_of(os.path.join(records, "rounds.jsonl"))
     assert [r["round"] for r in rows] == [0, 1] and rows[1]["clients"] == 3 and rows[1]["rejected"] == 0
     check_wire(records, [0, 1])
+
+
+def test_every_supernode_instruction_tunes_on_its_own_file(fleet):
+    """A run on a data task: each SuperNode trains on the file its node config names (9, 12 and 17 rows), the
+    server evaluates on its own file's held-out tenth; a decoder, the loss on the response tokens."""
+    cfg = config(
+        method="fedkrso", task="/app/data/glue/own/server.jsonl", model="/app/data/glue/tiny-llama",
+        **{"num-server-rounds": 1, "run-name": "own-files", "eval.generate": 2, "eval.max-new-tokens": 3},
+    )  # fmt: skip
+    del cfg["data-dir"]
+    run_id = fleet.submit(cfg)
+    records = fleet.records("own-files")
+    completed(fleet, run_id, fleet.watch(run_id, records, 420))
+    rows = rows_of(os.path.join(records, "rounds.jsonl"))
+    assert [r["round"] for r in rows] == [0, 1] and rows[1]["clients"] == 3 and rows[1]["rejected"] == 0
+    # all of each node's own file: 38 rows, where partitions of the server's file would hold its 36 train rows
+    assert rows[1]["examples"] == sum(OWN_SIZES)
+    assert all(r["perplexity"] > 1 and r["generated"] == 2 for r in rows)
 
 
 def _server_tensors(fleet, records, server_round):
