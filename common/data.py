@@ -463,26 +463,25 @@ def _check_template(template: str, where: str) -> None:
             )
 
 
-def task_of(cfg, own_file: str | None = None) -> TaskSpec:
-    """The run's task: a built-in one by name, or one read from the run's data (`task`, or on a fleet node
-    without the server's file, the node's own `own_file`). Both sides of a run derive the same spec."""
+def task_of(cfg) -> TaskSpec:
+    """The run's task: a built-in one by name, or one read from the run's data file (on a fleet node without
+    the server's file, common.training.node_view names the node's own file instead). Both sides of a run
+    derive the same spec."""
     from common.tasks import TASKS, get_task
 
     if cfg.task in TASKS:
         return get_task(cfg.task)
-    return _data_task(cfg.task, cfg.task_kind, cfg.data, own_file)
+    return _data_task(cfg.task, cfg.task_kind, cfg.data)
 
 
 @lru_cache(maxsize=8)
-def _data_task(task: str, kind: str, data_cfg, own_file: str | None) -> TaskSpec:
+def _data_task(task: str, kind: str, data_cfg) -> TaskSpec:
     from common.datafiles import HUB_PREFIX, Columns, DataError, infer_kind, row_label, sorted_labels
 
     cols = Columns.of(data_cfg)
-    local = task.startswith(HUB_PREFIX) or os.path.isfile(task)
-    source = task if local or own_file is None else own_file
-    rows = data_rows(source, _train_split(source))
+    rows = data_rows(task, _train_split(task))
     if kind == "auto":
-        kind = infer_kind(rows, cols, source)
+        kind = infer_kind(rows, cols, task)
     stem = task[len(HUB_PREFIX) :] if task.startswith(HUB_PREFIX) else os.path.splitext(os.path.basename(task))[0]
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-.") or "data"
     if kind == "instruction":
@@ -491,15 +490,10 @@ def _data_task(task: str, kind: str, data_cfg, own_file: str | None) -> TaskSpec
         labels = _comma_list(data_cfg.labels)
         if len(set(labels)) != len(labels):
             raise DataError(f"data.labels '{data_cfg.labels}' names a label twice")
-    elif not local:
-        raise DataError(
-            f"task '{task}' is not on this node, so the label set cannot be read from it: set data.labels to the "
-            "labels in order (the same on every node), e.g. data.labels = 'negative,positive'"
-        )
     else:
         labels = sorted_labels({row_label(r, cols) for r in rows})
     if len(labels) < 2:
-        raise DataError(f"{source}: a classification task needs at least 2 labels, found {list(labels)}")
+        raise DataError(f"{task}: a classification task needs at least 2 labels, found {list(labels)}")
     words = _comma_list(data_cfg.label_words) or labels
     if len(words) != len(labels):
         raise DataError(

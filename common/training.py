@@ -126,12 +126,11 @@ def node_view(cfg: RunConfig, node_config: dict[str, Any]) -> RunConfig:
     """The run's configuration as a node reads it: a node given its own `data-file` that does not have the
     server's task file derives the task (its kind, columns) from its own file instead."""
     import dataclasses
-    import os
 
-    from common.datafiles import is_data_task
+    from common.datafiles import HUB_PREFIX, is_data_task
 
     own = node_config.get("data-file")
-    if own and is_data_task(cfg.task) and not cfg.task.startswith("hf:") and not os.path.isfile(cfg.task):
+    if own and is_data_task(cfg.task) and not cfg.task.startswith(HUB_PREFIX) and not os.path.isfile(cfg.task):
         return dataclasses.replace(cfg, task=str(own))
     return cfg
 
