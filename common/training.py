@@ -87,7 +87,8 @@ def step_batches(cfg: RunConfig, n: int, server_round: int, partition_key: Any) 
     return batch_indices(n, cfg.train.batch_size, cfg.train.local_steps, seed)
 
 
-def _encode(cfg: RunConfig, ds, task) -> Encoded:
+def encode_run(cfg: RunConfig, ds, task) -> Encoded:
+    """`ds` as the run's model reads it (its tokenizer, head kind, max-length and long-response rule)."""
     from common.modeling import head_kind, load_tokenizer
 
     return encode(ds, load_tokenizer(cfg.model), task, cfg.train.max_length, head_kind(cfg), cfg.data.long_responses)
@@ -104,7 +105,7 @@ def _client_encoded(cfg: RunConfig, model: str, data_dir: str, num_partitions: i
         )
     else:  # the node's own data folder: all of its train split
         ds = load_split(task, "train", data_dir)
-    return _encode(cfg, ds, task)
+    return encode_run(cfg, ds, task)
 
 
 @functools.lru_cache(maxsize=4)
@@ -119,7 +120,7 @@ def _own_file_encoded(cfg: RunConfig, path: str) -> Encoded:
             "node numbers the labels the same way whatever its own file holds"
         )
     task = task_of(cfg)
-    return _encode(cfg, data_split(task, "train", cfg.data, own_file=path), task)
+    return encode_run(cfg, data_split(task, "train", cfg.data, own_file=path), task)
 
 
 def node_view(cfg: RunConfig, node_config: dict[str, Any]) -> RunConfig:
@@ -162,11 +163,16 @@ def client_data(cfg: RunConfig, node_config: dict[str, Any]) -> tuple[Encoded, s
     return _client_encoded(cfg, cfg.model, cfg.data_dir, num, pid), f"part:{pid}/{num}"
 
 
+def dev_examples(cfg: RunConfig, task):
+    """The task's dev split, its first eval.max-examples rows (0: all of it)."""
+    ds = data_split(task, "dev", cfg.data) if task.source else load_split(task, "dev", cfg.data_dir)
+    if cfg.eval.max_examples and cfg.eval.max_examples < len(ds):
+        ds = ds.select(range(cfg.eval.max_examples))
+    return ds
+
+
 @functools.lru_cache(maxsize=4)
 def dev_encoded(cfg: RunConfig) -> Encoded:
     """The task's dev split (first eval.max-examples rows), encoded: the server's evaluation set."""
     task = task_of(cfg)
-    ds = data_split(task, "dev", cfg.data) if task.source else load_split(task, "dev", cfg.data_dir)
-    if cfg.eval.max_examples and cfg.eval.max_examples < len(ds):
-        ds = ds.select(range(cfg.eval.max_examples))
-    return _encode(cfg, ds, task)
+    return encode_run(cfg, dev_examples(cfg, task), task)

@@ -20,7 +20,7 @@ from common.config import parse_run_config
 from common.data import task_of
 from common.evaluation import evaluate
 from common.modeling import load_run_model, load_tokenizer
-from common.training import dev_encoded
+from common.training import dev_encoded, dev_examples, encode_run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,20 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     task = task_of(cfg)
     if args.template:
         task = dataclasses.replace(task, template=args.template)
-    dev = _encoded(cfg, task) if args.template else dev_encoded(cfg)
+    dev = encode_run(cfg, dev_examples(cfg, task), task) if args.template else dev_encoded(cfg)
     result = evaluate(load_run_model(cfg).model, dev, task, cfg.eval.batch_size, cfg.eval, load_tokenizer(cfg.model))
     print(json.dumps({"template": task.template, "examples": len(dev["labels"]), **result}))
     return 0
-
-
-def _encoded(cfg, task):
-    from common.data import data_split, encode, load_split
-    from common.modeling import head_kind
-
-    ds = data_split(task, "dev", cfg.data) if task.source else load_split(task, "dev", cfg.data_dir)
-    if cfg.eval.max_examples and cfg.eval.max_examples < len(ds):
-        ds = ds.select(range(cfg.eval.max_examples))
-    return encode(ds, load_tokenizer(cfg.model), task, cfg.train.max_length, head_kind(cfg), cfg.data.long_responses)
 
 
 if __name__ == "__main__":
