@@ -81,28 +81,22 @@ def _normal(ids: torch.Tensor, tokenizer) -> str:
 
 
 def greedy_answers(
-    model: nn.Module, encoded: Encoded, count: int, max_new_tokens: int, tokenizer=None
+    model: nn.Module, encoded: Encoded, count: int, max_new_tokens: int, tokenizer
 ) -> list[tuple[str, str]]:
-    """(answer, reference) of the first `count` prompts: greedy decoding, one prompt at a time (no padding),
-    stopped at the end token or after max_new_tokens; as text decoded by `tokenizer` (stripped, case-folded),
-    or without one as token ids (the reference's last token taken as the end token)."""
+    """(answer, reference) of the first `count` prompts as text decoded by `tokenizer` (stripped, case-folded):
+    greedy decoding, one prompt at a time (no padding), stopped at the end token or after max_new_tokens."""
     from common.data import end_token
 
+    if tokenizer is None:
+        raise ValueError("scoring generated answers needs the run's tokenizer, to compare them as text")
     pairs = []
     for i in range(count):
         p = int(encoded["prompt_length"][i])
         real = int(encoded["attention_mask"][i].sum())
         prompt = encoded["input_ids"][i, :p].unsqueeze(0)
-        reference = encoded["input_ids"][i, p:real]
-        stop = None if tokenizer is None else end_token(tokenizer)
         made = model.generate(
             input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens,
-            do_sample=False, pad_token_id=model.config.pad_token_id, eos_token_id=stop,
+            do_sample=False, pad_token_id=model.config.pad_token_id, eos_token_id=end_token(tokenizer),
         )[0, p:]  # fmt: skip
-        if tokenizer is None:
-            end = int(reference[-1]) if len(reference) else None
-            keep = [t for t in made.tolist() if t != end]
-            pairs.append((" ".join(map(str, keep)), " ".join(str(t) for t in reference.tolist() if t != end)))
-        else:
-            pairs.append((_normal(made, tokenizer), _normal(reference, tokenizer)))
+        pairs.append((_normal(made, tokenizer), _normal(encoded["input_ids"][i, p:real], tokenizer)))
     return pairs
