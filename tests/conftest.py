@@ -84,6 +84,20 @@ def tiny_bert(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_bert_no_dropout(tmp_path_factory) -> str:
+    """tiny_bert without dropout: rounds that must be the same bits each time they run (checkpoints, exports).
+    Built on its own (the same weights as tiny_bert), since the modules that use it call it tiny_bert."""
+    import json
+
+    path = tmp_path_factory.mktemp("tiny-bert-no-dropout")
+    _save_tiny(str(path), "bert")
+    config = json.loads((path / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (path / "config.json").write_text(json.dumps(config))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> str:
     """A 2-layer LLaMA-architecture decoder, for the decoder path."""
     return _save_tiny(str(tmp_path_factory.mktemp("tiny-llama")), "llama")

@@ -35,14 +35,9 @@ NODES = {101: 0, 102: 1, 103: 2}  # node id -> partition id
 
 
 @pytest.fixture(scope="module")
-def tiny_bert(tiny_bert, tmp_path_factory):
-    """conftest's tiny BERT without dropout."""
-    path = tmp_path_factory.mktemp("tiny-bert-no-dropout") / "model"
-    shutil.copytree(tiny_bert, path)
-    config = json.loads((path / "config.json").read_text())
-    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    (path / "config.json").write_text(json.dumps(config))
-    return str(path)
+def tiny_bert(tiny_bert_no_dropout):
+    """This module's tiny BERT is conftest's without dropout: its rounds are deterministic."""
+    return tiny_bert_no_dropout
 
 
 def make_cfg(method, tiny_bert, glue_dir, tmp_path, **extra):

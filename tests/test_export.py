@@ -107,14 +107,9 @@ def child_outputs(folder: str, tmp_path, kind: str = "model", num_labels: int = 
 
 
 @pytest.fixture(scope="module")
-def tiny_bert(tiny_bert, tmp_path_factory):
-    """conftest's tiny BERT without dropout (tests/test_checkpoint.py: rounds are deterministic)."""
-    path = tmp_path_factory.mktemp("tiny-bert-no-dropout") / "model"
-    shutil.copytree(tiny_bert, path)
-    config = json.loads((path / "config.json").read_text())
-    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    (path / "config.json").write_text(json.dumps(config))
-    return str(path)
+def tiny_bert(tiny_bert_no_dropout):
+    """This module's tiny BERT is conftest's without dropout: its rounds are deterministic."""
+    return tiny_bert_no_dropout
 
 
 def make_cfg(method, model, glue_dir, results, **extra):
