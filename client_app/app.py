@@ -17,6 +17,7 @@ from flwr.clientapp import ClientApp
 
 from common.config import parse_run_config
 from common.methods import get_method
+from common.training import node_threads
 from common.wire import INSTRUCTION_REFUSED, WireError
 
 app = ClientApp()
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg = parse_run_config(context.run_config)
-    torch.set_num_threads(max(1, int(context.node_config.get("num-threads", torch.get_num_threads()))))
+    torch.set_num_threads(node_threads(context.node_config))
     method = get_method(cfg.method).load_client()
     try:
         content = method.train(msg.content, cfg, context.node_config, context.run_id, context.node_id)

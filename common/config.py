@@ -22,6 +22,7 @@ TASK_KINDS = ("auto", "classification", "instruction")
 HEAD_KINDS = ("auto", "classifier", "lm")
 LONG_RESPONSES = ("truncate", "refuse")
 OPTIMIZERS = ("auto", "adam", "sgd")  # auto: Adam for first-order methods, plain SGD for zero-order ones
+PRECISIONS = ("float32", "bfloat16")  # train.precision (common/precision.py)
 AUTO = "auto"  # the shipped value of the settings each method gives a value of its own (MethodSpec.defaults)
 
 
@@ -34,6 +35,10 @@ class TrainConfig:
     optimizer: str = "auto"  # auto: Adam for first-order methods, plain SGD for zero-order ones
     weight_decay: float = 0.0  # the optimizer's weight decay
     max_length: int = 128  # tokens per example (longer inputs are cut)
+    # float32 | bfloat16: weights stored in bfloat16 and every forward under autocast, what a method trains kept
+    # in float32 (common/precision.py)
+    precision: str = "float32"
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, more compute
 
 
 @dataclass(frozen=True)
@@ -413,6 +418,7 @@ def validate(cfg: RunConfig) -> None:
     need(t.batch_size >= 1, "train.batch-size must be >= 1")
     need(t.optimizer in OPTIMIZERS, f"train.optimizer must be one of {', '.join(OPTIMIZERS)}")
     need(t.max_length >= 8, "train.max-length must be >= 8 tokens")
+    need(t.precision in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)}, got '{t.precision}'")
     need(cfg.eval.every >= 1, "eval.every must be >= 1 (rounds between evaluations)")
     need(cfg.eval.max_examples >= 0, "eval.max-examples must be >= 0 (0 = whole dev split)")
     need(cfg.eval.batch_size >= 1, "eval.batch-size must be >= 1")

@@ -560,17 +560,37 @@ def natural_partition(clients: Sequence[str], num_partitions: int, partition_id:
     return [i for i, c in enumerate(clients) if c in mine]
 
 
+MAX_RESPONSE_CLASSES = 50  # Dirichlet over an instruction task's responses: a short answer's few values only
+
+
+def response_classes(responses: Sequence[str]) -> list[int]:
+    """An instruction task's responses as the labels a Dirichlet skew draws over: each distinct answer (stripped,
+    case-folded) a class, in sorted order. Only a task of few answers has labels this way (a prompt with a
+    one-word answer, as scripts/glue_instructions.py writes); free-text responses are refused."""
+    keys = [r.strip().casefold() for r in responses]
+    classes = sorted(set(keys))
+    if len(classes) > MAX_RESPONSE_CLASSES:
+        raise ValueError(
+            f"partitioning = 'dirichlet' skews an instruction task by its answers, and this one has {len(classes)} "
+            f"distinct responses (at most {MAX_RESPONSE_CLASSES}: a short answer such as a label word): use iid, or "
+            "natural with data.client-column"
+        )
+    index = {c: i for i, c in enumerate(classes)}
+    return [index[k] for k in keys]
+
+
 def data_partition(cfg, task: TaskSpec, num_partitions: int, partition_id: int) -> datasets.Dataset:
-    """One simulated client's share of a data task's train split (iid, Dirichlet on labels, or natural)."""
+    """One simulated client's share of a data task's train split (iid, Dirichlet on labels or on an instruction
+    task's few answers, or natural)."""
     train = data_split(task, "train", cfg.data)
     if cfg.partitioning == "natural":
         return train.select(natural_partition(train["client"], num_partitions, partition_id, cfg.data.client_column))
-    if cfg.partitioning == "dirichlet" and task.kind == "instruction":
-        raise ValueError(
-            "partitioning = 'dirichlet' skews labels, and an instruction task has none: use iid, or natural with "
-            "data.client-column"
-        )
-    labels = train["label"] if task.kind == "classification" else [0] * len(train)
+    if task.kind == "classification":
+        labels = train["label"]
+    elif cfg.partitioning == "dirichlet":
+        labels = response_classes(train["response"])
+    else:
+        labels = [0] * len(train)
     indices = partition_indices(labels, num_partitions, partition_id, cfg.partitioning, cfg.dirichlet_alpha, cfg.seed)
     return train.select(indices)
 

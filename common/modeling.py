@@ -205,10 +205,17 @@ def load_tokenizer(model: str):
     return tok
 
 
-def load_model(model: str, num_labels: int, seed: int, kind: str = "classifier") -> LoadedModel:
-    """A fresh fp32 model: with a classification head initialised from `seed` (identical on every node), or
-    (`kind = "lm"`) the causal LM with its own head. Modules the checkpoint lacks are drawn from `seed`."""
+def load_model(
+    model: str, num_labels: int, seed: int, kind: str = "classifier", precision: str = "float32",
+    checkpointing: bool = False,
+) -> LoadedModel:  # fmt: skip
+    """A fresh model: with a classification head initialised from `seed` (identical on every node), or
+    (`kind = "lm"`) the causal LM with its own head. Modules the checkpoint lacks are drawn from `seed`.
+    `precision`, `checkpointing`: its weights' dtype and forward autocast, activation checkpointing
+    (common/precision.py; what a method trains it casts back to float32 itself)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from common.precision import compute_in, dtype_of, enable_checkpointing
 
     path, gguf = resolve(model)
     tok = load_tokenizer(model)
@@ -220,13 +227,16 @@ def load_model(model: str, num_labels: int, seed: int, kind: str = "classifier")
     try:
         with torch.random.fork_rng(), _quiet():  # the "newly initialized" report is expected: the head is new
             torch.manual_seed(seed)
-            net, info = cls.from_pretrained(path, dtype=torch.float32, output_loading_info=True, **kwargs)
+            net, info = cls.from_pretrained(path, dtype=dtype_of(precision), output_loading_info=True, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelError(f"model '{model}': cannot load it ({exc}); offline, give a local path") from exc
     if net.config.pad_token_id is None:
         net.config.pad_token_id = tok.pad_token_id
     missing = {k.rsplit(".", 1)[0] for k in info["missing_keys"]}
     init_new_modules(net, sorted(missing), seed)
+    if checkpointing:
+        enable_checkpointing(net, model)
+    compute_in(net, precision)
     net.eval()
     if kind == "lm":
         out = net.get_output_embeddings()
@@ -331,10 +341,13 @@ class TrainedHead:
 def load_with_trainable_head(cfg) -> tuple[LoadedModel, dict[str, nn.Parameter]]:
     """The run's model with every pretrained parameter frozen and its new classification head trainable
     (FedKRSO, FedTT: the head is trained densely and sent); returns the head's parameters by name."""
+    from common.precision import train_in_float32
+
     loaded = load_run_model(cfg)
     for p in loaded.model.parameters():
         p.requires_grad_(False)
     head = head_parameters(loaded.model, loaded.head)
+    train_in_float32(head.values())
     for p in head.values():
         p.requires_grad_(True)
     return loaded, head
@@ -487,7 +500,9 @@ def load_run_model(cfg) -> LoadedModel:
     task = task_of(cfg)
     kind = head_kind(cfg)
     pooling, init = head_settings(cfg)  # refuses classifier-head settings on an LM-head run
-    loaded = load_model(cfg.model, task.num_labels, cfg.seed, kind)
+    loaded = load_model(
+        cfg.model, task.num_labels, cfg.seed, kind, cfg.train.precision, cfg.train.gradient_checkpointing
+    )
     if kind == "lm":
         if task.kind == "classification":
             if not task.lm_words:

@@ -163,6 +163,22 @@ def client_data(cfg: RunConfig, node_config: dict[str, Any]) -> tuple[Encoded, s
     return _client_encoded(cfg, cfg.model, cfg.data_dir, num, pid), f"part:{pid}/{num}"
 
 
+def node_threads(node_config: dict[str, Any], environ: dict[str, str] | None = None) -> int:
+    """The CPU threads a node trains with: its node config's `num-threads`; else OMP_NUM_THREADS where it is
+    set (Flower's simulation: Ray sets it in each ClientApp actor to `client-resources-num-cpus`, so that the
+    simulated clients running at once share the cores one thread each); else every core this process may run
+    on (a container's or a pinned SuperNode's cpuset included): a device's training uses all of its cores."""
+    env = os.environ if environ is None else environ
+    if "num-threads" in node_config:
+        wanted = int(node_config["num-threads"])
+        if wanted < 1:
+            raise ValueError(f"num-threads in the node config must be >= 1, got {wanted}")
+        return wanted
+    if env.get("OMP_NUM_THREADS", "").strip().isdigit() and int(env["OMP_NUM_THREADS"]) > 0:
+        return int(env["OMP_NUM_THREADS"])
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def dev_examples(cfg: RunConfig, task):
     """The task's dev split, its first eval.max-examples rows (0: all of it)."""
     ds = data_split(task, "dev", cfg.data) if task.source else load_split(task, "dev", cfg.data_dir)

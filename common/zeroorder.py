@@ -38,6 +38,7 @@ from torch import nn
 from common import rng
 from common.config import ZO_PARAMS
 from common.modeling import LoadedModel, load_run_model
+from common.precision import train_in_float32
 from common.seeds import derive_seed
 
 DISTRIBUTIONS = ("rademacher", "gaussian")
@@ -223,4 +224,5 @@ def load_zo_model(cfg) -> ZoModel:
             "decoder's own LM head (head.kind = 'lm'): use zo.params = 'bitfit' or 'all', or head.kind = 'classifier'"
         )
     params = zo_parameters(loaded.model, cfg.zo.perturb_embeddings, cfg.zo.params, loaded.head, loaded.lm_head)
+    train_in_float32(params.values())  # perturbed in place and restored exactly: float32 (common/precision.py)
     return ZoModel(loaded, params)

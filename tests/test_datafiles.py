@@ -9,7 +9,7 @@ import json
 import pytest
 
 from common.config import ConfigError, DataConfig, parse_run_config
-from common.data import data_split, natural_partition, task_of
+from common.data import data_partition, data_split, natural_partition, response_classes, task_of
 from common.datafiles import DataError, read_rows
 
 pytestmark = pytest.mark.unit
@@ -178,3 +178,20 @@ def test_a_hub_dataset_uses_its_own_validation_split(monkeypatch):
     assert data_split(task, "dev", cfg.data)["response"] == ["w"]
     with pytest.raises(DataError, match="a Hugging Face dataset is 'hf:org/name'"):
         task_of(cfg_for("hf:bad name!"))
+
+
+def test_dirichlet_skews_an_instruction_task_by_its_few_answers(tmp_path):
+    rows = [{"prompt": f"Review {i}", "response": "positive" if i % 3 else "Negative "} for i in range(300)]
+    cfg = cfg_for(jsonl(tmp_path / "words.jsonl", rows), partitioning="dirichlet", **{"dirichlet-alpha": 0.1})
+    task = task_of(cfg)
+    parts = [data_partition(cfg, task, 4, p) for p in range(4)]
+    assert sum(len(p) for p in parts) == len(data_split(task, "train", cfg.data))  # disjoint and covering
+    shares = [sum(r == "positive" for r in p["response"]) / len(p) for p in parts]
+    assert max(shares) - min(shares) > 0.3  # alpha 0.1 skews the answers across the clients
+    assert response_classes(["b", " A", "a", "B "]) == [1, 0, 0, 1]  # stripped and case-folded, sorted
+
+
+def test_dirichlet_refuses_free_text_responses(tmp_path):
+    cfg = cfg_for(jsonl(tmp_path / "free.jsonl", instructions(120)), partitioning="dirichlet")
+    with pytest.raises(ValueError, match="108 distinct responses"):
+        data_partition(cfg, task_of(cfg), 2, 0)

@@ -8,6 +8,7 @@ from torch import nn
 
 from common.config import RunConfig
 from common.modeling import load_run_model
+from common.precision import train_in_float32
 
 # how a method that trains named parameters builds its model: (the model, its trained parameters by wire name)
 Build = Callable[[RunConfig], tuple[nn.Module, dict[str, nn.Parameter]]]
@@ -16,4 +17,5 @@ Build = Callable[[RunConfig], tuple[nn.Module, dict[str, nn.Parameter]]]
 def build(cfg: RunConfig) -> tuple[nn.Module, dict[str, nn.Parameter]]:
     """(the model, its trained parameters by wire name): all of them."""
     net = load_run_model(cfg).model
+    train_in_float32(net.parameters())  # train.precision = bfloat16: autocast compute, float32 weights
     return net, dict(net.named_parameters())

@@ -15,6 +15,7 @@ from torch import nn
 from common import rng
 from common.config import RunConfig
 from common.modeling import load_run_model
+from common.precision import train_in_float32
 
 PREFIX = "base_model.model."
 
@@ -40,6 +41,7 @@ def build(cfg: RunConfig) -> tuple[nn.Module, dict[str, nn.Parameter]]:
         torch.manual_seed(cfg.seed)
         net = get_peft_model(loaded.model, config)
     params = {n.removeprefix(PREFIX): p for n, p in net.named_parameters() if p.requires_grad}
+    train_in_float32(params.values())  # peft's adapters are already; a head's trainable copy may not be
     init_lora_a(params, cfg.seed)
     return net, params
 

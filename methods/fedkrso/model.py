@@ -15,6 +15,7 @@ import torch
 
 from common.config import RunConfig
 from common.modeling import LoadedModel, TrainedHead, load_with_trainable_head
+from common.precision import train_in_float32
 from methods.fedkrso.subspace import find_targets, target_shapes
 
 
@@ -34,6 +35,7 @@ def build(cfg: RunConfig) -> KrsoModel:
     loaded, head = load_with_trainable_head(cfg)
     net = loaded.model
     targets = find_targets(net, cfg.krso.targets, exclude=loaded.untargeted)
+    train_in_float32(m.weight for m in targets.values())  # merged into every interval: float32 (common/precision.py)
     return KrsoModel(loaded, targets, target_shapes(targets, cfg.krso.rank), head)
 
 
