@@ -538,8 +538,9 @@ class Progress:
 # ---------------------------------------------------------------- federated runs
 
 
-def run_state(records: str, run: Run, want: dict) -> str:
-    """done (finished with this configuration), resume (a checkpoint of it), new; other records set aside."""
+def run_state(records: str, run, want: dict, ignore: tuple[str, ...] = VOLATILE) -> str:
+    """done (finished with this configuration), resume (a checkpoint of it), new; other records set aside.
+    `run`: anything with a `name` (its folder under <records>/runs); `ignore`: keys left out of the match."""
     from common.config import with_later_keys
     from server_app import checkpoint
 
@@ -548,7 +549,7 @@ def run_state(records: str, run: Run, want: dict) -> str:
         return "new"
     summary = os.path.join(folder, "summary.json")
     if os.path.exists(summary) and os.path.exists(os.path.join(folder, "bench.json")):
-        have = {k: v for k, v in with_later_keys(read_json(summary)["config"]).items() if k not in VOLATILE}
+        have = {k: v for k, v in with_later_keys(read_json(summary)["config"]).items() if k not in ignore}
         if have == want:
             return "done"
         differ = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
@@ -556,7 +557,7 @@ def run_state(records: str, run: Run, want: dict) -> str:
         return "new"
     state = os.path.join(folder, checkpoint.FILENAME)
     if os.path.exists(state) and not os.path.exists(summary):
-        saved = {k: v for k, v in with_later_keys(checkpoint.read(state).config).items() if k not in VOLATILE}
+        saved = {k: v for k, v in with_later_keys(checkpoint.read(state).config).items() if k not in ignore}
         if saved == want:
             return "resume"
     set_aside(records, folder, "an unfinished run that cannot be continued")
