@@ -21,7 +21,7 @@ CLIENTS ?= 10
 ROUNDS ?= 3
 RUN_CONFIG ?=
 
-.PHONY: install run test test-unit test-fast test-fleet test-compose bench bench-quick bench-estimate bench-report bench-extras bench-scale lint clean
+.PHONY: install run test test-unit test-fast test-fleet test-compose bench bench-quick bench-estimate bench-report bench-extras bench-scale bench-decoder bench-decoder-probe lint clean
 
 $(BIN)/.installed: pyproject.toml requirements.txt
 	$(PY) -m venv $(VENV)
@@ -83,6 +83,17 @@ bench-estimate: install
 	GLUE_DIR="$(GLUE_DIR)" $(BIN)/python bench/run.py --estimate $(BENCH_ARGS)
 
 bench-report: install
+	$(BIN)/python bench/report.py
+
+# The decoder section of docs/results.md (bench/decoder.py): the seven methods instruction-tune SmolLM2-135M on
+# SST-2 as prompt -> one-word answer, 10 clients, Dirichlet 0.5 (about 2 hours on 2 cores; finished runs are read,
+# BENCH_ARGS="--only 'sst2i-a0.5-s0-fedkrso'" runs a part), then its memory and step-cost probes (about 15 min).
+bench-decoder: install
+	GLUE_DIR="$(GLUE_DIR)" $(BIN)/python -m bench.decoder $(BENCH_ARGS)
+	$(BIN)/python bench/report.py
+
+bench-decoder-probe: install
+	GLUE_DIR="$(GLUE_DIR)" $(BIN)/python -m bench.decoder --probe $(BENCH_ARGS)
 	$(BIN)/python bench/report.py
 
 # How the server's costs grow (bench/scale.py): state written per round over 500 rounds, catch-up of a node k

@@ -711,6 +711,11 @@ def write_report(records: str, page: str) -> str:
             )
     lines += ["", *compute_section(s, runs, folder, prefix), *probe_section(s, probes)]
     lines += [*extras_section(s, runs, probes), *notes(s)]
+    decoder = os.path.join(records, "decoder")  # bench/decoder.py's records: the decoder section
+    if os.path.isdir(decoder):
+        from bench.decoder_page import section  # here: decoder_page reads this module's helpers
+
+        lines += ["", *section(decoder)]
     with open(page, "w") as f:
         f.write("\n".join(lines) + "\n")
     return page

