@@ -111,6 +111,37 @@ def data_file(s: DecoderSettings) -> str:
     return path
 
 
+def edge_file(s: DecoderSettings) -> str:
+    """Prompts long enough for the edge probe's max-length: consecutive SST-2 reviews packed into one prompt
+    of at most `edge_length` - 64 tokens (room for the chat template and the answer), the first review's word as
+    the answer. (A batch is cut to its longest row, so short prompts would measure max-length 128 again.)"""
+    path = os.path.join(DATA_DIR, f"sst2-packed-{s.edge_length}.jsonl")
+    if os.path.exists(path):
+        return path
+    from common.data import load_split
+    from common.modeling import load_tokenizer
+    from common.tasks import TASKS
+
+    tok, task = load_tokenizer("smollm2"), TASKS["sst2"]
+    ds = load_split(task, "train", GLUE)
+    budget, rows, text, first, used = s.edge_length - 64, [], [], None, 0
+    for review, label in zip(ds["text"], ds["label"], strict=True):
+        n = len(tok(review, add_special_tokens=False)["input_ids"]) + 1
+        if used + n > budget and text:
+            rows.append({"prompt": "Reviews:\n" + "\n".join(text) + "\nIs the first one positive or negative?",
+                         "response": task.lm_words[first].strip()})  # fmt: skip
+            text, used = [], 0
+            if len(rows) == 200:
+                break
+        if not text:
+            first = label
+        text.append(review)
+        used += n
+    os.makedirs(DATA_DIR, exist_ok=True)
+    write_bytes(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
+    return path
+
+
 def write_bytes(path: str, data: bytes) -> None:
     from common.files import replace_file
 
@@ -182,7 +213,7 @@ def progress_line(line: str) -> None:
 # ---------------------------------------------------------------- probes: memory and step cost
 
 
-def probe_plan(s: DecoderSettings, data: str) -> dict[str, dict]:
+def probe_plan(s: DecoderSettings, data: str, edge_data: str = "") -> dict[str, dict]:
     """name -> {"kind", "config"}: each method's client round in float32 and with the frozen base in bfloat16
     (first-order methods also with gradient checkpointing), plain inference and a bare transformers training step
     of the same model, batches and precision, and the edge probe (max-length 512, one core)."""
@@ -204,11 +235,10 @@ def probe_plan(s: DecoderSettings, data: str) -> dict[str, dict]:
             "kind": "client",
             "config": {**base, "method": method, "train.precision": "bfloat16", "train.gradient-checkpointing": True},
         }
-    edge = {**base, "train.precision": "bfloat16", "train.max-length": s.edge_length, "train.local-steps": 1}
-    edge["krso.intervals"] = 1
+    edge = {**base, "task": edge_data or data, "train.precision": "bfloat16", "train.max-length": s.edge_length}
+    edge.update({"train.local-steps": 1, "krso.intervals": 1, "partitioning": "iid"})
     for method in known("fedavg-lora", "fedtt", "fedspzo"):
-        probes[f"edge-{method}"] = {"kind": "client", "config": {**edge, "method": method}, "edge": True}
-    probes["edge-inference"] = {"kind": "inference", "config": {**edge, "method": "fedspzo"}, "edge": True}
+        probes[f"edge-{method}"] = {"kind": "client", "config": {**edge, "method": method}}
     return probes
 
 
@@ -265,8 +295,8 @@ def run_probes(s: DecoderSettings, records: str, only: str | None = None) -> dic
     import fnmatch
 
     data = data_file(s)
-    digest = sha256(data)
-    plan = probe_plan(s, data)
+    plan = probe_plan(s, data, edge_file(s))
+    digests = {path: sha256(path) for path in {p["config"]["task"] for p in plan.values()}}
     results, todo = {}, {}
     for name, probe in plan.items():
         if only and not any(fnmatch.fnmatchcase(name, p.strip()) for p in only.split(",")):
@@ -274,7 +304,10 @@ def run_probes(s: DecoderSettings, records: str, only: str | None = None) -> dic
         path = os.path.join(records, "probes", f"{name}.json")
         if os.path.exists(path):
             saved = read_json(path)
-            if saved.get("config") == portable(probe["config"]) and saved.get("data_sha256") == digest:
+            if (
+                saved.get("config") == portable(probe["config"])
+                and saved.get("data_sha256") == digests[probe["config"]["task"]]
+            ):
                 results[name] = saved
                 continue
             set_aside(records, path, "probe records of another configuration")
@@ -291,7 +324,7 @@ def run_probes(s: DecoderSettings, records: str, only: str | None = None) -> dic
             result = in_child("bare" if probe["kind"] == "bare" else "probe", spec, FEDSUBSPACE_STATE_DIR=tmp)
             saved = {
                 "name": name, "kind": probe["kind"], "config": portable(probe["config"]), "result": result,
-                "data_sha256": digest, "machine": machine(), "load_before": os.getloadavg()[0],
+                "data_sha256": digests[probe["config"]["task"]], "machine": machine(), "load_before": os.getloadavg()[0],
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }  # fmt: skip
             write_json(os.path.join(records, "probes", f"{name}.json"), saved)

@@ -25,7 +25,7 @@ def test_the_plan_is_every_method_then_fedtt_and_fedtt_plus_at_the_stronger_skew
     for run in runs:  # every run's configuration passes the run-config checks before anything starts
         flat = effective(decoder.run_overrides(decoder.DEFAULT, run, "/nonexistent", "/data/x.jsonl"))
         assert flat["model"] == "smollm2" and flat["partitioning"] == "dirichlet"
-    for probe in decoder.probe_plan(decoder.DEFAULT, "/data/x.jsonl").values():
+    for probe in decoder.probe_plan(decoder.DEFAULT, "/data/x.jsonl", "/data/long.jsonl").values():
         effective(probe["config"])
 
 
