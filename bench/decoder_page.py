@@ -74,7 +74,8 @@ def timing(rounds: list[dict]) -> dict:
     wall = statistics.mean(r["seconds"] for r in trained)
     evaluate = statistics.mean(r.get("eval-seconds") or 0.0 for r in trained)
     return {
-        "load_s": load, "train_s": train, "round_s": wall, "eval_s": evaluate, "wait_s": wall - evaluate,
+        "load_s": load, "train_s": train, "round_s": wall, "eval_s": evaluate,
+        "wait_s": statistics.mean(r.get("wait_seconds", r["seconds"] - (r.get("eval-seconds") or 0.0)) for r in trained),
         "load_share": load / (load + train) if load + train else None,
         "losses": [r.get("loss") for r in rounds],
     }  # fmt: skip
@@ -165,8 +166,8 @@ def claims(s: DecoderSettings, runs: dict, probes: dict) -> Claims:
     for m in ("fedavg-lora", "fedtt", "fedspzo"):
         p = probe(probes, f"edge-{m}")
         c.add(
-            f"{NAMES[m]} inside the edge profile (4 GB): SmolLM2-135M at max-length {s.edge_length}, bfloat16, one "
-            "thread (no 360M-class decoder can be had offline)",
+            f"{NAMES[m]} inside the edge profile (4 GB): SmolLM2-135M, batch {s.edge_batch} x {s.edge_length} "
+            "tokens, bfloat16 and checkpointing, one thread (no 360M-class decoder can be had offline)",
             f"peak {p['peak_rss_mb']:.0f} MB, {p['seconds_per_step']:.1f} s per step" if p else NOT_RUN,
             f"<= {EDGE_MB} MB",
             verdict(p and p["peak_rss_mb"], EDGE_MB, False, " MB", 0),
@@ -249,7 +250,7 @@ def runs_table(s: DecoderSettings, runs: dict, probes: dict) -> list[str]:
         f"### Exact match by round (Dirichlet {s.alpha:g}, seed {s.seeds[0]}), bytes, memory and time",
         "",
         f"| method | {head} | response loss r0 -> last | gain | down / client / round | up | client peak MB | "
-        "s / step | vs bare step | load / train / eval / round s |",
+        "s / step | vs bare step | load / train / wait / eval / round s |",
         "| --- | " + " | ".join("---:" for _ in rounds) + " | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     order = [r for r in plan_runs(s) if r.alpha == s.alpha] + [r for r in plan_runs(s) if r.alpha != s.alpha]
@@ -268,15 +269,16 @@ def runs_table(s: DecoderSettings, runs: dict, probes: dict) -> list[str]:
             + " | ".join(pct(acc.get(i)) for i in rounds)
             + f" | {losses[0]:.3f} -> {losses[-1]:.3f} | {gain:+.0f} | {size(r['down'])} | {size(r['up'])} | "
             f"{r['peak_mb']:.0f} | {r['s_per_step']:.2f} | {f'{q:.2f}x' if q else '-'} | "
-            f"{r['load_s']:.1f} / {r['train_s']:.1f} / {r['eval_s']:.1f} / {r['round_s']:.0f} |"
+            f"{r['load_s']:.1f} / {r['train_s']:.1f} / {r['wait_s']:.0f} / {r['eval_s']:.0f} / {r['round_s']:.0f} |"
         )
     return [
         *lines,
         "",
         "Peak memory and seconds per step here are the simulated clients' own (batch "
-        f"{s.batch_size}, one thread each, two clients at a time on the two cores), load and train the mean "
-        "client's seconds in a round, eval the server's evaluation, round the round's wall time; 'vs bare step' "
-        "is the float32 probe's ratio below.",
+        f"{s.batch_size}, one thread each, two clients at a time on the two cores); load and train are the mean "
+        "client's seconds in a round (load: building the model from the ready cache, catching up, reading its "
+        "data), wait the server's wait for all replies, eval its evaluation, round the round's wall time; 'vs "
+        "bare step' is the float32 probe's ratio below.",
         "",
     ]
 

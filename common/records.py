@@ -245,6 +245,9 @@ class RunRecorder:
         # building the model and catching up, and reading and encoding the data: the part of a client's round
         # that is not training (a cached model folder keeps it small)
         rec["client_load_seconds"] = stats.mean("load-seconds")
+        # the server's wait for the replies since the round began: the clients' load and train, queued on the
+        # cores (simulation) or the network (a fleet); `seconds` - wait_seconds is the aggregation and evaluation
+        rec["wait_seconds"] = time.perf_counter() - rec["_start"]
         rec["examples"] = int(stats.sum("num-examples") or 0)  # the accepted replies' training examples
         rec["client_train_loss"] = stats.mean("train-loss")
         steps, secs = stats.sum("local-steps"), stats.sum("train-seconds")

@@ -117,10 +117,13 @@ def simulate(
     timeout: float = 7200,
     progress: bool = False,
     on_line: Callable[[str], None] | None = None,
+    client_cpus: int = 1,
 ) -> dict:
     """Run one simulation; returns {"status", "run_id", "records", "summary"}. Raises ConfigError early.
 
-    `on_line`: called with every line of the run's log as it arrives (a caller's own progress display)."""
+    `on_line`: called with every line of the run's log as it arrives (a caller's own progress display).
+    `client_cpus`: the cores each simulated client holds (Ray runs cores / client_cpus clients at once, each
+    with that many threads)."""
     flat = {**app_defaults(), **overrides}
     if not flat.get("data-dir") and os.environ.get("GLUE_DIR") and not is_data_task(str(flat.get("task", ""))):
         flat["data-dir"] = os.environ["GLUE_DIR"]  # the built-in tasks' folder; a task file needs none
@@ -161,7 +164,7 @@ def simulate(
     )
     cmd = [
         FLWR, "run", ".", "--stream",
-        "--federation-config", f"num-supernodes={clients} client-resources-num-cpus=1",
+        "--federation-config", f"num-supernodes={clients} client-resources-num-cpus={client_cpus}",
         "--run-config", run_config,
     ]  # fmt: skip
     run_id = None

@@ -49,3 +49,5 @@ def test_a_users_jsonl_instruction_tunes_a_decoder_through_flwr_run(tiny_llama, 
     assert [r["round"] for r in rows] == [0, 1] and rows[1]["clients"] == 2
     assert all(r["perplexity"] > 1 and r["generated"] == 2 for r in rows)
     assert rows[1]["client_load_seconds"] is not None and rows[1]["client_train_seconds"] is not None
+    # a round splits into the wait for the replies (the clients' load and train) and the rest (evaluation)
+    assert 0 < rows[1]["wait_seconds"] < rows[1]["seconds"] and rows[1]["eval-seconds"] > 0
