@@ -331,6 +331,29 @@ RANGES: dict[str, tuple[float, float, bool, str]] = {
     # and each method section's own (its RANGES, e.g. tt.scale, lora.alpha)
     **{f"{name}.{key}": r for name, cls in methods.sections().items() for key, r in getattr(cls, "RANGES", {}).items()},
 }
+# key -> (the largest value, why): every count, size and timeout is bounded, so that a typo (1e308 rounds, 2^63
+# steps) is refused before anything starts instead of failing hours later. The bounds are far above any run a
+# device or a simulation could make; each method section adds its own MAXIMA (class attributes).
+MAXIMA: dict[str, tuple[float, str]] = {
+    "num-server-rounds": (100_000, "rounds of one run"),
+    "seed": (2**32 - 1, "a 32-bit seed"),
+    "min-clients": (1_000_000, "nodes of one federation"),
+    "round-timeout": (7 * 86_400.0, "a week, in seconds"),
+    "dirichlet-alpha": (1e6, "at a few hundred the split is IID already"),
+    "train.local-steps": (1_000_000, "steps of one client round"),
+    "train.batch-size": (65_536, "examples in one step"),
+    "train.max-length": (1_048_576, "tokens of one example"),
+    "eval.every": (100_000, "rounds between evaluations"),
+    "eval.max-examples": (100_000_000, "evaluation examples"),
+    "eval.batch-size": (65_536, "examples in one evaluation pass"),
+    "eval.generate": (1_000_000, "answers generated per evaluation"),
+    "eval.max-new-tokens": (65_536, "tokens of one generated answer"),
+    "aggregation.attackers": (1_000_000, "hostile replies per round"),
+    "aggregation.norm-cap": (1e6, "multiples of the round's median update norm"),
+    "aggregation.clip-norm": (1e12, "an update's L2 norm"),
+    "aggregation.weight-cap": (1e6, "multiples of the round's median num-examples"),
+    **{f"{name}.{key}": m for name, cls in methods.sections().items() for key, m in getattr(cls, "MAXIMA", {}).items()},
+}
 NAME_MAX = 255  # bytes in one file name on Linux and macOS file systems (check_paths asks the real one)
 
 
@@ -413,6 +436,11 @@ def validate(cfg: RunConfig) -> None:
             math.isfinite(v) and (low <= v if low_included else low < v) and v <= high,
             f"{key} must be in {_interval(low, high, low_included)}, got {v!r} ({why}): set it in that range",
         )
+    for key, (high, why) in MAXIMA.items():
+        v = flat[key]
+        # `not v > high`: a NaN is left to the key's own finiteness check, which names it so
+        shown = f"{float(v):g}" if abs(v) >= 1e15 else repr(v)  # a 309-digit int is not a message
+        need(not v > high, f"{key} = {shown} is too large: at most {high:g} ({why}); set it in range")
     t = cfg.train
     need(t.local_steps >= 1, "train.local-steps must be >= 1")
     need(t.batch_size >= 1, "train.batch-size must be >= 1")

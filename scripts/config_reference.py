@@ -99,6 +99,8 @@ def describe(key: str, help_: str) -> str:
     if key in config.RANGES:
         low, high, low_included, _ = config.RANGES[key]
         extra.append(f"In {config._interval(low, high, low_included)}.")
+    if key in config.MAXIMA:
+        extra.append(f"At most {config.MAXIMA[key][0]:g}.")
     if key in config.AUTO_KEYS:
         extra.append(f"`auto` per method: {config.auto_values(key)}.")
     if help_ and not help_.endswith("."):

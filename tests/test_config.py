@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import tomllib
 
 import pytest
@@ -208,3 +209,17 @@ def test_paths_that_cannot_hold_the_records_are_refused(tmp_path):
     (tmp_path / "results" / "taken").write_text("x")
     with pytest.raises(ConfigError, match="run-name 'taken': .* is a file, not a folder: choose another run-name"):
         check_paths(parse_run_config({"results-dir": str(tmp_path / "results"), "run-name": "taken"}))
+
+
+def test_every_count_size_and_timeout_is_bounded_before_anything_starts():
+    from common.config import MAXIMA
+
+    flat = parse_run_config({}).to_flat()
+    assert {k for k, v in flat.items() if isinstance(v, int) and not isinstance(v, bool)} <= set(MAXIMA)
+    for key, (high, _) in MAXIMA.items():
+        for value in (high * 10, 1e308):
+            value = int(value) if isinstance(flat[key], int) else value
+            with pytest.raises(
+                ConfigError, match=f"{re.escape(key)} = .* is too large: at most {re.escape(f'{high:g}')}"
+            ):
+                parse_run_config({key: value})

@@ -24,6 +24,9 @@ class LoraConfig:
         "alpha": (0.0, 1024.0, False, "the LoRA update is scaled by alpha / rank; 16 is the default")
     }
 
+    # key -> (largest value, why): common.config.MAXIMA
+    MAXIMA: ClassVar[dict] = {"rank": (65_536, "LoRA's r")}
+
     def validate(self, cfg: RunConfig, in_use: bool) -> None:
         need(self.rank >= 1, f"lora.rank must be >= 1, got {self.rank}")
         need(0 <= self.dropout < 1, f"lora.dropout must be in [0, 1), got {self.dropout}")

@@ -4,7 +4,7 @@ docs/configuration.md shows) and its own validation."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from common.methodspec import need
 
@@ -18,6 +18,13 @@ class KrsoConfig:
     rank: int = 8  # r: rows of each projection P (r x d_in)
     intervals: int = 4  # I: each interval trains in one seed's subspace, then merges
     targets: str = "all-linear"  # or a comma list of module-name suffixes, e.g. "query,value"
+
+    # key -> (largest value, why): common.config.MAXIMA
+    MAXIMA: ClassVar[dict] = {
+        "k": (1024, "seeds per round"),
+        "rank": (65_536, "rows of each P"),
+        "intervals": (1_000_000, "intervals per round"),
+    }
 
     def validate(self, cfg: RunConfig, in_use: bool) -> None:
         need(self.k >= 1, f"krso.k (seeds per round) must be >= 1, got {self.k}")

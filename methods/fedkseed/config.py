@@ -4,7 +4,7 @@ settings (each field's help is the comment beside it, which docs/configuration.m
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from common.methodspec import need
 
@@ -16,6 +16,12 @@ if TYPE_CHECKING:
 class KseedConfig:
     k: int = 4096  # candidate seeds, fixed for the run
     perturbations: int = 4  # whole-model perturbations per local step, each with a seed drawn from the K
+
+    # key -> (largest value, why): common.config.MAXIMA
+    MAXIMA: ClassVar[dict] = {
+        "k": (10_000_000, "candidate seeds"),
+        "perturbations": (100_000, "perturbations per step"),
+    }
 
     def validate(self, cfg: RunConfig, in_use: bool) -> None:
         need(self.k >= 1, f"kseed.k (candidate seeds) must be >= 1, got {self.k}")

@@ -4,7 +4,7 @@ settings (each field's help is the comment beside it, which docs/configuration.m
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from common.methodspec import need
 
@@ -18,6 +18,13 @@ class SpzoConfig:
     # negative counts from the end: -1 = block 2 is the last transformer block and the head, on any model
     p1: int = 1  # perturbations of block 1 per step (each runs the whole network twice); 0 with zo.params=head
     p2: int = 8  # perturbations of block 2 per step (each runs only block 2 twice, on cached h0); p2 > p1
+
+    # key -> (largest value, why): common.config.MAXIMA
+    MAXIMA: ClassVar[dict] = {
+        "split-layer": (100_000, "transformer blocks"),
+        "p1": (100_000, "perturbations per step"),
+        "p2": (100_000, "perturbations per step"),
+    }
 
     def validate(self, cfg: RunConfig, in_use: bool) -> None:
         need(

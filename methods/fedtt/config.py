@@ -27,6 +27,14 @@ class TTConfig:
     RANGES: ClassVar[dict] = {"scale": (0.0, 100.0, False, "the adapter's output scale s; 1 is the default")}
     CHOICES: ClassVar[dict] = {"plus-rule": TT_PLUS_RULES}  # key -> its values, as docs/configuration.md lists them
 
+    # key -> (largest value, why): common.config.MAXIMA
+    MAXIMA: ClassVar[dict] = {
+        "rank": (1024, "the TT rank"),
+        "bottleneck": (65_536, "the adapter width"),
+        "max-mode": (1024, "a mode size"),
+        "plus-cores": (1024, "cores per TT matrix"),
+    }
+
     def validate(self, cfg: RunConfig, in_use: bool) -> None:
         need(self.rank >= 1, f"tt.rank must be >= 1, got {self.rank}")
         need(self.bottleneck >= 1, f"tt.bottleneck must be >= 1, got {self.bottleneck}")
