@@ -268,6 +268,8 @@ def runs_table(s: DecoderSettings, runs: dict, probes: dict) -> list[str]:
         if not r:
             lines.append(f"| {label} | " + " | ".join("-" for _ in rounds) + f" | {NOT_RUN} | | | | | | | |")
             continue
+        if (cpus := r["bench"].get("client_cpus", 1)) != 1:  # bench.decoder.CLIENT_CPUS: one client at a time
+            label += f" ({cpus} threads a client)"
         acc = {p["round"]: p["accuracy"] for p in r["curve"]}
         losses = [x for x in r["losses"] if x is not None]
         q, _ = step_ratio(probes, run.method, "")
