@@ -99,3 +99,11 @@ def test_a_finished_run_on_another_data_file_is_set_aside(tmp_path, capsys):
     assert not os.path.exists(os.path.join(records, "runs", run.name))
     assert os.listdir(os.path.join(records, "stale"))
     assert "finished on another data file" in capsys.readouterr().out
+
+
+def test_zero_order_compute_is_not_compared_where_neither_method_gained(tmp_path):
+    records = str(tmp_path)
+    for method in ("fedspzo", "fedkseed"):
+        write_run(records, decoder.DecoderRun(0.5, 0, method).name, rounds([0.23, 0.22, 0.23]))
+    text = "\n".join(decoder_page.section(records))
+    assert "neither passed round 0's 23.00 in 5 rounds | <= 1/1.6 | not measurable: no gain" in text
