@@ -11,7 +11,7 @@ import json
 import os
 import statistics
 
-from bench.decoder import DEFAULT, RECORDS, DecoderRun, DecoderSettings, plan_runs
+from bench.decoder import DEFAULT, RECORDS, RUN_CHANGES, DecoderRun, DecoderSettings, plan_runs
 from bench.report import (
     NOT_RUN,
     ZO_COMPUTE_AIM,
@@ -274,6 +274,8 @@ def runs_table(s: DecoderSettings, runs: dict, probes: dict) -> list[str]:
             continue
         if (cpus := r["bench"].get("client_cpus", 1)) != 1:  # bench.decoder.CLIENT_CPUS: one client at a time
             label += f" ({cpus} threads a client)"
+        if fraction := RUN_CHANGES.get(run.method, {}).get("fraction-train"):  # FedAvg: 24 GB holds no more
+            label += f" ({fraction * s.clients:g} of {s.clients} clients a round)"
         acc = {p["round"]: p["accuracy"] for p in r["curve"]}
         losses = [x for x in r["losses"] if x is not None]
         q, _ = step_ratio(probes, run.method, "")
