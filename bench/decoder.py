@@ -48,10 +48,12 @@ from common.methods import METHODS, known
 RECORDS = os.path.join(ROOT, "bench", "records", "decoder")
 # What a method's runs change on this 24 GB machine, and why. FedAvg on SmolLM2 (538 MB each way a client):
 # with all 10 clients a round, two at once, 9 of 10 clients were killed for memory in round 2 (Ray's threshold,
-# 95% of 24 GB); one at a time with both cores, 1 in round 2 and all in round 3. Five clients a round, one at
-# a time, fit: FedAvg then trains on half the clients a round (the page says so beside its figures).
+# 95% of 24 GB); one at a time with both cores, 1 or 2 in round 2 and all in round 3: the ServerApp's process
+# held 15 GB (every instruction and reply of a round is a full copy of the model). Five clients a round, one
+# at a time: FedAvg then trains on half the clients a round (the page says so beside its figures).
 CLIENT_CPUS = {"fedavg": 2}  # cores a simulated client holds, where not 1
-RUN_CHANGES = {"fedavg": {"fraction-train": 0.5}}
+# (min-clients too: a round samples at least min-clients nodes, so 0.5 of 10 with min-clients 10 was still 10)
+RUN_CHANGES = {"fedavg": {"fraction-train": 0.5, "min-clients": 5}}
 DATA_DIR = os.path.join(ROOT, "results", "decoder-data")
 # the data file's path differs from clone to clone: runs match on its SHA-256 (in bench.json) instead
 IGNORED = (*VOLATILE, "task")
