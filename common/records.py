@@ -12,6 +12,14 @@ from the records so far (`previous`, read back through the server checkpoint) an
 never starts in a folder that holds another run's records (check_not_overwriting): nothing recorded is
 truncated.
 
+One writer per run folder: the server holds `<run folder>/.lock` locked (flock, exclusive) for the whole run
+(hold_run_folder), and checks and writes the folder only while it holds it, so two servers started on one
+run-name at the same moment cannot both pass check_not_overwriting, and a second server started with
+`resume-from` on a folder whose first server still runs is refused, by a message naming that server (its pid,
+host, Flower run id and start time, which the holder writes into the lock file). The kernel drops the lock
+when the process ends, however it ends (a SIGKILL, a crashed container): nothing stale is left to clean up.
+A run that resumes from another folder is refused while a server writes that folder (check_not_written).
+
 Every row is one line, `json.dumps(row)` and a newline (`jsonl_line`), appended and fsynced, and the recorder
 keeps a running SHA-256 of each file's lines (`digests`): the server checkpoint holds those row counts and
 digests instead of the rows, so that its size does not grow with the round, and a resumed run reads the rows
@@ -21,11 +29,15 @@ back from the files, checked against them (server_app/checkpoint.py). `json.dump
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import socket
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from common.config import ConfigError
@@ -47,6 +59,8 @@ STATS_KEYS = (
 )
 
 CHECKPOINT = "checkpoint.safetensors"  # the server checkpoint beside the records (server_app/checkpoint.py)
+LOCK = ".lock"  # the run folder's writer lock (hold_run_folder)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
 class ClientStats:
@@ -115,6 +129,88 @@ def check_not_overwriting(folder: str, resume_from: str) -> None:
         f"'{folder}' already holds a run's records ({', '.join(held)}); a new run there would overwrite them. "
         f"Continue that run with resume-from='{folder}' (and num-server-rounds above its last round), or choose "
         "another run-name"
+    )
+
+
+class RunFolderBusy(ConfigError):
+    """A run folder that another live server is writing: one writer per run folder."""
+
+
+def hold_run_folder(folder: str, run_id: int = 0) -> contextlib.AbstractContextManager[None]:
+    """Hold `folder`'s writer lock for the block (the folder is made if missing); RunFolderBusy if another
+    process holds it. Take it before check_not_overwriting and hold it until the last record is written:
+    the check and the writes then belong to one server. A link at the run folder or at its lock is refused
+    (the folder is checked once, here): the run's records are written where its name says."""
+    os.makedirs(folder, exist_ok=True)
+    if os.path.islink(folder):
+        raise ConfigError(
+            f"run folder '{folder}' is a symbolic link (to '{os.readlink(folder)}'): a run's records are never "
+            "written through a link; point results-dir at the folder you want, or choose another run-name"
+        )
+    return _locked(os.path.join(folder, LOCK), fcntl.LOCK_EX, os.O_RDWR | os.O_CREAT, _holder(run_id))
+
+
+def check_not_written(folder: str) -> None:
+    """Refuse (RunFolderBusy) a run folder that a running server writes: a run resumed from it into another
+    folder would fork a run that is still going. The lock is taken shared for an instant only, so a server
+    starting on the folder at that moment waits for it rather than being refused. A folder no server ever
+    locked (a copy, or one written before this lock existed) has no lock file: nothing is written into it."""
+    path = os.path.join(folder, LOCK)
+    if os.path.lexists(path):
+        with _locked(path, fcntl.LOCK_SH, os.O_RDONLY, None):
+            pass
+
+
+@contextlib.contextmanager
+def _locked(path: str, how: int, flags: int, holder: bytes | None) -> Iterator[None]:
+    try:
+        fd = os.open(path, flags | _NOFOLLOW, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ConfigError(
+                f"'{path}' is a symbolic link, not a run folder's lock: remove it (the server makes its own)"
+            ) from exc
+        raise
+    try:
+        _flock(fd, how, os.path.dirname(path))
+        if holder is not None:  # who holds it, for the message a second server gets
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, holder, 0)
+        yield
+    finally:
+        os.close(fd)  # closing the file drops the lock
+
+
+def _flock(fd: int, how: int, folder: str, tries: int = 20) -> None:
+    """flock without waiting on a writer: a few short retries ride over another process's instant check
+    (check_not_written), then RunFolderBusy naming the holder."""
+    for attempt in range(tries):
+        try:
+            fcntl.flock(fd, how | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if attempt + 1 == tries:
+                raise RunFolderBusy(_busy(folder, os.pread(fd, 4096, 0))) from None
+            time.sleep(0.05)
+
+
+def _holder(run_id: int) -> bytes:
+    started = time.strftime("%Y-%m-%d %H:%M:%S %z")
+    return json.dumps(
+        {"pid": os.getpid(), "host": socket.gethostname(), "flower-run-id": run_id, "started": started}
+    ).encode()
+
+
+def _busy(folder: str, holder: bytes) -> str:
+    try:
+        h = json.loads(holder)
+        who = f"pid {h['pid']} on host {h['host']}, Flower run {h['flower-run-id']}, started {h['started']}"
+    except (ValueError, TypeError, KeyError):
+        who = "a server that has not yet written who it is"
+    return (
+        f"run folder '{folder}' is being written by a running server ({who}); one server writes a run folder at a "
+        "time. Stop that run first (`flwr stop <its Flower run id>`, or let it finish), then continue it with "
+        f"resume-from='{folder}'; or choose another run-name"
     )
 
 

@@ -15,11 +15,11 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import ConfigError, RunConfig, check_paths, check_resume, parse_run_config
-from common.data import task_of
+from common.data import TaskSpec, task_of
 from common.evaluation import evaluate
 from common.methods import get_method
 from common.modeling import load_tokenizer
-from common.records import RunRecorder, format_table
+from common.records import RunRecorder, check_not_written, format_table, hold_run_folder
 from common.training import dev_encoded
 from server_app import checkpoint
 from server_app.base import ServerSetup
@@ -64,7 +64,8 @@ def run(grid: Grid, cfg: RunConfig, run_id: int = 0) -> dict:
 
     After every completed round the server state goes to `<records>/checkpoint.safetensors`
     (server_app/checkpoint.py); with `resume-from` the run starts from such a state instead and runs the
-    rounds after it.
+    rounds after it. The run folder's lock is held from before its records are checked until the summary is
+    written (common.records.hold_run_folder): a second server on the same folder is refused.
     """
     check_paths(cfg)
     if cfg.data_dir and not os.path.isdir(cfg.data_dir):
@@ -72,12 +73,29 @@ def run(grid: Grid, cfg: RunConfig, run_id: int = 0) -> dict:
             f"data-dir '{cfg.data_dir}' is not a folder: point it at a GLUE-layout folder, or leave it empty for the Hub"
         )
     task = task_of(cfg)  # a data task's file is read and checked here, before any training
+    name = run_name(cfg)
+    with hold_run_folder(os.path.join(cfg.results_dir, name), run_id):  # one writer per run folder, to the end
+        return run_held(grid, cfg, run_id, task, name)
+
+
+def read_resumed(cfg: RunConfig, folder: str) -> checkpoint.ServerState:
+    """The checkpoint `resume-from` names, checked against this run's config. The run's own folder is held by
+    this server; another folder is refused while a server writes it (resuming a run still going would fork it)."""
+    source = checkpoint.records_folder(cfg.resume_from)
+    if os.path.realpath(source) != os.path.realpath(folder):
+        check_not_written(source)
+    saved = checkpoint.read(cfg.resume_from)
+    check_resume(cfg, saved.config, saved.round)
+    return saved
+
+
+def run_held(grid: Grid, cfg: RunConfig, run_id: int, task: TaskSpec, name: str) -> dict:
+    """`run` once this server holds the run folder's lock."""
     saved = None
     if cfg.resume_from:  # read and checked before anything is written (it may live in this run's folder)
-        saved = checkpoint.read(cfg.resume_from)
-        check_resume(cfg, saved.config, saved.round)
+        saved = read_resumed(cfg, os.path.join(cfg.results_dir, name))
     dev = dev_encoded(cfg)  # missing files fail here, before any training
-    recorder = RunRecorder(cfg.results_dir, run_name(cfg), cfg.to_flat(), saved.records if saved else None)
+    recorder = RunRecorder(cfg.results_dir, name, cfg.to_flat(), saved.records if saved else None)
     setup = build_setup(cfg, recorder)
     done, strategy, initial = 0, setup.strategy, setup.initial
     if saved is not None:

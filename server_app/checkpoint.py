@@ -156,6 +156,11 @@ def checkpoint_path(path: str) -> str:
     return os.path.join(path, FILENAME) if os.path.isdir(path) else path
 
 
+def records_folder(path: str) -> str:
+    """The run records folder a `resume-from` value names (the folder itself, or the checkpoint's folder)."""
+    return os.path.dirname(os.path.abspath(checkpoint_path(path)))
+
+
 def _digest(state_text: str, tensors: Mapping[str, np.ndarray], version: int = VERSION, head: str = "") -> str:
     h = hashlib.sha256()
     h.update(head.encode() if head else f"{FORMAT}\0{version}\0".encode())

@@ -1,18 +1,23 @@
 """Nothing recorded is lost: a run folder that holds a run's records (rounds.jsonl, a checkpoint, a summary)
 is never truncated or overwritten by a new run under the same run-name, in the ServerApp's recorder and in
-scripts/simulate.py alike; and no records file is written through a link planted at its temporary name.
+scripts/simulate.py alike; no records file is written through a link planted at its temporary name; and one
+server writes a run folder at a time (its lock, common.records.hold_run_folder), whether a second one starts
+fresh or with resume-from, at the same moment or while the first still runs.
 (A stopped run started again through the whole ServerApp: tests/test_checkpoint.py.)"""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 
 from common.config import ConfigError, parse_run_config
-from common.records import CHECKPOINT, RunRecorder
+from common.records import CHECKPOINT, RunFolderBusy, RunRecorder, hold_run_folder
 
 pytestmark = pytest.mark.integration
 
@@ -96,3 +101,106 @@ def test_simulate_refuses_before_anything_starts(tmp_path, glue_dir):
     with pytest.raises(ConfigError, match="is a file, not a folder"):
         simulate({**base, "results-dir": str(tmp_path / "file")}, clients=2, quiet=True)
     assert {n: Path(folder, n).read_text() for n in STOPPED} == STOPPED
+
+
+# --- one writer per run folder ----------------------------------------------------------------------------
+
+ROOT = str(Path(__file__).resolve().parents[1])
+
+
+def server_process(script: str, *args: str) -> subprocess.Popen:
+    """A Python process running `script` (what a server does with the run folder), its output piped."""
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(script), *args],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": ROOT}, cwd=ROOT,
+    )  # fmt: skip
+
+
+def take(folder: str) -> None:
+    """Take the run folder's lock and let it go: what a second server does first."""
+    with hold_run_folder(folder):
+        pass
+
+
+def test_a_second_writer_is_refused_by_a_message_naming_the_first(tmp_path):
+    folder = str(tmp_path / "results" / "run")
+    busy = rf"pid {os.getpid()} on host .*, Flower run 7, started .*flwr stop"
+    with hold_run_folder(folder, run_id=7), pytest.raises(RunFolderBusy, match=busy):
+        take(folder)
+    take(folder)  # released at the end of the block
+
+
+def test_the_lock_goes_with_the_process_that_held_it(tmp_path):
+    """A server SIGKILLed mid-run leaves nothing to clean up: the kernel drops its lock."""
+    folder = str(tmp_path / "results" / "run")
+    holder = server_process(
+        """
+        import sys, time
+        from common.records import hold_run_folder
+        with hold_run_folder(sys.argv[1], run_id=5):
+            print("held", flush=True)
+            time.sleep(120)
+        """,
+        folder,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunFolderBusy, match=rf"pid {holder.pid} .*Flower run 5"):
+            take(folder)
+    finally:
+        holder.kill()
+        holder.wait()
+    take(folder)
+
+
+def test_two_servers_started_together_cannot_both_pass_the_check(tmp_path):
+    """check_not_overwriting and the first row happen under the lock (as server_app.app.run does them), so of
+    two servers started on one run-name at the same moment one writes and the other is refused; without the
+    lock both would pass the check (the folder is empty until the first row) and interleave their rows."""
+    script = """
+        import sys, time
+        from common.records import RunFolderBusy, RunRecorder, hold_run_folder
+        results = sys.argv[1]
+        try:
+            with hold_run_folder(results + "/run"):
+                rec = RunRecorder(results, "run", {})  # check_not_overwriting: the folder is still empty
+                time.sleep(1.5)  # the check and the first row far apart: the other server starts in between
+                rec.end_round(0, None)
+            print("wrote")
+        except RunFolderBusy:
+            print("refused")
+        """
+    servers = [server_process(script, str(tmp_path / "results")) for _ in range(2)]
+    outcomes = sorted(p.communicate(timeout=120)[0].strip() for p in servers)
+    assert outcomes == ["refused", "wrote"]
+    assert (tmp_path / "results" / "run" / "rounds.jsonl").read_text().count("\n") == 1
+
+
+def test_the_server_refuses_a_run_folder_another_server_writes(tmp_path, glue_dir):
+    """server_app.app.run takes the lock before it checks or reads anything in the folder: a second server,
+    started fresh or resuming that folder (in place or into another one), is refused and changes nothing."""
+    from server_app.app import run
+
+    folder = folder_with(tmp_path, STOPPED)
+    base = {"results-dir": str(tmp_path / "results"), "run-name": "run", "data-dir": glue_dir}
+    with hold_run_folder(folder, run_id=3):
+        for extra in ({}, {"resume-from": folder}, {"run-name": "fork", "resume-from": folder}):
+            with pytest.raises(RunFolderBusy, match=rf"'{folder}' is being written .*Flower run 3"):
+                run(None, parse_run_config({**base, **extra}), run_id=4)
+    assert {n: Path(folder, n).read_text() for n in STOPPED} == STOPPED
+    assert sorted(os.listdir(tmp_path / "results" / "fork")) == [".lock"]  # nothing of a run was written
+
+
+def test_a_link_at_the_run_folder_or_its_lock_is_refused(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "results").mkdir()
+    os.symlink(elsewhere, tmp_path / "results" / "run")
+    with pytest.raises(ConfigError, match="is a symbolic link"):
+        take(str(tmp_path / "results" / "run"))
+    folder = tmp_path / "results" / "other"
+    folder.mkdir()
+    os.symlink(tmp_path / "victim", folder / ".lock")
+    with pytest.raises(ConfigError, match="symbolic link, not a run folder's lock"):
+        take(str(folder))
+    assert not (tmp_path / "victim").exists() and not os.listdir(elsewhere)
