@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import time
 from logging import INFO
+from typing import Any
 
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.common import log
@@ -74,27 +75,30 @@ def run(grid: Grid, cfg: RunConfig, run_id: int = 0) -> dict:
         )
     task = task_of(cfg)  # a data task's file is read and checked here, before any training
     name = run_name(cfg)
-    with hold_run_folder(os.path.join(cfg.results_dir, name), run_id):  # one writer per run folder, to the end
-        return run_held(grid, cfg, run_id, task, name)
+    saved = read_resumed(cfg) if cfg.resume_from else None  # before anything is written: a refusal leaves no folder
+    dev = dev_encoded(cfg)  # missing files fail here, before any training
+    folder = os.path.join(cfg.results_dir, name)
+    with hold_run_folder(folder, run_id):  # one writer per run folder, from here to the summary
+        in_place = saved is not None and os.path.samefile(checkpoint.records_folder(cfg.resume_from), folder)
+        if in_place:  # read again under the lock: the checkpoint as its last writer left it
+            saved = read_resumed(cfg, held=True)
+        return run_held(grid, cfg, run_id, name, task, dev, saved)
 
 
-def read_resumed(cfg: RunConfig, folder: str) -> checkpoint.ServerState:
-    """The checkpoint `resume-from` names, checked against this run's config. The run's own folder is held by
-    this server; another folder is refused while a server writes it (resuming a run still going would fork it)."""
-    source = checkpoint.records_folder(cfg.resume_from)
-    if os.path.realpath(source) != os.path.realpath(folder):
-        check_not_written(source)
+def read_resumed(cfg: RunConfig, held: bool = False) -> checkpoint.ServerState:
+    """The checkpoint `resume-from` names, checked against this run's config; refused while a server writes its
+    folder (resuming a run that is still going would fork it), unless this server is the one (`held`)."""
+    if not held:
+        check_not_written(checkpoint.records_folder(cfg.resume_from))
     saved = checkpoint.read(cfg.resume_from)
     check_resume(cfg, saved.config, saved.round)
     return saved
 
 
-def run_held(grid: Grid, cfg: RunConfig, run_id: int, task: TaskSpec, name: str) -> dict:
-    """`run` once this server holds the run folder's lock."""
-    saved = None
-    if cfg.resume_from:  # read and checked before anything is written (it may live in this run's folder)
-        saved = read_resumed(cfg, os.path.join(cfg.results_dir, name))
-    dev = dev_encoded(cfg)  # missing files fail here, before any training
+def run_held(
+    grid: Grid, cfg: RunConfig, run_id: int, name: str, task: TaskSpec, dev: Any, saved: checkpoint.ServerState | None
+) -> dict:
+    """`run` once this server holds the run folder's lock; `saved`: the checkpoint it resumes from, or None."""
     recorder = RunRecorder(cfg.results_dir, name, cfg.to_flat(), saved.records if saved else None)
     setup = build_setup(cfg, recorder)
     done, strategy, initial = 0, setup.strategy, setup.initial
