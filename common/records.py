@@ -41,7 +41,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from common.config import ConfigError
-from common.files import fsync_dir, replace_file
+from common.files import fsync_dir, open_file, replace_file
 
 # The zero-order clients' model calls per round (common.zeroorder.ModelCalls), kept apart by what ran:
 # forward_passes is all of them; a block-2 pass costs a fraction of a full one.
@@ -260,8 +260,9 @@ def records_digest(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def _append(path: str, line: bytes) -> None:
-    """Append one row and fsync it: the checkpoint written after it names it, so it must be on disk first."""
-    with open(path, "ab") as f:
+    """Append one row and fsync it: the checkpoint written after it names it, so it must be on disk first.
+    Never through a link (common.files.open_file): one planted at the name between rounds is refused."""
+    with os.fdopen(open_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "ab") as f:
         f.write(line)
         f.flush()
         os.fsync(f.fileno())

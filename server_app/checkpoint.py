@@ -101,7 +101,7 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from common.config import ConfigError
-from common.files import replace_file
+from common.files import NotAFile, open_file, replace_file
 from common.records import CHECKPOINT, records_digest, row_problem
 
 FORMAT = "fedsubspace-server-checkpoint"
@@ -240,10 +240,19 @@ def write_segment(folder: str, t: int, tensors: Mapping[str, Any], configs: Mapp
     return digest
 
 
+def read_trusted(path: str, what: str) -> bytes:
+    """The bytes of a file the server trusts once checked (its checkpoint, update log and records), never
+    read through a link (common.files.open_file): a link planted in the run folder is refused, naming it."""
+    try:
+        with os.fdopen(open_file(path, os.O_RDONLY), "rb") as f:
+            return f.read()
+    except NotAFile as exc:
+        raise CheckpointError(f"resume-from: {what}: {exc}; or resume from another copy") from exc
+
+
 def _safetensors(path: str, what: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """The tensors and metadata of a safetensors file; CheckpointError if it is torn or not one."""
-    with open(path, "rb") as f:
-        data = f.read()
+    data = read_trusted(path, what)
     try:
         tensors = st_load(data)
         header_len = int.from_bytes(data[:8], "little")
@@ -448,8 +457,7 @@ def read_records(checkpoint_file: str, digests: Mapping[str, Mapping[str, Any]],
                 f"resume-from: '{path}' is missing: '{checkpoint_file}' was written after its first {count} rows; "
                 "copy the run's records (its .jsonl files) with its checkpoint"
             )
-        with open(path, "rb") as f:
-            lines = f.read().split(b"\n")[:-1]  # complete lines only: a crash may have cut the last one
+        lines = read_trusted(path, "a records file").split(b"\n")[:-1]  # complete lines: a crash may cut the last
         if len(lines) < count:
             raise CheckpointError(
                 f"resume-from: '{path}' holds {len(lines)} complete rows, but '{checkpoint_file}' was written after "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -392,6 +393,24 @@ def test_a_link_planted_at_the_temporary_file_is_not_followed(tmp_path):
     write_rows(path.parent, {"rounds": rows})
     assert victim.read_bytes() == b"precious" and checkpoint.read(str(path)).round == 1
     assert sorted(os.listdir(path.parent)) == [checkpoint.FILENAME, "rounds.jsonl"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", [checkpoint.FILENAME, "rounds.jsonl", "log/round-000001.safetensors"])
+def test_a_link_in_the_run_folder_is_not_read(saved_run, tmp_path, name):
+    """The checkpoint, a records file or a segment replaced by a link (here to a copy of the very file, so only
+    the link itself can be refused): resuming refuses it, naming it, instead of reading whatever it points to."""
+    _, data = saved_run
+    folder = Path(copy_to(tmp_path, data)).parent
+    target, genuine = folder / name, tmp_path / "genuine"
+    genuine.write_bytes(target.read_bytes())
+    target.unlink()
+    os.symlink(genuine, target)
+    with pytest.raises(checkpoint.CheckpointError, match=re.escape(f"'{target}' is a symbolic link")):
+        checkpoint.read(str(folder))
+    target.unlink()
+    os.rename(genuine, target)
+    assert checkpoint.read(str(folder)).round == 2
 
 
 @pytest.mark.integration

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from common.config import ConfigError, parse_run_config
+from common.files import NotAFile
 from common.records import CHECKPOINT, RunFolderBusy, RunRecorder, hold_run_folder
 
 pytestmark = pytest.mark.integration
@@ -85,6 +86,35 @@ def test_a_link_planted_at_a_records_temporary_file_is_not_followed(tmp_path, na
     assert victim.read_text() == "precious"
     assert json.loads((folder / "summary.json").read_text())["initial_accuracy"] == 0.5
     assert not os.path.lexists(folder / f"{name}.tmp")
+
+
+@pytest.mark.parametrize("record", ["rounds", "fedtt-selection"])
+def test_a_link_planted_at_a_records_file_between_rounds_is_not_followed(tmp_path, record):
+    """rounds.jsonl (or a method's own record) replaced by a link between rounds: the append is refused, naming
+    the link, and the link's target is untouched (opened with "ab", the rows went into it and the run succeeded)."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    rec = recorder(tmp_path)
+    rec.end_round(0, {"accuracy": 0.5, "loss": 0.7})
+    rec.add_record("fedtt-selection", {"round": 0})
+    path = Path(rec.dir, f"{record}.jsonl")
+    path.unlink()
+    os.symlink(victim, path)
+    rec.begin_round(1)
+    with pytest.raises(NotAFile, match=rf"'{path}' is a symbolic link \(to '{victim}'\)"):
+        rec.end_round(1, None) if record == "rounds" else rec.add_record(record, {"round": 1})
+    assert victim.read_text() == "precious\n"
+
+
+def test_a_pipe_at_a_records_file_is_refused_without_hanging(tmp_path):
+    rec = recorder(tmp_path)
+    rec.end_round(0, None)
+    path = Path(rec.dir, "rounds.jsonl")
+    path.unlink()
+    os.mkfifo(path)
+    rec.begin_round(1)
+    with pytest.raises(NotAFile, match="is not a regular file"):
+        rec.end_round(1, None)
 
 
 def test_simulate_refuses_before_anything_starts(tmp_path, glue_dir):
