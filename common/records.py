@@ -10,7 +10,9 @@ parts `client_full_passes`, `client_block1_passes`, `client_block2_passes`) are 
 A method may keep more per-round records beside them (`add_record`: `<name>.jsonl`). A resumed run starts
 from the records so far (`previous`, read back through the server checkpoint) and appends to them. A new run
 never starts in a folder that holds another run's records (check_not_overwriting): nothing recorded is
-truncated.
+truncated. The one exception is a run stopped before its first checkpoint (records, but neither a checkpoint
+nor a summary): it cannot be resumed, so its records are moved aside (kept, renamed) and a run started again
+under its name begins afresh (set_aside_unresumable).
 
 One writer per run folder: the server holds `<run folder>/.lock` locked (flock, exclusive) for the whole run
 (hold_run_folder), and checks and writes the folder only while it holds it, so two servers started on one
@@ -41,7 +43,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from common.config import ConfigError
-from common.files import fsync_dir, open_file, replace_file
+from common.files import fsync_dir, move_aside, open_file, replace_file
 
 # The zero-order clients' model calls per round (common.zeroorder.ModelCalls), kept apart by what ran:
 # forward_passes is all of them; a block-2 pass costs a fraction of a full one.
@@ -116,11 +118,25 @@ def held_records(folder: str) -> list[str]:
     )
 
 
+def stopped_before_checkpoint(held: Sequence[str]) -> bool:
+    """Whether a run folder holding `held` (held_records) is that of a run stopped before its first checkpoint:
+    records but neither a checkpoint nor a summary (stopped in round 1, or killed while writing that checkpoint,
+    which leaves rows 0 and 1 and no checkpoint).
+
+    Such a run is started again rather than resumed: a checkpoint is written after every completed round, so
+    it has none to resume from, and what it recorded is only round 0 (the starting model's evaluation) and a
+    round 1 that a fresh start with the same config does again, with the same seeds. The alternative, a
+    checkpoint of the starting state before round 1, would cost every run a checkpoint write (FedAvg's whole
+    model) to save nothing the config does not already hold."""
+    return bool(held) and CHECKPOINT not in held and "summary.json" not in held
+
+
 def check_not_overwriting(folder: str, resume_from: str) -> None:
     """Refuse to start a run in a folder that holds another run's records (a stopped run has rounds.jsonl and
-    a checkpoint but no summary.json), unless `resume-from` continues the run of that very folder."""
+    a checkpoint but no summary.json), unless `resume-from` continues the run of that very folder. A run
+    stopped before its first checkpoint is not refused: RunRecorder sets its records aside and starts again."""
     held = held_records(folder)
-    if not held:
+    if not held or stopped_before_checkpoint(held):
         return
     source = resume_from if not resume_from or os.path.isdir(resume_from) else os.path.dirname(resume_from)
     if resume_from and os.path.realpath(source) == os.path.realpath(folder):
@@ -214,6 +230,17 @@ def _busy(folder: str, holder: bytes) -> str:
     )
 
 
+def set_aside_unresumable(folder: str) -> list[str]:
+    """Move aside the records of a run stopped before its first checkpoint (stopped_before_checkpoint), so that
+    the run started again under its name writes its own from round 0: kept under `<name>.aside-<time>-<random>`,
+    never truncated, and out of the way of the digests the next checkpoint counts. Returns the new names."""
+    held = held_records(folder)
+    if not stopped_before_checkpoint(held):
+        return []
+    why = "holds the records of a run stopped before its first checkpoint; the run starts again"
+    return [move_aside(os.path.join(folder, name), why) for name in held]
+
+
 ROW_COUNTS = ("bytes_down", "bytes_up", "clients", "failures", "rejected")
 ROW_NUMBERS = ("accuracy", "loss", "client_peak_rss_mb", "client_train_seconds", "seconds_per_local_step")
 
@@ -281,6 +308,7 @@ class RunRecorder:
         Refuses (ConfigError) a folder that holds another run's records: check_not_overwriting."""
         self.dir = os.path.join(results_dir, run_name)
         check_not_overwriting(self.dir, str(config.get("resume-from") or ""))
+        set_aside_unresumable(self.dir)
         os.makedirs(self.dir, exist_ok=True)
         self.config = dict(config)
         previous = previous or {}

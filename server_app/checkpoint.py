@@ -328,6 +328,12 @@ def read(resume_from: str) -> ServerState:
     path = checkpoint_path(resume_from)
     if not os.path.isfile(path):
         where = f"no {FILENAME} in folder '{resume_from}'" if os.path.isdir(resume_from) else f"'{path}' does not exist"
+        if os.path.isfile(os.path.join(records_folder(resume_from), "rounds.jsonl")):
+            raise CheckpointError(
+                f"resume-from: {where}, only records: the run stopped before its first checkpoint (written after "
+                "round 1), so there is nothing to resume; start it again under its run-name without resume-from "
+                "(its records are moved aside and it runs from round 0)"
+            )
         raise CheckpointError(
             f"resume-from: {where}; point it at a run's checkpoint file or its records folder "
             f"(<results-dir>/<run-name>/{FILENAME}, written after each completed round)"

@@ -432,6 +432,40 @@ def test_a_stopped_run_started_again_under_its_name_keeps_every_round(tiny_bert,
     assert checkpoint.read(records).round == 3
 
 
+class Killed(BaseException):
+    """The server process killed mid-write (a BaseException: no `except Exception` on the way catches it)."""
+
+
+@pytest.mark.integration
+def test_a_run_stopped_before_its_first_checkpoint_starts_again_under_its_name(
+    tiny_bert, glue_dir, tmp_path, monkeypatch
+):
+    """Killed while writing its first checkpoint, the run leaves rows 0 and 1 and no checkpoint. resume-from
+    says there is nothing to resume and what to do; started again under its name it runs from round 0 (its
+    old records moved aside, kept), writes the rows it would have written, and can be resumed from then on."""
+    monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path / "nodes"))
+
+    def killed(path, state):
+        raise Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint, "write", killed)
+        with pytest.raises(Killed):
+            run_to("fedkseed", tiny_bert, glue_dir, tmp_path, 1, 2, "early")
+    records = os.path.join(tmp_path, "results", "early")
+    stopped = read_jsonl(os.path.join(records, "rounds.jsonl"))
+    assert [r["round"] for r in stopped] == [0, 1] and not os.path.exists(os.path.join(records, checkpoint.FILENAME))
+    with pytest.raises(checkpoint.CheckpointError, match="stopped before its first checkpoint.*without resume-from"):
+        run_to("fedkseed", tiny_bert, glue_dir, tmp_path, 2, 2, "early", **{"resume-from": records})
+    run_to("fedkseed", tiny_bert, glue_dir, tmp_path, 3, 2, "early")
+    rows = read_jsonl(os.path.join(records, "rounds.jsonl"))
+    assert [r["round"] for r in rows] == [0, 1, 2] and checkpoint.read(records).round == 2
+    for again, before in zip(rows, stopped, strict=False):  # the same rounds again, from the same seeds
+        assert again["clients"] == before["clients"] and again["accuracy"] == pytest.approx(before["accuracy"])
+    aside = [n for n in os.listdir(records) if n.startswith("rounds.jsonl.aside-")]
+    assert len(aside) == 1 and read_jsonl(os.path.join(records, aside[0])) == stopped
+
+
 def resigned(data: bytes, edit, replace: bool = False, version: int = checkpoint.VERSION) -> bytes:
     """The checkpoint with its JSON state edited in place by `edit` (or replaced by what it returns) and its
     SHA-256 recomputed, as someone who knows the format would forge it: only the field checks can refuse it.

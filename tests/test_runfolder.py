@@ -45,10 +45,10 @@ def recorder(tmp_path, **extra) -> RunRecorder:
     "files",
     [
         STOPPED,
-        {"rounds.jsonl": '{"round": 0}\n'},  # stopped after its initial evaluation
         {CHECKPOINT: "a checkpoint"},  # the records deleted, the checkpoint kept
-        {"fedtt-selection.jsonl": '{"round": 1}\n'},  # a method's own record
-        {**STOPPED, "summary.json": "{}"},  # a finished run
+        {"fedtt-selection.jsonl": '{"round": 1}\n', CHECKPOINT: "a checkpoint"},  # a method's own record
+        {"rounds.jsonl": '{"round": 0}\n', "summary.json": "{}"},  # a finished run
+        {**STOPPED, "summary.json": "{}"},
     ],
 )
 def test_a_new_run_refuses_a_folder_that_holds_records(tmp_path, files):
@@ -60,6 +60,26 @@ def test_a_new_run_refuses_a_folder_that_holds_records(tmp_path, files):
     with pytest.raises(ConfigError, match="already holds a run's records"):  # resuming another run into it
         recorder(tmp_path, **{"resume-from": other})
     assert {n: (tmp_path / "results" / "run" / n).read_text() for n in files} == files  # byte for byte
+
+
+@pytest.mark.parametrize(
+    "files",
+    [
+        {"rounds.jsonl": '{"round": 0}\n'},  # stopped after its initial evaluation
+        {"rounds.jsonl": '{"round": 0}\n{"round": 1}\n', "fedtt-selection.jsonl": '{"round": 1}\n'},  # in round 1
+        {"fedtt-selection.jsonl": '{"round": 1}\n'},
+    ],
+)
+def test_a_run_stopped_before_its_first_checkpoint_starts_again_its_records_kept_aside(tmp_path, files):
+    """Records but no checkpoint and no summary: nothing to resume, so no dead end either: a run started again
+    under its name begins from round 0, and the old records are renamed beside it, byte for byte."""
+    folder = folder_with(tmp_path, files)
+    rec = recorder(tmp_path)
+    assert rec.rounds == [] and not any(os.path.getsize(p) for n in files if os.path.exists(p := Path(folder, n)))
+    aside = {n.split(".aside-")[0]: Path(folder, n).read_text() for n in os.listdir(folder) if ".aside-" in n}
+    assert aside == files
+    rec.end_round(0, None)
+    assert [json.loads(line)["round"] for line in Path(folder, "rounds.jsonl").read_text().splitlines()] == [0]
 
 
 def test_an_empty_or_absent_folder_is_used_and_the_same_run_resumes_into_its_own(tmp_path):
