@@ -70,7 +70,8 @@ than its name says (renamed or reordered), does not follow the previous segment'
 is not the one the checkpoint names as the log's head; for a records file one that is missing, holds fewer
 lines than the checkpoint counts (truncated) or other ones (edited, replaced); and, checksum or not, any field of the wrong type or range
 (records that do not run 0..T or cannot be summarized, a config that is not run-config keys; each strategy's
-own fields, e.g. its RNG state, through strategy_field when it loads them). Whether the run config allows resuming from it is
+own fields, e.g. its RNG state, through strategy_field when it loads them), and model values that are not finite or
+exceed CHECKPOINT_BOUND (the bound a reply's are held to, with the instructions' slack): a checkpoint is input. Whether the run config allows resuming from it is
 checked by common.config.check_resume.
 
 Writing is atomic (common.files.replace_file): the bytes go to `<file>.tmp`, created exclusively (a link
@@ -103,6 +104,7 @@ from safetensors.numpy import save as st_save
 from common.config import ConfigError
 from common.files import NotAFile, open_file, replace_file
 from common.records import CHECKPOINT, records_digest, row_problem
+from common.wire import VALUE_BOUND, instruction_bound
 
 FORMAT = "fedsubspace-server-checkpoint"
 VERSION = 3
@@ -117,6 +119,11 @@ LOG_DIR = "log"  # the segments' folder, beside the checkpoint
 LOG_RECORD = "log"  # the instruction record a segment holds (the same name in every log method's wire)
 LOG_HEAD = "log-head"  # the strategy state key of the chain head
 GENESIS = "0" * 64  # what segment 1 follows
+# The model-like values a checkpoint brings back (FedTT cores and head, FedAvg's global arrays): the global model,
+# aggregated from replies each within common.wire.VALUE_BOUND, held to the bound the clients hold that model to
+# when it is sent to them (the reply bound with the slack for the aggregate's rounding). The log methods' values
+# come back through their instruction's checked unpacking (restore), with the same bound.
+CHECKPOINT_BOUND = instruction_bound(VALUE_BOUND)
 
 
 class CheckpointError(ConfigError):
@@ -559,7 +566,8 @@ def state_to_records(tensors: Mapping[str, np.ndarray], configs: Mapping[str, Ma
 def checked_tensors(
     tensors: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]
 ) -> dict[str, torch.Tensor]:
-    """Exactly the tensors of `shapes`, float32 and finite (a checkpoint of this model), as torch tensors."""
+    """Exactly the tensors of `shapes`, float32, finite and within CHECKPOINT_BOUND (a checkpoint of this model),
+    as torch tensors. A checkpoint is input like a reply: its checksum only proves it is what a writer wrote."""
     if set(tensors) != set(shapes):
         missing, extra = sorted(set(shapes) - set(tensors)), sorted(set(tensors) - set(shapes))
         raise CheckpointError(
@@ -572,6 +580,11 @@ def checked_tensors(
         if t.dtype != np.float32 or tuple(t.shape) != tuple(shape) or not np.isfinite(t).all():
             raise CheckpointError(
                 f"checkpoint tensor '{name}' is {t.dtype} {tuple(t.shape)}, expected finite float32 {tuple(shape)}"
+            )
+        if t.size and (largest := float(np.abs(t).max())) > CHECKPOINT_BOUND:
+            raise CheckpointError(
+                f"checkpoint tensor '{name}' holds |value| {largest:.3g}, above the bound {CHECKPOINT_BOUND:g} that the "
+                "replies it was aggregated from are held to: it was edited or written by a broken server"
             )
         out[name] = torch.from_numpy(np.array(t, copy=True))
     return out

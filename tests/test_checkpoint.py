@@ -657,6 +657,37 @@ def test_every_methods_strategy_refuses_a_bad_rng_state_with_the_checkpoint_erro
             resume(build_setup(cfg, RunRecorder(str(tmp_path / key), method, cfg.to_flat())), saved, 0)
 
 
+@pytest.mark.integration
+@pytest.mark.parametrize("value", [1e30, -1e30, float("nan")])
+@pytest.mark.parametrize("method", ["fedavg", "fedavg-lora", "fedtt", "fedtt-plus"])
+def test_a_checkpoint_is_held_to_the_bounds_of_a_reply(method, value, tiny_bert, glue_dir, tmp_path):
+    """A checkpoint edited with its checksum recomputed (checkpoint.write computes it) to hold 1e30 or NaN in a
+    FedTT core or a FedAvg weight reads back whole, and resuming from it is refused with the checkpoint error
+    naming the file and the tensor: its values are held to the bound and finiteness of a reply's."""
+    cfg = make_cfg(method, tiny_bert, glue_dir, tmp_path, **{"run-name": "poisoned"})
+    setup = build_setup(cfg, RunRecorder(str(tmp_path / "build"), method, cfg.to_flat()))
+    tensors, state = setup.strategy.state_dict()
+    tensors = {k: checkpoint._numpy(v).copy() for k, v in tensors.items()}
+    arrays = {k: a.numpy().copy() for k, a in setup.initial.items()}
+    poisoned = tensors if method.startswith("fedtt") else arrays
+    name = sorted(k for k in poisoned if not method.startswith("fedtt") or k.startswith("cores/"))[0]
+    poisoned[name].flat[0] = value
+    path = str(tmp_path / "ckpt" / checkpoint.FILENAME)
+    rows = [row(0), row(1)]
+    checkpoint.write(path, checkpoint.ServerState(1, cfg.to_flat(), tensors, state, {"rounds": rows}, arrays=arrays))
+    write_rows(os.path.dirname(path), {"rounds": rows})
+    saved = checkpoint.read(path)  # its checksum holds: only the bound can refuse it
+    says = "expected finite float32" if np.isnan(value) else "above the bound 2000"
+    with pytest.raises(checkpoint.CheckpointError, match=re.escape(f"resume-from: '{path}': ") + f".*'{name}'.*{says}"):
+        resume(build_setup(cfg, RunRecorder(str(tmp_path / "again"), method, cfg.to_flat())), saved, 0)
+    if method == "fedtt-plus":  # and FedTT+'s scores to a reply's range
+        core = next(iter(setup.strategy.shapes))
+        saved.tensors, saved.arrays = {k: checkpoint._numpy(v) for k, v in setup.strategy.state_dict()[0].items()}, {}
+        saved.strategy = {**state, "scores": [[*core, value]]}
+        with pytest.raises(checkpoint.CheckpointError, match="'scores' is not"):
+            resume(build_setup(cfg, RunRecorder(str(tmp_path / "scores"), method, cfg.to_flat())), saved, 0)
+
+
 # --- the update log beside the checkpoint -----------------------------------------------------------------
 
 LOG_METHODS = ["fedkrso", "fedspzo", "fedkseed"]
