@@ -8,6 +8,11 @@ link planted to make the writer overwrite another file) is removed first, never 
 is unlinked, not followed, and if one is planted again between the removal and the creation, the exclusive
 creation fails instead of following it.
 
+Files that are appended to or read in place (a run's records, its checkpoint and update log) are opened with
+`open_file`, the way a database opens its files: O_NOFOLLOW, so a link planted at the name (to make the
+server append its rows to another file, or read another file as its records) is refused with an error that
+names it instead of being followed, and only a regular file is accepted (a pipe would block the writer).
+
 A path that should hold a file but holds a folder (or a folder that is a file, a pipe, ...) is renamed to
 `<path>.aside-<time>-<random>` (`move_aside`): kept for whoever wants to look, and out of the way, so the
 writer does not fail on it at every round.
@@ -23,7 +28,35 @@ import uuid
 
 log = logging.getLogger(__name__)
 
-_EXCLUSIVE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+_EXCLUSIVE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW
+
+
+class NotAFile(OSError):
+    """A path opened as a plain file that is a link or not a regular file: nothing was read or written."""
+
+
+def open_file(path: str, flags: int, mode: int = 0o644) -> int:
+    """os.open of the regular file at `path`, never through a link; NotAFile naming what is there otherwise."""
+    try:
+        fd = os.open(path, flags | _NOFOLLOW | os.O_NONBLOCK, mode)  # O_NONBLOCK: a planted pipe does not hang it
+    except OSError as exc:
+        if kind(path) in ("absent", "file"):
+            raise
+        raise NotAFile(_not_a_file(path)) from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise NotAFile(_not_a_file(path))
+    return fd
+
+
+def _not_a_file(path: str) -> str:
+    if kind(path) == "link":
+        return (
+            f"'{path}' is a symbolic link (to '{os.readlink(path)}'), not a file: it is never read or written "
+            "through (a link there may have been planted to redirect it); remove the link and put the file back"
+        )
+    return f"'{path}' is not a regular file ({kind(path)}): remove what is there and put the file back"
 
 
 def fsync_dir(directory: str) -> None:

@@ -33,7 +33,7 @@ import contextlib
 from common.config import ConfigError, check_paths, parse_run_config
 from common.data import task_of
 from common.datafiles import HUB_PREFIX, is_data_task
-from common.records import check_not_overwriting, format_table
+from common.records import check_not_overwriting, check_not_written, format_table
 
 FLWR = os.path.join(os.path.dirname(sys.executable), "flwr")
 
@@ -143,6 +143,7 @@ def simulate(
         raise ConfigError(f"--clients {clients} is below min-clients={cfg.min_clients}")
     check_paths(cfg)
     records = os.path.join(cfg.results_dir, cfg.run_name)
+    check_not_written(records)  # a running server writes it; the ServerApp refuses too, here before anything starts
     check_not_overwriting(records, cfg.resume_from)  # the ServerApp refuses too; here before anything starts
     if cfg.resume_from:  # the ServerApp checks it again; here a bad checkpoint stops before anything starts
         from common.config import check_resume

@@ -9,17 +9,18 @@ from __future__ import annotations
 import os
 import time
 from logging import INFO
+from typing import Any
 
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import ConfigError, RunConfig, check_paths, check_resume, parse_run_config
-from common.data import task_of
+from common.data import TaskSpec, task_of
 from common.evaluation import evaluate
 from common.methods import get_method
 from common.modeling import load_tokenizer
-from common.records import RunRecorder, format_table
+from common.records import RunRecorder, check_not_written, format_table, hold_run_folder
 from common.training import dev_encoded
 from server_app import checkpoint
 from server_app.base import ServerSetup
@@ -64,7 +65,8 @@ def run(grid: Grid, cfg: RunConfig, run_id: int = 0) -> dict:
 
     After every completed round the server state goes to `<records>/checkpoint.safetensors`
     (server_app/checkpoint.py); with `resume-from` the run starts from such a state instead and runs the
-    rounds after it.
+    rounds after it. The run folder's lock is held from before its records are checked until the summary is
+    written (common.records.hold_run_folder): a second server on the same folder is refused.
     """
     check_paths(cfg)
     if cfg.data_dir and not os.path.isdir(cfg.data_dir):
@@ -72,12 +74,32 @@ def run(grid: Grid, cfg: RunConfig, run_id: int = 0) -> dict:
             f"data-dir '{cfg.data_dir}' is not a folder: point it at a GLUE-layout folder, or leave it empty for the Hub"
         )
     task = task_of(cfg)  # a data task's file is read and checked here, before any training
-    saved = None
-    if cfg.resume_from:  # read and checked before anything is written (it may live in this run's folder)
-        saved = checkpoint.read(cfg.resume_from)
-        check_resume(cfg, saved.config, saved.round)
+    name = run_name(cfg)
+    saved = read_resumed(cfg) if cfg.resume_from else None  # before anything is written: a refusal leaves no folder
     dev = dev_encoded(cfg)  # missing files fail here, before any training
-    recorder = RunRecorder(cfg.results_dir, run_name(cfg), cfg.to_flat(), saved.records if saved else None)
+    folder = os.path.join(cfg.results_dir, name)
+    with hold_run_folder(folder, run_id):  # one writer per run folder, from here to the summary
+        in_place = saved is not None and os.path.samefile(checkpoint.records_folder(cfg.resume_from), folder)
+        if in_place:  # read again under the lock: the checkpoint as its last writer left it
+            saved = read_resumed(cfg, held=True)
+        return run_held(grid, cfg, run_id, name, task, dev, saved)
+
+
+def read_resumed(cfg: RunConfig, held: bool = False) -> checkpoint.ServerState:
+    """The checkpoint `resume-from` names, checked against this run's config; refused while a server writes its
+    folder (resuming a run that is still going would fork it), unless this server is the one (`held`)."""
+    if not held:
+        check_not_written(checkpoint.records_folder(cfg.resume_from))
+    saved = checkpoint.read(cfg.resume_from)
+    check_resume(cfg, saved.config, saved.round)
+    return saved
+
+
+def run_held(
+    grid: Grid, cfg: RunConfig, run_id: int, name: str, task: TaskSpec, dev: Any, saved: checkpoint.ServerState | None
+) -> dict:
+    """`run` once this server holds the run folder's lock; `saved`: the checkpoint it resumes from, or None."""
+    recorder = RunRecorder(cfg.results_dir, name, cfg.to_flat(), saved.records if saved else None)
     setup = build_setup(cfg, recorder)
     done, strategy, initial = 0, setup.strategy, setup.initial
     if saved is not None:

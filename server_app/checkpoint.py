@@ -70,7 +70,8 @@ than its name says (renamed or reordered), does not follow the previous segment'
 is not the one the checkpoint names as the log's head; for a records file one that is missing, holds fewer
 lines than the checkpoint counts (truncated) or other ones (edited, replaced); and, checksum or not, any field of the wrong type or range
 (records that do not run 0..T or cannot be summarized, a config that is not run-config keys; each strategy's
-own fields, e.g. its RNG state, through strategy_field when it loads them). Whether the run config allows resuming from it is
+own fields, e.g. its RNG state, through strategy_field when it loads them), and model values that are not finite or
+exceed CHECKPOINT_BOUND (the bound a reply's are held to, with the instructions' slack): a checkpoint is input. Whether the run config allows resuming from it is
 checked by common.config.check_resume.
 
 Writing is atomic (common.files.replace_file): the bytes go to `<file>.tmp`, created exclusively (a link
@@ -101,8 +102,9 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from common.config import ConfigError
-from common.files import replace_file
+from common.files import NotAFile, open_file, replace_file
 from common.records import CHECKPOINT, records_digest, row_problem
+from common.wire import VALUE_BOUND, instruction_bound
 
 FORMAT = "fedsubspace-server-checkpoint"
 VERSION = 3
@@ -117,6 +119,11 @@ LOG_DIR = "log"  # the segments' folder, beside the checkpoint
 LOG_RECORD = "log"  # the instruction record a segment holds (the same name in every log method's wire)
 LOG_HEAD = "log-head"  # the strategy state key of the chain head
 GENESIS = "0" * 64  # what segment 1 follows
+# The model-like values a checkpoint brings back (FedTT cores and head, FedAvg's global arrays): the global model,
+# aggregated from replies each within common.wire.VALUE_BOUND, held to the bound the clients hold that model to
+# when it is sent to them (the reply bound with the slack for the aggregate's rounding). The log methods' values
+# come back through their instruction's checked unpacking (restore), with the same bound.
+CHECKPOINT_BOUND = instruction_bound(VALUE_BOUND)
 
 
 class CheckpointError(ConfigError):
@@ -154,6 +161,11 @@ class Segment:
 def checkpoint_path(path: str) -> str:
     """A `resume-from` value: the checkpoint file itself, or the run's records folder holding it."""
     return os.path.join(path, FILENAME) if os.path.isdir(path) else path
+
+
+def records_folder(path: str) -> str:
+    """The run records folder a `resume-from` value names (the folder itself, or the checkpoint's folder)."""
+    return os.path.dirname(os.path.abspath(checkpoint_path(path)))
 
 
 def _digest(state_text: str, tensors: Mapping[str, np.ndarray], version: int = VERSION, head: str = "") -> str:
@@ -235,10 +247,19 @@ def write_segment(folder: str, t: int, tensors: Mapping[str, Any], configs: Mapp
     return digest
 
 
+def read_trusted(path: str, what: str) -> bytes:
+    """The bytes of a file the server trusts once checked (its checkpoint, update log and records), never
+    read through a link (common.files.open_file): a link planted in the run folder is refused, naming it."""
+    try:
+        with os.fdopen(open_file(path, os.O_RDONLY), "rb") as f:
+            return f.read()
+    except NotAFile as exc:
+        raise CheckpointError(f"resume-from: {what}: {exc}; or resume from another copy") from exc
+
+
 def _safetensors(path: str, what: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """The tensors and metadata of a safetensors file; CheckpointError if it is torn or not one."""
-    with open(path, "rb") as f:
-        data = f.read()
+    data = read_trusted(path, what)
     try:
         tensors = st_load(data)
         header_len = int.from_bytes(data[:8], "little")
@@ -314,6 +335,12 @@ def read(resume_from: str) -> ServerState:
     path = checkpoint_path(resume_from)
     if not os.path.isfile(path):
         where = f"no {FILENAME} in folder '{resume_from}'" if os.path.isdir(resume_from) else f"'{path}' does not exist"
+        if os.path.isfile(os.path.join(records_folder(resume_from), "rounds.jsonl")):
+            raise CheckpointError(
+                f"resume-from: {where}, only records: the run stopped before its first checkpoint (written after "
+                "round 1), so there is nothing to resume; start it again under its run-name without resume-from "
+                "(its records are moved aside and it runs from round 0)"
+            )
         raise CheckpointError(
             f"resume-from: {where}; point it at a run's checkpoint file or its records folder "
             f"(<results-dir>/<run-name>/{FILENAME}, written after each completed round)"
@@ -443,8 +470,7 @@ def read_records(checkpoint_file: str, digests: Mapping[str, Mapping[str, Any]],
                 f"resume-from: '{path}' is missing: '{checkpoint_file}' was written after its first {count} rows; "
                 "copy the run's records (its .jsonl files) with its checkpoint"
             )
-        with open(path, "rb") as f:
-            lines = f.read().split(b"\n")[:-1]  # complete lines only: a crash may have cut the last one
+        lines = read_trusted(path, "a records file").split(b"\n")[:-1]  # complete lines: a crash may cut the last
         if len(lines) < count:
             raise CheckpointError(
                 f"resume-from: '{path}' holds {len(lines)} complete rows, but '{checkpoint_file}' was written after "
@@ -540,7 +566,8 @@ def state_to_records(tensors: Mapping[str, np.ndarray], configs: Mapping[str, Ma
 def checked_tensors(
     tensors: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]
 ) -> dict[str, torch.Tensor]:
-    """Exactly the tensors of `shapes`, float32 and finite (a checkpoint of this model), as torch tensors."""
+    """Exactly the tensors of `shapes`, float32, finite and within CHECKPOINT_BOUND (a checkpoint of this model),
+    as torch tensors. A checkpoint is input like a reply: its checksum only proves it is what a writer wrote."""
     if set(tensors) != set(shapes):
         missing, extra = sorted(set(shapes) - set(tensors)), sorted(set(tensors) - set(shapes))
         raise CheckpointError(
@@ -553,6 +580,11 @@ def checked_tensors(
         if t.dtype != np.float32 or tuple(t.shape) != tuple(shape) or not np.isfinite(t).all():
             raise CheckpointError(
                 f"checkpoint tensor '{name}' is {t.dtype} {tuple(t.shape)}, expected finite float32 {tuple(shape)}"
+            )
+        if t.size and (largest := float(np.abs(t).max())) > CHECKPOINT_BOUND:
+            raise CheckpointError(
+                f"checkpoint tensor '{name}' holds |value| {largest:.3g}, above the bound {CHECKPOINT_BOUND:g} that the "
+                "replies it was aggregated from are held to: it was edited or written by a broken server"
             )
         out[name] = torch.from_numpy(np.array(t, copy=True))
     return out

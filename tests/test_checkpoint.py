@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -395,6 +396,24 @@ def test_a_link_planted_at_the_temporary_file_is_not_followed(tmp_path):
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("name", [checkpoint.FILENAME, "rounds.jsonl", "log/round-000001.safetensors"])
+def test_a_link_in_the_run_folder_is_not_read(saved_run, tmp_path, name):
+    """The checkpoint, a records file or a segment replaced by a link (here to a copy of the very file, so only
+    the link itself can be refused): resuming refuses it, naming it, instead of reading whatever it points to."""
+    _, data = saved_run
+    folder = Path(copy_to(tmp_path, data)).parent
+    target, genuine = folder / name, tmp_path / "genuine"
+    genuine.write_bytes(target.read_bytes())
+    target.unlink()
+    os.symlink(genuine, target)
+    with pytest.raises(checkpoint.CheckpointError, match=re.escape(f"'{target}' is a symbolic link")):
+        checkpoint.read(str(folder))
+    target.unlink()
+    os.rename(genuine, target)
+    assert checkpoint.read(str(folder)).round == 2
+
+
+@pytest.mark.integration
 def test_a_stopped_run_started_again_under_its_name_keeps_every_round(tiny_bert, glue_dir, tmp_path, monkeypatch):
     """A run stopped after round 2 (records and checkpoint, no summary.json) started again with the same run-name:
     without resume-from the ServerApp refuses, naming resume-from, and leaves every byte; asked to resume
@@ -411,6 +430,40 @@ def test_a_stopped_run_started_again_under_its_name_keeps_every_round(tiny_bert,
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     assert "".join(json.dumps(r) + "\n" for r in rows[:3]).encode() == before["rounds.jsonl"]
     assert checkpoint.read(records).round == 3
+
+
+class Killed(BaseException):
+    """The server process killed mid-write (a BaseException: no `except Exception` on the way catches it)."""
+
+
+@pytest.mark.integration
+def test_a_run_stopped_before_its_first_checkpoint_starts_again_under_its_name(
+    tiny_bert, glue_dir, tmp_path, monkeypatch
+):
+    """Killed while writing its first checkpoint, the run leaves rows 0 and 1 and no checkpoint. resume-from
+    says there is nothing to resume and what to do; started again under its name it runs from round 0 (its
+    old records moved aside, kept), writes the rows it would have written, and can be resumed from then on."""
+    monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path / "nodes"))
+
+    def killed(path, state):
+        raise Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint, "write", killed)
+        with pytest.raises(Killed):
+            run_to("fedkseed", tiny_bert, glue_dir, tmp_path, 1, 2, "early")
+    records = os.path.join(tmp_path, "results", "early")
+    stopped = read_jsonl(os.path.join(records, "rounds.jsonl"))
+    assert [r["round"] for r in stopped] == [0, 1] and not os.path.exists(os.path.join(records, checkpoint.FILENAME))
+    with pytest.raises(checkpoint.CheckpointError, match="stopped before its first checkpoint.*without resume-from"):
+        run_to("fedkseed", tiny_bert, glue_dir, tmp_path, 2, 2, "early", **{"resume-from": records})
+    run_to("fedkseed", tiny_bert, glue_dir, tmp_path, 3, 2, "early")
+    rows = read_jsonl(os.path.join(records, "rounds.jsonl"))
+    assert [r["round"] for r in rows] == [0, 1, 2] and checkpoint.read(records).round == 2
+    for again, before in zip(rows, stopped, strict=False):  # the same rounds again, from the same seeds
+        assert again["clients"] == before["clients"] and again["accuracy"] == pytest.approx(before["accuracy"])
+    aside = [n for n in os.listdir(records) if n.startswith("rounds.jsonl.aside-")]
+    assert len(aside) == 1 and read_jsonl(os.path.join(records, aside[0])) == stopped
 
 
 def resigned(data: bytes, edit, replace: bool = False, version: int = checkpoint.VERSION) -> bytes:
@@ -602,6 +655,37 @@ def test_every_methods_strategy_refuses_a_bad_rng_state_with_the_checkpoint_erro
         saved = checkpoint.ServerState(0, cfg.to_flat(), tensors, {**state, key: value}, {}, path="/x/ckpt")
         with pytest.raises(checkpoint.CheckpointError, match=f"resume-from: '/x/ckpt': .*'{key}' is not"):
             resume(build_setup(cfg, RunRecorder(str(tmp_path / key), method, cfg.to_flat())), saved, 0)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("value", [1e30, -1e30, float("nan")])
+@pytest.mark.parametrize("method", ["fedavg", "fedavg-lora", "fedtt", "fedtt-plus"])
+def test_a_checkpoint_is_held_to_the_bounds_of_a_reply(method, value, tiny_bert, glue_dir, tmp_path):
+    """A checkpoint edited with its checksum recomputed (checkpoint.write computes it) to hold 1e30 or NaN in a
+    FedTT core or a FedAvg weight reads back whole, and resuming from it is refused with the checkpoint error
+    naming the file and the tensor: its values are held to the bound and finiteness of a reply's."""
+    cfg = make_cfg(method, tiny_bert, glue_dir, tmp_path, **{"run-name": "poisoned"})
+    setup = build_setup(cfg, RunRecorder(str(tmp_path / "build"), method, cfg.to_flat()))
+    tensors, state = setup.strategy.state_dict()
+    tensors = {k: checkpoint._numpy(v).copy() for k, v in tensors.items()}
+    arrays = {k: a.numpy().copy() for k, a in setup.initial.items()}
+    poisoned = tensors if method.startswith("fedtt") else arrays
+    name = sorted(k for k in poisoned if not method.startswith("fedtt") or k.startswith("cores/"))[0]
+    poisoned[name].flat[0] = value
+    path = str(tmp_path / "ckpt" / checkpoint.FILENAME)
+    rows = [row(0), row(1)]
+    checkpoint.write(path, checkpoint.ServerState(1, cfg.to_flat(), tensors, state, {"rounds": rows}, arrays=arrays))
+    write_rows(os.path.dirname(path), {"rounds": rows})
+    saved = checkpoint.read(path)  # its checksum holds: only the bound can refuse it
+    says = "expected finite float32" if np.isnan(value) else "above the bound 2000"
+    with pytest.raises(checkpoint.CheckpointError, match=re.escape(f"resume-from: '{path}': ") + f".*'{name}'.*{says}"):
+        resume(build_setup(cfg, RunRecorder(str(tmp_path / "again"), method, cfg.to_flat())), saved, 0)
+    if method == "fedtt-plus":  # and FedTT+'s scores to a reply's range
+        core = next(iter(setup.strategy.shapes))
+        saved.tensors, saved.arrays = {k: checkpoint._numpy(v) for k, v in setup.strategy.state_dict()[0].items()}, {}
+        saved.strategy = {**state, "scores": [[*core, value]]}
+        with pytest.raises(checkpoint.CheckpointError, match="'scores' is not"):
+            resume(build_setup(cfg, RunRecorder(str(tmp_path / "scores"), method, cfg.to_flat())), saved, 0)
 
 
 # --- the update log beside the checkpoint -----------------------------------------------------------------

@@ -20,7 +20,7 @@ from common.records import RunRecorder
 from common.wire import reply_limit
 from methods.fedtt.model import TTModel, build
 from methods.fedtt.tt import CoreKey, plus_selection, score_votes
-from methods.fedtt.wire import pack_instruction, reply_payload, unpack_reply
+from methods.fedtt.wire import SCORE_BOUND, pack_instruction, reply_payload, unpack_reply
 from server_app import checkpoint
 from server_app.base import Replies, RoundStrategy, ServerSetup
 
@@ -137,7 +137,8 @@ class FedTT(RoundStrategy):
         checkpoint.set_rng_state(self._rng, state)
 
     def _is_scores(self, scores) -> bool:
-        """FedTT+'s scores as state_dict writes them: one finite score per core of this model, or None."""
+        """FedTT+'s scores as state_dict writes them: one score per core of this model, or None; each finite and in
+        [0, SCORE_BOUND], the range a reply's scores are held to (their combination, a distribution, lies inside)."""
         if scores is None:
             return True
         rows_ok = isinstance(scores, list) and all(
@@ -145,6 +146,7 @@ class FedTT(RoundStrategy):
             and len(row) == 4
             and all(isinstance(x, t) for x, t in zip(row, (int, str, int), strict=False))
             and checkpoint.is_number(row[3])
+            and 0 <= row[3] <= SCORE_BOUND
             for row in scores
         )
         return rows_ok and all((row[0], row[1], row[2]) in self.shapes for row in scores)
