@@ -565,7 +565,8 @@ def run_state(records: str, run, want: dict, ignore: tuple[str, ...] = VOLATILE)
 
 
 def federated(s: Settings, records: str, probes: dict, runs: list[Run], jobs: int = 1) -> None:
-    from scripts.simulate import simulate
+    from common.interrupt import Interrupted
+    from scripts.simulate import simulate, stop_all
 
     plan = {run.name: (run, run_overrides(s, run, records)) for run in runs}
     states = {name: run_state(records, run, effective(o)) for name, (run, o) in plan.items()}
@@ -623,8 +624,14 @@ def federated(s: Settings, records: str, probes: dict, runs: list[Run], jobs: in
             one(run)
     else:  # --quick checks only: runs at once share the cores, so their timings mean nothing
         with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-            for future in [pool.submit(one, run) for run in todo]:
-                future.result()
+            futures = [pool.submit(one, run) for run in todo]
+            try:
+                for future in futures:
+                    future.result()
+            except Interrupted:
+                pool.shutdown(wait=False, cancel_futures=True)
+                stop_all()  # the signal reached this thread only: the workers' runs would train on
+                raise
 
 
 # ---------------------------------------------------------------- main
@@ -702,6 +709,11 @@ def main(argv: list[str] | None = None) -> int:
         "--jobs", type=int, default=1, help="--quick only: probes and runs at once (checks the harness; timings void)"
     )
     args = ap.parse_args(argv)
+    from common.interrupt import exit_on_signals
+
+    # SIGINT and SIGTERM stop the run under way (simulate's clean-up), keep its records and exit 130 / 143;
+    # a probe's child process is killed by subprocess.run on the way out.
+    exit_on_signals()
     if args.child:
         kind, spec = args.child
         children = {"messages": child_messages, "probe": child_probe, "contraction": child_contraction}

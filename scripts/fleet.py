@@ -60,6 +60,8 @@ import yaml
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from common.interrupt import Interrupted, exit_on_signals
+
 BIN = os.path.dirname(sys.executable)
 COMPOSE = os.path.join(ROOT, "docker-compose.yml")
 NS_PREFIX = "fsfleet-"  # namespaces: fsfleet-<owner pid>-<token>-<service>
@@ -860,15 +862,12 @@ def report_table(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(out)
 
 
-def exit_on_sigterm() -> None:
-    """Make SIGTERM (kill, systemd, a CI timeout) unwind like Ctrl-C, so `Fleet.__exit__` stops every process
-    and removes the namespaces, bridge and links instead of leaving them behind. Exit status 143 (128 + 15)."""
-
-    def stop(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one unwind: a second TERM must not cut the clean-up short
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, stop)
+def stop_run(fleet: Fleet, run_id: int) -> bool:
+    """`flwr stop`: the SuperLink records the run as stopped before the fleet goes down under it."""
+    try:
+        return fleet.flwr("stop", str(run_id), "fleet", timeout=30).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -881,7 +880,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--workdir", default="", help="keep certificates, logs and volumes here (default: a temp dir)")
     ap.add_argument("--timeout", type=float, default=1800)
     args = ap.parse_args(argv)
-    exit_on_sigterm()
+    exit_on_signals()  # SIGINT and SIGTERM unwind through Fleet.__exit__: every process, namespace and link goes
     from flwr.common.config import parse_config_args
 
     rc = parse_config_args([args.run_config]) if args.run_config else {}
@@ -894,28 +893,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = [os.path.join(ROOT, "deploy", "compose.insecure.yml")] if args.insecure else []
     rows, ok = [], True
     idle = {"node_bytes_per_second": 0.0}
-    with Fleet(workdir, overrides=overrides, glue_dir=glue, nodes=args.nodes) as fleet:
-        fleet.up()
-        time.sleep(3)  # let every SuperNode register and settle into its poll loop
-        if args.idle_seconds > 0:
-            idle = measure_idle(fleet, args.idle_seconds)
-        for method in methods:
-            cfg = {**rc, "method": method, "run-name": f"{rc.get('run-name') or 'fleet'}-{method}-{stamp}"}
-            t0 = time.monotonic()
-            run_id = fleet.submit(cfg)
-            records = os.path.join(cfg["results-dir"], cfg["run-name"])
-            first: dict[int, float] = {}
+    under_way: dict[str, Any] = {}  # the run an interruption stops and reports
+    try:
+        with Fleet(workdir, overrides=overrides, glue_dir=glue, nodes=args.nodes) as fleet:
+            fleet.up()
+            time.sleep(3)  # let every SuperNode register and settle into its poll loop
+            if args.idle_seconds > 0:
+                idle = measure_idle(fleet, args.idle_seconds)
+            for method in methods:
+                cfg = {**rc, "method": method, "run-name": f"{rc.get('run-name') or 'fleet'}-{method}-{stamp}"}
+                t0 = time.monotonic()
+                run_id = fleet.submit(cfg)
+                records = os.path.join(cfg["results-dir"], cfg["run-name"])
+                first: dict[int, float] = {}
 
-            def on_round(row, first=first, t0=t0):
-                first.setdefault(row["round"], time.monotonic() - t0)
+                def on_round(row, first=first, t0=t0):
+                    first.setdefault(row["round"], time.monotonic() - t0)
 
-            status = fleet.watch(run_id, records, args.timeout, on_round)
-            ok &= status == "finished:completed"
-            print(f"{method}: run {run_id} {status}; records in {records}", flush=True)
-            if os.path.exists(os.path.join(records, "wire.jsonl")):
-                with open(os.path.join(records, "wire.jsonl")) as f:
-                    wire = [json.loads(line) for line in f if line.strip()]
-                rows.append(wire_summary(method, wire, first.get(0, float("nan")), idle))
+                under_way = {"run": run_id, "records": records, "flwr stop": False}
+                try:
+                    status = fleet.watch(run_id, records, args.timeout, on_round)
+                except Interrupted:
+                    under_way["flwr stop"] = stop_run(fleet, run_id)
+                    raise
+                under_way = {}
+                ok &= status == "finished:completed"
+                print(f"{method}: run {run_id} {status}; records in {records}", flush=True)
+                if os.path.exists(os.path.join(records, "wire.jsonl")):
+                    with open(os.path.join(records, "wire.jsonl")) as f:
+                        wire = [json.loads(line) for line in f if line.strip()]
+                    rows.append(wire_summary(method, wire, first.get(0, float("nan")), idle))
+    except Interrupted as exc:
+        what = (
+            f"run {under_way['run']}{' (flwr stop)' if under_way['flwr stop'] else ''}; its records in "
+            f"{under_way['records']}"
+            if under_way
+            else "no run was under way"
+        )
+        print(f"{exc.name}: stopped the fleet (its processes, namespaces and bridge are gone) and {what}; "
+              f"the services' logs in {os.path.join(workdir, 'logs')}", file=sys.stderr)  # fmt: skip
+        raise
     print(f"TLS and node authentication: {'off' if args.insecure else 'on'}; idle polling of all SuperNodes: "
           f"{idle['node_bytes_per_second']:.0f} B/s")  # fmt: skip
     print(report_table(rows))

@@ -3,11 +3,13 @@
 `flwr run` exits 0 even when the run failed and leaves a local SuperLink running in the background, so
 this driver: validates the configuration before anything starts (clear errors, no training), runs the
 app with N simulated SuperNodes, reads the run's final status with `flwr ls`, prints the records' table,
-and stops the local SuperLink it started (every process that carries this project's FLWR_HOME).
+and stops the local SuperLink it started (every process under `flwr run` or carrying this run's FLWR_HOME).
+On SIGINT or SIGTERM it stops the run the same way (`flwr stop` first), prints the rounds it had and exits.
 
     python scripts/simulate.py --clients 10 -c "method='fedkrso' task='sst2' num-server-rounds=3"
 
-Exit status: 0 when the run finished:completed and wrote its summary, 1 otherwise, 2 for a bad config.
+Exit status: 0 when the run finished:completed and wrote its summary, 1 otherwise, 2 for a bad config,
+130 / 143 when SIGINT / SIGTERM stopped it.
 """
 
 from __future__ import annotations
@@ -23,19 +25,20 @@ import time
 import tomllib
 from collections.abc import Callable
 
-import psutil
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-
-import contextlib
 
 from common.config import ConfigError, check_paths, parse_run_config
 from common.data import task_of
 from common.datafiles import HUB_PREFIX, is_data_task
+from common.interrupt import Interrupted, exit_on_signals, stop_processes
 from common.records import check_not_overwriting, check_not_written, format_table
 
 FLWR = os.path.join(os.path.dirname(sys.executable), "flwr")
+
+# FLWR_HOME -> its `flwr run`'s pid, for every simulate() under way in this process: a signal reaches the main
+# thread only, so runs that other threads drive are stopped from there (stop_all).
+RUNNING: dict[str, int] = {}
 
 
 def app_defaults() -> dict:
@@ -79,25 +82,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def stop_local_superlink(flwr_home: str) -> int:
-    """Terminate every process started with this FLWR_HOME (the managed local SuperLink and its children)."""
-    mine = []
-    for proc in psutil.process_iter(["pid"]):
-        if proc.pid == os.getpid():
-            continue
-        try:
-            if proc.environ().get("FLWR_HOME") == flwr_home:
-                mine.append(proc)
-        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
-            continue
-    for proc in mine:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.terminate()
-    _, alive = psutil.wait_procs(mine, timeout=10)
-    for proc in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.kill()
-    return len(mine)
+def stop_run(run_id: str, env: dict[str, str]) -> bool:
+    """`flwr stop`: the SuperLink marks the run stopped and ends its simulation, so the records say how it ended
+    (finished:stopped) rather than a SuperLink that vanished mid-round. False when it did not answer in time."""
+    try:
+        out = subprocess.run([FLWR, "stop", run_id], env=env, cwd=ROOT, capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        return False
+    return out.returncode == 0
 
 
 def run_status(run_id: str, env: dict[str, str]) -> str:
@@ -168,9 +160,14 @@ def simulate(
         "--federation-config", f"num-supernodes={clients} client-resources-num-cpus={client_cpus}",
         "--run-config", run_config,
     ]  # fmt: skip
-    run_id = None
+    run_id, proc, interrupted = None, None, None
     try:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # A session of its own: a terminal's Ctrl-C reaches this driver alone, which stops the run in order
+        # below while `flwr run` still holds the tree (the SuperLink it spawned detached among it).
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
+        RUNNING[flwr_home] = proc.pid
         deadline = time.monotonic() + timeout
         for line in proc.stdout:
             if run_id is None and "Successfully started run" in line:
@@ -185,9 +182,18 @@ def simulate(
                 break
         proc.wait()
         status = run_status(run_id, env) if run_id else "not started"
+    except Interrupted as exc:
+        interrupted = exc
+        status = f"stopped by {exc.name}" + (" (flwr stop)" if run_id and stop_run(run_id, env) else "")
     finally:
-        stop_local_superlink(flwr_home)
+        # Everything under `flwr run` and everything carrying this FLWR_HOME: the SuperLink, flwr-simulation,
+        # Ray's daemons, agents and ClientAppActors.
+        stopped = stop_processes([proc.pid] if proc is not None else [], env=("FLWR_HOME", flwr_home))
+        RUNNING.pop(flwr_home, None)
         shutil.rmtree(state_dir, ignore_errors=True)
+    if interrupted is not None:
+        report_interrupted(interrupted, run_id, stopped, records, flwr_home)
+        raise interrupted
     if status == "finished:completed":
         shutil.rmtree(flwr_home, ignore_errors=True)
     else:
@@ -200,9 +206,32 @@ def simulate(
     return result
 
 
+def stop_all() -> int:
+    """Stop every run that simulate() calls in other threads have under way (their loops then end as the log
+    stream closes); returns how many processes were stopped."""
+    return sum(stop_processes([pid], env=("FLWR_HOME", home)) for home, pid in list(RUNNING.items()))
+
+
 def read_rounds(records: str) -> list[dict]:
     with open(os.path.join(records, "rounds.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def report_interrupted(exc: Interrupted, run_id: str | None, stopped: int, records: str, flwr_home: str) -> None:
+    """What an interrupted run leaves: its rounds so far (the table), how to continue it, where its logs are."""
+    from server_app import checkpoint
+
+    rows = read_rounds(records) if os.path.exists(os.path.join(records, "rounds.jsonl")) else []
+    if rows:
+        print(format_table(rows), file=sys.stderr)
+    resume = os.path.exists(os.path.join(records, checkpoint.FILENAME))
+    print(
+        f"{exc.name}: stopped run {run_id or '(not started yet)'} and the {stopped} processes it had started (local "
+        f"SuperLink, simulation, Ray); {len(rows)} rows of records in {records}"
+        + (f" (continue it with resume-from='{records}')" if resume else "")
+        + f"; the SuperLink's log in {flwr_home}",
+        file=sys.stderr,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--quiet", action="store_true", help="do not stream the run's log")
     args = ap.parse_args(argv)
+    exit_on_signals()
     from flwr.common.config import parse_config_args
 
     try:
