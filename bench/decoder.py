@@ -384,6 +384,9 @@ def main(argv: list[str] | None = None) -> int:
         children = {"messages": child_messages, "probe": child_probe, "bare": child_bare}
         print(json.dumps(children[kind](json.loads(spec))))
         return 0
+    from common.interrupt import exit_on_signals
+
+    exit_on_signals()  # SIGINT and SIGTERM stop the run under way and what it started (common/interrupt.py)
     s, records = DEFAULT, os.path.abspath(args.records)
     smollm_path()  # the embedded decoder is installed (make install), or a clear error
     if not os.path.isdir(GLUE):
