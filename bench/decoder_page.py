@@ -237,7 +237,9 @@ def section(records: str = RECORDS) -> list[str]:
         "verdict below has a seed spread and an accuracy difference of a point or two is within what another "
         f"seed could give; {s.rounds} short rounds, far from convergence for the zero-order methods (MeZO's "
         "decoder results take tens of thousands of steps); FedTT+ against FedTT on one seed at alpha "
-        f"{s.skew_alpha:g}.",
+        f"{s.skew_alpha:g}. FedAvg (538 MB each way a client) trains 5 of the 10 clients a round, one at a time: "
+        "with all 10 a round its ServerApp process reached 15 GB and clients were killed for memory (24 GB here), so "
+        "it sees half the clients' data a round that the others see.",
         "",
         "### Claims",
         "",
