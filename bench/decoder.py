@@ -115,8 +115,7 @@ def data_file(s: DecoderSettings) -> str:
         from scripts.glue_instructions import rows
 
         made = rows("sst2", "train", GLUE, s.rows)
-        os.makedirs(DATA_DIR, exist_ok=True)
-        write_bytes(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in made).encode())
+        write_jsonl(path, made)
     return path
 
 
@@ -146,15 +145,15 @@ def edge_file(s: DecoderSettings) -> str:
             first = label
         text.append(review)
         used += n
-    os.makedirs(DATA_DIR, exist_ok=True)
-    write_bytes(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
+    write_jsonl(path, rows)
     return path
 
 
-def write_bytes(path: str, data: bytes) -> None:
+def write_jsonl(path: str, rows: list[dict]) -> None:
     from common.files import replace_file
 
-    replace_file(path, data)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    replace_file(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
 
 
 def sha256(path: str) -> str:

@@ -22,8 +22,8 @@ from bench.report import (
     first_reaching,
     pct,
     ratio,
+    read_run,
     size,
-    stats,
     verdict,
 )
 from bench.run import NAMES, ROOT, read_json
@@ -47,16 +47,9 @@ def load(records: str) -> tuple[DecoderSettings, dict, dict, dict]:
     )
     runs = {}
     for run in plan_runs(s):
-        folder = os.path.join(records, "runs", run.name)
-        if not all(os.path.exists(os.path.join(folder, f)) for f in ("rounds.jsonl", "summary.json", "bench.json")):
-            continue
-        with open(os.path.join(folder, "rounds.jsonl")) as f:
-            rounds = [json.loads(line) for line in f if line.strip()]
-        runs[run.name] = {"run": run, "rounds": rounds, "bench": read_json(os.path.join(folder, "bench.json"))}
-        runs[run.name].update(stats(rounds))
-        bench = runs[run.name]["bench"]
-        at_once = max(1, bench["machine"]["cores"] // bench.get("client_cpus", 1))
-        runs[run.name].update(timing(rounds, at_once))
+        if r := read_run(records, run):
+            at_once = max(1, r["bench"]["machine"]["cores"] // r["bench"].get("client_cpus", 1))
+            runs[run.name] = {**r, **timing(r["rounds"], at_once)}
     probes = {}
     folder = os.path.join(records, "probes")
     for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:

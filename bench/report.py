@@ -64,21 +64,24 @@ def load(records: str) -> tuple[Settings, dict, dict, dict]:
         s = settings_of(plan["settings"])
     else:
         plan, s = {"invocations": []}, DEFAULT
-    runs = {}
-    for run in plan_runs(s):
-        folder = os.path.join(records, "runs", run.name)
-        if not all(os.path.exists(os.path.join(folder, f)) for f in ("rounds.jsonl", "summary.json", "bench.json")):
-            continue
-        with open(os.path.join(folder, "rounds.jsonl")) as f:
-            rounds = [json.loads(line) for line in f if line.strip()]
-        runs[run.name] = {"run": run, "rounds": rounds, "bench": read_json(os.path.join(folder, "bench.json"))}
-        runs[run.name].update(stats(rounds))
+    runs = {run.name: r for run in plan_runs(s) if (r := read_run(records, run))}
     probes = {}
     folder = os.path.join(records, "probes")
     for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
         if name.endswith(".json"):
             probes[name[:-5]] = read_json(os.path.join(folder, name))["result"]
     return s, plan, runs, probes
+
+
+def read_run(records: str, run) -> dict | None:
+    """A finished run's records (its rounds, bench.json and `stats`), None while any of its files is missing.
+    `run`: anything with a `name` (its folder under <records>/runs)."""
+    folder = os.path.join(records, "runs", run.name)
+    if not all(os.path.exists(os.path.join(folder, f)) for f in ("rounds.jsonl", "summary.json", "bench.json")):
+        return None
+    with open(os.path.join(folder, "rounds.jsonl")) as f:
+        rounds = [json.loads(line) for line in f if line.strip()]
+    return {"run": run, "rounds": rounds, "bench": read_json(os.path.join(folder, "bench.json")), **stats(rounds)}
 
 
 def stats(rounds: list[dict]) -> dict:

@@ -69,16 +69,3 @@ def enable_checkpointing(net: nn.Module, model: str) -> None:
         net.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def stored_bytes(net: nn.Module) -> dict[str, int]:
-    """Bytes of the parameters by dtype (each tied tensor counted once)."""
-    out: dict[str, int] = {}
-    seen = set()
-    for p in net.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        key = str(p.dtype).removeprefix("torch.")
-        out[key] = out.get(key, 0) + p.numel() * p.element_size()
-    return out
