@@ -20,11 +20,15 @@ writer does not fail on it at every round.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
+import shutil
 import stat
 import time
 import uuid
+from collections.abc import Iterable
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +100,12 @@ def make_folder(path: str) -> None:
     os.makedirs(path, exist_ok=True)
 
 
-def replace_file(path: str, data: bytes) -> None:
-    """Replace the file at `path` by `data`, atomically and durably (see the module docstring)."""
+def replace_file(path: str, data: bytes | Iterable[bytes | memoryview]) -> None:
+    """Replace the file at `path` by `data` (bytes, or the file's parts in order: written one by one, never
+    joined, so a large state is not copied whole first), atomically and durably (see the module docstring).
+
+    A full disk (or quota) raises DiskFull after removing the partial temporary file: the previous file is whole.
+    """
     tmp = path + ".tmp"
     if kind(tmp) in ("folder", "other"):
         move_aside(tmp, "is in the way of a temporary file")
@@ -106,9 +114,35 @@ def replace_file(path: str, data: bytes) -> None:
     if kind(path) in ("folder", "other"):  # a rename over it would fail at every write
         move_aside(path, "is not a file")
     fd = os.open(tmp, _EXCLUSIVE, 0o644)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for part in [data] if isinstance(data, (bytes, bytearray, memoryview)) else data:
+                f.write(part)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(path) from exc
+        raise
     os.replace(tmp, path)
     fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+class DiskFull(OSError):
+    """No room to write a file: nothing was replaced (the previous file is whole) and the partial copy is gone."""
+
+    def __init__(self, path: str, then: str = "start again") -> None:
+        self.path = path
+        folder = os.path.dirname(os.path.abspath(path))
+        try:
+            free = shutil.disk_usage(folder).free
+        except OSError:
+            free = -1
+        room = f"{free / 2**20:.0f} MB free there now" if free >= 0 else "its free space unknown"
+        super().__init__(
+            errno.ENOSPC,
+            f"no space left on the device to write '{path}' ({room}): the previous file is kept whole and the "
+            f"partial copy removed; free space (or point the folder elsewhere), then {then}",
+        )

@@ -14,15 +14,17 @@ The protocol is the same for all of them:
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+import struct
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
 from flwr.app import MetricRecord, RecordDict
 from safetensors import safe_open
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 
 from common.catchup import apply_snapshot
 from common.files import kind, make_folder, move_aside, replace_file
@@ -47,8 +49,46 @@ def state_checksum(tensors: Mapping[str, torch.Tensor], server_round: int, finge
     for name in sorted(tensors):
         t = tensors[name].detach().contiguous().cpu()
         h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(raw_bytes(t))
     return h.hexdigest()
+
+
+def raw_bytes(t: torch.Tensor) -> memoryview:
+    """A contiguous CPU tensor's bytes, in place (no copy): what is hashed and what is written."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}  # fmt: skip
+
+
+def safetensors_parts(tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> Iterator[bytes | memoryview]:
+    """A safetensors file (the format https://huggingface.co/docs/safetensors defines, read back by the library)
+    as its header and then each tensor's bytes in place.
+
+    The library's own writer (`safetensors.torch.save`) copies every tensor into one buffer first: 2.3 s and
+    twice the memory for a FedKRSO node's 405 MB of SmolLM2 targets, every round. Here nothing is copied; the
+    header is the library's: 8 bytes of little-endian length, JSON padded with spaces to a multiple of 8."""
+    plain = {n: t.detach().contiguous().cpu() for n, t in tensors.items()}
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name, t in plain.items():
+        size = t.numel() * t.element_size()
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    yield struct.pack("<Q", len(text)) + text
+    for t in plain.values():
+        if t.numel():
+            yield raw_bytes(t)
 
 
 def state_dir(node_config: Mapping[str, Any], run_id: int, node_id: int) -> str:
@@ -132,13 +172,13 @@ class NodeStore:
 
     def save(self, tensors: Mapping[str, torch.Tensor], server_round: int) -> None:
         make_folder(os.path.dirname(self.path))
-        plain = {n: t.detach().contiguous() for n, t in tensors.items()}
+        plain = {n: t.detach().contiguous().cpu() for n, t in tensors.items()}
         meta = {
             "round": str(server_round),
             "fingerprint": self.fingerprint,
             "sha256": state_checksum(plain, server_round, self.fingerprint),
         }
-        replace_file(self.path, save(plain, metadata=meta))
+        replace_file(self.path, safetensors_parts(plain, meta))
 
 
 class LogEntry(Protocol):

@@ -43,7 +43,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from common.config import ConfigError
-from common.files import fsync_dir, move_aside, open_file, replace_file
+from common.files import DiskFull, fsync_dir, move_aside, open_file, replace_file
 
 # The zero-order clients' model calls per round (common.zeroorder.ModelCalls), kept apart by what ran:
 # forward_passes is all of them; a block-2 pass costs a fraction of a full one.
@@ -288,11 +288,20 @@ def records_digest(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 def _append(path: str, line: bytes) -> None:
     """Append one row and fsync it: the checkpoint written after it names it, so it must be on disk first.
-    Never through a link (common.files.open_file): one planted at the name between rounds is refused."""
+    Never through a link (common.files.open_file): one planted at the name between rounds is refused. A full
+    disk leaves no part of the row (the file is cut back to its previous length) and raises DiskFull."""
     with os.fdopen(open_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "ab") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
+        size = os.fstat(f.fileno()).st_size
+        try:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            with contextlib.suppress(OSError):
+                os.ftruncate(f.fileno(), size)
+            raise DiskFull(path) from exc
 
 
 class RunRecorder:

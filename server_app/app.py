@@ -18,6 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.config import ConfigError, RunConfig, check_paths, check_resume, parse_run_config
 from common.data import TaskSpec, task_of
 from common.evaluation import evaluate
+from common.files import DiskFull
 from common.methods import get_method
 from common.modeling import load_tokenizer
 from common.records import RunRecorder, check_not_written, format_table, hold_run_folder
@@ -121,19 +122,28 @@ def run_held(
             clock = time.perf_counter()
             result = evaluate(setup.model, dev, task, cfg.eval.batch_size, cfg.eval, load_tokenizer(cfg.model))
             result["eval-seconds"] = time.perf_counter() - clock
-        rec = recorder.end_round(server_round, result)
-        if server_round > 0:
-            start = time.perf_counter()
-            tensors, state = setup.strategy.state_dict()
-            checkpoint.write(
-                state_path,
-                checkpoint.ServerState(
-                    server_round, cfg.to_flat(), tensors, state, written=recorder.digests(),
-                    arrays={k: a.numpy() for k, a in arrays.items()}, run_id=run_id,
-                ),  # the records' row counts and digests, not their rows: the write does not grow with the round
-            )  # fmt: skip
-            log(INFO, "round %d: checkpoint %s (%.1f MB) written in %.2f s", server_round, state_path,
-                os.path.getsize(state_path) / 2**20, time.perf_counter() - start)  # fmt: skip
+        try:
+            rec = recorder.end_round(server_round, result)
+            if server_round > 0:
+                start = time.perf_counter()
+                tensors, state = setup.strategy.state_dict()
+                checkpoint.write(
+                    state_path,
+                    checkpoint.ServerState(
+                        server_round, cfg.to_flat(), tensors, state, written=recorder.digests(),
+                        arrays={k: a.numpy() for k, a in arrays.items()}, run_id=run_id,
+                    ),  # the records' row counts and digests, not their rows: the write does not grow with the round
+                )  # fmt: skip
+                log(INFO, "round %d: checkpoint %s (%.1f MB) written in %.2f s", server_round, state_path,
+                    os.path.getsize(state_path) / 2**20, time.perf_counter() - start)  # fmt: skip
+        except DiskFull as exc:  # the previous checkpoint and rows are whole (common/files.py): say how to go on
+            held = recorder.dir if server_round - 1 > done else cfg.resume_from if done else None
+            then = (
+                f"continue the run with resume-from='{held}' (its checkpoint of round {server_round - 1} is whole)"
+                if held
+                else "start the run again under its name (it stopped before its first checkpoint)"
+            )
+            raise DiskFull(exc.path, then) from exc
         log(
             INFO,
             "round %d: accuracy %s, %d bytes down, %d up, %d clients",

@@ -10,10 +10,12 @@ differ; without it every round is a deterministic function of the server state, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -23,6 +25,7 @@ import torch
 from safetensors.numpy import save as st_save
 
 from common.config import ConfigError, parse_run_config
+from common.files import DiskFull
 from common.methods import METHODS
 from common.nodestore import STATE_DIR_ENV
 from common.records import RunRecorder, jsonl_line, records_digest
@@ -880,3 +883,58 @@ def test_an_older_checkpoint_still_resumes_exactly(method, version, tiny_bert, g
     assert [s.round for s in checkpoint.read(resumed).log] == [1, 2, 3]
     written, held = checkpoint.read(resumed).log, checkpoint.read(part).log
     assert [s.digest for s in written[:2]] == [s.digest for s in held]  # the log it held, written again in its folder
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real file system of 8 MB (tmpfs), unmounted afterwards; skipped where mounting needs a root we are not."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)]).returncode:
+        pytest.skip("mounting a small tmpfs needs root")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def fill(folder: Path) -> Path:
+    """Write a file into `folder` until its file system is full; returns it (delete it to free the space)."""
+    filler = folder / "filler"
+    with open(filler, "wb", buffering=0) as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"\0" * 4096)
+    return filler
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("method", ["fedkseed", "fedtt"])
+def test_a_full_disk_stops_the_run_with_its_resume_and_the_resumed_run_completes(
+    method, tiny_bert, glue_dir, tmp_path, small_disk, monkeypatch
+):
+    """The results folder's disk fills after round 1's checkpoint: the run stops in round 2 with DiskFull, which
+    names the file, says the checkpoint of round 1 is whole and gives the resume-from to use; no partial row and
+    no temporary file are left. With space freed, the resume runs rounds 2..3 and ends as an uninterrupted run."""
+    monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path / "nodes"))
+    full, _ = run_to(method, tiny_bert, glue_dir, tmp_path, 1, 3, "full")
+    real_write, filler = checkpoint.write, []
+
+    def write_then_fill(path, state):
+        real_write(path, state)
+        if state.round == 1:
+            filler.append(fill(small_disk))
+
+    disk = {"results-dir": str(small_disk / "results")}
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint, "write", write_then_fill)
+        with pytest.raises(DiskFull, match=r"no space left on the device .* checkpoint of round 1 is whole") as err:
+            run_to(method, tiny_bert, glue_dir, tmp_path, 2, 3, "filled", **disk)
+    records = small_disk / "results" / "filled"
+    assert f"resume-from='{records}'" in str(err.value), err.value
+    assert checkpoint.read(str(records)).round == 1
+    assert not [p for p in records.rglob("*.tmp")]
+    assert all(line.endswith(b"\n") for line in (records / "rounds.jsonl").read_bytes().splitlines(keepends=True))
+    filler[0].unlink()
+    run_to(method, tiny_bert, glue_dir, tmp_path, 3, 3, "filled", **disk, **{"resume-from": str(records)})
+    rows, rows_full = read_jsonl(records / "rounds.jsonl"), read_jsonl(os.path.join(full, "rounds.jsonl"))
+    assert [r["round"] for r in rows] == [0, 1, 2, 3] and checkpoint.read(str(records)).round == 3
+    for r, f in zip(rows, rows_full, strict=True):
+        assert r["clients"] == f["clients"] and r["accuracy"] == pytest.approx(f["accuracy"], abs=1e-6)

@@ -18,9 +18,16 @@ pytestmark = pytest.mark.unit
 
 def test_the_plan_is_every_method_then_fedtt_and_fedtt_plus_at_the_stronger_skew():
     runs = decoder.plan_runs(decoder.DEFAULT)
-    main = [r.method for r in runs if r.alpha == decoder.DEFAULT.alpha]
+    main = [r.method for r in runs if r.alpha == decoder.DEFAULT.alpha and r.seed == 0]
     assert sorted(main) == sorted(METHODS)
-    assert [r.method for r in runs if r.alpha == 0.1] == ["fedtt", "fedtt-plus"]
+    assert [r.method for r in runs if r.alpha == 0.1 and r.seed == 0] == ["fedtt", "fedtt-plus"]
+    seeds = {(r.alpha, r.method): [] for r in runs}
+    for r in runs:
+        seeds[r.alpha, r.method].append(r.seed)
+    for (alpha, method), got in seeds.items():  # the pairs a seed could turn have three seeds, the rest one
+        paired = alpha == 0.1 or method in ("fedkrso", "fedavg")
+        assert got == ([0, 1, 2] if paired else [0]), (alpha, method)
+    assert runs.index(decoder.DecoderRun(0.5, 1, "fedavg")) < runs.index(decoder.DecoderRun(0.5, 2, "fedkrso"))
     assert len({r.name for r in runs}) == len(runs)
     for run in runs:  # every run's configuration passes the run-config checks before anything starts
         flat = effective(decoder.run_overrides(decoder.DEFAULT, run, "/nonexistent", "/data/x.jsonl"))
@@ -86,9 +93,22 @@ def test_the_section_gives_every_claim_a_verdict_computed_from_the_records(tmp_p
     assert "0.500 s per forward pass vs 0.500 s bare: 1.00x" in text  # zero-order: per forward pass
     assert "2.00 vs 2.50 s: 0.80x" in text
     # loading: 10 clients of 5 s each, two at a time, in a 150 s round: 16.7% of it (and 20% of a client's round)
-    assert "at most 16.7% (FedSPZO; 20% of its clients' own rounds) over 3 runs" in text
+    assert "at most 16.7% (sst2i-a0.5-s0-fedspzo; 20% of its clients' own rounds) over 3 runs" in text
+    assert "FedSPZO 16.7%" in text
     assert "not met, short by 6.7%" in text
     assert text.count("not run yet") >= 5  # FedTT+ at alpha 0.1, the edge probes, ...: said, not invented
+
+
+def test_the_pairs_verdicts_weigh_the_seed_spread(tmp_path):
+    """FedKRSO against FedAvg over three seeds: the mean difference against the per-seed difference's SD."""
+    records = str(tmp_path)
+    for seed, (ours, theirs) in enumerate([(0.60, 0.62), (0.70, 0.66), (0.50, 0.55)]):
+        write_run(records, decoder.DecoderRun(0.5, seed, "fedkrso").name, rounds([0.2, ours], up=20_000))
+        write_run(records, decoder.DecoderRun(0.5, seed, "fedavg").name, rounds([0.2, theirs], up=600_000))
+    text = "\n".join(decoder_page.section(records))
+    row = next(line for line in text.splitlines() if line.startswith("| FedKRSO within 1 point of FedAvg"))
+    assert "60.00 ± 10.00 vs 61.00 ± 5.57 (-1.00 points in the mean, per-seed difference SD 4.58)" in row
+    assert "within noise" in row
 
 
 def test_a_finished_run_on_another_data_file_is_set_aside(tmp_path, capsys):

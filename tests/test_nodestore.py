@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from common.nodestore import STATE_DIR_ENV, NodeStore, reach_round, state_checksum, state_dir
+from common.files import DiskFull
+from common.nodestore import STATE_DIR_ENV, NodeStore, reach_round, safetensors_parts, state_checksum, state_dir
 from common.wire import WireError
 
 DAMAGE = ["bit", "round", "nan", "truncate"]
@@ -177,6 +179,7 @@ def test_a_log_that_makes_the_model_non_finite_is_refused_and_nothing_is_saved(t
 
 
 @pytest.mark.integration
+@pytest.mark.usefixtures("task_identity")
 @pytest.mark.parametrize("how", [*DAMAGE, "folder"])
 @pytest.mark.parametrize("method", ["fedspzo", "fedkseed"])
 def test_zero_order_node_with_damaged_state_resyncs_to_the_server(
@@ -197,3 +200,55 @@ def test_zero_order_node_with_damaged_state_resyncs_to_the_server(
     reached, params = stored(cfg, 102)
     assert reached == 3
     assert_same(params, server_at_3)
+
+
+@pytest.mark.unit
+def test_the_state_file_is_the_safetensors_format_the_library_reads(tmp_path):
+    """safetensors_parts writes the file by hand (no whole copy first): the library must read back every dtype,
+    shape and value, and the metadata; its own writer's bytes are the same tensors."""
+    g = torch.Generator().manual_seed(3)
+    tensors = {
+        "w": torch.randn(7, 5, generator=g),
+        "half": torch.randn(3, generator=g).to(torch.bfloat16),
+        "h16": torch.randn(2, 2, generator=g).to(torch.float16),
+        "d": torch.randn(3, generator=g).double(),
+        "i": torch.arange(-3, 4),
+        "u": torch.arange(5, dtype=torch.uint8),
+        "b": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 4),
+        "strided": torch.randn(4, 6, generator=g)[:, ::2],  # not contiguous: written as its values
+    }
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(b"".join(bytes(p) for p in safetensors_parts(tensors, {"round": "3", "k": "v"})))
+    back = load_file(str(path))
+    assert set(back) == set(tensors)
+    for n, t in tensors.items():
+        assert back[n].dtype == t.dtype and back[n].shape == t.shape and torch.equal(back[n], t), n
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata() == {"round": "3", "k": "v"}
+    header = int.from_bytes(path.read_bytes()[:8], "little")
+    assert header % 8 == 0
+
+
+@pytest.mark.unit
+def test_a_full_disk_keeps_the_previous_state_and_says_so(tmp_path):
+    """A node whose disk fills while it saves its state: DiskFull names the file and the free space, the previous
+    state still loads, and no partial temporary file is left. A real full file system (a 1 MB tmpfs)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)]).returncode:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        store = NodeStore(str(mount), "s", "fp")
+        small = {"w": torch.ones(1000)}
+        store.save(small, 4)
+        with pytest.raises(
+            DiskFull, match=r"no space left .*s\.safetensors.* MB free there now.*previous file is kept"
+        ):
+            store.save({"w": torch.zeros(600_000)}, 5)  # 2.4 MB: does not fit
+        assert not os.path.exists(store.path + ".tmp")
+        back = {"w": torch.zeros(1000)}
+        assert store.load(back) == 4 and torch.equal(back["w"], small["w"])
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
