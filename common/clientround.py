@@ -65,6 +65,7 @@ class ClientRound:
     ) -> None:
         self.content, self.cfg, self.node_config = content, node_view(cfg, node_config), node_config
         self.run_id, self.node_id = run_id, node_id
+        self.catchup_seconds = 0.0  # catch_up's: reading, checking and writing the node's state, replaying the log
 
     def start(self) -> Start:
         """Build the model, check the instruction (WireError refuses it) and set the global model it names."""
@@ -93,9 +94,11 @@ class ClientRound:
     ) -> Start:
         """For methods whose nodes keep the global model: load the node's stored copy into `tensors` and apply
         the update-log entries it lacks, or the server's snapshot (common.nodestore.reach_round)."""
+        clock = time.perf_counter()
         store = NodeStore(state_dir(self.node_config, self.run_id, self.node_id), store_name, fingerprint)
         snapshot = unpack_snapshot(self.content, server_round, tensors)  # common.catchup: a node far behind
         ok, reached = reach_round(store, tensors, server_round, log, apply, snapshot)
+        self.catchup_seconds = time.perf_counter() - clock  # reported apart from (and inside) load-seconds
         return Start(server_round, reached, caught_up=ok)
 
     def run(self) -> RecordDict:
@@ -118,7 +121,8 @@ class ClientRound:
             "model-round": begun.model_round,
             "train-loss": trained.loss,
             "train-seconds": seconds,
-            "load-seconds": load_seconds,
+            "load-seconds": load_seconds,  # building the model, catching up, reading the data
+            "catchup-seconds": self.catchup_seconds,  # of which the catch-up: the node's stored state and the log
             "peak-rss-mb": mem.peak_mb,
             "local-steps": trained.steps,
             **trained.metrics,

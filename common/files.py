@@ -113,10 +113,11 @@ def replace_file(path: str, data: bytes | Iterable[bytes | memoryview]) -> None:
         os.unlink(tmp)  # a stale file or a planted link: the link itself goes, its target is untouched
     if kind(path) in ("folder", "other"):  # a rename over it would fail at every write
         move_aside(path, "is not a file")
+    parts = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
     fd = os.open(tmp, _EXCLUSIVE, 0o644)
     try:
         with os.fdopen(fd, "wb") as f:
-            for part in [data] if isinstance(data, (bytes, bytearray, memoryview)) else data:
+            for part in parts:
                 f.write(part)
             f.flush()
             os.fsync(f.fileno())
@@ -124,7 +125,7 @@ def replace_file(path: str, data: bytes | Iterable[bytes | memoryview]) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFull(path) from exc
+            raise DiskFull(path, needed=sum(memoryview(p).nbytes for p in parts)) from exc
         raise
     os.replace(tmp, path)
     fsync_dir(os.path.dirname(os.path.abspath(path)))
@@ -133,16 +134,22 @@ def replace_file(path: str, data: bytes | Iterable[bytes | memoryview]) -> None:
 class DiskFull(OSError):
     """No room to write a file: nothing was replaced (the previous file is whole) and the partial copy is gone."""
 
-    def __init__(self, path: str, then: str = "start again") -> None:
-        self.path = path
+    def __init__(self, path: str, then: str = "start again", needed: int | None = None) -> None:
+        self.path, self.needed = path, needed
         folder = os.path.dirname(os.path.abspath(path))
         try:
             free = shutil.disk_usage(folder).free
         except OSError:
             free = -1
-        room = f"{free / 2**20:.0f} MB free there now" if free >= 0 else "its free space unknown"
+        room = f"{_mb(free)} free there now" if free >= 0 else "its free space unknown"
+        if needed is not None:
+            room = f"{_mb(needed)} needed, {room}"
         super().__init__(
             errno.ENOSPC,
             f"no space left on the device to write '{path}' ({room}): the previous file is kept whole and the "
             f"partial copy removed; free space (or point the folder elsewhere), then {then}",
         )
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n} bytes"

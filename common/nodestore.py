@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import struct
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -65,7 +65,7 @@ _SAFETENSORS_DTYPES = {
 }  # fmt: skip
 
 
-def safetensors_parts(tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> Iterator[bytes | memoryview]:
+def safetensors_parts(tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> list[bytes | memoryview]:
     """A safetensors file (the format https://huggingface.co/docs/safetensors defines, read back by the library)
     as its header and then each tensor's bytes in place.
 
@@ -85,10 +85,7 @@ def safetensors_parts(tensors: Mapping[str, torch.Tensor], metadata: dict[str, s
         offset += size
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
-    yield struct.pack("<Q", len(text)) + text
-    for t in plain.values():
-        if t.numel():
-            yield raw_bytes(t)
+    return [struct.pack("<Q", len(text)) + text, *(raw_bytes(t) for t in plain.values() if t.numel())]
 
 
 def state_dir(node_config: Mapping[str, Any], run_id: int, node_id: int) -> str:

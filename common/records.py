@@ -55,6 +55,7 @@ STATS_KEYS = (
     "peak-rss-mb",
     "train-seconds",
     "load-seconds",
+    "catchup-seconds",
     "train-loss",
     "local-steps",
     *(k.replace("_", "-") for k in PASSES),
@@ -301,7 +302,7 @@ def _append(path: str, line: bytes) -> None:
                 raise
             with contextlib.suppress(OSError):
                 os.ftruncate(f.fileno(), size)
-            raise DiskFull(path) from exc
+            raise DiskFull(path, needed=len(line)) from exc
 
 
 class RunRecorder:
@@ -351,6 +352,7 @@ class RunRecorder:
             "client_train_seconds": None,
             "client_train_seconds_max": None,
             "client_load_seconds": None,
+            "client_catchup_seconds": None,
             "examples": 0,
             "client_train_loss": None,
             "seconds_per_local_step": None,
@@ -379,6 +381,7 @@ class RunRecorder:
         # building the model and catching up, and reading and encoding the data: the part of a client's round
         # that is not training (a cached model folder keeps it small)
         rec["client_load_seconds"] = stats.mean("load-seconds")
+        rec["client_catchup_seconds"] = stats.mean("catchup-seconds")  # of which catching up (log methods)
         # the server's wait for the replies since the round began: the clients' load and train, queued on the
         # cores (simulation) or the network (a fleet); `seconds` - wait_seconds is the aggregation and evaluation
         rec["wait_seconds"] = time.perf_counter() - rec["_start"]

@@ -168,6 +168,7 @@ METRIC_BOUNDS: dict[str, tuple[float, float]] = {
     "train-loss": (0.0, 1e4),
     "train-seconds": (0.0, 1e7),
     "load-seconds": (0.0, 1e7),
+    "catchup-seconds": (0.0, 1e7),
     "perturb-seconds": (0.0, 1e7),
     "peak-rss-mb": (0.0, 1e8),
     "local-steps": (0.0, 1e9),

@@ -143,7 +143,7 @@ def run_held(
                 if held
                 else "start the run again under its name (it stopped before its first checkpoint)"
             )
-            raise DiskFull(exc.path, then) from exc
+            raise DiskFull(exc.path, then, exc.needed) from exc
         log(
             INFO,
             "round %d: accuracy %s, %d bytes down, %d up, %d clients",

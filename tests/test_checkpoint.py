@@ -925,7 +925,10 @@ def test_a_full_disk_stops_the_run_with_its_resume_and_the_resumed_run_completes
     disk = {"results-dir": str(small_disk / "results")}
     with monkeypatch.context() as m:
         m.setattr(checkpoint, "write", write_then_fill)
-        with pytest.raises(DiskFull, match=r"no space left on the device .* checkpoint of round 1 is whole") as err:
+        with pytest.raises(
+            DiskFull,
+            match=r"no space left on the device to write .* needed, .* free there now.* checkpoint of round 1 is whole",
+        ) as err:
             run_to(method, tiny_bert, glue_dir, tmp_path, 2, 3, "filled", **disk)
     records = small_disk / "results" / "filled"
     assert f"resume-from='{records}'" in str(err.value), err.value

@@ -244,7 +244,8 @@ def test_a_full_disk_keeps_the_previous_state_and_says_so(tmp_path):
         small = {"w": torch.ones(1000)}
         store.save(small, 4)
         with pytest.raises(
-            DiskFull, match=r"no space left .*s\.safetensors.* MB free there now.*previous file is kept"
+            DiskFull,
+            match=r"no space left .*s\.safetensors' \(2.3 MB needed, .* free there now\).*previous file is kept",
         ):
             store.save({"w": torch.zeros(600_000)}, 5)  # 2.4 MB: does not fit
         assert not os.path.exists(store.path + ".tmp")
