@@ -75,7 +75,9 @@ class DecoderSettings:
     pair_seeds: tuple[int, ...] = (0, 1, 2)
     pair_methods: tuple[str, ...] = known("fedkrso", "fedavg")
     skew_alpha: float = 0.1
-    skew_seeds: tuple[int, ...] = (0, 1, 2)
+    # at alpha 0.1 over two answers most seeds cannot give each of 10 clients 10 examples (flwr_datasets'
+    # DirichletPartitioner gives up): of seeds 0..59 only 0, 25 and 44 partition, so those are the three
+    skew_seeds: tuple[int, ...] = (0, 25, 44)
     skew_methods: tuple[str, ...] = known("fedtt", "fedtt-plus")
     eval_max: int = 200  # response loss over the whole held-out split
     generate: int = 100  # exact match of the first 100 held-out prompts' greedy answers

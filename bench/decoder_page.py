@@ -287,7 +287,8 @@ def budget_note(s: DecoderSettings, runs: dict) -> list[str]:
     )
     return [
         f"What the budget forced (about 8 hours of CPU were allowed): three seeds only for the pairs whose verdict a "
-        f"seed could turn ({pairs} at alpha {s.alpha:g}, FedTT and FedTT+ at alpha {s.skew_alpha:g}), one seed "
+        f"seed could turn ({pairs} at alpha {s.alpha:g}, FedTT and FedTT+ at alpha {s.skew_alpha:g} on seeds "
+        f"{', '.join(map(str, s.skew_seeds))}: the first three whose Dirichlet draw gives every client 10 examples), one seed "
         f"(seed {s.seeds[0]}) for the rest, whose margins are far beyond what a seed gives here"
         + (f"; records so far: {seeded}" if seeded else "; no second seed has records yet")
         + f". {s.rounds} short rounds, far from convergence for the zero-order methods (MeZO's decoder results "

@@ -25,8 +25,8 @@ def test_the_plan_is_every_method_then_fedtt_and_fedtt_plus_at_the_stronger_skew
     for r in runs:
         seeds[r.alpha, r.method].append(r.seed)
     for (alpha, method), got in seeds.items():  # the pairs a seed could turn have three seeds, the rest one
-        paired = alpha == 0.1 or method in ("fedkrso", "fedavg")
-        assert got == ([0, 1, 2] if paired else [0]), (alpha, method)
+        want = [0, 25, 44] if alpha == 0.1 else [0, 1, 2] if method in ("fedkrso", "fedavg") else [0]
+        assert got == want, (alpha, method)
     assert runs.index(decoder.DecoderRun(0.5, 1, "fedavg")) < runs.index(decoder.DecoderRun(0.5, 2, "fedkrso"))
     assert len({r.name for r in runs}) == len(runs)
     for run in runs:  # every run's configuration passes the run-config checks before anything starts
