@@ -44,13 +44,12 @@ from bench.report import NOT_RUN, paired_differences, sample_sd, verdict  # noqa
 from bench.run import write_json  # noqa: E402
 from common.config import parse_run_config  # noqa: E402
 from common.evaluation import evaluate  # noqa: E402
-from common.methods import METHODS, get_method  # noqa: E402
+from common.methods import METHODS, MethodError, get_method  # noqa: E402
 from common.nodestore import STATE_DIR_ENV  # noqa: E402
 from common.records import RunRecorder  # noqa: E402
 from common.robust import RULES  # noqa: E402
 from common.tasks import get_task  # noqa: E402
 from common.training import dev_encoded  # noqa: E402
-from common.wire import VALUE_BOUND, zo_scalar_bound  # noqa: E402
 from methods.fedtt.wire import _pack_cores  # noqa: E402
 from server_app.app import build_setup  # noqa: E402
 
@@ -79,25 +78,25 @@ class NodeList:
 
 
 def value_bound(cfg, record: str) -> float:
-    """The largest |value| the server accepts in this record of this method's replies (common.wire)."""
-    if record == "scalars" and cfg.method == "fedspzo":
-        return zo_scalar_bound(cfg.zo.eps)
-    if record == "scalars" and cfg.method == "fedkseed":
-        return zo_scalar_bound(cfg.zo.eps, cfg.train.local_steps * cfg.kseed.perturbations)
-    return VALUE_BOUND
+    """The largest |value| the server accepts in this record of this method's replies (its wire declares it)."""
+    return get_method(cfg.method).load_value_bound()(cfg, record)
 
 
 def references(cfg, strategy, arrays, server_round: int) -> dict[str, dict[str, np.ndarray]]:
-    """Per reply record, the global values its arrays replace (absent: 0, the arrays are updates already)."""
-    if cfg.method in ("fedavg", "fedavg-lora"):
+    """Per reply record, the global values its arrays replace (absent: 0, the arrays are updates already); what
+    each record is measured from is the method's declaration (MethodSpec.attack_reference)."""
+    reference = get_method(cfg.method).attack_references()
+    if reference.get("arrays") == "global":  # FedAvg's wire: the reply's arrays replace the instruction's
         return {"arrays": {k: a.numpy() for k, a in arrays.items()}}
-    if cfg.method == "fedkrso":
+    if reference.get("head") == "global" and reference.get("accumulators") == "zero":  # FedKRSO's
         return {"head": {n: v.numpy() for n, v in strategy.km.head_state().items()}}
-    if cfg.method in ("fedtt", "fedtt-plus"):
+    if reference.get("cores") == "global":  # FedTT's
         state = strategy.tm.adapters.state()
         cores = _pack_cores({k: state[k] for k in strategy.selected[server_round]}, strategy.shapes)
         head = {n: v.numpy() for n, v in strategy.tm.head_state().items()}
         return {"cores": {k: a.numpy() for k, a in cores.items()}, "head": head}
+    if "global" in reference.values():
+        raise MethodError(f"method '{cfg.method}' declares global references {dict(reference)} read nowhere here")
     return {}
 
 

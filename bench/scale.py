@@ -61,6 +61,7 @@ import tracemalloc
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import methods  # noqa: E402, F401 - registers every method (methods/__init__.py)
 from common.methods import get_method, known  # noqa: E402
 
 METHODS = known("fedkrso", "fedspzo", "fedkseed", "fedtt-plus", "fedavg")

@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 
+import methods  # noqa: F401 - registers every method (methods/__init__.py)
 from common.config import parse_run_config
 from common.evaluation import evaluate
 from common.tasks import get_task

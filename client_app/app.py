@@ -15,6 +15,7 @@ import torch
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
+import methods  # noqa: F401 - registers every method (methods/__init__.py)
 from common.config import parse_run_config
 from common.methods import get_method
 from common.training import node_threads

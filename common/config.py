@@ -3,6 +3,10 @@
 Flower hands every ServerApp and ClientApp the same flat dict (`context.run_config`, dotted keys such as
 `krso.rank`). `parse_run_config` turns it into `RunConfig` and refuses, before any training, anything that
 cannot work: unknown keys, methods or tasks, wrong types, impossible values. Each error says what to fix.
+
+`RunConfig` is CoreConfig plus the sections of the methods registered when it is first asked for (built then,
+and again when the registry changes: common.methods.version), so a method registered at any time brings its
+section; whoever parses a configuration has imported `methods`, which registers the shipped ones.
 """
 
 from __future__ import annotations
@@ -12,10 +16,13 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common import methods
-from common.methodspec import ConfigError, need
+from common.methodspec import AUTO_KEYS, ZERO_ORDER, ConfigError, MethodError, need
+
+if TYPE_CHECKING:
+    RunConfig = Any  # the class run_config_class() builds: CoreConfig and the registered methods' sections
 
 PARTITIONINGS = ("iid", "dirichlet", "natural")  # natural: by data.client-column (a data task's own clients)
 TASK_KINDS = ("auto", "classification", "instruction")
@@ -77,8 +84,8 @@ class DataConfig:
 # replaces by the method's value (its MethodSpec.defaults, methods/<method>/__init__.py), so a run at the defaults trains as
 # the benchmark (bench/run.py, which reads the same values) does; a number given by the user overrides it. Only
 # the resolved number reaches the records and the checkpoint, so a run says what it used and resume compares
-# numbers, not spellings. Every method sets the same keys (register_method refuses one that does not).
-AUTO_KEYS = tuple(methods.specs()[0].defaults)
+# numbers, not spellings. Every method sets the same keys, AUTO_KEYS (common.methodspec; register_method
+# refuses one that does not).
 
 
 @dataclass(frozen=True)
@@ -194,8 +201,23 @@ def _compose() -> type:
     return cls
 
 
-# The sections of the methods registered when this module is first imported (the shipped ones).
-RunConfig = _compose()
+_built: dict[int, type] = {}  # registry version -> RunConfig of that registry (the latest only)
+
+
+def run_config_class() -> type:
+    """RunConfig for the methods registered now: composed when first asked for, again after the registry changed."""
+    version = methods.version()
+    if version not in _built:
+        _built.clear()
+        _built[version] = _compose()
+    return _built[version]
+
+
+def __getattr__(name: str) -> Any:
+    """`common.config.RunConfig` (also `from common.config import RunConfig`): the class for the registry now."""
+    if name == "RunConfig":
+        return run_config_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _key(attr: str) -> str:
@@ -205,8 +227,9 @@ def _key(attr: str) -> str:
 def _expected_keys() -> dict[str, tuple[str, str | None, Any]]:
     """run-config key -> (attribute, section or None, default)."""
     keys: dict[str, tuple[str, str | None, Any]] = {}
-    for f in dataclasses.fields(RunConfig):
-        default = RunConfig()
+    run_config = run_config_class()
+    default = run_config()
+    for f in dataclasses.fields(run_config):
         value = getattr(default, f.name)
         if dataclasses.is_dataclass(value):
             for sub in dataclasses.fields(value):
@@ -226,9 +249,9 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     if value == AUTO:
         return value
     try:  # a value the user chose: the type of the methods' own values
-        return _coerce_as(key, value, methods.specs()[0].defaults[key])
+        return _coerce_as(key, value, AUTO_KEYS[key]())
     except ConfigError:
-        kind = "a number" if isinstance(methods.specs()[0].defaults[key], (int, float)) else "a string"
+        kind = "a number" if AUTO_KEYS[key] in (int, float) else "a string"
         raise ConfigError(
             f"run config '{key}' must be {kind} or \"auto\" (the method's own value: {auto_values(key)}), got {value!r}"
         ) from None
@@ -277,10 +300,11 @@ def parse_run_config(run_config: dict[str, Any]) -> RunConfig:
         coerced = _coerce(key, value, default)
         (sections.setdefault(section, {}) if section else top)[attr] = coerced
     # Each section (train, eval, krso, ...) is a dataclass field of RunConfig: build it from its keys.
-    for f in dataclasses.fields(RunConfig):
+    run_config = run_config_class()
+    for f in dataclasses.fields(run_config):
         if f.name in sections:
-            top[f.name] = type(getattr(RunConfig(), f.name))(**sections[f.name])
-    cfg = resolve_auto(RunConfig(**top))
+            top[f.name] = type(getattr(run_config(), f.name))(**sections[f.name])
+    cfg = resolve_auto(run_config(**top))
     validate(cfg)
     return cfg
 
@@ -290,7 +314,7 @@ def zo_lr_auto(cfg: RunConfig) -> float:
     head, else ZO_LR_ENCODER (what every run used before decoders had one; first-order methods never read it).
     head.kind = "auto" reads the model's configuration (common.modeling.is_decoder)."""
     if (
-        not (cfg.method in methods.names() and methods.get_method(cfg.method).zero_order)
+        not (cfg.method in methods.names() and methods.get_method(cfg.method).optimizer == ZERO_ORDER)
         or cfg.head.kind == "classifier"
     ):
         return ZO_LR_ENCODER
@@ -322,19 +346,17 @@ def resolve_auto(cfg: RunConfig) -> RunConfig:
 
 
 # Every rate, scale and eps: finite and in this range (docs/configuration.md), or no run with it can train:
-# key -> (low, high, low included, why the range).
-RANGES: dict[str, tuple[float, float, bool, str]] = {
+# key -> (low, high, low included, why the range); ranges() adds each registered method section's own.
+CORE_RANGES: dict[str, tuple[float, float, bool, str]] = {
     "train.lr": (0.0, 1.0, False, "a step above 1 moves a weight by more than its own size; auto = the method's rate"),
     "train.weight-decay": (0.0, 1.0, True, "a decay above 1 per step erases the weights"),
     "zo.lr": (0.0, 1.0, False, "every node refuses a zero-order η above common.wire.ZO_LR_MAX = 1"),
     "zo.eps": (0.0, 0.1, False, "ε is a small perturbation; 1e-3 is the default"),
-    # and each method section's own (its RANGES, e.g. tt.scale, lora.alpha)
-    **{f"{name}.{key}": r for name, cls in methods.sections().items() for key, r in getattr(cls, "RANGES", {}).items()},
 }
 # key -> (the largest value, why): every count, size and timeout is bounded, so that a typo (1e308 rounds, 2^63
 # steps) is refused before anything starts instead of failing hours later. The bounds are far above any run a
-# device or a simulation could make; each method section adds its own MAXIMA (class attributes).
-MAXIMA: dict[str, tuple[float, str]] = {
+# device or a simulation could make; each method section adds its own MAXIMA (class attributes; maxima()).
+CORE_MAXIMA: dict[str, tuple[float, str]] = {
     "num-server-rounds": (100_000, "rounds of one run"),
     "seed": (2**32 - 1, "a 32-bit seed"),
     "min-clients": (1_000_000, "nodes of one federation"),
@@ -352,8 +374,21 @@ MAXIMA: dict[str, tuple[float, str]] = {
     "aggregation.norm-cap": (1e6, "multiples of the round's median update norm"),
     "aggregation.clip-norm": (1e12, "an update's L2 norm"),
     "aggregation.weight-cap": (1e6, "multiples of the round's median num-examples"),
-    **{f"{name}.{key}": m for name, cls in methods.sections().items() for key, m in getattr(cls, "MAXIMA", {}).items()},
 }
+
+
+def ranges() -> dict[str, tuple[float, float, bool, str]]:
+    """CORE_RANGES and each registered method section's own (its RANGES, e.g. tt.scale, lora.alpha)."""
+    own = {f"{n}.{k}": r for n, cls in methods.sections().items() for k, r in getattr(cls, "RANGES", {}).items()}
+    return {**CORE_RANGES, **own}
+
+
+def maxima() -> dict[str, tuple[float, str]]:
+    """CORE_MAXIMA and each registered method section's own (its MAXIMA)."""
+    own = {f"{n}.{k}": m for n, cls in methods.sections().items() for k, m in getattr(cls, "MAXIMA", {}).items()}
+    return {**CORE_MAXIMA, **own}
+
+
 NAME_MAX = 255  # bytes in one file name on Linux and macOS file systems (check_paths asks the real one)
 
 
@@ -365,10 +400,10 @@ def validate(cfg: RunConfig) -> None:
     """Refuse impossible settings with a message that names the key and the fix."""
     from common.tasks import TASKS  # local import: tasks pulls in numpy only, but keep config light
 
-    need(
-        cfg.method in methods.names(),
-        f"method '{cfg.method}' is unknown; choose one of: {', '.join(methods.names())}",
-    )
+    try:
+        spec = methods.get_method(cfg.method)
+    except MethodError as exc:
+        raise ConfigError(str(exc)) from None
     from common.datafiles import FILE_SUFFIXES, is_data_task
 
     need(
@@ -430,13 +465,13 @@ def validate(cfg: RunConfig) -> None:
         f"run-name is {len(cfg.run_name.encode())} bytes long; a file name holds at most {NAME_MAX}: shorten it",
     )
     flat = cfg.to_flat()
-    for key, (low, high, low_included, why) in RANGES.items():
+    for key, (low, high, low_included, why) in ranges().items():
         v = flat[key]
         need(
             math.isfinite(v) and (low <= v if low_included else low < v) and v <= high,
             f"{key} must be in {_interval(low, high, low_included)}, got {v!r} ({why}): set it in that range",
         )
-    for key, (high, why) in MAXIMA.items():
+    for key, (high, why) in maxima().items():
         v = flat[key]
         # `not v > high`: a NaN is left to the key's own finiteness check, which names it so
         shown = f"{float(v):g}" if abs(v) >= 1e15 else repr(v)  # a 309-digit int is not a message
@@ -458,7 +493,7 @@ def validate(cfg: RunConfig) -> None:
     z = cfg.zo
     need(z.distribution in ("rademacher", "gaussian"), "zo.distribution must be 'rademacher' or 'gaussian'")
     need(z.params in ZO_PARAMS, f"zo.params '{z.params}' is unknown; choose one of: {', '.join(ZO_PARAMS)}")
-    if methods.get_method(cfg.method).zero_order:
+    if spec.replayed:
         replay = (
             f"{cfg.method} sends only scalars: every node rebuilds the model by replaying θ <- θ - η·g·z(seed) "
             "with the constant η = zo.lr of the update log"
@@ -466,7 +501,7 @@ def validate(cfg: RunConfig) -> None:
         need(
             t.optimizer in ("auto", "sgd"),
             f"train.optimizer '{t.optimizer}' breaks replay: {replay}, and an adaptive optimizer's state cannot "
-            "be rebuilt from the scalars. Use train.optimizer = 'auto' (plain SGD for zero-order methods)",
+            "be rebuilt from the scalars. Use train.optimizer = 'auto' (plain SGD for replayed methods)",
         )
         need(
             t.weight_decay == 0,
@@ -495,7 +530,7 @@ def validate(cfg: RunConfig) -> None:
         math.isfinite(ag.weight_cap) and ag.weight_cap >= 1,
         f"aggregation.weight-cap must be >= 1 (a multiple of the round's median num-examples), got {ag.weight_cap}",
     )
-    uses = methods.get_method(cfg.method).sections
+    uses = spec.sections
     for name in methods.sections():  # each method's section checks itself, used or not
         getattr(cfg, name).validate(cfg, in_use=name in uses)
 
@@ -537,7 +572,7 @@ RESUME_MAY_CHANGE = (
 def with_later_keys(saved: dict[str, Any]) -> dict[str, Any]:
     """A configuration written before some keys existed, with those keys at their defaults: a key added later
     defaults to what runs did before it existed, so a record of such a run is the same configuration."""
-    return {**RunConfig().to_flat(), **saved}
+    return {**run_config_class()().to_flat(), **saved}
 
 
 def check_resume(cfg: RunConfig, saved: dict[str, Any], done: int) -> None:

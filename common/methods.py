@@ -1,55 +1,81 @@
-"""The registry of federated methods: every method is registered once, here, and everything else reads it.
+"""The registry of federated methods: the mechanism only. Which methods exist is said above it, in
+methods/__init__.py, one `register_package(...)` line each (as peft's tuners/__init__.py lists its tuners).
 
 The ServerApp, the ClientApp, the run-config validation, the benchmark, the scripts and the tests ask this
-module which methods exist and what each one needs. A method is a `MethodSpec` (common/methodspec.py): its name
-(the `method` run-config value), the module of its client round, the function that builds its server model and
-strategy, its run-config sections, the values its "auto" settings resolve to, and the few facts other code must
-know about it (zero-order replay, whether nodes keep the global model, which records carry its numbers). Each
-method's package, methods/<method>/, holds all of its code and declares its spec in its `__init__.py`; adding a
-method is that one folder plus one `register_method(...)` line at the bottom of this file.
+module which methods exist and what each one needs; whoever needs the registry filled imports `methods` first
+(the apps, the scripts, the benchmark and tests/conftest.py do). A method is a `MethodSpec`
+(common/methodspec.py): its name (the `method` run-config value), the module of its client round, the function
+that builds its server model and strategy, its run-config sections, the values its "auto" settings resolve to,
+and the facts other code reads about it (its optimizer family, replay, whether nodes keep the model, where its
+numbers travel, what an attack on it is measured against).
 
-Import-light on purpose: nothing here, nor in a method's `__init__.py` and `config.py`, imports torch, Flower
-or the methods' other code. Client modules and server setups are named as strings and imported only when a run
+This module imports nothing of methods/ (common is the floor methods/ stands on): every view here (METHODS,
+KEEPS_MODEL, METHOD_DEFAULTS, LABELS) reads the registry when it is read, so it sees a method registered
+later, and `version()` tells caches built from the registry (common.config's RunConfig) when to rebuild.
+Import-light on purpose: client modules and server setups are named as strings and imported only when a run
 asks for them, so `common.config` can validate a configuration without loading any model code.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import re
-from collections.abc import Iterable, Mapping
-from types import MappingProxyType
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from types import MappingProxyType, ModuleType
 from typing import Any
 
-from common.methodspec import MethodError, MethodSpec
+from common.methodspec import AUTO_KEYS, OPTIMIZER_FAMILIES, REFERENCES, MethodError, MethodSpec
 
-__all__ = ["METHODS", "ZERO_ORDER", "KEEPS_MODEL", "METHOD_DEFAULTS", "MethodError", "MethodSpec", "get_method",
-           "known", "names", "register_method", "register_package", "sections", "specs", "where"]  # fmt: skip
+__all__ = ["KEEPS_MODEL", "LABELS", "METHODS", "METHOD_DEFAULTS", "MethodError", "MethodSpec", "get_method",
+           "known", "names", "register_method", "register_package", "sections", "specs", "unregister",
+           "version", "where"]  # fmt: skip
 
 NAME = re.compile(r"[a-z][a-z0-9]*(-[a-z0-9]+)*")  # a run-config value, a run-folder prefix and a CLI word
 
 
 # name -> spec, in registration order: the order the benchmark plans its runs in and the tests parametrize in
 _REGISTRY: dict[str, MethodSpec] = {}
+_VERSION = [0]  # bumped by every change of _REGISTRY
 
 
-def register_method(spec: MethodSpec) -> MethodSpec:
-    """Add a method; refuses a second method of the same name and entries that could not run."""
+def version() -> int:
+    """A number that changes whenever a method is registered or removed (for caches of registry-built things)."""
+    return _VERSION[0]
+
+
+def _refuse(spec: MethodSpec) -> None:
     if not NAME.fullmatch(spec.name):
         raise MethodError(f"method name '{spec.name}' must be lowercase letters and digits, words joined by '-'")
     if spec.name in _REGISTRY:
         raise MethodError(f"method '{spec.name}' is registered already")
     if not spec.client_module or ":" in spec.client_module:
         raise MethodError(f"method '{spec.name}': client_module must be a module path, got '{spec.client_module}'")
-    module, sep, function = spec.server_setup.partition(":")
-    if not (module and sep and function):
-        raise MethodError(f"method '{spec.name}': server_setup must be 'module:function', got '{spec.server_setup}'")
-    if _REGISTRY:
-        keys = set(next(iter(_REGISTRY.values())).defaults)
-        if set(spec.defaults) != keys:
+    for what, where in (("server_setup", spec.server_setup), ("value_bound", spec.value_bound or "x:y")):
+        module, sep, function = where.partition(":")
+        if not (module and sep and function):
+            raise MethodError(f"method '{spec.name}': {what} must be 'module:function', got '{where}'")
+    if set(spec.defaults) != set(AUTO_KEYS):
+        raise MethodError(
+            f"method '{spec.name}' sets defaults for {sorted(spec.defaults)}; every method sets {sorted(AUTO_KEYS)}"
+        )
+    for key, value in spec.defaults.items():
+        kind = AUTO_KEYS[key]
+        if not isinstance(value, kind) and not (kind is float and type(value) is int):
+            raise MethodError(f"method '{spec.name}': its '{key}' must be a {kind.__name__}, got {value!r}")
+    if spec.optimizer not in OPTIMIZER_FAMILIES:
+        raise MethodError(
+            f"method '{spec.name}': optimizer '{spec.optimizer}' is none of {', '.join(OPTIMIZER_FAMILIES)}"
+        )
+    if spec.replayed and not spec.keeps_model:
+        raise MethodError(
+            f"method '{spec.name}' is replayed but keeps no model: replay needs the model it replays onto"
+        )
+    if spec.attack_reference is not None:
+        wrong = {r: v for r, v in spec.attack_reference.items() if v not in REFERENCES}
+        if wrong or spec.reply_record not in spec.attack_reference:
             raise MethodError(
-                f"method '{spec.name}' sets defaults for {sorted(spec.defaults)}; every method sets {sorted(keys)}"
+                f"method '{spec.name}': attack_reference must map its reply record '{spec.reply_record}' (and any "
+                f"other reply record of floats) to one of {', '.join(REFERENCES)}, got {dict(spec.attack_reference)}"
             )
     for section, cls in spec.sections.items():
         shared = sections().get(section, cls)
@@ -58,18 +84,45 @@ def register_method(spec: MethodSpec) -> MethodSpec:
                 f"method '{spec.name}': section '{section}' is {cls.__qualname__} here, {shared.__qualname__} "
                 "in a method registered before: a section name belongs to one config class"
             )
+
+
+def register_method(spec: MethodSpec) -> MethodSpec:
+    """Add a method; refuses a second method of the same name and entries that could not run."""
+    _refuse(spec)
     # a read-only copy: no caller can change a method's values after it was registered
-    spec = dataclasses.replace(
-        spec, defaults=MappingProxyType(dict(spec.defaults)), sections=MappingProxyType(dict(spec.sections))
-    )
+    frozen = {k: MappingProxyType(dict(getattr(spec, k))) for k in ("defaults", "sections", "options")}
+    if spec.attack_reference is not None:
+        frozen["attack_reference"] = MappingProxyType(dict(spec.attack_reference))
+    spec = dataclasses.replace(spec, **frozen)
     _REGISTRY[spec.name] = spec
+    _VERSION[0] += 1
     return spec
+
+
+def register_package(package: ModuleType) -> tuple[MethodSpec, ...]:
+    """Register the methods a package of methods/ declares (its `SPECS`: one, or a method and its variants)."""
+    specs_ = getattr(package, "SPECS", None)
+    if not specs_:
+        raise MethodError(f"package '{package.__name__}' declares no SPECS (a tuple of its MethodSpecs)")
+    return tuple(register_method(spec) for spec in specs_)
+
+
+def unregister(*chosen: str) -> None:
+    """Remove registered methods (a test's temporary method, once the test is done)."""
+    for name in known(*chosen):
+        del _REGISTRY[name]
+    _VERSION[0] += 1
 
 
 def get_method(name: str) -> MethodSpec:
     try:
         return _REGISTRY[name]
     except KeyError:
+        if not _REGISTRY:
+            raise MethodError(
+                f"method '{name}' is unknown: no method is registered; import `methods` first (methods/__init__.py "
+                "registers them)"
+            ) from None
         raise MethodError(f"method '{name}' is unknown; choose one of: {', '.join(_REGISTRY)}") from None
 
 
@@ -96,31 +149,57 @@ def known(*chosen: str) -> tuple[str, ...]:
 
 
 def where(methods: Iterable[str] | None = None, **facts: Any) -> tuple[str, ...]:
-    """The registered methods (or those of `methods`) whose spec has these values, e.g. where(zero_order=True)."""
+    """The registered methods (or those of `methods`) whose spec has these values, e.g. where(replayed=True)."""
     pool = names() if methods is None else known(*methods)
     return tuple(m for m in pool if all(getattr(_REGISTRY[m], k) == v for k, v in facts.items()))
 
 
-def register_package(package: str) -> tuple[MethodSpec, ...]:
-    """Register the methods a package of methods/ declares (its `SPECS`: one, or a method and its variants)."""
-    return tuple(register_method(spec) for spec in importlib.import_module(f"methods.{package}").SPECS)
+class Where(Sequence[str]):
+    """The registered methods with these facts, read when it is read (a method registered later included)."""
+
+    def __init__(self, **facts: Any) -> None:
+        self.facts = facts
+
+    def _now(self) -> tuple[str, ...]:
+        return where(**self.facts)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self._now()[i]
+
+    def __len__(self) -> int:
+        return len(self._now())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._now())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and tuple(self) == tuple(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return repr(self._now())
 
 
-# The methods, one line each: each method's spec (its rates, its sections, its facts) is in its package's
-# __init__.py, and FedTT's package declares FedTT+ beside it. Learning rates ("train.lr" = "auto") are Adam's
-# rate of each first-order method, chosen by short single-client probes; the zero-order methods step with zo.lr
-# and never read train.lr. The order of these lines is the order the benchmark plans its runs in and the tests
-# parametrize in.
-register_package("fedkrso")
-register_package("fedavg")
-register_package("fedspzo")
-register_package("fedkseed")
-register_package("fedtt")  # FedTT and FedTT+
-register_package("fedavg_lora")
+class _Of(Mapping[str, Any]):
+    """method -> one value of its spec, read when it is read."""
 
-# The methods registered above, as constants for code that reads them once. Code that must also see a method
-# registered later (by a plug-in, or a test) calls names(), get_method() or where() instead.
-METHODS = names()
-ZERO_ORDER = where(zero_order=True)
-KEEPS_MODEL = where(keeps_model=True)
-METHOD_DEFAULTS: Mapping[str, Mapping[str, float]] = MappingProxyType({s.name: s.defaults for s in specs()})
+    def __init__(self, attr: str) -> None:
+        self.attr = attr
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in _REGISTRY:
+            raise KeyError(name)
+        return getattr(_REGISTRY[name], self.attr)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(names())
+
+    def __len__(self) -> int:
+        return len(_REGISTRY)
+
+
+METHODS = Where()  # every registered method, in registration order
+KEEPS_MODEL = Where(keeps_model=True)
+METHOD_DEFAULTS: Mapping[str, Mapping[str, float | str]] = _Of("defaults")
+LABELS: Mapping[str, str] = _Of("label")  # as the papers and the benchmark page write them

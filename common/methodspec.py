@@ -1,9 +1,15 @@
 """What a method declares about itself (its `MethodSpec`), and the errors its declaration and its config raise.
 
-Each method's package (methods/<method>/__init__.py) builds its MethodSpec from this module, and the registry
-(common/methods.py) registers it. Kept apart from the registry, and import-light (the standard library only), so
-that a method's package and its config section can be imported on their own, before or after the registry,
-without an import cycle.
+Each method's package (methods/<method>/__init__.py) builds its MethodSpec from this module, and
+methods/__init__.py registers it with the mechanism of common/methods.py. Kept apart from the registry, and
+import-light (the standard library only), so that a method's package and its config section can be imported on
+their own, before or after the registry, without an import cycle.
+
+Each fact of a spec means one thing, and central code reads the fact, never the method's name: `optimizer`
+(how the method steps: the defaults of train.optimizer, head.init and zo.lr follow it), `replayed` (the run's
+model is rebuilt from the replies' seeds and scalars, so the config must hold nothing replay cannot rebuild),
+`keeps_model` (nodes keep the model between rounds), `options` (what tells a variant from its base, read by
+the method's own code), and what the code that forges replies needs (`attack_reference`, `value_bound`).
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from types import ModuleType
+from types import MappingProxyType, ModuleType
 from typing import Any
 
 
@@ -29,6 +35,16 @@ class MethodError(ValueError):
     """A method that cannot be registered, or whose registered code cannot be found."""
 
 
+# The settings whose shipped value is "auto", each resolved to the running method's own value
+# (MethodSpec.defaults): key -> the type of that value. Every method sets every key (register_method checks).
+AUTO_KEYS: Mapping[str, type] = MappingProxyType({"train.lr": float, "aggregation.rule": str})
+FIRST_ORDER, ZERO_ORDER = "first-order", "zero-order"
+OPTIMIZER_FAMILIES = (FIRST_ORDER, ZERO_ORDER)
+# What an attacker's floats in a reply record are measured from: the global model's values (the record holds
+# model values, e.g. FedAvg's weights) or zero (the record holds an update, e.g. FedKRSO's accumulators).
+REFERENCES = ("global", "zero")
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     name: str  # the `method` run-config value
@@ -37,20 +53,35 @@ class MethodSpec:
     client_module: str
     # "module:function" of `setup(cfg, recorder) -> server_app.base.ServerSetup`: the server's model and strategy
     server_setup: str
-    # Values of the settings whose shipped value is "auto" (common.config.AUTO_KEYS); every method sets the
-    # same keys, so a key is "auto" for all methods or for none.
+    # Values of the settings whose shipped value is "auto" (AUTO_KEYS); every method sets the same keys, so a
+    # key is "auto" for all methods or for none.
     defaults: Mapping[str, float | str] = field(default_factory=dict, hash=False)
-    # Forward passes only: replies are (seed, scalar) pairs every node replays with the constant η = zo.lr,
-    # so the configuration must not hold anything replay cannot rebuild (an adaptive optimizer, weight decay).
-    zero_order: bool = False
+    # How it steps. "first-order": backpropagation with train.optimizer (auto: Adam) at train.lr, a new head
+    # starts random. "zero-order": forward passes only, steps with zo.lr (train.lr is never read), auto
+    # optimizer plain SGD, a new head starts from the label words, zo.lr "auto" follows the model.
+    optimizer: str = FIRST_ORDER
+    # The global model is rebuilt by replaying each reply's (seed, scalar) pairs with the constant η = zo.lr of
+    # the update log, on the server and on every node: the configuration must not hold anything replay cannot
+    # rebuild (an adaptive optimizer, weight decay). Needs keeps_model (the model it replays onto).
+    replayed: bool = False
     # Nodes keep the global model on disk and catch up on missed rounds by replaying the server's update log;
     # the other methods send the trained numbers down every round and nodes keep nothing between rounds.
     keeps_model: bool = False
+    # What tells a variant from the method it varies (FedTT+: {"plus": True}), read by the method's own code
+    # from get_method(cfg.method).options, so that no code asks for the method's name.
+    options: Mapping[str, Any] = field(default_factory=dict, hash=False)
     # Where the method's numbers travel, for the code that forges messages to check that nodes and server refuse
     # them (tests/test_hostile.py, tests/test_instructions.py, bench/robust.py): the instruction's record holding
     # model numbers or update-log scalars, and the reply's record holding the node's update.
     instruction_record: str = "arrays"
     reply_record: str = "arrays"
+    # For the code that attacks replies within the bounds (tests/test_hostile.py, bench/robust.py), declared
+    # by every method (tests/test_methods.py checks; attack_references and load_value_bound refuse a method
+    # that declares none): reply record -> what its floats are measured from (REFERENCES), the reply record
+    # among them; and "module:function" of `bound(cfg, record) -> float`, the largest |value| the server
+    # accepts in that record of a reply.
+    attack_reference: Mapping[str, str] | None = field(default=None, hash=False)
+    value_bound: str | None = None
     # The method's own run-config sections: section name (the key prefix, e.g. "krso") -> its frozen dataclass
     # (methods/<method>/config.py), which has `validate(cfg, in_use)`. common.config makes each one a section of
     # RunConfig; two methods may share a section (FedTT and FedTT+ share "tt") by naming the same class.
@@ -58,6 +89,35 @@ class MethodSpec:
     # "module:function" of `export(setup, cfg, folder) -> info`: writes the server's global model as a Hugging
     # Face folder (`fedsubspace export`, common/export.py); the default writes the model's every weight
     export: str = "common.export:full_weights"
+    # README.md's table of methods (scripts/config_reference.py writes it): what the method is, after its label,
+    # and what crosses the wire in a round
+    summary: str = ""
+    travels: str = ""
+
+    @property
+    def reads_train_lr(self) -> bool:
+        """Whether its runs step with train.lr (the first-order methods; the zero-order ones step with zo.lr)."""
+        return self.optimizer == FIRST_ORDER
+
+    def attack_references(self) -> Mapping[str, str]:
+        """`attack_reference`, or a MethodError naming what to declare: a forged reply must not silently be
+        measured against 0 when the method's reply holds model values."""
+        if not self.attack_reference:
+            raise MethodError(
+                f"method '{self.name}' declares no attack_reference: give its MethodSpec, for each reply record "
+                f"whose floats travel (its reply_record '{self.reply_record}' among them), 'global' (model values) "
+                "or 'zero' (an update)"
+            )
+        return self.attack_reference
+
+    def load_value_bound(self) -> Callable[[Any, str], float]:
+        """The `value_bound` function, imported now; a MethodError when the method declares none."""
+        if not self.value_bound:
+            raise MethodError(
+                f"method '{self.name}' declares no value_bound: name its wire module's `bound(cfg, record)`, the "
+                "largest |value| the server accepts in each reply record, as 'module:function'"
+            )
+        return self._load(self.value_bound, "value_bound")
 
     def load_client(self) -> ModuleType:
         """The client module, imported now (the first run that uses the method pays for its imports)."""
@@ -70,14 +130,17 @@ class MethodSpec:
 
     def load_server(self) -> Callable[..., Any]:
         """The server setup function, imported now."""
-        module_name, _, function = self.server_setup.partition(":")
+        return self._load(self.server_setup, "server")
+
+    def _load(self, where: str, what: str) -> Callable[..., Any]:
+        module_name, _, function = where.partition(":")
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:
             raise MethodError(
-                f"method '{self.name}': server module '{module_name}' cannot be imported ({exc})"
+                f"method '{self.name}': {what} module '{module_name}' cannot be imported ({exc})"
             ) from exc
-        setup = getattr(module, function, None)
-        if not callable(setup):
-            raise MethodError(f"method '{self.name}': '{self.server_setup}' names no function of {module_name}")
-        return setup
+        found = getattr(module, function, None)
+        if not callable(found):
+            raise MethodError(f"method '{self.name}': '{where}' names no function of {module_name}")
+        return found

@@ -474,6 +474,7 @@ def head_settings(cfg) -> tuple[str, str]:
     """(pooling, init) of a run with 'auto' resolved (see common.config.HeadConfig); ("model", "none") for
     the LM head, which is the pretrained one."""
     from common.methods import get_method
+    from common.methodspec import ZERO_ORDER
 
     if head_kind(cfg) == "lm":
         for key, value in (("pooling", cfg.head.pooling), ("init", cfg.head.init)):
@@ -487,7 +488,7 @@ def head_settings(cfg) -> tuple[str, str]:
     pooling = declared_pooling(cfg.model) if cfg.head.pooling == "auto" else cfg.head.pooling
     init = cfg.head.init
     if init == "auto":
-        init = "label-words" if get_method(cfg.method).zero_order else "random"
+        init = "label-words" if get_method(cfg.method).optimizer == ZERO_ORDER else "random"
     return pooling, init
 
 

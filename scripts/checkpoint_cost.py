@@ -23,6 +23,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import methods  # noqa: E402, F401 - registers every method (methods/__init__.py)
 from common.methods import METHODS  # noqa: E402
 
 

@@ -41,6 +41,7 @@ from collections.abc import Mapping, Sequence
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import methods  # noqa: E402, F401 - registers every method (methods/__init__.py)
 from scripts.fleet import (  # noqa: E402
     BIN,
     Fleet,

@@ -1,8 +1,9 @@
 """docs/configuration.md, generated from the config classes (common/config.py and each method's
-methods/<method>/config.py) so that it cannot go stale.
+methods/<method>/config.py), and README.md's table of methods, generated from the registry (each method's
+MethodSpec), so that neither can go stale.
 
-    python scripts/config_reference.py            # rewrite docs/configuration.md
-    python scripts/config_reference.py --check    # exit 1 when the page differs from what the classes say
+    python scripts/config_reference.py            # rewrite docs/configuration.md and README's table
+    python scripts/config_reference.py --check    # exit 1 when either differs from what the code says
 
 Every run-config key (`section.key`, as `-c` and `[tool.flwr.app.config]` spell it), its type, its default
 (the live value of the dataclass) and its help: the comment written beside the field in the file of its class
@@ -22,9 +23,14 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import methods as _registered  # noqa: E402, F401 - fills the registry: every method's section is documented
 from common import config, methods  # noqa: E402
 
 PAGE = os.path.join(ROOT, "docs", "configuration.md")
+README = os.path.join(ROOT, "README.md")
+# README's table of methods sits between these lines, written from the registry (each spec's label, summary, travels)
+TABLE_BEGIN = "<!-- the methods: written by scripts/config_reference.py from methods/*/__init__.py -->"
+TABLE_END = "<!-- end of the methods -->"
 SOURCE = os.path.join(ROOT, "common", "config.py")
 CORE = "CoreConfig"  # the settings of every run: the page's "Run" table, under the name RunConfig
 
@@ -96,11 +102,12 @@ CHOICES = {
 def describe(key: str, help_: str) -> str:
     """The help of a key, with what common/config.py knows of its values: choices, range, per-method auto."""
     extra = []
-    if key in config.RANGES:
-        low, high, low_included, _ = config.RANGES[key]
+    ranges, maxima = config.ranges(), config.maxima()
+    if key in ranges:
+        low, high, low_included, _ = ranges[key]
         extra.append(f"In {config._interval(low, high, low_included)}.")
-    if key in config.MAXIMA:
-        extra.append(f"At most {config.MAXIMA[key][0]:g}.")
+    if key in maxima:
+        extra.append(f"At most {maxima[key][0]:g}.")
     if key in config.AUTO_KEYS:
         extra.append(f"`auto` per method: {config.auto_values(key)}.")
     if help_ and not help_.endswith("."):
@@ -159,23 +166,47 @@ def render() -> str:
     return "\n".join(rows) + "\n"
 
 
+def methods_table() -> list[str]:
+    """README's table: one row per registered method, in registration order."""
+    rows = ["| method (`method = ...`) | what travels |", "| --- | --- |"]
+    for spec in methods.specs():
+        rows.append(f"| `{spec.name}` — {spec.label}, {spec.summary} | {spec.travels} |")
+    return rows
+
+
+def with_table(readme: str) -> str:
+    """README's text with its table of methods written anew between TABLE_BEGIN and TABLE_END."""
+    lines = readme.split("\n")
+    if TABLE_BEGIN not in lines or TABLE_END not in lines:
+        raise SystemExit(f"{README} has lost the lines that hold its table of methods: {TABLE_BEGIN} ... {TABLE_END}")
+    begin, end = lines.index(TABLE_BEGIN), lines.index(TABLE_END)
+    return "\n".join([*lines[: begin + 1], *methods_table(), *lines[end:]])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--check", action="store_true", help="exit 1 when docs/configuration.md is not current")
+    ap.add_argument(
+        "--check", action="store_true", help="exit 1 when docs/configuration.md or README's table is not current"
+    )
     args = ap.parse_args(argv)
-    page = render()
+    with open(README) as f:
+        readme = f.read()
+    wanted = {PAGE: render(), README: with_table(readme)}
     if args.check:
-        current = ""
-        if os.path.exists(PAGE):
-            with open(PAGE) as f:
-                current = f.read()
-        if current != page:
-            print(f"{PAGE} is stale: run python scripts/config_reference.py", file=sys.stderr)
-            return 1
-        return 0
-    with open(PAGE, "w") as f:
-        f.write(page)
-    print(PAGE)
+        stale = 0
+        for path, text in wanted.items():
+            current = ""
+            if os.path.exists(path):
+                with open(path) as f:
+                    current = f.read()
+            if current != text:
+                print(f"{path} is stale: run python scripts/config_reference.py", file=sys.stderr)
+                stale = 1
+        return stale
+    for path, text in wanted.items():
+        with open(path, "w") as f:
+            f.write(text)
+        print(path)
     return 0
 
 

@@ -60,6 +60,7 @@ import yaml
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import methods as _methods  # noqa: F401 - registers every method (methods/__init__.py)
 from common.interrupt import Interrupted, exit_on_signals
 
 BIN = os.path.dirname(sys.executable)

@@ -28,6 +28,7 @@ from collections.abc import Callable
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import methods  # noqa: F401 - registers every method (methods/__init__.py)
 from common.config import ConfigError, check_paths, parse_run_config
 from common.data import task_of
 from common.datafiles import HUB_PREFIX, is_data_task

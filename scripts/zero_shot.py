@@ -16,6 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import methods  # noqa: F401 - registers every method (methods/__init__.py)
 from common.config import parse_run_config
 from common.data import task_of
 from common.evaluation import evaluate

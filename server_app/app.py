@@ -15,6 +15,7 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
+import methods  # noqa: F401 - registers every method (methods/__init__.py)
 from common.config import ConfigError, RunConfig, check_paths, check_resume, parse_run_config
 from common.data import TaskSpec, task_of
 from common.evaluation import evaluate

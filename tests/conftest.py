@@ -14,6 +14,8 @@ import os
 import pytest
 import torch
 
+import methods  # noqa: F401 - registers every method (methods/__init__.py): the tests parametrize over them
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE_GLUE = os.path.join(ROOT, "tests", "fixtures", "glue")
 TIERS = ("unit", "integration", "system")

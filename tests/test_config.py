@@ -15,7 +15,7 @@ from common.config import (
     check_resume,
     parse_run_config,
 )
-from common.methods import METHOD_DEFAULTS, METHODS, ZERO_ORDER
+from common.methods import METHOD_DEFAULTS, METHODS, Where
 from common.modeling import ModelError, resolve
 
 pytestmark = pytest.mark.unit
@@ -128,16 +128,20 @@ def test_model_settings(tmp_path):
     assert resolve("HuggingFaceTB/SmolLM2-135M") == ("HuggingFaceTB/SmolLM2-135M", None)
 
 
-@pytest.mark.parametrize("method", ZERO_ORDER)
-def test_zero_order_methods_refuse_what_breaks_replay(method):
-    assert parse_run_config({"method": method}).train.optimizer == "auto"  # plain SGD for zero-order
+REPLAYED = Where(replayed=True)
+
+
+@pytest.mark.parametrize("method", REPLAYED)
+def test_replayed_methods_refuse_what_breaks_replay(method):
+    assert parse_run_config({"method": method}).train.optimizer == "auto"  # plain SGD for replayed methods
     assert parse_run_config({"method": method, "train.optimizer": "sgd"}).method == method
     with pytest.raises(ConfigError, match="train.optimizer 'adam' breaks replay.*constant η = zo.lr"):
         parse_run_config({"method": method, "train.optimizer": "adam"})
     with pytest.raises(ConfigError, match="train.weight-decay = 0.01 breaks replay"):
         parse_run_config({"method": method, "train.weight-decay": 0.01})
-    # First-order methods keep their optimizer state locally: Adam and weight decay are theirs to use.
-    assert parse_run_config({"method": "fedkrso", "train.optimizer": "adam", "train.weight-decay": 0.01})
+    # Methods that are not replayed keep their optimizer state locally: Adam and weight decay are theirs to use.
+    for other in Where(replayed=False):
+        assert parse_run_config({"method": other, "train.optimizer": "adam", "train.weight-decay": 0.01})
 
 
 @pytest.mark.parametrize(
@@ -178,8 +182,8 @@ def test_every_rate_scale_and_eps_is_finite_and_in_its_stated_range(key, bad, go
     for method in METHODS:
         extra = {"train.optimizer": "sgd"} if key == "train.weight-decay" else {}
         for value in good:
-            if key == "train.weight-decay" and value and method in ZERO_ORDER:
-                continue  # zero-order replay refuses any decay (test_zero_order_methods_refuse_what_breaks_replay)
+            if key == "train.weight-decay" and value and method in REPLAYED:
+                continue  # replay refuses any decay (test_replayed_methods_refuse_what_breaks_replay)
             parse_run_config({"method": method, key: value, **extra})
         for value in bad:
             with pytest.raises(ConfigError, match=rf"{key} must be in [(\[].*got .*set it in that range"):
@@ -187,14 +191,14 @@ def test_every_rate_scale_and_eps_is_finite_and_in_its_stated_range(key, bad, go
 
 
 def test_the_configuration_page_states_every_range():
-    from common.config import RANGES, _interval
+    from common.config import _interval, ranges
     from common.wire import ZO_LR_MAX
 
     with open("docs/configuration.md") as f:  # generated from the config classes (scripts/config_reference.py)
         rows = {line.split("|")[1].strip(): line for line in f if line.startswith("| `")}
-    for key, (low, high, low_included, _) in RANGES.items():
+    for key, (low, high, low_included, _) in ranges().items():
         assert f"In {_interval(low, high, low_included)}." in rows[f"`{key}`"], key
-    assert RANGES["zo.lr"][1] == ZO_LR_MAX  # what every node accepts
+    assert ranges()["zo.lr"][1] == ZO_LR_MAX  # what every node accepts
 
 
 def test_paths_that_cannot_hold_the_records_are_refused(tmp_path):
@@ -212,7 +216,9 @@ def test_paths_that_cannot_hold_the_records_are_refused(tmp_path):
 
 
 def test_every_count_size_and_timeout_is_bounded_before_anything_starts():
-    from common.config import MAXIMA
+    from common.config import maxima
+
+    MAXIMA = maxima()
 
     flat = parse_run_config({}).to_flat()
     assert {k for k, v in flat.items() if isinstance(v, int) and not isinstance(v, bool)} <= set(MAXIMA)

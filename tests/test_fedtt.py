@@ -11,6 +11,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from common.config import ConfigError, parse_run_config
+from common.methods import get_method
 from common.modeling import load_run_model
 from common.records import RunRecorder
 from common.wire import content_bytes
@@ -52,7 +53,7 @@ def client_round(cfg, msg):
 def strategy_for(cfg):
     tm = build(cfg)
     return tm, FedTT(
-        cfg, tm, RunRecorder(cfg.results_dir, cfg.run_name, cfg.to_flat()), plus=cfg.method == "fedtt-plus"
+        cfg, tm, RunRecorder(cfg.results_dir, cfg.run_name, cfg.to_flat()), plus=get_method(cfg.method).options["plus"]
     )
 
 

@@ -2,7 +2,7 @@
 
 model.py (the model it trains: all of it), wire.py (its messages), client.py (a node's round, which FedAvg-LoRA
 shares), server.py (its strategy, which FedAvg-LoRA shares, and its setup). No config section of its own.
-Registered by common/methods.py from SPECS.
+Registered by methods/__init__.py from SPECS.
 """
 
 from common.methodspec import MethodSpec
@@ -10,5 +10,8 @@ from common.methodspec import MethodSpec
 SPEC = MethodSpec(
     name="fedavg", label="FedAvg", defaults={"train.lr": 5e-5, "aggregation.rule": "trimmed-or-capped"},
     client_module=f"{__name__}.client", server_setup=f"{__name__}.server:setup",
+    attack_reference={"arrays": "global"}, value_bound=f"{__name__}.wire:value_bound",
+    summary="full fine-tuning (Flower's `FedAvg`)",
+    travels="all weights both ways",
 )  # fmt: skip
 SPECS = (SPEC,)

@@ -14,6 +14,7 @@ finite, within VALUE_BOUND), then the metrics (round, num-examples).
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -30,7 +31,15 @@ from common.wire import (
     unpack_tensors,
 )
 
+if TYPE_CHECKING:
+    from common.config import RunConfig
+
 Shapes = dict[str, tuple[int, ...]]
+
+
+def value_bound(cfg: RunConfig, record: str) -> float:
+    """The largest |value| the server accepts in this record of a reply (MethodSpec.value_bound)."""
+    return {"arrays": VALUE_BOUND}[record]
 
 
 def unpack_instruction(content: RecordDict, shapes: Shapes) -> tuple[int, dict[str, torch.Tensor]]:

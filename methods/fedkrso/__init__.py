@@ -1,7 +1,7 @@
 """FedKRSO: federated K-seed random subspace optimization.
 
 config.py (`krso.*`), subspace.py (the mathematics), model.py (the model it trains), wire.py (its messages),
-client.py (a node's round), server.py (its strategy and setup). Registered by common/methods.py from SPECS.
+client.py (a node's round), server.py (its strategy and setup). Registered by methods/__init__.py from SPECS.
 """
 
 from common.methodspec import MethodSpec
@@ -12,5 +12,8 @@ SPEC = MethodSpec(
     name="fedkrso", label="FedKRSO", defaults={"train.lr": 5e-4, "aggregation.rule": "trimmed-or-capped"},
     client_module=f"{__name__}.client", server_setup=f"{__name__}.server:setup", sections={"krso": KrsoConfig},
     keeps_model=True, instruction_record="log", reply_record="accumulators",
+    attack_reference={"accumulators": "zero", "head": "global"}, value_bound=f"{__name__}.wire:value_bound",
+    summary="K-seed random subspaces",
+    travels="K seeds down, per-seed accumulators (d_out x r) both ways",
 )  # fmt: skip
 SPECS = (SPEC,)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -50,6 +51,14 @@ from common.wire import (
     unpack_tensors,
 )
 from methods.fedkrso.subspace import Accumulators, LogEntry, round_seeds
+
+if TYPE_CHECKING:
+    from common.config import RunConfig
+
+
+def value_bound(cfg: RunConfig, record: str) -> float:
+    """The largest |value| the server accepts in this record of a reply (MethodSpec.value_bound)."""
+    return {"accumulators": VALUE_BOUND, "head": VALUE_BOUND}[record]
 
 
 def _head(content: RecordDict, head_shapes: Mapping[str, tuple[int, ...]], bound: float) -> dict[str, torch.Tensor]:

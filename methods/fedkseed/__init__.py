@@ -2,7 +2,7 @@
 
 config.py (`kseed.*`; `zo.*` is common.config's, shared with FedSPZO), kseed.py (the mathematics and the
 model), wire.py (its messages), client.py (a node's round), server.py (its strategy and setup). Registered by
-common/methods.py from SPECS.
+methods/__init__.py from SPECS.
 """
 
 from common.methodspec import MethodSpec
@@ -12,6 +12,9 @@ from methods.fedkseed.config import KseedConfig
 SPEC = MethodSpec(
     name="fedkseed", label="FedKSeed", defaults={"train.lr": 5e-5, "aggregation.rule": "mean"},
     client_module=f"{__name__}.client", server_setup=f"{__name__}.server:setup", sections={"kseed": KseedConfig},
-    zero_order=True, keeps_model=True, instruction_record="log", reply_record="scalars",
+    optimizer="zero-order", replayed=True, keeps_model=True, instruction_record="log", reply_record="scalars",
+    attack_reference={"scalars": "zero"}, value_bound=f"{__name__}.wire:value_bound",
+    summary="zero-order over K fixed seeds (reference)",
+    travels="at most K scalars each way (sparse index + value when smaller)",
 )  # fmt: skip
 SPECS = (SPEC,)

@@ -51,6 +51,11 @@ from common.wire import (
 from methods.fedkseed.kseed import LogEntry
 
 
+def value_bound(cfg: RunConfig, record: str) -> float:
+    """The largest |value| the server accepts in this record of a reply (MethodSpec.value_bound)."""
+    return {"scalars": zo_scalar_bound(cfg.zo.eps, cfg.train.local_steps * cfg.kseed.perturbations)}[record]
+
+
 def pack_scalars(prefix: str, dense: np.ndarray) -> dict[str, Array]:
     nonzero = np.flatnonzero(dense)
     if 2 * len(nonzero) < len(dense):

@@ -2,7 +2,7 @@
 
 config.py (`spzo.*`; `zo.*` is common.config's, shared with FedKSeed), spzo.py (the mathematics and the
 model), wire.py (its messages), client.py (a node's round), server.py (its strategy and setup). Registered by
-common/methods.py from SPECS.
+methods/__init__.py from SPECS.
 """
 
 from common.methodspec import MethodSpec
@@ -13,6 +13,9 @@ from methods.fedspzo.config import SpzoConfig
 SPEC = MethodSpec(
     name="fedspzo", label="FedSPZO", defaults={"train.lr": 5e-5, "aggregation.rule": "mean"},
     client_module=f"{__name__}.client", server_setup=f"{__name__}.server:setup", sections={"spzo": SpzoConfig},
-    zero_order=True, keeps_model=True, instruction_record="log", reply_record="scalars",
+    optimizer="zero-order", replayed=True, keeps_model=True, instruction_record="log", reply_record="scalars",
+    attack_reference={"scalars": "zero"}, value_bound=f"{__name__}.wire:value_bound",
+    summary="split-perturbation zero-order (forward passes only)",
+    travels="a round seed down, S x (P1 + P2) float32 scalars up (720 B at the defaults)",
 )  # fmt: skip
 SPECS = (SPEC,)

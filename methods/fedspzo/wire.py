@@ -51,6 +51,11 @@ from common.wire import (
 from methods.fedspzo.spzo import LogEntry, round_seed
 
 
+def value_bound(cfg: RunConfig, record: str) -> float:
+    """The largest |value| the server accepts in this record of a reply (MethodSpec.value_bound)."""
+    return {"scalars": zo_scalar_bound(cfg.zo.eps)}[record]
+
+
 def pack_instruction(server_round: int, rho: int, lr: float, log: Sequence[LogEntry]) -> RecordDict:
     first = log_first(log, server_round)
     arrays: dict[str, Array] = {}

@@ -16,6 +16,7 @@ from flwr.common import log
 
 from common import robust
 from common.config import RunConfig
+from common.methods import get_method
 from common.records import RunRecorder
 from common.wire import reply_limit
 from methods.fedtt.model import TTModel, build
@@ -153,6 +154,8 @@ class FedTT(RoundStrategy):
 
 
 def setup(cfg: RunConfig, recorder: RunRecorder) -> ServerSetup:
-    """FedTT, or FedTT+ when the run's method is fedtt-plus (one setup for both variants)."""
+    """FedTT, or FedTT+ when the run's method has the option "plus" (one setup for both variants)."""
     tm = build(cfg)
-    return ServerSetup(tm.loaded.model, FedTT(cfg, tm, recorder, plus=cfg.method == "fedtt-plus"), ArrayRecord())
+    return ServerSetup(
+        tm.loaded.model, FedTT(cfg, tm, recorder, plus=get_method(cfg.method).options["plus"]), ArrayRecord()
+    )

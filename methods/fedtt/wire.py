@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
@@ -55,6 +56,9 @@ from common.wire import (
 )
 from methods.fedtt.tt import MATRICES, CoreKey
 
+if TYPE_CHECKING:
+    from common.config import RunConfig
+
 Shapes = Mapping[CoreKey, tuple[int, ...]]
 
 # FedTT+ gradient scores are mean |dL/dG| of a core on one batch: a cross-entropy loss of O(1) and cores of
@@ -62,6 +66,11 @@ Shapes = Mapping[CoreKey, tuple[int, ...]]
 # a larger score (the issue's 3e38 made the averaged score inf) rejects the reply. The aggregation also
 # normalises each client's scores within a TT matrix (methods.fedtt.server), so no client can outvote the others.
 SCORE_BOUND = 1e4
+
+
+def value_bound(cfg: RunConfig, record: str) -> float:
+    """The largest |value| the server accepts in this record of a reply (MethodSpec.value_bound)."""
+    return {"cores": VALUE_BOUND, "head": VALUE_BOUND, "scores": SCORE_BOUND}[record]
 
 
 def matrices(shapes: Shapes) -> list[tuple[int, str]]:
