@@ -169,9 +169,8 @@ def claims(s: DecoderSettings, runs: dict, probes: dict) -> Claims:
             )  # fmt: skip
     timed = [r for r in runs.values() if r.get("load_share") is not None]
     load_claim(c, timed, "load_share", "Loading (the model from the ready cache and the node's data)", "timed")
-    log_runs = [r for r in timed if r["run"].method in KEEPS_MODEL]
     load_claim(
-        c, [r for r in log_runs if r["catchup_timed"]], "catchup_share",
+        c, [r for r in timed if r["run"].method in KEEPS_MODEL and r["catchup_timed"]], "catchup_share",
         "Catching up (the node's stored state read, checked and written, the previous round's log entry replayed)",
         "timed apart",
     )  # fmt: skip

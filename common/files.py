@@ -124,11 +124,16 @@ def replace_file(path: str, data: bytes | Iterable[bytes | memoryview]) -> None:
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        if disk_full(exc):
             raise DiskFull(path, needed=sum(memoryview(p).nbytes for p in parts)) from exc
         raise
     os.replace(tmp, path)
     fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def disk_full(exc: OSError) -> bool:
+    """Whether a write failed for want of room: the device is full, or the user's quota is."""
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 class DiskFull(OSError):

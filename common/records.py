@@ -43,7 +43,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from common.config import ConfigError
-from common.files import DiskFull, fsync_dir, move_aside, open_file, replace_file
+from common.files import DiskFull, disk_full, fsync_dir, move_aside, open_file, replace_file
 
 # The zero-order clients' model calls per round (common.zeroorder.ModelCalls), kept apart by what ran:
 # forward_passes is all of them; a block-2 pass costs a fraction of a full one.
@@ -298,7 +298,7 @@ def _append(path: str, line: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            if not disk_full(exc):
                 raise
             with contextlib.suppress(OSError):
                 os.ftruncate(f.fileno(), size)
