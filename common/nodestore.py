@@ -13,7 +13,6 @@ The protocol is the same for all of them:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -22,6 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
+import xxhash
 from flwr.app import MetricRecord, RecordDict
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -31,6 +31,7 @@ from common.files import kind, make_folder, move_aside, replace_file
 from common.wire import WireError
 
 STATE_DIR_ENV = "FEDSUBSPACE_STATE_DIR"
+CHECKSUM = "fedsubspace-nodestore-v2"  # the header key of the state's checksum, and its first bytes
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +41,15 @@ class DamagedState(Exception):
 
 
 def state_checksum(tensors: Mapping[str, torch.Tensor], server_round: int, fingerprint: str) -> str:
-    """SHA-256 over the round, the fingerprint and every tensor's name, dtype, shape and bytes (sorted by name).
+    """XXH3-128 over the round, the fingerprint and every tensor's name, dtype, shape and bytes (sorted by name).
 
     The round and fingerprint are inside the hash, so a round label changed in the file's header does not
-    verify even though the header itself is plain JSON.
+    verify even though the header itself is plain JSON. The check is against damage (a torn write, flipped
+    bits, a file of another run), not against someone who can write the node's disk: with no secret in it a
+    SHA-256 would not stop them either, and XXH3 (the `xxhash` package, which `datasets` already needs) hashes a
+    FedKRSO node's 405 MB of SmolLM2 targets at memory speed where SHA-256 took about 0.25 s each way a round.
     """
-    h = hashlib.sha256(f"fedsubspace-nodestore-v1\0{int(server_round)}\0{fingerprint}\0".encode())
+    h = xxhash.xxh3_128(f"{CHECKSUM}\0{int(server_round)}\0{fingerprint}\0".encode())
     for name in sorted(tensors):
         t = tensors[name].detach().contiguous().cpu()
         h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
@@ -102,8 +106,8 @@ class NodeStore:
     """Named tensors at a global round, in `<directory>/<name>.safetensors`.
 
     Written atomically (common.files.replace_file: an exclusive temporary file, fsync, rename, fsync of the
-    directory): a crash mid-write leaves the previous state. The header carries the round, the fingerprint and a SHA-256 (`state_checksum`) over both
-    and the tensors' bytes. A file written under another setting (`fingerprint`), with other names or shapes,
+    directory): a crash mid-write leaves the previous state. The header carries the round, the fingerprint and a checksum (`state_checksum`)
+    over both and the tensors' bytes. A file written under another setting (`fingerprint`), with other names or shapes,
     unreadable or truncated, whose checksum does not verify (flipped bits, a round label changed), or holding
     a non-finite value counts as absent: the node starts again from the pretrained weights and asks for the
     whole log; it never trains on such a state. A warning says why it was discarded. Something other than a
@@ -156,8 +160,10 @@ class NodeStore:
         reached = int(meta["round"])
         if reached < 0:
             raise DamagedState(f"its round {reached} is negative")
-        if meta.get("sha256") != state_checksum(stored, reached, self.fingerprint):
-            raise DamagedState("its SHA-256 does not verify (damaged data or a changed round label)")
+        if CHECKSUM not in meta:
+            raise DamagedState(f"it has no '{CHECKSUM}' checksum (written by an older version)")
+        if meta[CHECKSUM] != state_checksum(stored, reached, self.fingerprint):
+            raise DamagedState("its checksum does not verify (damaged data or a changed round label)")
         bad = [n for n, t in stored.items() if t.is_floating_point() and not torch.isfinite(t).all()]
         if bad:
             raise DamagedState(f"it holds non-finite values in {bad[0]}")
@@ -173,7 +179,7 @@ class NodeStore:
         meta = {
             "round": str(server_round),
             "fingerprint": self.fingerprint,
-            "sha256": state_checksum(plain, server_round, self.fingerprint),
+            CHECKSUM: state_checksum(plain, server_round, self.fingerprint),
         }
         replace_file(self.path, safetensors_parts(plain, meta))
 

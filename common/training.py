@@ -136,6 +136,28 @@ def node_view(cfg: RunConfig, node_config: dict[str, Any]) -> RunConfig:
     return cfg
 
 
+def check_partitions(cfg: RunConfig, num_partitions: int) -> None:
+    """Split the run's train split into `num_partitions` once, as every simulated client will, before a round
+    is run: a split that cannot be made (a Dirichlet draw that leaves a client too few examples, more clients
+    than examples, too many distinct answers) would otherwise fail on every client in every round of a run
+    that still "completes". Raises ConfigError saying what to change. A task on the Hub is not read here."""
+    from common.datafiles import HUB_PREFIX
+    from common.methodspec import ConfigError
+
+    task = task_of(cfg)
+    if str(cfg.task).startswith(HUB_PREFIX):
+        return
+    try:
+        if task.source:
+            data_partition(cfg, task, num_partitions, 0)
+        else:
+            load_partition(task, cfg.data_dir, num_partitions, 0, cfg.partitioning, cfg.dirichlet_alpha, cfg.seed)
+    except FileNotFoundError:
+        raise
+    except ValueError as err:
+        raise ConfigError(f"the {num_partitions} clients' data cannot be split: {err}") from None
+
+
 def client_data(cfg: RunConfig, node_config: dict[str, Any]) -> tuple[Encoded, str]:
     """The node's training data and a key naming it.
 

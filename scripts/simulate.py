@@ -34,6 +34,7 @@ from common.data import task_of
 from common.datafiles import HUB_PREFIX, is_data_task
 from common.interrupt import Interrupted, exit_on_signals, stop_processes
 from common.records import check_not_overwriting, check_not_written, format_table
+from common.training import check_partitions
 
 FLWR = os.path.join(os.path.dirname(sys.executable), "flwr")
 
@@ -135,6 +136,7 @@ def simulate(
     if clients < cfg.min_clients:
         raise ConfigError(f"--clients {clients} is below min-clients={cfg.min_clients}")
     check_paths(cfg)
+    check_partitions(cfg, clients)  # every client would fail every round of a split that cannot be made
     records = os.path.join(cfg.results_dir, cfg.run_name)
     check_not_written(records)  # a running server writes it; the ServerApp refuses too, here before anything starts
     check_not_overwriting(records, cfg.resume_from)  # the ServerApp refuses too; here before anything starts

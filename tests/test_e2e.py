@@ -26,6 +26,10 @@ def test_bad_config_stops_before_anything_starts(tiny_bert, glue_dir, tmp_path):
         run("fedkrso", tiny_bert, glue_dir, tmp_path, **{"krso.rank": 0})
     with pytest.raises(ConfigError, match="data-dir"):
         run("fedkrso", tiny_bert, str(tmp_path / "no-such-glue"), tmp_path)
+    # a split every client would fail on in every round: refused with the partitioner's reason, nothing started
+    with pytest.raises(ConfigError, match="3 clients' data cannot be split: Dirichlet partitioning"):
+        run("fedkrso", tiny_bert, glue_dir, tmp_path, partitioning="dirichlet", **{"dirichlet-alpha": 0.001})
+    assert not (tmp_path / "e2e-fedkrso").exists()
 
 
 def test_a_users_jsonl_instruction_tunes_a_decoder_through_flwr_run(tiny_llama, tmp_path, monkeypatch):

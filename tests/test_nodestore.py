@@ -16,10 +16,18 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from common.files import DiskFull
-from common.nodestore import STATE_DIR_ENV, NodeStore, reach_round, safetensors_parts, state_checksum, state_dir
+from common.nodestore import (
+    CHECKSUM,
+    STATE_DIR_ENV,
+    NodeStore,
+    reach_round,
+    safetensors_parts,
+    state_checksum,
+    state_dir,
+)
 from common.wire import WireError
 
-DAMAGE = ["bit", "round", "nan", "truncate"]
+DAMAGE = ["bit", "round", "nan", "truncate", "older"]
 WRONG_KIND = {  # something other than a file where the state file belongs
     "folder": lambda path: os.makedirs(os.path.join(path, "inside")),
     "pipe": os.mkfifo,  # reading it would block the node forever
@@ -53,7 +61,9 @@ def damage(path: str, how: str) -> None:
     elif how == "nan":  # a NaN with a header recomputed to match it
         name = sorted(tensors)[0]
         tensors[name].view(-1)[0] = float("nan")
-        meta["sha256"] = state_checksum(tensors, int(meta["round"]), meta["fingerprint"])
+        meta[CHECKSUM] = state_checksum(tensors, int(meta["round"]), meta["fingerprint"])
+    elif how == "older":  # a state as the version before this checksum wrote it (a SHA-256 under "sha256")
+        meta["sha256"] = meta.pop(CHECKSUM)
     save_file(tensors, path, metadata=meta)
 
 
@@ -72,7 +82,7 @@ def test_state_round_trips_with_its_checksum(tmp_path):
     for n, t in saved.items():
         assert torch.equal(loaded[n], t)
     with safe_open(store.path, "pt") as f:
-        assert f.metadata()["sha256"] == state_checksum(saved, 7, "fp")
+        assert f.metadata()[CHECKSUM] == state_checksum(saved, 7, "fp")
     assert state_checksum(saved, 6, "fp") != state_checksum(saved, 7, "fp")
     assert state_checksum(saved, 7, "fp") != state_checksum(saved, 7, "other")
 
