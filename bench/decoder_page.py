@@ -11,8 +11,7 @@ import json
 import os
 import statistics
 
-from bench.decoder import DEFAULT, RECORDS, RUN_CHANGES, DecoderRun, DecoderSettings, plan_runs, run_seeds
-from bench.report import (
+from bench.claims import (
     NOT_RUN,
     ZO_COMPUTE_AIM,
     Claims,
@@ -26,7 +25,16 @@ from bench.report import (
     size,
     verdict,
 )
-from bench.run import NAMES, ROOT, read_json
+from bench.decoder_plan import (
+    DEFAULT,
+    RECORDS,
+    RUN_CHANGES,
+    DecoderRun,
+    DecoderSettings,
+    plan_runs,
+    run_seeds,
+)
+from bench.plan import NAMES, ROOT, read_json
 from common.methods import KEEPS_MODEL
 
 ZO_GAIN_AIM = 3.0  # points over the untuned model (issue 31)
@@ -315,7 +323,7 @@ def runs_table(s: DecoderSettings, runs: dict, probes: dict) -> list[str]:
         if not r:
             lines.append(f"| {label} | " + " | ".join("-" for _ in rounds) + f" | {NOT_RUN} | | | | | | | |")
             continue
-        if (cpus := r["bench"].get("client_cpus", 1)) != 1:  # bench.decoder.CLIENT_CPUS: one client at a time
+        if (cpus := r["bench"].get("client_cpus", 1)) != 1:  # bench.CLIENT_CPUS: one client at a time
             label += f" ({cpus} threads a client)"
         if fraction := RUN_CHANGES.get(run.method, {}).get("fraction-train"):  # FedAvg: 24 GB holds no more
             label += f" ({fraction * s.clients:g} of {s.clients} clients a round)"

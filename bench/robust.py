@@ -13,8 +13,8 @@ clients send the same (they collude). Measured: the norm of the first round's gl
 honest run with as many clients, the dev loss and accuracy after the last round, and whether the model is
 finite.
 
-    .venv/bin/python bench/robust.py [--rounds 3] [--local-steps 8] [--methods fedkrso,fedavg] [--rules mean]
-    .venv/bin/python bench/robust.py --report     # the page from the records, nothing run
+    .venv/bin/python -m bench.robust [--rounds 3] [--local-steps 8] [--methods fedkrso,fedavg] [--rules mean]
+    .venv/bin/python -m bench.robust --report     # the page from the records, nothing run
 
 Each finished run is recorded in bench/records/robust/<run>.json (committed); a rerun reads the runs recorded
 with the same settings and runs only the rest, so the table can be continued on any machine.
@@ -29,7 +29,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 
@@ -38,10 +37,9 @@ import torch
 from flwr.app import Array, ConfigRecord, Message
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from bench.report import NOT_RUN, paired_differences, sample_sd, verdict  # noqa: E402
-from bench.run import write_json  # noqa: E402
+from bench.claims import NOT_RUN, paired_differences, sample_sd, verdict  # noqa: E402
+from bench.plan import write_json  # noqa: E402
 from common.config import parse_run_config  # noqa: E402
 from common.evaluation import evaluate  # noqa: E402
 from common.methods import METHODS, MethodError, get_method  # noqa: E402
@@ -294,7 +292,7 @@ def write_page(results: dict, args, command: str) -> str:
         "zero-order ones) "
         "unless the rule column says otherwise; the whole dev split (872 examples) evaluated after the last round. Every run drives the real "
         "strategy and client code in one process; its record is `bench/records/robust/<run>.json`, and "
-        "`python bench/robust.py --report` rewrites this page from those records without running anything.",
+        "`python -m bench.robust --report` rewrites this page from those records without running anything.",
         "",
         "Attacks (bench/robust.py `attack`): every value at the server's bound away from the global value; the "
         "update turned around and scaled to the bound; the first with num-examples = 1e12. The hostile clients "
@@ -413,7 +411,7 @@ def main() -> None:
     if not results:
         raise SystemExit(f"error: no records of these settings in {args.records}")
     recorded = sorted({seed for by in results.values() for r in by.values() for seed in r})
-    command = f"python bench/robust.py --rounds {args.rounds} --local-steps {args.local_steps}"
+    command = f"python -m bench.robust --rounds {args.rounds} --local-steps {args.local_steps}"
     if len(recorded) > 1:  # the other seeds were run for some rows only: the seed column says which
         command += f"`, then `{command} --seeds {','.join(map(str, recorded[1:]))} --methods M --scenarios S"
     page = write_page(results, args, command)

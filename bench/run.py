@@ -1,11 +1,11 @@
 """The one benchmark of fedsubspace: the seven methods on the same work, through the real system.
 
-    .venv/bin/python bench/run.py             # the full benchmark (make bench) -> docs/results.md
-    .venv/bin/python bench/run.py --estimate  # probes only, then the estimated time of the runs
-    .venv/bin/python bench/run.py --quick     # toy sizes, minutes: checks the harness end to end
-    .venv/bin/python bench/run.py --list      # the plan's runs in order, nothing run
-    .venv/bin/python bench/run.py --only 'sst2-a0.5-s0-*'  # a part of the plan (the finished runs stay read)
-    .venv/bin/python bench/report.py          # the page again from the records, nothing run
+    .venv/bin/python -m bench.run             # the full benchmark (make bench) -> docs/results.md
+    .venv/bin/python -m bench.run --estimate  # probes only, then the estimated time of the runs
+    .venv/bin/python -m bench.run --quick     # toy sizes, minutes: checks the harness end to end
+    .venv/bin/python -m bench.run --list      # the plan's runs in order, nothing run
+    .venv/bin/python -m bench.run --only 'sst2-a0.5-s0-*'  # a part of the plan (the finished runs stay read)
+    .venv/bin/python -m bench.report          # the page again from the records, nothing run
 
 What runs:
 1. Probes, each in a fresh process with one thread (as a simulation worker has): one real client round of
@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
-import fnmatch
 import functools
 import json
 import math
@@ -43,149 +42,32 @@ import os
 import platform
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 import methods  # noqa: E402, F401 - registers every method (methods/__init__.py)
-from common.files import replace_file  # noqa: E402 - the project's root is on the path only now
-from common.methods import LABELS, METHOD_DEFAULTS, METHODS, get_method, known, names  # noqa: E402
-
-DOCS = os.path.join(ROOT, "docs")
-GLUE = os.path.abspath(os.environ.get("GLUE_DIR") or os.path.join(ROOT, "..", "shared", "data", "glue"))
-NAMES = LABELS  # as the papers write them (read from the registry when read)
-# The sections that compare some methods only (each checked against the registry, so a rename fails here):
-COMPUTE_METHODS = known("fedspzo", "fedkseed")  # compute to reach an accuracy: FedSPZO's claim against FedKSeed
-SMOLLM_METHODS = known("fedtt", "fedavg-lora")  # the decoder path, through TT adapters and peft's LoRA
-MEMORY_METHODS = known("fedkrso", "fedavg")  # FedKRSO's client memory against FedAvg's, probed on every task
-SKEW_METHODS = known("fedtt", "fedtt-plus")  # FedTT+'s claim against FedTT, at alpha 0.1
-MAIN_METHODS = known("fedkrso", "fedavg", "fedavg-lora", "fedtt")  # the main table's claims, in its order
-
-
-def main_table_methods() -> tuple[str, ...]:
-    """MAIN_METHODS, then every registered method that no section above names: a method added to the registry
-    is measured in the main table without an edit here (tests/test_methods.py adds one)."""
-    named = {*MAIN_METHODS, *COMPUTE_METHODS, *SKEW_METHODS}
-    return (*MAIN_METHODS, *(m for m in names() if m not in named))
-
-
-def task_name(task: str) -> str:
-    """The task as the papers write it (SST-2, RTE, MRPC, ...)."""
-    return {"sst2": "SST-2", "cola": "CoLA", "boolq": "BoolQ", "wic": "WiC"}.get(task, task.upper())
-
-
-# Keys that say where a run writes or reads, not what it computes: left out when records are matched to the plan.
-VOLATILE = ("data-dir", "results-dir", "run-name", "resume-from", "round-timeout")
-SMOLLM = {  # the optional SmolLM2-135M (GGUF) section: one short round each, shows the decoder path works
-    "num-server-rounds": 1, "train.local-steps": 2, "train.batch-size": 4, "train.max-length": 64,
-    "eval.max-examples": 32, "eval.batch-size": 16, "lora.targets": "q_proj,v_proj", "min-clients": 2,
-}  # fmt: skip
-
-
-@dataclass(frozen=True)
-class Settings:
-    clients: int = 10
-    # Issue 21's budget for the first-order claims: long enough for FedAvg to have converged. The whole plan
-    # takes about 12 hours on 2 cores (make bench-estimate); run it in parts with --only (docs/benchmark.md).
-    rounds: int = 10
-    local_steps: int = 20
-    batch_size: int = 16
-    max_length: int = 128
-    tasks: tuple[str, ...] = ("sst2", "rte")
-    alpha: float = 0.5
-    # The main table: the first-order methods at alpha 0.5, each seed a partition, initialisation and batches.
-    # FedTT+ is measured against FedTT at alpha 0.1 (below), FedSPZO and FedKSeed by the compute runs.
-    seeds: tuple[int, ...] = (0, 1, 2)
-    main_methods: tuple[str, ...] = field(default_factory=main_table_methods)
-    skew_task: str = "sst2"
-    skew_alpha: float = 0.1
-    # Seeds 1, 6 and 8 cannot be drawn: Dirichlet 0.1 over SST-2's two labels leaves a client under 10 examples
-    # in all of flwr-datasets' attempts (common.data says so), every client fails; 0, 2, 3, 4, 5 can.
-    skew_seeds: tuple[int, ...] = (0, 2, 3, 4, 5)
-    skew_methods: tuple[str, ...] = SKEW_METHODS
-    # Compute to reach an accuracy (FedSPZO's claim): FedSPZO and FedKSeed at their shipped defaults, which
-    # perturb the same parameters (zo.params), on the same clients, partitions and batches (the first seed),
-    # long enough for both to pass round 0 + ZO_GAIN_TARGET; the report reads each one's client compute until
-    # it first does. Their own local steps: the claim is on cumulative compute, not on rounds, and 30 rounds of
-    # 20 zero-order steps would take about an hour a run.
-    zo_tasks: tuple[str, ...] = ("sst2",)
-    zo_rounds: int = 30
-    zo_local_steps: int = 8
-    eval_max: int = 0  # 0 = the whole dev split
-    model: str = ""  # "" = the embedded all-MiniLM-L6-v2
-    extras: bool = False  # the SmolLM2-135M GGUF section and the TT contraction timing (make bench-extras)
-
-
-DEFAULT = Settings()
-QUICK = Settings(  # every part of the harness at toy size, every method in the main table: minutes
-    clients=2,
-    rounds=1,
-    local_steps=4,
-    batch_size=8,
-    max_length=64,
-    tasks=("sst2",),
-    seeds=(0,),
-    main_methods=names(),
-    skew_seeds=(0,),
-    eval_max=48,
-    zo_rounds=2,
-    zo_local_steps=4,
+from bench.plan import (  # noqa: E402
+    DEFAULT,
+    DOCS,
+    GLUE,
+    MEMORY_METHODS,
+    NAMES,
+    QUICK,
+    ROOT,
+    SMOLLM,
+    VOLATILE,
+    Run,
+    Settings,
+    learning_rates,
+    plan_runs,
+    read_json,
+    select,
+    write_json,
 )
-
-
-@dataclass(frozen=True)
-class Run:
-    task: str
-    alpha: float
-    seed: int
-    method: str
-    smollm: bool = False
-    compute: bool = False  # a compute-to-accuracy run (Settings.zo_rounds rounds)
-
-    @property
-    def name(self) -> str:
-        prefix = "smollm2-" if self.smollm else "compute-" if self.compute else ""
-        return f"{prefix}{self.task}-a{self.alpha:g}-s{self.seed}-{self.method}"
-
-    @property
-    def label(self) -> str:
-        extra = ", SmolLM2-135M" if self.smollm else ", compute to reach an accuracy" if self.compute else ""
-        return f"{NAMES[self.method]} on {task_name(self.task)}, alpha {self.alpha:g}, seed {self.seed}{extra}"
-
-
-def plan_runs(s: Settings) -> list[Run]:
-    """Every run, the most informative first so that a benchmark stopped part-way already answers something: the
-    main table on the first task seed by seed, the compute runs, the alpha 0.1 runs seed by seed, then the main
-    table on the other tasks."""
-
-    def main_table(task: str) -> list[Run]:
-        return [Run(task, s.alpha, seed, m) for seed in s.seeds for m in s.main_methods]
-
-    runs = main_table(s.tasks[0])
-    zo_tasks = [task for task in s.zo_tasks if task in s.tasks]
-    runs += [Run(task, s.alpha, s.seeds[0], m, compute=True) for task in zo_tasks for m in COMPUTE_METHODS]
-    runs += [Run(s.skew_task, s.skew_alpha, seed, m) for seed in s.skew_seeds for m in s.skew_methods]
-    runs += [run for task in s.tasks[1:] for run in main_table(task)]
-    if s.extras:
-        runs += [Run("sst2", s.alpha, s.seeds[0], m, smollm=True) for m in SMOLLM_METHODS]
-    return runs
-
-
-def select(runs: list[Run], only: str | None) -> list[Run]:
-    """The runs whose names match any of the comma-separated shell patterns (--only), in the plan's order."""
-    if not only:
-        return runs
-    patterns = [p.strip() for p in only.split(",") if p.strip()]
-    chosen = [run for run in runs if any(fnmatch.fnmatchcase(run.name, p) for p in patterns)]
-    if not chosen:
-        raise SystemExit(f"error: --only {only!r} matches none of the planned runs (python bench/run.py --list)")
-    return chosen
+from bench.probes import in_child  # noqa: E402
+from common.methods import METHODS  # noqa: E402
 
 
 def run_overrides(s: Settings, run: Run, records: str) -> dict:
@@ -201,12 +83,6 @@ def run_overrides(s: Settings, run: Run, records: str) -> dict:
     if run.smollm:
         o.update(SMOLLM, model=smollm_path())
     return o
-
-
-def learning_rates() -> dict[str, float]:
-    """The rate of each method that reads train.lr, as its runs resolve train.lr = "auto" (the zero-order ones
-    step with zo.lr)."""
-    return {m: METHOD_DEFAULTS[m]["train.lr"] for m in METHODS if get_method(m).reads_train_lr}
 
 
 def effective(overrides: dict) -> dict:
@@ -247,16 +123,6 @@ def machine() -> dict:
     }  # fmt: skip
 
 
-def read_json(path: str):
-    with open(path) as f:
-        return json.load(f)
-
-
-def write_json(path: str, value) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    replace_file(path, json.dumps(value, indent=1).encode())
-
-
 def set_aside(records: str, path: str, why: str) -> None:
     """Move records that do not match the plan to <records>/stale/ (kept, never deleted)."""
     dest = os.path.join(records, "stale", f"{os.path.basename(path)}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -266,120 +132,6 @@ def set_aside(records: str, path: str, why: str) -> None:
 
 
 # ---------------------------------------------------------------- probes (one fresh process each)
-
-
-class NodeIds:
-    """What a strategy's configure_train asks of the grid: the ids of the connected nodes."""
-
-    def __init__(self, count: int) -> None:
-        self.ids = list(range(1, count + 1))
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.ids)
-
-
-def child_messages(spec: dict) -> dict:
-    """Write the round-1 message each method's server strategy sends (Flower's protobuf format, no pickle)."""
-    from flwr.app import ConfigRecord
-    from flwr.common.serde import recorddict_to_proto
-    from flwr.supercore.task_identity import TaskIdentity
-
-    from common.config import parse_run_config
-    from common.records import RunRecorder
-    from server_app.app import build_setup
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1  # what a ServerApp's runtime sets
-    out = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, overrides in spec["configs"].items():
-            cfg = parse_run_config(overrides)
-            setup = build_setup(cfg, RunRecorder(tmp, name, cfg.to_flat()))
-            messages = list(setup.strategy.configure_train(1, setup.initial, ConfigRecord(), NodeIds(cfg.min_clients)))
-            path = os.path.join(spec["folder"], f"{name}.msg")
-            with open(path, "wb") as f:
-                f.write(recorddict_to_proto(messages[0].content).SerializeToString())
-            out[name] = path
-    return out
-
-
-def child_probe(spec: dict) -> dict:
-    """One client round (or plain inference over the same batches) in this fresh process, one thread."""
-    import torch
-    from flwr.common.serde import recorddict_from_proto
-    from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
-
-    from common.config import parse_run_config
-    from common.memory import PeakRSS
-    from common.training import batch, client_data, step_batches
-    from common.zeroorder import load_zo_model
-
-    torch.set_num_threads(1)
-    cfg = parse_run_config(spec["config"])
-    node = {"partition-id": 0, "num-partitions": spec["clients"]}
-    if spec["kind"] == "inference":
-        with PeakRSS() as mem:
-            net = load_zo_model(cfg).loaded.model  # the frozen model in eval mode, no gradients
-            encoded, key = client_data(cfg, node)
-            batches = step_batches(cfg, len(encoded["labels"]), 1, key)
-            start = time.perf_counter()
-            with torch.no_grad():
-                for idx in batches:
-                    net(**batch(encoded, idx))
-            seconds = time.perf_counter() - start
-        return {"peak_rss_mb": mem.peak_mb, "seconds_per_step": seconds / len(batches), "forward_passes_per_step": 1}
-    proto = ProtoRecordDict()
-    with open(spec["message"], "rb") as f:
-        proto.ParseFromString(f.read())
-    reply = get_method(cfg.method).load_client().train(recorddict_from_proto(proto), cfg, node, 1, 1)
-    m = reply["metrics"]
-    steps, seconds = float(m["local-steps"]), float(m["train-seconds"])
-    result = {"peak_rss_mb": float(m["peak-rss-mb"]), "seconds_per_step": seconds / steps, "local_steps": steps}
-    if "forward-passes" in m:
-        result["forward_passes_per_step"] = float(m["forward-passes"]) / steps
-        result["perturb_share"] = float(m["perturb-seconds"]) / seconds
-    return result
-
-
-def child_contraction(spec: dict) -> dict:
-    """Microseconds to contract one 384 x 64 TT matrix (rank 4) to dense and back-propagate through it: ours
-    (methods.fedtt.tt.tt_to_matrix) and tensorly's tt_to_tensor where tensorly is installed."""
-    import torch
-
-    from methods.fedtt.tt import core_shapes, init_cores, mode_sizes, tt_to_matrix
-
-    torch.set_num_threads(1)
-    shapes = core_shapes(mode_sizes(384, 64), 4)
-    cores = [c.requires_grad_() for c in init_cores(shapes, 1 / 384, torch.Generator().manual_seed(0))]
-    fns = {"ours (tt_to_matrix)": lambda: tt_to_matrix(cores, 384, 64)}
-    try:
-        import tensorly as tl
-
-        tl.set_backend("pytorch")
-        fns["tensorly tt_to_tensor"] = lambda: tl.tt_to_tensor(cores).reshape(384, 64)
-    except ImportError:
-        pass
-    out = {}
-    for name, fn in fns.items():
-        for _ in range(20):
-            fn().sum().backward()
-        start = time.perf_counter()
-        for _ in range(spec["repeats"]):
-            fn().sum().backward()
-        out[name] = 1e6 * (time.perf_counter() - start) / spec["repeats"]
-    return out
-
-
-def in_child(kind: str, spec: dict, **env: str) -> dict:
-    out = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--child", kind, json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false", **env},
-    )
-    if out.returncode != 0:
-        raise SystemExit(f"probe {kind} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def probe_plan(s: Settings, records: str) -> dict[str, dict]:
@@ -697,7 +449,6 @@ def settings_from(args) -> Settings:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="toy sizes (minutes): records in results/bench-quick")
     ap.add_argument("--estimate", action="store_true", help="run (or read) the probes and print the time estimate")
     ap.add_argument("--extras", action="store_true", help="add SmolLM2-135M (GGUF) rounds; needs make bench-extras")
@@ -723,13 +474,8 @@ def main(argv: list[str] | None = None) -> int:
     from common.interrupt import exit_on_signals
 
     # SIGINT and SIGTERM stop the run under way (simulate's clean-up), keep its records and exit 130 / 143;
-    # a probe's child process is killed by subprocess.run on the way out.
+    # a probe's child process (bench/probes.py) is killed by subprocess.run on the way out.
     exit_on_signals()
-    if args.child:
-        kind, spec = args.child
-        children = {"messages": child_messages, "probe": child_probe, "contraction": child_contraction}
-        print(json.dumps(children[kind](json.loads(spec))))
-        return 0
     s = settings_from(args)
     if args.jobs != 1 and not (args.quick and args.jobs > 1):
         raise SystemExit("error: --jobs N (N > 1) is for --quick only: the benchmark's timings need one run at a time")
@@ -739,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     page = os.path.abspath(
         args.page or (os.path.join(records, "results.md") if args.quick else os.path.join(DOCS, "results.md"))
     )
-    command = " ".join(["python bench/run.py", *(argv if argv is not None else sys.argv[1:])])
+    command = " ".join(["python -m bench.run", *(argv if argv is not None else sys.argv[1:])])
     planned = plan_runs(s)
     runs = select(planned, args.only)
     if args.list:

@@ -36,9 +36,9 @@ synthetic task data of tests/fixtures/glue:
    so that ~10 train a round: the records' seconds per round, the slowest client's training time, and the
    peak of the summed RSS of every process of the run (SuperLink, ServerApp, Ray workers), sampled.
 
-    python bench/scale.py [--rounds 500] [--max-replies 1000] [--robust-max-replies 100] [--nodes 200]
+    python -m bench.scale [--rounds 500] [--max-replies 1000] [--robust-max-replies 100] [--nodes 200]
                           [--methods ...] [--quick]
-    python bench/scale.py --report          # docs/scale.md and docs/scale-*.png from the records, runs nothing
+    python -m bench.scale --report          # docs/scale.md and docs/scale-*.png from the records, runs nothing
 
 Records: bench/records/scale.json (keys in `write_records`).
 """
@@ -59,9 +59,9 @@ import time
 import tracemalloc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 import methods  # noqa: E402, F401 - registers every method (methods/__init__.py)
+from bench.scale_page import write_page  # noqa: E402
 from common.methods import get_method, known  # noqa: E402
 
 METHODS = known("fedkrso", "fedspzo", "fedkseed", "fedtt-plus", "fedavg")
@@ -81,11 +81,11 @@ def log_points(top: int, start: int = 1) -> list[int]:
 
 
 def tiny_model(folder: str) -> str:
-    from tests.conftest import _save_tiny  # the tests' tiny BERT, saved as a pretrained checkpoint would be
+    from harness.tiny import save_tiny  # the tests' tiny BERT, saved as a pretrained checkpoint would be
 
     path = os.path.join(folder, "tiny-bert")
     if not os.path.isfile(os.path.join(path, "config.json")):
-        _save_tiny(path, "bert")
+        save_tiny(path, "bert")
     return path
 
 
@@ -119,7 +119,7 @@ class ProbeGrid:
     sync probes, whose instructions are the catch-up of k rounds."""
 
     def __init__(self, cfg, rounds: int, behind: list[int]) -> None:
-        from tests.fakes import client_reply
+        from harness.fakes import client_reply
 
         self.cfg, self.rounds, self.behind = cfg, rounds, behind
         self.client = get_method(cfg.method).load_client()
@@ -245,8 +245,8 @@ def one_aggregation(method: str, n: int, model: str, work: str, traced: bool, ru
     from common.config import parse_run_config
     from common.records import RunRecorder
     from common.wire import content_bytes
+    from harness.fakes import client_reply
     from server_app.app import build_setup
-    from tests.fakes import client_reply
 
     fresh_nodes(work)
     name = f"{method}-{rule}-agg-{n}-{'traced' if traced else 'timed'}"
@@ -283,8 +283,8 @@ def reply_arrays(model: str, work: str) -> tuple[dict, dict]:
 
     from common.config import parse_run_config
     from common.records import RunRecorder
+    from harness.fakes import client_reply
     from server_app.app import build_setup
-    from tests.fakes import client_reply
 
     fresh_nodes(work)
     cfg = parse_run_config(run_config("fedavg", model, work, "fedavg-mean", 1))
@@ -443,7 +443,7 @@ def measure(args, save) -> dict:
         "server_peak_mb": {}, "aggregate_seconds": {}, "server_peak_mb_robust": {}, "fedavg_download_bytes": None,
         "simulation": None,
         "setting": {
-            "command": "python bench/scale.py " + " ".join(sys.argv[1:]),
+            "command": "python -m bench.scale " + " ".join(sys.argv[1:]),
             "date": time.strftime("%Y-%m-%d", time.gmtime()),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "model": "tests/conftest.py tiny BERT (2 layers, hidden 32), tests/fixtures/glue SST-2",
@@ -484,280 +484,6 @@ def measure(args, save) -> dict:
             records["simulation"] = {"nodes": args.nodes, "status": f"error: {exc!r}"[:500]}
     records["setting"]["minutes"] = (time.perf_counter() - start) / 60
     return records
-
-
-# ---- the page ------------------------------------------------------------------------------------------------
-
-AIMS = {"state": 2.0, "catchup": 1.2, "memory": 2.0, "nodes": 200}
-
-
-def mb(x: float) -> str:
-    """MB to print: two decimals below 10 MB (the log methods' rounds are fractions of a MB)."""
-    return f"{x:.2f}" if x < 10 else f"{x:.1f}"
-
-
-def per_reply_kb(p: dict) -> float:
-    """What the peak grows by per reply between the first and the last point, in KB."""
-    return (p["mb"][-1] - p["mb"][0]) * 1024 / max(1, p["replies"][-1] - p["replies"][0])
-
-
-def verdicts(rec: dict) -> list[tuple[str, str, str, str]]:
-    """(criterion, measured, aim, verdict) for each aim of the growth benchmark."""
-    rows = []
-    growth = {m: max(b) / b[0] for m, b in rec["state_write_bytes"].items() if b}
-    over = [m for m, g in growth.items() if g > AIMS["state"]]
-    rounds = rec["setting"]["rounds"]
-    rows.append((
-        f"state write per round over {rounds} rounds, within 2x of round 1 (every method)",
-        ", ".join(f"{m} {g:.2f}x" for m, g in growth.items()),
-        f"<= {AIMS['state']}x",
-        "met" if growth and not over else f"not met ({', '.join(over)})",
-    ))  # fmt: skip
-    ref = rec["fedavg_download_bytes"] or float("nan")
-    far = {m: (c["rounds_behind"][-1], c["bytes"][-1] / ref) for m, c in rec["catchup_bytes"].items() if c["bytes"]}
-    bad = [m for m, (_, x) in far.items() if x > AIMS["catchup"]]
-    rows.append((
-        f"a node {max((k for k, _ in far.values()), default=0)} rounds behind receives <= 1.2 FedAvg downloads",
-        ", ".join(f"{m} {x:.2f}x" for m, (_, x) in far.items()),
-        f"<= {AIMS['catchup']}x of {ref / 2**20:.2f} MB",
-        "met" if not bad else f"not met ({', '.join(bad)})",
-    ))  # fmt: skip
-    mean = rec.get("mean_peak_mb", {}).get("streaming", {})
-    if mean.get("mb"):
-        g = max(mean["mb"]) / mean["mb"][0]
-        rows.append((
-            f"server memory of the weighted mean, {mean['replies'][0]} to {mean['replies'][-1]} replies "
-            "(common.robust alone)",
-            f"{mean['mb'][0]:.1f} -> {max(mean['mb']):.1f} MB ({g:.2f}x)",
-            f"<= {AIMS['memory']}x",
-            "met" if g <= AIMS["memory"] else "not met",
-        ))  # fmt: skip
-    for m, p in rec["server_peak_mb"].items():
-        if len(p["mb"]) > 1:
-            g = max(p["mb"]) / p["mb"][0]
-            rows.append((
-                f"server memory of {m}'s aggregate_train under the {p.get('rule', 'shipped rule')}, "
-                f"{p['replies'][0]} to {p['replies'][-1]} replies"
-                + (" (round 2: nodes the server knows)" if p.get("first_round_mb") else ""),
-                f"{mb(p['mb'][0])} -> {mb(max(p['mb']))} MB ({g:.1f}x; {per_reply_kb(p):+.2f} KB a reply"
-                + (f", of {p['messages_mb'][0] * 1024 / p['replies'][0]:,.1f} KB on the wire)" if p.get("messages_mb") else ")"),
-                f"<= {AIMS['memory']}x",
-                "met" if g <= AIMS["memory"] else "not met",
-            ))  # fmt: skip
-    sim = rec.get("simulation")
-    rows.append((
-        "a simulation of at least 200 nodes completes through `flwr run`",
-        f"{sim['nodes']} nodes: {sim['status']}" if sim else "not run",
-        f">= {AIMS['nodes']} nodes, finished:completed",
-        "met" if sim and sim["nodes"] >= AIMS["nodes"] and sim["status"] == "finished:completed" else "not met",
-    ))  # fmt: skip
-    return rows
-
-
-def plots(rec: dict, folder: str) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = []
-
-    def save(fig, name):
-        fig.tight_layout()
-        fig.savefig(os.path.join(folder, name), dpi=110)
-        plt.close(fig)
-        names.append(name)
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for m, b in rec["state_write_bytes"].items():
-        ax.plot(range(1, len(b) + 1), [x / 1024 for x in b], label=m)
-    ax.set(xlabel="round", ylabel="server state written (KB)", yscale="log", title="State written per round")
-    ax.legend()
-    save(fig, "scale-state.png")
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for m, c in rec["catchup_bytes"].items():
-        ax.plot(c["rounds_behind"], [x / 2**20 for x in c["bytes"]], marker="o", label=m)
-    ref = (rec["fedavg_download_bytes"] or float("nan")) / 2**20
-    ax.axhline(ref, color="k", ls="--", lw=1, label="one FedAvg download")
-    ax.axhline(AIMS["catchup"] * ref, color="r", ls=":", lw=1, label="aim: 1.2 FedAvg downloads")
-    ax.set(xlabel="rounds behind", ylabel="instruction (MB)", xscale="log", yscale="log", title="Catch-up")
-    ax.legend(fontsize=8)
-    save(fig, "scale-catchup.png")
-
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
-    for m, p in rec["server_peak_mb"].items():
-        ax.plot(p["replies"], p["mb"], marker="o", label=f"{m} aggregate_train ({p.get('rule', 'shipped rule')})")
-    for m, p in rec.get("server_peak_mb_robust", {}).items():
-        ax.plot(p["replies"], p["mb"], marker="^", ls=":", label=f"{m} aggregate_train ({p['rule']})")
-    for kind, p in rec.get("mean_peak_mb", {}).items():
-        if isinstance(p, dict) and p.get("mb"):
-            ax.plot(p["replies"], p["mb"], marker="s", ls="--", label=f"mean alone, {kind.replace('_', ' ')}")
-    ax.set(xlabel="replies", ylabel="peak MB (tracemalloc)", xscale="log", yscale="log", title="Server memory")
-    ax.legend(fontsize=7)
-    for m, s in rec["aggregate_seconds"].items():
-        bx.plot(s["replies"], s["seconds"], marker="o", label=m)
-    bx.set(xlabel="replies", ylabel="aggregate_train (s)", xscale="log", yscale="log", title="Aggregation time")
-    bx.legend(fontsize=8)
-    save(fig, "scale-server.png")
-    return names
-
-
-def write_page(rec: dict, out: str) -> str:
-    s = rec["setting"]
-    minutes = "unfinished run" if s["minutes"] is None else f"{s['minutes']:.1f} min"
-    rows = verdicts(rec)
-    names = plots(rec, os.path.dirname(os.path.abspath(out)))
-    kb = lambda b: f"{b / 1024:,.1f} KB"  # noqa: E731
-    lines = [
-        "# Costs that grow with the run: state, catch-up, server memory, number of nodes",
-        "",
-        f"Produced by `{s['command'].strip()}` on {s['date']} ({s['machine']}, {minutes}), records in "
-        "`bench/records/scale.json`; this page and its plots by `python bench/scale.py --report`, which runs "
-        f"nothing. Model: {s['model']}. What is measured and how: the docstring of `bench/scale.py`.",
-        "",
-        "## Aims",
-        "",
-        "| criterion | measured | aim | verdict |",
-        "| --- | --- | --- | --- |",
-        *[f"| {c} | {m} | {a} | {v} |" for c, m, a, v in rows],
-        "",
-        "## State written per round",
-        "",
-        "| method | round 1 | round 10 | last round | largest / round 1 | write seconds (median) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for m, b in rec["state_write_bytes"].items():
-        secs = sorted(rec["state_write_seconds"][m])
-        lines.append(
-            f"| {m} | {kb(b[0])} | {kb(b[min(9, len(b) - 1)])} | {kb(b[-1])} | {max(b) / b[0]:.2f}x | "
-            f"{secs[len(secs) // 2]:.4f} |"
-        )
-    ref = rec["fedavg_download_bytes"] or float("nan")
-    lines += [
-        "",
-        "## Catch-up of a node k rounds behind",
-        "",
-        f"One FedAvg download of the same model: {ref / 2**20:.2f} MB. A node k rounds behind holds round t-1-k "
-        "when it is sent round t's instruction and lacks the updates of rounds t-k..t-1 (k = 1: it trained in "
-        "round t-1, the usual case). Replay seconds: a fresh node that joins at round k+1 and replays k rounds, "
-        "its time less its training, less the same for the up-to-date node of that round.",
-        "",
-        "| method | k | instruction | / FedAvg download | replay seconds |",
-        "| --- | ---: | ---: | ---: | ---: |",
-    ]
-    for m, c in rec["catchup_bytes"].items():
-        secs = dict(zip(*rec["catchup_seconds"][m].values(), strict=True))
-        for k, b in zip(c["rounds_behind"], c["bytes"], strict=True):
-            if k in (1, 10, 100) or k == c["rounds_behind"][-1]:
-                r = secs.get(k)
-                lines.append(f"| {m} | {k} | {kb(b)} | {b / ref:.3f} | {'-' if r is None else f'{r:.2f}'} |")
-    lines += [
-        "",
-        "## Server memory and aggregation time against the number of replies",
-        "",
-        "Peak MB: what `aggregate_train` allocates (tracemalloc, after gc.collect()) in round 2, whose n replies "
-        "come from the nodes of round 1; round 1: the same for nodes the server has not seen, which the log "
-        "methods add to their map of the rounds nodes hold (the fleet's state, once per node). Reply Messages: "
-        "the list of replies Flower hands the strategy and holds through the round, n x one reply's wire size, "
-        "whatever the strategy does. Seconds: round 2, untraced.",
-        "",
-        "| method | rule | replies | peak MB | round 1 peak MB | reply Messages MB | seconds |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    series = [(m, p, rec["aggregate_seconds"][m]["seconds"]) for m, p in rec["server_peak_mb"].items()]
-    series += [(m, p, p["seconds"]) for m, p in rec.get("server_peak_mb_robust", {}).items()]
-    for m, p, secs in series:
-        rule = p.get("rule", "shipped")
-        held = p.get("messages_mb") or [None] * len(p["mb"])
-        first = p.get("first_round_mb") or [None] * len(p["mb"])
-        for n, peak, one, msgs, sec in zip(p["replies"], p["mb"], first, held, secs, strict=True):
-            lines.append(
-                f"| {m} | {rule} | {n} | {mb(peak)} | {'-' if one is None else mb(one)} | "
-                f"{'-' if msgs is None else mb(msgs)} | {sec:.2f} |"
-            )
-        if p.get("left_out"):
-            left = ", ".join(map(str, p["left_out"]))
-            lines.append(f"| {m} | {rule} | {left} | left out: over the memory limit | | | |")
-    nodes = {
-        m: (p["first_round_mb"][-1] - p["mb"][-1]) * 2**20 / p["replies"][-1]
-        for m, p in rec["server_peak_mb"].items()
-        if p.get("first_round_mb") and p["replies"]
-    }
-    if nodes:
-        lines += [
-            "",
-            "Round 1 less round 2 at the most replies, per reply (a new node's entry in the fleet's state, and what "
-            "else a first round allocates): " + ", ".join(f"{m} {b:+.0f} bytes" for m, b in nodes.items()) + ".",
-        ]
-    mean = rec.get("mean_peak_mb", {})
-    if mean:
-        lines += [
-            "",
-            f"common.robust's mean alone on FedAvg replies ({mean['reply_mb']:.2f} MB each), norm-cap 2: "
-            "streaming " + ", ".join(
-                f"{n}: {mb:.1f} MB" for n, mb in zip(mean["streaming"]["replies"], mean["streaming"]["mb"], strict=True)
-            ) + "; in memory (the replies held plus what the aggregation allocates) " + ", ".join(
-                f"{n}: {mb:.1f} MB" for n, mb in zip(mean["in_memory"]["replies"], mean["in_memory"]["mb"], strict=True)
-            ) + ".",
-        ]  # fmt: skip
-    sim = rec.get("simulation")
-    lines += ["", "## Simulation through `flwr run`", ""]
-    if sim and "wall_seconds" not in sim:
-        lines.append(f"{sim['nodes']} nodes: {sim['status']}")
-    elif sim:
-        lines += [
-            f"{sim['method']}, {sim['nodes']} simulated SuperNodes, fraction-train {sim['fraction_train']:.3f} "
-            f"({sim['clients_per_round']} replies a round), {sim['rounds']} rounds: {sim['status']} in "
-            f"{sim['wall_seconds']:.0f} s in all; seconds per round {[round(x, 1) for x in sim['round_seconds']]}, "
-            f"of which the slowest client trained {[None if x is None else round(x, 2) for x in sim['slowest_client_train_seconds']]}; "
-            f"peak summed RSS of the run's processes {sim['runner_peak_rss_mb']:.0f} MB.",
-        ]  # fmt: skip
-    else:
-        lines.append("Not run (`--nodes 0`).")
-    lines += ["", *[f"![{n}]({n})" for n in names], "", NOTES, ""]
-    page = "\n".join(lines)
-    with open(out, "w") as f:
-        f.write(page)
-    return page
-
-
-NOTES = """## Reading the figures
-
-- The tiny model is 1.0 M numbers, 0.97 M of them the token embeddings that only FedAvg sends; the per-round
-  log entries of the log methods are therefore tiny against one FedAvg download here. With all-MiniLM-L6-v2
-  a FedKRSO entry is 2.6 MB at the defaults against an 86 MB FedAvg download; a node far behind gets the
-  snapshot of the tensors it keeps instead of the log once the log is larger (common/catchup.py,
-  docs/checkpoints.md "Catch-up"): 42.5 MB for FedKRSO on MiniLM, however far behind.
-- Server memory under the weighted mean: the mean streams (common.robust.WeightedMean: one reply at a time,
-  8 bytes per aggregated number), and the strategies read their replies lazily (server_app/base.py
-  `Replies`): a first pass checks every reply, then the aggregation decodes each reply's arrays again from its
-  Message when it reads them. A round holds one decoded reply at a time, not n: FedAvg's round, whose replies
-  are 3.86 MB, is flat. Since this issue's second pass nothing is kept per reply either: the round keeps the
-  positions of the replies that did not pass (server_app/base.py `Accepted`), reads each accepted reply's
-  example count and loss again from its Message's metrics when it weighs it (`capped_weights` computes each
-  weight when asked), and selects the two medians (example counts, update norms) in bounded memory
-  (common.robust.lower_median: up to 256 values, one reading; beyond, the values are read again, about three
-  times, the norms recomputed from the decoded replies). Before, it was 50-110 bytes a reply: 8-byte slots
-  (Message reference, count, loss, capped weight, norm, median copies) and a 2-tuple per array decode left on
-  the interpreter's free list (`tuple(generator)` in common.wire.decode_array). What is left from 10 to 100
-  replies is the interpreter's free lists refilling after gc.collect() (dicts, small tuples, numpy's small
-  buffers: bounded, a few KB), which on the tiny model is a visible share of the zero-order methods' whole
-  round (FedSPZO: 14 KB at 10 replies); from 100 replies on the peaks are flat. The extra readings cost time
-  past 256 replies (FedKRSO: 0.8 s for 1,000 replies, 0.35 s for 500).
-- The log methods' map of which round each node holds (LogStrategy.node_round) grows by one entry per node the
-  server has seen (35-37 bytes here, with the dict's growth), once, not per round: it is the fleet's state,
-  which catch-up needs, and round 1's column shows it.
-- Flower holds the list of reply Messages through the round whatever the strategy does (`reply Messages MB`
-  above: n x one reply's wire size); that is the runtime's, not the aggregation's.
-- The robust rules (trimmed-mean, median) need all n values of each coordinate: n x the update, plus one
-  key's n values stacked while it is sorted (FedAvg under trimmed-mean above, which grows by more than one
-  decoded reply per reply).
-- State writes: the update-log segments are one round's entry each, and since checkpoint version 3 the
-  checkpoint keeps each records file's row count and digest instead of its rows, so every method's write per
-  round is flat (before, the copy of the records grew ~0.6 KB a round, ~1.1 KB for FedTT+).
-- The 200-node simulation's first round includes starting Ray and the first ClientApp processes; the later
-  rounds are the round's overhead: ~0.5 s for 10 replies of which the slowest client trained 0.03 s."""
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,16 +4,13 @@ For each task, pooling ([CLS] token, mean over tokens, BERT's pooler) and candid
 accuracy on the dev split of the label-word head (nearest label text by cosine), and a logistic-regression
 probe on 2,000 training examples (the best a head alone can do on those features).
 
-    python bench/zo_head_probe.py --data-dir ../shared/data/glue [--tasks sst2 rte]
+    python -m bench.zo_head_probe --data-dir ../shared/data/glue [--tasks sst2 rte]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
 import torch

@@ -1,7 +1,7 @@
 """Zero-order probe: one client, S steps on SST-2, dev accuracy at step 0 and every N steps, per parameter
 set (`zo.params`) and learning rate.
 
-    .venv/bin/python bench/zo_probe.py --method fedspzo --params all:3e-6,1e-5 bitfit:5e-4,2e-3 --steps 150 --every 75
+    .venv/bin/python -m bench.zo_probe --method fedspzo --params all:3e-6,1e-5 bitfit:5e-4,2e-3 --steps 150 --every 75
 
 Prints one JSON line per evaluation, one per (params, lr) with its gain over step 0 and seconds, and a last
 line with every result (what `--out` writes as JSON, for the records). The shipped zero-order defaults and
@@ -15,8 +15,6 @@ import json
 import os
 import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 
@@ -107,7 +105,7 @@ def main() -> None:
             )  # fmt: skip
             results.append(probe(args.method, cfg, args.steps, args.every))
             print(json.dumps({k: v for k, v in results[-1].items() if k != "curve"}), flush=True)
-    command = "python bench/zo_probe.py " + " ".join(sys.argv[1:])
+    command = "python -m bench.zo_probe " + " ".join(sys.argv[1:])
     out = {"command": command, "method": args.method, "threads": threads, "results": results}
     print(json.dumps(out), flush=True)
     if args.out:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import importlib.util
 import json
 import os
 import sys
@@ -54,12 +55,17 @@ def run_wrapped(name: str, argv: Sequence[str]) -> int:
         print(
             f"error: fedsubspace {name} runs from a source checkout ({path} is not in {ROOT}): in the checkout, "
             "install the command with `pip install --no-deps -e .` (make install does), or run "
-            f"`python {path}` there",
+            f"`python -m {module}` there",
             file=sys.stderr,
         )
         return 2
-    if ROOT not in sys.path:
-        sys.path.insert(0, ROOT)
+    if importlib.util.find_spec(module.split(".")[0]) is None:  # the editable install puts the checkout on the path
+        print(
+            f"error: fedsubspace {name} cannot import {module} from {ROOT}: reinstall the command there with "
+            f"`pip install --no-deps -e .` (make install does), or run `python -m {module}` in the checkout",
+            file=sys.stderr,
+        )
+        return 2
     with _program_name(name):
         return importlib.import_module(module).main(list(argv))
 
@@ -229,7 +235,7 @@ def parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dir", metavar="RUN_DIR", help="a run's records folder (simulation or fleet)")
     rep.add_argument("--png", help="where to write the plot (default RUN_DIR/report.png)")
     exp = commands.add_parser(
-        "export", help="write a run's global model as a Hugging Face folder (common/export.py, docs/export.md)"
+        "export", help="write a run's global model as a Hugging Face folder (server_app/export.py, docs/export.md)"
     )
     exp.add_argument("run_dir", metavar="RUN_DIR", help="a run's records folder, holding its checkpoint.safetensors")
     exp.add_argument(
@@ -254,11 +260,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "report":
         return report(args.run_dir, args.png)
     if args.command in ("export", "generate"):
-        from common import export  # torch and transformers: only for these commands
-
+        # torch and transformers: only for these commands. The command sits above every floor (it runs the
+        # scripts, the benchmark and the server's export), the one module of common/ that imports upwards.
         if args.command == "export":
-            return export.export_command(args.run_dir, args.out_dir, args.round, args.force)
-        return export.generate_command(args.folder, args.prompt, args.max_new_tokens, args.chat)
+            from server_app.export import export_command
+
+            return export_command(args.run_dir, args.out_dir, args.round, args.force)
+        from common.export import generate_command
+
+        return generate_command(args.folder, args.prompt, args.max_new_tokens, args.chat)
     ap.print_help(sys.stderr)
     return 2
 

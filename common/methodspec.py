@@ -87,7 +87,7 @@ class MethodSpec:
     # RunConfig; two methods may share a section (FedTT and FedTT+ share "tt") by naming the same class.
     sections: Mapping[str, type] = field(default_factory=dict, hash=False)
     # "module:function" of `export(setup, cfg, folder) -> info`: writes the server's global model as a Hugging
-    # Face folder (`fedsubspace export`, common/export.py); the default writes the model's every weight
+    # Face folder (`fedsubspace export`, server_app/export.py); the default writes the model's every weight
     export: str = "common.export:full_weights"
     # README.md's table of methods (scripts/config_reference.py writes it): what the method is, after its label,
     # and what crosses the wire in a round

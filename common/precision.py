@@ -24,14 +24,12 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from common.config import PRECISIONS
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # common.config.PRECISIONS: the same names
 
 
 def dtype_of(precision: str) -> torch.dtype:
     if precision not in DTYPES:
-        raise ValueError(f"train.precision '{precision}' is not one of {', '.join(PRECISIONS)}")
+        raise ValueError(f"train.precision '{precision}' is not one of {', '.join(DTYPES)}")
     return DTYPES[precision]
 
 

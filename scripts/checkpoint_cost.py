@@ -6,7 +6,7 @@ those rounds, the bytes the server state took to write in round 1 and in the las
 for the log methods, that round's update-log segment), the size of the update log, the time to write the
 checkpoint (fsync included) and the time a resumed run takes to read, check and rebuild the global model:
 
-    python scripts/checkpoint_cost.py --rounds 3 [--methods fedkrso,fedavg] [--model PATH]
+    python -m scripts.checkpoint_cost --rounds 3 [--methods fedkrso,fedavg] [--model PATH]
 
 Local training is kept short (2 steps, 64 dev examples): the checkpoint does not depend on how long clients
 train, only on what the method keeps.
@@ -21,7 +21,6 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 import methods  # noqa: E402, F401 - registers every method (methods/__init__.py)
 from common.methods import METHODS  # noqa: E402
@@ -32,9 +31,9 @@ def measure(method: str, rounds: int, model: str, data_dir: str, work: str) -> d
 
     from common.config import parse_run_config
     from common.records import RunRecorder
+    from harness.fakes import InProcessGrid
     from server_app import checkpoint
     from server_app.app import build_setup, resume, run
-    from tests.fakes import InProcessGrid
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1  # Messages outside a runtime
     cfg = parse_run_config(

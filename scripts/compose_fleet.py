@@ -1,7 +1,7 @@
 """The fleet of docker-compose.yml on a real Docker engine, driven through deploy/README.md's own commands.
 
-    python scripts/docker_engine.py up                      # engine, Compose v2, flwr/* images (stand-ins)
-    python scripts/compose_fleet.py --glue-dir /abs/glue -c "method='fedkrso' task='rte' num-server-rounds=2"
+    python -m scripts.docker_engine up                      # engine, Compose v2, flwr/* images (stand-ins)
+    python -m scripts.compose_fleet --glue-dir /abs/glue -c "method='fedkrso' task='rte' num-server-rounds=2"
 
 `ComposeFleet(workdir)` copies the repository's tracked files into `workdir/app` (the user's deploy/certs and
 deploy/keys are never touched), then does what deploy/README.md says, in that copy:
@@ -39,7 +39,6 @@ import time
 from collections.abc import Mapping, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 import methods  # noqa: E402, F401 - registers every method (methods/__init__.py)
 from scripts.fleet import (  # noqa: E402

@@ -1,7 +1,7 @@
 """A Docker engine, Compose v2 and the Flower images for the compose tests, the way a Debian/Ubuntu user gets them.
 
-    python scripts/docker_engine.py up        # engine + compose + flwr/* images (+ the executor's torch index)
-    python scripts/docker_engine.py down      # stop the engine, only if `up` started it
+    python -m scripts.docker_engine up        # engine + compose + flwr/* images (+ the executor's torch index)
+    python -m scripts.docker_engine down      # stop the engine, only if `up` started it
 
 `up`, step by step, each skipped when what it makes is already there:
 1. engine: `docker info` answers -> use it. Otherwise `apt-get install docker.io` where dockerd is missing,

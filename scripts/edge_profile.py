@@ -8,7 +8,7 @@ reports the cgroup's peak (v1 memory.max_usage_in_bytes / v2 memory.peak: every 
 page cache included), the round time and the client's training time, and whether the run completed under the
 limit, and the bytes on the wire per round against the messages (scripts/fleet.py's wire.jsonl). Embedded all-MiniLM-L6-v2 on SST-2 with the shipped training defaults unless -c says otherwise.
 
-    flock ~/.cpu.lock .venv/bin/python scripts/edge_profile.py --glue-dir /path/to/glue [--methods fedkrso,fedavg]
+    flock ~/.cpu.lock .venv/bin/python -m scripts.edge_profile --glue-dir /path/to/glue [--methods fedkrso,fedavg]
 
 Slow (minutes per method on one core): not part of the test suite. Writes a Markdown table to stdout and
 JSON to --out.
@@ -24,7 +24,6 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 import methods  # noqa: E402, F401 - registers every method (methods/__init__.py)
 from common.methods import METHODS  # noqa: E402

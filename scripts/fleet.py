@@ -30,8 +30,8 @@ the byte counters of every namespace's interface (the host end of its veth: rx t
 sent) and appends to `<records>/wire.jsonl` the bytes each namespace sent and received during that round,
 next to the message-level counts, and the round's overhead = round time - slowest client's training time.
 
-    python scripts/fleet.py --methods fedkrso,fedavg -c "task='rte' num-server-rounds=2 data-dir='/abs/glue'"
-    python scripts/fleet.py --insecure ...      # + deploy/compose.insecure.yml: no TLS, no node auth
+    python -m scripts.fleet --methods fedkrso,fedavg -c "task='rte' num-server-rounds=2 data-dir='/abs/glue'"
+    python -m scripts.fleet --insecure ...      # + deploy/compose.insecure.yml: no TLS, no node auth
 
 With --methods it runs one method after the other in the same fleet (idle polling measured first) and prints
 per method the bytes on the wire against the messages, the round overhead and the start-up time.
@@ -58,7 +58,6 @@ from typing import Any
 import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 import methods as _methods  # noqa: F401 - registers every method (methods/__init__.py)
 from common.interrupt import Interrupted, exit_on_signals

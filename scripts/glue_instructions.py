@@ -1,7 +1,7 @@
 """Instruction data offline from the GLUE/SuperGLUE files: each example as its task's prompt and its label word as
 the response (the built-in templates and words of common/tasks.py), one JSON object a line.
 
-    python scripts/glue_instructions.py sst2 sst2-instructions.jsonl --rows 2000 [--split dev] [--data-dir DIR]
+    python -m scripts.glue_instructions sst2 sst2-instructions.jsonl --rows 2000 [--split dev] [--data-dir DIR]
 
 A file a run reads as `task` (an instruction task: the loss on the answer word, scored by exact match of the
 generated word). BoolQ offline has its validation file only: its "train" and "dev" are the 80/20 cut of it
@@ -13,9 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common.data import load_split
 from common.tasks import TASKS

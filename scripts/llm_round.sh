@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 out="${1:-results/llm-round}"
 mkdir -p "$out"
 data="$out/sst2-600.jsonl"
-.venv/bin/python scripts/glue_instructions.py sst2 "$data" --rows 600
+.venv/bin/python -m scripts.glue_instructions sst2 "$data" --rows 600
 for m in fedkrso fedavg fedavg-lora fedtt fedtt-plus fedspzo fedkseed; do
   .venv/bin/fedsubspace simulate --clients 2 --quiet -c "method='$m' task='$data' model='smollm2' \
     num-server-rounds=1 train.local-steps=4 krso.intervals=2 train.batch-size=4 train.max-length=128 \

@@ -6,7 +6,7 @@ app with N simulated SuperNodes, reads the run's final status with `flwr ls`, pr
 and stops the local SuperLink it started (every process under `flwr run` or carrying this run's FLWR_HOME).
 On SIGINT or SIGTERM it stops the run the same way (`flwr stop` first), prints the rounds it had and exits.
 
-    python scripts/simulate.py --clients 10 -c "method='fedkrso' task='sst2' num-server-rounds=3"
+    python -m scripts.simulate --clients 10 -c "method='fedkrso' task='sst2' num-server-rounds=3"
 
 Exit status: 0 when the run finished:completed and wrote its summary, 1 otherwise, 2 for a bad config,
 130 / 143 when SIGINT / SIGTERM stopped it.
@@ -26,7 +26,6 @@ import tomllib
 from collections.abc import Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 import methods  # noqa: F401 - registers every method (methods/__init__.py)
 from common.config import ConfigError, check_paths, parse_run_config

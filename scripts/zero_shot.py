@@ -1,7 +1,7 @@
 """The untrained model's score on a run's evaluation split: what round 0 of that run will report, without a run.
 
-    python scripts/zero_shot.py -c "model='smollm2' task='sst2' data-dir='../shared/data/glue' eval.max-examples=300"
-    python scripts/zero_shot.py -c "..." --template "Review: {text}\\nSentiment (negative or positive):"
+    python -m scripts.zero_shot -c "model='smollm2' task='sst2' data-dir='../shared/data/glue' eval.max-examples=300"
+    python -m scripts.zero_shot -c "..." --template "Review: {text}\\nSentiment (negative or positive):"
 
 --template replaces the task's LM-head prompt (a built-in task's too), to compare prompts before a long run.
 """
@@ -11,10 +11,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import methods  # noqa: F401 - registers every method (methods/__init__.py)
 from common.config import parse_run_config

@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 
 import methods  # noqa: F401 - registers every method (methods/__init__.py): the tests parametrize over them
+from harness.tiny import save_tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE_GLUE = os.path.join(ROOT, "tests", "fixtures", "glue")
@@ -53,36 +53,10 @@ def pytest_collection_modifyitems(config, items):
         )
 
 
-def _save_tiny(path: str, kind: str) -> str:
-    from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaModel
-
-    from common.modeling import default_model_path
-
-    tok = AutoTokenizer.from_pretrained(default_model_path())
-    torch.manual_seed(0)
-    if kind == "bert":
-        model = BertModel(
-            BertConfig(
-                vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                intermediate_size=64, max_position_embeddings=512,
-            )
-        )  # fmt: skip
-    else:
-        model = LlamaModel(
-            LlamaConfig(
-                vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                num_key_value_heads=1, intermediate_size=64, pad_token_id=tok.pad_token_id,
-            )
-        )  # fmt: skip
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> str:
     """A 2-layer BERT saved without a classification head (as a pretrained checkpoint would be)."""
-    return _save_tiny(str(tmp_path_factory.mktemp("tiny-bert")), "bert")
+    return save_tiny(str(tmp_path_factory.mktemp("tiny-bert")), "bert")
 
 
 @pytest.fixture(scope="session")
@@ -92,7 +66,7 @@ def tiny_bert_no_dropout(tmp_path_factory) -> str:
     import json
 
     path = tmp_path_factory.mktemp("tiny-bert-no-dropout")
-    _save_tiny(str(path), "bert")
+    save_tiny(str(path), "bert")
     config = json.loads((path / "config.json").read_text())
     config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     (path / "config.json").write_text(json.dumps(config))
@@ -102,7 +76,7 @@ def tiny_bert_no_dropout(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> str:
     """A 2-layer LLaMA-architecture decoder, for the decoder path."""
-    return _save_tiny(str(tmp_path_factory.mktemp("tiny-llama")), "llama")
+    return save_tiny(str(tmp_path_factory.mktemp("tiny-llama")), "llama")
 
 
 @pytest.fixture(scope="session")

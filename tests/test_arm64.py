@@ -28,10 +28,10 @@ from common.config import parse_run_config
 from common.methods import KEEPS_MODEL, METHODS, known
 from common.nodestore import NodeStore, state_dir
 from common.records import RunRecorder
+from harness.fakes import NodeList
 from scripts.arm64_emulation import ROOT, EmulationUnavailable, emulated_python, start_arm64
 from scripts.client_jobs import load_message, run_job, save_message
 from scripts.rng_draws import draws
-from tests.fakes import NodeList
 
 pytestmark = pytest.mark.system
 

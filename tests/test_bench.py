@@ -12,8 +12,9 @@ import sys
 
 import pytest
 
-from bench import report
-from bench.run import DEFAULT, QUICK, effective, learning_rates, main, plan_runs, read_json, run_overrides
+from bench import claims, report
+from bench.plan import DEFAULT, QUICK, learning_rates, plan_runs, read_json
+from bench.run import effective, main, run_overrides
 from common.methods import METHOD_DEFAULTS, get_method
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,36 +22,36 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.unit
 def test_verdict_says_met_or_not_and_by_how_much():
-    assert report.verdict(39.9, 20, True, "x", 1) == "met, 19.9x to spare"
-    assert report.verdict(0.66, 0.6, False, "x") == "not met, short by 0.06x"
-    assert report.verdict(-0.92, 1.5, False, " points") == "met, 2.42 points to spare"
-    assert report.verdict(None, 2.0, True, "x") == "not run yet"
+    assert claims.verdict(39.9, 20, True, "x", 1) == "met, 19.9x to spare"
+    assert claims.verdict(0.66, 0.6, False, "x") == "not met, short by 0.06x"
+    assert claims.verdict(-0.92, 1.5, False, " points") == "met, 2.42 points to spare"
+    assert claims.verdict(None, 2.0, True, "x") == "not run yet"
 
 
 @pytest.mark.unit
 def test_a_margin_within_its_seed_spread_is_within_noise():
     # FedTT+ 1.19 points below FedTT in the mean, the per-seed differences spread over 5.2 points: undecided.
-    assert report.verdict(-1.19, 0.0, True, " points", spread=5.2) == (
+    assert claims.verdict(-1.19, 0.0, True, " points", spread=5.2) == (
         "within noise, 1.19 points short against a seed spread of 5.20 points"
     )
-    assert report.verdict(0.4, 0.0, True, " points", spread=0.5).startswith("within noise, 0.40 points to spare")
+    assert claims.verdict(0.4, 0.0, True, " points", spread=0.5).startswith("within noise, 0.40 points to spare")
     # Farther from the aim than the spread: decided either way; no spread (one seed): as before.
-    assert report.verdict(1.0, 0.0, True, " points", spread=0.5) == "met, 1.00 points to spare"
-    assert report.verdict(1.72, 1.5, False, " points", spread=0.1) == "not met, short by 0.22 points"
-    assert report.verdict(1.72, 1.5, False, " points", spread=None) == "not met, short by 0.22 points"
+    assert claims.verdict(1.0, 0.0, True, " points", spread=0.5) == "met, 1.00 points to spare"
+    assert claims.verdict(1.72, 1.5, False, " points", spread=0.1) == "not met, short by 0.22 points"
+    assert claims.verdict(1.72, 1.5, False, " points", spread=None) == "not met, short by 0.22 points"
 
 
 @pytest.mark.unit
 def test_seed_spread_is_that_of_the_per_seed_differences():
     ours, theirs = {0: 0.70, 2: 0.74, 3: 0.78}, {0: 0.70, 2: 0.72, 3: 0.74, 5: 0.1}
-    assert report.seed_spread(ours, theirs) == pytest.approx(2.0)  # differences 0, 2, 4 points (seed 5: alone)
-    assert report.seed_spread({0: 0.7}, {0: 0.6}) is None  # one seed: no spread
+    assert claims.seed_spread(ours, theirs) == pytest.approx(2.0)  # differences 0, 2, 4 points (seed 5: alone)
+    assert claims.seed_spread({0: 0.7}, {0: 0.6}) is None  # one seed: no spread
     # Methods far apart in level but moving together over seeds: the paired spread is small.
-    assert report.seed_spread({0: 0.50, 1: 0.90}, {0: 0.49, 1: 0.89}) == pytest.approx(0.0, abs=1e-9)
+    assert claims.seed_spread({0: 0.50, 1: 0.90}, {0: 0.49, 1: 0.89}) == pytest.approx(0.0, abs=1e-9)
 
 
 def _zo_run(method: str, accs: list[float], seconds: float, calls: float) -> dict:
-    from bench.run import Run
+    from bench.plan import Run
 
     rounds = [{"round": 0, "accuracy": accs[0], "clients": 0, "bytes_down": 0, "bytes_up": 0, "failures": 0,
                "rejected": 0}]  # fmt: skip
@@ -59,16 +60,16 @@ def _zo_run(method: str, accs: list[float], seconds: float, calls: float) -> dic
          "client_train_seconds": seconds, "client_forward_passes": calls}
         for i, a in enumerate(accs[1:], 1)
     ]  # fmt: skip
-    return {"run": Run("sst2", 0.5, 0, method, compute=True), **report.stats(rounds)}
+    return {"run": Run("sst2", 0.5, 0, method, compute=True), **claims.stats(rounds)}
 
 
 @pytest.mark.unit
 def test_compute_to_reach_an_accuracy_from_the_records():
     sp = _zo_run("fedspzo", [0.72, 0.73, 0.755, 0.76], seconds=10.0, calls=50)  # reaches 0.75 in round 2
     ks = _zo_run("fedkseed", [0.72, 0.72, 0.73, 0.74, 0.752], seconds=10.0, calls=40)  # in round 4
-    assert report.first_reaching(sp, 0.75)["round"] == 2 and report.first_reaching(sp, 0.8) is None
+    assert claims.first_reaching(sp, 0.75)["round"] == 2 and claims.first_reaching(sp, 0.8) is None
     assert sp["curve"][2]["compute"] == 20.0 and sp["curve"][2]["calls"] == 100.0
-    c = report.Claims()
+    c = claims.Claims()
     report.compute_claims(c, "sst2", sp, ks)
     rows = {claim: (measured, result) for claim, measured, _, result in c.rows}
     measured, result = rows[
@@ -77,7 +78,7 @@ def test_compute_to_reach_an_accuracy_from_the_records():
     assert "20 s, 100 model calls (round 2) vs 40 s, 160 model calls (round 4): 0.50x" in measured
     assert result == "met, 0.125x to spare"
     assert rows["FedKSeed, SST-2, compute runs: best gain over its own round 0"][1] == "met, 0.20 points to spare"
-    c = report.Claims()
+    c = claims.Claims()
     report.compute_claims(c, "sst2", sp, _zo_run("fedkseed", [0.72, 0.73], 10.0, 40))
     assert [row for row in c.rows if "seconds to reach" in row[0]][0][1] == "FedKSeed did not reach it"
     # neither gains the target within the budget: the ratio is read at the highest accuracy both reach (73.0)
@@ -88,11 +89,11 @@ def test_compute_to_reach_an_accuracy_from_the_records():
         "73.00: 10 s, 50 model calls (round 1) vs 10 s, 40 model calls (round 1): 1.00x",
         "not met, short by 0.375x",
     )
-    c = report.Claims()
+    c = claims.Claims()
     report.compute_claims(c, "sst2", sp, None)
     assert rows_of(c)[
         "FedSPZO vs FedKSeed, SST-2, same perturbed parameters: client seconds to reach the highest accuracy both reach"
-    ] == (report.NOT_RUN, report.NOT_RUN)
+    ] == (claims.NOT_RUN, claims.NOT_RUN)
 
 
 def rows_of(c) -> dict:
@@ -101,7 +102,8 @@ def rows_of(c) -> dict:
 
 @pytest.mark.unit
 def test_the_plan_has_the_compute_runs_on_sst2_only_when_sst2_is_planned():
-    from bench.run import DEFAULT, run_overrides
+    from bench.plan import DEFAULT
+    from bench.run import run_overrides
 
     compute = [r for r in plan_runs(DEFAULT) if r.compute]
     assert [(r.task, r.method) for r in compute] == [("sst2", "fedspzo"), ("sst2", "fedkseed")]
@@ -116,7 +118,7 @@ def test_the_plan_has_the_compute_runs_on_sst2_only_when_sst2_is_planned():
 
 @pytest.mark.unit
 def test_the_plan_puts_the_most_informative_runs_first_and_runs_a_part_by_name():
-    from bench.run import Run, select
+    from bench.plan import Run, select
 
     names = [r.name for r in plan_runs(DEFAULT)]
     # the main table: the claims' methods in their order, then any method registered after them (bench.run)
@@ -167,7 +169,7 @@ def _write_run(records, run, accs: list[float], peak: float = 1000.0, up: int = 
 
 @pytest.mark.unit
 def test_the_page_renders_from_partial_records_with_means_over_the_seeds_present(tmp_path):
-    from bench.run import Run
+    from bench.plan import Run
 
     records, page = str(tmp_path / "records"), str(tmp_path / "page" / "results.md")
     os.makedirs(records)
@@ -209,22 +211,26 @@ def test_the_page_renders_from_partial_records_with_means_over_the_seeds_present
 
 @pytest.mark.unit
 def test_the_page_names_each_command_once():
-    only = "python bench/run.py --only "
+    only = "python -m bench.run --only "
     # a resumed run repeats its command; runs driven one by one read as one template with their count
     assert report.produced_by([only + "a", only + "a", only + "b"]) == (
         f"`{only}<name>`, once per run (3 invocations for 2 runs, listed in plan.json beside the records)"
     )
-    assert report.produced_by(["python bench/run.py", "python bench/run.py"]) == "`python bench/run.py`"
-    assert report.produced_by(["python bench/run.py --quick", only + "a"]) == (
-        f"`python bench/run.py --quick`, then `{only}a`"
+    assert report.produced_by(["python -m bench.run", "python -m bench.run"]) == "`python -m bench.run`"
+    assert report.produced_by(["python -m bench.run --quick", only + "a"]) == (
+        f"`python -m bench.run --quick`, then `{only}a`"
     )
-    assert report.produced_by([]) == "`python bench/run.py` (not run yet)"
+    assert report.produced_by([]) == "`python -m bench.run` (not run yet)"
+    # records written when the harness ran as a file name read as the module command they are today
+    assert report.produced_by(["python bench/run.py --only a", only + "b"]) == report.produced_by(
+        [only + "a", only + "b"]
+    )
 
 
 @pytest.mark.unit
 def test_mean_and_spread_over_seeds():
-    assert report.mean_sd([0.70, 0.72, 0.74]) == "72.00 ± 2.00"
-    assert report.mean_sd([0.7]) == "70.00 (1 seed)" and report.mean_sd([]) == "-"
+    assert claims.mean_sd([0.70, 0.72, 0.74]) == "72.00 ± 2.00"
+    assert claims.mean_sd([0.7]) == "70.00 (1 seed)" and claims.mean_sd([]) == "-"
 
 
 @pytest.mark.unit
@@ -291,7 +297,7 @@ def test_quick_benchmark_end_to_end(tiny_bert, glue_dir, tmp_path):
     model and 2 rounds so that it is also the suite's end-to-end run of every method in simulation (formerly
     tests/test_e2e.py and tests/test_e2e_tt.py); three runs at once (--jobs 3) to keep the suite short."""
     records, page = str(tmp_path / "records"), str(tmp_path / "page" / "results.md")
-    cmd = [sys.executable, "bench/run.py", "--quick", "--model", tiny_bert, "--rounds", "2", "--jobs", "3"]
+    cmd = [sys.executable, "-m", "bench.run", "--quick", "--model", tiny_bert, "--rounds", "2", "--jobs", "3"]
     cmd += ["--skew-seeds", ""]  # no alpha 0.1 runs: they are FedTT and FedTT+ again, left out to save 2 runs
     # RTE (2,490 train examples), not SST-2 (67,349): every client process tokenises its whole partition, about
     # 4 s of CPU per process for SST-2 at 2 clients; SST-2 runs in the benchmark itself
@@ -322,7 +328,7 @@ def test_quick_benchmark_end_to_end(tiny_bert, glue_dir, tmp_path):
     assert os.path.getsize(os.path.join(tmp_path, "page", "results-rte.png")) > 10_000
     with open(page) as f:
         text = f.read()
-    assert "## Summary" in text and "python bench/run.py --quick" in text
+    assert "## Summary" in text and "python -m bench.run --quick" in text
     assert "No runs planned (`--skew-seeds ''`)." in text  # and no empty alpha 0.1 plot beside it
     assert not os.path.exists(os.path.join(tmp_path, "page", "results-skew.png"))
     assert f"{len(runs)} of {len(runs)} planned runs have records" in text

@@ -304,7 +304,7 @@ def honest_sized_entry(method: str, strategy, t: int):
 def test_a_node_500_rounds_behind_receives_less_than_one_fedavg_download(method, tiny_bert, glue_dir, tmp_path):
     """The issue's bound, 1.2 x one FedAvg download, on the tiny model (whose FedAvg download is mostly its
     embeddings: MiniLM's measured numbers are in docs/checkpoints.md, "Catch-up")."""
-    from tests.fakes import NodeList
+    from harness.fakes import NodeList
     from tests.test_hostile import Run
 
     run = Run(method, tiny_bert, glue_dir, tmp_path)

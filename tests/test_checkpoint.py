@@ -29,9 +29,9 @@ from common.files import DiskFull
 from common.methods import METHODS
 from common.nodestore import STATE_DIR_ENV
 from common.records import RunRecorder, jsonl_line, records_digest
+from harness.fakes import InProcessGrid
 from server_app import checkpoint
 from server_app.app import build_setup, resume, run
-from tests.fakes import InProcessGrid
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 

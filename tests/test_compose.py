@@ -29,7 +29,7 @@ import warnings
 
 import pytest
 
-from tests.fakes import assert_wire_covers_messages
+from harness.fakes import assert_wire_covers_messages
 
 pytestmark = [pytest.mark.compose, pytest.mark.system]
 

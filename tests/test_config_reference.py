@@ -12,7 +12,7 @@ pytestmark = pytest.mark.unit
 def test_configuration_page_is_current():
     from scripts import config_reference
 
-    assert config_reference.main(["--check"]) == 0, "run: python scripts/config_reference.py"
+    assert config_reference.main(["--check"]) == 0, "run: python -m scripts.config_reference"
 
 
 def test_every_key_is_explained():

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from bench import decoder, decoder_page
+from bench import decoder, decoder_page, decoder_plan
 from bench.run import effective
 from common.methods import METHODS
 
@@ -17,8 +17,8 @@ pytestmark = pytest.mark.unit
 
 
 def test_the_plan_is_every_method_then_fedtt_and_fedtt_plus_at_the_stronger_skew():
-    runs = decoder.plan_runs(decoder.DEFAULT)
-    main = [r.method for r in runs if r.alpha == decoder.DEFAULT.alpha and r.seed == 0]
+    runs = decoder_plan.plan_runs(decoder_plan.DEFAULT)
+    main = [r.method for r in runs if r.alpha == decoder_plan.DEFAULT.alpha and r.seed == 0]
     assert sorted(main) == sorted(METHODS)
     assert [r.method for r in runs if r.alpha == 0.1 and r.seed == 0] == ["fedtt", "fedtt-plus"]
     seeds = {(r.alpha, r.method): [] for r in runs}
@@ -27,12 +27,14 @@ def test_the_plan_is_every_method_then_fedtt_and_fedtt_plus_at_the_stronger_skew
     for (alpha, method), got in seeds.items():  # the pairs a seed could turn have three seeds, the rest one
         want = [0, 25, 44] if alpha == 0.1 else [0, 1, 2] if method in ("fedkrso", "fedavg") else [0]
         assert got == want, (alpha, method)
-    assert runs.index(decoder.DecoderRun(0.5, 1, "fedavg")) < runs.index(decoder.DecoderRun(0.5, 2, "fedkrso"))
+    assert runs.index(decoder_plan.DecoderRun(0.5, 1, "fedavg")) < runs.index(
+        decoder_plan.DecoderRun(0.5, 2, "fedkrso")
+    )
     assert len({r.name for r in runs}) == len(runs)
     for run in runs:  # every run's configuration passes the run-config checks before anything starts
-        flat = effective(decoder.run_overrides(decoder.DEFAULT, run, "/nonexistent", "/data/x.jsonl"))
+        flat = effective(decoder.run_overrides(decoder_plan.DEFAULT, run, "/nonexistent", "/data/x.jsonl"))
         assert flat["model"] == "smollm2" and flat["partitioning"] == "dirichlet"
-    for probe in decoder.probe_plan(decoder.DEFAULT, "/data/x.jsonl", "/data/long.jsonl").values():
+    for probe in decoder.probe_plan(decoder_plan.DEFAULT, "/data/x.jsonl", "/data/long.jsonl").values():
         effective(probe["config"])
 
 
@@ -75,10 +77,10 @@ def write_probe(records, name, peak, seconds, **extra):
 def test_the_section_gives_every_claim_a_verdict_computed_from_the_records(tmp_path):
     records = str(tmp_path)
     write_run(
-        records, decoder.DecoderRun(0.5, 0, "fedkrso").name, rounds([0.2, 0.5, 0.6], up=20_000, load=4, catchup=3)
+        records, decoder_plan.DecoderRun(0.5, 0, "fedkrso").name, rounds([0.2, 0.5, 0.6], up=20_000, load=4, catchup=3)
     )
-    write_run(records, decoder.DecoderRun(0.5, 0, "fedavg").name, rounds([0.2, 0.6, 0.63], up=600_000))
-    write_run(records, decoder.DecoderRun(0.5, 0, "fedspzo").name, rounds([0.2, 0.21, 0.24], load=5.0, train=20.0))
+    write_run(records, decoder_plan.DecoderRun(0.5, 0, "fedavg").name, rounds([0.2, 0.6, 0.63], up=600_000))
+    write_run(records, decoder_plan.DecoderRun(0.5, 0, "fedspzo").name, rounds([0.2, 0.21, 0.24], load=5.0, train=20.0))
     write_probe(records, "inference-bf16", 1000.0, 0.5)
     write_probe(records, "fedtt-bf16", 1400.0, 2.0)
     write_probe(records, "fedtt-bf16-ckpt", 1200.0, 2.6)
@@ -111,8 +113,8 @@ def test_the_pairs_verdicts_weigh_the_seed_spread(tmp_path):
     """FedKRSO against FedAvg over three seeds: the mean difference against the per-seed difference's SD."""
     records = str(tmp_path)
     for seed, (ours, theirs) in enumerate([(0.60, 0.62), (0.70, 0.66), (0.50, 0.55)]):
-        write_run(records, decoder.DecoderRun(0.5, seed, "fedkrso").name, rounds([0.2, ours], up=20_000))
-        write_run(records, decoder.DecoderRun(0.5, seed, "fedavg").name, rounds([0.2, theirs], up=600_000))
+        write_run(records, decoder_plan.DecoderRun(0.5, seed, "fedkrso").name, rounds([0.2, ours], up=20_000))
+        write_run(records, decoder_plan.DecoderRun(0.5, seed, "fedavg").name, rounds([0.2, theirs], up=600_000))
     text = "\n".join(decoder_page.section(records))
     row = next(line for line in text.splitlines() if line.startswith("| FedKRSO within 1 point of FedAvg"))
     assert "60.00 ± 10.00 vs 61.00 ± 5.57 (-1.00 points in the mean, per-seed difference SD 4.58)" in row
@@ -121,7 +123,7 @@ def test_the_pairs_verdicts_weigh_the_seed_spread(tmp_path):
 
 def test_a_finished_run_on_another_data_file_is_set_aside(tmp_path, capsys):
     records = str(tmp_path)
-    run = decoder.DecoderRun(0.5, 0, "fedtt")
+    run = decoder_plan.DecoderRun(0.5, 0, "fedtt")
     write_run(records, run.name, rounds([0.2, 0.3]), digest="old")
     assert decoder.matched(records, run, {}, "new") == "new"
     assert not os.path.exists(os.path.join(records, "runs", run.name))
@@ -132,6 +134,6 @@ def test_a_finished_run_on_another_data_file_is_set_aside(tmp_path, capsys):
 def test_zero_order_compute_is_not_compared_where_neither_method_gained(tmp_path):
     records = str(tmp_path)
     for method in ("fedspzo", "fedkseed"):
-        write_run(records, decoder.DecoderRun(0.5, 0, method).name, rounds([0.23, 0.22, 0.23]))
+        write_run(records, decoder_plan.DecoderRun(0.5, 0, method).name, rounds([0.23, 0.22, 0.23]))
     text = "\n".join(decoder_page.section(records))
     assert "neither passed round 0's 23.00 in 5 rounds | <= 1/1.6 | not measurable: no gain" in text

@@ -1,9 +1,9 @@
-"""`fedsubspace export` and `fedsubspace generate` (common/export.py): the exported folder, loaded by plain
+"""`fedsubspace export` and `fedsubspace generate` (server_app/export.py, common/export.py): the exported folder, loaded by plain
 transformers in a process that cannot import this project, answers as the server's global model does (logits to
 1e-5), for every method; a corrupted export is caught; bad input is refused with exit code 2 and what to fix.
 
 Runs are driven in this process as tests/test_checkpoint.py drives them: server_app.app.run with a grid that
-hands each message to the method's real client function (tests/fakes.py).
+hands each message to the method's real client function (harness/fakes.py).
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ from common.export import (
 from common.methods import METHODS
 from common.nodestore import STATE_DIR_ENV
 from common.records import RunRecorder
+from harness.fakes import InProcessGrid
 from server_app import checkpoint
 from server_app.app import build_setup, resume, run
-from tests.fakes import InProcessGrid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NODES = {101: 0, 102: 1, 103: 2}

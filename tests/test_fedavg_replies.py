@@ -8,8 +8,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 
 from common.config import parse_run_config
 from common.records import RunRecorder
+from harness.fakes import NodeList
 from methods.fedavg.server import RecordedFedAvg
-from tests.fakes import NodeList
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("task_identity")]
 

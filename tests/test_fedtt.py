@@ -15,6 +15,7 @@ from common.methods import get_method
 from common.modeling import load_run_model
 from common.records import RunRecorder
 from common.wire import content_bytes
+from harness.fakes import NodeList, client_reply
 from methods.fedtt import client as tc
 from methods.fedtt.model import build
 from methods.fedtt.server import FedTT
@@ -27,7 +28,6 @@ from methods.fedtt.tt import (
     tt_to_matrix,
 )
 from methods.fedtt.wire import unpack_instruction
-from tests.fakes import NodeList, client_reply
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 

@@ -18,7 +18,7 @@ import subprocess
 import pytest
 
 from common.methods import known
-from tests.fakes import assert_wire_covers_messages
+from harness.fakes import assert_wire_covers_messages
 
 pytestmark = [pytest.mark.system, pytest.mark.e2e, pytest.mark.fleet]
 

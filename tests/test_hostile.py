@@ -29,8 +29,8 @@ from common.methods import METHODS, get_method
 from common.nodestore import STATE_DIR_ENV
 from common.records import RunRecorder
 from common.wire import WireError, decode_array, npy_header
+from harness.fakes import NodeList, client_reply
 from server_app.app import build_setup
-from tests.fakes import NodeList, client_reply
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 

@@ -20,7 +20,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 HANDLER = """
 import sys, time
-sys.path.insert(0, {root!r})
 from common.interrupt import exit_on_signals
 exit_on_signals()
 try:
@@ -38,7 +37,7 @@ def test_a_signal_unwinds_through_finally(sig, tmp_path):
     clean-up) and the exit status is the one a shell shows for that signal."""
     marker = str(tmp_path / "cleaned")
     child = subprocess.Popen(
-        [sys.executable, "-c", HANDLER.format(root=ROOT, marker=marker)], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", HANDLER.format(marker=marker)], cwd=ROOT, stdout=subprocess.PIPE, text=True
     )
     try:
         assert child.stdout.readline().strip() == "up"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -20,6 +21,8 @@ from methods.fedkrso.subspace import (
     target_shapes,
 )
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 @pytest.mark.integration
 def test_projection_is_deterministic_within_and_across_processes():
@@ -27,10 +30,12 @@ def test_projection_is_deterministic_within_and_across_processes():
     assert p.shape == (8, 384) and p.dtype == torch.float32
     assert torch.equal(p, projection(1234, "bert.encoder.layer.0.attention.self.query", 8, 384))
     code = (
-        "import hashlib,sys;sys.path.insert(0,'.');from methods.fedkrso.subspace import projection;"
+        "import hashlib;from methods.fedkrso.subspace import projection;"
         "print(hashlib.sha256(projection(1234,'bert.encoder.layer.0.attention.self.query',8,384).numpy().tobytes()).hexdigest())"
     )
-    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    other = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
     import hashlib
 
     assert other == hashlib.sha256(p.numpy().tobytes()).hexdigest()

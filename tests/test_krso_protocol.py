@@ -16,11 +16,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from common.config import parse_run_config
 from common.nodestore import STATE_DIR_ENV, NodeStore, state_dir
 from common.records import RunRecorder
+from harness.fakes import NodeList, client_reply
 from methods.fedkrso import client as kc
 from methods.fedkrso.model import build, fingerprint
 from methods.fedkrso.server import FedKRSO
 from methods.fedkrso.wire import unpack_instruction
-from tests.fakes import NodeList, client_reply
 from tests.test_nodestore import DAMAGE, damage
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("task_identity")]

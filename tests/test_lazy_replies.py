@@ -28,8 +28,8 @@ from common.config import parse_run_config
 from common.methods import METHODS, get_method
 from common.nodestore import STATE_DIR_ENV
 from common.records import RunRecorder
+from harness.fakes import NodeList, client_reply
 from server_app.app import build_setup
-from tests.fakes import NodeList, client_reply
 from tests.test_hostile import HOSTILE, MALFORMED, Run, _with_data, play_rounds
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("task_identity")]

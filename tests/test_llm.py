@@ -117,8 +117,8 @@ def read_rounds(folder):
 def test_every_method_instruction_tunes_a_decoder_on_a_users_jsonl_and_classifies_a_csv(
     method, own_files, tiny_llama, tmp_path, task_identity
 ):
+    from harness.fakes import InProcessGrid
     from server_app.app import run
-    from tests.fakes import InProcessGrid
 
     for task, kind in zip(own_files, ("instruction", "classification"), strict=True):
         cfg = cfg_for(task, tiny_llama, tmp_path, method=method, **{"run-name": f"{method}-{kind}"})
@@ -164,8 +164,8 @@ def test_an_instruction_tuned_decoder_exports_loads_in_plain_transformers_and_an
     import sys
 
     from common import cli
+    from harness.fakes import InProcessGrid
     from server_app.app import run
-    from tests.fakes import InProcessGrid
     from tests.test_export import ROOT, child_outputs, reference_outputs, server_reference
 
     cfg = cfg_for(own_files[0], tiny_llama, tmp_path, method=method, **{"run-name": method, "train.lr": 1e-2})

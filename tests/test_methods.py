@@ -48,7 +48,7 @@ def test_derived_lists_are_the_registry_facts():
 
 
 def test_the_benchmark_plans_every_registered_method():
-    from bench.run import DEFAULT, NAMES, QUICK, plan_runs
+    from bench.plan import DEFAULT, NAMES, QUICK, plan_runs
 
     # the full plan measures each method where its claim is (main table, compute runs, alpha 0.1 runs)
     assert {r.method for r in plan_runs(DEFAULT)} == set(METHODS)
@@ -227,7 +227,7 @@ def eighth_package(tmp_path, registry):
 
 
 def test_an_eighth_method_in_its_own_folder_is_accepted_everywhere(eighth_package):
-    from bench.run import NAMES, Settings, learning_rates, plan_runs
+    from bench.plan import NAMES, Settings, learning_rates, plan_runs
     from common.modeling import head_settings
     from scripts.config_reference import methods_table, render
 

@@ -83,8 +83,8 @@ def test_the_bfloat16_loss_is_near_float32s(answers, tiny_llama, tmp_path):
 
 
 def test_every_method_trains_a_round_in_bfloat16(answers, tiny_llama, tmp_path, task_identity):
+    from harness.fakes import InProcessGrid
     from server_app.app import run
-    from tests.fakes import InProcessGrid
 
     for method in METHODS:
         cfg = cfg_for(answers, tiny_llama, tmp_path, method=method, **{"run-name": method})

@@ -16,9 +16,8 @@ pytestmark = pytest.mark.integration
 
 def test_quick_scale_run_writes_the_records_the_issue_names_and_a_page(tmp_path):
     out, page = tmp_path / "scale.json", tmp_path / "scale.md"
-    script = os.path.join(ROOT, "bench", "scale.py")
     subprocess.run(
-        [sys.executable, script, "--quick", "--methods", "fedkrso,fedavg", "--out", str(out), "--page", str(page)],
+        [sys.executable, "-m", "bench.scale", "--quick", "--methods", "fedkrso,fedavg", "--out", str(out), "--page", str(page)],
         check=True, cwd=ROOT, capture_output=True, timeout=300,
     )  # fmt: skip
     rec = json.loads(out.read_text())
@@ -36,7 +35,7 @@ def test_quick_scale_run_writes_the_records_the_issue_names_and_a_page(tmp_path)
     # a FedAvg checkpoint holds the whole model: more than one download's bytes each round
     assert rec["state_write_bytes"]["fedavg"][0] > rec["fedavg_download_bytes"] * 0.9
     subprocess.run(
-        [sys.executable, script, "--report", "--out", str(out), "--page", str(page)],
+        [sys.executable, "-m", "bench.scale", "--report", "--out", str(out), "--page", str(page)],
         check=True, cwd=ROOT, capture_output=True, timeout=120,
     )  # fmt: skip
     text = page.read_text()

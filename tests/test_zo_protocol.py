@@ -15,13 +15,13 @@ from common.config import parse_run_config
 from common.nodestore import STATE_DIR_ENV, NodeStore, state_dir
 from common.records import RunRecorder
 from common.zeroorder import fingerprint
+from harness.fakes import NodeList, client_reply
 from methods.fedkseed import client as kseed_client
 from methods.fedkseed import kseed
 from methods.fedkseed.server import FedKSeed
 from methods.fedspzo import client as spzo_client
 from methods.fedspzo import spzo
 from methods.fedspzo.server import FedSPZO
-from tests.fakes import NodeList, client_reply
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("task_identity")]
 

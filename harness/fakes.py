@@ -1,4 +1,4 @@
-"""Stand-ins for what Flower's runtime gives a strategy or a client, shared by the test files.
+"""Stand-ins for what Flower's runtime gives a strategy or a client, shared by the tests, the benchmark and the scripts (harness/__init__.py).
 
 A strategy asks its Grid which nodes are connected and sends it messages; a client function gets a message's
 content and its node's config and returns the reply's content. These fakes do that in this process, with the
