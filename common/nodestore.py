@@ -105,8 +105,9 @@ def state_dir(node_config: Mapping[str, Any], run_id: int, node_id: int) -> str:
 class NodeStore:
     """Named tensors at a global round, in `<directory>/<name>.safetensors`.
 
-    Written atomically (common.files.replace_file: an exclusive temporary file, fsync, rename, fsync of the
-    directory): a crash mid-write leaves the previous state. The header carries the round, the fingerprint and a checksum (`state_checksum`)
+    Written atomically (common.files.replace_file: an exclusive temporary file renamed over the file, not
+    fsynced: the state is a cache that the log rebuilds): a crash of the process leaves the previous state
+    or the new one; a power cut can leave a torn file, which the checksum refuses. The header carries the round, the fingerprint and a checksum (`state_checksum`)
     over both and the tensors' bytes. A file written under another setting (`fingerprint`), with other names or shapes,
     unreadable or truncated, whose checksum does not verify (flipped bits, a round label changed), or holding
     a non-finite value counts as absent: the node starts again from the pretrained weights and asks for the
@@ -181,7 +182,9 @@ class NodeStore:
             "fingerprint": self.fingerprint,
             CHECKSUM: state_checksum(plain, server_round, self.fingerprint),
         }
-        replace_file(self.path, safetensors_parts(plain, meta))
+        # not fsynced: the state is a cache of what the update log (or a snapshot) rebuilds, checked whole when
+        # read, so a file a power cut left torn is discarded and rebuilt (common.files.replace_file)
+        replace_file(self.path, safetensors_parts(plain, meta), durable=False)
 
 
 class LogEntry(Protocol):
