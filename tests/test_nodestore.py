@@ -290,3 +290,18 @@ def test_a_full_disk_keeps_the_previous_state_and_says_so(tmp_path):
         assert store.load(back) == 4 and torch.equal(back["w"], small["w"])
     finally:
         subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_all_finite_finds_one_bad_value_anywhere(value, dtype):
+    from common.nodestore import all_finite
+
+    t = torch.randn(37, 11).to(dtype)
+    assert all_finite(t) and all_finite(torch.empty(0)) and all_finite(torch.arange(5))
+    for where in (0, 200, t.numel() - 1):
+        bad = t.clone()
+        bad.view(-1)[where] = value
+        assert not all_finite(bad)
+        assert not all_finite(bad.t())  # a view that is not contiguous
