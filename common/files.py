@@ -3,7 +3,7 @@
 Every writer that replaces a file (the server checkpoint, a node's stored state, the run records, the
 benchmark's results) goes through `replace_file`: the bytes go to `<file>.tmp`, created exclusively
 (O_CREAT | O_EXCL | O_NOFOLLOW), fsynced and renamed over the file, then the folder is fsynced. A crash at
-any point leaves the previous file whole. Whatever already sits at `<file>.tmp` (a crash's leftover, or a
+any point leaves the previous file whole. (A node's stored state leaves out the fsyncs: `durable=False`.) Whatever already sits at `<file>.tmp` (a crash's leftover, or a
 link planted to make the writer overwrite another file) is removed first, never written through: a link
 is unlinked, not followed, and if one is planted again between the removal and the creation, the exclusive
 creation fails instead of following it.
@@ -100,9 +100,15 @@ def make_folder(path: str) -> None:
     os.makedirs(path, exist_ok=True)
 
 
-def replace_file(path: str, data: bytes | Iterable[bytes | memoryview]) -> None:
+def replace_file(path: str, data: bytes | Iterable[bytes | memoryview], durable: bool = True) -> None:
     """Replace the file at `path` by `data` (bytes, or the file's parts in order: written one by one, never
     joined, so a large state is not copied whole first), atomically and durably (see the module docstring).
+
+    `durable=False` leaves out the two fsyncs, for a file that is a cache of what can be had again and is
+    checked whole when read (a node's stored state, common/nodestore.py): a crash of the process still leaves
+    the previous file or the new one, whole, since the rename is atomic; only a power cut or a kernel crash
+    before the kernel writes the pages back can leave an old, empty or torn file, which the reader's checksum
+    refuses. Forcing 405 MB to the disk each round was most of a FedKRSO node's catch-up on SmolLM2.
 
     A full disk (or quota) raises DiskFull after removing the partial temporary file: the previous file is whole.
     """
@@ -120,7 +126,8 @@ def replace_file(path: str, data: bytes | Iterable[bytes | memoryview]) -> None:
             for part in parts:
                 f.write(part)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -128,7 +135,8 @@ def replace_file(path: str, data: bytes | Iterable[bytes | memoryview]) -> None:
             raise DiskFull(path, needed=sum(memoryview(p).nbytes for p in parts)) from exc
         raise
     os.replace(tmp, path)
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
+    if durable:
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def disk_full(exc: OSError) -> bool:

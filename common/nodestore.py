@@ -36,6 +36,17 @@ CHECKSUM = "fedsubspace-nodestore-v2"  # the header key of the state's checksum,
 log = logging.getLogger(__name__)
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether a tensor holds no NaN and no infinity (an integer one always does). One pass of aminmax, whose
+    minimum and maximum are NaN where any value is and infinite where any value is: 20x faster than
+    torch.isfinite(t).all(), which writes a mask as large as the tensor (0.26 s for a FedKRSO node's 405 MB of
+    SmolLM2 targets, twice a round)."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    low, high = torch.aminmax(t.detach())
+    return bool(torch.isfinite(low) and torch.isfinite(high))
+
+
 class DamagedState(Exception):
     """The stored state does not verify; the message says why."""
 
@@ -105,8 +116,9 @@ def state_dir(node_config: Mapping[str, Any], run_id: int, node_id: int) -> str:
 class NodeStore:
     """Named tensors at a global round, in `<directory>/<name>.safetensors`.
 
-    Written atomically (common.files.replace_file: an exclusive temporary file, fsync, rename, fsync of the
-    directory): a crash mid-write leaves the previous state. The header carries the round, the fingerprint and a checksum (`state_checksum`)
+    Written atomically (common.files.replace_file: an exclusive temporary file renamed over the file, not
+    fsynced: the state is a cache that the log rebuilds): a crash of the process leaves the previous state
+    or the new one; a power cut can leave a torn file, which the checksum refuses. The header carries the round, the fingerprint and a checksum (`state_checksum`)
     over both and the tensors' bytes. A file written under another setting (`fingerprint`), with other names or shapes,
     unreadable or truncated, whose checksum does not verify (flipped bits, a round label changed), or holding
     a non-finite value counts as absent: the node starts again from the pretrained weights and asks for the
@@ -164,7 +176,7 @@ class NodeStore:
             raise DamagedState(f"it has no '{CHECKSUM}' checksum (written by an older version)")
         if meta[CHECKSUM] != state_checksum(stored, reached, self.fingerprint):
             raise DamagedState("its checksum does not verify (damaged data or a changed round label)")
-        bad = [n for n, t in stored.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        bad = [n for n, t in stored.items() if not all_finite(t)]
         if bad:
             raise DamagedState(f"it holds non-finite values in {bad[0]}")
         return stored, reached
@@ -181,7 +193,9 @@ class NodeStore:
             "fingerprint": self.fingerprint,
             CHECKSUM: state_checksum(plain, server_round, self.fingerprint),
         }
-        replace_file(self.path, safetensors_parts(plain, meta))
+        # not fsynced: the state is a cache of what the update log (or a snapshot) rebuilds, checked whole when
+        # read, so a file a power cut left torn is discarded and rebuilt (common.files.replace_file)
+        replace_file(self.path, safetensors_parts(plain, meta), durable=False)
 
 
 class LogEntry(Protocol):
@@ -219,7 +233,7 @@ def reach_round(
             apply(entry)
             holds = entry.round
     if holds != start:
-        bad = [n for n, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        bad = [n for n, t in tensors.items() if not all_finite(t)]
         if bad:  # the bounds of common.wire make this unreachable for a checked log; never store such a state
             raise WireError(f"the update log makes {bad[0]} non-finite at round {holds}: refused, state not saved")
         store.save(tensors, holds)

@@ -27,7 +27,7 @@ from common.nodestore import (
 )
 from common.wire import WireError
 
-DAMAGE = ["bit", "round", "nan", "truncate", "older"]
+DAMAGE = ["bit", "round", "nan", "truncate", "older", "empty", "torn"]  # empty, torn: what a power cut can leave
 WRONG_KIND = {  # something other than a file where the state file belongs
     "folder": lambda path: os.makedirs(os.path.join(path, "inside")),
     "pipe": os.mkfifo,  # reading it would block the node forever
@@ -47,6 +47,15 @@ def damage(path: str, how: str) -> None:
             data[-3] ^= 0x10
             f.seek(0)
             f.write(bytes(data))
+        return
+    if how == "empty":  # the rename reached the disk, the data did not (the state is not fsynced)
+        open(path, "wb").close()
+        return
+    if how == "torn":  # the header and the first pages written back, the rest still zero
+        size = os.path.getsize(path)
+        with open(path, "rb+") as f:
+            f.seek(size - 8)
+            f.write(bytes(8))
         return
     if how == "truncate":
         size = os.path.getsize(path)
@@ -85,6 +94,24 @@ def test_state_round_trips_with_its_checksum(tmp_path):
         assert f.metadata()[CHECKSUM] == state_checksum(saved, 7, "fp")
     assert state_checksum(saved, 6, "fp") != state_checksum(saved, 7, "fp")
     assert state_checksum(saved, 7, "fp") != state_checksum(saved, 7, "other")
+
+
+@pytest.mark.unit
+def test_the_state_is_not_fsynced_and_the_server_records_are(tmp_path, monkeypatch):
+    """A node's state is a cache the log rebuilds, checked whole when read (the "empty" and "torn" cases above:
+    what a power cut can leave of an unsynced write), so its write skips both fsyncs; every other file that
+    replace_file writes (checkpoints, records) is still forced to the disk."""
+    from common import files
+
+    synced = []
+    monkeypatch.setattr(files.os, "fsync", lambda fd: synced.append(fd))
+    store = NodeStore(str(tmp_path), "s", "fp")
+    store.save(_tensors(0), 3)
+    assert synced == []
+    loaded = _tensors(1)
+    assert store.load(loaded) == 3 and torch.equal(loaded["a.weight"], _tensors(0)["a.weight"])
+    files.replace_file(str(tmp_path / "record.json"), b"{}")
+    assert len(synced) == 2  # the file, then its folder
 
 
 @pytest.mark.unit
@@ -263,3 +290,18 @@ def test_a_full_disk_keeps_the_previous_state_and_says_so(tmp_path):
         assert store.load(back) == 4 and torch.equal(back["w"], small["w"])
     finally:
         subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_all_finite_finds_one_bad_value_anywhere(value, dtype):
+    from common.nodestore import all_finite
+
+    t = torch.randn(37, 11).to(dtype)
+    assert all_finite(t) and all_finite(torch.empty(0)) and all_finite(torch.arange(5))
+    for where in (0, 200, t.numel() - 1):
+        bad = t.clone()
+        bad.view(-1)[where] = value
+        assert not all_finite(bad)
+        assert not all_finite(bad.t())  # a view that is not contiguous
