@@ -11,7 +11,9 @@ and hurts most (`attack`): every value at the bound, away from the global value;
 scaled until its largest value reaches the bound; or the first, claiming num-examples = 1e12. Two hostile
 clients send the same (they collude). Measured: the norm of the first round's global update over that of the
 honest run with as many clients, the dev loss and accuracy after the last round, and whether the model is
-finite.
+finite; "the model" is every tensor the method declares its global model (MethodSpec.global_model: FedTT's
+cores, on forward hooks, included), and what an attack is measured from is the method's declaration too
+(attack_reference, reference_values, value_bound).
 
     .venv/bin/python -m bench.robust [--rounds 3] [--local-steps 8] [--methods fedkrso,fedavg] [--rules mean]
     .venv/bin/python -m bench.robust --report     # the page from the records, nothing run
@@ -48,7 +50,6 @@ from common.records import RunRecorder  # noqa: E402
 from common.robust import RULES  # noqa: E402
 from common.tasks import get_task  # noqa: E402
 from common.training import dev_encoded  # noqa: E402
-from methods.fedtt.wire import _pack_cores  # noqa: E402
 from server_app.app import build_setup  # noqa: E402
 
 DOCS = os.path.join(ROOT, "docs")
@@ -80,22 +81,17 @@ def value_bound(cfg, record: str) -> float:
     return get_method(cfg.method).load_value_bound()(cfg, record)
 
 
-def references(cfg, strategy, arrays, server_round: int) -> dict[str, dict[str, np.ndarray]]:
-    """Per reply record, the global values its arrays replace (absent: 0, the arrays are updates already); what
-    each record is measured from is the method's declaration (MethodSpec.attack_reference)."""
-    reference = get_method(cfg.method).attack_references()
-    if reference.get("arrays") == "global":  # FedAvg's wire: the reply's arrays replace the instruction's
-        return {"arrays": {k: a.numpy() for k, a in arrays.items()}}
-    if reference.get("head") == "global" and reference.get("accumulators") == "zero":  # FedKRSO's
-        return {"head": {n: v.numpy() for n, v in strategy.km.head_state().items()}}
-    if reference.get("cores") == "global":  # FedTT's
-        state = strategy.tm.adapters.state()
-        cores = _pack_cores({k: state[k] for k in strategy.selected[server_round]}, strategy.shapes)
-        head = {n: v.numpy() for n, v in strategy.tm.head_state().items()}
-        return {"cores": {k: a.numpy() for k, a in cores.items()}, "head": head}
-    if "global" in reference.values():
-        raise MethodError(f"method '{cfg.method}' declares global references {dict(reference)} read nowhere here")
-    return {}
+def references(cfg, setup, instruction) -> dict[str, dict[str, np.ndarray]]:
+    """Per reply record, the global values its arrays replace, for the instruction (a Message or its content) the
+    reply answers; a record absent is an update, measured from 0. Both are the method's declarations
+    (MethodSpec.attack_reference: which records; reference_values: where their global values are)."""
+    spec = get_method(cfg.method)
+    content = getattr(instruction, "content", instruction)
+    refs = spec.load_reference_values()(setup, content)
+    zero = [r for r in refs if spec.attack_references().get(r) != "global"]
+    if zero:
+        raise MethodError(f"method '{cfg.method}': reference_values gives values for {zero}, not declared 'global'")
+    return refs
 
 
 def attack(content, kind: str, cfg, refs: dict[str, dict[str, np.ndarray]]):
@@ -103,14 +99,18 @@ def attack(content, kind: str, cfg, refs: dict[str, dict[str, np.ndarray]]):
     at the bound, away from the global value; "sign flip": the update turned around and scaled until its
     largest value reaches the bound; "high": every value at +bound; "bound + 1e12": "bound", claiming 10^12
     examples. Changes `content` in place and returns it."""
-    for name in (get_method(cfg.method).reply_record, "head"):
+    spec = get_method(cfg.method)
+    for name in (spec.reply_record, "head"):
         if name not in content:
             continue
+        from_global = spec.attack_references().get(name) == "global"
         bound = 0.999 * value_bound(cfg, name)
         rec = content[name]
         for key in list(rec.keys()):
             if rec[key].dtype != "float32":
                 continue
+            if from_global and key not in refs.get(name, {}):
+                raise MethodError(f"method '{cfg.method}': reference_values gives no global value of {name}/{key}")
             ref = refs.get(name, {}).get(key, np.float64(0.0))
             update = rec[key].numpy().astype(np.float64) - ref
             if kind == "sign flip":
@@ -125,8 +125,14 @@ def attack(content, kind: str, cfg, refs: dict[str, dict[str, np.ndarray]]):
     return content
 
 
-def flat_weights(model: torch.nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1).double() for p in model.state_dict().values()])
+def global_model(cfg, setup) -> dict[str, torch.Tensor]:
+    """Every tensor of the server's global model, by name (MethodSpec.global_model: FedTT's cores included)."""
+    return dict(get_method(cfg.method).load_global_model()(setup))
+
+
+def flat_weights(cfg, setup) -> torch.Tensor:
+    """The whole global model as one float64 vector, in the declaration's order."""
+    return torch.cat([t.detach().reshape(-1).double() for t in global_model(cfg, setup).values()])
 
 
 def run_name(method: str, rule: str, scenario: str, seed: int = 0) -> str:
@@ -158,7 +164,7 @@ def run(method: str, rule: str, scenario: str, seed: int, args, dev) -> dict:
     setup = build_setup(cfg, recorder)
     client = get_method(method).load_client().train
     arrays = setup.initial
-    w0 = flat_weights(setup.model)
+    w0 = flat_weights(cfg, setup)
     first_update = None
     rows = []
     start = time.perf_counter()
@@ -167,27 +173,26 @@ def run(method: str, rule: str, scenario: str, seed: int, args, dev) -> dict:
             m.metadata.dst_node_id: m
             for m in setup.strategy.configure_train(rnd, arrays, ConfigRecord(), NodeList(clients))
         }
-        refs = references(cfg, setup.strategy, arrays, rnd)
         replies = []
         for node, msg in sorted(msgs.items()):
             part = node - 1
             torch.manual_seed(1_000_003 * seed + 1000 * rnd + part)
             content = client(msg.content, cfg, {"partition-id": part, "num-partitions": clients}, 1, node)
             if part >= clients - hostile:
-                content = attack(content, kind, cfg, refs)
+                content = attack(content, kind, cfg, references(cfg, setup, msg))
             replies.append(Message(content, reply_to=msg))
         new, _ = setup.strategy.aggregate_train(rnd, replies)
         if new is not None and setup.load is not None:
             arrays = new
             setup.load(new)
         if rnd == 1:
-            first_update = float((flat_weights(setup.model) - w0).norm())
+            first_update = float((flat_weights(cfg, setup) - w0).norm())
         rec = recorder.end_round(rnd, None)
         rows.append(rec)
         print(f"{name} round {rnd}: {rec['clients']} replies, {rec['clipped']} clipped, failed {rec['failed']}")
     result = evaluate(setup.model, dev, get_task("sst2"), 64)
     seconds = time.perf_counter() - start
-    finite = all(torch.isfinite(p).all() for p in setup.model.parameters())
+    finite = bool(torch.isfinite(flat_weights(cfg, setup)).all())
     print(f"{name}: accuracy {100 * result['accuracy']:.2f}, loss {result['loss']:.3f}, {seconds:.0f} s", flush=True)
     return {
         "method": method, "rule": rule, "scenario": scenario, "seed": seed, "settings": settings_of(args), **result,

@@ -50,7 +50,11 @@ def _refuse(spec: MethodSpec) -> None:
         raise MethodError(f"method '{spec.name}' is registered already")
     if not spec.client_module or ":" in spec.client_module:
         raise MethodError(f"method '{spec.name}': client_module must be a module path, got '{spec.client_module}'")
-    for what, where in (("server_setup", spec.server_setup), ("value_bound", spec.value_bound or "x:y")):
+    optional = ("value_bound", "reference_values", "global_model")  # left out: refused by the code that reads it
+    for what in ("server_setup", *optional):
+        where = getattr(spec, what)
+        if where is None and what in optional:
+            continue
         module, sep, function = where.partition(":")
         if not (module and sep and function):
             raise MethodError(f"method '{spec.name}': {what} must be 'module:function', got '{where}'")

@@ -9,7 +9,9 @@ Each fact of a spec means one thing, and central code reads the fact, never the 
 (how the method steps: the defaults of train.optimizer, head.init and zo.lr follow it), `replayed` (the run's
 model is rebuilt from the replies' seeds and scalars, so the config must hold nothing replay cannot rebuild),
 `keeps_model` (nodes keep the model between rounds), `options` (what tells a variant from its base, read by
-the method's own code), and what the code that forges replies needs (`attack_reference`, `value_bound`).
+the method's own code), what the code that measures "the global model" reads (`global_model`: every trained
+tensor, adapters on hooks included) and what the code that forges replies needs (`attack_reference`,
+`reference_values`, `value_bound`).
 """
 
 from __future__ import annotations
@@ -82,6 +84,17 @@ class MethodSpec:
     # accepts in that record of a reply.
     attack_reference: Mapping[str, str] | None = field(default=None, hash=False)
     value_bound: str | None = None
+    # "module:function" of `values(setup, instruction) -> {record: {key: float ndarray}}`: for each reply record
+    # declared "global" in attack_reference (and only those), the global values that record's arrays replace,
+    # read from the instruction the reply answers (setup: the server's server_app.base.ServerSetup, for what the
+    # instruction alone does not say, e.g. FedTT's core shapes). Needed by every method with a "global" record.
+    reference_values: str | None = None
+    # "module:function" of `tensors(setup) -> {name: torch.Tensor}`: every tensor that makes up the server's global
+    # model (setup: its ServerSetup), trained or frozen, each once: what a test or benchmark that measures "the
+    # global model" (its change, its finiteness, a resumed run's equality) reads. Declared by every method, because
+    # `setup.model.state_dict()` is not always the whole model: FedTT's cores hang on forward hooks and are in
+    # neither its state_dict nor its parameters().
+    global_model: str | None = None
     # The method's own run-config sections: section name (the key prefix, e.g. "krso") -> its frozen dataclass
     # (methods/<method>/config.py), which has `validate(cfg, in_use)`. common.config makes each one a section of
     # RunConfig; two methods may share a section (FedTT and FedTT+ share "tt") by naming the same class.
@@ -119,6 +132,30 @@ class MethodSpec:
             )
         return self._load(self.value_bound, "value_bound")
 
+    def load_reference_values(self) -> Callable[[Any, Any], Mapping[str, Mapping[str, Any]]]:
+        """The `reference_values` function, imported now; a MethodError when a record is measured from the global
+        values (attack_reference "global") and the method does not say where they are."""
+        if not self.reference_values:
+            if "global" not in self.attack_references().values():
+                return _no_global_values
+            raise MethodError(
+                f"method '{self.name}' declares no reference_values: its attack_reference measures "
+                f"{sorted(r for r, v in self.attack_references().items() if v == 'global')} from the global values, so "
+                "name its `values(setup, instruction)` (the values each such reply record replaces) as 'module:function'"
+            )
+        return self._load(self.reference_values, "reference_values")
+
+    def load_global_model(self) -> Callable[[Any], Mapping[str, Any]]:
+        """The `global_model` function, imported now; a MethodError when the method declares none (a measure of the
+        model must not silently fall back to a state_dict that may leave trained tensors out)."""
+        if not self.global_model:
+            raise MethodError(
+                f"method '{self.name}' declares no global_model: name its `tensors(setup)`, every tensor of the "
+                "server's global model by name (adapters on hooks included), as 'module:function' "
+                "(common.modeling:model_tensors where the model's state_dict is all of it)"
+            )
+        return self._load(self.global_model, "global_model")
+
     def load_client(self) -> ModuleType:
         """The client module, imported now (the first run that uses the method pays for its imports)."""
         try:
@@ -144,3 +181,8 @@ class MethodSpec:
         if not callable(found):
             raise MethodError(f"method '{self.name}': '{where}' names no function of {module_name}")
         return found
+
+
+def _no_global_values(setup: Any, instruction: Any) -> dict[str, dict[str, Any]]:
+    """reference_values of a method whose every reply record is an update (measured from 0): none."""
+    return {}

@@ -319,6 +319,13 @@ def head_parameters(net: nn.Module, head: tuple[str, ...]) -> dict[str, nn.Param
     return {n: p for n, p in net.named_parameters() if any(n == h or n.startswith(h + ".") for h in head)}
 
 
+def model_tensors(setup) -> dict[str, torch.Tensor]:
+    """The global model of a method whose server model's state_dict is all of it (MethodSpec.global_model): every
+    tensor of `setup.model.state_dict()` by name, live (not copies). FedKRSO's merged targets, the zero-order
+    methods' weights, FedAvg's and FedAvg-LoRA's parameters (peft's LoRA matrices included) are all in it."""
+    return dict(setup.model.state_dict())
+
+
 class TrainedHead:
     """For a node's model whose new classification head (`self.head`: name -> Parameter) is trained densely
     and sent as it is (FedKRSO, FedTT): its shapes, a copy of its values, and loading values into it."""

@@ -26,7 +26,7 @@ from safetensors.numpy import save as st_save
 
 from common.config import ConfigError, parse_run_config
 from common.files import DiskFull
-from common.methods import METHODS
+from common.methods import METHODS, get_method
 from common.nodestore import STATE_DIR_ENV
 from common.records import RunRecorder, jsonl_line, records_digest
 from harness.fakes import InProcessGrid
@@ -89,13 +89,18 @@ def server_model(method, tiny_bert, glue_dir, tmp_path, records):
     cfg = make_cfg(method, tiny_bert, glue_dir, tmp_path, **{"run-name": "inspect"})
     setup = build_setup(cfg, RunRecorder(str(tmp_path / "inspect"), method, cfg.to_flat()))
     resume(setup, checkpoint.read(records), run_id=0)
-    return {n: t.detach().clone() for n, t in setup.model.state_dict().items()}
+    return global_model(cfg, setup)
 
 
 def server_model_initial(method, tiny_bert, glue_dir, tmp_path):
     cfg = make_cfg(method, tiny_bert, glue_dir, tmp_path, **{"run-name": "initial"})
     setup = build_setup(cfg, RunRecorder(str(tmp_path / "inspect"), "initial", cfg.to_flat()))
-    return {n: t.detach().clone() for n, t in setup.model.state_dict().items()}
+    return global_model(cfg, setup)
+
+
+def global_model(cfg, setup) -> dict[str, torch.Tensor]:
+    """A copy of every tensor of the server's global model (MethodSpec.global_model: FedTT's cores included)."""
+    return {n: t.detach().clone() for n, t in get_method(cfg.method).load_global_model()(setup).items()}
 
 
 @pytest.mark.integration

@@ -14,18 +14,19 @@ import io
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from numpy.lib import format as npy
 
 from bench.robust import attack as bench_attack
-from bench.robust import references
+from bench.robust import flat_weights, references, value_bound
 from common import robust
 from common.config import parse_run_config
-from common.methods import METHODS, get_method
+from common.methods import METHODS, get_method, known
 from common.nodestore import STATE_DIR_ENV
 from common.records import RunRecorder
 from common.wire import WireError, decode_array, npy_header
@@ -83,8 +84,9 @@ class Run:
         return self.recorder.end_round(rnd, None)
 
     def weights(self) -> torch.Tensor:
-        """The whole global model, flattened (what the server would evaluate)."""
-        return torch.cat([p.detach().reshape(-1).float() for p in self.setup.model.state_dict().values()])
+        """The whole global model, flattened (what the server would evaluate): every tensor the method declares
+        (MethodSpec.global_model), FedTT's cores on their forward hooks included."""
+        return flat_weights(self.cfg, self.setup)
 
 
 def npy_bytes(descr: str, shape: tuple, payload: bytes, fortran: bool = False) -> bytes:
@@ -172,66 +174,80 @@ def test_decode_array_reads_numpys_own_header_without_parsing_and_any_other_by_p
             decode_array("a", _with_data(honest, honest.data.replace(old, new, 1)), (3, 4))
 
 
-def _first_float_array(content: RecordDict, method: str) -> str:
-    rec = content[get_method(method).reply_record]
+def _first_float_array(content: RecordDict, cfg) -> str:
+    rec = content[get_method(cfg.method).reply_record]
     return next(k for k in rec if rec[k].dtype == "float32" and math.prod(rec[k].shape) > 1)
 
 
 def _attack_malformed(kind):
-    def attack(content, method):
-        rec = content[get_method(method).reply_record]
-        key = _first_float_array(content, method)
+    def attack(content, cfg):
+        rec = content[get_method(cfg.method).reply_record]
+        key = _first_float_array(content, cfg)
         rec[key] = _with_data(rec[key], MALFORMED[kind](rec[key]))
         return content
 
     return attack
 
 
-def _attack_index_bytes(content, method):  # FedKSeed's sparse index: metadata int32, bytes int64
-    rec = content["scalars"]
-    index = rec["index"]
-    rec["index"] = _with_data(index, npy_bytes("<i8", tuple(index.shape), index.numpy().astype(np.int64).tobytes()))
+def _int_array(content: RecordDict, cfg) -> str | None:
+    """The reply record's first integer array (FedKSeed's sparse index), or None."""
+    rec = content[get_method(cfg.method).reply_record]
+    return next((k for k in rec if rec[k].dtype == "int32"), None)
+
+
+def _attack_index_bytes(content, cfg):  # an index array (FedKSeed's sparse one): metadata int32, bytes int64
+    rec = content[get_method(cfg.method).reply_record]
+    key = _int_array(content, cfg)
+    index = rec[key]
+    rec[key] = _with_data(index, npy_bytes("<i8", tuple(index.shape), index.numpy().astype(np.int64).tobytes()))
     return content
 
 
-def _attack_alias(content, method):  # "01/n" next to "1/n": one would silently overwrite the other
-    rec = content["accumulators"]
-    key = next(k for k in rec if k.startswith("1/"))
+NUMBERED = re.compile(r"([0-9]+)/")  # a key that starts with a number (FedKRSO's "j/n": seed index j, matrix n)
+
+
+def _numbered_key(content: RecordDict, cfg) -> str | None:
+    return next((k for k in content[get_method(cfg.method).reply_record] if NUMBERED.match(k)), None)
+
+
+def _attack_alias(content, cfg):  # "01/n" next to "1/n": one would silently overwrite the other
+    rec = content[get_method(cfg.method).reply_record]
+    key = _numbered_key(content, cfg)
     rec["0" + key] = Array(np.full(tuple(rec[key].shape), 0.5, np.float32))
     return content
 
 
-def _attack_other_stype(content, method):
-    rec = content[get_method(method).reply_record]
-    key = _first_float_array(content, method)
+def _attack_other_stype(content, cfg):
+    rec = content[get_method(cfg.method).reply_record]
+    key = _first_float_array(content, cfg)
     rec[key] = _with_data(rec[key], rec[key].data, stype="torch.Tensor")
     return content
 
 
-def _attack_oversize(content, method):  # one more array, larger than anything the method sends
-    content[get_method(method).reply_record]["padding"] = Array(np.zeros(2_000_000, np.float32))
+def _attack_oversize(content, cfg):  # one more array, larger than anything the method sends
+    content[get_method(cfg.method).reply_record]["padding"] = Array(np.zeros(2_000_000, np.float32))
     return content
 
 
-def _attack_renamed_record(content, method):
-    content["renamed"] = content.pop(get_method(method).reply_record)
+def _attack_renamed_record(content, cfg):
+    content["renamed"] = content.pop(get_method(cfg.method).reply_record)
     return content
 
 
-def _attack_list_metric(content, method):
+def _attack_list_metric(content, cfg):
     content["metrics"]["train-loss"] = [0.1, 0.2]
     return content
 
 
-def _attack_absurd(content, method):  # finite, representable in float32, and absurd
-    rec = content[get_method(method).reply_record]
-    key = _first_float_array(content, method)
+def _attack_absurd(content, cfg):  # finite, representable in float32, and absurd
+    rec = content[get_method(cfg.method).reply_record]
+    key = _first_float_array(content, cfg)
     rec[key] = Array(np.full(tuple(rec[key].shape), 1e30, np.float32))
     return content
 
 
 def _attack_metric(value):
-    def attack(content, method):
+    def attack(content, cfg):
         content["metrics"]["train-loss"] = value
         return content
 
@@ -239,7 +255,7 @@ def _attack_metric(value):
 
 
 def _attack_examples(value):
-    def attack(content, method):
+    def attack(content, cfg):
         content["metrics"]["num-examples"] = value
         return content
 
@@ -247,7 +263,7 @@ def _attack_examples(value):
 
 
 def _attack_round(delta):
-    def attack(content, method):
+    def attack(content, cfg):
         content["metrics"]["model-round"] = content["metrics"]["model-round"] + delta
         return content
 
@@ -270,14 +286,36 @@ ATTACKS = {
 }
 
 
-def _attack_scores(value):
-    def attack(content, method):
-        scores = content["scores"]["scores"].numpy().copy()
-        scores[0] = value
-        content["scores"]["scores"] = Array(scores)
+def _attack_record(record: str, value: float):
+    """One number of another record of floats than the reply's own (a head, FedTT+'s gradient scores) set to
+    `value`, beyond the record's bound."""
+
+    def attack(content, cfg):
+        rec = content[record]
+        key = next(k for k in rec if rec[k].dtype == "float32")
+        values = rec[key].numpy().copy()
+        values.reshape(-1)[0] = value
+        rec[key] = Array(values)
         return content
 
     return attack
+
+
+def wire_attacks(content: RecordDict, cfg) -> dict:
+    """The attacks on what this method's honest reply has beyond every method's (ATTACKS), found in the reply
+    itself, so that a method with the same wire feature gets the same attack: an integer index array, keys that
+    start with a number, other records of floats (each with one value of 3e38, beyond any bound)."""
+    reply_record = get_method(cfg.method).reply_record
+    extra = {}
+    if _int_array(content, cfg) is not None:
+        extra["index bytes"] = _attack_index_bytes
+    if _numbered_key(content, cfg) is not None:
+        extra["aliased keys"] = _attack_alias
+    for name, rec in content.items():
+        if name != reply_record and isinstance(rec, ArrayRecord) and any(a.dtype == "float32" for a in rec.values()):
+            assert value_bound(cfg, name) < 3e38, name
+            extra[f"{name} value 3e38"] = _attack_record(name, 3e38)
+    return extra
 
 
 @pytest.fixture
@@ -296,17 +334,11 @@ def test_one_hostile_node_sending_malformed_replies_changes_nothing(method, tiny
     honest = [clean.reply(msgs[n]) for n in HONEST]
     assert clean.aggregate(1, honest)["clients"] == 2
     expected = clean.weights()
-    attacks = dict(ATTACKS)
-    if method == "fedkseed":
-        attacks["index bytes"] = _attack_index_bytes
-    if method == "fedkrso":
-        attacks["aliased keys"] = _attack_alias
-    if method == "fedtt-plus":
-        attacks["score 3e38"] = _attack_scores(3e38)
+    attacks = {**ATTACKS, **wire_attacks(clean.reply(msgs[HOSTILE]).content, clean.cfg)}
     for name, attack in attacks.items():
         run = Run(method, tiny_bert, glue_dir, tmp_path)
         msgs = run.instructions(1)
-        hostile = Message(attack(run.reply(msgs[HOSTILE]).content, method), reply_to=msgs[HOSTILE])
+        hostile = Message(attack(run.reply(msgs[HOSTILE]).content, run.cfg), reply_to=msgs[HOSTILE])
         rec = run.aggregate(
             1, [*[Message(h.content, reply_to=msgs[n]) for n, h in zip(HONEST, honest, strict=True)], hostile]
         )
@@ -316,7 +348,7 @@ def test_one_hostile_node_sending_malformed_replies_changes_nothing(method, tiny
 
 @pytest.mark.integration
 @pytest.mark.usefixtures("state_dir")
-@pytest.mark.parametrize("method", ["fedavg", "fedkrso"])
+@pytest.mark.parametrize("method", known("fedavg", "fedkrso"))
 def test_an_extra_metric_key_is_ignored_not_fatal(method, tiny_bert, glue_dir, tmp_path):
     """A newer client may add a metric: the reply is accepted and the key (even list-valued) ignored."""
     runs = [Run(method, tiny_bert, glue_dir, tmp_path) for _ in range(2)]
@@ -359,7 +391,7 @@ def play(run, rounds, attack=None):
         msgs = run.instructions(rnd)
         replies = [run.reply(msgs[n]) for n in HONEST]
         if attack is not None:
-            replies.append(Message(attack(run.reply(msgs[HOSTILE]).content, run.cfg.method), reply_to=msgs[HOSTILE]))
+            replies.append(Message(attack(run.reply(msgs[HOSTILE]).content, run.cfg), reply_to=msgs[HOSTILE]))
         records.append(run.aggregate(rnd, replies))
     return records
 
@@ -392,7 +424,7 @@ def test_a_claim_of_1e12_examples_weighs_at_most_the_cap(method, tiny_bert, glue
     claims = {}
 
     def claim(n):
-        def attack(content, method):
+        def attack(content, cfg):
             claims.setdefault(n, []).append(content["metrics"]["num-examples"])
             content["metrics"]["num-examples"] = n if n else 4 * sorted([*honest_counts, 10**12])[1]
             return content
@@ -415,14 +447,14 @@ def _scaled(factor):
     """Node 103 sends its honest reply's numbers x factor (kept just inside the value bounds): a plausible-looking
     reply that drags the model far away under the mean."""
 
-    def attack(content, method):
-        for rec_name in (get_method(method).reply_record, "head"):
+    def attack(content, cfg):
+        for rec_name in (get_method(cfg.method).reply_record, "head"):
             if rec_name not in content:
                 continue
             rec = content[rec_name]
             for key in list(rec.keys()):
                 if rec[key].dtype == "float32":
-                    bound = 0.9 * (5000.0 if method in ("fedspzo", "fedkseed") else 1e3)
+                    bound = 0.9 * value_bound(cfg, rec_name)
                     rec[key] = Array(np.clip(rec[key].numpy() * factor, -bound, bound).astype(np.float32))
         return content
 
@@ -431,7 +463,7 @@ def _scaled(factor):
 
 @pytest.mark.integration
 @pytest.mark.usefixtures("state_dir")
-@pytest.mark.parametrize("method", ["fedkrso", "fedspzo", "fedkseed", "fedtt-plus", "fedavg"])
+@pytest.mark.parametrize("method", known("fedkrso", "fedspzo", "fedkseed", "fedtt-plus", "fedavg"))
 def test_robust_rules_keep_a_plausible_attacker_close_to_the_honest_run(method, tiny_bert, glue_dir, tmp_path):
     """Within the bounds, an attacker's reply is accepted; what limits it is the rule. Two honest nodes and one
     attacker sending 300x its honest numbers, two rounds. Stated distance: d = |w - w_clean| / u (w: the whole
@@ -493,21 +525,21 @@ def _at_the_bound(kind: str):
     """The hostile node's own honest reply made what passes every check and hurts most (bench.robust.attack:
     "bound", "sign flip", "bound + 1e12", "high": every value at +bound, on which colluders agree)."""
 
-    def hostile(content, run, rnd):
-        return bench_attack(content, kind, run.cfg, references(run.cfg, run.setup.strategy, run.arrays, rnd))
+    def hostile(content, run, instruction):
+        return bench_attack(content, kind, run.cfg, references(run.cfg, run.setup, instruction))
 
     return hostile
 
 
 def play_rounds(run, rounds, attack=None, hostile=(HOSTILE,)):
-    """Like `play`, over the given rounds, the hostile nodes answering through attack(content, run, round)."""
+    """Like `play`, over the given rounds, the hostile nodes answering through attack(content, run, instruction)."""
     records = []
     for rnd in rounds:
         msgs = run.instructions(rnd)
         replies = [run.reply(msgs[n]) for n in run.nodes if n not in hostile]
         if attack is not None:
             for n in hostile:
-                replies.append(Message(attack(run.reply(msgs[n]).content, run, rnd), reply_to=msgs[n]))
+                replies.append(Message(attack(run.reply(msgs[n]).content, run, msgs[n]), reply_to=msgs[n]))
         records.append(run.aggregate(rnd, replies))
     return records
 
@@ -544,7 +576,7 @@ def test_one_hostile_node_of_three_moves_the_default_model_about_one_honest_roun
 
 @pytest.mark.integration
 @pytest.mark.usefixtures("state_dir")
-@pytest.mark.parametrize("method", ["fedtt", "fedtt-plus"])
+@pytest.mark.parametrize("method", known("fedtt", "fedtt-plus"))
 def test_fedtt_survives_a_node_at_the_bound_and_takes_honest_replies_after(method, tiny_bert, glue_dir, tmp_path):
     """FedTT's cores multiply: one client of three with every core value at the bound made the plain mean's
     model NaN, after which every honest reply was rejected. At the defaults the round applies a bounded update,
@@ -554,6 +586,38 @@ def test_fedtt_survives_a_node_at_the_bound_and_takes_honest_replies_after(metho
     assert [(r["clients"], r["rejected"], r["failed"]) for r in records] == [(3, 0, None), (2, 0, None), (2, 0, None)]
     assert all(math.isfinite(r["client_train_loss"]) for r in records)
     assert torch.isfinite(run.weights()).all()
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("state_dir")
+@pytest.mark.parametrize("method", known("fedtt", "fedtt-plus"))
+def test_a_corrupted_tt_core_is_seen_by_every_measure_of_the_global_model(method, tiny_bert, glue_dir, tmp_path):
+    """FedTT's cores hang on forward hooks, in neither `model.state_dict()` nor `model.parameters()`: the flat
+    state_dict these tests and bench/robust.py once read did not move when a core did. After an honest round,
+    one element of one core set to +1e3 and then to NaN, the state_dict unchanged both times: this file's "bit for
+    bit" assertion (Run.weights) fails, the robust benchmark's update norm (flat_weights, the same measure)
+    changes, and the finiteness assertion fails on the NaN; the core put back, both pass again."""
+    run = Run(method, tiny_bert, glue_dir, tmp_path)
+    w0 = run.weights()
+    play_rounds(run, [1])
+    expected, update = run.weights(), float((run.weights() - w0).norm())
+    assert update > 0 and torch.isfinite(expected).all()
+    adapters = run.setup.strategy.tm.adapters  # the server's cores (methods.fedtt.server.FedTT)
+    core = adapters.core(adapters.core_keys()[len(adapters.core_keys()) // 2]).data.view(-1)
+    honest_value = float(core[0])
+
+    def state_dict() -> torch.Tensor:
+        return torch.cat([t.detach().reshape(-1).double() for t in run.setup.model.state_dict().values()])
+
+    before = state_dict()
+    for bad in (1e3, float("nan")):
+        core[0] = bad
+        assert torch.equal(state_dict(), before), "a core moved the state_dict: this test no longer shows the gap"
+        assert not torch.equal(run.weights(), expected), bad
+        assert float((flat_weights(run.cfg, run.setup) - w0).norm()) != update, bad
+    assert not torch.isfinite(run.weights()).all()
+    core[0] = honest_value
+    assert torch.equal(run.weights(), expected) and torch.isfinite(run.weights()).all()
 
 
 COLLUDING = {101: 0, 102: 1, 103: 2, 104: 3, 105: 4}  # 104 and 105 collude

@@ -150,13 +150,16 @@ def test_each_method_lives_in_one_package():
 def check_declarations(spec: MethodSpec) -> None:
     """What the code reading a method's spec needs from it, each refused with the method named when missing:
     what the hostile tests and the robust benchmark attack (tests/test_hostile.py, bench/robust.py: the reply
-    record, what its floats are measured from, the value bound) and README's row."""
+    record, what its floats are measured from and where the global ones are, the value bound), what every
+    measure of the global model reads (all its tensors: FedTT's cores are in no state_dict) and README's row."""
     from common.config import parse_run_config
 
     cfg = parse_run_config({"method": spec.name})
     reference = spec.attack_references()  # MethodError when the method declares none
     assert spec.reply_record in reference, f"{spec.name}: attack_reference must name its reply record"
     bound = spec.load_value_bound()  # MethodError when the method declares none
+    assert callable(spec.load_reference_values())  # MethodError when a record is "global" and none is declared
+    assert callable(spec.load_global_model())  # MethodError when the method declares none
     for record in reference:
         value = bound(cfg, record)
         assert 0 < value < float("inf"), f"{spec.name}: value bound of '{record}' is {value}"
@@ -182,6 +185,7 @@ SPEC = MethodSpec(
     name="fedzosgd", label="FedZO-SGD", defaults={"train.lr": 1e-4, "aggregation.rule": "trimmed-or-capped"},
     client_module=f"{__name__}.client", server_setup=f"{__name__}.server:setup", sections={"zosgd": ZoSgdConfig},
     optimizer="zero-order", attack_reference={"arrays": "global"}, value_bound="methods.fedavg.wire:value_bound",
+    reference_values="methods.fedavg.wire:reference_values", global_model="common.modeling:model_tensors",
     summary="zero-order SGD, full updates", travels="all weights both ways",
 )
 SPECS = (SPEC,)
@@ -268,6 +272,8 @@ def test_an_eighth_method_that_leaves_a_declaration_out_fails_the_named_test(eig
     for left_out, message in (
         ("attack_reference", "declares no attack_reference"),
         ("value_bound", "declares no value_bound"),
+        ("reference_values", "declares no reference_values"),
+        ("global_model", "declares no global_model"),
         ("travels", "declares no summary or travels"),
     ):
         bare = methods.register_method(dataclasses.replace(spec, **{left_out: None if left_out != "travels" else ""}))

@@ -11,6 +11,7 @@ SPEC = MethodSpec(
     name="fedavg", label="FedAvg", defaults={"train.lr": 5e-5, "aggregation.rule": "trimmed-or-capped"},
     client_module=f"{__name__}.client", server_setup=f"{__name__}.server:setup",
     attack_reference={"arrays": "global"}, value_bound=f"{__name__}.wire:value_bound",
+    reference_values=f"{__name__}.wire:reference_values", global_model="common.modeling:model_tensors",
     summary="full fine-tuning (Flower's `FedAvg`)",
     travels="all weights both ways",
 )  # fmt: skip

@@ -42,6 +42,11 @@ def value_bound(cfg: RunConfig, record: str) -> float:
     return {"arrays": VALUE_BOUND}[record]
 
 
+def reference_values(setup, instruction: RecordDict) -> dict[str, dict[str, np.ndarray]]:
+    """What a reply's "arrays" replace (MethodSpec.reference_values): the global weights the instruction sent."""
+    return {"arrays": {k: a.numpy() for k, a in require(instruction, "arrays", ArrayRecord).items()}}
+
+
 def unpack_instruction(content: RecordDict, shapes: Shapes) -> tuple[int, dict[str, torch.Tensor]]:
     """(server round, the global values of the parameters of `shapes`), checked."""
     _, server_round, _ = checked_round_config(content, with_log=False)

@@ -14,6 +14,7 @@ SPEC = MethodSpec(
     client_module=f"{__name__}.client", server_setup=f"{__name__}.server:setup", sections={"lora": LoraConfig},
     export=f"{__name__}.export:export", attack_reference={"arrays": "global"},
     value_bound="methods.fedavg.wire:value_bound",  # FedAvg's wire
+    reference_values="methods.fedavg.wire:reference_values", global_model="common.modeling:model_tensors",
     summary="LoRA adapters (`peft`, r = 8 on query/value)",
     travels="LoRA A, B + head both ways (MiniLM: 74,498 numbers, 296 KB)",
 )  # fmt: skip

@@ -13,6 +13,7 @@ SPEC = MethodSpec(
     client_module=f"{__name__}.client", server_setup=f"{__name__}.server:setup", sections={"krso": KrsoConfig},
     keeps_model=True, instruction_record="log", reply_record="accumulators",
     attack_reference={"accumulators": "zero", "head": "global"}, value_bound=f"{__name__}.wire:value_bound",
+    reference_values=f"{__name__}.wire:reference_values", global_model="common.modeling:model_tensors",
     summary="K-seed random subspaces",
     travels="K seeds down, per-seed accumulators (d_out x r) both ways",
 )  # fmt: skip

@@ -61,6 +61,14 @@ def value_bound(cfg: RunConfig, record: str) -> float:
     return {"accumulators": VALUE_BOUND, "head": VALUE_BOUND}[record]
 
 
+def reference_values(setup, instruction: RecordDict) -> dict[str, dict[str, np.ndarray]]:
+    """What a reply's "head" replaces (MethodSpec.reference_values): the global head the instruction sent (none in
+    a run without a new head). The accumulators are updates, measured from 0."""
+    if "head" not in instruction:
+        return {}
+    return {"head": {k: a.numpy() for k, a in require(instruction, "head", ArrayRecord).items()}}
+
+
 def _head(content: RecordDict, head_shapes: Mapping[str, tuple[int, ...]], bound: float) -> dict[str, torch.Tensor]:
     """The "head" record; a run with no new head (the LM head scores label words, or an instruction task) may
     leave it out, as a checkpoint does, which keeps no empty record."""

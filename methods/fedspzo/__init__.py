@@ -15,6 +15,7 @@ SPEC = MethodSpec(
     client_module=f"{__name__}.client", server_setup=f"{__name__}.server:setup", sections={"spzo": SpzoConfig},
     optimizer="zero-order", replayed=True, keeps_model=True, instruction_record="log", reply_record="scalars",
     attack_reference={"scalars": "zero"}, value_bound=f"{__name__}.wire:value_bound",
+    global_model="common.modeling:model_tensors",
     summary="split-perturbation zero-order (forward passes only)",
     travels="a round seed down, S x (P1 + P2) float32 scalars up (720 B at the defaults)",
 )  # fmt: skip

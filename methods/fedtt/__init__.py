@@ -16,6 +16,7 @@ SPEC = MethodSpec(
     client_module=f"{__name__}.client", server_setup=f"{__name__}.server:setup", sections={"tt": TTConfig},
     instruction_record="cores", reply_record="cores", export=f"{__name__}.export:export",
     attack_reference={"cores": "global", "head": "global"}, value_bound=f"{__name__}.wire:value_bound",
+    reference_values=f"{__name__}.wire:reference_values", global_model=f"{__name__}.model:global_tensors",
     options={"plus": False},
     summary="tensor-train bottleneck adapters",
     travels="all TT cores + head both ways (MiniLM: 9,698 numbers, 41 KB)",

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from common.config import RunConfig
-from common.modeling import LoadedModel, TrainedHead, load_with_trainable_head
-from methods.fedtt.tt import TTAdapters, find_sites
+from common.modeling import LoadedModel, TrainedHead, load_with_trainable_head, model_tensors
+from methods.fedtt.tt import CoreKey, TTAdapters, find_sites
 
 
 @dataclass
@@ -29,6 +29,23 @@ class TTModel(TrainedHead):
         cores = self.adapters.num_parameters()
         head = sum(p.numel() for p in self.head.values())
         return {"cores": cores, "head": head, "total": cores + head}
+
+
+def core_name(key: CoreKey) -> str:
+    """A core's name among the global model's tensors: "tt.<adapter>.<down|up>.<core>"."""
+    i, m, j = key
+    return f"tt.{i}.{m}.{j}"
+
+
+def global_tensors(setup) -> dict[str, torch.Tensor]:
+    """FedTT's global model (MethodSpec.global_model): the base model's state (the head among it) and every TT
+    core, which hangs on a forward hook and so is in neither `model.state_dict()` nor `model.parameters()`."""
+    adapters = setup.strategy.tm.adapters  # methods.fedtt.server.FedTT: the global cores the server evaluates
+    tensors = model_tensors(setup)
+    cores = {core_name(k): adapters.core(k) for k in adapters.core_keys()}
+    if clash := set(tensors) & set(cores):
+        raise ValueError(f"the base model has tensors named like TT cores: {sorted(clash)[:3]}")
+    return {**tensors, **cores}
 
 
 def build(cfg: RunConfig) -> TTModel:

@@ -39,6 +39,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
@@ -171,6 +172,16 @@ def unpack_instruction(content: RecordDict, shapes: Shapes, head_shapes: Mapping
     cores = _unpack_cores("cores", require(content, "cores", ArrayRecord), list(shapes), shapes, bound)
     head = unpack_tensors("head", require(content, "head", ArrayRecord), head_shapes, bound)
     return Instruction(server_round, selected, cores, head, bool(want))
+
+
+def reference_values(setup, instruction: RecordDict) -> dict[str, dict[str, np.ndarray]]:
+    """What a reply's "cores" and "head" replace (MethodSpec.reference_values): the instruction's cores of the
+    round's selection, packed as a reply packs them, and its head. The core shapes are the server model's."""
+    tm = setup.strategy.tm  # methods.fedtt.server.FedTT
+    shapes = tm.adapters.shapes()
+    sent = unpack_instruction(instruction, shapes, tm.head_shapes)
+    cores = _pack_cores({k: sent.cores[k] for k in sent.selected}, shapes)
+    return {"cores": {k: a.numpy() for k, a in cores.items()}, "head": {n: v.numpy() for n, v in sent.head.items()}}
 
 
 def pack_reply(
