@@ -82,12 +82,12 @@ def value_bound(cfg, record: str) -> float:
     return get_method(cfg.method).load_value_bound()(cfg, record)
 
 
-def references(cfg, strategy, arrays, server_round: int) -> dict[str, dict[str, np.ndarray]]:
+def references(cfg, strategy, server_round: int) -> dict[str, dict[str, np.ndarray]]:
     """Per reply record, the global values its arrays replace (absent: 0, the arrays are updates already); what
     each record is measured from is the method's declaration (MethodSpec.attack_reference)."""
     reference = get_method(cfg.method).attack_references()
     if reference.get("arrays") == "global":  # FedAvg's wire: the reply's arrays replace the instruction's
-        return {"arrays": {k: a.numpy() for k, a in arrays.items()}}
+        return {"arrays": {k: a.copy() for k, a in strategy.global_arrays().items()}}
     if reference.get("head") == "global" and reference.get("accumulators") == "zero":  # FedKRSO's
         return {"head": {n: v.numpy() for n, v in strategy.km.head_state().items()}}
     if reference.get("cores") == "global":  # FedTT's
@@ -159,7 +159,6 @@ def run(method: str, rule: str, scenario: str, seed: int, args, dev) -> dict:
     recorder = RunRecorder(cfg.results_dir, name, cfg.to_flat())
     setup = build_setup(cfg, recorder)
     client = get_method(method).load_client().train
-    arrays = setup.initial
     w0 = flat_weights(setup.model)
     first_update = None
     rows = []
@@ -167,9 +166,9 @@ def run(method: str, rule: str, scenario: str, seed: int, args, dev) -> dict:
     for rnd in range(1, args.rounds + 1):
         msgs = {
             m.metadata.dst_node_id: m
-            for m in setup.strategy.configure_train(rnd, arrays, ConfigRecord(), NodeList(clients))
+            for m in setup.strategy.configure_train(rnd, None, ConfigRecord(), NodeList(clients))
         }
-        refs = references(cfg, setup.strategy, arrays, rnd)
+        refs = references(cfg, setup.strategy, rnd)
         replies = []
         for node, msg in sorted(msgs.items()):
             part = node - 1
@@ -178,10 +177,7 @@ def run(method: str, rule: str, scenario: str, seed: int, args, dev) -> dict:
             if part >= clients - hostile:
                 content = attack(content, kind, cfg, refs)
             replies.append(Message(content, reply_to=msg))
-        new, _ = setup.strategy.aggregate_train(rnd, replies)
-        if new is not None and setup.load is not None:
-            arrays = new
-            setup.load(new)
+        setup.strategy.aggregate_train(rnd, replies)  # the strategy updates the server's model
         if rnd == 1:
             first_update = float((flat_weights(setup.model) - w0).norm())
         rec = recorder.end_round(rnd, None)

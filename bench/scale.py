@@ -253,9 +253,9 @@ def one_aggregation(method: str, n: int, model: str, work: str, traced: bool, ru
     cfg = parse_run_config(run_config(method, model, work, name, 2, **{"aggregation.rule": rule}))
     setup = build_setup(cfg, RunRecorder(work, name, cfg.to_flat()))
     train = get_method(method).load_client().train
-    arrays, out = setup.initial, {"seconds": [], "mb": []}
+    out = {"seconds": [], "mb": []}
     for server_round in (1, 2):
-        messages = list(setup.strategy.configure_train(server_round, arrays, ConfigRecord(), NodeList(n)))
+        messages = list(setup.strategy.configure_train(server_round, None, ConfigRecord(), NodeList(n)))
         template = client_reply(train, cfg, messages[0], {1: 0}).content
         replies = [Message(copy.deepcopy(template), reply_to=msg) for msg in messages]  # Flower's list
         out["messages_mb"] = n * content_bytes(template) / 2**20
@@ -264,7 +264,7 @@ def one_aggregation(method: str, n: int, model: str, work: str, traced: bool, ru
             tracemalloc.start()
         start = time.perf_counter()
         try:
-            new, metrics = setup.strategy.aggregate_train(server_round, replies)
+            _, metrics = setup.strategy.aggregate_train(server_round, replies)
             out["seconds"].append(time.perf_counter() - start)
             out["mb"].append(tracemalloc.get_traced_memory()[1] / 2**20 if traced else 0.0)
         finally:
@@ -272,7 +272,6 @@ def one_aggregation(method: str, n: int, model: str, work: str, traced: bool, ru
                 tracemalloc.stop()
         if metrics is None or metrics["clients"] != n:
             raise RuntimeError(f"{method}: round {server_round} of {n} replies did not aggregate them all")
-        arrays = new if new is not None and len(new) else arrays
         del replies, messages
     return out
 
@@ -289,9 +288,9 @@ def reply_arrays(model: str, work: str) -> tuple[dict, dict]:
     fresh_nodes(work)
     cfg = parse_run_config(run_config("fedavg", model, work, "fedavg-mean", 1))
     setup = build_setup(cfg, RunRecorder(work, "fedavg-mean", cfg.to_flat()))
-    msg = list(setup.strategy.configure_train(1, setup.initial, ConfigRecord(), NodeList(1)))[0]
+    msg = list(setup.strategy.configure_train(1, None, ConfigRecord(), NodeList(1)))[0]
     reply = client_reply(get_method("fedavg").load_client().train, cfg, msg, {1: 0}).content
-    return {k: a.numpy() for k, a in reply["arrays"].items()}, {k: a.numpy() for k, a in setup.initial.items()}
+    return {k: a.numpy() for k, a in reply["arrays"].items()}, {k: a.numpy() for k, a in msg.content["arrays"].items()}
 
 
 def mean_alone(counts: list[int], model: str, work: str, limit_mb: float) -> dict:
@@ -733,18 +732,16 @@ NOTES = """## Reading the figures
   8 bytes per aggregated number), and the strategies read their replies lazily (server_app/base.py
   `Replies`): a first pass checks every reply, then the aggregation decodes each reply's arrays again from its
   Message when it reads them. A round holds one decoded reply at a time, not n: FedAvg's round, whose replies
-  are 3.86 MB, is flat. Since this issue's second pass nothing is kept per reply either: the round keeps the
-  positions of the replies that did not pass (server_app/base.py `Accepted`), reads each accepted reply's
-  example count and loss again from its Message's metrics when it weighs it (`capped_weights` computes each
-  weight when asked), and selects the two medians (example counts, update norms) in bounded memory
-  (common.robust.lower_median: up to 256 values, one reading; beyond, the values are read again, about three
-  times, the norms recomputed from the decoded replies). Before, it was 50-110 bytes a reply: 8-byte slots
-  (Message reference, count, loss, capped weight, norm, median copies) and a 2-tuple per array decode left on
-  the interpreter's free list (`tuple(generator)` in common.wire.decode_array). What is left from 10 to 100
+  are 3.86 MB, is flat. Each reply is checked once (its size, its metrics, its arrays decoded and bounded) and
+  the round keeps what the check found (server_app/base.py `Accepted`: position, node, example count, loss,
+  32 bytes a reply in plain arrays), the weights and update norms as plain lists (8-byte floats, medians by
+  np.partition); only the arrays are decoded again, once per aggregation pass (tests/test_fedavg_replies.py
+  counts it: metrics validated once, arrays decoded once per pass). These few numbers are what a round
+  holds per reply beyond Flower's own list of reply Messages (tests/test_lazy_replies.py: under 256 bytes a
+  reply, against KBs to MBs of arrays). What is left from 10 to 100
   replies is the interpreter's free lists refilling after gc.collect() (dicts, small tuples, numpy's small
   buffers: bounded, a few KB), which on the tiny model is a visible share of the zero-order methods' whole
-  round (FedSPZO: 14 KB at 10 replies); from 100 replies on the peaks are flat. The extra readings cost time
-  past 256 replies (FedKRSO: 0.8 s for 1,000 replies, 0.35 s for 500).
+  round (FedSPZO: 14 KB at 10 replies); from 100 replies on the peaks are flat.
 - The log methods' map of which round each node holds (LogStrategy.node_round) grows by one entry per node the
   server has seen (35-37 bytes here, with the dict's growth), once, not per round: it is the fleet's state,
   which catch-up needs, and round 1's column shows it.
