@@ -45,7 +45,7 @@ def child_messages(spec: dict) -> dict:
         for name, overrides in spec["configs"].items():
             cfg = parse_run_config(overrides)
             setup = build_setup(cfg, RunRecorder(tmp, name, cfg.to_flat()))
-            messages = list(setup.strategy.configure_train(1, setup.initial, ConfigRecord(), NodeIds(cfg.min_clients)))
+            messages = list(setup.strategy.configure_train(1, None, ConfigRecord(), NodeIds(cfg.min_clients)))
             path = os.path.join(spec["folder"], f"{name}.msg")
             with open(path, "wb") as f:
                 f.write(recorddict_to_proto(messages[0].content).SerializeToString())

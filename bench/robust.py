@@ -171,7 +171,6 @@ def run(method: str, rule: str, scenario: str, seed: int, args, dev) -> dict:
     recorder = RunRecorder(cfg.results_dir, name, cfg.to_flat())
     setup = build_setup(cfg, recorder)
     client = get_method(method).load_client().train
-    arrays = setup.initial
     w0 = flat_weights(cfg, setup)
     first_update = None
     rows = []
@@ -179,7 +178,7 @@ def run(method: str, rule: str, scenario: str, seed: int, args, dev) -> dict:
     for rnd in range(1, args.rounds + 1):
         msgs = {
             m.metadata.dst_node_id: m
-            for m in setup.strategy.configure_train(rnd, arrays, ConfigRecord(), NodeList(clients))
+            for m in setup.strategy.configure_train(rnd, None, ConfigRecord(), NodeList(clients))
         }
         replies = []
         for node, msg in sorted(msgs.items()):
@@ -189,10 +188,7 @@ def run(method: str, rule: str, scenario: str, seed: int, args, dev) -> dict:
             if part >= clients - hostile:
                 content = attack(content, kind, cfg, references(cfg, setup, msg))
             replies.append(Message(content, reply_to=msg))
-        new, _ = setup.strategy.aggregate_train(rnd, replies)
-        if new is not None and setup.load is not None:
-            arrays = new
-            setup.load(new)
+        setup.strategy.aggregate_train(rnd, replies)  # the strategy updates the server's model
         if rnd == 1:
             first_update = float((flat_weights(cfg, setup) - w0).norm())
         rec = recorder.end_round(rnd, None)

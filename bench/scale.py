@@ -253,9 +253,9 @@ def one_aggregation(method: str, n: int, model: str, work: str, traced: bool, ru
     cfg = parse_run_config(run_config(method, model, work, name, 2, **{"aggregation.rule": rule}))
     setup = build_setup(cfg, RunRecorder(work, name, cfg.to_flat()))
     train = get_method(method).load_client().train
-    arrays, out = setup.initial, {"seconds": [], "mb": []}
+    out = {"seconds": [], "mb": []}
     for server_round in (1, 2):
-        messages = list(setup.strategy.configure_train(server_round, arrays, ConfigRecord(), NodeList(n)))
+        messages = list(setup.strategy.configure_train(server_round, None, ConfigRecord(), NodeList(n)))
         template = client_reply(train, cfg, messages[0], {1: 0}).content
         replies = [Message(copy.deepcopy(template), reply_to=msg) for msg in messages]  # Flower's list
         out["messages_mb"] = n * content_bytes(template) / 2**20
@@ -264,7 +264,7 @@ def one_aggregation(method: str, n: int, model: str, work: str, traced: bool, ru
             tracemalloc.start()
         start = time.perf_counter()
         try:
-            new, metrics = setup.strategy.aggregate_train(server_round, replies)
+            _, metrics = setup.strategy.aggregate_train(server_round, replies)
             out["seconds"].append(time.perf_counter() - start)
             out["mb"].append(tracemalloc.get_traced_memory()[1] / 2**20 if traced else 0.0)
         finally:
@@ -272,7 +272,6 @@ def one_aggregation(method: str, n: int, model: str, work: str, traced: bool, ru
                 tracemalloc.stop()
         if metrics is None or metrics["clients"] != n:
             raise RuntimeError(f"{method}: round {server_round} of {n} replies did not aggregate them all")
-        arrays = new if new is not None and len(new) else arrays
         del replies, messages
     return out
 
@@ -289,9 +288,9 @@ def reply_arrays(model: str, work: str) -> tuple[dict, dict]:
     fresh_nodes(work)
     cfg = parse_run_config(run_config("fedavg", model, work, "fedavg-mean", 1))
     setup = build_setup(cfg, RunRecorder(work, "fedavg-mean", cfg.to_flat()))
-    msg = list(setup.strategy.configure_train(1, setup.initial, ConfigRecord(), NodeList(1)))[0]
+    msg = list(setup.strategy.configure_train(1, None, ConfigRecord(), NodeList(1)))[0]
     reply = client_reply(get_method("fedavg").load_client().train, cfg, msg, {1: 0}).content
-    return {k: a.numpy() for k, a in reply["arrays"].items()}, {k: a.numpy() for k, a in setup.initial.items()}
+    return {k: a.numpy() for k, a in reply["arrays"].items()}, {k: a.numpy() for k, a in msg.content["arrays"].items()}
 
 
 def mean_alone(counts: list[int], model: str, work: str, limit_mb: float) -> dict:

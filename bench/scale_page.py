@@ -253,18 +253,16 @@ NOTES = """## Reading the figures
   8 bytes per aggregated number), and the strategies read their replies lazily (server_app/base.py
   `Replies`): a first pass checks every reply, then the aggregation decodes each reply's arrays again from its
   Message when it reads them. A round holds one decoded reply at a time, not n: FedAvg's round, whose replies
-  are 3.86 MB, is flat. Since this issue's second pass nothing is kept per reply either: the round keeps the
-  positions of the replies that did not pass (server_app/base.py `Accepted`), reads each accepted reply's
-  example count and loss again from its Message's metrics when it weighs it (`capped_weights` computes each
-  weight when asked), and selects the two medians (example counts, update norms) in bounded memory
-  (common.robust.lower_median: up to 256 values, one reading; beyond, the values are read again, about three
-  times, the norms recomputed from the decoded replies). Before, it was 50-110 bytes a reply: 8-byte slots
-  (Message reference, count, loss, capped weight, norm, median copies) and a 2-tuple per array decode left on
-  the interpreter's free list (`tuple(generator)` in common.wire.decode_array). What is left from 10 to 100
+  are 3.86 MB, is flat. Each reply is checked once (its size, its metrics, its arrays decoded and bounded) and
+  the round keeps what the check found (server_app/base.py `Accepted`: position, node, example count, loss,
+  32 bytes a reply in plain arrays), the weights and update norms as plain lists (8-byte floats, medians by
+  np.partition); only the arrays are decoded again, once per aggregation pass (tests/test_fedavg_replies.py
+  counts it: metrics validated once, arrays decoded once per pass). These few numbers are what a round
+  holds per reply beyond Flower's own list of reply Messages (tests/test_lazy_replies.py: under 256 bytes a
+  reply, against KBs to MBs of arrays). What is left from 10 to 100
   replies is the interpreter's free lists refilling after gc.collect() (dicts, small tuples, numpy's small
   buffers: bounded, a few KB), which on the tiny model is a visible share of the zero-order methods' whole
-  round (FedSPZO: 14 KB at 10 replies); from 100 replies on the peaks are flat. The extra readings cost time
-  past 256 replies (FedKRSO: 0.8 s for 1,000 replies, 0.35 s for 500).
+  round (FedSPZO: 14 KB at 10 replies); from 100 replies on the peaks are flat.
 - The log methods' map of which round each node holds (LogStrategy.node_round) grows by one entry per node the
   server has seen (35-37 bytes here, with the dict's growth), once, not per round: it is the fleet's state,
   which catch-up needs, and round 1's column shows it.

@@ -58,11 +58,9 @@ Nothing here makes a non-finite aggregate, but a caller applies one only if `non
 Memory. The mean is a running sum (`WeightedMean`): replies are added one at a time into one float64 array per
 key, in the same order and with the same float64 operations as `combine`, so the result is bit for bit the
 same while the aggregation holds one reply and 8 bytes per aggregated number, however many replies the round
-has. The weights are read, not copied (`capped_weights` computes each from its example count when asked), and
-the two medians are selected in bounded memory by reading their values again (`lower_median`: once up to
-SELECT_BUFFER values, usually three times beyond), so nothing is held per reply. Norm bounding needs the
-median norm before the first reply is scaled, so `aggregate_round` reads a re-iterable sequence more than
-once: norms only (once, or about three times past SELECT_BUFFER replies), then clip and add, one reply at a
+has. The weights and the norms are plain lists (8 bytes a reply: the bounded-memory aim is about the replies'
+arrays), their medians taken with np.partition. Norm bounding needs the median norm before the first reply is
+scaled, so `aggregate_round` reads a re-iterable sequence twice: once for the norms, then to clip and add, one reply at a
 time (a one-shot iterator is kept in a list first). The strategies hand it such a sequence (server_app.base.Replies):
 each accepted reply is decoded again from its Message when it is read and is not kept, so a round under the
 mean or the capped mean holds one decoded reply at a time, and a reply that fails to decode again raises
@@ -76,8 +74,6 @@ median n float64 copies of the update).
 from __future__ import annotations
 
 import math
-import struct
-from array import array
 from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -92,95 +88,22 @@ K = TypeVar("K", bound=Hashable)
 Value = TypeVar("Value", np.ndarray, torch.Tensor)
 
 
-SELECT_BUFFER = 256  # values lower_median holds at most; up to this many, it reads them once
-
-
-def _order_key(x: float) -> int:
-    """An int that orders as the float does: its IEEE 754 bits with the sign folded in (negative floats
-    reversed below the positive ones; a NaN sorts past the infinities, as numpy sorts it)."""
-    bits = struct.unpack("<Q", struct.pack("<d", x))[0]
-    return bits ^ 0xFFFF_FFFF_FFFF_FFFF if bits >> 63 else bits | 1 << 63
-
-
 def lower_median(values: Sequence[float]) -> float:
-    """The lower median: of two values the smaller; an honest value while fewer than half are hostile.
-
-    The very value sorted() would pick (floats exactly; integers exactly below 2^53, example counts), selected
-    in bounded memory: `values` is read again as often as it takes (any re-iterable sequence, e.g. the norms
-    of lazily decoded replies, each computed again on every reading), holding at most SELECT_BUFFER of them
-    and SELECT_BUFFER counters, however many there are. Up to SELECT_BUFFER values: one reading. More: a
-    first reading finds the smallest and largest, each further one counts the values in SELECT_BUFFER equal
-    bins of the range left (ordered as their float bits) and keeps the bin that holds the median, until one
-    bin's values fit the buffer (usually the third reading; at most about ten, as the 64-bit range shrinks by
-    SELECT_BUFFER each time). The multi-pass selection of Munro and Paterson (1980), "Selection and sorting
-    with limited storage". Raises ValueError when two readings disagree (a sequence that is not re-iterable)."""
-    n = len(values)
-    if n == 0:
+    """The lower median: of two values the smaller; an honest value while fewer than half are hostile. The very
+    value sorted() would pick (floats exactly; integers exactly below 2^53, example counts)."""
+    x = np.asarray(values, np.float64)
+    if not x.size:
         raise ValueError("lower_median needs at least one value")
-    rank = (n - 1) // 2  # of the median among all values, from the smallest
-    lo, hi, below, first = 0, (1 << 64) - 1, 0, True  # the median's key is in [lo, hi]; `below` keys are < lo
-    while True:
-        width = (hi - lo) // SELECT_BUFFER + 1
-        bins = array("q", bytes(8 * SELECT_BUFFER))
-        kept = array("d")
-        smaller = inside = read = 0
-        least = greatest = None  # keys of the values in [lo, hi]
-        for x in values:
-            x, read = float(x), read + 1
-            key = _order_key(x)
-            if key < lo:
-                smaller += 1
-            elif key <= hi:
-                inside += 1
-                bins[(key - lo) // width] += 1
-                if inside <= SELECT_BUFFER:
-                    kept.append(x)
-                least = key if least is None else min(least, key)
-                greatest = key if greatest is None else max(greatest, key)
-        if read != n or smaller != below or not inside:
-            raise ValueError("lower_median read different values from the same sequence")
-        r = rank - below  # the median's rank among the values in [lo, hi]
-        if inside <= SELECT_BUFFER:
-            return float(np.partition(np.frombuffer(kept, np.float64), r)[r])
-        if least == greatest:  # all of them the same value (e.g. equal example counts)
-            return kept[0]
-        if first:  # the whole 64-bit range told little: next, bins of [smallest, largest]
-            lo, hi, first = least, greatest, False
-            continue
-        for b in range(SELECT_BUFFER):
-            if r < bins[b]:
-                break
-            r, below = r - bins[b], below + bins[b]
-        lo, hi = lo + b * width, min(hi, lo + (b + 1) * width - 1)
+    rank = (x.size - 1) // 2
+    return float(np.partition(x, rank)[rank])
 
 
-class CappedWeights(Sequence):
-    """Each example count, at most cap x the lower median of all of them, as a sequence of floats: read from
-    `counts` when asked for, not kept (`counts` may itself read them from the replies), so a round does not
-    hold 8 bytes a reply for its weights however many replies it has."""
-
-    def __init__(self, counts: Sequence[int | float], cap: float) -> None:
-        if not len(counts) or min(counts) <= 0:
-            raise ValueError("capped_weights needs positive example counts")
-        self.counts, self.limit = counts, cap * lower_median(counts)
-
-    def __len__(self) -> int:
-        return len(self.counts)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [float(min(n, self.limit)) for n in list(self.counts)[i]]
-        return float(min(self.counts[i], self.limit))
-
-    def __iter__(self) -> Iterator[float]:
-        for n in self.counts:
-            yield float(min(n, self.limit))
-
-
-def capped_weights(counts: Sequence[int | float], cap: float) -> CappedWeights:
-    """Each example count, at most cap x the lower median of all of them (CappedWeights: float64 values,
-    which read as a list of floats)."""
-    return CappedWeights(counts, cap)
+def capped_weights(counts: Sequence[int | float], cap: float) -> list[float]:
+    """Each example count, at most cap x the lower median of all of them."""
+    if not len(counts) or min(counts) <= 0:
+        raise ValueError("capped_weights needs positive example counts")
+    limit = cap * lower_median(counts)
+    return [float(min(n, limit)) for n in counts]
 
 
 def norm_bound(norms: Sequence[float], norm_cap: float = 0.0, clip_norm: float = 0.0) -> float:
@@ -353,7 +276,7 @@ class WeightedMean:
     """
 
     def __init__(self, weights: Sequence[float], reference: Mapping[K, Value] | None = None) -> None:
-        self.weights = weights  # read, not copied: weights[i] when reply i is added (CappedWeights: computed)
+        self.weights = weights  # weights[i] when reply i is added
         self.total = float(sum(weights))
         self._least = min(weights, default=0.0)
         self.reference = {k: np.asarray(v) for k, v in (reference or {}).items()}
@@ -416,7 +339,8 @@ def _mean_round(
     bounding = norm_cap > 0 or clip_norm > 0
     if bounding and isinstance(replies, Iterator):
         replies = list(replies)  # a one-shot iterator cannot be read twice
-    norms = _Norms(replies, ref_np) if bounding and norm_cap > 0 else ()  # computed again on every reading
+    # one reading for the norms (8 bytes a reply), one to clip and add: each reply decoded once per pass
+    norms = [update_norm({k: np.asarray(v) for k, v in r.items()}, ref_np) for r in replies] if norm_cap > 0 else []
     bound = norm_bound(norms, norm_cap, clip_norm)
     mean, clipped = WeightedMean(weights, reference), 0
     for r in replies:
@@ -428,27 +352,6 @@ def _mean_round(
             values = clip(values, bound, ref_np, norm)
         mean.add(values)
     return Aggregate(mean.result(), bound, clipped, absorbed(mean.count, "mean", 0))
-
-
-class _Norms(Sequence):
-    """The update norms of `replies`, each computed when read (the reply decoded again where `replies` decodes
-    when read): what norm_bound's median reads, as often as it needs, without holding n of them."""
-
-    def __init__(self, replies: Sequence[Mapping[K, Value]], reference: Mapping[K, np.ndarray]) -> None:
-        self.replies, self.reference = replies, reference
-
-    def __len__(self) -> int:
-        return len(self.replies)
-
-    def _norm(self, reply: Mapping[K, Value]) -> float:
-        return update_norm({k: np.asarray(v) for k, v in reply.items()}, self.reference)
-
-    def __getitem__(self, i):
-        return self._norm(self.replies[i])
-
-    def __iter__(self) -> Iterator[float]:
-        for r in self.replies:
-            yield self._norm(r)
 
 
 def aggregate_round(

@@ -205,14 +205,6 @@ def checked_metrics(content: RecordDict, server_round: int) -> tuple[int, dict[s
     return n, values
 
 
-def examples_and_loss(content: RecordDict, server_round: int) -> tuple[float, float]:
-    """(num-examples, train-loss or 0) of a training reply, by checked_metrics (raises WireError as it does),
-    no array decoded: what a round reads again of each accepted reply when it weighs it
-    (server_app.base.Accepted)."""
-    n, metrics = checked_metrics(content, server_round)
-    return float(n), metrics.get("train-loss", 0.0)
-
-
 def check_size(content: RecordDict, limit: int) -> int:
     """The reply's content bytes (as counted in the records), if at most `limit`; raises WireError otherwise.
 

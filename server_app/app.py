@@ -39,8 +39,8 @@ def run_name(cfg: RunConfig) -> str:
     return cfg.run_name or f"{cfg.method}-{task_of(cfg).name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def resume(setup: ServerSetup, saved: checkpoint.ServerState, run_id: int) -> ArrayRecord:
-    """Put a checkpoint's state into a freshly built setup; returns the arrays Strategy.start starts from.
+def resume(setup: ServerSetup, saved: checkpoint.ServerState, run_id: int) -> None:
+    """Put a checkpoint's state into a freshly built setup's strategy (each strategy owns its global model).
 
     Whatever does not fit raises the CheckpointError that names the file; the strategies check their fields
     (checkpoint.strategy_field), and anything they miss is caught here rather than surfacing as a KeyError."""
@@ -49,7 +49,6 @@ def resume(setup: ServerSetup, saved: checkpoint.ServerState, run_id: int) -> Ar
         setup.strategy.load_state_dict(
             saved.tensors, saved.strategy, saved.round, same_run=same_run, segments=saved.log
         )
-        initial = checkpoint.carried_arrays(saved, setup.initial)
     except checkpoint.CheckpointError as exc:
         raise checkpoint.CheckpointError(f"resume-from: '{saved.path}': {exc}") from exc
     except (AttributeError, IndexError, KeyError, TypeError, ValueError) as exc:
@@ -57,9 +56,6 @@ def resume(setup: ServerSetup, saved: checkpoint.ServerState, run_id: int) -> Ar
             f"resume-from: '{saved.path}' holds a strategy state this {setup.strategy.__class__.__name__} cannot "
             f"read ({exc!r}); resume from another copy or start a fresh run"
         ) from exc
-    if setup.load is not None:
-        setup.load(initial)
-    return initial
 
 
 def run(grid: Grid, cfg: RunConfig, run_id: int = 0) -> dict:
@@ -103,9 +99,9 @@ def run_held(
     """`run` once this server holds the run folder's lock; `saved`: the checkpoint it resumes from, or None."""
     recorder = RunRecorder(cfg.results_dir, name, cfg.to_flat(), saved.records if saved else None)
     setup = build_setup(cfg, recorder)
-    done, strategy, initial = 0, setup.strategy, setup.initial
+    done, strategy = 0, setup.strategy
     if saved is not None:
-        initial = resume(setup, saved, run_id)
+        resume(setup, saved, run_id)
         done, strategy = saved.round, checkpoint.Continued(setup.strategy, saved.round)
         log(INFO, "resuming from %s: round %d done, rounds %d..%d to run", cfg.resume_from, done, done + 1,
             cfg.num_server_rounds)  # fmt: skip
@@ -118,8 +114,6 @@ def run_held(
         due = server_round % cfg.eval.every == 0 or server_round == cfg.num_server_rounds
         result = None
         if due:
-            if setup.load is not None and server_round > 0:
-                setup.load(arrays)
             clock = time.perf_counter()
             result = evaluate(setup.model, dev, task, cfg.eval.batch_size, cfg.eval, load_tokenizer(cfg.model))
             result["eval-seconds"] = time.perf_counter() - clock
@@ -131,8 +125,7 @@ def run_held(
                 checkpoint.write(
                     state_path,
                     checkpoint.ServerState(
-                        server_round, cfg.to_flat(), tensors, state, written=recorder.digests(),
-                        arrays={k: a.numpy() for k, a in arrays.items()}, run_id=run_id,
+                        server_round, cfg.to_flat(), tensors, state, written=recorder.digests(), run_id=run_id,
                     ),  # the records' row counts and digests, not their rows: the write does not grow with the round
                 )  # fmt: skip
                 log(INFO, "round %d: checkpoint %s (%.1f MB) written in %.2f s", server_round, state_path,
@@ -158,7 +151,7 @@ def run_held(
 
     strategy.start(
         grid=grid,
-        initial_arrays=initial,
+        initial_arrays=ArrayRecord(),  # each strategy holds its own global model
         num_rounds=cfg.num_server_rounds - done,
         timeout=cfg.round_timeout,
         evaluate_fn=evaluate_fn,

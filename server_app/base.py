@@ -7,7 +7,6 @@ is the method's: its instruction, its reply check, its update.
 
 from __future__ import annotations
 
-import bisect
 import os
 import random
 import time
@@ -33,8 +32,8 @@ from common.wire import (
     INSTRUCTION_REFUSED,
     WireError,
     check_size,
+    checked_metrics,
     content_bytes,
-    examples_and_loss,
     sync_only_round,
 )
 from server_app import checkpoint
@@ -44,10 +43,8 @@ T = TypeVar("T")
 
 @dataclass
 class ServerSetup:
-    model: nn.Module  # the global model, evaluated on the dev split
-    strategy: Strategy
-    initial: ArrayRecord  # what Strategy.start gets (empty for methods whose strategy holds the model)
-    load: Callable[[ArrayRecord], None] | None = None  # puts a round's global arrays into `model`, if needed
+    model: nn.Module  # the global model, evaluated on the dev split (the strategy updates it in place)
+    strategy: Strategy  # holds the global model's trained part; its state_dict is the checkpoint's
 
 
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
@@ -66,6 +63,20 @@ def choose_nodes(rng: random.Random, grid: Grid, cfg: RunConfig) -> list[int]:
     the same nodes every method trains the same nodes in the same rounds, and a resumed run continues the draws."""
     nodes = wait_for_nodes(grid, cfg.min_clients, cfg.round_timeout)
     return sorted(rng.sample(nodes, max(cfg.min_clients, int(len(nodes) * cfg.fraction_train))))
+
+
+def failed_node(msg: Message, owed: dict[int, Message | None]) -> int | str:
+    """The node an error reply reports on, marked as answered: its sender when that node was sent an instruction,
+    else the node whose instruction it answers. Flower's SuperLink answers for a node it lost ("node
+    unavailable") under its own id, replying to the instruction it could not deliver; "?" when neither says."""
+    node = msg.metadata.src_node_id
+    if node not in owed:
+        asked = msg.metadata.reply_to_message_id
+        node = next((n for n, m in owed.items() if m is not None and asked and m.metadata.message_id == asked), None)
+    if node is None:
+        return "?"
+    owed[node] = None  # it failed this round: a later reply of its own is not the one it owed
+    return node
 
 
 def unexpected_reply(msg: Message, owed: dict[int, Message | None]) -> str | None:
@@ -88,145 +99,81 @@ def unexpected_reply(msg: Message, owed: dict[int, Message | None]) -> str | Non
     return None
 
 
-class Picked(Sequence):
-    """The items of `items` but those at the positions `skipped` (ascending), each read as `read(item)` when
-    asked for: a view, nothing copied, whatever the number of items."""
-
-    def __init__(self, items: Sequence, skipped: Sequence[int], read: Callable[[Any], Any] | None = None) -> None:
-        self.items, self.skipped, self.read = items, skipped, read
-
-    def __len__(self) -> int:
-        return len(self.items) - len(self.skipped)
-
-    def _item(self, item):
-        return item if self.read is None else self.read(item)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        n = len(self)
-        if not -n <= i < n:
-            raise IndexError(f"index {i} of {n} items")
-        i %= n
-        position = i  # the i-th position not skipped: i + the skipped positions up to it
-        while position != (moved := i + bisect.bisect_right(self.skipped, position)):
-            position = moved
-        return self._item(self.items[position])
-
-    def __iter__(self) -> Iterator:
-        skipped = iter(self.skipped)
-        next_skipped = next(skipped, None)
-        for position, item in enumerate(self.items):
-            if position == next_skipped:
-                next_skipped = next(skipped, None)
-                continue
-            yield self._item(item)
-
-
 class Accepted:
-    """The replies of a round that passed checked_replies, as little as the round keeps of them until it
-    aggregates: Flower's list of reply Messages itself (which Flower holds through the round anyway) and the
-    positions in it of the replies that did not pass (normally none), so nothing per accepted reply; the client
-    metrics the records use are folded into `stats` as replies are accepted (common.records.ClientStats).
-    What the aggregation reads of the accepted replies is read again from their Messages when it asks:
-    `messages` (Replies decodes each again), `examples` and `losses` (their metrics checked again,
-    common.wire.examples_and_loss: no array decoded; RoundFailed if that fails all the same, as Replies). So a
-    round's bookkeeping does not grow with its replies (8 bytes a reply that did not pass)."""
+    """What a round keeps of its replies that passed checked_replies until it aggregates: per accepted reply its
+    position in Flower's list of replies (which Flower holds through the round anyway), its node, its example
+    count and its train-loss (0 when absent), each as its check read it, in plain arrays (32 bytes a reply);
+    the other client metrics the records use are folded into `stats`. Nothing of a reply's arrays is kept: the
+    aggregation decodes them again from its Message when it reads them (`replies`, Replies)."""
 
-    __slots__ = ("replies", "server_round", "skipped", "stats")
+    __slots__ = ("examples", "losses", "messages", "nodes", "positions", "stats")
 
-    def __init__(self, replies: Sequence[Message], server_round: int) -> None:
-        self.replies, self.server_round = replies, server_round  # Flower's list of the replies it handed over
-        self.skipped = array("q")  # positions in it of the replies not accepted, ascending
+    def __init__(self, messages: Sequence[Message]) -> None:
+        self.messages = messages  # Flower's list of the round's replies
+        self.positions, self.nodes = array("q"), array("q")
+        self.examples, self.losses = array("d"), array("d")
         self.stats = ClientStats()
 
-    def add(self, message: Message, num_examples: int, metrics: Mapping[str, float]) -> None:
-        """Take note of the next accepted reply (`keep`'s example count and metrics, which must be what its
-        Message's metrics read as again: they are read from there when the round weighs it)."""
-        kept = float(num_examples), float(metrics.get("train-loss", 0.0))
-        again = examples_and_loss(message.content, self.server_round)
-        if again != kept:  # what can fail, before any change
-            raise WireError(f"the reply's metrics read {again}, but its check kept {kept}")
+    def add(self, position: int, node: int, num_examples: int, metrics: Mapping[str, float]) -> None:
+        self.positions.append(position)
+        self.nodes.append(node)
+        self.examples.append(float(num_examples))
+        self.losses.append(float(metrics.get("train-loss", 0.0)))
         self.stats.add({**metrics, "num-examples": num_examples})
 
-    def skip(self, position: int) -> None:
-        self.skipped.append(position)
-
-    def _metrics(self, msg: Message) -> tuple[float, float]:
-        try:
-            return examples_and_loss(msg.content, self.server_round)
-        except Exception as exc:  # noqa: BLE001 - checked once already: the round fails, the server goes on
-            node = msg.metadata.src_node_id
-            raise RoundFailed(
-                f"the metrics of node {node}, read again to weigh its reply, failed: {exc}"[:500]
-            ) from exc
-
-    @property
-    def messages(self) -> Picked:
-        return Picked(self.replies, self.skipped)
-
-    @property
-    def examples(self) -> Picked:
-        return Picked(self.replies, self.skipped, lambda msg: self._metrics(msg)[0])
-
-    @property
-    def losses(self) -> Picked:
-        return Picked(self.replies, self.skipped, lambda msg: self._metrics(msg)[1])
-
     def __len__(self) -> int:
-        return len(self.messages)
+        return len(self.positions)
+
+    def replies(self, read: Callable[[RecordDict], Any]) -> Replies:
+        """The accepted replies as the aggregation reads them: each decoded by `read` when read."""
+        return Replies([self.messages[p] for p in self.positions], read)
 
 
 def checked_replies(
     server_round: int,
     replies: Iterable[Message],
-    unpack: Callable[[RecordDict], T],
+    check: Callable[[int, RecordDict], tuple[int, Mapping[str, float]] | None],
     max_bytes: int,
     owed: dict[int, Message | None],
-    keep: Callable[[int, T], tuple[int, Mapping[str, float]] | None],
 ) -> tuple[Accepted, int, int, int]:
     """The replies that pass, failures, rejected, bytes up (all replies counted).
 
-    The one checked path of every method's replies (`owed`: the round's instruction to each node, from
-    `instructions_owed`; a node's entry is set to None when it answers): a reply that is not the one its node
-    owes (unexpected_reply) is rejected; a reply larger than `max_bytes` (content bytes) is rejected before
-    anything in it is decoded; then `unpack` decodes and checks it. ANY exception while checking one reply
-    (WireError for what the wire formats refuse, but also whatever a crafted reply might provoke in numpy or
-    Flower) rejects that reply only, is logged, and the round goes on.
-
-    `keep(node, reply)` says what a reply that passes is: its (example count, metrics), or None for a valid
-    reply that carries no update (a sync-only reply: the strategy takes note of it and it is not aggregated).
-    The metrics are folded into the round's statistics; the rest is dropped: the aggregation reads the count
-    and the arrays again from the Message when it needs them (Accepted, Replies), so that the round holds one
-    decoded reply at a time, not n, and no number per reply.
+    The one checked path of every method's replies, each reply checked once (`owed`: the round's instruction to
+    each node, from `instructions_owed`; a node's entry is set to None when it answers). A reply that carries
+    an error (Message.has_error) is a failure, counted with its reason logged, whatever node id it carries
+    (failed_node). A reply that is not the one its node owes (unexpected_reply) is rejected; a reply larger than
+    `max_bytes` (content bytes) is rejected before anything in it is decoded; then `check(node, content)`
+    decodes and checks it and returns its (example count, metrics), or None for a valid reply that carries no
+    update (a sync-only reply: the strategy takes note of it and it is not aggregated). ANY exception while
+    checking one reply (WireError for what the wire formats refuse, but also whatever a crafted reply might
+    provoke in numpy or Flower) rejects that reply only, is logged, and the round goes on: `rejected` counts
+    only replies that failed a check.
     """
-    accepted = Accepted(replies if isinstance(replies, Sequence) else list(replies), server_round)
+    accepted = Accepted(replies if isinstance(replies, Sequence) else list(replies))
     failures = rejected = bytes_up = 0
-    for position, msg in enumerate(accepted.replies):
+    for position, msg in enumerate(accepted.messages):
         node = msg.metadata.src_node_id
+        if msg.has_error():  # a failure, whoever reports it: the node itself, or the SuperLink for a node it lost
+            failures += 1
+            node = failed_node(msg, owed)
+            what = "refused the instruction" if msg.error.code == INSTRUCTION_REFUSED else "failed"
+            log(WARNING, "node %s %s in round %d: [code %s] %s", node, what, server_round, msg.error.code,
+                str(msg.error.reason)[-500:])  # fmt: skip
+            continue
         problem = unexpected_reply(msg, owed)
         if problem is None:
             owed[node] = None  # answered: a second reply counts once
-        if msg.has_error() and problem is None:
-            failures += 1
-            what = "refused the instruction" if msg.error.code == INSTRUCTION_REFUSED else "failed"
-            log(WARNING, "node %d %s in round %d: %s", node, what, server_round, str(msg.error.reason)[-500:])
-            accepted.skip(position)
-            continue
         try:
             if problem is not None:
                 raise WireError(problem)
             bytes_up += content_bytes(msg.content)
             check_size(msg.content, max_bytes)
-            kept = keep(node, unpack(msg.content))
-            if kept is None:
-                accepted.skip(position)
-            else:
-                accepted.add(msg, *kept)
+            kept = check(node, msg.content)
+            if kept is not None:
+                accepted.add(position, node, *kept)
         except Exception as exc:  # noqa: BLE001 - see the docstring: one bad reply never ends the round
             rejected += 1
             log(WARNING, "reply of node %d rejected in round %d: %s", node, server_round, str(exc)[:500])
-            accepted.skip(position)
     return accepted, failures, rejected, bytes_up
 
 
@@ -241,43 +188,38 @@ class RoundFailed(Exception):
 
 
 class Replies(Sequence):
-    """A round's accepted replies as the aggregation reads them: each decoded again from its Message every time
-    it is read, and not kept, so that reading them one at a time holds one decoded reply, however many there
-    are (common.robust's weighted mean reads them so: once, or twice with norm bounding; the robust rules hold
-    every reply anyway).
+    """A round's accepted replies as the aggregation reads them: each one's update decoded again from its Message
+    every time it is read, and not kept, so that reading them one at a time holds one decoded reply, however
+    many there are (common.robust's weighted mean reads them so: once, or twice with norm bounding; the robust
+    rules hold every reply anyway). Only the update is decoded (RoundStrategy.read_update): the metrics were
+    checked once, when the reply was (checked_replies).
 
-    `read` is the decode and check of the first pass (checked_replies), which is deterministic: a reply reads
-    as the same values every time, bit for bit. If it raises all the same, the round cannot be aggregated with
-    the weights already drawn up: RoundFailed, and the round ends as any failed round does (the global model
-    unchanged). `map(f)`: the same replies read as f(reply), e.g. the arrays a method aggregates."""
+    `read` is the decode and check the reply passed already, which is deterministic: a reply reads as the same
+    values every time, bit for bit. If it raises all the same, the round cannot be aggregated with the weights
+    already drawn up: RoundFailed, and the round ends as any failed round does (the global model unchanged).
+    `map(f)`: the same replies read as f(update), e.g. the arrays a method aggregates."""
 
-    def __init__(
-        self,
-        messages: Sequence[Message],
-        read: Callable[[RecordDict], Any],
-        then: Callable[[Any], Any] | None = None,
-    ) -> None:
-        self._messages, self._read, self._then = messages, read, then  # not copied (Accepted.messages: a view)
+    def __init__(self, messages: Sequence[Message], read: Callable[[RecordDict], Any]) -> None:
+        self._messages, self._read = messages, read
 
     def map(self, f: Callable[[Any], Any]) -> Replies:
-        then = self._then
-        return Replies(self._messages, self._read, f if then is None else lambda r: f(then(r)))
+        read = self._read
+        return Replies(self._messages, lambda content: f(read(content)))
 
     def __len__(self) -> int:
         return len(self._messages)
 
     def __getitem__(self, i):
         if isinstance(i, slice):
-            return Replies(self._messages[i], self._read, self._then)
+            return Replies(self._messages[i], self._read)
         return self._decoded(self._messages[i])
 
     def _decoded(self, msg: Message):
         try:
-            reply = self._read(msg.content)
+            return self._read(msg.content)
         except Exception as exc:  # noqa: BLE001 - checked once already: the round fails, the server goes on
             node = msg.metadata.src_node_id
             raise RoundFailed(f"the reply of node {node}, decoded again to aggregate, failed: {exc}"[:500]) from exc
-        return reply if self._then is None else self._then(reply)
 
     def __iter__(self) -> Iterator:
         for msg in self._messages:
@@ -326,54 +268,21 @@ def mean_train_loss(weights: Sequence[float], losses: Sequence[float]) -> float:
     return sum(w * loss for w, loss in zip(weights, losses, strict=True)) / sum(weights)
 
 
-def aggregate_checked(
-    cfg: RunConfig,
-    recorder: RunRecorder,
-    server_round: int,
-    replies: Iterable[Message],
-    check: Callable[[RecordDict], T],
-    max_bytes: int,
-    owed: dict[int, Message | None],
-    keep: Callable[[int, T], tuple[int, Mapping[str, float]] | None],
-    reread: Callable[[RecordDict], Any],
-    apply: Callable[[array, Replies], tuple[Any, Mapping[str, float]]],
-) -> tuple[Any, MetricRecord] | None:
-    """The second half of every strategy's round: check every reply (checked_replies with `check`, `keep`),
-    record what came up, weigh the valid replies (capped example weights), and `apply(weights, replies)`: the
-    replies as Replies, each decoded again by `reread` when read. `apply` returns (what the strategy hands
-    back to Flower, the round's metrics beyond train-loss and clients).
-
-    Returns that and the round's MetricRecord, or None when the round ends without an update: no valid reply
-    (logged), or an aggregate that cannot be applied (RoundFailed: recorded by fail_round)."""
-    accepted, failures, rejected, bytes_up = checked_replies(server_round, replies, check, max_bytes, owed, keep)
-    recorder.add_replies(bytes_up, accepted.stats, failures, rejected)
-    if not len(accepted):
-        log(WARNING, "round %d: no valid reply, the global model is unchanged", server_round)
-        return None
-    try:  # the weights and losses are read again from the Messages, as the arrays are (Accepted, Replies)
-        weights = capped_weights(accepted.examples, cfg.aggregation.weight_cap)
-        loss = mean_train_loss(weights, accepted.losses)
-        result, extra = apply(weights, Replies(accepted.messages, reread))
-    except RoundFailed as exc:
-        fail_round(recorder, server_round, str(exc))
-        return None
-    return result, MetricRecord({"train-loss": loss, "clients": len(accepted), **extra})
-
-
 class RoundStrategy(Strategy):
-    """The round trip of every method whose strategy draws its own messages (all but FedAvg, which Flower's
-    FedAvg draws): choose this round's nodes (choose_nodes), send each its instruction, check every reply on the
-    one checked path (checked_replies), weigh the valid ones (capped example weights), apply their aggregate,
-    record the round. A method fills in `instructions`, `read_reply`, `reply_size_limit` and `apply` (and
-    `keep` and `unchanged` where it keeps more state). Malformed replies are rejected and counted; a round
-    without valid replies, or whose aggregate cannot be applied (RoundFailed), leaves the global model as it was.
-    Evaluation is the server's, on the dev split.
+    """The round of every method: choose this round's nodes (choose_nodes), send each its instruction, check
+    every reply once on the one checked path (checked_replies, `check_reply`), weigh the valid ones (capped
+    example weights), apply their aggregate, record the round. A method fills in `instructions`,
+    `read_update`, `reply_size_limit` and `apply` (and `check_reply` and `unchanged` where it keeps more state).
+    Malformed replies are rejected and counted, failed ones counted as failures; a round without valid replies,
+    or whose aggregate cannot be applied (RoundFailed), leaves the global model as it was. Evaluation is the
+    server's, on the dev split. The strategy holds the global model's trained part: `state_dict` is what the
+    checkpoint keeps of it.
 
-    Memory: the round keeps nothing per valid reply (Accepted: Flower's list of replies and the positions of
-    those that did not pass) and folds its metrics into the round's statistics; the weights and losses are
-    read again from the Messages' metrics, and `apply` gets the replies as Replies, each decoded again from
-    its Message when read (`reread`), so under the weighted mean the round holds one decoded reply at a time
-    and its memory does not grow with the number of replies (bench/scale.py, docs/scale.md)."""
+    Each reply is checked once: its metrics (common.wire.checked_metrics) and its update (`read_update`), and
+    the round keeps of it its position, node, example count and train-loss (Accepted, 32 bytes a reply); the
+    update is dropped and decoded again from its Message where the aggregation reads it (Replies, `apply`), so
+    under the weighted mean the round holds one decoded reply at a time and its memory does not grow with the
+    number of replies beyond those few numbers (bench/scale.py, docs/scale.md)."""
 
     def __init__(self, cfg: RunConfig, recorder: RunRecorder) -> None:
         self.cfg, self.recorder = cfg, recorder
@@ -384,26 +293,26 @@ class RoundStrategy(Strategy):
         """This round's instruction to each of `nodes`, in their order."""
         raise NotImplementedError
 
-    def read_reply(self, content: RecordDict, server_round: int):
-        """The checked reply (anything `keep` takes); raises WireError if malformed."""
+    def read_update(self, content: RecordDict, server_round: int):
+        """A reply's update, decoded and checked (its records, keys, dtypes, shapes and bounds; not its metrics,
+        which check_reply checks); raises WireError if malformed. Read when the reply is checked and again
+        wherever the aggregation reads it (Replies): deterministic, the same values every time."""
         raise NotImplementedError
 
     def reply_size_limit(self, server_round: int) -> int:
         """The size limit of one reply (common.wire.reply_limit of what an honest reply carries)."""
         raise NotImplementedError
 
-    def keep(self, server_round: int, node: int, reply) -> tuple[int, Mapping[str, float]] | None:
-        """What the round keeps of node's checked reply (`read_reply`'s) until it aggregates: its example count
-        and metrics, or None for a reply that carries no update (default: every reply carries one)."""
-        return reply.num_examples, reply.metrics
+    def check_reply(self, server_round: int, node: int, content: RecordDict) -> tuple[int, Mapping[str, float]] | None:
+        """Check node's reply once: its metrics and its update (read_update, then dropped). Returns its example
+        count and metrics, or None for a valid reply that carries no update (default: every reply carries one)."""
+        n, metrics = checked_metrics(content, server_round)
+        self.read_update(content, server_round)
+        return n, metrics
 
-    def reread(self, content: RecordDict, server_round: int):
-        """An accepted reply decoded again for the aggregation (Replies): `read_reply`, unless overridden."""
-        return self.read_reply(content, server_round)
-
-    def apply(self, server_round: int, weights: list[float], replies: Replies) -> dict:
+    def apply(self, server_round: int, weights: Sequence[float], replies: Replies) -> dict:
         """Aggregate the replies (capped example weights; `combine`, which raises RoundFailed for a non-finite
-        aggregate, of `replies.map(...)`: the arrays of each reply, decoded when read) into the global model;
+        aggregate, of `replies.map(...)`: each reply's update, decoded when read) into the global model;
         returns the round's metrics beyond train-loss and clients. Nothing is changed before the aggregate is
         complete: a reply that fails to decode again raises RoundFailed while it is read."""
         raise NotImplementedError
@@ -411,7 +320,7 @@ class RoundStrategy(Strategy):
     def unchanged(self, server_round: int) -> None:
         """The round ends without an update (no valid reply, or RoundFailed)."""
 
-    def combine(self, server_round: int, weights: list[float], replies: Sequence[dict], reference: dict | None = None):
+    def combine(self, server_round: int, weights: Sequence[float], replies: Sequence[dict], reference=None) -> dict:
         return robust_aggregate(self.cfg, self.recorder, server_round, replies, weights, reference)
 
     def configure_train(
@@ -429,22 +338,28 @@ class RoundStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        done = aggregate_checked(
-            self.cfg,
-            self.recorder,
+        accepted, failures, rejected, bytes_up = checked_replies(
             server_round,
             replies,
-            lambda content: self.read_reply(content, server_round),
+            lambda node, content: self.check_reply(server_round, node, content),
             self.reply_size_limit(server_round),
             self._owed,
-            lambda node, reply: self.keep(server_round, node, reply),
-            lambda content: self.reread(content, server_round),
-            lambda weights, decoded: (ArrayRecord(), self.apply(server_round, weights, decoded)),
         )
-        if done is None:
+        self.recorder.add_replies(bytes_up, accepted.stats, failures, rejected)
+        if not len(accepted):
+            log(WARNING, "round %d: no valid reply, the global model is unchanged", server_round)
             self.unchanged(server_round)
             return None, None
-        return done
+        weights = capped_weights(accepted.examples, self.cfg.aggregation.weight_cap)
+        loss = mean_train_loss(weights, accepted.losses)
+        try:
+            extra = self.apply(server_round, weights, accepted.replies(lambda c: self.read_update(c, server_round)))
+        except RoundFailed as exc:
+            fail_round(self.recorder, server_round, str(exc))
+            self.unchanged(server_round)
+            return None, None
+        # the global model is the strategy's: Flower's Strategy.start carries nothing from round to round
+        return ArrayRecord(), MetricRecord({"train-loss": loss, "clients": len(accepted), **extra})
 
     def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
         return []  # evaluation is server-side, on the dev split
@@ -459,7 +374,7 @@ class LogStrategy(RoundStrategy):
     The round trip is the same for FedKRSO, FedSPZO and FedKSeed: send each chosen node this round's
     instruction plus the log entries it lacks (from the round it is known to hold), check every reply,
     aggregate the valid ones into one global update, apply it to the server's model and log it. A method
-    supplies the three parts in between: `instruction`, `check_reply`, `update` (and `empty_entry` for a
+    supplies the three parts in between: `instruction`, `read_update`, `update` (and `empty_entry` for a
     round without valid replies). Malformed replies are rejected and counted; the round goes on.
     """
 
@@ -476,11 +391,7 @@ class LogStrategy(RoundStrategy):
     def instruction(self, server_round: int, missed: list) -> RecordDict:
         raise NotImplementedError
 
-    def check_reply(self, content: RecordDict, server_round: int):
-        """The method's checked reply (with `num_examples` and `metrics`); raises WireError if malformed."""
-        raise NotImplementedError
-
-    def update(self, server_round: int, weights: list[float], replies: Replies):
+    def update(self, server_round: int, weights: Sequence[float], replies: Replies):
         """Aggregate the valid replies (capped example weights, `combine` of `replies.map(...)`, which raises
         RoundFailed for a non-finite aggregate or a reply that fails to decode again), apply the update to the
         global model, return its log entry (what every node replays)."""
@@ -547,6 +458,10 @@ class LogStrategy(RoundStrategy):
         field = checkpoint.strategy_field
         digest = field(state, "digest", checkpoint.is_digest, "a model digest ({tensor: [sum, sum of squares]})")
         node_round = field(state, "node-round", checkpoint.is_node_rounds, "a map of node ids to rounds")
+        held, _ = checkpoint.records_to_state(self.instruction(done + 1, []))  # what state_dict writes
+        foreign = sorted(k for k in tensors if k not in held and not k.startswith(checkpoint.LOG_RECORD + "/"))
+        if foreign:
+            raise checkpoint.CheckpointError(f"the checkpoint holds tensors this method does not have: {foreign[:3]}")
         if "instruction" in state:  # version 1
             instruction = field(state, "instruction", checkpoint.is_configs, "the ConfigRecords of an instruction")
             contents = [checkpoint.state_to_records(tensors, instruction)]
@@ -582,25 +497,17 @@ class LogStrategy(RoundStrategy):
     def reply_size_limit(self, server_round: int) -> int:
         return self.max_reply_bytes()
 
-    def read_reply(self, content: RecordDict, server_round: int):
+    def check_reply(self, server_round: int, node: int, content: RecordDict) -> tuple[int, Mapping[str, float]] | None:
         held = sync_only_round(content)
-        if held is not None and held <= server_round - 1:
-            return "sync", held
-        return "reply", self.check_reply(content, server_round)
-
-    def keep(self, server_round: int, node: int, reply) -> tuple[int, Mapping[str, float]] | None:
-        kind, value = reply
-        if kind == "sync":  # the node holds an older round than we believed: it gets the log from there next time
-            self.node_round[node] = value
-            log(INFO, "node %d holds round %d; it gets the log from there next time", node, value)
+        if held is not None and held <= server_round - 1:  # the node holds an older round than we believed:
+            self.node_round[node] = held  # it gets the log from there next time
+            log(INFO, "node %d holds round %d; it gets the log from there next time", node, held)
             return None
+        kept = super().check_reply(server_round, node, content)
         self.node_round[node] = server_round - 1
-        return value.num_examples, value.metrics
+        return kept
 
-    def reread(self, content: RecordDict, server_round: int):
-        return self.check_reply(content, server_round)  # an accepted reply is not a sync-only one
-
-    def apply(self, server_round: int, weights: list[float], replies: Replies) -> dict:
+    def apply(self, server_round: int, weights: Sequence[float], replies: Replies) -> dict:
         before = {k: v.detach().clone() for k, v in self.global_tensors().items()}
         try:
             entry = self.update(server_round, weights, replies)

@@ -9,9 +9,9 @@ FedKRSO, FedSPZO and FedKSeed, one segment file per round, each written once. A 
 its own row and entry however long the run has been going.
 
 Format (version 3): a safetensors file (numbers only: never a pickle, nothing executed on load).
-  tensors   "arrays/<name>"   the ArrayRecord Strategy.start carries from round to round: the global model
-                              of FedAvg and FedAvg-LoRA (every parameter they train); nothing for the others
-            "<strategy key>"  the method's own tensors (its strategy's `state_dict()`):
+  tensors   "<strategy key>"  the method's own tensors (its strategy's `state_dict()`):
+                              FedAvg, FedAvg-LoRA: "arrays/<name>", the global values of every parameter
+                                they train, float32 (the names every version has given them)
                               FedKRSO, FedSPZO, FedKSeed: the records of the method's instruction for round
                                 T+1 other than its "log" (FedKRSO: "head/<name>"; the others: none), in its
                                 wire format (common/<method>/wire.py), each record's arrays under
@@ -112,7 +112,6 @@ READS = (1, 2, 3)  # the versions `read` accepts
 ROWS_INSIDE = (1, 2)  # the versions that hold the records' rows themselves (3: their count and digest)
 RECORD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # a records file <name>.jsonl beside the checkpoint
 FILENAME = CHECKPOINT
-ARRAYS = "arrays/"  # prefix of the ArrayRecord that Strategy.start carries
 SEGMENT_FORMAT = "fedsubspace-update-log-segment"
 SEGMENT_VERSION = 1
 LOG_DIR = "log"  # the segments' folder, beside the checkpoint
@@ -138,7 +137,6 @@ class ServerState:
     strategy: dict[str, Any]  # the strategy's JSON state
     # "rounds": rounds.jsonl rows 0..T, and other .jsonl records: as read back (written: `written`)
     records: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-    arrays: dict[str, np.ndarray] = field(default_factory=dict)  # Strategy.start's ArrayRecord
     run_id: int = 0  # the Flower run that wrote it
     path: str = ""  # the file it was read from (named in every error about it)
     log: list[Segment] | None = None  # segments 1..T, read and checked (version 2 of a log method)
@@ -188,10 +186,6 @@ def _numpy(value: np.ndarray | torch.Tensor) -> np.ndarray:
 def write(path: str, state: ServerState) -> None:
     """Write `state` to `path` atomically (common.files.replace_file)."""
     tensors = {k: _numpy(v) for k, v in state.tensors.items()}
-    clash = [k for k in state.arrays if ARRAYS + k in tensors]
-    if clash:
-        raise ValueError(f"strategy tensor names clash with the carried arrays: {clash[:3]}")
-    tensors.update({ARRAYS + k: _numpy(v) for k, v in state.arrays.items()})
     text = json.dumps(
         {
             "round": state.round,
@@ -379,10 +373,9 @@ def read(resume_from: str) -> ServerState:
     return ServerState(
         round=state["round"],
         config=state["config"],
-        tensors={k: v for k, v in tensors.items() if not k.startswith(ARRAYS)},
+        tensors=tensors,
         strategy=state["strategy"],
         records=records,
-        arrays={k.removeprefix(ARRAYS): v for k, v in tensors.items() if k.startswith(ARRAYS)},
         run_id=state["flower-run-id"],
         path=path,
         log=segments,
@@ -590,12 +583,6 @@ def checked_tensors(
     return out
 
 
-def carried_arrays(state: ServerState, reference: ArrayRecord) -> ArrayRecord:
-    """The checkpoint's global arrays for Strategy.start, checked against the fresh run's (`reference`)."""
-    values = checked_tensors(state.arrays, {k: tuple(a.shape) for k, a in reference.items()})
-    return ArrayRecord({k: Array(v.numpy()) for k, v in values.items()})
-
-
 def rng_state(rng: random.Random) -> list:
     """A random.Random's state as JSON."""
     version, internal, gauss = rng.getstate()
@@ -674,7 +661,6 @@ def describe(state: ServerState) -> str:
     last = state.records["rounds"][-1]
     sizes = {
         "the method's tensors": sum(t.nbytes for t in state.tensors.values()),
-        "global arrays": sum(t.nbytes for t in state.arrays.values()),
         f"update log in {len(state.log or ())} chained segments": sum(
             t.nbytes for s in state.log or () for t in s.tensors.values()
         ),

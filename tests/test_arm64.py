@@ -21,7 +21,7 @@ import re
 
 import pytest
 import torch
-from flwr.app import ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord
 from flwr.supercore.task_identity import TaskIdentity
 
 from common.config import parse_run_config
@@ -69,7 +69,7 @@ def _setup(method, tiny_bert, glue_dir, tmp_path, tag):
 
 
 def _instruction(setup, server_round, node):
-    return next(iter(setup.strategy.configure_train(server_round, setup.initial, ConfigRecord(), NodeList([node]))))
+    return next(iter(setup.strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), NodeList([node]))))
 
 
 def _held(cfg, node_config, node):

@@ -312,7 +312,7 @@ def test_a_node_500_rounds_behind_receives_less_than_one_fedavg_download(method,
     strategy.log = [honest_sized_entry(method, strategy, t) for t in range(1, 501)]
     (msg,) = strategy.configure_train(501, None, None, NodeList([777]))
     fedavg = Run("fedavg", tiny_bert, glue_dir, tmp_path)
-    (download,) = fedavg.setup.strategy.configure_train(1, fedavg.arrays, ConfigRecord(), NodeList([777]))
+    (download,) = fedavg.setup.strategy.configure_train(1, None, ConfigRecord(), NodeList([777]))
     assert catchup.SNAPSHOT in msg.content
     assert content_bytes(msg.content) <= 1.2 * content_bytes(download.content)
     assert strategy.recorder._current()["snapshots"] == 1

@@ -158,11 +158,12 @@ def test_fedavg_reads_a_checkpoint_from_before_its_seeded_sampling(tiny_bert, gl
     cfg = make_cfg("fedavg", tiny_bert, glue_dir, tmp_path, **{"run-name": "old"})
     setup = build_setup(cfg, RunRecorder(cfg.results_dir, cfg.run_name, cfg.to_flat()))
     fresh = setup.strategy._rng.getstate()
-    setup.strategy.load_state_dict({}, {}, 2, True)
+    tensors = {k: checkpoint._numpy(v) for k, v in setup.strategy.state_dict()[0].items()}  # "arrays/<name>"
+    setup.strategy.load_state_dict(tensors, {}, 2, True)
     assert setup.strategy._rng.getstate() == fresh
     assert "no client-sampling state" in caplog.text
     with pytest.raises(checkpoint.CheckpointError, match="FedAvg does not have"):
-        setup.strategy.load_state_dict({}, {"log": []}, 2, True)
+        setup.strategy.load_state_dict(tensors, {"log": []}, 2, True)
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +222,7 @@ def test_a_valid_checkpoint_reads_back(saved_run, tmp_path):
     tmp, data = saved_run
     state = checkpoint.read(copy_to(tmp_path, data))
     assert state.round == 2 and [r["round"] for r in state.records["rounds"]] == [0, 1, 2]
-    assert state.config["method"] == "fedkseed" and state.arrays == {}
+    assert state.config["method"] == "fedkseed" and state.tensors == {}
     assert os.path.getsize(copy_to(tmp_path, data)) < 64 * 1024  # a log method keeps its log, not its weights
 
 
@@ -374,8 +375,7 @@ def test_written_state_round_trips_exactly(tmp_path):
         "log/1/0/w": np.random.default_rng(0).random((3, 2), np.float32),
     }
     state = checkpoint.ServerState(
-        1, {"method": "fedkrso"}, tensors, {"x": [0.1, 2**40]}, {"rounds": [row(0), row(1)]},
-        arrays={"w": np.ones((2, 2), np.float32)}, run_id=7,
+        1, {"method": "fedkrso"}, tensors, {"x": [0.1, 2**40]}, {"rounds": [row(0), row(1)]}, run_id=7,
     )  # fmt: skip
     path = str(tmp_path / "c.safetensors")
     checkpoint.write(path, state)
@@ -384,7 +384,6 @@ def test_written_state_round_trips_exactly(tmp_path):
     assert back.round == 1 and back.run_id == 7 and back.strategy == {"x": [0.1, 2**40]}
     assert back.records == state.records
     assert back.tensors.keys() == tensors.keys() and all(np.array_equal(back.tensors[k], v) for k, v in tensors.items())
-    assert np.array_equal(back.arrays["w"], np.ones((2, 2), np.float32))
 
 
 @pytest.mark.integration
@@ -676,13 +675,11 @@ def test_a_checkpoint_is_held_to_the_bounds_of_a_reply(method, value, tiny_bert,
     setup = build_setup(cfg, RunRecorder(str(tmp_path / "build"), method, cfg.to_flat()))
     tensors, state = setup.strategy.state_dict()
     tensors = {k: checkpoint._numpy(v).copy() for k, v in tensors.items()}
-    arrays = {k: a.numpy().copy() for k, a in setup.initial.items()}
-    poisoned = tensors if method.startswith("fedtt") else arrays
-    name = sorted(k for k in poisoned if not method.startswith("fedtt") or k.startswith("cores/"))[0]
-    poisoned[name].flat[0] = value
+    name = sorted(k for k in tensors if not method.startswith("fedtt") or k.startswith("cores/"))[0]
+    tensors[name].flat[0] = value
     path = str(tmp_path / "ckpt" / checkpoint.FILENAME)
     rows = [row(0), row(1)]
-    checkpoint.write(path, checkpoint.ServerState(1, cfg.to_flat(), tensors, state, {"rounds": rows}, arrays=arrays))
+    checkpoint.write(path, checkpoint.ServerState(1, cfg.to_flat(), tensors, state, {"rounds": rows}))
     write_rows(os.path.dirname(path), {"rounds": rows})
     saved = checkpoint.read(path)  # its checksum holds: only the bound can refuse it
     says = "expected finite float32" if np.isnan(value) else "above the bound 2000"
@@ -690,7 +687,7 @@ def test_a_checkpoint_is_held_to_the_bounds_of_a_reply(method, value, tiny_bert,
         resume(build_setup(cfg, RunRecorder(str(tmp_path / "again"), method, cfg.to_flat())), saved, 0)
     if method == "fedtt-plus":  # and FedTT+'s scores to a reply's range
         core = next(iter(setup.strategy.shapes))
-        saved.tensors, saved.arrays = {k: checkpoint._numpy(v) for k, v in setup.strategy.state_dict()[0].items()}, {}
+        saved.tensors = {k: checkpoint._numpy(v) for k, v in setup.strategy.state_dict()[0].items()}
         saved.strategy = {**state, "scores": [[*core, value]]}
         with pytest.raises(checkpoint.CheckpointError, match="'scores' is not"):
             resume(build_setup(cfg, RunRecorder(str(tmp_path / "scores"), method, cfg.to_flat())), saved, 0)

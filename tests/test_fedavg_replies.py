@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from common.config import parse_run_config
 from common.records import RunRecorder
 from harness.fakes import NodeList
-from methods.fedavg.server import RecordedFedAvg
+from methods.fedavg.server import FedAvg
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("task_identity")]
+
+
+def fedavg(cfg) -> FedAvg:
+    """FedAvg's strategy on one 2 x 3 parameter, at zero."""
+    recorder = RunRecorder(cfg.results_dir, cfg.run_name, cfg.to_flat())
+    return FedAvg(cfg, recorder, {"w": torch.nn.Parameter(torch.zeros(2, 3))})
 
 
 def test_malformed_fedavg_replies_are_rejected_and_the_round_goes_on(tmp_path):
@@ -25,9 +32,8 @@ def test_malformed_fedavg_replies_are_rejected_and_the_round_goes_on(tmp_path):
             "aggregation.norm-cap": 0.0,
         }
     )
-    strategy = RecordedFedAvg(cfg, RunRecorder(cfg.results_dir, cfg.run_name, cfg.to_flat()))
-    global_arrays = ArrayRecord({"w": Array(np.zeros((2, 3), np.float32))})
-    msgs = list(strategy.configure_train(1, global_arrays, ConfigRecord(), NodeList([11, 12, 13, 14, 15, 16])))
+    strategy = fedavg(cfg)
+    msgs = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), NodeList([11, 12, 13, 14, 15, 16])))
     by_node = {m.metadata.dst_node_id: m for m in msgs}
 
     def reply(node, arr, n=4, key="w"):
@@ -46,7 +52,91 @@ def test_malformed_fedavg_replies_are_rejected_and_the_round_goes_on(tmp_path):
         reply(15, np.zeros((2, 3), np.float64)),
         reply(16, np.zeros((2, 3), np.float32), n=0),
     ]
-    arrays, _ = strategy.aggregate_train(1, replies)
-    np.testing.assert_allclose(arrays["w"].numpy(), np.full((2, 3), (2.0 * 1 + 5.0 * 3) / 4))
+    strategy.aggregate_train(1, replies)
+    np.testing.assert_allclose(strategy.params["w"].detach().numpy(), np.full((2, 3), (2.0 * 1 + 5.0 * 3) / 4))
     rec = strategy.recorder.end_round(1, None)
     assert rec["clients"] == 2 and rec["rejected"] == 4
+
+
+def test_an_error_reply_is_a_failure_whatever_node_it_names(tmp_path):
+    """A SuperNode killed mid-round: Flower's SuperLink answers its instruction with an error Message under the
+    SuperLink's own id (flwr's create_message_error_unavailable_res_message). That is a failure with its reason,
+    not a rejected reply; a node's own error reply is one too; `rejected` counts only replies that failed a check."""
+    from flwr.app import Error
+    from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+
+    cfg = parse_run_config({"method": "fedavg", "results-dir": str(tmp_path), "run-name": "fa"})
+    strategy = fedavg(cfg)
+    msgs = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), NodeList([11, 12, 13, 14])))
+    by_node = {m.metadata.dst_node_id: m for m in msgs}
+    for node, msg in by_node.items():  # the ids the Grid gives the instructions when it pushes them
+        msg.metadata.__dict__["_message_id"] = f"instruction-{node}"
+
+    def honest(node):
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord({"w": Array(np.full((2, 3), 1.0, np.float32))}),
+                "metrics": MetricRecord({"num-examples": 4, "model-round": 0}),
+            }
+        )
+        return Message(content, reply_to=by_node[node])
+
+    lost = Message(Error(ErrorCode.NODE_UNAVAILABLE, "Error: Node Unavailable"), reply_to=by_node[13])
+    lost.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID  # as the SuperLink sends it
+    own = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "out of memory"), reply_to=by_node[14])
+    stray = honest(12)
+    stray.metadata.__dict__["_src_node_id"] = 999  # a reply from a node that was sent nothing: a failed check
+    strategy.aggregate_train(1, [honest(11), lost, honest(12), own, stray])
+    np.testing.assert_array_equal(strategy.params["w"].detach().numpy(), np.ones((2, 3), np.float32))
+    rec = strategy.recorder.end_round(1, None)
+    assert (rec["clients"], rec["failures"], rec["rejected"]) == (2, 2, 1)
+
+
+@pytest.mark.parametrize(
+    ("settings", "passes"),
+    [
+        ({"aggregation.rule": "mean"}, 2),  # norm-cap 2 as shipped: the norms, then clip and add
+        ({"aggregation.rule": "mean", "aggregation.norm-cap": 0.0}, 1),
+        ({"aggregation.rule": "trimmed-mean", "aggregation.attackers": 1}, 1),  # the robust rules list them once
+    ],
+)
+def test_each_reply_is_checked_once_and_decoded_once_per_aggregation_pass(tmp_path, monkeypatch, settings, passes):
+    """A real round of FedAvg's strategy over five replies packed by its client's wire (methods.fedavg.wire):
+    each reply's metrics are validated exactly once (common.wire.checked_metrics, wherever it is called from),
+    and its arrays decoded once when it is checked and once per aggregation pass."""
+    from common import wire
+    from methods.fedavg import server as fedavg_server
+    from methods.fedavg import wire as fedavg_wire
+    from server_app import base
+
+    cfg = parse_run_config({"method": "fedavg", "results-dir": str(tmp_path), "run-name": "fa", **settings})
+    strategy = fedavg(cfg)
+    nodes = [11, 12, 13, 14, 15]
+    msgs = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, None, ConfigRecord(), NodeList(nodes))}
+    replies = [
+        Message(
+            fedavg_wire.pack_reply(
+                {"w": torch.full((2, 3), float(i))}, {"num-examples": 3 + i, "model-round": 0, "train-loss": 0.5}
+            ),
+            reply_to=msgs[node],
+        )
+        for i, node in enumerate(nodes)
+    ]
+    validated, decoded = {}, {}
+
+    def counting(real, counts):
+        def counted(content, *args):
+            counts[id(content)] = counts.get(id(content), 0) + 1
+            return real(content, *args)
+
+        return counted
+
+    metrics = counting(wire.checked_metrics, validated)
+    for module in (base, fedavg_wire):  # every module of FedAvg's round that checks metrics
+        monkeypatch.setattr(module, "checked_metrics", metrics)
+    monkeypatch.setattr(fedavg_server, "unpack_update", counting(fedavg_wire.unpack_update, decoded))
+    _, record = strategy.aggregate_train(1, replies)
+    assert record["clients"] == len(nodes)
+    contents = sorted(id(r.content) for r in replies)
+    assert sorted(validated) == contents and set(validated.values()) == {1}
+    assert sorted(decoded) == contents and set(decoded.values()) == {1 + passes}

@@ -64,11 +64,10 @@ class Run:
         self.cfg = make_cfg(method, model, glue_dir, tmp_path, f"{method}-{self.run_id}", **extra)
         self.recorder = RunRecorder(self.cfg.results_dir, self.cfg.run_name, self.cfg.to_flat())
         self.setup = build_setup(self.cfg, self.recorder)
-        self.arrays = self.setup.initial
         self.client = get_method(method).load_client().train
 
     def instructions(self, rnd):
-        msgs = self.setup.strategy.configure_train(rnd, self.arrays, ConfigRecord(), NodeList(self.nodes))
+        msgs = self.setup.strategy.configure_train(rnd, None, ConfigRecord(), NodeList(self.nodes))
         return {m.metadata.dst_node_id: m for m in msgs}
 
     def reply(self, msg):
@@ -77,10 +76,7 @@ class Run:
         return client_reply(self.client, self.cfg, msg, self.nodes, self.run_id)
 
     def aggregate(self, rnd, replies):
-        arrays, _ = self.setup.strategy.aggregate_train(rnd, replies)
-        if arrays is not None and self.setup.load is not None:
-            self.arrays = arrays
-            self.setup.load(arrays)
+        self.setup.strategy.aggregate_train(rnd, replies)  # the strategy updates the server's model
         return self.recorder.end_round(rnd, None)
 
     def weights(self) -> torch.Tensor:

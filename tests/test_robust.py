@@ -165,7 +165,7 @@ def test_weight_cap_is_a_multiple_of_the_lower_median():
 
 
 def test_lower_median_is_the_sorted_value_itself():
-    """lower_median selects in bounded memory (tests/test_streaming.py): the very value sorted() would pick, for
+    """lower_median (np.partition of float64): the very value sorted() would pick, for
     floats of any magnitude and for example counts up to 10^12 (exact below 2^53), odd and even counts alike."""
     rng = np.random.default_rng(3)
     for n in (1, 2, 3, 10, 101, 1000):

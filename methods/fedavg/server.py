@@ -1,106 +1,80 @@
-"""FedAvg's server: Flower's FedAvg with every reply checked and aggregated robustly, and its setup.
+"""FedAvg's server: the strategy (send the global parameters, average what returns, on the shared round of
+server_app.base.RoundStrategy) and its setup.
 
-FedAvg-LoRA (methods/fedavg_lora) uses the same strategy on its LoRA matrices and head.
+FedAvg-LoRA (methods/fedavg_lora) uses the same strategy on its LoRA matrices and head. As FedTT owns its cores,
+the strategy owns the parameters it trains: it sends them, aggregates the replies into them, and keeps them in
+its checkpoint state.
 """
 
 from __future__ import annotations
 
-import random
-from logging import WARNING
+from collections.abc import Sequence
+from logging import INFO, WARNING
 
+import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Message, MessageType, RecordDict
+from flwr.app import RecordDict
 from flwr.common import log
-from flwr.serverapp.strategy import FedAvg
+from torch import nn
 
 from common.config import RunConfig
 from common.records import RunRecorder
-from common.wire import content_bytes
 from methods.fedavg.model import Build, build
-from methods.fedavg.wire import max_reply_bytes, unpack_reply
+from methods.fedavg.wire import max_reply_bytes, pack_instruction, unpack_update
 from server_app import checkpoint
-from server_app.base import (
-    ServerSetup,
-    aggregate_checked,
-    choose_nodes,
-    instructions_owed,
-    robust_aggregate,
-)
+from server_app.base import Replies, RoundStrategy, ServerSetup
+
+STATE_PREFIX = "arrays/"  # the checkpoint names each parameter "arrays/<name>" (as every checkpoint since version 1)
 
 
-class RecordedFedAvg(FedAvg):
-    """Flower's own FedAvg, with the round's bytes and client metrics recorded and every reply checked first.
+class FedAvg(RoundStrategy):
+    """Round t: send every node the global parameters; aggregate the trained ones that return into them.
 
-    Replies go through checked_replies like every other method's: size, then each array decoded from its
-    bytes against the global arrays' keys and shapes (float32, finite, within VALUE_BOUND), then the metrics
-    (round, num-examples). The checked arrays are then aggregated like every other method's replies
-    (robust_aggregate: each reply's update around the global arrays bounded, the run's rule per tensor and
-    coordinate, the example weights capped), so an extra metric key, a renamed record or a list-valued metric
-    in a reply cannot reach the aggregation. Flower's FedAvg still draws up the messages. As in every method,
-    the round keeps each reply's example count and metrics and decodes its arrays again when the aggregation
-    reads them (server_app.base.Replies): one decoded reply at a time under the mean.
-    """
+    Replies go through the checked path of every method (server_app.base.checked_replies): size, then each array
+    decoded from its bytes against the global parameters' names and shapes (float32, finite, within
+    VALUE_BOUND), then the metrics (round, num-examples). The checked arrays are aggregated like every other
+    method's replies (robust_aggregate: each reply's update around the global parameters bounded, the run's rule
+    per tensor and coordinate, the example weights capped), and the aggregate is the new global parameters."""
 
-    def __init__(self, cfg: RunConfig, recorder: RunRecorder, **kwargs) -> None:
-        super().__init__(
-            fraction_train=cfg.fraction_train,
-            fraction_evaluate=0.0,
-            min_train_nodes=cfg.min_clients,
-            min_available_nodes=cfg.min_clients,
-            **kwargs,
-        )
-        self.cfg, self.recorder = cfg, recorder
-        self._rng = random.Random(cfg.seed)  # client sampling: choose_nodes, as every method
-        self._global: ArrayRecord | None = None
-        self._owed: dict[int, Message | None] = {}  # this round's instructions: the replies it may accept
+    def __init__(self, cfg: RunConfig, recorder: RunRecorder, params: dict[str, nn.Parameter]) -> None:
+        super().__init__(cfg, recorder)
+        self.params = params  # the global values of the trained parameters, by wire name (the server's model's)
+        self.shapes = {n: tuple(int(d) for d in p.shape) for n, p in params.items()}
 
-    def configure_train(self, server_round, arrays, config, grid):
-        """Flower's FedAvg.configure_train, with the nodes drawn by choose_nodes (seeded, checkpointed) instead of
-        Flower's sample_nodes (the unseeded global `random`)."""
-        self.recorder.begin_round(server_round)
-        self._global = arrays
-        chosen = choose_nodes(self._rng, grid, self.cfg)
-        config["server-round"] = server_round
-        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        messages = list(self._construct_messages(record, chosen, MessageType.TRAIN))
-        for m in messages:
-            self.recorder.add_down(content_bytes(m.content))
-        self._owed = instructions_owed(messages)
-        return messages
+    def summary(self) -> None:
+        numbers = sum(p.numel() for p in self.params.values())
+        log(INFO, "FedAvg: %d parameter tensors, %d numbers trained and sent each way", len(self.params), numbers)
 
-    def aggregate_train(self, server_round, replies):
-        shapes = {key: tuple(int(d) for d in ref.shape) for key, ref in self._global.items()}
-        reference = {k: v.numpy() for k, v in self._global.items()}
+    def global_arrays(self) -> dict[str, np.ndarray]:
+        """The global parameters as float32 arrays (views of the model's)."""
+        return {n: p.detach().numpy() for n, p in self.params.items()}
 
-        def unpack(content):
-            return unpack_reply(content, server_round, shapes)
+    def instructions(self, server_round: int, nodes: list[int]) -> list[RecordDict]:
+        """The same instruction to every node: the global parameters and the round (methods/fedavg/wire.py)."""
+        return [pack_instruction(server_round, self.params)] * len(nodes)
 
-        def apply(weights, arrays):  # the aggregate is the new global model itself: finite aggregate, finite model
-            merged = robust_aggregate(self.cfg, self.recorder, server_round, arrays, weights, reference)
-            return ArrayRecord({k: Array(v) for k, v in merged.items()}), {}
+    def read_update(self, content: RecordDict, server_round: int) -> dict[str, np.ndarray]:
+        return unpack_update(content, self.shapes)
 
-        # kept: (num-examples, metrics); the arrays are decoded again from each Message when aggregated (Replies)
-        done = aggregate_checked(
-            self.cfg,
-            self.recorder,
-            server_round,
-            replies,
-            unpack,
-            max_reply_bytes(shapes),
-            self._owed,
-            lambda node, reply: reply[:2],
-            lambda content: unpack(content)[2],
-            apply,
-        )
-        return (None, None) if done is None else done
+    def reply_size_limit(self, server_round: int) -> int:
+        return max_reply_bytes(self.shapes)
 
-    def state_dict(self) -> tuple[dict, dict]:
-        """The sampling RNG; the global arrays are Strategy.start's, which the checkpoint keeps beside."""
-        return {}, {"rng": checkpoint.rng_state(self._rng)}
+    def apply(self, server_round: int, weights: Sequence[float], replies: Replies) -> dict:
+        # the aggregate is the new global parameters themselves: finite aggregate (or RoundFailed), finite model
+        merged = self.combine(server_round, weights, replies, self.global_arrays())
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.copy_(torch.from_numpy(np.asarray(merged[name])))
+        return {}
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """The global parameters ("arrays/<name>") and the sampling RNG (server_app/checkpoint.py)."""
+        return {STATE_PREFIX + n: p.detach() for n, p in self.params.items()}, {"rng": checkpoint.rng_state(self._rng)}
 
     def load_state_dict(self, tensors, state: dict, done: int, same_run: bool, segments=None) -> None:
-        if tensors or set(state) - {"rng"} or segments:
+        if set(state) - {"rng"} or segments:
             raise checkpoint.CheckpointError("the checkpoint holds a strategy state FedAvg does not have")
+        values = checkpoint.checked_tensors(tensors, {STATE_PREFIX + n: s for n, s in self.shapes.items()})
         if "rng" in state:
             checkpoint.set_rng_state(self._rng, state)
         else:  # written before FedAvg drew its nodes with a seeded RNG (it used Flower's unseeded sampling)
@@ -109,21 +83,16 @@ class RecordedFedAvg(FedAvg):
                 "the checkpoint holds no client-sampling state: sampling starts again from seed %d",
                 self.cfg.seed,
             )
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.copy_(values[STATE_PREFIX + name])
 
 
 def params_setup(cfg: RunConfig, recorder: RunRecorder, build: Build) -> ServerSetup:
     """The server model `build` makes, and FedAvg's strategy on the parameters it names (FedAvg: all of them;
     FedAvg-LoRA: the LoRA matrices and the head)."""
     model, params = build(cfg)
-
-    def load(arrays: ArrayRecord) -> None:
-        with torch.no_grad():
-            for name, value in arrays.to_torch_state_dict().items():
-                params[name].copy_(value)
-
-    return ServerSetup(
-        model, RecordedFedAvg(cfg, recorder), ArrayRecord({n: p.detach() for n, p in params.items()}), load
-    )
+    return ServerSetup(model, FedAvg(cfg, recorder, params))
 
 
 def setup(cfg: RunConfig, recorder: RunRecorder) -> ServerSetup:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from common.wire import (
     VALUE_BOUND,
@@ -47,6 +47,11 @@ def reference_values(setup, instruction: RecordDict) -> dict[str, dict[str, np.n
     return {"arrays": {k: a.numpy() for k, a in require(instruction, "arrays", ArrayRecord).items()}}
 
 
+def pack_instruction(server_round: int, params: dict[str, torch.Tensor]) -> RecordDict:
+    """The instruction of round `server_round`: the global values of `params` and the round."""
+    return RecordDict({"arrays": pack_tensors(params), "config": ConfigRecord({"server-round": int(server_round)})})
+
+
 def unpack_instruction(content: RecordDict, shapes: Shapes) -> tuple[int, dict[str, torch.Tensor]]:
     """(server round, the global values of the parameters of `shapes`), checked."""
     _, server_round, _ = checked_round_config(content, with_log=False)
@@ -63,8 +68,13 @@ def unpack_reply(
 ) -> tuple[int, dict[str, float], dict[str, np.ndarray]]:
     """(num-examples, metrics, the trained arrays) of a reply, checked; raises WireError if malformed."""
     n, metrics = checked_metrics(content, server_round)
+    return n, metrics, unpack_update(content, shapes)
+
+
+def unpack_update(content: RecordDict, shapes: Shapes) -> dict[str, np.ndarray]:
+    """A reply's trained arrays, checked (its metrics are checked_metrics'); raises WireError if malformed."""
     arrays = unpack_tensors("arrays", require(content, "arrays", ArrayRecord), shapes, VALUE_BOUND)
-    return n, metrics, {k: v.numpy() for k, v in arrays.items()}
+    return {k: v.numpy() for k, v in arrays.items()}
 
 
 def max_reply_bytes(shapes: Shapes) -> int:

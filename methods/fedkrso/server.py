@@ -9,7 +9,7 @@ import math
 from logging import INFO
 
 import torch
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import RecordDict
 from flwr.common import log
 
 from common.config import RunConfig
@@ -18,7 +18,7 @@ from common.wire import reply_limit
 from methods.fedkrso.config import interval_steps
 from methods.fedkrso.model import KrsoModel, build
 from methods.fedkrso.subspace import LogEntry, apply_update, round_seeds
-from methods.fedkrso.wire import pack_instruction, unpack_instruction, unpack_reply
+from methods.fedkrso.wire import Update, pack_instruction, unpack_instruction, unpack_update
 from server_app.base import LogStrategy, Replies, ServerSetup
 
 
@@ -47,8 +47,8 @@ class FedKRSO(LogStrategy):
     def instruction(self, server_round: int, missed: list) -> RecordDict:
         return pack_instruction(server_round, self._seeds(server_round), missed, self.km.head_state())
 
-    def check_reply(self, content: RecordDict, server_round: int):
-        return unpack_reply(content, server_round, self.cfg.krso.k, self.km.shapes, self.km.head_shapes)
+    def read_update(self, content: RecordDict, server_round: int) -> Update:
+        return unpack_update(content, self.cfg.krso.k, self.km.shapes, self.km.head_shapes)
 
     def max_reply_bytes(self) -> int:
         k = self.cfg.krso.k
@@ -96,4 +96,4 @@ class FedKRSO(LogStrategy):
 
 def setup(cfg: RunConfig, recorder: RunRecorder) -> ServerSetup:
     km = build(cfg)
-    return ServerSetup(km.loaded.model, FedKRSO(cfg, km, recorder), ArrayRecord())
+    return ServerSetup(km.loaded.model, FedKRSO(cfg, km, recorder))

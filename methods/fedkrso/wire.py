@@ -164,6 +164,14 @@ class Reply:
     metrics: dict[str, float]
 
 
+@dataclass
+class Update:
+    """What a reply adds to the round: its accumulators and its head."""
+
+    accumulators: Accumulators
+    head: dict[str, torch.Tensor]
+
+
 def unpack_reply(
     content: RecordDict,
     server_round: int,
@@ -173,6 +181,14 @@ def unpack_reply(
 ) -> Reply:
     """A checked reply; raises WireError for anything malformed (wrong keys, shapes, dtypes, NaN, bounds...)."""
     n, scalars = checked_metrics(content, server_round)
+    update = unpack_update(content, k, shapes, head_shapes)
+    return Reply(n, server_round - 1, update.accumulators, update.head, scalars)
+
+
+def unpack_update(
+    content: RecordDict, k: int, shapes: Mapping[str, tuple[int, int]], head_shapes: Mapping[str, tuple[int, ...]]
+) -> Update:
+    """A reply's accumulators and head, checked (its metrics are checked_metrics'); raises WireError."""
     rec = require(content, "accumulators", ArrayRecord)
     acc: Accumulators = {}
     for key in rec:
@@ -184,5 +200,4 @@ def unpack_reply(
         acc[(int(j_str), name)] = checked_tensor(f"accumulators[{key}]", rec[key], shapes[name], bound=VALUE_BOUND)
     if not acc:
         raise WireError("reply carries no accumulators")
-    head = _head(content, head_shapes, VALUE_BOUND)
-    return Reply(n, server_round - 1, acc, head, scalars)
+    return Update(acc, _head(content, head_shapes, VALUE_BOUND))

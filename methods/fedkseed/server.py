@@ -6,7 +6,7 @@ from logging import INFO
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import RecordDict
 from flwr.common import log
 
 from common.config import RunConfig
@@ -41,10 +41,10 @@ class FedKSeed(LogStrategy):
     def instruction(self, server_round: int, missed: list) -> RecordDict:
         return kseed_wire.pack_instruction(server_round, self.cfg.zo.lr, missed)
 
-    def check_reply(self, content: RecordDict, server_round: int):
+    def read_update(self, content: RecordDict, server_round: int) -> np.ndarray:
         c = self.cfg
         estimates = c.train.local_steps * c.kseed.perturbations
-        return kseed_wire.unpack_reply(content, server_round, c.kseed.k, c.zo.eps, estimates)
+        return kseed_wire.unpack_update(content, c.kseed.k, c.zo.eps, estimates)
 
     def max_reply_bytes(self) -> int:
         return reply_limit(4 * self.cfg.kseed.k, 2)  # dense; sparse is smaller (8 B per seed used, < K/2 used)
@@ -67,7 +67,7 @@ class FedKSeed(LogStrategy):
 
     def update(self, server_round: int, weights: list[float], replies: Replies) -> kseed.LogEntry:
         # per candidate seed, absent = 0
-        g = self.combine(server_round, weights, replies.map(lambda r: {"G": r.scalars}))["G"]
+        g = self.combine(server_round, weights, replies.map(lambda scalars: {"G": scalars}))["G"]
         entry = kseed.LogEntry(server_round, self.cfg.zo.lr, g)
         kseed.replay(self.km, entry, self.cfg.kseed.perturbations)
         return entry
@@ -75,4 +75,4 @@ class FedKSeed(LogStrategy):
 
 def setup(cfg: RunConfig, recorder: RunRecorder) -> ServerSetup:
     km = build(cfg)
-    return ServerSetup(km.zo.loaded.model, FedKSeed(cfg, km, recorder), ArrayRecord())
+    return ServerSetup(km.zo.loaded.model, FedKSeed(cfg, km, recorder))

@@ -140,8 +140,13 @@ def unpack_reply(content: RecordDict, server_round: int, k: int, eps: float, est
 
     `estimates`: the most two-sided estimates one client makes in a round (S·P), which bounds each G[j]."""
     n, metrics = checked_metrics(content, server_round)
+    return Reply(n, unpack_update(content, k, eps, estimates), metrics)
+
+
+def unpack_update(content: RecordDict, k: int, eps: float, estimates: int) -> np.ndarray:
+    """A reply's scalars G, dense (K,), checked (its metrics are checked_metrics'); raises WireError."""
     rec = require(content, "scalars", ArrayRecord)
     dense, used = unpack_scalars("scalars", rec, "", k, zo_scalar_bound(eps, estimates))
     if len(rec) != used:
         raise WireError(f"scalars record has keys {sorted(rec.keys())[:5]}: expected 'scalars' (+ 'index')")
-    return Reply(n, dense, metrics)
+    return dense

@@ -6,7 +6,7 @@ from logging import INFO
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import RecordDict
 from flwr.common import log
 
 from common.config import RunConfig
@@ -45,9 +45,9 @@ class FedSPZO(LogStrategy):
             server_round, spzo.round_seed(self.cfg.seed, server_round), self.cfg.zo.lr, missed
         )
 
-    def check_reply(self, content: RecordDict, server_round: int):
+    def read_update(self, content: RecordDict, server_round: int) -> dict[str, np.ndarray]:
         c = self.cfg
-        return spzo_wire.unpack_reply(content, server_round, c.spzo.p1, c.spzo.p2, c.train.local_steps, c.zo.eps)
+        return spzo_wire.unpack_update(content, c.spzo.p1, c.spzo.p2, c.train.local_steps, c.zo.eps)
 
     def max_reply_bytes(self) -> int:
         c = self.cfg
@@ -78,7 +78,7 @@ class FedSPZO(LogStrategy):
         return rows * (p1 * block1 + entry.g2.shape[1] * block2) / (block1 + block2)
 
     def update(self, server_round: int, weights: list[float], replies: Replies) -> spzo.LogEntry:
-        g = self.combine(server_round, weights, replies.map(lambda r: {"g1": r.g1, "g2": r.g2}))  # per (step, pert.)
+        g = self.combine(server_round, weights, replies)  # per (step, pert.)
         entry = spzo.LogEntry(
             server_round, spzo.round_seed(self.cfg.seed, server_round), self.cfg.zo.lr, g["g1"], g["g2"]
         )
@@ -88,4 +88,4 @@ class FedSPZO(LogStrategy):
 
 def setup(cfg: RunConfig, recorder: RunRecorder) -> ServerSetup:
     sm = build(cfg)
-    return ServerSetup(sm.zo.loaded.model, FedSPZO(cfg, sm, recorder), ArrayRecord())
+    return ServerSetup(sm.zo.loaded.model, FedSPZO(cfg, sm, recorder))

@@ -129,13 +129,17 @@ class Reply:
 def unpack_reply(content: RecordDict, server_round: int, p1: int, p2: int, steps: int, eps: float) -> Reply:
     """A checked reply; raises WireError for anything malformed (keys, shapes, dtypes, NaN, bounds, counts)."""
     n, metrics = checked_metrics(content, server_round)
+    g = unpack_update(content, p1, p2, steps, eps)
+    return Reply(n, g["g1"], g["g2"], metrics)
+
+
+def unpack_update(content: RecordDict, p1: int, p2: int, steps: int, eps: float) -> dict[str, np.ndarray]:
+    """A reply's scalars {"g1", "g2"}, checked (its metrics are checked_metrics'); raises WireError."""
     rec = require(content, "scalars", ArrayRecord)
     if set(rec.keys()) != {"g1", "g2"}:
         raise WireError(f"scalars record has keys {sorted(rec.keys())[:5]}, expected ['g1', 'g2']")
     bound = zo_scalar_bound(eps)
-    return Reply(
-        n,
-        _scalars("scalars[g1]", rec["g1"], p1, (steps,), bound),
-        _scalars("scalars[g2]", rec["g2"], p2, (steps,), bound),
-        metrics,
-    )
+    return {
+        "g1": _scalars("scalars[g1]", rec["g1"], p1, (steps,), bound),
+        "g2": _scalars("scalars[g2]", rec["g2"], p2, (steps,), bound),
+    }

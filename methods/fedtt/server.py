@@ -11,7 +11,7 @@ from logging import INFO
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import RecordDict
 from flwr.common import log
 
 from common import robust
@@ -21,7 +21,7 @@ from common.records import RunRecorder
 from common.wire import reply_limit
 from methods.fedtt.model import TTModel, build
 from methods.fedtt.tt import CoreKey, plus_selection, score_votes
-from methods.fedtt.wire import SCORE_BOUND, pack_instruction, reply_payload, unpack_reply
+from methods.fedtt.wire import SCORE_BOUND, Update, pack_instruction, reply_payload, unpack_update
 from server_app import checkpoint
 from server_app.base import Replies, RoundStrategy, ServerSetup
 
@@ -71,9 +71,9 @@ class FedTT(RoundStrategy):
         )
         return [content] * len(nodes)
 
-    def read_reply(self, content: RecordDict, server_round: int):
+    def read_update(self, content: RecordDict, server_round: int) -> Update:
         selected = self.selected[server_round]
-        return unpack_reply(content, server_round, selected, self.shapes, self.tm.head_shapes, self.want_scores)
+        return unpack_update(content, selected, self.shapes, self.tm.head_shapes, self.want_scores)
 
     def reply_size_limit(self, server_round: int) -> int:
         return reply_limit(
@@ -156,6 +156,4 @@ class FedTT(RoundStrategy):
 def setup(cfg: RunConfig, recorder: RunRecorder) -> ServerSetup:
     """FedTT, or FedTT+ when the run's method has the option "plus" (one setup for both variants)."""
     tm = build(cfg)
-    return ServerSetup(
-        tm.loaded.model, FedTT(cfg, tm, recorder, plus=get_method(cfg.method).options["plus"]), ArrayRecord()
-    )
+    return ServerSetup(tm.loaded.model, FedTT(cfg, tm, recorder, plus=get_method(cfg.method).options["plus"]))

@@ -222,6 +222,27 @@ def unpack_reply(
 ) -> Reply:
     """A checked reply; raises WireError for anything malformed (keys, lengths, dtypes, NaN, bounds, counts...)."""
     n, scalars = checked_metrics(content, server_round)
+    update = unpack_update(content, selected, shapes, head_shapes, want_scores)
+    return Reply(n, update.cores, update.head, update.scores, scalars)
+
+
+@dataclass
+class Update:
+    """What a reply adds to the round: its trained cores, its head, and FedTT+'s gradient scores."""
+
+    cores: dict[CoreKey, torch.Tensor]
+    head: dict[str, torch.Tensor]
+    scores: dict[CoreKey, float] | None
+
+
+def unpack_update(
+    content: RecordDict,
+    selected: Sequence[CoreKey],
+    shapes: Shapes,
+    head_shapes: Mapping[str, tuple[int, ...]],
+    want_scores: bool,
+) -> Update:
+    """A reply's cores, head and scores, checked (its metrics are checked_metrics'); raises WireError."""
     expected = {"cores", "head", "metrics"} | ({"scores"} if want_scores else set())
     if set(content.keys()) != expected:
         raise WireError(f"reply records {sorted(content.keys())[:6]}, expected {sorted(expected)}")
@@ -234,7 +255,7 @@ def unpack_reply(
         if (vec["scores"] < 0).any():
             raise WireError("scores must be >= 0 (mean absolute gradients)")
         scores = {k: float(v) for k, v in zip(keys, vec["scores"].tolist(), strict=True)}
-    return Reply(n, cores, head, scores, scalars)
+    return Update(cores, head, scores)
 
 
 def reply_payload(
