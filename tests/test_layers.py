@@ -169,3 +169,18 @@ def test_the_development_checklist_names_tests_that_exist():
         if test not in {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}:
             missing.append(f"{path}::{test}")
     assert missing == []
+
+
+def test_the_checkout_tracks_no_link_and_no_environment():
+    """A committed link (a worktree's `.venv` pointing at the main checkout's once was) replaces the real folder
+    on merge and makes `make install` fail on a clean clone: nothing tracked is a symbolic link or under .venv."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None or not os.path.exists(os.path.join(ROOT, ".git")):
+        pytest.skip("not a git checkout")
+    listed = subprocess.run(["git", "ls-files", "-s"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    links = [line.split("\t", 1)[1] for line in listed.splitlines() if line.startswith("120000 ")]
+    environment = [p for p in (line.split("\t", 1)[1] for line in listed.splitlines()) if p.split("/")[0] == ".venv"]
+    assert not links, f"tracked symbolic links: {links} (git rm --cached them)"
+    assert not environment, f"the environment is tracked: {environment[:5]} (git rm --cached -r .venv)"
