@@ -110,16 +110,18 @@ class Accepted:
 
     def __init__(self, messages: Sequence[Message]) -> None:
         self.messages = messages  # Flower's list of the round's replies
-        self.positions, self.nodes = array("q"), array("q")
+        self.positions, self.nodes = array("q"), array("Q")  # Flower's node ids are unsigned 64-bit
         self.examples, self.losses = array("d"), array("d")
         self.stats = ClientStats()
 
     def add(self, position: int, node: int, num_examples: int, metrics: Mapping[str, float]) -> None:
-        self.positions.append(position)
-        self.nodes.append(node)
-        self.examples.append(float(num_examples))
-        self.losses.append(float(metrics.get("train-loss", 0.0)))
+        """Keep one reply; all or nothing (the arrays stay the same length if any value does not fit)."""
+        row = (array("q", [position]), array("Q", [node]), float(num_examples), float(metrics.get("train-loss", 0.0)))
         self.stats.add({**metrics, "num-examples": num_examples})
+        self.positions.extend(row[0])
+        self.nodes.extend(row[1])
+        self.examples.append(row[2])
+        self.losses.append(row[3])
 
     def __len__(self) -> int:
         return len(self.positions)

@@ -140,3 +140,39 @@ def test_each_reply_is_checked_once_and_decoded_once_per_aggregation_pass(tmp_pa
     contents = sorted(id(r.content) for r in replies)
     assert sorted(validated) == contents and set(validated.values()) == {1}
     assert sorted(decoded) == contents and set(decoded.values()) == {1 + passes}
+
+
+def test_node_ids_are_unsigned_64_bit_and_a_reply_is_kept_all_or_nothing(tmp_path):
+    """Flower draws node ids from the whole unsigned 64-bit range: a round of replies from ids above 2**63 is
+    aggregated like any other. A value the round's tables cannot hold leaves them as they were (a half-kept
+    reply once left 2 replies against 1 weight and ended the run)."""
+    from server_app.base import Accepted
+
+    cfg = parse_run_config(
+        {"method": "fedavg", "results-dir": str(tmp_path), "run-name": "fa", "aggregation.rule": "mean",
+         "aggregation.norm-cap": 0.0}
+    )  # fmt: skip
+    strategy = fedavg(cfg)
+    big = [2**64 - 1, 2**63 + 5]
+    msgs = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), NodeList(big)))
+    replies = [
+        Message(
+            RecordDict(
+                {
+                    "arrays": ArrayRecord({"w": Array(np.full((2, 3), value, np.float32))}),
+                    "metrics": MetricRecord({"num-examples": 2, "model-round": 0}),
+                }
+            ),
+            reply_to=m,
+        )
+        for m, value in zip(msgs, (1.0, 3.0), strict=True)
+    ]
+    strategy.aggregate_train(1, replies)
+    np.testing.assert_allclose(strategy.params["w"].detach().numpy(), np.full((2, 3), 2.0))
+    assert strategy.recorder.end_round(1, None)["clients"] == 2
+
+    kept = Accepted([])
+    kept.add(0, 2**64 - 1, 3, {"train-loss": 0.5})
+    with pytest.raises(OverflowError):
+        kept.add(1, -1, 3, {"train-loss": 0.5})
+    assert len(kept) == len(kept.nodes) == len(kept.examples) == len(kept.losses) == kept.stats.count == 1
