@@ -101,7 +101,7 @@ def test_commands_come_from_docker_compose(fleet):
     """What runs is docker-compose.yml's command, translated: no flag of the file is dropped or added."""
     from scripts.fleet import COMPOSE, load_compose
 
-    raw = load_compose(COMPOSE, {}, "/volumes")
+    raw = load_compose(COMPOSE, {"GLUE_DIR": "/data/glue"}, "/volumes")  # required by the file
     assert {s.kind for s in raw.values() if not s.holder} == {"superlink", "supernode", "superexec"}
     # every Flower service runs in a pod whose namespace a holder owns, so a restart of one keeps the pair
     assert all(raw[s.pod].holder for s in raw.values() if not s.holder)
