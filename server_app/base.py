@@ -116,12 +116,13 @@ class Accepted:
 
     def add(self, position: int, node: int, num_examples: int, metrics: Mapping[str, float]) -> None:
         """Keep one reply; all or nothing (the arrays stay the same length if any value does not fit)."""
-        row = (array("q", [position]), array("Q", [node]), float(num_examples), float(metrics.get("train-loss", 0.0)))
+        at, by = array(self.positions.typecode, [position]), array(self.nodes.typecode, [node])  # raise here or never
+        examples, loss = float(num_examples), float(metrics.get("train-loss", 0.0))
         self.stats.add({**metrics, "num-examples": num_examples})
-        self.positions.extend(row[0])
-        self.nodes.extend(row[1])
-        self.examples.append(row[2])
-        self.losses.append(row[3])
+        self.positions.extend(at)
+        self.nodes.extend(by)
+        self.examples.append(examples)
+        self.losses.append(loss)
 
     def __len__(self) -> int:
         return len(self.positions)
