@@ -9,7 +9,7 @@
 The task runs offline: the first `rows` SST-2 training reviews as a prompt with a one-word answer
 (scripts/glue_instructions.py), the held-out 0.1 of that file (seed 0, the same rows for every run) scored by
 the response loss and by the exact match of greedily generated answers. 10 simulated clients, Dirichlet over
-the answers (common.data.response_classes). The data file is rebuilt from the GLUE folder when missing (it
+the answers (common.partition.response_classes). The data file is rebuilt from the GLUE folder when missing (it
 is never committed); the records hold its SHA-256, and runs on another file are not matched.
 
 Records as bench/run.py's: runs/<name>/ (rounds.jsonl, summary.json, bench.json) complete when bench.json is

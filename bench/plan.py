@@ -64,7 +64,7 @@ class Settings:
     skew_task: str = "sst2"
     skew_alpha: float = 0.1
     # Seeds 1, 6 and 8 cannot be drawn: Dirichlet 0.1 over SST-2's two labels leaves a client under 10 examples
-    # in all of flwr-datasets' attempts (common.data says so), every client fails; 0, 2, 3, 4, 5 can.
+    # in all of flwr-datasets' attempts (common.partition says so), every client fails; 0, 2, 3, 4, 5 can.
     skew_seeds: tuple[int, ...] = (0, 2, 3, 4, 5)
     skew_methods: tuple[str, ...] = SKEW_METHODS
     # Compute to reach an accuracy (FedSPZO's claim): FedSPZO and FedKSeed at their shipped defaults, which

@@ -1,4 +1,6 @@
-"""Loading, normalising and federated partitioning of the task data.
+"""Loading and normalising of the task data: a built-in task's splits, and the run's task (`task_of`: a
+built-in one, or one from the user's own data, whose files common/datafiles.py reads). A client's share of a
+split is common/partition.py's; a split as the model's inputs, common/encoding.py's.
 
 Every split, local or from the Hugging Face Hub, becomes a ``datasets.Dataset`` with
 columns ``text`` (str), ``text_pair`` (str, pair tasks only) and ``label`` (int), so
@@ -15,24 +17,16 @@ import csv
 import json
 import os
 import re
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING
 
 import datasets
 import numpy as np
-import torch
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
 
 from common.tasks import TaskSpec
 
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
-
 SPLITS = ("train", "dev")
-PARTITION_SCHEMES = ("iid", "dirichlet")
 BOOLQ_SPLIT_SEED = 0
 BOOLQ_TRAIN_FRACTION = 0.8
 
@@ -124,7 +118,6 @@ _LAYOUTS: dict[str, tuple[str, dict[str, str], _TsvLayout | _JsonlLayout]] = {
 _Columns = tuple[list[str], list[str] | None, list[int]]
 
 _SPLIT_CACHE: dict[tuple[str, str, str | None], datasets.Dataset] = {}
-_PARTITION_CACHE: dict[tuple, datasets.Dataset] = {}
 
 
 def _missing(path: str, data_dir: str) -> FileNotFoundError:
@@ -262,171 +255,6 @@ def load_split(task: TaskSpec, split: str, data_dir: str | None) -> datasets.Dat
     return _SPLIT_CACHE[key]
 
 
-def _min_partition_size(n: int, num_partitions: int) -> int:
-    """At least one example per client; at most 10 so small tasks stay splittable."""
-    return max(1, min(10, n // (4 * num_partitions)))
-
-
-def _make_partitioner(scheme: str, n: int, num_partitions: int, alpha: float, seed: int) -> Partitioner:
-    if scheme == "iid":
-        return IidPartitioner(num_partitions=num_partitions)
-    return DirichletPartitioner(
-        num_partitions=num_partitions,
-        partition_by="label",
-        alpha=float(alpha),
-        min_partition_size=_min_partition_size(n, num_partitions),
-        self_balancing=True,
-        seed=seed,
-    )
-
-
-@lru_cache(maxsize=16)
-def _all_partitions(
-    labels: tuple[int, ...], num_partitions: int, scheme: str, alpha: float, seed: int
-) -> tuple[tuple[int, ...], ...]:
-    """Every partition at once: Dirichlet draws them jointly, and we verify the cover."""
-    n = len(labels)
-    # IidPartitioner takes contiguous shards, so shuffle first (with the seed) to make
-    # shards random; the "idx" column maps back to positions in `labels`.
-    order = np.random.default_rng(seed).permutation(n) if scheme == "iid" else np.arange(n)
-    partitioner = _make_partitioner(scheme, n, num_partitions, alpha, seed)
-    partitioner.dataset = datasets.Dataset.from_dict({"label": np.asarray(labels)[order], "idx": order})
-    try:
-        with warnings.catch_warnings():
-            # The Dirichlet partitioner warns on every resampling; we report failure.
-            warnings.simplefilter("ignore")
-            parts = tuple(
-                tuple(sorted(np.asarray(partitioner.load_partition(pid)["idx"]).tolist()))
-                for pid in range(num_partitions)
-            )
-    except ValueError as err:
-        raise ValueError(
-            f"Dirichlet partitioning of {n} examples into {num_partitions} partitions "
-            f"with alpha={alpha} (seed {seed}) could not give every partition at least "
-            f"{_min_partition_size(n, num_partitions)} examples in flwr_datasets' 11 "
-            f"sampling attempts ({err}). Use a larger alpha (e.g. >= 0.3), fewer "
-            "partitions, or a different seed."
-        ) from None
-    flat = [i for part in parts for i in part]
-    if len(flat) != n or set(flat) != set(range(n)):
-        raise ValueError(
-            f"{scheme} partitioning with alpha={alpha} did not produce disjoint "
-            "partitions covering the data; use a larger alpha."
-        )
-    return parts
-
-
-def partition_indices(
-    labels: Sequence[int],
-    num_partitions: int,
-    partition_id: int,
-    scheme: str,
-    alpha: float,
-    seed: int,
-) -> list[int]:
-    """Sorted example indices of one client's partition (disjoint, covering, seeded).
-
-    ``iid``: a seeded shuffle cut into near-equal contiguous shards. ``dirichlet``:
-    per-label Dirichlet(alpha) label skew (flwr_datasets, self-balancing); alpha is
-    ignored for ``iid``.
-    """
-    n = len(labels)
-    if scheme not in PARTITION_SCHEMES:
-        raise ValueError(f"Unknown partition scheme {scheme!r}; known schemes: {', '.join(PARTITION_SCHEMES)}")
-    if num_partitions < 1:
-        raise ValueError(f"num_partitions must be >= 1, got {num_partitions}")
-    if not 0 <= partition_id < num_partitions:
-        raise ValueError(f"partition_id must be in [0, {num_partitions}), got {partition_id}")
-    if scheme == "dirichlet" and not alpha > 0:
-        raise ValueError(f"Dirichlet alpha must be > 0, got {alpha}")
-    if num_partitions > n:
-        raise ValueError(f"Cannot split {n} examples into {num_partitions} partitions (more partitions than examples)")
-    key_alpha = float(alpha) if scheme == "dirichlet" else 0.0
-    parts = _all_partitions(tuple(int(y) for y in labels), num_partitions, scheme, key_alpha, seed)
-    return list(parts[partition_id])
-
-
-def load_partition(
-    task: TaskSpec,
-    data_dir: str | None,
-    num_partitions: int,
-    partition_id: int,
-    scheme: str,
-    alpha: float,
-    seed: int,
-) -> datasets.Dataset:
-    """One client's share of the train split, cached per arguments."""
-    key = (
-        task.name,
-        os.path.abspath(data_dir) if data_dir else None,
-        num_partitions,
-        partition_id,
-        scheme,
-        float(alpha),
-        seed,
-    )
-    if key not in _PARTITION_CACHE:
-        train = load_split(task, "train", data_dir)
-        labels = np.asarray(train["label"]).tolist()
-        indices = partition_indices(labels, num_partitions, partition_id, scheme, alpha, seed)
-        _PARTITION_CACHE[key] = train.select(indices)
-    return _PARTITION_CACHE[key]
-
-
-def tokenize(
-    dataset: datasets.Dataset,
-    tokenizer: "PreTrainedTokenizerBase",
-    task: TaskSpec,
-    max_length: int,
-) -> dict[str, torch.Tensor]:
-    """Tokenise a whole (small) split at once: padded to its longest example.
-
-    Pair tasks pass ``text_pair`` so the model sees the two segments separated.
-    Returns input_ids, attention_mask and labels.
-    """
-    if len(dataset) == 0:
-        raise ValueError(f"{task.name}: cannot tokenize an empty dataset")
-    if max_length < 1:
-        raise ValueError(f"max_length must be >= 1, got {max_length}")
-    pair = list(dataset["text_pair"]) if task.is_pair else None
-    enc = tokenizer(
-        list(dataset["text"]),
-        pair,
-        padding="longest",
-        truncation=True,
-        max_length=max_length,
-        return_tensors="pt",
-        return_token_type_ids=False,
-    )
-    return {
-        "input_ids": enc["input_ids"],
-        "attention_mask": enc["attention_mask"],
-        "labels": torch.as_tensor(np.asarray(dataset["label"]), dtype=torch.long),
-    }
-
-
-def batch_indices(n: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
-    """Indices of ``steps`` minibatches, walking seeded permutations epoch after epoch.
-
-    Fixed-step local training needs batches that span epochs: the permutations are
-    concatenated and cut into ``batch_size`` chunks, so every example is seen once per
-    epoch-length of steps (a chunk crossing an epoch boundary may repeat an index).
-    With ``n < batch_size`` every batch is the whole set, freshly permuted.
-    """
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}")
-    rng = np.random.default_rng(seed)
-    if n < batch_size:
-        return [rng.permutation(n).tolist() for _ in range(steps)]
-    epochs = -(-steps * batch_size // n)  # ceil division
-    stream = [i for _ in range(epochs) for i in rng.permutation(n).tolist()]
-    return [stream[s * batch_size : (s + 1) * batch_size] for s in range(steps)]
-
-
 # --------------------------------------------------------------------------- tasks from the user's own data
 
 DEFAULT_TEMPLATE = "{text}\nAnswer ({choices}):"
@@ -545,165 +373,3 @@ def data_split(task: TaskSpec, split: str, data_cfg, own_file: str | None = None
         return _normalised(task, rows, data_cfg)
     train, dev = held_out(len(rows), data_cfg.eval_fraction, source)
     return _normalised(task, [rows[i] for i in (train if split == "train" else dev)], data_cfg)
-
-
-def natural_partition(clients: Sequence[str], num_partitions: int, partition_id: int, column: str) -> list[int]:
-    """The rows of partition `partition_id` when each row names its client: the clients in sorted order, client
-    i to partition i mod num_partitions (a client's rows stay together: the data's own, natural partition)."""
-    names = sorted(set(clients))
-    if len(names) < num_partitions:
-        raise ValueError(
-            f"partitioning = 'natural': data.client-column '{column}' names {len(names)} clients, fewer than the "
-            f"{num_partitions} simulated nodes: run with at most {len(names)} nodes, or partition iid"
-        )
-    mine = {c for i, c in enumerate(names) if i % num_partitions == partition_id}
-    return [i for i, c in enumerate(clients) if c in mine]
-
-
-MAX_RESPONSE_CLASSES = 50  # Dirichlet over an instruction task's responses: a short answer's few values only
-
-
-def response_classes(responses: Sequence[str]) -> list[int]:
-    """An instruction task's responses as the labels a Dirichlet skew draws over: each distinct answer (stripped,
-    case-folded) a class, in sorted order. Only a task of few answers has labels this way (a prompt with a
-    one-word answer, as scripts/glue_instructions.py writes); free-text responses are refused."""
-    keys = [r.strip().casefold() for r in responses]
-    classes = sorted(set(keys))
-    if len(classes) > MAX_RESPONSE_CLASSES:
-        raise ValueError(
-            f"partitioning = 'dirichlet' skews an instruction task by its answers, and this one has {len(classes)} "
-            f"distinct responses (at most {MAX_RESPONSE_CLASSES}: a short answer such as a label word): use iid, or "
-            "natural with data.client-column"
-        )
-    index = {c: i for i, c in enumerate(classes)}
-    return [index[k] for k in keys]
-
-
-def data_partition(cfg, task: TaskSpec, num_partitions: int, partition_id: int) -> datasets.Dataset:
-    """One simulated client's share of a data task's train split (iid, Dirichlet on labels or on an instruction
-    task's few answers, or natural)."""
-    train = data_split(task, "train", cfg.data)
-    if cfg.partitioning == "natural":
-        return train.select(natural_partition(train["client"], num_partitions, partition_id, cfg.data.client_column))
-    if task.kind == "classification":
-        labels = train["label"]
-    elif cfg.partitioning == "dirichlet":
-        labels = response_classes(train["response"])
-    else:
-        labels = [0] * len(train)
-    indices = partition_indices(labels, num_partitions, partition_id, cfg.partitioning, cfg.dirichlet_alpha, cfg.seed)
-    return train.select(indices)
-
-
-# --------------------------------------------------------------------------- encoding for the LM head
-
-# what encode_instructions adds for evaluation, which a batch does not pass to the model
-NOT_INPUTS = ("prompt_length", "truncated")
-IGNORE = -100  # labels of the tokens no loss is computed on (prompt, padding): PyTorch's and transformers' value
-
-
-def encode(
-    dataset: datasets.Dataset,
-    tokenizer: "PreTrainedTokenizerBase",
-    task: TaskSpec,
-    max_length: int,
-    head_kind: str = "classifier",
-    long_responses: str = "truncate",
-) -> dict[str, torch.Tensor]:
-    """A split as the model's inputs: a classification head's (`tokenize`), a label-word prompt's
-    (`encode_prompts`) or an instruction's (`encode_instructions`)."""
-    if task.kind == "instruction":
-        return encode_instructions(dataset, tokenizer, max_length, long_responses)
-    if head_kind == "lm":
-        return encode_prompts(dataset, tokenizer, task, max_length)
-    return tokenize(dataset, tokenizer, task, max_length)
-
-
-def encode_prompts(
-    dataset: datasets.Dataset, tokenizer: "PreTrainedTokenizerBase", task: TaskSpec, max_length: int
-) -> dict[str, torch.Tensor]:
-    """Each example as `task.template` filled in (its label words scored at the prompt's last token); a prompt
-    over max_length loses its beginning, not the question at its end."""
-    if len(dataset) == 0:
-        raise ValueError(f"{task.name}: cannot encode an empty dataset")
-    choices = " or ".join(w.strip() for w in task.lm_words)
-    pairs = dataset["text_pair"] if task.is_pair else [""] * len(dataset)
-    texts = [
-        task.template.format(text=t, text_pair=p, choices=choices) for t, p in zip(dataset["text"], pairs, strict=True)
-    ]
-    side = tokenizer.truncation_side
-    tokenizer.truncation_side = "left"
-    try:
-        enc = tokenizer(texts, padding="longest", truncation=True, max_length=max_length, return_tensors="pt",
-                        return_token_type_ids=False)  # fmt: skip
-    finally:
-        tokenizer.truncation_side = side
-    return {
-        "input_ids": enc["input_ids"],
-        "attention_mask": enc["attention_mask"],
-        "labels": torch.as_tensor(np.asarray(dataset["label"]), dtype=torch.long),
-    }
-
-
-PLAIN_ROLES = {"system": "{}\n\n", "user": "### Instruction:\n{}\n\n", "assistant": "### Response:\n{}\n\n"}
-
-
-def render_prompt(tokenizer: "PreTrainedTokenizerBase", messages: list[dict[str, str]]) -> str:
-    """The conversation up to the answer as the model reads it: the tokenizer's chat template with its
-    generation prompt where it has one, else a plain Alpaca-style layout ending in "### Response:\\n"."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return "".join(PLAIN_ROLES[m["role"]].format(m["content"]) for m in messages) + "### Response:\n"
-
-
-def end_token(tokenizer: "PreTrainedTokenizerBase") -> int | None:
-    """The token that ends an answer (eos; a BERT-style tokenizer's [SEP])."""
-    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
-
-
-def encode_instructions(
-    dataset: datasets.Dataset, tokenizer: "PreTrainedTokenizerBase", max_length: int, long_responses: str = "truncate"
-) -> dict[str, torch.Tensor]:
-    """prompt + response + end token, with labels IGNORE on the prompt and the padding: the loss is on the
-    response tokens only. The prompt and the response are tokenized apart, so the boundary is the one a
-    generation starts from. A prompt that leaves no room for one response token is refused (naming its row);
-    a longer response is cut at max_length and counted (`truncated`), or refused with data.long-responses =
-    "refuse"."""
-    if len(dataset) == 0:
-        raise ValueError("cannot encode an empty dataset")
-    end = end_token(tokenizer)
-    rows, prompt_lengths, truncated = [], [], []
-    for messages, response, where in zip(dataset["messages"], dataset["response"], dataset["where"], strict=True):
-        prompt = tokenizer(render_prompt(tokenizer, json.loads(messages)), add_special_tokens=True)["input_ids"]
-        answer = tokenizer(response, add_special_tokens=False)["input_ids"] + ([end] if end is not None else [])
-        if len(prompt) >= max_length:
-            raise ValueError(
-                f"{where}: the prompt is {len(prompt)} tokens, train.max-length is {max_length}: no room for the "
-                "response. Raise train.max-length or shorten the prompt"
-            )
-        cut = len(prompt) + len(answer) > max_length
-        if cut and long_responses == "refuse":
-            raise ValueError(
-                f"{where}: prompt + response are {len(prompt) + len(answer)} tokens, over train.max-length = "
-                f"{max_length}: raise it, shorten the response, or set data.long-responses = 'truncate'"
-            )
-        ids = (prompt + answer)[:max_length]
-        rows.append((ids, len(prompt)))
-        prompt_lengths.append(len(prompt))
-        truncated.append(cut)
-    width = max(len(ids) for ids, _ in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    for i, (ids, p) in enumerate(rows):
-        input_ids[i, : len(ids)] = torch.as_tensor(ids)
-        mask[i, : len(ids)] = 1
-        labels[i, p : len(ids)] = torch.as_tensor(ids[p:])
-    return {
-        "input_ids": input_ids,
-        "attention_mask": mask,
-        "labels": labels,
-        "prompt_length": torch.as_tensor(prompt_lengths, dtype=torch.long),
-        "truncated": torch.as_tensor(truncated, dtype=torch.bool),
-    }

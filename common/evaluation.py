@@ -14,7 +14,7 @@ import time
 import torch
 from torch import nn
 
-from common.data import IGNORE
+from common.encoding import IGNORE
 from common.tasks import TaskSpec, compute_metrics
 from common.training import Encoded, batch
 
@@ -85,7 +85,7 @@ def greedy_answers(
 ) -> list[tuple[str, str]]:
     """(answer, reference) of the first `count` prompts as text decoded by `tokenizer` (stripped, case-folded):
     greedy decoding, one prompt at a time (no padding), stopped at the end token or after max_new_tokens."""
-    from common.data import end_token
+    from common.encoding import end_token
 
     if tokenizer is None:
         raise ValueError("scoring generated answers needs the run's tokenizer, to compare them as text")

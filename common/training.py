@@ -12,16 +12,9 @@ import torch
 from torch import nn
 
 from common.config import RunConfig, TrainConfig
-from common.data import (
-    NOT_INPUTS,
-    batch_indices,
-    data_partition,
-    data_split,
-    encode,
-    load_partition,
-    load_split,
-    task_of,
-)
+from common.data import data_split, load_split, task_of
+from common.encoding import NOT_INPUTS, encode
+from common.partition import batch_indices, data_partition, load_partition
 from common.seeds import derive_seed
 
 Encoded = dict[str, torch.Tensor]

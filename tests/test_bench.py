@@ -131,7 +131,7 @@ def test_the_plan_puts_the_most_informative_runs_first_and_runs_a_part_by_name()
     assert names[n + 2 : n + 12] == skew
     assert names[n + 12 :] == [f"rte-a0.5-s{seed}-{m}" for seed in (0, 1, 2) for m in main]
     assert DEFAULT.rounds >= 10 and DEFAULT.local_steps >= 20 and len(DEFAULT.skew_seeds) >= 5
-    assert 1 not in DEFAULT.skew_seeds  # cannot be drawn at alpha 0.1 (common.data refuses it)
+    assert 1 not in DEFAULT.skew_seeds  # cannot be drawn at alpha 0.1 (common.partition refuses it)
     chosen = select(plan_runs(DEFAULT), "sst2-a0.5-s0-*, compute-*")
     assert [r.name for r in chosen] == names[: len(main)] + names[n : n + 2]
     assert select([Run("rte", 0.5, 0, "fedtt")], None) == [Run("rte", 0.5, 0, "fedtt")]

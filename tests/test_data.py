@@ -13,13 +13,9 @@ import numpy as np
 import pytest
 
 from common import data
-from common.data import (
-    batch_indices,
-    load_partition,
-    load_split,
-    partition_indices,
-    tokenize,
-)
+from common.data import load_split
+from common.encoding import tokenize
+from common.partition import batch_indices, load_partition, partition_indices
 from common.tasks import TASKS, compute_metrics, get_task
 from tests.conftest import FIXTURE_GLUE, given_glue
 from tests.fixtures import make_glue

@@ -9,8 +9,9 @@ import json
 import pytest
 
 from common.config import ConfigError, DataConfig, parse_run_config
-from common.data import data_partition, data_split, natural_partition, response_classes, task_of
+from common.data import data_split, task_of
 from common.datafiles import DataError, read_rows
+from common.partition import data_partition, natural_partition, response_classes
 
 pytestmark = pytest.mark.unit
 
