@@ -32,7 +32,8 @@ from common.config import ConfigError, check_paths, parse_run_config
 from common.data import task_of
 from common.datafiles import HUB_PREFIX, is_data_task
 from common.interrupt import Interrupted, exit_on_signals, stop_processes
-from common.records import check_not_overwriting, check_not_written, format_table
+from common.records import format_table
+from common.runfolder import check_not_overwriting, check_not_written
 from common.training import check_partitions
 
 FLWR = os.path.join(os.path.dirname(sys.executable), "flwr")

@@ -1,7 +1,7 @@
 """Nothing recorded is lost: a run folder that holds a run's records (rounds.jsonl, a checkpoint, a summary)
 is never truncated or overwritten by a new run under the same run-name, in the ServerApp's recorder and in
 scripts/simulate.py alike; no records file is written through a link planted at its temporary name; and one
-server writes a run folder at a time (its lock, common.records.hold_run_folder), whether a second one starts
+server writes a run folder at a time (its lock, common.runfolder.hold_run_folder), whether a second one starts
 fresh or with resume-from, at the same moment or while the first still runs.
 (A stopped run started again through the whole ServerApp: tests/test_checkpoint.py.)"""
 
@@ -18,7 +18,8 @@ import pytest
 
 from common.config import ConfigError, parse_run_config
 from common.files import NotAFile
-from common.records import CHECKPOINT, RunFolderBusy, RunRecorder, hold_run_folder
+from common.records import RunRecorder
+from common.runfolder import CHECKPOINT, RunFolderBusy, hold_run_folder
 
 pytestmark = pytest.mark.integration
 
@@ -186,7 +187,7 @@ def test_the_lock_goes_with_the_process_that_held_it(tmp_path):
     holder = server_process(
         """
         import sys, time
-        from common.records import hold_run_folder
+        from common.runfolder import hold_run_folder
         with hold_run_folder(sys.argv[1], run_id=5):
             print("held", flush=True)
             time.sleep(120)
@@ -209,7 +210,8 @@ def test_two_servers_started_together_cannot_both_pass_the_check(tmp_path):
     lock both would pass the check (the folder is empty until the first row) and interleave their rows."""
     script = """
         import sys, time
-        from common.records import RunFolderBusy, RunRecorder, hold_run_folder
+        from common.records import RunRecorder
+        from common.runfolder import RunFolderBusy, hold_run_folder
         results = sys.argv[1]
         try:
             with hold_run_folder(results + "/run"):
