@@ -250,11 +250,11 @@ NOTES = """## Reading the figures
   snapshot of the tensors it keeps instead of the log once the log is larger (common/catchup.py,
   docs/checkpoints.md "Catch-up"): 42.5 MB for FedKRSO on MiniLM, however far behind.
 - Server memory under the weighted mean: the mean streams (common.robust.WeightedMean: one reply at a time,
-  8 bytes per aggregated number), and the strategies read their replies lazily (server_app/base.py
+  8 bytes per aggregated number), and the strategies read their replies lazily (server_app/round.py
   `Replies`): a first pass checks every reply, then the aggregation decodes each reply's arrays again from its
   Message when it reads them. A round holds one decoded reply at a time, not n: FedAvg's round, whose replies
   are 3.86 MB, is flat. Each reply is checked once (its size, its metrics, its arrays decoded and bounded) and
-  the round keeps what the check found (server_app/base.py `Accepted`: position, node, example count, loss,
+  the round keeps what the check found (server_app/round.py `Accepted`: position, node, example count, loss,
   32 bytes a reply in plain arrays), the weights and update norms as plain lists (8-byte floats, medians by
   np.partition); only the arrays are decoded again, once per aggregation pass (tests/test_fedavg_replies.py
   counts it: metrics validated once, arrays decoded once per pass). These few numbers are what a round

@@ -53,7 +53,7 @@ class MethodSpec:
     label: str  # as the papers and the benchmark page write it
     # module holding `train(content, cfg, node_config, run_id, node_id) -> RecordDict`: the node's round
     client_module: str
-    # "module:function" of `setup(cfg, recorder) -> server_app.base.ServerSetup`: the server's model and strategy
+    # "module:function" of `setup(cfg, recorder) -> server_app.round.ServerSetup`: the server's model and strategy
     server_setup: str
     # Values of the settings whose shipped value is "auto" (AUTO_KEYS); every method sets the same keys, so a
     # key is "auto" for all methods or for none.
@@ -86,7 +86,7 @@ class MethodSpec:
     value_bound: str | None = None
     # "module:function" of `values(setup, instruction) -> {record: {key: float ndarray}}`: for each reply record
     # declared "global" in attack_reference (and only those), the global values that record's arrays replace,
-    # read from the instruction the reply answers (setup: the server's server_app.base.ServerSetup, for what the
+    # read from the instruction the reply answers (setup: the server's server_app.round.ServerSetup, for what the
     # instruction alone does not say, e.g. FedTT's core shapes). Needed by every method with a "global" record.
     reference_values: str | None = None
     # "module:function" of `tensors(setup) -> {name: torch.Tensor}`: every tensor that makes up the server's global

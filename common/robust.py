@@ -61,10 +61,10 @@ same while the aggregation holds one reply and 8 bytes per aggregated number, ho
 has. The weights and the norms are plain lists (8 bytes a reply: the bounded-memory aim is about the replies'
 arrays), their medians taken with np.partition. Norm bounding needs the median norm before the first reply is
 scaled, so `aggregate_round` reads a re-iterable sequence twice: once for the norms, then to clip and add, one reply at a
-time (a one-shot iterator is kept in a list first). The strategies hand it such a sequence (server_app.base.Replies):
+time (a one-shot iterator is kept in a list first). The strategies hand it such a sequence (server_app.round.Replies):
 each accepted reply is decoded again from its Message when it is read and is not kept, so a round under the
 mean or the capped mean holds one decoded reply at a time, and a reply that fails to decode again raises
-server_app.base.RoundFailed out of the iteration, which fails the round. A rule that reads the replies more
+server_app.round.RoundFailed out of the iteration, which fails the round. A rule that reads the replies more
 than once lists them first (every read decodes again). The robust rules cannot stream: trimmed-mean and median
 sort all n values of each coordinate and the geometric median iterates over whole updates, so they hold every
 reply (n x the update's size, plus a stacked copy of one key's n values while it is combined; the geometric
@@ -371,7 +371,7 @@ def aggregate_round(
     Values may be numpy arrays or CPU tensors; what comes out is of the same kind.
 
     The mean streams (`WeightedMean`): `replies` may be any re-iterable sequence that yields one reply at a
-    time (decoded when asked for, as the strategies' server_app.base.Replies), and the aggregation then holds
+    time (decoded when asked for, as the strategies' server_app.round.Replies), and the aggregation then holds
     one of them, not all; a one-shot iterator works too (kept whole when norm bounding must read it twice).
     The robust rules hold every reply.
     """

@@ -25,7 +25,7 @@ from common.modeling import load_tokenizer
 from common.records import RunRecorder, check_not_written, format_table, hold_run_folder
 from common.training import dev_encoded
 from server_app import checkpoint
-from server_app.base import ServerSetup
+from server_app.round import ServerSetup
 
 app = ServerApp()
 

@@ -35,7 +35,7 @@ from common.export import MARKER, MODELING, ExportError, check_export, unwrap
 @dataclass
 class Rebuilt:
     cfg: Any  # common.config.RunConfig
-    setup: Any  # server_app.base.ServerSetup: setup.model is the global model of `round`
+    setup: Any  # server_app.round.ServerSetup: setup.model is the global model of `round`
     round: int
     last_round: int  # the checkpoint's last completed round
 

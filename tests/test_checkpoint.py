@@ -144,7 +144,7 @@ def test_run_of_n_rounds_equals_k_rounds_resumed(method, tiny_bert, glue_dir, tm
 @pytest.mark.integration
 def test_every_method_trains_the_same_nodes_each_round(tiny_bert, glue_dir, tmp_path, monkeypatch):
     """Side by side means the same clients: with the same seed and nodes, every strategy draws the same nodes
-    in the same rounds (server_app.base.choose_nodes), FedAvg's included (Flower's own sampling is the
+    in the same rounds (server_app.round.choose_nodes), FedAvg's included (Flower's own sampling is the
     unseeded global `random`)."""
     monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path / "nodes"))
     drawn = {m: run_to(m, tiny_bert, glue_dir, tmp_path / m, 1, 3, "draws")[1] for m in ("fedavg", "fedkseed")}

@@ -104,10 +104,10 @@ def test_each_reply_is_checked_once_and_decoded_once_per_aggregation_pass(tmp_pa
     """A real round of FedAvg's strategy over five replies packed by its client's wire (methods.fedavg.wire):
     each reply's metrics are validated exactly once (common.wire.checked_metrics, wherever it is called from),
     and its arrays decoded once when it is checked and once per aggregation pass."""
+    import server_app.round
     from common import wire
     from methods.fedavg import server as fedavg_server
     from methods.fedavg import wire as fedavg_wire
-    from server_app import base
 
     cfg = parse_run_config({"method": "fedavg", "results-dir": str(tmp_path), "run-name": "fa", **settings})
     strategy = fedavg(cfg)
@@ -132,7 +132,7 @@ def test_each_reply_is_checked_once_and_decoded_once_per_aggregation_pass(tmp_pa
         return counted
 
     metrics = counting(wire.checked_metrics, validated)
-    for module in (base, fedavg_wire):  # every module of FedAvg's round that checks metrics
+    for module in (server_app.round, fedavg_wire):  # every module of FedAvg's round that checks metrics
         monkeypatch.setattr(module, "checked_metrics", metrics)
     monkeypatch.setattr(fedavg_server, "unpack_update", counting(fedavg_wire.unpack_update, decoded))
     _, record = strategy.aggregate_train(1, replies)
@@ -146,7 +146,7 @@ def test_node_ids_are_unsigned_64_bit_and_a_reply_is_kept_all_or_nothing(tmp_pat
     """Flower draws node ids from the whole unsigned 64-bit range: a round of replies from ids above 2**63 is
     aggregated like any other. A value the round's tables cannot hold leaves them as they were (a half-kept
     reply once left 2 replies against 1 weight and ended the run)."""
-    from server_app.base import Accepted
+    from server_app.round import Accepted
 
     cfg = parse_run_config(
         {"method": "fedavg", "results-dir": str(tmp_path), "run-name": "fa", "aggregation.rule": "mean",

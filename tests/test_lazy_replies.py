@@ -1,4 +1,4 @@
-"""The strategies read their replies' arrays lazily (server_app.base.Replies): a round keeps of each checked reply
+"""The strategies read their replies' arrays lazily (server_app.round.Replies): a round keeps of each checked reply
 what its check found (position, node, count, loss), and the aggregation decodes its arrays again from its
 Message when it reads them.
 
@@ -7,7 +7,7 @@ Message when it reads them.
    copies of one real reply, the Messages made first (Flower hands a strategy the list of reply Messages, which
    it holds anyway). Counted: the decoded replies alive at once (each decode's arrays, by weak reference), and
    tracemalloc's peak of what aggregate_train allocates on top of the Messages.
-2. A few numbers are kept per reply (server_app.base.Accepted, common.records.ClientStats), as bench/scale.py
+2. A few numbers are kept per reply (server_app.round.Accepted, common.records.ClientStats), as bench/scale.py
    measures it.
 3. A reply that passed its checks but fails to decode again when it is aggregated fails the round cleanly.
 """
@@ -71,7 +71,7 @@ def traced_round(strategy, replies: list[Message]) -> tuple:
 def test_a_round_keeps_a_few_numbers_per_reply(method, tiny_bert, tmp_path, monkeypatch):
     """bench/scale.py's measurement itself (one_aggregation: rounds 1 and 2 with n copies of one real reply under
     the mean, norm-cap as shipped): from 200 to 1,000 replies the peak of round 2's aggregate_train, the nodes
-    known, grows by under 256 bytes a reply: what each reply's check found (server_app.base.Accepted: position,
+    known, grows by under 256 bytes a reply: what each reply's check found (server_app.round.Accepted: position,
     node, count, loss, 32 bytes), its weight and norm (floats in lists), its Message in the aggregation's list;
     none of its arrays (a decoded reply is KBs). In round 1 the log methods add each new node to their map of the
     rounds nodes hold (LogStrategy.node_round, the fleet's state: once per node, not per round): under 150

@@ -1,4 +1,4 @@
-"""FedAvg: the full fine-tuning baseline, on the shared round (server_app.base.RoundStrategy).
+"""FedAvg: the full fine-tuning baseline, on the shared round (server_app.round.RoundStrategy).
 
 model.py (the model it trains: all of it), wire.py (its messages), client.py (a node's round, which FedAvg-LoRA
 shares), server.py (its strategy, which FedAvg-LoRA shares, and its setup). No config section of its own.

@@ -1,5 +1,5 @@
 """FedAvg's server: the strategy (send the global parameters, average what returns, on the shared round of
-server_app.base.RoundStrategy) and its setup.
+server_app.round.RoundStrategy) and its setup.
 
 FedAvg-LoRA (methods/fedavg_lora) uses the same strategy on its LoRA matrices and head. As FedTT owns its cores,
 the strategy owns the parameters it trains: it sends them, aggregates the replies into them, and keeps them in
@@ -22,7 +22,7 @@ from common.records import RunRecorder
 from methods.fedavg.model import Build, build
 from methods.fedavg.wire import max_reply_bytes, pack_instruction, unpack_update
 from server_app import checkpoint
-from server_app.base import Replies, RoundStrategy, ServerSetup
+from server_app.round import Replies, RoundStrategy, ServerSetup
 
 STATE_PREFIX = "arrays/"  # the checkpoint names each parameter "arrays/<name>" (as every checkpoint since version 1)
 
@@ -30,7 +30,7 @@ STATE_PREFIX = "arrays/"  # the checkpoint names each parameter "arrays/<name>" 
 class FedAvg(RoundStrategy):
     """Round t: send every node the global parameters; aggregate the trained ones that return into them.
 
-    Replies go through the checked path of every method (server_app.base.checked_replies): size, then each array
+    Replies go through the checked path of every method (server_app.round.checked_replies): size, then each array
     decoded from its bytes against the global parameters' names and shapes (float32, finite, within
     VALUE_BOUND), then the metrics (round, num-examples). The checked arrays are aggregated like every other
     method's replies (robust_aggregate: each reply's update around the global parameters bounded, the run's rule

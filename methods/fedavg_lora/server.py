@@ -6,7 +6,7 @@ from common.config import RunConfig
 from common.records import RunRecorder
 from methods.fedavg.server import params_setup
 from methods.fedavg_lora.model import build
-from server_app.base import ServerSetup
+from server_app.round import ServerSetup
 
 
 def setup(cfg: RunConfig, recorder: RunRecorder) -> ServerSetup:

@@ -19,7 +19,8 @@ from methods.fedkrso.config import interval_steps
 from methods.fedkrso.model import KrsoModel, build
 from methods.fedkrso.subspace import LogEntry, apply_update, round_seeds
 from methods.fedkrso.wire import Update, pack_instruction, unpack_instruction, unpack_update
-from server_app.base import LogStrategy, Replies, ServerSetup
+from server_app.round import Replies, ServerSetup
+from server_app.updatelog import LogStrategy
 
 
 class FedKRSO(LogStrategy):

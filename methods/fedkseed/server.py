@@ -15,7 +15,8 @@ from common.wire import reply_limit
 from methods.fedkseed import kseed
 from methods.fedkseed import wire as kseed_wire
 from methods.fedkseed.kseed import KseedModel, build
-from server_app.base import LogStrategy, Replies, ServerSetup
+from server_app.round import Replies, ServerSetup
+from server_app.updatelog import LogStrategy
 
 
 class FedKSeed(LogStrategy):

@@ -15,7 +15,8 @@ from common.wire import reply_limit
 from methods.fedspzo import spzo
 from methods.fedspzo import wire as spzo_wire
 from methods.fedspzo.spzo import SpzoModel, build
-from server_app.base import LogStrategy, Replies, ServerSetup
+from server_app.round import Replies, ServerSetup
+from server_app.updatelog import LogStrategy
 
 
 class FedSPZO(LogStrategy):

@@ -1,5 +1,5 @@
 """FedTT's and FedTT+'s server: the strategy (send the global adapters and the round's core selection, average
-what returns, on the shared round of server_app.base.RoundStrategy) and its setup.
+what returns, on the shared round of server_app.round.RoundStrategy) and its setup.
 
 Thin: the mathematics (aggregation, FedTT+'s selection rule) is in methods.fedtt.tt, the wire format in
 methods.fedtt.wire.
@@ -23,7 +23,7 @@ from methods.fedtt.model import TTModel, build
 from methods.fedtt.tt import CoreKey, plus_selection, score_votes
 from methods.fedtt.wire import SCORE_BOUND, Update, pack_instruction, reply_payload, unpack_update
 from server_app import checkpoint
-from server_app.base import Replies, RoundStrategy, ServerSetup
+from server_app.round import Replies, RoundStrategy, ServerSetup
 
 
 class FedTT(RoundStrategy):
