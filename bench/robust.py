@@ -40,6 +40,8 @@ from flwr.app import Array, ConfigRecord, Message
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+from bench import adaptive_page  # noqa: E402
+from bench.adaptive_page import shipped_rule  # noqa: E402
 from bench.claims import NOT_RUN, paired_differences, sample_sd, verdict  # noqa: E402
 from bench.plan import write_json  # noqa: E402
 from common.config import parse_run_config  # noqa: E402
@@ -219,14 +221,6 @@ def read_record(records: str, name: str, args) -> dict | None:
     return r if isinstance(r, dict) and r.get("settings") == settings_of(args) else None
 
 
-def shipped_rule(method: str, clients: int) -> str:
-    """The rule a round of `clients` replies applies at the method's shipped defaults (common.robust.round_rule)."""
-    from common.robust import round_rule
-
-    ag = parse_run_config({"method": method}).aggregation
-    return round_rule(clients, ag.rule, ag.attackers)
-
-
 def loss_gaps(hostile: dict[int, dict], honest: dict[int, dict]) -> dict[int, float]:
     """Per seed that has both runs: the hostile run's final dev loss minus the honest run's."""
     return paired_differences({k: r["loss"] for k, r in hostile.items()}, {k: r["loss"] for k, r in honest.items()})
@@ -297,8 +291,8 @@ def write_page(results: dict, args, command: str) -> str:
         f"{args.rounds} rounds of {args.local_steps} local steps of batch 16 (max length {args.max_length}), "
         'each method\'s own learning rate (`train.lr = "auto"`) and every other setting at its shipped default, '
         "`aggregation.*` included (norm-cap 2, weight-cap 4, attackers 2; rule `auto`: trimmed-or-capped for the "
-        "first-order methods, which is trimmed-mean from 4b = 8 replies and the capped mean below, mean for the "
-        "zero-order ones) "
+        "first-order methods, which is trimmed-mean from 4b = 8 replies and the capped mean below, the capped mean "
+        "for the zero-order ones, whose default was the bounded mean until the adaptive attacks below) "
         "unless the rule column says otherwise; the whole dev split (872 examples) evaluated after the last round. Every run drives the real "
         "strategy and client code in one process; its record is `bench/records/robust/<run>.json`, and "
         "`python -m bench.robust --report` rewrites this page from those records without running anything.",
@@ -335,6 +329,7 @@ def write_page(results: dict, args, command: str) -> str:
         "where the mean of all of them learns; the bounded `mean` rows (norm-cap 2, weight-cap 4) show why not "
         "the plain bounded mean: one hostile client of three moved its dev loss by up to +0.74.",
         "",
+        *adaptive_page.section(adaptive_page.read_records(adaptive_page.records_dir(ROOT))),
         "## Every run",
         "",
         "| method | rule | scenario | seed | update ratio | accuracy | dev loss | model finite | rounds failed |",
