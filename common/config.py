@@ -118,7 +118,7 @@ AGGREGATION_RULES = ("mean", "capped-mean", "trimmed-or-capped", "trimmed-mean",
 class AggregationConfig:
     """How the server combines the replies of a round, for every method (common/robust.py)."""
 
-    # auto = the method's rule: trimmed-or-capped for the first-order methods, mean for the zero-order ones |
+    # auto = the method's rule: trimmed-or-capped for the first-order methods, capped-mean for the zero-order ones |
     # mean (example-weighted) | capped-mean (no reply above the median reply's norm and weight) |
     # trimmed-or-capped (trimmed-mean from 4b replies, capped-mean below) | trimmed-mean | median (per
     # coordinate, unweighted) | geometric-median (of whole updates, unweighted); docs/security.md says why

@@ -549,12 +549,12 @@ def test_one_hostile_node_of_three_moves_the_default_model_about_one_honest_roun
     """Shipped aggregation defaults, two honest nodes and one hostile one. Stated: the first round's update
     |w_1 - w_0| is at most 1.5 honest nodes' updates (one_honest_update: the largest of the two, each alone)
     when the attacker claims an honest count, at most 2.5 when it also claims 1e12 examples. The bounds of
-    docs/security.md, in those units: the first-order default at 3 replies is the capped mean (the attacker's
-    update at most the median norm, its weight at most the median weight): at most 1; the zero-order mean
-    bounds it to norm-cap 2 x the median norm at 1/3 of the weight: at most 4/3, and at 4/6 of the weight with
-    weight-cap 4: at most (1 + 1)/6 + 8/6 = 5/3. Those hold for reply norms; the model's own map of a reply
-    stretches them a little: measured 0.2 to 1.2 and, with 1e12 examples, up to 1.9 (zero-order), on the GLUE
-    rows and on the synthetic fixture alike. The model stays finite, and the next round accepts all three
+    docs/security.md, in those units: every method's default at 3 replies is the capped mean (the attacker's
+    update at most the median norm, its weight at most the median weight, 1e12 examples or not): at most 1.
+    (The zero-order methods' earlier default, the bounded mean, allowed norm-cap 2 x the median norm at 4/6 of
+    the weight with weight-cap 4: at most 5/3.) Those hold for reply norms; the model's own map of a reply
+    stretches them a little: measured 0.2 to 1.2 and, under the bounded mean with 1e12 examples, up to 1.9
+    (zero-order), on the GLUE rows and on the synthetic fixture alike. The model stays finite, and the next round accepts all three
     replies."""
     w0 = Run(method, tiny_bert, glue_dir, tmp_path).weights()
     unit = one_honest_update(w0, method, tiny_bert, glue_dir, tmp_path, 1)  # asserts each honest update > 0
