@@ -22,7 +22,8 @@ from common.evaluation import evaluate
 from common.files import DiskFull
 from common.methods import get_method
 from common.modeling import load_tokenizer
-from common.records import RunRecorder, check_not_written, format_table, hold_run_folder
+from common.records import RunRecorder, format_table
+from common.runfolder import check_not_written, hold_run_folder
 from common.training import dev_encoded
 from server_app import checkpoint
 from server_app.round import ServerSetup
@@ -65,7 +66,7 @@ def run(grid: Grid, cfg: RunConfig, run_id: int = 0) -> dict:
     After every completed round the server state goes to `<records>/checkpoint.safetensors`
     (server_app/checkpoint.py); with `resume-from` the run starts from such a state instead and runs the
     rounds after it. The run folder's lock is held from before its records are checked until the summary is
-    written (common.records.hold_run_folder): a second server on the same folder is refused.
+    written (common.runfolder.hold_run_folder): a second server on the same folder is refused.
     """
     check_paths(cfg)
     if cfg.data_dir and not os.path.isdir(cfg.data_dir):

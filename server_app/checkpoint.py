@@ -101,7 +101,8 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from common.files import NotAFile, open_file, replace_file
-from common.records import CHECKPOINT, records_digest, row_problem
+from common.records import records_digest, row_problem
+from common.runfolder import CHECKPOINT
 from server_app.state import CheckpointError, is_configs, is_int, is_sha256
 
 FORMAT = "fedsubspace-server-checkpoint"

@@ -118,7 +118,7 @@ def replay(setup, saved, rounds: int) -> None:
 
 def check_out_dir(out_dir: str, run_dir: str, force: bool) -> None:
     """Refuse an OUT_DIR that would overwrite a run's records, or anything but a previous export."""
-    from common.records import held_records
+    from common.runfolder import held_records
 
     out, run = os.path.realpath(out_dir), os.path.realpath(run_dir)
     if out == run or run.startswith(out + os.sep) or out.startswith(run + os.sep):
