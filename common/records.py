@@ -32,11 +32,6 @@ from typing import Any
 from common.files import DiskFull, disk_full, fsync_dir, open_file, replace_file
 from common.runfolder import check_not_overwriting, set_aside_unresumable
 
-# isort: split
-# server_app/ imports these from here still, though they are common.runfolder's: it is being split at the same
-# time (issue 33). Import them from common.runfolder; this line goes when server_app/'s imports do.
-from common.runfolder import CHECKPOINT, check_not_written, held_records, hold_run_folder  # noqa: F401
-
 # The zero-order clients' model calls per round (common.zeroorder.ModelCalls), kept apart by what ran:
 # forward_passes is all of them; a block-2 pass costs a fraction of a full one.
 PASSES = ("forward_passes", "full_passes", "block1_passes", "block2_passes")

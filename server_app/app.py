@@ -22,10 +22,12 @@ from common.evaluation import evaluate
 from common.files import DiskFull
 from common.methods import get_method
 from common.modeling import load_tokenizer
-from common.records import RunRecorder, check_not_written, format_table, hold_run_folder
+from common.records import RunRecorder, format_table
+from common.runfolder import check_not_written, hold_run_folder
 from common.training import dev_encoded
 from server_app import checkpoint
 from server_app.round import ServerSetup
+from server_app.state import CheckpointError, Continued
 
 app = ServerApp()
 
@@ -43,16 +45,16 @@ def resume(setup: ServerSetup, saved: checkpoint.ServerState, run_id: int) -> No
     """Put a checkpoint's state into a freshly built setup's strategy (each strategy owns its global model).
 
     Whatever does not fit raises the CheckpointError that names the file; the strategies check their fields
-    (checkpoint.strategy_field), and anything they miss is caught here rather than surfacing as a KeyError."""
+    (server_app.state.strategy_field), and anything they miss is caught here rather than surfacing as a KeyError."""
     try:
         same_run = saved.run_id == run_id
         setup.strategy.load_state_dict(
             saved.tensors, saved.strategy, saved.round, same_run=same_run, segments=saved.log
         )
-    except checkpoint.CheckpointError as exc:
-        raise checkpoint.CheckpointError(f"resume-from: '{saved.path}': {exc}") from exc
+    except CheckpointError as exc:
+        raise CheckpointError(f"resume-from: '{saved.path}': {exc}") from exc
     except (AttributeError, IndexError, KeyError, TypeError, ValueError) as exc:
-        raise checkpoint.CheckpointError(
+        raise CheckpointError(
             f"resume-from: '{saved.path}' holds a strategy state this {setup.strategy.__class__.__name__} cannot "
             f"read ({exc!r}); resume from another copy or start a fresh run"
         ) from exc
@@ -64,7 +66,7 @@ def run(grid: Grid, cfg: RunConfig, run_id: int = 0) -> dict:
     After every completed round the server state goes to `<records>/checkpoint.safetensors`
     (server_app/checkpoint.py); with `resume-from` the run starts from such a state instead and runs the
     rounds after it. The run folder's lock is held from before its records are checked until the summary is
-    written (common.records.hold_run_folder): a second server on the same folder is refused.
+    written (common.runfolder.hold_run_folder): a second server on the same folder is refused.
     """
     check_paths(cfg)
     if cfg.data_dir and not os.path.isdir(cfg.data_dir):
@@ -102,7 +104,7 @@ def run_held(
     done, strategy = 0, setup.strategy
     if saved is not None:
         resume(setup, saved, run_id)
-        done, strategy = saved.round, checkpoint.Continued(setup.strategy, saved.round)
+        done, strategy = saved.round, Continued(setup.strategy, saved.round)
         log(INFO, "resuming from %s: round %d done, rounds %d..%d to run", cfg.resume_from, done, done + 1,
             cfg.num_server_rounds)  # fmt: skip
     state_path = os.path.join(recorder.dir, checkpoint.FILENAME)

@@ -102,9 +102,9 @@ def replay(setup, saved, rounds: int) -> None:
     """The global model of round `rounds` < T: the checkpoint's update log replayed through its round `rounds`
     (the strategy's own checked unpacking, LogStrategy.restore). The segments were checked and chained whole
     by checkpoint.read; the model digest the checkpoint holds is round T's, so it cannot check this round."""
-    from server_app import checkpoint
+    from server_app.state import state_to_records
 
-    contents = [checkpoint.state_to_records(dict(s.tensors), s.configs) for s in saved.log[:rounds]]
+    contents = [state_to_records(dict(s.tensors), s.configs) for s in saved.log[:rounds]]
     entries = [e for content in contents for e in setup.strategy.restore(content)]
     if [e.round for e in entries] != list(range(1, rounds + 1)):
         raise ExportError(f"the run's update log does not hold rounds 1..{rounds}")
@@ -118,7 +118,7 @@ def replay(setup, saved, rounds: int) -> None:
 
 def check_out_dir(out_dir: str, run_dir: str, force: bool) -> None:
     """Refuse an OUT_DIR that would overwrite a run's records, or anything but a previous export."""
-    from common.records import held_records
+    from common.runfolder import held_records
 
     out, run = os.path.realpath(out_dir), os.path.realpath(run_dir)
     if out == run or run.startswith(out + os.sep) or out.startswith(run + os.sep):

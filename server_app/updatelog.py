@@ -20,6 +20,20 @@ from common.records import RunRecorder
 from common.wire import WireError, sync_only_round
 from server_app import checkpoint
 from server_app.round import Replies, RoundFailed, RoundStrategy
+from server_app.state import (
+    CheckpointError,
+    check_model_digest,
+    is_configs,
+    is_digest,
+    is_node_rounds,
+    is_sha256,
+    model_digest,
+    records_to_state,
+    rng_state,
+    set_rng_state,
+    state_to_records,
+    strategy_field,
+)
 
 
 class LogStrategy(RoundStrategy):
@@ -78,7 +92,7 @@ class LogStrategy(RoundStrategy):
     def segment(self, t: int) -> tuple[dict[str, np.ndarray], dict]:
         """Round t's entry as its update-log segment: the "log" record and the ConfigRecords of the instruction
         for round t+1 to a node that holds round t-1 (the records the checkpoint holds left out)."""
-        tensors, configs = checkpoint.records_to_state(self.instruction(t + 1, self.log[t - 1 : t]))
+        tensors, configs = records_to_state(self.instruction(t + 1, self.log[t - 1 : t]))
         return {k: v for k, v in tensors.items() if k.startswith(checkpoint.LOG_RECORD + "/")}, configs
 
     def state_dict(self) -> tuple[dict[str, np.ndarray], dict]:
@@ -90,12 +104,12 @@ class LogStrategy(RoundStrategy):
             tensors, configs = self.segment(t)
             self._log_head = checkpoint.write_segment(self._log_dir, t, tensors, configs, self._log_head)
             self._written = t
-        tensors, _ = checkpoint.records_to_state(self.instruction(len(self.log) + 1, []))
+        tensors, _ = records_to_state(self.instruction(len(self.log) + 1, []))
         return tensors, {
             checkpoint.LOG_HEAD: self._log_head,
             "node-round": {str(n): r for n, r in self.node_round.items()},
-            "rng": checkpoint.rng_state(self._rng),
-            "digest": checkpoint.model_digest(self.global_tensors()),
+            "rng": rng_state(self._rng),
+            "digest": model_digest(self.global_tensors()),
         }
 
     def load_state_dict(
@@ -108,30 +122,29 @@ class LogStrategy(RoundStrategy):
         instruction and catches up, instead of answering sync-only first."""
         if self.log:
             raise RuntimeError("load_state_dict needs a freshly built strategy")
-        checkpoint.set_rng_state(self._rng, state)  # every field is checked before the log is replayed
-        field = checkpoint.strategy_field
-        digest = field(state, "digest", checkpoint.is_digest, "a model digest ({tensor: [sum, sum of squares]})")
-        node_round = field(state, "node-round", checkpoint.is_node_rounds, "a map of node ids to rounds")
-        held, _ = checkpoint.records_to_state(self.instruction(done + 1, []))  # what state_dict writes
+        set_rng_state(self._rng, state)  # every field is checked before the log is replayed
+        digest = strategy_field(state, "digest", is_digest, "a model digest ({tensor: [sum, sum of squares]})")
+        node_round = strategy_field(state, "node-round", is_node_rounds, "a map of node ids to rounds")
+        held, _ = records_to_state(self.instruction(done + 1, []))  # what state_dict writes
         foreign = sorted(k for k in tensors if k not in held and not k.startswith(checkpoint.LOG_RECORD + "/"))
         if foreign:
-            raise checkpoint.CheckpointError(f"the checkpoint holds tensors this method does not have: {foreign[:3]}")
+            raise CheckpointError(f"the checkpoint holds tensors this method does not have: {foreign[:3]}")
         if "instruction" in state:  # version 1
-            instruction = field(state, "instruction", checkpoint.is_configs, "the ConfigRecords of an instruction")
-            contents = [checkpoint.state_to_records(tensors, instruction)]
+            instruction = strategy_field(state, "instruction", is_configs, "the ConfigRecords of an instruction")
+            contents = [state_to_records(tensors, instruction)]
         else:
-            field(state, checkpoint.LOG_HEAD, checkpoint.is_sha256, "the SHA-256 of the update log's last segment")
+            strategy_field(state, checkpoint.LOG_HEAD, is_sha256, "the SHA-256 of the update log's last segment")
             stray = [k for k in tensors if k.startswith(checkpoint.LOG_RECORD + "/")]
             if stray:
-                raise checkpoint.CheckpointError(f"the checkpoint holds log tensors beside its segments: {stray[:3]}")
-            contents = [checkpoint.state_to_records({**s.tensors, **tensors}, s.configs) for s in segments or ()]
+                raise CheckpointError(f"the checkpoint holds log tensors beside its segments: {stray[:3]}")
+            contents = [state_to_records({**s.tensors, **tensors}, s.configs) for s in segments or ()]
         try:
             entries = [e for content in contents for e in self.restore(content)]
         except WireError as exc:
-            raise checkpoint.CheckpointError(f"the checkpoint's update log does not fit this run: {exc}") from exc
+            raise CheckpointError(f"the checkpoint's update log does not fit this run: {exc}") from exc
         if [e.round for e in entries] != list(range(1, done + 1)):
-            raise checkpoint.CheckpointError(f"the checkpoint's update log does not hold rounds 1..{done}")
-        checkpoint.check_model_digest(digest, self.global_tensors())
+            raise CheckpointError(f"the checkpoint's update log does not hold rounds 1..{done}")
+        check_model_digest(digest, self.global_tensors())
         self.log = entries
         if segments and os.path.realpath(os.path.dirname(segments[-1].path)) == os.path.realpath(self._log_dir):
             self._written, self._log_head = done, segments[-1].digest  # resumed in place: segments 1..done are there

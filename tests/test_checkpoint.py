@@ -32,6 +32,7 @@ from common.records import RunRecorder, jsonl_line, records_digest
 from harness.fakes import InProcessGrid
 from server_app import checkpoint
 from server_app.app import build_setup, resume, run
+from server_app.state import records_to_state
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -849,7 +850,7 @@ def as_older_version(version, records, method, tiny_bert, glue_dir, tmp_path) ->
     setup = build_setup(cfg, RunRecorder(str(tmp_path / "rebuild"), method, cfg.to_flat()))
     resume(setup, state, run_id=state.run_id)
     s = setup.strategy
-    tensors, configs = checkpoint.records_to_state(s.instruction(len(s.log) + 1, s.log))
+    tensors, configs = records_to_state(s.instruction(len(s.log) + 1, s.log))
     strategy = {k: v for k, v in state.strategy.items() if k != checkpoint.LOG_HEAD}
     strategy["instruction"] = configs
     staged = str(tmp_path / "staged" / checkpoint.FILENAME)

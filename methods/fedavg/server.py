@@ -21,8 +21,8 @@ from common.config import RunConfig
 from common.records import RunRecorder
 from methods.fedavg.model import Build, build
 from methods.fedavg.wire import max_reply_bytes, pack_instruction, unpack_update
-from server_app import checkpoint
 from server_app.round import Replies, RoundStrategy, ServerSetup
+from server_app.state import CheckpointError, checked_tensors, rng_state, set_rng_state
 
 STATE_PREFIX = "arrays/"  # the checkpoint names each parameter "arrays/<name>" (as every checkpoint since version 1)
 
@@ -69,14 +69,14 @@ class FedAvg(RoundStrategy):
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
         """The global parameters ("arrays/<name>") and the sampling RNG (server_app/checkpoint.py)."""
-        return {STATE_PREFIX + n: p.detach() for n, p in self.params.items()}, {"rng": checkpoint.rng_state(self._rng)}
+        return {STATE_PREFIX + n: p.detach() for n, p in self.params.items()}, {"rng": rng_state(self._rng)}
 
     def load_state_dict(self, tensors, state: dict, done: int, same_run: bool, segments=None) -> None:
         if set(state) - {"rng"} or segments:
-            raise checkpoint.CheckpointError("the checkpoint holds a strategy state FedAvg does not have")
-        values = checkpoint.checked_tensors(tensors, {STATE_PREFIX + n: s for n, s in self.shapes.items()})
+            raise CheckpointError("the checkpoint holds a strategy state FedAvg does not have")
+        values = checked_tensors(tensors, {STATE_PREFIX + n: s for n, s in self.shapes.items()})
         if "rng" in state:
-            checkpoint.set_rng_state(self._rng, state)
+            set_rng_state(self._rng, state)
         else:  # written before FedAvg drew its nodes with a seeded RNG (it used Flower's unseeded sampling)
             log(
                 WARNING,

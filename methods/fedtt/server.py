@@ -22,8 +22,8 @@ from common.wire import reply_limit
 from methods.fedtt.model import TTModel, build
 from methods.fedtt.tt import CoreKey, plus_selection, score_votes
 from methods.fedtt.wire import SCORE_BOUND, Update, pack_instruction, reply_payload, unpack_update
-from server_app import checkpoint
 from server_app.round import Replies, RoundStrategy, ServerSetup
+from server_app.state import CheckpointError, checked_tensors, is_number, rng_state, set_rng_state, strategy_field
 
 
 class FedTT(RoundStrategy):
@@ -121,21 +121,19 @@ class FedTT(RoundStrategy):
         tensors = {f"cores/{i}.{m}.{j}": v for (i, m, j), v in self.tm.adapters.state().items()}
         tensors.update({f"head/{n}": v for n, v in self.tm.head_state().items()})
         scores = None if self.scores is None else [[i, m, j, v] for (i, m, j), v in self.scores.items()]
-        return tensors, {"scores": scores, "rng": checkpoint.rng_state(self._rng)}
+        return tensors, {"scores": scores, "rng": rng_state(self._rng)}
 
     def load_state_dict(self, tensors, state: dict, done: int, same_run: bool, segments=None) -> None:
         if segments:
-            raise checkpoint.CheckpointError("the checkpoint holds an update log, which FedTT does not have")
+            raise CheckpointError("the checkpoint holds an update log, which FedTT does not have")
         shapes = {f"cores/{i}.{m}.{j}": s for (i, m, j), s in self.shapes.items()}
         shapes.update({f"head/{n}": s for n, s in self.tm.head_shapes.items()})
-        values = checkpoint.checked_tensors(tensors, shapes)
+        values = checked_tensors(tensors, shapes)
         self.tm.adapters.load({k: values[f"cores/{k[0]}.{k[1]}.{k[2]}"] for k in self.shapes})
         self.tm.set_head({n: values[f"head/{n}"] for n in self.tm.head_shapes})
-        scores = checkpoint.strategy_field(
-            state, "scores", self._is_scores, "null or [adapter, matrix, core, score] rows"
-        )
+        scores = strategy_field(state, "scores", self._is_scores, "null or [adapter, matrix, core, score] rows")
         self.scores = None if scores is None else {(i, m, j): float(v) for i, m, j, v in scores}
-        checkpoint.set_rng_state(self._rng, state)
+        set_rng_state(self._rng, state)
 
     def _is_scores(self, scores) -> bool:
         """FedTT+'s scores as state_dict writes them: one score per core of this model, or None; each finite and in
@@ -146,7 +144,7 @@ class FedTT(RoundStrategy):
             isinstance(row, list)
             and len(row) == 4
             and all(isinstance(x, t) for x, t in zip(row, (int, str, int), strict=False))
-            and checkpoint.is_number(row[3])
+            and is_number(row[3])
             and 0 <= row[3] <= SCORE_BOUND
             for row in scores
         )
