@@ -1,7 +1,7 @@
 """The `fedsubspace` command: the project's tools behind one entry point.
 
     fedsubspace simulate --clients 10 -c "method='fedtt' task='rte'"   # scripts/simulate.py
-    fedsubspace fleet --methods fedkrso,fedavg -c "data-dir='/abs/glue'" # scripts/fleet.py
+    fedsubspace fleet --methods fedkrso,fedavg -c "data-dir='/abs/glue'" # scripts/fleet/cli.py
     fedsubspace bench --quick                                          # bench/run.py
     fedsubspace report results/<run name>                               # a run's table and accuracy plot
     fedsubspace export results/<run name> exported/                     # the global model, Hugging Face folder
@@ -33,7 +33,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # command -> (module with a main(argv) -> int, its file in the checkout, one line of help)
 WRAPPED = {
     "simulate": ("scripts.simulate", "scripts/simulate.py", "one federated simulation through `flwr run .`"),
-    "fleet": ("scripts.fleet", "scripts/fleet.py", "the fleet of docker-compose.yml on this machine (needs root)"),
+    "fleet": (
+        "scripts.fleet.cli",
+        "scripts/fleet/cli.py",
+        "the fleet of docker-compose.yml on this machine (needs root)",
+    ),
     "bench": ("bench.run", "bench/run.py", "the benchmark: every method on the same work -> docs/results.md"),
 }
 

@@ -53,7 +53,7 @@ class InProcessGrid(NodeList):
 
 
 def assert_wire_covers_messages(wire: list[dict]) -> None:
-    """The wire bytes of a fleet's wire.jsonl rows (scripts/fleet.py WireLog, both fleets) cover the messages'
+    """The wire bytes of a fleet's wire.jsonl rows (scripts/fleet/wire.py WireLog, both fleets) cover the messages'
     bytes, summed from the start through each round, both ways. WireLog books the counters when it sees a round's
     row, which is written after the round's messages went: a round's bytes are never booked later than their
     round, but a row seen late books the next round's first bytes with it, so only the sums hold row by row."""

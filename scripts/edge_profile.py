@@ -1,12 +1,12 @@
 """Edge profile: each method on a SuperNode shaped like a 4 GB Raspberry Pi, through the fleet of docker-compose.yml.
 
-The fleet (scripts/fleet.py: SuperLink, ServerApp executor, SuperNode + ClientApp executor in network
+The fleet (scripts/fleet/namespaces.py: SuperLink, ServerApp executor, SuperNode + ClientApp executor in network
 namespaces, TLS and node authentication on) runs with its first SuperNode only; that pod (the SuperNode, its
 SuperExec and every ClientApp process they start) is pinned to one core with `taskset` and runs in a memory
 cgroup limited to --memory-mb (cgroup v1 memory.limit_in_bytes + memsw, or v2 memory.max). Per method it
 reports the cgroup's peak (v1 memory.max_usage_in_bytes / v2 memory.peak: every process of the pod together,
 page cache included), the round time and the client's training time, and whether the run completed under the
-limit, and the bytes on the wire per round against the messages (scripts/fleet.py's wire.jsonl). Embedded all-MiniLM-L6-v2 on SST-2 with the shipped training defaults unless -c says otherwise.
+limit, and the bytes on the wire per round against the messages (the fleet's wire.jsonl, scripts/fleet/wire.py). Embedded all-MiniLM-L6-v2 on SST-2 with the shipped training defaults unless -c says otherwise.
 
     flock ~/.cpu.lock .venv/bin/python -m scripts.edge_profile --glue-dir /path/to/glue [--methods fedkrso,fedavg]
 
@@ -27,7 +27,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import methods  # noqa: E402, F401 - registers every method (methods/__init__.py)
 from common.methods import METHODS  # noqa: E402
-from scripts.fleet import Edge, Fleet, measure_idle, report_table, wire_summary  # noqa: E402
+from scripts.fleet.edge import Edge  # noqa: E402
+from scripts.fleet.namespaces import NamespaceFleet  # noqa: E402
+from scripts.fleet.wire import measure_idle, report_table, wire_summary  # noqa: E402
 
 
 def profile(method: str, glue: str, memory_mb: int, rounds: int, extra: dict, workdir: str) -> dict:
@@ -38,7 +40,7 @@ def profile(method: str, glue: str, memory_mb: int, rounds: int, extra: dict, wo
     }  # fmt: skip
     edge = Edge(pod="supernode-1", cpus="0", memory_mb=memory_mb)
     t0 = time.monotonic()
-    with Fleet(os.path.join(workdir, f"fleet-{method}"), glue_dir=glue, nodes=1, edge=edge) as fleet:
+    with NamespaceFleet(os.path.join(workdir, f"fleet-{method}"), glue_dir=glue, nodes=1, edge=edge) as fleet:
         fleet.up()
         time.sleep(3)
         cpus = fleet.pod_affinity(edge.pod)

@@ -2,7 +2,7 @@
 
 `make test-compose` first runs scripts/docker_engine.py (an engine, Compose v2, the flwr/* images or local
 stand-ins with the same tags and layout, torch for the executor image), then this module. One fleet for the
-module (scripts/compose_fleet.py: certs, keys, build, up, register, up, in a copy of the repository, under a
+module (scripts/fleet/docker.py: certs, keys, build, up, register, up, in a copy of the repository, under a
 compose project of its own), TLS and SuperNode authentication on, the tiny 2-layer BERT on RTE. Then:
 - every Flower service runs as uid 49999 and writes its volumes;
 - an unregistered key is refused; `flwr` without the CA is refused;
@@ -76,7 +76,7 @@ def _data_dir(root, glue_dir, tiny_bert, tiny_llama) -> str:
 def fleet(tmp_path_factory, glue_dir, tiny_bert, tiny_llama):
     if why := _engine():
         pytest.skip(why)
-    from scripts.compose_fleet import ComposeFleet
+    from scripts.fleet.docker import ComposeFleet
 
     images = [f"flwr/{c}:1.41.0" for c in ("superlink", "supernode", "superexec")]
     res = subprocess.run(["docker", "image", "inspect", "-f", STANDIN_LABEL, *images], capture_output=True, text=True)
@@ -157,7 +157,8 @@ def test_flwr_without_the_ca_is_refused(fleet, tmp_path):
     home = tmp_path / "no-ca"
     home.mkdir()
     (home / "config.toml").write_text(f'[superlink.fleet]\naddress = "127.0.0.1:{fleet.port}"\n')
-    from scripts.fleet import BIN, flwr_env
+    from scripts.fleet import BIN
+    from scripts.fleet.flwr_cli import flwr_env
 
     res = subprocess.run([os.path.join(BIN, "flwr"), "ls", "fleet", "--format", "json"], env=flwr_env(str(home)),
                          cwd=fleet.app, capture_output=True, text=True, timeout=120)  # fmt: skip

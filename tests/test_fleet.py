@@ -1,4 +1,4 @@
-"""The fleet of docker-compose.yml on this machine (scripts/fleet.py): SuperLink, ServerApp executor and three
+"""The fleet of docker-compose.yml on this machine (scripts/fleet/namespaces.py): SuperLink, ServerApp executor and three
 SuperNodes with their ClientApp executors as separate processes, each pod in its own network namespace, TLS
 and SuperNode authentication on, every command derived from docker-compose.yml.
 
@@ -42,9 +42,9 @@ def _missing() -> str:
 def fleet(tmp_path_factory, glue_dir):
     if why := _missing():
         pytest.skip(why)
-    from scripts.fleet import Fleet
+    from scripts.fleet.namespaces import NamespaceFleet
 
-    with Fleet(str(tmp_path_factory.mktemp("fleet")), glue_dir=glue_dir) as f:
+    with NamespaceFleet(str(tmp_path_factory.mktemp("fleet")), glue_dir=glue_dir) as f:
         f.up()
         yield f
 
@@ -99,7 +99,7 @@ def assert_wire(fleet, records, rounds):
 
 def test_commands_come_from_docker_compose(fleet):
     """What runs is docker-compose.yml's command, translated: no flag of the file is dropped or added."""
-    from scripts.fleet import COMPOSE, load_compose
+    from scripts.fleet.compose import COMPOSE, load_compose
 
     raw = load_compose(COMPOSE, {"GLUE_DIR": "/data/glue"}, "/volumes")  # required by the file
     assert {s.kind for s in raw.values() if not s.holder} == {"superlink", "supernode", "superexec"}
@@ -125,7 +125,9 @@ def test_commands_come_from_docker_compose(fleet):
 
 def test_unregistered_key_is_refused(fleet):
     """A SuperNode whose key was never registered is refused by the SuperLink: Flower's exit code 305."""
-    from scripts.fleet import BIN, ROOT, flwr_env, sh_env, translate
+    from scripts.fleet import BIN, ROOT
+    from scripts.fleet.compose import translate
+    from scripts.fleet.flwr_cli import flwr_env, sh_env
 
     keys = os.path.join(fleet.workdir, "intruder")
     sh_env(["bash", "deploy/make-keys.sh", "--name", "intruder", keys], os.environ, cwd=ROOT)

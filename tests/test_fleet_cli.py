@@ -1,4 +1,4 @@
-"""What both fleets read and check (scripts/fleet.py helpers, shared with scripts/compose_fleet.py): the flwr CLI's
+"""What both fleets read and check (scripts/fleet/: flwr_cli.py, checks.py, compose.py, docker.py): the flwr CLI's
 answers, the run config and the data folder before anything starts, the compose file's GLUE_DIR, a failed build."""
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ import subprocess
 
 import pytest
 
-from scripts.fleet import FleetError, registered_ids, superlink_answers, supernode_statuses, write_cli_config
+from scripts.fleet import FleetError
+from scripts.fleet.flwr_cli import registered_ids, superlink_answers, supernode_statuses, write_cli_config
 
 pytestmark = pytest.mark.unit
 
@@ -61,7 +62,7 @@ def test_a_fleet_run_config_is_refused_here_with_the_simulations_error(monkeypat
     """The SuperLink answers an unknown key with `[code: 15] Invalid run configuration.` only: the fleets check
     the run config first and raise the simulation's ConfigError, naming the key and the known ones."""
     from common.config import ConfigError
-    from scripts.fleet import check_run_config
+    from scripts.fleet.checks import check_run_config
     from scripts.simulate import simulate
 
     monkeypatch.delenv("GLUE_DIR", raising=False)
@@ -79,28 +80,28 @@ def test_a_fleet_run_config_is_refused_here_with_the_simulations_error(monkeypat
 
 
 def test_fleet_commands_refuse_a_bad_key_or_data_folder_before_starting_anything(tmp_path, monkeypatch, capsys):
-    from scripts import compose_fleet, fleet
+    from scripts.fleet import cli, docker
 
     glue = os.path.join(os.path.dirname(__file__), "fixtures", "glue")
     monkeypatch.setenv("GLUE_DIR", glue)
-    assert fleet.main(["-c", "method='fedkrso' trian.lr=0.1"]) == 2
+    assert cli.main(["-c", "method='fedkrso' trian.lr=0.1"]) == 2
     assert "'trian.lr'" in capsys.readouterr().err
-    assert compose_fleet.main(["--glue-dir", glue, "-c", "trian.lr=0.1"]) == 2
+    assert docker.main(["--glue-dir", glue, "-c", "trian.lr=0.1"]) == 2
     assert "'trian.lr'" in capsys.readouterr().err
     empty = tmp_path / "glue"
     empty.mkdir()  # what Docker makes of a bind source that is missing
-    for main in (lambda a: fleet.main(["-c", f"data-dir='{a}'"]), lambda a: compose_fleet.main(["--glue-dir", a])):
+    for main in (lambda a: cli.main(["-c", f"data-dir='{a}'"]), lambda a: docker.main(["--glue-dir", a])):
         assert main(str(empty)) == 2
         assert f"data folder {empty} holds no task folder" in capsys.readouterr().err
         assert main(str(tmp_path / "missing")) == 2
         assert "does not exist" in capsys.readouterr().err
     monkeypatch.delenv("GLUE_DIR")
-    assert compose_fleet.main([]) == 2
+    assert docker.main([]) == 2
     assert "no data folder: set GLUE_DIR" in capsys.readouterr().err
 
 
 def test_the_compose_file_needs_glue_dir_and_mounts_it_in_every_executor():
-    from scripts.fleet import COMPOSE, load_compose
+    from scripts.fleet.compose import COMPOSE, load_compose
 
     with pytest.raises(FleetError, match="required variable GLUE_DIR is missing a value: set GLUE_DIR"):
         load_compose(COMPOSE, {}, "/volumes")
@@ -126,7 +127,7 @@ BUILDKIT_SUCCESS = """#7 [superexec-serverapp 3/3] RUN python -m pip install -r 
 
 
 def test_a_failed_build_is_a_failure_even_when_compose_exits_0():
-    from scripts.compose_fleet import check_build
+    from scripts.fleet.docker import check_build
 
     def built(rc: int, out: str) -> subprocess.CompletedProcess:
         return subprocess.CompletedProcess(["docker", "compose", "build"], rc, "", out)

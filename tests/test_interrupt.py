@@ -33,7 +33,7 @@ finally:
 @pytest.mark.integration
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_unwinds_through_finally(sig, tmp_path):
-    """Python's default SIGTERM runs no `finally:`; with the handler both signals do (Fleet.__exit__, simulate's
+    """Python's default SIGTERM runs no `finally:`; with the handler both signals do (NamespaceFleet.__exit__, simulate's
     clean-up) and the exit status is the one a shell shows for that signal."""
     marker = str(tmp_path / "cleaned")
     child = subprocess.Popen(

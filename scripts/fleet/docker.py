@@ -1,7 +1,7 @@
 """The fleet of docker-compose.yml on a real Docker engine, driven through deploy/README.md's own commands.
 
     python -m scripts.docker_engine up                      # engine, Compose v2, flwr/* images (stand-ins)
-    python -m scripts.compose_fleet --glue-dir /abs/glue -c "method='fedkrso' task='rte' num-server-rounds=2"
+    python -m scripts.fleet.docker --glue-dir /abs/glue -c "method='fedkrso' task='rte' num-server-rounds=2"
 
 `ComposeFleet(workdir)` copies the repository's tracked files into `workdir/app` (the user's deploy/certs and
 deploy/keys are never touched), then does what deploy/README.md says, in that copy:
@@ -21,7 +21,7 @@ them out with `docker compose cp` as deploy/README.md does.
 Wire bytes: each pod's network namespace belongs to its holder container (`*-net`); its eth0 counters, read
 from /proc/<holder pid>/net/dev on the host, are what the pod sent and received on the compose network
 (the Runtime API between a SuperNode and its executor stays on loopback and is not counted). `watch` writes
-`<records>/wire.jsonl` per round as scripts/fleet.py does for the namespace fleet (same rows).
+`<records>/wire.jsonl` per round as for the namespace fleet (same rows: driver.py, wire.py).
 
 Needs root (or a user in the docker group), a running engine and the images (scripts/docker_engine.py).
 """
@@ -39,22 +39,10 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-import methods  # noqa: E402, F401 - registers every method (methods/__init__.py)
-from common.config import ConfigError  # noqa: E402
-from scripts.fleet import (  # noqa: E402
-    BIN,
-    Fleet,
-    FleetError,
-    check_glue_dir,
-    check_run_config,
-    flwr_env,
-    registered_ids,
-    superlink_answers,
-    supernode_statuses,
-    write_cli_config,
-)
+from scripts.fleet import BIN, ROOT, FleetError
+from scripts.fleet.checks import check_glue_dir, refused
+from scripts.fleet.driver import FleetDriver
+from scripts.fleet.flwr_cli import registered_ids
 
 NODES = 3
 
@@ -97,21 +85,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class ComposeFleet:
+class ComposeFleet(FleetDriver):
     """docker-compose.yml brought up in a copy of the repository under its own compose project."""
 
-    status = Fleet.status
-    watch = Fleet.watch
-    submit = Fleet.submit
+    superlink_poll_seconds = 1.0
 
     def __init__(self, workdir: str, *, glue_dir: str, torch_index: str = "", project: str = "") -> None:
-        self.workdir = os.path.abspath(workdir)
+        super().__init__(workdir)
         self.app = os.path.join(self.workdir, "app")
-        self.home = os.path.join(self.workdir, "cli-home")
         self.project = project or f"fstest{os.getpid()}"
         self.port = free_port()
-        self.insecure = False
-        self.resumed: dict[int, int] = {}
         self.env = {
             **os.environ,
             "GLUE_DIR": os.path.abspath(glue_dir) if glue_dir else "",
@@ -150,12 +133,18 @@ class ComposeFleet:
         self.timings[label] = time.monotonic() - t0
         return res
 
-    def write_cli_config(self) -> None:
-        write_cli_config(self.home, f"127.0.0.1:{self.port}", os.path.join(self.app, "deploy", "certs", "ca.crt"))
+    # -- where the flwr CLI finds it (FleetDriver) ----------------------------------------------------
+    @property
+    def checkout(self) -> str:
+        return self.app
 
-    def cli_env(self) -> dict[str, str]:
-        return flwr_env(self.home)
+    def superlink_address(self) -> str:
+        return f"127.0.0.1:{self.port}"
 
+    def ca_certificate(self) -> str:
+        return os.path.join(self.app, "deploy", "certs", "ca.crt")
+
+    # -- up and down -----------------------------------------------------------------------------------
     def up(self) -> None:
         check_glue_dir(self.env["GLUE_DIR"])  # Docker would mount a missing one as an empty folder
         self.copy_repo()
@@ -203,32 +192,8 @@ class ComposeFleet:
                 f.write(self.compose("logs", "--no-color", svc, check=False).stdout)
 
     # -- the fleet as it runs --------------------------------------------------------------------------
-    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([os.path.join(BIN, "flwr"), *args], env=self.cli_env(), cwd=self.app,
-                              capture_output=True, text=True, timeout=timeout)  # fmt: skip
-
-    def wait_superlink(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if superlink_answers(self.flwr("ls", "fleet", "--format", "json")):
-                return
-            time.sleep(1)
-        raise FleetError(
-            f"the SuperLink did not answer within {timeout:.0f} s: {self.compose('logs', 'superlink', check=False).stdout[-2000:]}"
-        )
-
-    def node_statuses(self) -> dict[str, str]:
-        nodes = supernode_statuses(self.flwr("supernode", "list", "fleet", "--format", "json"))
-        return {name: nodes.get(i, "absent") for name, i in self.node_ids.items()}
-
-    def wait_online(self, names: Sequence[str], timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            statuses = self.node_statuses()
-            if all(statuses[n] == "online" for n in names):
-                return
-            time.sleep(2)
-        raise FleetError(f"SuperNodes not online within {timeout:.0f} s: {self.node_statuses()}")
+    def superlink_log(self) -> str:
+        return self.compose("logs", "superlink", check=False).stdout[-2000:]
 
     def container(self, service: str) -> str:
         return self.compose("ps", "-q", "--all", service).stdout.strip()
@@ -308,11 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     cfg = {"results-dir": "/app/results", "data-dir": "/app/data/glue", "run-name": "compose-run",
            **(parse_config_args([args.run_config]) if args.run_config else {})}  # fmt: skip
-    try:  # before the engine builds or starts anything
-        check_glue_dir(os.path.abspath(args.glue_dir) if args.glue_dir else "")
-        check_run_config(cfg)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    if refused(os.path.abspath(args.glue_dir) if args.glue_dir else "", [cfg]):  # before the engine builds anything
         return 2
     workdir = args.workdir or tempfile.mkdtemp(prefix="compose-fleet-")
     try:
