@@ -35,7 +35,7 @@ synthetic task data of tests/fixtures/glue:
    Reads: a third fresh strategy, neither timed nor traced, counts per round how often `aggregate_train`
    reads each reply (harness/readcount.py): its metrics validated (common.wire.checked_metrics, wherever it is
    bound), its update decoded (the strategy's `read_update`), and the aggregation's passes over the replies
-   (server_app.base.Replies); the aim is each reply's metrics validated once and its update decoded once when
+   (server_app.round.Replies); the aim is each reply's metrics validated once and its update decoded once when
    checked and once per pass. Points whose reply Messages (x 1.5; x 2.5 under a robust rule, which holds the
    decoded replies) would exceed `--memory-limit-mb` are left out, and the page says so.
 4. One simulation through `flwr run` (scripts/simulate.py) with `--nodes` simulated SuperNodes, fraction-train

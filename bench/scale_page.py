@@ -224,7 +224,7 @@ def write_page(rec: dict, out: str) -> str:
         "whatever the strategy does. Seconds: round 2, untraced. Metrics validated and arrays decoded a reply: "
         "round 2, counted on a third fresh strategy (harness/readcount.py: common.wire.checked_metrics wherever it "
         "is bound, the strategy's read_update), the fewest-most over the n replies, and the aggregation's passes "
-        "over them (server_app.base.Replies): once when the reply is checked, once per pass.",
+        "over them (server_app.round.Replies): once when the reply is checked, once per pass.",
         "",
         "| method | rule | replies | peak MB | round 1 peak MB | reply Messages MB | seconds | metrics validated "
         "a reply | arrays decoded a reply (passes) |",

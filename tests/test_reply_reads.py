@@ -1,7 +1,7 @@
 """Each reply is read once per need in a real round of every method (the tiny model, bench/scale.py's own
 measurement, bench.scale_server.one_aggregation): its metrics validated once (common.wire.checked_metrics,
 wherever it is bound), its update decoded once when it is checked and once per aggregation pass
-(server_app.base.Replies), counted by harness.readcount. And the count catches a strategy that validates a
+(server_app.round.Replies), counted by harness.readcount. And the count catches a strategy that validates a
 reply's metrics twice."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def test_a_strategy_that_validates_a_reply_twice_is_caught(tiny_bert, tmp_path, 
     """Every method's check goes through RoundStrategy.check_reply: one that validates the metrics a second
     time (through common.wire, as any module might) is counted twice, and the test above would fail."""
     from common import wire
-    from server_app.base import RoundStrategy
+    from server_app.round import RoundStrategy
 
     real = RoundStrategy.check_reply
 
