@@ -306,10 +306,15 @@ NOTES = """## Reading the figures
   np.partition); only the arrays are decoded again, once per aggregation pass (counted above for every method
   and n, harness/readcount.py; tests/test_reply_reads.py fails for a strategy that validates a reply twice). These few numbers are what a round
   holds per reply beyond Flower's own list of reply Messages (tests/test_lazy_replies.py: under 256 bytes a
-  reply, against KBs to MBs of arrays). What is left from 10 to 100
-  replies is the interpreter's free lists refilling after gc.collect() (dicts, small tuples, numpy's small
-  buffers: bounded, a few KB), which on the tiny model is a visible share of the zero-order methods' whole
-  round (FedSPZO: 14 KB at 10 replies); from 100 replies on the peaks are flat.
+  reply, against KBs to MBs of arrays). That is what grows with the number of replies, ~0.1 KB a reply
+  (measured above): Accepted's 32 bytes, the capped weights and the update norms as lists of Python floats
+  (32 bytes an element, the float and its pointer, not 8), the norms' copy while their median is taken, and the
+  list of the accepted Messages the aggregation reads (8 bytes). Nothing against FedAvg's 3.86 MB replies; on
+  the tiny model it is a large share of the zero-order methods' and FedTT+'s whole round (14 KB for FedSPZO
+  at 10 replies), whose peak it takes over 2x between 10 and 1000 replies: that aim is not met there. Until
+  0c71c35 (2026-12-04, the strategies on RoundStrategy) the weights were read again from the Messages and the
+  medians selected in bounded memory (common.robust's CappedWeights and lower_median of then, a81ba41), and
+  those peaks were flat (FedSPZO 0.01 -> 0.02 MB in the records of 2026-12-02).
 - The log methods' map of which round each node holds (LogStrategy.node_round) grows by one entry per node the
   server has seen (35-37 bytes here, with the dict's growth), once, not per round: it is the fleet's state,
   which catch-up needs, and round 1's column shows it.
