@@ -32,399 +32,45 @@ synthetic task data of tests/fixtures/glue:
    on n). Seconds: a second fresh strategy, untraced. The same for FedAvg under trimmed-mean, the robust rule
    of its shipped default, which holds every reply by nature (up to `--robust-max-replies`), and for
    common.robust's mean alone on FedAvg's replies: streaming (lazy replies) and in memory (a list of them).
+   Reads: a third fresh strategy, neither timed nor traced, counts per round how often `aggregate_train`
+   reads each reply (harness/readcount.py): its metrics validated (common.wire.checked_metrics, wherever it is
+   bound), its update decoded (the strategy's `read_update`), and the aggregation's passes over the replies
+   (server_app.round.Replies); the aim is each reply's metrics validated once and its update decoded once when
+   checked and once per pass. Points whose reply Messages (x 1.5; x 2.5 under a robust rule, which holds the
+   decoded replies) would exceed `--memory-limit-mb` are left out, and the page says so.
 4. One simulation through `flwr run` (scripts/simulate.py) with `--nodes` simulated SuperNodes, fraction-train
    so that ~10 train a round: the records' seconds per round, the slowest client's training time, and the
    peak of the summed RSS of every process of the run (SuperLink, ServerApp, Ray workers), sampled.
 
     python -m bench.scale [--rounds 500] [--max-replies 1000] [--robust-max-replies 100] [--nodes 200]
-                          [--methods ...] [--quick]
+                          [--memory-limit-mb 8000] [--methods ...] [--quick]
     python -m bench.scale --report          # docs/scale.md and docs/scale-*.png from the records, runs nothing
 
-Records: bench/records/scale.json (keys in `write_records`).
+Records: bench/records/scale.json (keys in `measure`). The measurements: bench/scale_state.py (1, 2),
+bench/scale_server.py (3), bench/scale_sim.py (4), what they share bench/scale_setup.py; the page
+bench/scale_page.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import gc
 import json
 import logging
 import os
 import platform
 import sys
 import tempfile
-import threading
 import time
-import tracemalloc
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-import methods  # noqa: E402, F401 - registers every method (methods/__init__.py)
-from bench.scale_page import write_page  # noqa: E402
-from common.methods import get_method, known  # noqa: E402
+import methods  # noqa: F401 - registers every method (methods/__init__.py)
+from bench.scale_page import write_page
+from bench.scale_server import mean_alone, server_scaling
+from bench.scale_setup import DOCS, RECORDS, log_points, tiny_model
+from bench.scale_sim import simulation
+from bench.scale_state import state_and_catchup
+from common.methods import known
 
 METHODS = known("fedkrso", "fedspzo", "fedkseed", "fedtt-plus", "fedavg")
-RECORDS = os.path.join(ROOT, "bench", "records", "scale.json")
-DOCS = os.path.join(ROOT, "docs")
-FIXTURE_GLUE = os.path.join(ROOT, "tests", "fixtures", "glue")
-FRESH_NODE, SYNC_NODE = 10_000, 1_000_000  # node ids of the catch-up probes (+ k); node 1 trains every round
-
-
-def log_points(top: int, start: int = 1) -> list[int]:
-    """start, then 1-2-5 steps up to top, and top itself."""
-    points, base = [], 1
-    while base <= top:
-        points += [p * base for p in (1, 2, 5) if start <= p * base <= top]
-        base *= 10
-    return sorted(set(points + [top]))
-
-
-def tiny_model(folder: str) -> str:
-    from harness.tiny import save_tiny  # the tests' tiny BERT, saved as a pretrained checkpoint would be
-
-    path = os.path.join(folder, "tiny-bert")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        save_tiny(path, "bert")
-    return path
-
-
-def fresh_nodes(work: str) -> None:
-    """Every run in this process is Flower run 1: each gets a folder of node states of its own, so that no
-    node finds the state another run left (common.nodestore)."""
-    from common.nodestore import STATE_DIR_ENV
-
-    os.environ[STATE_DIR_ENV] = tempfile.mkdtemp(prefix="nodes-", dir=work)
-
-
-def run_config(method: str, model: str, work: str, name: str, rounds: int, **extra) -> dict:
-    """Run-config keys for a short, cheap round: training time does not change what the server writes."""
-    return {
-        "method": method, "task": "sst2", "model": model, "data-dir": FIXTURE_GLUE, "results-dir": work,
-        "run-name": name, "num-server-rounds": rounds, "min-clients": 1, "fraction-train": 1.0,
-        "train.local-steps": 1, "krso.intervals": 1, "train.batch-size": 4, "train.max-length": 16,
-        "eval.max-examples": 8, "eval.every": rounds + 1, **extra,
-    }  # fmt: skip
-
-
-def server_round_of(msg) -> int:
-    return int(msg.content["config"]["server-round"])
-
-
-class ProbeGrid:
-    """The Grid of a `run` of `rounds` rounds plus two probe rounds, served in this process.
-
-    Rounds 1..rounds: node 1 trains (the real client); at round k+1 a fresh node joins too (replay probe of
-    k). Round rounds+1: node 1, and sync probes that answer "I hold round rounds+1-k". Round rounds+2: only the
-    sync probes, whose instructions are the catch-up of k rounds."""
-
-    def __init__(self, cfg, rounds: int, behind: list[int]) -> None:
-        from harness.fakes import client_reply
-
-        self.cfg, self.rounds, self.behind = cfg, rounds, behind
-        self.client = get_method(cfg.method).load_client()
-        self.reply = client_reply
-        self.next_round = 1
-        self.replay: dict[int, float] = {}  # k -> seconds
-        self.catchup: dict[int, int] = {}  # k -> bytes
-        self.download = 0  # bytes of node 1's instruction in round 1
-
-    def get_node_ids(self) -> list[int]:
-        t = self.next_round
-        sync = [SYNC_NODE + k for k in self.behind]
-        if t == self.rounds + 2:
-            return sync
-        fresh = [FRESH_NODE + k for k in self.behind if k + 1 == t]
-        return [1, *fresh] + (sync if t == self.rounds + 1 else [])
-
-    def _real(self, msg):
-        start = time.perf_counter()
-        reply = self.reply(self.client.train, self.cfg, msg, {msg.metadata.dst_node_id: 0})
-        wall = time.perf_counter() - start
-        train = float(reply.content["metrics"].get("train-seconds", 0.0)) if reply.has_content() else 0.0
-        return reply, wall - train
-
-    def send_and_receive(self, messages, *, timeout=None):
-        from flwr.app import Message
-
-        from common.nodestore import sync_reply
-        from common.wire import content_bytes
-
-        messages = sorted(messages, key=lambda m: m.metadata.dst_node_id)
-        if not messages:
-            return []
-        t = server_round_of(messages[0])
-        self.next_round = t + 1
-        replies, overhead = [], {}
-        for msg in messages:
-            node = msg.metadata.dst_node_id
-            if node >= SYNC_NODE:
-                k = node - SYNC_NODE
-                if t == self.rounds + 2:
-                    self.catchup[k] = content_bytes(msg.content)
-                replies.append(Message(sync_reply(self.rounds + 1 - k), reply_to=msg))
-                continue
-            reply, overhead[node] = self._real(msg)
-            replies.append(reply)
-            if node == 1 and t == 1:
-                self.download = content_bytes(msg.content)
-        for node, seconds in overhead.items():
-            if node != 1:
-                self.replay[node - FRESH_NODE] = max(0.0, seconds - overhead[1])
-        return replies
-
-
-def state_and_catchup(method: str, rounds: int, behind: list[int], model: str, work: str) -> dict:
-    """Measurements 1 and 2 for one method: one ServerApp `run` of rounds + 2 rounds."""
-    from common.config import parse_run_config
-    from server_app import checkpoint
-    from server_app.app import run
-
-    fresh_nodes(work)
-    cfg = parse_run_config(run_config(method, model, work, f"{method}-state", rounds + 2))
-    written, seconds = [], []
-    pending = {"bytes": 0, "seconds": 0.0}
-    real = {"replace": checkpoint.replace_file, "write": checkpoint.write, "segment": checkpoint.write_segment}
-
-    def replace_file(target, data):
-        pending["bytes"] += len(data)
-        real["replace"](target, data)
-
-    def timed(name):
-        def call(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return real[name](*args, **kwargs)
-            finally:
-                pending["seconds"] += time.perf_counter() - start
-                if name == "write":  # the checkpoint closes the round's writes
-                    written.append(pending["bytes"])
-                    seconds.append(pending["seconds"])
-                    pending.update(bytes=0, seconds=0.0)
-
-        return call
-
-    grid = ProbeGrid(cfg, rounds, behind)
-    checkpoint.replace_file, checkpoint.write, checkpoint.write_segment = (
-        replace_file, timed("write"), timed("segment"),
-    )  # fmt: skip
-    start = time.perf_counter()
-    try:
-        run(grid, cfg, 1)
-    finally:
-        checkpoint.replace_file, checkpoint.write, checkpoint.write_segment = (
-            real["replace"], real["write"], real["segment"],
-        )  # fmt: skip
-    print(f"{method}: {rounds} + 2 rounds in {time.perf_counter() - start:.1f} s", flush=True)
-    ks = [k for k in behind if k in grid.catchup]
-    return {
-        "state_write_bytes": written[:rounds],
-        "state_write_seconds": seconds[:rounds],
-        "catchup_bytes": {"rounds_behind": ks, "bytes": [grid.catchup[k] for k in ks]},
-        "catchup_seconds": {"rounds_behind": ks, "seconds": [grid.replay.get(k) for k in ks]},
-        "download_bytes": grid.download,
-    }
-
-
-class NodeList:
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def get_node_ids(self) -> list[int]:
-        return list(range(1, self.n + 1))
-
-
-def one_aggregation(method: str, n: int, model: str, work: str, traced: bool, rule: str) -> dict:
-    """A fresh strategy's rounds 1 and 2 under `rule` with n replies each (copies of node 1's real reply to that
-    round, made before the round's aggregate_train, in a list as Flower hands them over). Round 1's replies
-    come from nodes the server has not seen (the log methods add each to their map of the rounds nodes hold);
-    round 2's from the same nodes again, the round of a fleet running. Returns per round the seconds and
-    tracemalloc's peak MB of what aggregate_train allocated (0 untraced), and the MB of the reply Messages."""
-    from flwr.app import ConfigRecord, Message
-
-    from common.config import parse_run_config
-    from common.records import RunRecorder
-    from common.wire import content_bytes
-    from harness.fakes import client_reply
-    from server_app.app import build_setup
-
-    fresh_nodes(work)
-    name = f"{method}-{rule}-agg-{n}-{'traced' if traced else 'timed'}"
-    cfg = parse_run_config(run_config(method, model, work, name, 2, **{"aggregation.rule": rule}))
-    setup = build_setup(cfg, RunRecorder(work, name, cfg.to_flat()))
-    train = get_method(method).load_client().train
-    out = {"seconds": [], "mb": []}
-    for server_round in (1, 2):
-        messages = list(setup.strategy.configure_train(server_round, None, ConfigRecord(), NodeList(n)))
-        template = client_reply(train, cfg, messages[0], {1: 0}).content
-        replies = [Message(copy.deepcopy(template), reply_to=msg) for msg in messages]  # Flower's list
-        out["messages_mb"] = n * content_bytes(template) / 2**20
-        gc.collect()  # the same start for every point: no garbage, the interpreter's free lists emptied
-        if traced:
-            tracemalloc.start()
-        start = time.perf_counter()
-        try:
-            _, metrics = setup.strategy.aggregate_train(server_round, replies)
-            out["seconds"].append(time.perf_counter() - start)
-            out["mb"].append(tracemalloc.get_traced_memory()[1] / 2**20 if traced else 0.0)
-        finally:
-            if traced:
-                tracemalloc.stop()
-        if metrics is None or metrics["clients"] != n:
-            raise RuntimeError(f"{method}: round {server_round} of {n} replies did not aggregate them all")
-        del replies, messages
-    return out
-
-
-def reply_arrays(model: str, work: str) -> tuple[dict, dict]:
-    """FedAvg's reply as the strategy decodes it (name -> float32 array) and the global arrays it replaces."""
-    from flwr.app import ConfigRecord
-
-    from common.config import parse_run_config
-    from common.records import RunRecorder
-    from harness.fakes import client_reply
-    from server_app.app import build_setup
-
-    fresh_nodes(work)
-    cfg = parse_run_config(run_config("fedavg", model, work, "fedavg-mean", 1))
-    setup = build_setup(cfg, RunRecorder(work, "fedavg-mean", cfg.to_flat()))
-    msg = list(setup.strategy.configure_train(1, None, ConfigRecord(), NodeList(1)))[0]
-    reply = client_reply(get_method("fedavg").load_client().train, cfg, msg, {1: 0}).content
-    return {k: a.numpy() for k, a in reply["arrays"].items()}, {k: a.numpy() for k, a in msg.content["arrays"].items()}
-
-
-def mean_alone(counts: list[int], model: str, work: str, limit_mb: float) -> dict:
-    """common.robust's mean of n FedAvg replies (norm-cap 2 as shipped): streaming, each reply made when it is
-    read (a lazy sequence, read twice), against the in-memory path given a list of them."""
-    import numpy as np
-
-    from common import robust
-
-    template, reference = reply_arrays(model, work)
-    size_mb = sum(a.nbytes for a in template.values()) / 2**20
-
-    class Lazy:
-        def __init__(self, n):
-            self.n = n
-
-        def __len__(self):
-            return self.n
-
-        def __iter__(self):
-            for i in range(self.n):
-                yield {k: (v + np.float32(1e-3 * (i % 7))) for k, v in template.items()}
-
-    out = {"streaming": {"replies": [], "mb": [], "seconds": []}, "in_memory": {"replies": [], "mb": []}}
-    for n in counts:
-        weights = [1.0 + i % 5 for i in range(n)]
-        for kind in ("streaming", "in_memory"):
-            if kind == "in_memory" and n * size_mb > limit_mb / 4:
-                continue
-            replies = Lazy(n) if kind == "streaming" else list(Lazy(n))
-            tracemalloc.start()
-            start = time.perf_counter()
-            if kind == "streaming":
-                robust.aggregate_round(replies, weights, norm_cap=2.0, reference=reference)
-            else:
-                robust._aggregate_all(replies, weights, "mean", 0, 2.0, 0.0, reference)
-            seconds = time.perf_counter() - start
-            peak = tracemalloc.get_traced_memory()[1] / 2**20
-            tracemalloc.stop()
-            del replies
-            out[kind]["replies"].append(n)
-            out[kind]["mb"].append(peak + (n * size_mb if kind == "in_memory" else 0.0))
-            if kind == "streaming":
-                out[kind]["seconds"].append(seconds)
-        print(f"mean of {n} FedAvg replies: streaming {out['streaming']['mb'][-1]:.1f} MB", flush=True)
-    out["reply_mb"] = size_mb
-    return out
-
-
-def server_scaling(
-    method: str, counts: list[int], model: str, work: str, limit_mb: float, reply_mb: float, rule: str = "mean"
-) -> dict:
-    """Measurement 3 for one method under `rule`; points whose Messages (and, under a robust rule, decoded
-    replies) would exceed limit_mb are left out (and said)."""
-    out = {"rule": rule, "replies": [], "mb": [], "first_round_mb": [], "messages_mb": [], "seconds": [],
-           "first_round_seconds": [], "left_out": []}  # fmt: skip
-    for n in counts:
-        if (1.5 if rule == "mean" else 2.5) * n * reply_mb > limit_mb:  # the Messages (+ the replies held)
-            out["left_out"].append(n)
-            continue
-        timed = one_aggregation(method, n, model, work, traced=False, rule=rule)
-        traced = one_aggregation(method, n, model, work, traced=True, rule=rule)
-        out["replies"].append(n)
-        out["mb"].append(traced["mb"][1])  # round 2: the nodes known
-        out["first_round_mb"].append(traced["mb"][0])
-        out["messages_mb"].append(traced["messages_mb"])
-        out["seconds"].append(timed["seconds"][1])
-        out["first_round_seconds"].append(timed["seconds"][0])
-        print(
-            f"{method} ({rule}): {n} replies, peak {traced['mb'][1]:.3f} MB (round 1: {traced['mb'][0]:.3f}), "
-            f"{timed['seconds'][1]:.2f} s",
-            flush=True,
-        )
-    return out
-
-
-def simulation(nodes: int, rounds: int, model: str, work: str, per_round: int = 10) -> dict:
-    """Measurement 4: one `flwr run` simulation (scripts/simulate.py) of FedKRSO on the tiny model."""
-    import psutil
-
-    from scripts import simulate
-
-    fraction = per_round / nodes
-    overrides = run_config("fedkrso", model, work, f"simulation-{nodes}", rounds, **{"fraction-train": fraction})
-    overrides["min-clients"] = min(per_round, nodes)
-    home: dict[str, str] = {}
-    real_env = simulate.flwr_env
-
-    def flwr_env(flwr_home, state_dir):  # the Flower home names this run's processes
-        home["path"] = flwr_home
-        return real_env(flwr_home, state_dir)
-
-    peak = {"mb": 0.0}
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.wait(0.5):
-            if "path" not in home:
-                continue
-            total = 0
-            for proc in psutil.process_iter(["pid"]):
-                try:
-                    if proc.environ().get("FLWR_HOME") == home["path"]:
-                        total += proc.memory_info().rss
-                except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
-                    continue
-            peak["mb"] = max(peak["mb"], total / 2**20)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    simulate.flwr_env = flwr_env
-    sampler.start()
-    start = time.perf_counter()
-    try:
-        result = simulate.simulate(overrides, nodes, quiet=True, timeout=900)
-    finally:
-        simulate.flwr_env = real_env
-        stop.set()
-        sampler.join()
-    wall = time.perf_counter() - start
-    rows = simulate.read_rounds(result["records"]) if os.path.exists(result["records"]) else []
-    trained = [r for r in rows if r["round"] > 0]
-    print(f"simulation of {nodes} nodes: {result['status']} in {wall:.0f} s", flush=True)
-    return {
-        "nodes": nodes,
-        "rounds": rounds,
-        "method": "fedkrso",
-        "fraction_train": fraction,
-        "status": result["status"],
-        "wall_seconds": wall,
-        "clients_per_round": [r["clients"] for r in trained],
-        "round_seconds": [r["seconds"] for r in trained],
-        "slowest_client_train_seconds": [r.get("client_train_seconds_max") for r in trained],
-        "runner_peak_rss_mb": peak["mb"],
-    }
 
 
 def measure(args, save) -> dict:
@@ -467,7 +113,7 @@ def measure(args, save) -> dict:
     for method in args.methods:
         reply_mb = mean["reply_mb"] if method == "fedavg" else 0.0
         r = server_scaling(method, counts, model, work, args.memory_limit_mb, reply_mb)
-        kept = ("rule", "replies", "mb", "first_round_mb", "messages_mb", "left_out")
+        kept = ("rule", "replies", "mb", "first_round_mb", "messages_mb", "reads", "first_round_reads", "left_out")
         records["server_peak_mb"][method] = {k: r[k] for k in kept}
         records["aggregate_seconds"][method] = {k: r[k] for k in ("replies", "seconds", "first_round_seconds")}
         save(records)
@@ -493,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nodes", type=int, default=200, help="simulated SuperNodes of the flwr run (0: none)")
     p.add_argument("--sim-rounds", type=int, default=3)
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--memory-limit-mb", type=float, default=5000, help="leave out points whose replies need more")
+    p.add_argument("--memory-limit-mb", type=float, default=8000, help="leave out points whose replies need more")
     p.add_argument("--quick", action="store_true", help="a few rounds and replies, no simulation (tests)")
     p.add_argument("--report", action="store_true", help="only write the page and plots from the records")
     p.add_argument("--out", default=RECORDS)

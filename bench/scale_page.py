@@ -64,6 +64,7 @@ def verdicts(rec: dict) -> list[tuple[str, str, str, str]]:
                 f"<= {AIMS['memory']}x",
                 "met" if g <= AIMS["memory"] else "not met",
             ))  # fmt: skip
+    rows.append(reads_verdict(rec))
     sim = rec.get("simulation")
     rows.append((
         "a simulation of at least 200 nodes completes through `flwr run`",
@@ -72,6 +73,46 @@ def verdicts(rec: dict) -> list[tuple[str, str, str, str]]:
         "met" if sim and sim["nodes"] >= AIMS["nodes"] and sim["status"] == "finished:completed" else "not met",
     ))  # fmt: skip
     return rows
+
+
+def read_series(rec: dict) -> list[tuple[str, dict]]:
+    """(method, its server-memory series) of every method and rule measured, the robust rule's last."""
+    return [*rec["server_peak_mb"].items(), *rec.get("server_peak_mb_robust", {}).items()]
+
+
+def times(lo_hi: list[int]) -> str:
+    return f"{lo_hi[0]}" if lo_hi[0] == lo_hi[1] else f"{lo_hi[0]}-{lo_hi[1]}"
+
+
+def reads_verdict(rec: dict) -> tuple[str, str, str, str]:
+    """Each reply's metrics validated once, its update decoded once when checked and once per aggregation pass
+    (harness.readcount), in both rounds of every point of every method and rule."""
+    from harness.readcount import read_once
+
+    measured, bad = [], []
+    for m, p in read_series(rec):
+        reads = p.get("reads") or []
+        if not reads:
+            bad.append(f"{m} ({p.get('rule')}) not counted")
+            continue
+        both = [*reads, *p.get("first_round_reads", [])]
+        passes = sorted({r["passes"] for r in both})
+        metrics = [min(r["metrics"][0] for r in both), max(r["metrics"][1] for r in both)]
+        decoded = [min(r["decoded"][0] for r in both), max(r["decoded"][1] for r in both)]
+        measured.append(
+            f"{m} ({p['rule']}, {p['replies'][0]}-{p['replies'][-1]}): metrics {times(metrics)}, "
+            f"arrays {times(decoded)} in {'/'.join(map(str, passes))} pass(es)"
+        )
+        wrong = [n for n, r in zip(p["replies"] * 2, both, strict=True) if not read_once(r)]
+        if wrong:
+            bad.append(f"{m} ({p['rule']}) at {sorted(set(wrong))}")
+    return (
+        "each reply's metrics validated once, its arrays decoded once per aggregation pass (every method, every n; "
+        "rounds 1 and 2)",
+        "; ".join(measured) or "not counted",
+        "metrics 1; arrays 1 (its check) + 1 per pass",
+        "met" if measured and not bad else f"not met ({', '.join(bad)})",
+    )
 
 
 def plots(rec: dict, folder: str) -> list[str]:
@@ -180,10 +221,14 @@ def write_page(rec: dict, out: str) -> str:
         "come from the nodes of round 1; round 1: the same for nodes the server has not seen, which the log "
         "methods add to their map of the rounds nodes hold (the fleet's state, once per node). Reply Messages: "
         "the list of replies Flower hands the strategy and holds through the round, n x one reply's wire size, "
-        "whatever the strategy does. Seconds: round 2, untraced.",
+        "whatever the strategy does. Seconds: round 2, untraced. Metrics validated and arrays decoded a reply: "
+        "round 2, counted on a third fresh strategy (harness/readcount.py: common.wire.checked_metrics wherever it "
+        "is bound, the strategy's read_update), the fewest-most over the n replies, and the aggregation's passes "
+        "over them (server_app.round.Replies): once when the reply is checked, once per pass.",
         "",
-        "| method | rule | replies | peak MB | round 1 peak MB | reply Messages MB | seconds |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| method | rule | replies | peak MB | round 1 peak MB | reply Messages MB | seconds | metrics validated "
+        "a reply | arrays decoded a reply (passes) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     series = [(m, p, rec["aggregate_seconds"][m]["seconds"]) for m, p in rec["server_peak_mb"].items()]
     series += [(m, p, p["seconds"]) for m, p in rec.get("server_peak_mb_robust", {}).items()]
@@ -191,14 +236,16 @@ def write_page(rec: dict, out: str) -> str:
         rule = p.get("rule", "shipped")
         held = p.get("messages_mb") or [None] * len(p["mb"])
         first = p.get("first_round_mb") or [None] * len(p["mb"])
-        for n, peak, one, msgs, sec in zip(p["replies"], p["mb"], first, held, secs, strict=True):
+        reads = p.get("reads") or [None] * len(p["mb"])
+        for n, peak, one, msgs, sec, r in zip(p["replies"], p["mb"], first, held, secs, reads, strict=True):
+            counted = "- | -" if r is None else f"{times(r['metrics'])} | {times(r['decoded'])} ({r['passes']})"
             lines.append(
                 f"| {m} | {rule} | {n} | {mb(peak)} | {'-' if one is None else mb(one)} | "
-                f"{'-' if msgs is None else mb(msgs)} | {sec:.2f} |"
+                f"{'-' if msgs is None else mb(msgs)} | {sec:.2f} | {counted} |"
             )
         if p.get("left_out"):
             left = ", ".join(map(str, p["left_out"]))
-            lines.append(f"| {m} | {rule} | {left} | left out: over the memory limit | | | |")
+            lines.append(f"| {m} | {rule} | {left} | left out: over the memory limit | | | | | |")
     nodes = {
         m: (p["first_round_mb"][-1] - p["mb"][-1]) * 2**20 / p["replies"][-1]
         for m, p in rec["server_peak_mb"].items()
@@ -256,13 +303,18 @@ NOTES = """## Reading the figures
   are 3.86 MB, is flat. Each reply is checked once (its size, its metrics, its arrays decoded and bounded) and
   the round keeps what the check found (server_app/round.py `Accepted`: position, node, example count, loss,
   32 bytes a reply in plain arrays), the weights and update norms as plain lists (8-byte floats, medians by
-  np.partition); only the arrays are decoded again, once per aggregation pass (tests/test_fedavg_replies.py
-  counts it: metrics validated once, arrays decoded once per pass). These few numbers are what a round
+  np.partition); only the arrays are decoded again, once per aggregation pass (counted above for every method
+  and n, harness/readcount.py; tests/test_reply_reads.py fails for a strategy that validates a reply twice). These few numbers are what a round
   holds per reply beyond Flower's own list of reply Messages (tests/test_lazy_replies.py: under 256 bytes a
-  reply, against KBs to MBs of arrays). What is left from 10 to 100
-  replies is the interpreter's free lists refilling after gc.collect() (dicts, small tuples, numpy's small
-  buffers: bounded, a few KB), which on the tiny model is a visible share of the zero-order methods' whole
-  round (FedSPZO: 14 KB at 10 replies); from 100 replies on the peaks are flat.
+  reply, against KBs to MBs of arrays). That is what grows with the number of replies, ~0.1 KB a reply
+  (measured above): Accepted's 32 bytes, the capped weights and the update norms as lists of Python floats
+  (32 bytes an element, the float and its pointer, not 8), the norms' copy while their median is taken, and the
+  list of the accepted Messages the aggregation reads (8 bytes). Nothing against FedAvg's 3.86 MB replies; on
+  the tiny model it is a large share of the zero-order methods' and FedTT+'s whole round (14 KB for FedSPZO
+  at 10 replies), whose peak it takes over 2x between 10 and 1000 replies: that aim is not met there. Until
+  0c71c35 (2026-12-04, the strategies on RoundStrategy) the weights were read again from the Messages and the
+  medians selected in bounded memory (common.robust's CappedWeights and lower_median of then, a81ba41), and
+  those peaks were flat (FedSPZO 0.01 -> 0.02 MB in the records of 2026-12-02).
 - The log methods' map of which round each node holds (LogStrategy.node_round) grows by one entry per node the
   server has seen (35-37 bytes here, with the dict's growth), once, not per round: it is the fleet's state,
   which catch-up needs, and round 1's column shows it.

@@ -100,13 +100,12 @@ def test_an_error_reply_is_a_failure_whatever_node_it_names(tmp_path):
         ({"aggregation.rule": "trimmed-mean", "aggregation.attackers": 1}, 1),  # the robust rules list them once
     ],
 )
-def test_each_reply_is_checked_once_and_decoded_once_per_aggregation_pass(tmp_path, monkeypatch, settings, passes):
+def test_each_reply_is_checked_once_and_decoded_once_per_aggregation_pass(tmp_path, settings, passes):
     """A real round of FedAvg's strategy over five replies packed by its client's wire (methods.fedavg.wire):
     each reply's metrics are validated exactly once (common.wire.checked_metrics, wherever it is called from),
-    and its arrays decoded once when it is checked and once per aggregation pass."""
-    import server_app.round
-    from common import wire
-    from methods.fedavg import server as fedavg_server
+    and its arrays decoded once when it is checked and once per aggregation pass (harness.readcount, as
+    bench/scale.py counts it for every method)."""
+    from harness.readcount import counted_reads
     from methods.fedavg import wire as fedavg_wire
 
     cfg = parse_run_config({"method": "fedavg", "results-dir": str(tmp_path), "run-name": "fa", **settings})
@@ -122,24 +121,10 @@ def test_each_reply_is_checked_once_and_decoded_once_per_aggregation_pass(tmp_pa
         )
         for i, node in enumerate(nodes)
     ]
-    validated, decoded = {}, {}
-
-    def counting(real, counts):
-        def counted(content, *args):
-            counts[id(content)] = counts.get(id(content), 0) + 1
-            return real(content, *args)
-
-        return counted
-
-    metrics = counting(wire.checked_metrics, validated)
-    for module in (server_app.round, fedavg_wire):  # every module of FedAvg's round that checks metrics
-        monkeypatch.setattr(module, "checked_metrics", metrics)
-    monkeypatch.setattr(fedavg_server, "unpack_update", counting(fedavg_wire.unpack_update, decoded))
-    _, record = strategy.aggregate_train(1, replies)
+    with counted_reads(strategy) as reads:
+        _, record = strategy.aggregate_train(1, replies)
     assert record["clients"] == len(nodes)
-    contents = sorted(id(r.content) for r in replies)
-    assert sorted(validated) == contents and set(validated.values()) == {1}
-    assert sorted(decoded) == contents and set(decoded.values()) == {1 + passes}
+    assert reads.summary(replies) == {"metrics": [1, 1], "decoded": [1 + passes] * 2, "passes": passes}
 
 
 def test_node_ids_are_unsigned_64_bit_and_a_reply_is_kept_all_or_nothing(tmp_path):

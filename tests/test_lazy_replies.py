@@ -23,7 +23,7 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Message
 
-from bench import scale
+from bench import scale_server
 from common import robust
 from common.config import parse_run_config
 from common.methods import METHODS, get_method
@@ -77,8 +77,8 @@ def test_a_round_keeps_a_few_numbers_per_reply(method, tiny_bert, tmp_path, monk
     rounds nodes hold (LogStrategy.node_round, the fleet's state: once per node, not per round): under 150
     bytes a node (measured: 34-37 for the log methods)."""
     monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path / "nodes"))
-    few = scale.one_aggregation(method, 200, tiny_bert, str(tmp_path), traced=True, rule="mean")
-    many = scale.one_aggregation(method, 1000, tiny_bert, str(tmp_path), traced=True, rule="mean")
+    few = scale_server.one_aggregation(method, 200, tiny_bert, str(tmp_path), "traced", "mean")
+    many = scale_server.one_aggregation(method, 1000, tiny_bert, str(tmp_path), "traced", "mean")
     kb_per_reply = [(m - f) * 2**20 / 800 for f, m in zip(few["mb"], many["mb"], strict=True)]
     assert kb_per_reply[1] < 256, (few, many)
     assert kb_per_reply[0] < 256 + 150, (few, many)

@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from harness.readcount import read_once
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.integration
 
@@ -27,7 +29,9 @@ def test_quick_scale_run_writes_the_records_the_issue_names_and_a_page(tmp_path)
         assert all(b > 0 for b in rec["state_write_bytes"][method])
         catchup = rec["catchup_bytes"][method]
         assert catchup["rounds_behind"] == [1, 2, 5, 6] and len(catchup["bytes"]) == 4
-        assert set(rec["server_peak_mb"][method]) >= {"replies", "mb"}
+        assert set(rec["server_peak_mb"][method]) >= {"replies", "mb", "reads", "first_round_reads"}
+        reads = rec["server_peak_mb"][method]["reads"] + rec["server_peak_mb"][method]["first_round_reads"]
+        assert len(reads) == 2 * len(rec["server_peak_mb"][method]["replies"]) and all(map(read_once, reads))
     krso = rec["catchup_bytes"]["fedkrso"]["bytes"]
     assert krso == sorted(krso) and krso[-1] > krso[0]  # the whole log since the node's round, today
     assert len(set(rec["catchup_bytes"]["fedavg"]["bytes"])) == 1  # the global model, however far behind
@@ -40,3 +44,4 @@ def test_quick_scale_run_writes_the_records_the_issue_names_and_a_page(tmp_path)
     )  # fmt: skip
     text = page.read_text()
     assert "| criterion | measured | aim | verdict |" in text and "scale-state.png" in text
+    assert "| each reply's metrics validated once, its arrays decoded once per aggregation pass" in text
