@@ -1,7 +1,8 @@
 """The benchmark's claims, as every page of it states them: a run's figures read from its records, the
 claim / measured / aim / verdict table, the verdict that weighs a margin against the seed spread, and the
-number formats. bench/report.py (the main page), bench/decoder_page.py (its decoder section) and
-bench/robust.py (docs/results-robust.md) use it; it imports nothing of bench/ but the plan's JSON reader."""
+number formats. bench/summary.py and bench/report.py (the main page), bench/decoder_page.py (its decoder
+section) and bench/robust.py (docs/results-robust.md) use it; it imports nothing of bench/ but the plan's JSON
+reader."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from bench import claims, report
+from bench import claims, report, summary
 from bench.plan import DEFAULT, QUICK, learning_rates, plan_runs, read_json
 from bench.run import effective, main, run_overrides
 from common.methods import METHOD_DEFAULTS, get_method
@@ -70,7 +70,7 @@ def test_compute_to_reach_an_accuracy_from_the_records():
     assert claims.first_reaching(sp, 0.75)["round"] == 2 and claims.first_reaching(sp, 0.8) is None
     assert sp["curve"][2]["compute"] == 20.0 and sp["curve"][2]["calls"] == 100.0
     c = claims.Claims()
-    report.compute_claims(c, "sst2", sp, ks)
+    summary.compute_claims(c, "sst2", sp, ks)
     rows = {claim: (measured, result) for claim, measured, _, result in c.rows}
     measured, result = rows[
         "FedSPZO vs FedKSeed, SST-2, same perturbed parameters: client seconds to reach round 0 + 3 points"
@@ -79,7 +79,7 @@ def test_compute_to_reach_an_accuracy_from_the_records():
     assert result == "met, 0.125x to spare"
     assert rows["FedKSeed, SST-2, compute runs: best gain over its own round 0"][1] == "met, 0.20 points to spare"
     c = claims.Claims()
-    report.compute_claims(c, "sst2", sp, _zo_run("fedkseed", [0.72, 0.73], 10.0, 40))
+    summary.compute_claims(c, "sst2", sp, _zo_run("fedkseed", [0.72, 0.73], 10.0, 40))
     assert [row for row in c.rows if "seconds to reach" in row[0]][0][1] == "FedKSeed did not reach it"
     # neither gains the target within the budget: the ratio is read at the highest accuracy both reach (73.0)
     both = rows_of(c)[
@@ -90,7 +90,7 @@ def test_compute_to_reach_an_accuracy_from_the_records():
         "not met, short by 0.375x",
     )
     c = claims.Claims()
-    report.compute_claims(c, "sst2", sp, None)
+    summary.compute_claims(c, "sst2", sp, None)
     assert rows_of(c)[
         "FedSPZO vs FedKSeed, SST-2, same perturbed parameters: client seconds to reach the highest accuracy both reach"
     ] == (claims.NOT_RUN, claims.NOT_RUN)
