@@ -136,7 +136,7 @@ HEAD_INITS = ("auto", "random", "label-words")
 
 @dataclass(frozen=True)
 class HeadConfig:
-    """How the classification head reads the model and starts (common/modeling.py: load_run_model)."""
+    """How the classification head reads the model and starts (common/runmodel.py: load_run_model)."""
 
     # classifier: a new classification head; lm: the decoder's own LM head scores the task's label words, and
     # trains instruction tasks. auto: lm for decoders (LLaMA family and the like), classifier for encoders

@@ -103,8 +103,8 @@ def auto_class(net: nn.Module) -> str:
 
 
 def pooling_of(net: nn.Module) -> str | None:
-    """'mean' when the run swapped the encoder's pooler for common.modeling's MeanPooler."""
-    from common.modeling import MeanPooler
+    """'mean' when the run swapped the encoder's pooler for common.heads' MeanPooler."""
+    from common.heads import MeanPooler
 
     pooler = getattr(getattr(net, "base_model", None), "pooler", None)
     return "mean" if isinstance(pooler, MeanPooler) else None

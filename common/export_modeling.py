@@ -9,7 +9,7 @@ anywhere transformers does:
 
 What it adds to the base architecture, as config.json's "fedsubspace" entry says:
   "pooling": "mean"    the encoder's pooler replaced by the mean of the last hidden states over the real tokens
-                       (common.modeling.MeanPooler; the run's head.pooling = mean)
+                       (common.heads.MeanPooler; the run's head.pooling = mean)
   "adapters": {"sites": [module names], "scale": s, "bottleneck": b}
                        after each site module, y <- y + s * gelu(y W_down) W_up (FedTT's adapters,
                        methods/fedtt/tt.py, with each tensor train contracted to its dense W_down (d x b) and

@@ -21,7 +21,7 @@ class TaskSpec:
     hub: tuple[str, str]  # (dataset id, config name) for datasets.load_dataset
     dev_split_name: str  # how reports name the labelled evaluation split
     # One short text per label, in label order, whose pooled embedding starts that label's row of the head
-    # (head.init = "label-words", common/modeling.py). The SST-2 words were chosen by a probe on the embedded
+    # (head.init = "label-words", common/heads.py). The SST-2 words were chosen by a probe on the embedded
     # MiniLM (bench/zo_head_probe.py): "It was bad." / "It was good." 72.2% zero-shot on the dev split.
     label_words: tuple[str, ...] = ()
     # A decoder classifies with its own LM head (head.kind = "lm"): the prompt is `template` filled with the

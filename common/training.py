@@ -82,7 +82,8 @@ def step_batches(cfg: RunConfig, n: int, server_round: int, partition_key: Any) 
 
 def encode_run(cfg: RunConfig, ds, task) -> Encoded:
     """`ds` as the run's model reads it (its tokenizer, head kind, max-length and long-response rule)."""
-    from common.modeling import head_kind, load_tokenizer
+    from common.modeling import load_tokenizer
+    from common.runmodel import head_kind
 
     return encode(ds, load_tokenizer(cfg.model), task, cfg.train.max_length, head_kind(cfg), cfg.data.long_responses)
 

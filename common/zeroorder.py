@@ -37,8 +37,9 @@ from torch import nn
 
 from common import rng
 from common.config import ZO_PARAMS
-from common.modeling import LoadedModel, load_run_model
+from common.modeling import LoadedModel
 from common.precision import train_in_float32
+from common.runmodel import load_run_model
 from common.seeds import derive_seed
 
 DISTRIBUTIONS = ("rademacher", "gaussian")

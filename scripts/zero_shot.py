@@ -16,7 +16,8 @@ import methods  # noqa: F401 - registers every method (methods/__init__.py)
 from common.config import parse_run_config
 from common.data import task_of
 from common.evaluation import evaluate
-from common.modeling import load_run_model, load_tokenizer
+from common.modeling import load_tokenizer
+from common.runmodel import load_run_model
 from common.training import dev_encoded, dev_examples, encode_run
 
 

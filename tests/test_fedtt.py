@@ -12,8 +12,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 
 from common.config import ConfigError, parse_run_config
 from common.methods import get_method
-from common.modeling import load_run_model
 from common.records import RunRecorder
+from common.runmodel import load_run_model
 from common.wire import content_bytes
 from harness.fakes import NodeList, client_reply
 from methods.fedtt import client as tc

@@ -6,15 +6,9 @@ import pytest
 import torch
 
 from common.config import ConfigError, parse_run_config
-from common.modeling import (
-    MeanPooler,
-    ModelError,
-    declared_pooling,
-    head_settings,
-    label_word_head,
-    load_model,
-    load_run_model,
-)
+from common.heads import MeanPooler, declared_pooling, label_word_head
+from common.modeling import ModelError, load_model
+from common.runmodel import head_settings, load_run_model
 
 
 @pytest.mark.unit

@@ -14,8 +14,10 @@ from torch.nn import functional as F
 from common.config import parse_run_config
 from common.data import data_split, task_of
 from common.encoding import IGNORE, encode_instructions, render_prompt
+from common.heads import LabelWordLM, label_word_ids
 from common.methods import METHODS
-from common.modeling import LabelWordLM, label_word_ids, load_model, load_run_model, load_tokenizer
+from common.modeling import load_model, load_tokenizer
+from common.runmodel import load_run_model
 from common.training import batch, client_data, dev_encoded
 
 pytestmark = pytest.mark.integration

@@ -232,7 +232,7 @@ def eighth_package(tmp_path, registry):
 
 def test_an_eighth_method_in_its_own_folder_is_accepted_everywhere(eighth_package):
     from bench.plan import NAMES, Settings, learning_rates, plan_runs
-    from common.modeling import head_settings
+    from common.runmodel import head_settings
     from scripts.config_reference import methods_table, render
 
     before = parse_run_config({})

@@ -7,8 +7,8 @@ from collections.abc import Callable
 from torch import nn
 
 from common.config import RunConfig
-from common.modeling import load_run_model
 from common.precision import train_in_float32
+from common.runmodel import load_run_model
 
 # how a method that trains named parameters builds its model: (the model, its trained parameters by wire name)
 Build = Callable[[RunConfig], tuple[nn.Module, dict[str, nn.Parameter]]]

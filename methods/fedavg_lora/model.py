@@ -14,8 +14,8 @@ from torch import nn
 
 from common import rng
 from common.config import RunConfig
-from common.modeling import load_run_model
 from common.precision import train_in_float32
+from common.runmodel import load_run_model
 
 PREFIX = "base_model.model."
 

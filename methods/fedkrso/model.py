@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from common.config import RunConfig
-from common.modeling import LoadedModel, TrainedHead, load_with_trainable_head
+from common.modeling import LoadedModel
 from common.precision import train_in_float32
+from common.runmodel import TrainedHead, load_with_trainable_head
 from methods.fedkrso.subspace import find_targets, target_shapes
 
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from common.config import RunConfig
-from common.modeling import LoadedModel, TrainedHead, load_with_trainable_head, model_tensors
+from common.modeling import LoadedModel, model_tensors
+from common.runmodel import TrainedHead, load_with_trainable_head
 from methods.fedtt.tt import CoreKey, TTAdapters, find_sites
 
 
