@@ -24,7 +24,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # common.config.PRECISIONS: the same names
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # common.configchecks.PRECISIONS: the same names
 
 
 def dtype_of(precision: str) -> torch.dtype:

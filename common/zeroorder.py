@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from common import rng
-from common.config import ZO_PARAMS
+from common.configchecks import ZO_PARAMS
 from common.modeling import LoadedModel
 from common.precision import train_in_float32
 from common.runmodel import load_run_model

@@ -23,7 +23,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import methods as _registered  # noqa: E402, F401 - fills the registry: every method's section is documented
-from common import config, methods  # noqa: E402
+from common import config, configchecks, methods  # noqa: E402
 
 PAGE = os.path.join(ROOT, "docs", "configuration.md")
 README = os.path.join(ROOT, "README.md")
@@ -88,11 +88,12 @@ def _comments(source: str) -> dict[tuple[str, str], str]:
     return out
 
 
-# keys whose values come from a list in common/config.py, or a method section's CHOICES: the page shows the list
+# keys whose values come from a list in common/configchecks.py (aggregation.rule's: common/config.py), or a
+# method section's CHOICES: the page shows the list
 CHOICES = {
-    "partitioning": config.PARTITIONINGS, "train.optimizer": config.OPTIMIZERS, "zo.params": config.ZO_PARAMS,
-    "aggregation.rule": config.AGGREGATION_RULES, "head.pooling": config.HEAD_POOLINGS,
-    "head.init": config.HEAD_INITS,
+    "partitioning": configchecks.PARTITIONINGS, "train.optimizer": configchecks.OPTIMIZERS,
+    "zo.params": configchecks.ZO_PARAMS, "aggregation.rule": config.AGGREGATION_RULES,
+    "head.pooling": configchecks.HEAD_POOLINGS, "head.init": configchecks.HEAD_INITS,
     **{f"{name}.{key}": values for name, cls in methods.sections().items()
        for key, values in getattr(cls, "CHOICES", {}).items()},
 }  # fmt: skip
@@ -101,10 +102,10 @@ CHOICES = {
 def describe(key: str, help_: str) -> str:
     """The help of a key, with what common/config.py knows of its values: choices, range, per-method auto."""
     extra = []
-    ranges, maxima = config.ranges(), config.maxima()
+    ranges, maxima = configchecks.ranges(), configchecks.maxima()
     if key in ranges:
         low, high, low_included, _ = ranges[key]
-        extra.append(f"In {config._interval(low, high, low_included)}.")
+        extra.append(f"In {configchecks._interval(low, high, low_included)}.")
     if key in maxima:
         extra.append(f"At most {maxima[key][0]:g}.")
     if key in config.AUTO_KEYS:

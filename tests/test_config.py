@@ -191,7 +191,7 @@ def test_every_rate_scale_and_eps_is_finite_and_in_its_stated_range(key, bad, go
 
 
 def test_the_configuration_page_states_every_range():
-    from common.config import _interval, ranges
+    from common.configchecks import _interval, ranges
     from common.wire import ZO_LR_MAX
 
     with open("docs/configuration.md") as f:  # generated from the config classes (scripts/config_reference.py)
@@ -216,7 +216,7 @@ def test_paths_that_cannot_hold_the_records_are_refused(tmp_path):
 
 
 def test_every_count_size_and_timeout_is_bounded_before_anything_starts():
-    from common.config import maxima
+    from common.configchecks import maxima
 
     MAXIMA = maxima()
 

@@ -19,12 +19,12 @@ class LoraConfig:
     targets: str = "query,value"  # module-name suffixes; LLaMA family: "q_proj,v_proj"
     dropout: float = 0.05  # peft's lora_dropout, in [0, 1)
 
-    # key -> (low, high, low included, why): finite and in this range (common.config.RANGES)
+    # key -> (low, high, low included, why): finite and in this range (common.configchecks.ranges)
     RANGES: ClassVar[dict] = {
         "alpha": (0.0, 1024.0, False, "the LoRA update is scaled by alpha / rank; 16 is the default")
     }
 
-    # key -> (largest value, why): common.config.MAXIMA
+    # key -> (largest value, why): common.configchecks.maxima
     MAXIMA: ClassVar[dict] = {"rank": (65_536, "LoRA's r")}
 
     def validate(self, cfg: RunConfig, in_use: bool) -> None:

@@ -19,7 +19,7 @@ class KrsoConfig:
     intervals: int = 4  # I: each interval trains in one seed's subspace, then merges
     targets: str = "all-linear"  # or a comma list of module-name suffixes, e.g. "query,value"
 
-    # key -> (largest value, why): common.config.MAXIMA
+    # key -> (largest value, why): common.configchecks.maxima
     MAXIMA: ClassVar[dict] = {
         "k": (1024, "seeds per round"),
         "rank": (65_536, "rows of each P"),

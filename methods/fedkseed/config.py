@@ -17,7 +17,7 @@ class KseedConfig:
     k: int = 4096  # candidate seeds, fixed for the run
     perturbations: int = 4  # whole-model perturbations per local step, each with a seed drawn from the K
 
-    # key -> (largest value, why): common.config.MAXIMA
+    # key -> (largest value, why): common.configchecks.maxima
     MAXIMA: ClassVar[dict] = {
         "k": (10_000_000, "candidate seeds"),
         "perturbations": (100_000, "perturbations per step"),

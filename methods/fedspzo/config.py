@@ -19,7 +19,7 @@ class SpzoConfig:
     p1: int = 1  # perturbations of block 1 per step (each runs the whole network twice); 0 with zo.params=head
     p2: int = 8  # perturbations of block 2 per step (each runs only block 2 twice, on cached h0); p2 > p1
 
-    # key -> (largest value, why): common.config.MAXIMA
+    # key -> (largest value, why): common.configchecks.maxima
     MAXIMA: ClassVar[dict] = {
         "split-layer": (100_000, "transformer blocks"),
         "p1": (100_000, "perturbations per step"),

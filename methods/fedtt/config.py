@@ -23,11 +23,11 @@ class TTConfig:
     plus_rule: str = "gradient"  # FedTT+: which cores train each round (gradient | cyclic)
     plus_cores: int = 1  # FedTT+: cores trained (and sent) per TT matrix per round; 1 keeps averaging exact
 
-    # key -> (low, high, low included, why): finite and in this range (common.config.RANGES)
+    # key -> (low, high, low included, why): finite and in this range (common.configchecks.ranges)
     RANGES: ClassVar[dict] = {"scale": (0.0, 100.0, False, "the adapter's output scale s; 1 is the default")}
     CHOICES: ClassVar[dict] = {"plus-rule": TT_PLUS_RULES}  # key -> its values, as docs/configuration.md lists them
 
-    # key -> (largest value, why): common.config.MAXIMA
+    # key -> (largest value, why): common.configchecks.maxima
     MAXIMA: ClassVar[dict] = {
         "rank": (1024, "the TT rank"),
         "bottleneck": (65_536, "the adapter width"),
