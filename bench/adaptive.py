@@ -42,6 +42,7 @@ import argparse
 import copy
 import math
 import os
+import statistics
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -58,7 +59,7 @@ from common.evaluation import evaluate
 from common.methods import METHODS, get_method
 from common.nodestore import STATE_DIR_ENV
 from common.records import RunRecorder
-from common.robust import round_rule
+from common.robust import lower_median, round_rule
 from common.tasks import get_task
 from common.training import dev_encoded
 from server_app.app import build_setup
@@ -69,15 +70,8 @@ BOUND_OVERSHOOT = 1e30  # "bound + 1e12": far beyond any wire bound, so every va
 
 
 def normal_quantile(p: float) -> float:
-    """Phi^-1(p) by bisection on math.erf (no scipy needed)."""
-    lo, hi = -10.0, 10.0
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        if 0.5 * (1 + math.erf(mid / math.sqrt(2))) < p:
-            lo = mid
-        else:
-            hi = mid
-    return (lo + hi) / 2
+    """Phi^-1(p)."""
+    return statistics.NormalDist().inv_cdf(p)
 
 
 def alie_z(n: int, f: int) -> float:
@@ -163,10 +157,6 @@ class UpdateSpace:
             for key, arr in arrays.items():
                 rec[key] = arr
             content[name] = rec
-
-
-def lower_median(values: Sequence[float]) -> float:
-    return float(sorted(values)[(len(values) - 1) // 2])
 
 
 def adapt(attack: str, honest: Sequence[np.ndarray], own: np.ndarray, f: int, cap: float) -> tuple[np.ndarray, bool]:

@@ -15,6 +15,7 @@ import os
 import torch
 from torch import nn
 
+from common import export_modeling
 from common.modeling import LoadedModel, ModelError, resolve
 
 
@@ -64,27 +65,15 @@ def label_word_ids(tokenizer, words: tuple[str, ...]) -> list[int]:
     return ids
 
 
-class MeanPooler(nn.Module):
-    """Replaces a BERT-style pooler: the mean of the last hidden states over the real (unpadded) tokens.
-
-    Sentence-transformers checkpoints such as all-MiniLM-L6-v2 were trained to be read this way; their [CLS]
-    pooler was not (on the embedded model, a linear probe of the SST-2 dev split reaches 77.9% on mean-pooled
-    features and 65.3% on the pooler's, bench/zo_head_probe.py). The attention mask is taken from the
-    encoder's own call by a forward pre-hook, since a pooler is called with the hidden states only.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.mask: torch.Tensor | None = None
-
-    def remember_mask(self, module, args, kwargs) -> None:
-        self.mask = kwargs.get("attention_mask")
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.mask is None or self.mask.dim() != 2 or self.mask.shape[:2] != hidden_states.shape[:2]:
-            return hidden_states.mean(dim=1)
-        m = self.mask.to(hidden_states.dtype).unsqueeze(-1)
-        return (hidden_states * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+# Replaces a BERT-style pooler: the mean of the last hidden states over the real (unpadded) tokens.
+#
+# Sentence-transformers checkpoints such as all-MiniLM-L6-v2 were trained to be read this way; their [CLS]
+# pooler was not (on the embedded model, a linear probe of the SST-2 dev split reaches 77.9% on mean-pooled
+# features and 65.3% on the pooler's, bench/zo_head_probe.py). The attention mask is taken from the
+# encoder's own call by a forward pre-hook, since a pooler is called with the hidden states only.
+# One definition: the exported model's own file (self-contained, it imports torch and transformers only)
+# defines it, and the run's model uses the very same class.
+MeanPooler = export_modeling.MeanPooler
 
 
 def declared_pooling(model: str) -> str:
