@@ -58,8 +58,8 @@ Nothing here makes a non-finite aggregate, but a caller applies one only if `non
 Memory. The mean is a running sum (`WeightedMean`): replies are added one at a time into one float64 array per
 key, in the same order and with the same float64 operations as `combine`, so the result is bit for bit the
 same while the aggregation holds one reply and 8 bytes per aggregated number, however many replies the round
-has. The weights and the norms are plain lists (8 bytes a reply: the bounded-memory aim is about the replies'
-arrays), their medians taken with np.partition. Norm bounding needs the median norm before the first reply is
+has. The weights and the norms are float64 arrays (8 bytes a reply each: the bounded-memory aim is about the
+replies' arrays), their medians taken with np.partition. Norm bounding needs the median norm before the first reply is
 scaled, so `aggregate_round` reads a re-iterable sequence twice: once for the norms, then to clip and add, one reply at a
 time (a one-shot iterator is kept in a list first). The strategies hand it such a sequence (server_app.round.Replies):
 each accepted reply is decoded again from its Message when it is read and is not kept, so a round under the
@@ -98,19 +98,19 @@ def lower_median(values: Sequence[float]) -> float:
     return float(np.partition(x, rank)[rank])
 
 
-def capped_weights(counts: Sequence[int | float], cap: float) -> list[float]:
-    """Each example count, at most cap x the lower median of all of them."""
-    if not len(counts) or min(counts) <= 0:
+def capped_weights(counts: Sequence[int | float], cap: float) -> np.ndarray:
+    """Each example count, at most cap x the lower median of all of them: float64, 8 bytes a reply."""
+    x = np.asarray(counts, np.float64)
+    if not x.size or x.min() <= 0:
         raise ValueError("capped_weights needs positive example counts")
-    limit = cap * lower_median(counts)
-    return [float(min(n, limit)) for n in counts]
+    return np.minimum(x, cap * lower_median(x))
 
 
 def norm_bound(norms: Sequence[float], norm_cap: float = 0.0, clip_norm: float = 0.0) -> float:
     """The L2 bound of this round's updates: norm_cap x their lower median (0: none) and clip_norm (0: none),
     the smaller; math.inf when neither is set."""
     bounds = [math.inf]
-    if norm_cap > 0 and norms:
+    if norm_cap > 0 and len(norms):
         bounds.append(norm_cap * lower_median(norms))
     if clip_norm > 0:
         bounds.append(clip_norm)
@@ -339,8 +339,15 @@ def _mean_round(
     bounding = norm_cap > 0 or clip_norm > 0
     if bounding and isinstance(replies, Iterator):
         replies = list(replies)  # a one-shot iterator cannot be read twice
-    # one reading for the norms (8 bytes a reply), one to clip and add: each reply decoded once per pass
-    norms = [update_norm({k: np.asarray(v) for k, v in r.items()}, ref_np) for r in replies] if norm_cap > 0 else []
+    # one reading for the norms (a float64 array, 8 bytes a reply), one to clip and add: each reply decoded once
+    # per pass
+    norms = (
+        np.fromiter(
+            (update_norm({k: np.asarray(v) for k, v in r.items()}, ref_np) for r in replies), np.float64, len(replies)
+        )
+        if norm_cap > 0
+        else ()
+    )
     bound = norm_bound(norms, norm_cap, clip_norm)
     mean, clipped = WeightedMean(weights, reference), 0
     for r in replies:

@@ -90,26 +90,26 @@ def unexpected_reply(msg: Message, owed: dict[int, Message | None]) -> str | Non
 
 class Accepted:
     """What a round keeps of its replies that passed checked_replies until it aggregates: per accepted reply its
-    position in Flower's list of replies (which Flower holds through the round anyway), its node, its example
-    count and its train-loss (0 when absent), each as its check read it, in plain arrays (32 bytes a reply);
-    the other client metrics the records use are folded into `stats`. Nothing of a reply's arrays is kept: the
-    aggregation decodes them again from its Message when it reads them (`replies`, Replies)."""
+    position in Flower's list of replies (which Flower holds through the round anyway; the reply's node is its
+    Message's src_node_id), its example count and its train-loss (0 when absent), each as its check read it, in
+    plain arrays (20 bytes a reply); the other client metrics the records use are folded into `stats`. Nothing
+    of a reply's arrays is kept: the aggregation decodes them again from its Message when it reads them
+    (`replies`, Replies)."""
 
-    __slots__ = ("examples", "losses", "messages", "nodes", "positions", "stats")
+    __slots__ = ("examples", "losses", "messages", "positions", "stats")
 
     def __init__(self, messages: Sequence[Message]) -> None:
         self.messages = messages  # Flower's list of the round's replies
-        self.positions, self.nodes = array("q"), array("Q")  # Flower's node ids are unsigned 64-bit
+        self.positions = array("I")  # 4 bytes: a round of more than 4 billion replies is not one Flower hands over
         self.examples, self.losses = array("d"), array("d")
         self.stats = ClientStats()
 
-    def add(self, position: int, node: int, num_examples: int, metrics: Mapping[str, float]) -> None:
+    def add(self, position: int, num_examples: int, metrics: Mapping[str, float]) -> None:
         """Keep one reply; all or nothing (the arrays stay the same length if any value does not fit)."""
-        at, by = array(self.positions.typecode, [position]), array(self.nodes.typecode, [node])  # raise here or never
+        at = array(self.positions.typecode, [position])  # raises here or never
         examples, loss = float(num_examples), float(metrics.get("train-loss", 0.0))
         self.stats.add({**metrics, "num-examples": num_examples})
         self.positions.extend(at)
-        self.nodes.extend(by)
         self.examples.append(examples)
         self.losses.append(loss)
 
@@ -118,7 +118,7 @@ class Accepted:
 
     def replies(self, read: Callable[[RecordDict], Any]) -> Replies:
         """The accepted replies as the aggregation reads them: each decoded by `read` when read."""
-        return Replies([self.messages[p] for p in self.positions], read)
+        return Replies(self.messages, read, self.positions)
 
 
 def checked_replies(
@@ -162,7 +162,7 @@ def checked_replies(
             check_size(msg.content, max_bytes)
             kept = check(node, msg.content)
             if kept is not None:
-                accepted.add(position, node, *kept)
+                accepted.add(position, *kept)
         except Exception as exc:  # noqa: BLE001 - see the docstring: one bad reply never ends the round
             rejected += 1
             log(WARNING, "reply of node %d rejected in round %d: %s", node, server_round, str(exc)[:500])
@@ -189,22 +189,26 @@ class Replies(Sequence):
     `read` is the decode and check the reply passed already, which is deterministic: a reply reads as the same
     values every time, bit for bit. If it raises all the same, the round cannot be aggregated with the weights
     already drawn up: RoundFailed, and the round ends as any failed round does (the global model unchanged).
-    `map(f)`: the same replies read as f(update), e.g. the arrays a method aggregates."""
+    `map(f)`: the same replies read as f(update), e.g. the arrays a method aggregates. `positions`: which of
+    `messages` they are, in order (default: all of them); no list of the Messages is made."""
 
-    def __init__(self, messages: Sequence[Message], read: Callable[[RecordDict], Any]) -> None:
+    def __init__(
+        self, messages: Sequence[Message], read: Callable[[RecordDict], Any], positions: Sequence[int] | None = None
+    ) -> None:
         self._messages, self._read = messages, read
+        self._positions = range(len(messages)) if positions is None else positions
 
     def map(self, f: Callable[[Any], Any]) -> Replies:
         read = self._read
-        return Replies(self._messages, lambda content: f(read(content)))
+        return Replies(self._messages, lambda content: f(read(content)), self._positions)
 
     def __len__(self) -> int:
-        return len(self._messages)
+        return len(self._positions)
 
     def __getitem__(self, i):
         if isinstance(i, slice):
-            return Replies(self._messages[i], self._read)
-        return self._decoded(self._messages[i])
+            return Replies(self._messages, self._read, self._positions[i])
+        return self._decoded(self._messages[self._positions[i]])
 
     def _decoded(self, msg: Message):
         try:
@@ -214,8 +218,8 @@ class Replies(Sequence):
             raise RoundFailed(f"the reply of node {node}, decoded again to aggregate, failed: {exc}"[:500]) from exc
 
     def __iter__(self) -> Iterator:
-        for msg in self._messages:
-            yield self._decoded(msg)
+        for p in self._positions:
+            yield self._decoded(self._messages[p])
 
 
 def robust_aggregate(
@@ -257,7 +261,7 @@ def fail_round(recorder: RunRecorder, server_round: int, reason: str) -> None:
 
 def mean_train_loss(weights: Sequence[float], losses: Sequence[float]) -> float:
     """The round's train-loss: the replies' losses weighted by their (capped) example weights."""
-    return sum(w * loss for w, loss in zip(weights, losses, strict=True)) / sum(weights)
+    return float(sum(w * loss for w, loss in zip(weights, losses, strict=True)) / sum(weights))
 
 
 class RoundStrategy(Strategy):
@@ -271,10 +275,11 @@ class RoundStrategy(Strategy):
     checkpoint keeps of it.
 
     Each reply is checked once: its metrics (common.wire.checked_metrics) and its update (`read_update`), and
-    the round keeps of it its position, node, example count and train-loss (Accepted, 32 bytes a reply); the
-    update is dropped and decoded again from its Message where the aggregation reads it (Replies, `apply`), so
-    under the weighted mean the round holds one decoded reply at a time and its memory does not grow with the
-    number of replies beyond those few numbers (bench/scale.py, docs/scale.md)."""
+    the round keeps of it its position, example count and train-loss (Accepted, 20 bytes a reply), then its
+    capped weight and, with norm bounding, its update norm (float64 arrays, 8 bytes each); the update is
+    dropped and decoded again from its Message where the aggregation reads it (Replies, `apply`), so under the
+    weighted mean the round holds one decoded reply at a time and its memory does not grow with the number of
+    replies beyond those few numbers, 36 bytes a reply (bench/scale.py, docs/scale.md)."""
 
     def __init__(self, cfg: RunConfig, recorder: RunRecorder) -> None:
         self.cfg, self.recorder = cfg, recorder
