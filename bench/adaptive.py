@@ -6,7 +6,8 @@ honest ones included), know the server's rule, its norm cap and its value bounds
 They work in the space the server aggregates: per reply record (the method's `reply_record` and "head"), the
 values minus the global values they replace (MethodSpec.attack_reference; a reply that is already an update,
 such as zero-order scalars and FedKRSO accumulators, is its values), a key one reply lacks being a zero update
-(FedKSeed's sparse scalars are sent dense, which its wire accepts). With u_i the honest updates, mu and sigma
+(a record the method aggregates in another form than it sends, MethodSpec.reply_arrays, is sent in that
+form: FedKSeed's sparse scalars dense, which its wire accepts). With u_i the honest updates, mu and sigma
 their mean and standard deviation per coordinate, and T the largest norm the server lets through unscaled
 (norm-cap x the lower median norm of the round's replies, the attackers' included, which the attackers
 compute; norm-cap 1 under capped-mean):
@@ -88,7 +89,7 @@ class UpdateSpace:
     def __init__(self, cfg, contents: Sequence, refs: Mapping[str, Mapping[str, np.ndarray]]) -> None:
         spec = get_method(cfg.method)
         self.cfg, self.refs = cfg, refs
-        self.dense = {name: spec.name == "fedkseed" and name == spec.reply_record for name in (spec.reply_record,)}
+        self.record, self.arrays = spec.reply_record, spec.load_reply_arrays()  # the space the server aggregates in
         self.keys: list[tuple[str, str]] = []
         self.shapes: dict[tuple[str, str], tuple[int, ...]] = {}
         for content in contents:
@@ -101,25 +102,16 @@ class UpdateSpace:
         self.sizes = [math.prod(self.shapes[k]) for k in self.keys]
 
     def _records(self, content) -> dict[str, dict[str, np.ndarray]]:
-        spec = get_method(self.cfg.method)
         out = {}
-        for name in (spec.reply_record, "head"):
+        for name in (self.record, "head"):
             if name not in content:
                 continue
             rec = content[name]
-            if name == spec.reply_record and spec.name == "fedkseed":
-                out[name] = {"scalars": self._kseed_dense(rec)}
+            if name == self.record and self.arrays is not None:
+                out[name] = dict(self.arrays(self.cfg, rec))
                 continue
             out[name] = {k: rec[k].numpy() for k in rec if rec[k].dtype == "float32"}
         return out
-
-    def _kseed_dense(self, rec) -> np.ndarray:
-        dense = np.zeros(self.cfg.kseed.k, np.float32)
-        if "index" in rec:
-            dense[rec["index"].numpy()] = rec["scalars"].numpy()
-        else:
-            dense[:] = rec["scalars"].numpy()
-        return dense
 
     def _ref(self, name: str, key: str) -> np.ndarray:
         ref = self.refs.get(name, {}).get(key)
@@ -141,7 +133,6 @@ class UpdateSpace:
     def write(self, content, update: np.ndarray) -> None:
         """Put `update` into the reply `content` (in place): every key of the space, values held within 0.999 of
         the wire's bound."""
-        spec = get_method(self.cfg.method)
         at = 0
         per_record: dict[str, dict[str, Array]] = {}
         for (name, key), size in zip(self.keys, self.sizes, strict=True):
@@ -150,8 +141,8 @@ class UpdateSpace:
             at += size
             per_record.setdefault(name, {})[key] = Array(np.clip(values, -bound, bound).astype(np.float32))
         for name, arrays in per_record.items():
-            if name == spec.reply_record and spec.name == "fedkseed":
-                content[name] = ArrayRecord({"scalars": arrays["scalars"]})
+            if name == self.record and self.arrays is not None:  # the record as the server aggregates it
+                content[name] = ArrayRecord(arrays)
                 continue
             rec = content[name] if name in content else ArrayRecord()
             for key, arr in arrays.items():
@@ -220,14 +211,24 @@ def train_round(cfg, setup, rnd: int, clients: int, seed: int) -> tuple[dict[int
     return msgs, contents
 
 
-def attacked(cfg, setup, msgs, contents, attack: str | None, f: int, clients: int) -> list[Message]:
-    """The round's replies with the last f nodes' replaced by the attackers' (copies: `contents` untouched)."""
+def honest_updates(cfg, setup, msgs, contents) -> tuple[UpdateSpace, list[np.ndarray]]:
+    """The round's update space and every honest reply's update in it, in node order: what every attack on that
+    round starts from."""
+    nodes = sorted(contents)
+    space = UpdateSpace(cfg, [contents[n] for n in nodes], references(cfg, setup, msgs[nodes[0]]))
+    return space, [space.vector(contents[n]) for n in nodes]
+
+
+def attacked(
+    cfg, setup, msgs, contents, attack: str | None, f: int, clients: int, honest: tuple | None = None
+) -> list[Message]:
+    """The round's replies with the last f nodes' replaced by the attackers' (copies: `contents` untouched).
+    `honest`: the round's honest_updates where the caller has them already (one_round: once for every scenario)."""
     nodes = sorted(contents)
     replies = {node: copy.deepcopy(contents[node]) for node in nodes}
     if attack is not None and f:
-        space = UpdateSpace(cfg, [contents[n] for n in nodes], references(cfg, setup, msgs[nodes[0]]))
-        honest = [space.vector(contents[n]) for n in nodes]
-        update, lying = adapt(attack, honest, honest[-1], f, server_cap(cfg, clients))
+        space, updates = honest if honest is not None else honest_updates(cfg, setup, msgs, contents)
+        update, lying = adapt(attack, updates, updates[-1], f, server_cap(cfg, clients))
         for node in nodes[-f:]:
             space.write(replies[node], update)
             if lying:
@@ -249,6 +250,7 @@ def one_round(method: str, clients: int, seed: int, args) -> list[dict]:
     start = time.perf_counter()
     msgs, contents = train_round(base, setup, 1, clients, seed)
     train_seconds = time.perf_counter() - start
+    honest = honest_updates(base, setup, msgs, contents)  # the same round for every scenario
     scenarios = [(None, 0)] + [
         (a, f) for a in args.attacks for fr, (n, f) in FRACTIONS.items() if n == clients and fr in args.fractions
     ]
@@ -264,7 +266,7 @@ def one_round(method: str, clients: int, seed: int, args) -> list[dict]:
         }
         for node, m in new_msgs.items():  # the same instructions as the ones the honest replies answer
             assert dict(m.content["config"]) == dict(msgs[node].content["config"]), "instructions are not deterministic"
-        setup.strategy.aggregate_train(1, attacked(base, setup, new_msgs, contents, attack, f, clients))
+        setup.strategy.aggregate_train(1, attacked(base, setup, new_msgs, contents, attack, f, clients, honest))
         row = recorder.end_round(1, None)
         delta = (flat_weights(base, setup) - w0).numpy()
         if attack is None:

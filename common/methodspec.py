@@ -84,6 +84,11 @@ class MethodSpec:
     # accepts in that record of a reply.
     attack_reference: Mapping[str, str] | None = field(default=None, hash=False)
     value_bound: str | None = None
+    # "module:function" of `arrays(cfg, record) -> {key: float ndarray}`: the reply record's arrays as the server
+    # aggregates them, where that is not its float32 arrays as sent (FedKSeed: its scalars sparse or dense on the
+    # wire, the dense (K,) vector aggregated), for the code that forges a reply in the server's own space
+    # (bench/adaptive.py); a record of exactly these arrays must be a valid reply. None: the float32 arrays.
+    reply_arrays: str | None = None
     # "module:function" of `values(setup, instruction) -> {record: {key: float ndarray}}`: for each reply record
     # declared "global" in attack_reference (and only those), the global values that record's arrays replace,
     # read from the instruction the reply answers (setup: the server's server_app.round.ServerSetup, for what the
@@ -131,6 +136,10 @@ class MethodSpec:
                 "largest |value| the server accepts in each reply record, as 'module:function'"
             )
         return self._load(self.value_bound, "value_bound")
+
+    def load_reply_arrays(self) -> Callable[[Any, Any], Mapping[str, Any]] | None:
+        """The `reply_arrays` function, imported now; None when the method declares none (its float32 arrays)."""
+        return self._load(self.reply_arrays, "reply_arrays") if self.reply_arrays else None
 
     def load_reference_values(self) -> Callable[[Any, Any], Mapping[str, Mapping[str, Any]]]:
         """The `reference_values` function, imported now; a MethodError when a record is measured from the global

@@ -18,6 +18,7 @@ SPEC = MethodSpec(
     client_module=f"{__name__}.client", server_setup=f"{__name__}.server:setup", sections={"kseed": KseedConfig},
     optimizer="zero-order", replayed=True, keeps_model=True, instruction_record="log", reply_record="scalars",
     attack_reference={"scalars": "zero"}, value_bound=f"{__name__}.wire:value_bound",
+    reply_arrays=f"{__name__}.wire:reply_arrays",
     global_model="common.modeling:model_tensors",
     summary="zero-order over K fixed seeds (reference)",
     travels="at most K scalars each way (sparse index + value when smaller)",

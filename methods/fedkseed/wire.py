@@ -87,6 +87,12 @@ def unpack_scalars(
     return dense, 2
 
 
+def reply_arrays(cfg: RunConfig, record: ArrayRecord) -> dict[str, np.ndarray]:
+    """A reply's scalars record as the server aggregates it: the dense (K,) vector, sent sparse or dense; a record
+    of just the dense "scalars" is a valid reply (MethodSpec.reply_arrays)."""
+    return {"scalars": unpack_scalars("scalars", record, "", cfg.kseed.k)[0]}
+
+
 def pack_instruction(server_round: int, lr: float, log: Sequence[LogEntry]) -> RecordDict:
     first = log_first(log, server_round)
     arrays: dict[str, Array] = {}
