@@ -102,12 +102,15 @@ def run_overrides(s: DecoderSettings, run: DecoderRun, records: str, data: str) 
     }  # fmt: skip
 
 
-def matched(records: str, run: DecoderRun, want: dict, digest: str) -> str:
-    """run_state, and a finished run on another data file (its bench.json's data_sha256) set aside."""
+def matched(records: str, run: DecoderRun, want: dict, digest: str, move: bool = True) -> str:
+    """run_state, and a finished run on another data file (its bench.json's data_sha256) set aside (`move`;
+    move=False, for --list: nothing moved, run_state's "new (why)")."""
     bench = os.path.join(records, "runs", run.name, "bench.json")
     if os.path.exists(bench) and read_json(bench).get("data_sha256") != digest:
+        if not move:
+            return "new (finished on another data file)"
         set_aside(records, os.path.dirname(bench), "finished on another data file")
-    return run_state(records, run, want, IGNORED)
+    return run_state(records, run, want, IGNORED, move=move)
 
 
 def federated(s: DecoderSettings, records: str, runs: list[DecoderRun]) -> None:
@@ -320,12 +323,15 @@ def main(argv: list[str] | None = None) -> int:
     if not os.path.isdir(GLUE):
         raise SystemExit(f"error: GLUE folder {GLUE} not found: set GLUE_DIR")
     runs = select(plan_runs(s), None if args.probe else args.only)
-    if args.list:
-        for run in runs:
-            done = os.path.exists(os.path.join(records, "runs", run.name, "bench.json"))
-            print(f"{run.name}  ({'done' if done else 'to run'})")
-        return 0
     data = data_file(s)
+    if args.list:  # what a run of the benchmark would do with each: the same check, nothing moved
+        digest = sha256(data)
+        for run in runs:
+            want = {k: v for k, v in effective(run_overrides(s, run, records, data)).items() if k not in IGNORED}
+            state = matched(records, run, want, digest, move=False)
+            print(f"{run.name}  ({'done' if state == 'done' else 'to run' if state.startswith('new') else state})"
+                  + (f": {state[5:-1]}" if state.startswith("new (") else ""))  # fmt: skip
+        return 0
     note_invocation(records, s, " ".join(["python -m bench.decoder", *(argv or sys.argv[1:])]), data)
     if args.probe:
         run_probes(s, records, args.only)

@@ -201,8 +201,9 @@ def run_probes(s: Settings, records: str, jobs: int = 1) -> dict[str, dict]:
 # ---------------------------------------------------------------- federated runs
 
 
-def run_state(records: str, run, want: dict, ignore: tuple[str, ...] = VOLATILE) -> str:
-    """done (finished with this configuration), resume (a checkpoint of it), new; other records set aside.
+def run_state(records: str, run, want: dict, ignore: tuple[str, ...] = VOLATILE, move: bool = True) -> str:
+    """done (finished with this configuration), resume (a checkpoint of it), new; other records set aside
+    (`move`; move=False, for --list: nothing moved, and "new (...)" says why the records there do not count).
     `run`: anything with a `name` (its folder under <records>/runs); `ignore`: keys left out of the match."""
     from common.config import with_later_keys
     from server_app import checkpoint
@@ -216,13 +217,18 @@ def run_state(records: str, run, want: dict, ignore: tuple[str, ...] = VOLATILE)
         if have == want:
             return "done"
         differ = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
-        set_aside(records, folder, f"finished with another configuration ({', '.join(differ[:5])})")
+        why = f"finished with another configuration ({', '.join(differ[:5])})"
+        if not move:
+            return f"new ({why})"
+        set_aside(records, folder, why)
         return "new"
     state = os.path.join(folder, checkpoint.FILENAME)
     if os.path.exists(state) and not os.path.exists(summary):
         saved = {k: v for k, v in with_later_keys(checkpoint.read(state).config).items() if k not in ignore}
         if saved == want:
             return "resume"
+    if not move:
+        return "new (an unfinished run that cannot be continued)"
     set_aside(records, folder, "an unfinished run that cannot be continued")
     return "new"
 
@@ -389,9 +395,10 @@ def main(argv: list[str] | None = None) -> int:
     planned = plan_runs(s)
     runs = select(planned, args.only)
     if args.list:
-        for run in runs:
-            state = "done" if os.path.exists(os.path.join(records, "runs", run.name, "bench.json")) else "to run"
-            print(f"{run.name}  ({state})")
+        for run in runs:  # what a run of the benchmark would do with each: the same check, nothing moved
+            state = run_state(records, run, effective(run_overrides(s, run, records)), move=False)
+            print(f"{run.name}  ({'done' if state == 'done' else 'to run' if state.startswith('new') else state})"
+                  + (f": {state[5:-1]}" if state.startswith("new (") else ""))  # fmt: skip
         return 0
     print(
         f"== benchmark: {len(runs)} federated runs{f' of the {len(planned)} planned' if args.only else ''} ({s.clients} clients, {s.rounds} rounds of {s.local_steps} "

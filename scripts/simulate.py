@@ -35,6 +35,7 @@ from common.interrupt import Interrupted, exit_on_signals, stop_processes
 from common.records import format_table
 from common.runfolder import check_not_overwriting, check_not_written
 from common.training import check_partitions
+from scripts.fleet.flwr_cli import run_config_arg  # `--run-config` as both fleets write it
 
 FLWR = os.path.join(os.path.dirname(sys.executable), "flwr")
 
@@ -48,12 +49,6 @@ def app_defaults() -> dict:
 
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         return flatten_dict(tomllib.load(f)["tool"]["flwr"]["app"]["config"])
-
-
-def toml_value(value) -> str:
-    return (
-        json.dumps(value) if isinstance(value, str) else repr(value).lower() if isinstance(value, bool) else repr(value)
-    )
 
 
 def flwr_env(flwr_home: str, state_dir: str) -> dict[str, str]:
@@ -153,10 +148,8 @@ def simulate(
     flwr_home = tempfile.mkdtemp(prefix="fedsubspace-flwr-")
     state_dir = tempfile.mkdtemp(prefix="fedsubspace-nodes-")
     env = flwr_env(flwr_home, state_dir)
-    run_config = " ".join(
-        f"{k}={toml_value(v)}"
-        for k, v in flat.items()
-        if k in overrides or k in ("data-dir", "results-dir", "run-name")
+    run_config = run_config_arg(
+        {k: v for k, v in flat.items() if k in overrides or k in ("data-dir", "results-dir", "run-name")}
     )
     cmd = [
         FLWR, "run", ".", "--stream",

@@ -11,6 +11,7 @@ import pytest
 
 from bench import decoder, decoder_page, decoder_plan
 from bench.run import effective
+from common.config import with_later_keys
 from common.methods import METHODS
 
 pytestmark = pytest.mark.unit
@@ -137,3 +138,25 @@ def test_zero_order_compute_is_not_compared_where_neither_method_gained(tmp_path
         write_run(records, decoder_plan.DecoderRun(0.5, 0, method).name, rounds([0.23, 0.22, 0.23]))
     text = "\n".join(decoder_page.section(records))
     assert "neither passed round 0's 23.00 in 5 rounds | <= 1/1.6 | not measurable: no gain" in text
+
+
+def test_list_says_which_finished_runs_a_changed_default_makes_stale_and_moves_nothing(tmp_path):
+    """--list's check is the benchmark's own (bench.run.run_state with move=False): a run finished under another
+    configuration (a shipped default changed since, say) is "to run", with the keys that differ, and its
+    records stay where they are until the benchmark itself sets them aside."""
+    records = str(tmp_path)
+    run = decoder_plan.DecoderRun(0.5, 0, "fedspzo")
+    write_run(records, run.name, rounds([0.2, 0.3]), digest="same")
+    folder = os.path.join(records, "runs", run.name)
+    with open(os.path.join(folder, "summary.json"), "w") as f:
+        json.dump({"config": {"aggregation.rule": "mean"}}, f)
+    recorded = {k: v for k, v in with_later_keys({"aggregation.rule": "mean"}).items() if k not in decoder.IGNORED}
+    want = {**recorded, "aggregation.rule": "capped-mean"}
+    assert (
+        decoder.matched(records, run, want, "same", move=False)
+        == "new (finished with another configuration (aggregation.rule))"
+    )
+    assert decoder.matched(records, run, want, "other", move=False) == "new (finished on another data file)"
+    assert os.path.isdir(folder) and not os.path.exists(os.path.join(records, "stale"))
+    assert decoder.matched(records, run, recorded, "same", move=False) == "done"
+    assert decoder.matched(records, run, want, "same") == "new" and not os.path.exists(folder)  # the real check moves
