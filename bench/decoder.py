@@ -30,7 +30,7 @@ import time
 
 from bench.decoder_plan import CLIENT_CPUS, DEFAULT, RECORDS, RUN_CHANGES, DecoderRun, DecoderSettings, plan_runs
 from bench.plan import GLUE, ROOT, VOLATILE, read_json, select, write_json
-from bench.run import effective, machine, run_state, set_aside, smollm_path
+from bench.run import effective, listed, machine, run_state, set_aside, smollm_path
 from common.methods import METHODS, known
 
 DATA_DIR = os.path.join(ROOT, "results", "decoder-data")
@@ -328,9 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         digest = sha256(data)
         for run in runs:
             want = {k: v for k, v in effective(run_overrides(s, run, records, data)).items() if k not in IGNORED}
-            state = matched(records, run, want, digest, move=False)
-            print(f"{run.name}  ({'done' if state == 'done' else 'to run' if state.startswith('new') else state})"
-                  + (f": {state[5:-1]}" if state.startswith("new (") else ""))  # fmt: skip
+            print(listed(run.name, matched(records, run, want, digest, move=False)))
         return 0
     note_invocation(records, s, " ".join(["python -m bench.decoder", *(argv or sys.argv[1:])]), data)
     if args.probe:

@@ -233,6 +233,14 @@ def run_state(records: str, run, want: dict, ignore: tuple[str, ...] = VOLATILE,
     return "new"
 
 
+def listed(name: str, state: str) -> str:
+    """--list's line for a run from its run_state(..., move=False): done, resume, or "to run" with the reason
+    the records there do not count, if any (bench.run and bench.decoder alike)."""
+    if not state.startswith("new"):
+        return f"{name}  ({state})"
+    return f"{name}  (to run)" + (f": {state[5:-1]}" if state.startswith("new (") else "")
+
+
 def federated(s: Settings, records: str, probes: dict, runs: list[Run], jobs: int = 1) -> None:
     from common.interrupt import Interrupted
     from scripts.simulate import simulate, stop_all
@@ -396,9 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = select(planned, args.only)
     if args.list:
         for run in runs:  # what a run of the benchmark would do with each: the same check, nothing moved
-            state = run_state(records, run, effective(run_overrides(s, run, records)), move=False)
-            print(f"{run.name}  ({'done' if state == 'done' else 'to run' if state.startswith('new') else state})"
-                  + (f": {state[5:-1]}" if state.startswith("new (") else ""))  # fmt: skip
+            print(listed(run.name, run_state(records, run, effective(run_overrides(s, run, records)), move=False)))
         return 0
     print(
         f"== benchmark: {len(runs)} federated runs{f' of the {len(planned)} planned' if args.only else ''} ({s.clients} clients, {s.rounds} rounds of {s.local_steps} "
